@@ -1,0 +1,43 @@
+"""Shared fixtures and the skip rules for GPU and full-TensorRT tests."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """An NVIDIA driver answers and has at least one device."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return False
+    try:
+        (err,) = driver.cuInit(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return False
+        err, count = driver.cuDeviceGetCount()
+        return err == driver.CUresult.CUDA_SUCCESS and count > 0
+    except Exception:  # no libcuda: cuda-python raises instead of returning an error
+        return False
+
+
+@functools.cache
+def full_tensorrt_available() -> bool:
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Runtime")
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    no_trt = pytest.mark.skip(reason="needs full TensorRT and an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not gpu_available():
+            item.add_marker(no_gpu)
+        if "trt" in item.keywords and not (gpu_available() and full_tensorrt_available()):
+            item.add_marker(no_trt)
