@@ -1,0 +1,192 @@
+"""The JSON sidecar written next to every engine, and the checks the runtime makes before loading one.
+
+An engine is only valid for the TensorRT version that built it, for the GPU architecture it was tuned on (full
+TensorRT) and for the weights it embeds; the sidecar records all three, plus what the runtime needs to feed it
+(profile, I/O names, dtypes and shapes). Standard library only: the runtime imports this without torch or
+TensorRT.
+
+Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
+
+    config            AnchorDETRConfig fields (dict)
+    profile           {"min": [B, H, W], "opt": [...], "max": [...]}
+    precision         "fp32" | "fp16"
+    plugins           sorted list of plugin names
+    postprocess       bool (in-engine top-100)
+    backend           "tensorrt" | "tensorrt-rtx"
+    trt_version       version string of the backend that built the engine
+    gpu               {"name", "compute_capability": "9.0"} of the build GPU, or null (no GPU, e.g. TensorRT-RTX on a CPU)
+    weights_sha256    sha256 of the weights file
+    inputs, outputs   {name: {"dtype": "float32", "shape": [-1, 3, -1, -1]}}
+    anchortrt_version version of this package
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+SIDECAR_KEYS = (
+    "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "gpu",
+    "weights_sha256", "inputs", "outputs", "anchortrt_version",
+)
+MIN_SIDE = 32  # one feature-map pixel at the C5 stride; smaller images have no feature map
+REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
+
+
+class SidecarError(ValueError):
+    """A sidecar that is missing or does not match this machine, TensorRT or weights."""
+
+
+class ProfileError(ValueError):
+    """An optimization profile that TensorRT would reject or that our network cannot take."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Dynamic (batch, height, width) range of the ``images``/``masks`` inputs: one TensorRT optimization profile."""
+
+    min: tuple[int, int, int] = (1, 320, 512)
+    opt: tuple[int, int, int] = (1, 800, 800)
+    max: tuple[int, int, int] = (8, 1344, 1344)
+
+    def validate(self) -> "Profile":
+        problems = []
+        for name, shape in (("min", self.min), ("opt", self.opt), ("max", self.max)):
+            b, h, w = shape
+            if b < 1:
+                problems.append(f"{name} batch {b} < 1")
+            if h < MIN_SIDE or w < MIN_SIDE:
+                problems.append(f"{name} size {h}x{w} is below {MIN_SIDE}x{MIN_SIDE}")
+        for axis, label in enumerate(("batch", "height", "width")):
+            lo, mid, hi = self.min[axis], self.opt[axis], self.max[axis]
+            if not lo <= mid <= hi:
+                problems.append(f"{label} needs min <= opt <= max, got {lo}, {mid}, {hi}")
+        if problems:
+            raise ProfileError(
+                "bad optimization profile: " + "; ".join(problems) + " (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
+        return cls(*(tuple(int(v) for v in data[k]) for k in ("min", "opt", "max")))
+
+    def __str__(self) -> str:
+        return "  ".join(f"{k} {b}x{h}x{w}" for k, (b, h, w) in zip(("min", "opt", "max"), (self.min, self.opt, self.max)))
+
+
+def sidecar_path(engine_path: str | os.PathLike) -> Path:
+    """``engines/x.plan`` -> ``engines/x.json``."""
+    engine_path = Path(engine_path)
+    if engine_path.suffix == ".json":
+        raise SidecarError(f"engine path {engine_path} ends in .json, which is the sidecar's name: use .plan")
+    return engine_path.with_suffix(".json")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def gpu_info() -> dict[str, str] | None:
+    """Name and compute capability of CUDA device 0, or None without a driver or device."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    try:
+        (err,) = driver.cuInit(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return None
+        err, dev = driver.cuDeviceGet(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return None
+        err, name = driver.cuDeviceGetName(64, dev)
+        attr = driver.CUdevice_attribute
+        _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+        _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    except Exception:  # no libcuda: cuda-python raises instead of returning an error code
+        return None
+    return {"name": name.split(b"\0", 1)[0].decode(), "compute_capability": f"{major}.{minor}"}
+
+
+def write_sidecar(engine_path: str | os.PathLike, sidecar: Mapping[str, Any]) -> Path:
+    missing = [k for k in SIDECAR_KEYS if k not in sidecar]
+    if missing:
+        raise SidecarError(f"sidecar is missing {missing}")
+    path = sidecar_path(engine_path)
+    write_atomic(path, (json.dumps({k: sidecar[k] for k in SIDECAR_KEYS}, indent=2) + "\n").encode())
+    return path
+
+
+def load_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of an engine; ``path`` is the engine or the sidecar itself."""
+    path = Path(path)
+    side = path if path.suffix == ".json" else sidecar_path(path)
+    try:
+        data = json.loads(side.read_text())
+    except FileNotFoundError:
+        raise SidecarError(f"no sidecar {side} next to the engine: {REBUILD_HINT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SidecarError(f"sidecar {side} is unreadable ({e}): {REBUILD_HINT}") from None
+    missing = [k for k in SIDECAR_KEYS if k not in data] if isinstance(data, dict) else list(SIDECAR_KEYS)
+    if missing:
+        raise SidecarError(f"sidecar {side} lacks {', '.join(missing)}: not written by netdef.build; {REBUILD_HINT}")
+    return data
+
+
+def _cc_string(cc: str | tuple[int, int] | None) -> str | None:
+    if cc is None or isinstance(cc, str):
+        return cc
+    return f"{cc[0]}.{cc[1]}"
+
+
+def check_sidecar(
+    sidecar: Mapping[str, Any],
+    *,
+    trt_version: str,
+    compute_capability: str | tuple[int, int] | None,
+    weights_sha256: str | None = None,
+    backend: str | None = None,
+) -> None:
+    """Raise SidecarError naming every reason the engine cannot be used here.
+
+    - ``trt_version``: the loading TensorRT; plans are tied to the exact version that built them.
+    - ``compute_capability`` ("9.0" or (9, 0)): the GPU about to run the engine. Full TensorRT tunes kernels for
+      the build GPU's architecture; TensorRT-RTX engines compile for the running GPU, so only full TensorRT
+      engines are checked.
+    - ``weights_sha256``: the weights the user named, if any.
+    - ``backend``: the loading backend's name, if known.
+    """
+    problems = []
+    if backend is not None and backend != sidecar["backend"]:
+        problems.append(f"engine was built with {sidecar['backend']}, but this runtime uses {backend}")
+    if trt_version != sidecar["trt_version"]:
+        problems.append(f"engine was built by TensorRT {sidecar['trt_version']}, this is TensorRT {trt_version}")
+    built_cc = (sidecar.get("gpu") or {}).get("compute_capability")
+    running_cc = _cc_string(compute_capability)
+    if sidecar["backend"] == "tensorrt" and built_cc and running_cc and built_cc != running_cc:
+        gpu = sidecar["gpu"].get("name", "another GPU")
+        problems.append(f"engine was built for {gpu} (compute capability {built_cc}), this GPU is {running_cc}")
+    if weights_sha256 is not None and weights_sha256 != sidecar["weights_sha256"]:
+        problems.append(
+            f"engine embeds weights sha256 {sidecar['weights_sha256'][:12]}..., "
+            f"the named weights are {weights_sha256[:12]}..."
+        )
+    if problems:
+        raise SidecarError("engine does not match: " + "; ".join(problems) + f"; {REBUILD_HINT}")

@@ -1,0 +1,93 @@
+"""netdef.progress: bars, spinners and tables as a user sees them on a terminal and in a log."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from netdef.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_format_seconds_and_bytes():
+    assert format_seconds(4.24) == "4.2s"
+    assert format_seconds(187) == "3m07s"
+    assert format_seconds(3720) == "1h02m"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(170_200_000) == "162.3 MiB"
+    assert format_bytes(3 * 1024**4) == "3072.0 GiB"
+
+
+def test_bar_in_a_log_prints_one_line_per_tenth():
+    log = io.StringIO()
+    with ProgressBar(200, "build", stream=log) as bar:
+        for _ in range(200):
+            bar.update(1, status="timing")
+    lines = log.getvalue().splitlines()
+    # 0%, 10%, ..., 100% and the closing line: never one line per step.
+    assert len(lines) == 12
+    assert lines[0].startswith("[" + "." * ProgressBar.WIDTH + "]")
+    assert lines[-1].startswith("[" + "#" * ProgressBar.WIDTH + "] 100%  200/200  build: timing")
+    assert "\r" not in log.getvalue()
+
+
+def test_bar_on_a_terminal_redraws_in_place_and_ends_the_line():
+    term = FakeTerminal()
+    bar = ProgressBar(4, "steps", stream=term)
+    bar.set(3, status="a much longer status text")
+    bar.set(1)  # never backwards
+    assert bar.done == 3
+    bar.set(10)  # clamped
+    bar.close()
+    out = term.getvalue()
+    assert out.startswith("\r") and out.endswith("\n") and out.count("\n") == 1
+    last = out.rsplit("\r", 1)[1]
+    assert "100%  4/4  steps: a much longer status text" in last
+
+
+def test_bar_with_fractional_total_hides_the_count():
+    log = io.StringIO()
+    bar = ProgressBar(1.0, stream=log)
+    bar.set(0.5)
+    assert "50%" in bar.render() and "/" not in bar.render()
+    with pytest.raises(ValueError, match="positive"):
+        ProgressBar(0)
+
+
+def test_spinner_in_a_log_prints_start_and_end():
+    log = io.StringIO()
+    with Spinner("building", stream=log):
+        time.sleep(0.05)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "building ..."
+    assert lines[1].startswith("building: done in 0.")
+    assert len(lines) == 2
+
+
+def test_spinner_on_a_terminal_animates_and_reports_failure():
+    term = FakeTerminal()
+    with pytest.raises(RuntimeError):
+        with Spinner("building", stream=term, interval=0.01):
+            time.sleep(0.1)
+            raise RuntimeError("boom")
+    out = term.getvalue()
+    assert out.count("\r") >= 3  # several frames were drawn
+    assert out.endswith("\n") and "building: failed in" in out.rsplit("\r", 1)[1]
+
+
+def test_print_table_aligns_text_left_and_numbers_right():
+    out = io.StringIO()
+    print_table([("backbone", 12.5, "ok"), ("decoder.5", 0.001, None)], headers=("block", "err", "status"), stream=out)
+    assert out.getvalue().splitlines() == [
+        "block        err  status",
+        "---------  -----  ------",
+        "backbone    12.5  ok",
+        "decoder.5  0.001",
+    ]
