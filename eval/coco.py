@@ -1,0 +1,286 @@
+"""COCO bbox mAP with pycocotools: the TensorRT engine and the PyTorch reference, side by side.
+
+Evaluate models on COCO val2017 (or any COCO-format set laid out the same way):
+
+    python -m eval.coco --coco-root DIR --engine E.plan --torch-weights W.safetensors [--limit N] [--batch B]
+
+DIR holds val2017/ and annotations/instances_val2017.json. Every batch is read, resized and padded once
+and fed to each model, so both see identical inputs and share the post-processing: the only difference
+is the model. The model's 91 class ids are COCO category ids (no remapping). Writes a COCO results file
+per model and a metrics JSON {"engine": {...}, "torch": {...}, "delta_AP": engine AP - torch AP}.
+
+Score an existing results file instead (the numbers pycocotools gives, unrounded):
+
+    python -m eval.coco --annotations ANN.json --results RES.json [--json METRICS]
+
+Exit codes: 0 ok, 2 bad input or usage, 3 environment (no GPU, no TensorRT, no PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
+from netdef.progress import ProgressBar, print_table
+
+ANNOTATIONS = Path("annotations") / "instances_val2017.json"
+IMAGES = Path("val2017")
+# The seed deployment's headline (A10, TensorRT 8.4, FP16 with plugins), for comparison with ours.
+SEED_AP = {"engine": 0.43934, "torch": 0.44263}
+
+
+def coco_results(image_ids: Sequence[int], detections: Sequence[dict]) -> list[dict]:
+    """Detections (x0,y0,x1,y1 pixel boxes) as COCO results entries with [x, y, w, h] boxes.
+
+    Widths and heights are taken in float32 as the official evaluation does, then stored as Python floats.
+    """
+    results = []
+    for image_id, det in zip(image_ids, detections):
+        boxes = np.asarray(det["boxes"], dtype=np.float32)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        for label, score, box in zip(det["labels"].tolist(), det["scores"].tolist(), xywh.tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": score})
+    return results
+
+
+def write_text(path: str | Path, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise EvalError(f"cannot write {path}: {e.strerror}; choose a writable path") from None
+
+
+def prefetch(fn: Callable, items: Iterable, depth: int) -> Iterator:
+    """fn(item) for each item, computed up to `depth` items ahead in threads, yielded in order."""
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
+    """The file of each image; every one must exist before any model runs (a gap would skew the mAP)."""
+    paths, missing = [], []
+    for image_id in image_ids:
+        name = gt.imgs[image_id].get("file_name")
+        if not isinstance(name, str):
+            raise EvalError(f"annotation file: image {image_id} has no 'file_name'")
+        path = image_dir / name
+        paths.append(path)
+        if not path.is_file():
+            missing.append(path)
+    if missing:
+        raise EvalError(
+            f"{len(missing)} of {len(paths)} images are missing from {image_dir} (first: {missing[0].name}); "
+            "download the full val2017 set or evaluate fewer with --limit"
+        )
+    return paths
+
+
+def open_models(args) -> list:
+    models = []
+    try:
+        if args.engine:
+            from eval.models import EngineModel
+
+            models.append(EngineModel(args.engine))
+        if args.torch_weights:
+            from eval.models import TorchReference
+
+            models.append(TorchReference(args.torch_weights, args.device))
+    except BaseException:
+        for model in models:
+            model.close()
+        raise
+    return models
+
+
+def batch_limits(models: Sequence) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """The padding floor and size ceiling every model accepts (an engine's profile; the reference has none)."""
+    mins = [m.min_hw for m in models if m.min_hw is not None]
+    maxs = [m.max_hw for m in models if m.max_hw is not None]
+    min_hw = tuple(max(v[i] for v in mins) for i in (0, 1)) if mins else None
+    max_hw = tuple(min(v[i] for v in maxs) for i in (0, 1)) if maxs else None
+    return min_hw, max_hw
+
+
+def run_dataset(args) -> int:
+    from runtime.errors import AnchorRuntimeError
+    from runtime.preprocess import load_image, pad_batch, preprocess_image
+
+    root = Path(args.coco_root)
+    ann_path, image_dir = root / ANNOTATIONS, root / IMAGES
+    if not root.is_dir():
+        raise EvalError(f"--coco-root {root} is not a folder; it must hold val2017/ and {ANNOTATIONS}")
+    if not ann_path.is_file():
+        raise EvalError(f"annotation file {ann_path} does not exist; download annotations_trainval2017.zip into {root}")
+    if not image_dir.is_dir():
+        raise EvalError(f"image folder {image_dir} does not exist; download val2017.zip into {root}")
+    gt = load_ground_truth(ann_path)
+    image_ids = sorted(gt.getImgIds())[: args.limit]
+    if not image_ids:
+        raise EvalError(f"annotation file {ann_path} lists no images")
+    paths = image_files(gt, image_dir, image_ids)
+    out_dir = Path(args.results_dir)
+    metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
+    try:  # before the long run, not after it
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--results-dir {out_dir} cannot be created ({e.strerror}); choose a writable folder") from None
+    if not metrics_path.parent.is_dir():
+        raise EvalError(f"--json {metrics_path}: folder {metrics_path.parent} does not exist")
+
+    try:
+        models = open_models(args)
+    except AnchorRuntimeError as e:
+        raise EvalError(str(e), e.exit_code) from None
+    min_hw, max_hw = batch_limits(models)
+    batch = args.batch
+    if any(getattr(m, "max_batch", None) for m in models):
+        batch = min([batch] + [m.max_batch for m in models if getattr(m, "max_batch", None)])
+
+    def prepare(chunk: Sequence[int]):
+        # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
+        pil = [load_image(paths[i]) for i in chunk]
+        sizes = np.array([(im.height, im.width) for im in pil])
+        images, masks = pad_batch([preprocess_image(im, exif=False, max_hw=max_hw) for im in pil], min_hw, max_hw)
+        return chunk, images, masks, sizes
+
+    chunks = [range(i, min(i + batch, len(image_ids))) for i in range(0, len(image_ids), batch)]
+    results = {m.name: [] for m in models}
+    seconds = {m.name: 0.0 for m in models}
+    try:
+        with ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
+            for chunk, images, masks, sizes in prefetch(prepare, chunks, args.workers):
+                ids = [image_ids[i] for i in chunk]
+                for model in models:
+                    start = time.perf_counter()
+                    detections = model(images, masks, sizes)
+                    seconds[model.name] += time.perf_counter() - start
+                    results[model.name].extend(coco_results(ids, detections))
+                bar.update(len(chunk), status=f"{bar.done / max(bar.elapsed, 1e-9):.2f} img/s")
+    except AnchorRuntimeError as e:
+        raise EvalError(str(e), e.exit_code) from None
+    finally:
+        for model in models:
+            model.close()
+
+    metrics: dict[str, dict[str, float]] = {}
+    for model in models:
+        path = out_dir / f"{model.name}_bbox.json"
+        write_text(path, json.dumps(results[model.name]))
+        metrics[model.name], summary = evaluate(gt, results[model.name], image_ids)
+        print(f"\n{model.name}: {model.description}  ({len(image_ids)} images; results {path})")
+        print(summary)
+
+    print()
+    headers, rows = side_by_side_rows(metrics)
+    print_table(rows, headers)
+    delta = metrics["engine"]["AP"] - metrics["torch"]["AP"] if len(metrics) == 2 else None
+    if delta is not None:
+        seed = SEED_AP["engine"] - SEED_AP["torch"]
+        print(
+            f"\nmAP engine {100 * metrics['engine']['AP']:.3f} vs torch {100 * metrics['torch']['AP']:.3f}: "
+            f"delta {100 * delta:+.3f} (seed deployment, A10 + TensorRT 8.4: {100 * SEED_AP['engine']:.3f} vs "
+            f"{100 * SEED_AP['torch']:.3f}, delta {100 * seed:+.3f})"
+        )
+    print()
+    print_table(
+        [[m.name, len(image_ids), f"{seconds[m.name]:.1f}", f"{len(image_ids) / seconds[m.name]:.2f}"] for m in models],
+        ["model", "images", "model s", "images/s"],
+    )
+
+    report = {
+        **metrics,
+        "delta_AP": delta,
+        "images": len(image_ids),
+        "images_per_s": {m.name: len(image_ids) / seconds[m.name] for m in models},
+    }
+    write_text(metrics_path, json.dumps(report, indent=2) + "\n")
+    print(f"\nmetrics: {metrics_path}")
+    return 0
+
+
+def score_file(args) -> int:
+    gt = load_ground_truth(args.annotations)
+    results = check_results(gt, read_json(args.results, "results file"), f"results file {args.results}")
+    metrics, summary = evaluate(gt, results)
+    print(summary)
+    if args.json:
+        write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.coco",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run = parser.add_argument_group("evaluate models on a COCO folder")
+    run.add_argument("--coco-root", metavar="DIR", help="folder with val2017/ and annotations/instances_val2017.json")
+    run.add_argument("--engine", metavar="E.plan", help="TensorRT engine built by `python -m netdef.build`")
+    run.add_argument("--torch-weights", metavar="W.safetensors", help="weights for the PyTorch reference model")
+    run.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N images (by image id) only")
+    run.add_argument("--batch", type=positive_int, default=1, metavar="B",
+                     help="images per batch, padded to the largest (default 1, as the official evaluation)")
+    run.add_argument("--results-dir", default="coco-results", metavar="DIR",
+                     help="where the per-model COCO results files go (default: coco-results)")
+    run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
+    run.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
+                     help="threads that read and resize images ahead of the models (default: up to 4)")
+    score = parser.add_argument_group("score an existing results file")
+    score.add_argument("--annotations", metavar="ANN.json", help="COCO instances annotation file")
+    score.add_argument("--results", metavar="RES.json", help="COCO results file (list of detections)")
+    parser.add_argument("--json", metavar="METRICS", help="write the metrics JSON here "
+                        "(evaluation default: RESULTS_DIR/metrics.json)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.coco_root and (args.annotations or args.results):
+        parser.error("use either --coco-root (evaluate models) or --annotations with --results (score a file)")
+    if args.coco_root:
+        if not (args.engine or args.torch_weights):
+            parser.error("--coco-root needs a model: --engine E.plan and/or --torch-weights W.safetensors")
+    elif args.annotations or args.results:
+        if not (args.annotations and args.results):
+            parser.error("scoring a results file needs both --annotations and --results")
+    else:
+        parser.error("give --coco-root with a model, or --annotations with --results (see --help)")
+    try:
+        return run_dataset(args) if args.coco_root else score_file(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

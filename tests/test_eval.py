@@ -1,0 +1,326 @@
+"""COCO evaluation: scores against pycocotools called directly, exact values for perturbations with a
+closed form, the label path with category ids that have gaps, bad input, and the model runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from eval import coco
+from eval.scoring import METRIC_KEYS, EvalError, check_results, evaluate, load_ground_truth, side_by_side_rows
+from runtime.postprocess import postprocess
+
+# Category ids with gaps, as COCO's 1..90 has; image ids with gaps too.
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}]
+# (id, height, width); image 632 has no objects.
+IMAGES = [(139, 120, 160), (285, 96, 128), (632, 128, 96), (724, 100, 100)]
+# (image_id, category_id, [x, y, w, h]): two objects per category, no two of them overlapping with IoU >= 0.5,
+# none of one category twice in an image, and small (< 32^2), medium and large (> 96^2) areas all present.
+OBJECTS = [
+    (139, 1, [10, 10, 20, 20]),
+    (139, 3, [40, 20, 52, 60]),
+    (139, 90, [5, 5, 150, 110]),
+    (285, 1, [60, 40, 26, 40]),
+    (285, 18, [8, 8, 16, 12]),
+    (724, 3, [10, 10, 78, 80]),
+    (724, 18, [60, 70, 13, 20]),
+    (724, 90, [50, 5, 39, 30]),
+]
+
+
+def write_coco(root: Path, objects=OBJECTS, images=IMAGES) -> Path:
+    """A COCO-format folder: val2017/*.jpg written with PIL and annotations/instances_val2017.json."""
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    for image_id, h, w in images:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "val2017" / f"{image_id:012d}.jpg")
+    data = {
+        "images": [{"id": i, "height": h, "width": w, "file_name": f"{i:012d}.jpg"} for i, h, w in images],
+        "annotations": [
+            {"id": n + 1, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for n, (i, c, b) in enumerate(objects)
+        ],
+        "categories": CATEGORIES,
+    }
+    ann = root / "annotations" / "instances_val2017.json"
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+def detections(objects=OBJECTS, score=0.9) -> list[dict]:
+    return [{"image_id": i, "category_id": c, "bbox": list(b), "score": score} for i, c, b in objects]
+
+
+def pycocotools_direct(ann: Path, results: list[dict]) -> tuple[list[float], str]:
+    """The standard pycocotools recipe, independent of eval.scoring."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        gt = COCO(str(ann))
+        dt = gt.loadRes(json.loads(json.dumps(results)))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        ev.summarize()
+    return ev.stats.tolist(), summary.getvalue().rstrip("\n")
+
+
+@pytest.fixture
+def ann(tmp_path) -> Path:
+    return write_coco(tmp_path / "coco")
+
+
+def all_equal(metrics: dict[str, float], value: float) -> bool:
+    # pycocotools divides by tp + fp + eps, so a perfect precision comes out as 1 - 2e-16 for some counts.
+    return list(metrics) == list(METRIC_KEYS) and all(v == pytest.approx(value, abs=1e-12) for v in metrics.values())
+
+
+def score(ann: Path, results: list[dict]) -> dict[str, float]:
+    metrics, summary = evaluate(load_ground_truth(ann), results)
+    stats, direct_summary = pycocotools_direct(ann, results)
+    assert [metrics[k] for k in METRIC_KEYS] == stats  # bit for bit
+    assert summary == direct_summary
+    return metrics
+
+
+def test_perfect_detections_score_one(ann):
+    metrics = score(ann, detections())
+    assert all_equal(metrics, 1.0)
+
+
+def test_half_of_each_category_missed(ann):
+    # One of the two objects of every category detected: recall 0.5 at every IoU; precision 1 up to recall
+    # 0.5 and 0 beyond, so 51 of the 101 recall points (0, 0.01, ..., 0.50) have precision 1.
+    kept = [o for n, o in enumerate(sorted(OBJECTS, key=lambda o: o[1])) if n % 2 == 0]
+    metrics = score(ann, detections(kept))
+    assert metrics["AR1"] == metrics["AR10"] == metrics["AR100"] == 0.5
+    assert metrics["AP"] == pytest.approx(51 / 101, abs=1e-12)
+    assert metrics["AP50"] == metrics["AP75"] == metrics["AP"]
+
+
+def test_shifted_boxes_match_only_loose_iou_thresholds(ann):
+    # Shifting a box right by 3/13 of its width gives IoU (w - d) / (w + d) = 10/16 = 0.625: a match at the
+    # IoU thresholds 0.50, 0.55 and 0.60, a miss at the seven from 0.65 to 0.95.
+    shifted = [(i, c, [b[0] + 3 * b[2] / 13, b[1], b[2], b[3]]) for i, c, b in OBJECTS]
+    metrics = score(ann, detections(shifted))
+    assert metrics["AP50"] == 1.0
+    assert metrics["AP75"] == 0.0
+    assert metrics["AP"] == pytest.approx(0.3, abs=1e-12)
+    assert metrics["AR100"] == pytest.approx(0.3, abs=1e-12)
+
+
+def test_wrong_labels_score_zero(ann):
+    # Each detection carries the next category's id: right place, wrong class.
+    ids = [c["id"] for c in CATEGORIES]
+    relabelled = [(i, ids[(ids.index(c) + 1) % len(ids)], b) for i, c, b in OBJECTS]
+    metrics = score(ann, detections(relabelled))
+    assert metrics["AP"] == metrics["AR100"] == 0.0
+
+
+def test_lower_scored_false_positives_change_nothing(ann):
+    # Extra boxes everywhere (the image without objects included), all scored below every true positive.
+    extra = [(i, c["id"], [h / 2, w / 2, 10, 12]) for i, h, w in IMAGES for c in CATEGORIES]
+    metrics = score(ann, detections() + detections(extra, score=0.1))
+    assert all_equal(metrics, 1.0)
+
+
+def test_higher_scored_false_positive_per_category(ann):
+    # One false positive per category on the image without objects, ranked first: precision 1/2 at recall
+    # 0.5 and 2/3 at recall 1, so the interpolated precision is 2/3 at every recall point.
+    extra = [(632, c["id"], [30, 30, 40, 40]) for c in CATEGORIES]
+    metrics = score(ann, detections() + detections(extra, score=0.95))
+    assert metrics["AP"] == pytest.approx(2 / 3, abs=1e-12)
+    assert metrics["AR100"] == 1.0
+
+
+def test_detections_of_categories_outside_the_annotations_are_ignored(ann):
+    # The model's 91-way output has ids COCO never uses (0, 12, 26, ...): pycocotools ignores them.
+    extra = [(i, 12, [0, 0, 30, 30]) for i, _, _ in IMAGES]
+    metrics = score(ann, detections() + detections(extra, score=0.99))
+    assert all_equal(metrics, 1.0)
+
+
+def test_subset_of_images(ann):
+    # Restricted to image 285, whose two objects (categories 1 and 18) are both found.
+    gt = load_ground_truth(ann)
+    metrics, _ = evaluate(gt, detections(), image_ids=[285])
+    assert metrics["AP"] == pytest.approx(1.0, abs=1e-12)
+    # Over every image the same detections of 285 alone find 2 of the 8 objects.
+    only_285 = [d for d in detections() if d["image_id"] == 285]
+    metrics, _ = evaluate(gt, only_285)
+    assert metrics["AR100"] == pytest.approx(np.mean([0.5, 0.0, 0.5, 0.0]))  # categories 1, 3, 18, 90
+
+
+def test_evaluate_leaves_results_untouched(ann):
+    results = detections()
+    before = json.dumps(results)
+    evaluate(load_ground_truth(ann), results)
+    assert json.dumps(results) == before
+
+
+def test_model_outputs_to_category_ids_without_remapping(ann):
+    """Logits that put each object in the query/class of its COCO category id, through the shared
+    postprocess and coco_results: perfect scores only if label == category id end to end."""
+    sizes = {i: (h, w) for i, h, w in IMAGES}
+    image_ids = [i for i, _, _ in IMAGES]
+    logits = np.full((len(image_ids), 20, 91), -20.0, dtype=np.float32)
+    boxes = np.full((len(image_ids), 20, 4), 0.5, dtype=np.float32)
+    for b, image_id in enumerate(image_ids):
+        h, w = sizes[image_id]
+        for q, (_, c, (x, y, bw, bh)) in enumerate(o for o in OBJECTS if o[0] == image_id):
+            logits[b, q, c] = 5.0
+            boxes[b, q] = [(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h]
+    dets = postprocess(logits, boxes, np.array([sizes[i] for i in image_ids]))
+    results = coco.coco_results(image_ids, dets)
+    assert {r["category_id"] for r in results if r["score"] > 0.5} == {1, 3, 18, 90}
+    metrics = score(ann, results)
+    assert all_equal(metrics, 1.0)
+
+
+def test_coco_results_boxes_are_xywh():
+    det = {
+        "scores": np.array([0.75], np.float32),
+        "labels": np.array([90]),
+        "boxes": np.array([[10.5, 20.25, 30.5, 60.25]], np.float32),
+    }
+    assert coco.coco_results([724], [det]) == [
+        {"image_id": 724, "category_id": 90, "bbox": [10.5, 20.25, 20.0, 40.0], "score": 0.75}
+    ]
+
+
+def test_side_by_side_rows_delta():
+    a = {k: 0.5 for k in METRIC_KEYS}
+    b = {k: 0.25 for k in METRIC_KEYS}
+    headers, rows = side_by_side_rows({"engine": a, "torch": b})
+    assert headers == ["metric", "engine", "torch", "delta"]
+    assert [r[0] for r in rows] == list(METRIC_KEYS)
+    assert rows[0] == ["AP", "50.000", "25.000", "+25.000"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: scoring a results file
+# ----------------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = coco.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_scores_results_file_like_pycocotools(ann, tmp_path, capsys):
+    results = detections([o for o in OBJECTS if o[2][2] > 20]) + detections([(632, 3, [1, 2, 30, 40])], 0.95)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(results))
+    metrics_path = tmp_path / "metrics.json"
+    code, out, err = run_cli(capsys, "--annotations", ann, "--results", res, "--json", metrics_path)
+    assert code == 0, err
+    stats, summary = pycocotools_direct(ann, results)
+    assert out.rstrip("\n") == summary
+    metrics = json.loads(metrics_path.read_text())
+    assert list(metrics) == list(METRIC_KEYS)
+    assert [metrics[k] for k in METRIC_KEYS] == stats
+    assert 0 < metrics["AP"] < 1
+
+
+def bad_input(capsys, *argv) -> str:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[]", "holds no detections"),
+        ("{not json", "is not valid JSON"),
+        ('{"image_id": 139}', "is not a COCO results list"),
+        ('[{"image_id": 139, "category_id": 1, "score": 0.5}]', "detection [0] is not"),
+        ('[{"image_id": 139, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]', "detection [0] is not"),
+        ('[{"image_id": 5, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]', "1 image id(s) are not in"),
+    ],
+)
+def test_cli_bad_results(ann, tmp_path, capsys, content, message):
+    res = tmp_path / "res.json"
+    res.write_text(content)
+    assert message in bad_input(capsys, "--annotations", ann, "--results", res)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "is not valid JSON"),
+        ("[]", "is not a COCO instances file"),
+        ('{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1}], "categories": []}', "annotations[0] lacks"),
+        (
+            '{"images": [{"id": 1}], "categories": [{"id": 1}], "annotations": '
+            '[{"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 0}]}',
+            "names image_id 2",
+        ),
+    ],
+)
+def test_cli_bad_annotations(tmp_path, capsys, content, message):
+    bad = tmp_path / "ann.json"
+    bad.write_text(content)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(detections()))
+    assert message in bad_input(capsys, "--annotations", bad, "--results", res)
+
+
+def test_cli_missing_files(ann, tmp_path, capsys):
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(detections()))
+    assert "does not exist" in bad_input(capsys, "--annotations", tmp_path / "nope.json", "--results", res)
+    assert "does not exist" in bad_input(capsys, "--annotations", ann, "--results", tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give --coco-root"),
+        (["--coco-root", "x"], "needs a model"),
+        (["--annotations", "a.json"], "needs both"),
+        (["--coco-root", "x", "--torch-weights", "w", "--results", "r.json"], "use either"),
+        (["--coco-root", "x", "--torch-weights", "w", "--batch", "0"], "positive integer"),
+    ],
+)
+def test_cli_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        coco.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: evaluating models on a COCO folder
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_coco_root_problems(tmp_path, capsys):
+    root = tmp_path / "coco"
+    model = ["--torch-weights", tmp_path / "w.safetensors"]
+    assert "is not a folder" in bad_input(capsys, "--coco-root", root, *model)
+    root.mkdir()
+    assert "instances_val2017.json does not exist" in bad_input(capsys, "--coco-root", root, *model)
+    write_coco(root)
+    (root / "val2017" / "000000000285.jpg").unlink()
+    assert "1 of 4 images are missing" in bad_input(capsys, "--coco-root", root, *model)
+    # --limit 1 needs only the first image (id 139), so the check passes and the weights file is next.
+    assert "w.safetensors" in bad_input(capsys, "--coco-root", root, "--limit", 1, *model)
+    for path in (root / "val2017").iterdir():
+        path.unlink()
+    (root / "val2017").rmdir()
+    assert "image folder" in bad_input(capsys, "--coco-root", root, *model)
