@@ -66,9 +66,7 @@ class Profile:
             if not lo <= mid <= hi:
                 problems.append(f"{label} needs min <= opt <= max, got {lo}, {mid}, {hi}")
         if problems:
-            raise ProfileError(
-                "bad optimization profile: " + "; ".join(problems) + " (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)"
-            )
+            raise ProfileError("bad optimization profile: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, list[int]]:

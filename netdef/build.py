@@ -1,0 +1,435 @@
+"""``python -m netdef.build``: AnchorDETR weights -> TensorRT engine plan + JSON sidecar.
+
+``create_network`` is the library entry point (tests, the interpreter check and benchmarks use it): a strongly
+typed network defined by ``netdef.network.define_network``, one optimization profile over ``images``/``masks``,
+workspace limit, progress monitor and (full TensorRT only) timing cache. ``main`` is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from netdef.backend import BACKENDS, Backend, BackendError, get_backend
+from netdef.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
+from netdef.sidecar import Profile, ProfileError, SidecarError, gpu_info, sidecar_path, write_atomic, write_sidecar
+
+PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
+DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")
+DEFAULT_WORKSPACE_MIB = 8192
+MISSING_WEIGHTS = (
+    "weights file {path} not found: extract a checkpoint with `python -m weights.extract CKPT.pth -o {path}` "
+    "or make random-init weights with `python -m weights.extract --random-init r50_dc5 -o {path}`"
+)
+
+
+class BuildError(RuntimeError):
+    """TensorRT refused to build the network; the message carries TensorRT's own errors."""
+
+
+def parse_plugins(text: str) -> frozenset[str]:
+    """``all`` | ``none`` | comma-separated names from PLUGIN_NAMES."""
+    if text == "all":
+        return frozenset(PLUGIN_NAMES)
+    if text in ("none", ""):
+        return frozenset()
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(names - set(PLUGIN_NAMES))
+    if unknown:
+        raise ValueError(f"unknown plugin(s) {', '.join(unknown)}: choose all, none or from {', '.join(PLUGIN_NAMES)}")
+    return names
+
+
+def check_plugins(backend: Backend, plugins: frozenset[str]) -> None:
+    if plugins and not backend.has_plugins:
+        raise BackendError(
+            f"plugins {', '.join(sorted(plugins))} need plugin layers, which {backend.name} {backend.version} "
+            f"does not have: use --plugins none, or install full TensorRT (pip install 'anchortrt[trt]') "
+            "and pass --backend tensorrt"
+        )
+
+
+def _creation_flags(backend: Backend) -> int:
+    # TensorRT 10 needs the flag for a strongly typed network; TensorRT 11 and TensorRT-RTX are always strongly
+    # typed and deprecate the flag.
+    if backend.name == "tensorrt" and int(backend.version.split(".")[0]) < 11:
+        return 1 << int(backend.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def make_logger(trt, verbose: bool = False, stream=None):
+    """A TensorRT logger that keeps errors and warnings for the end of the build instead of interleaving them
+    with the progress bar; ``verbose`` also prints everything down to INFO as it comes."""
+
+    class BuildLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+
+        def log(self, severity, msg: str) -> None:
+            level = int(severity)
+            if level <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+            elif level == int(trt.ILogger.Severity.WARNING):
+                self.warnings.append(msg)
+            if verbose and level <= int(trt.ILogger.Severity.INFO):
+                print(f"[TensorRT {severity.name}] {msg}", file=stream or sys.stderr)
+
+    return BuildLogger()
+
+
+def make_progress_monitor(trt, bar: ProgressBar):
+    """A TensorRT progress monitor that folds the nested build phases into one fraction on ``bar``.
+
+    Each open phase subdivides the current step of its parent, so the bar advances smoothly through
+    "Building engine" -> "Optimizing graph" -> "Timing tactics" .... Ctrl-C during the build cancels it.
+    """
+
+    class BuildMonitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.stack: list[list] = []  # open phases: [name, steps, steps done]
+            self.cancelled = False
+            self._lock = threading.Lock()
+
+        def _draw(self) -> None:
+            frac, scale = 0.0, 1.0
+            for _, steps, done in self.stack:
+                frac += scale * min(done, steps) / steps
+                scale /= steps
+            bar.set(frac, status=self.stack[-1][0] if self.stack else None)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                with self._lock:
+                    self.stack.append([phase_name, max(num_steps, 1), 0])
+                    self._draw()
+            except KeyboardInterrupt:
+                self.cancelled = True
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                with self._lock:
+                    for entry in reversed(self.stack):
+                        if entry[0] == phase_name:
+                            entry[2] = step + 1
+                            break
+                    self._draw()
+            except KeyboardInterrupt:
+                self.cancelled = True
+            return not self.cancelled  # False asks TensorRT to stop the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                with self._lock:
+                    for i in range(len(self.stack) - 1, -1, -1):
+                        if self.stack[i][0] == phase_name:
+                            del self.stack[i:]
+                            break
+            except KeyboardInterrupt:
+                self.cancelled = True
+
+    return BuildMonitor()
+
+
+def load_timing_cache(config, path: Path) -> None:
+    """Full TensorRT only (a deprecated no-op on TensorRT-RTX): tactic timings reused across builds."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache written by another GPU or TensorRT version: start afresh rather than fail the build.
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def save_timing_cache(config, path: Path) -> None:
+    write_atomic(path, bytes(config.get_timing_cache().serialize()))
+
+
+def create_network(
+    backend: Backend,
+    cfg,
+    tensors,
+    *,
+    fp16: bool = False,
+    plugins: frozenset[str] = frozenset(),
+    postprocess: bool = False,
+    profile: Profile = Profile(),
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+    logger=None,
+    monitor=None,
+    timing_cache: Path | None = None,
+):
+    """-> (builder, network, builder_config, keepalive); keep ``keepalive`` referenced until the build returns
+    (``trt.Weights`` do not copy their numpy arrays)."""
+    from netdef.network import define_network
+
+    profile.validate()
+    check_plugins(backend, plugins)
+    trt = backend.trt
+    logger = logger if logger is not None else make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_creation_flags(backend))
+    keepalive: list[Any] = [logger]
+    keepalive += define_network(trt, network, cfg, tensors, fp16=fp16, plugins=plugins, postprocess=postprocess)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    opt = builder.create_optimization_profile()
+    for name, channels in (("images", (3,)), ("masks", ())):
+        opt.set_shape(name, *((b, *channels, h, w) for b, h, w in (profile.min, profile.opt, profile.max)))
+    config.add_optimization_profile(opt)
+    if monitor is not None:
+        config.progress_monitor = monitor
+        keepalive.append(monitor)
+    if timing_cache is not None and backend.name == "tensorrt":
+        load_timing_cache(config, timing_cache)
+    return builder, network, config, keepalive
+
+
+def build_serialized(builder, network, config, logger=None):
+    """The serialized plan (IHostMemory, a buffer); BuildError with TensorRT's errors if the build fails."""
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        monitor = config.progress_monitor
+        if monitor is not None and getattr(monitor, "cancelled", False):
+            raise BuildError("build cancelled")
+        errors = getattr(logger, "errors", None) or ["no error message"]
+        raise BuildError("TensorRT could not build the engine: " + " | ".join(errors[-3:]))
+    return plan
+
+
+def describe_io(trt, network) -> tuple[dict, dict]:
+    """Network inputs and outputs as the sidecar lists them: name -> {dtype, shape with -1 for dynamic}."""
+    import numpy as np
+
+    def desc(t) -> dict:
+        return {"dtype": np.dtype(trt.nptype(t.dtype)).name, "shape": list(t.shape)}
+
+    inputs = {t.name: desc(t) for t in map(network.get_input, range(network.num_inputs))}
+    outputs = {t.name: desc(t) for t in map(network.get_output, range(network.num_outputs))}
+    return inputs, outputs
+
+
+def anchortrt_version() -> str:
+    try:
+        return metadata.version("anchortrt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 800x800") from None
+    return h, w
+
+
+def _batch(text: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,OPT,MAX, e.g. 1,1,8") from None
+    return lo, opt, hi
+
+
+def _plugins(text: str) -> frozenset[str]:
+    try:
+        return parse_plugins(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DESCRIPTION = """\
+Build a TensorRT engine for AnchorDETR from a weights file.
+
+The network is written layer by layer with the TensorRT network API (netdef/network.py), strongly typed:
+FP32 by default, or FP16 tensors with FP32 kept where precision needs it (--fp16). Inputs are `images`
+(B,3,H,W) float32, normalised, and `masks` (B,H,W) bool, True = padding; outputs `pred_logits` (B,900,91) and
+`pred_boxes` (B,900,4), plus `scores`/`labels`/`boxes` top-100 with --postprocess. Batch, height and width are
+dynamic within one optimization profile (--min/--opt/--max/--batch).
+
+Writes ENGINE.plan and ENGINE.json (the sidecar the runtime checks: config, profile, precision, TensorRT
+version, GPU, weights sha256, I/O) next to it; both appear atomically.
+"""
+
+EPILOG = """\
+workflow:
+  python -m weights.extract CKPT.pth -o weights/anchor_detr_r50_dc5.safetensors   (or --random-init r50_dc5)
+  python -m netdef.build --fp16                  -> engines/anchor_detr_r50_dc5_fp16.plan + .json
+  python -m netdef.check --fp16                  per-block parity against PyTorch, without running an engine
+  python -m runtime.infer IMG --engine engines/anchor_detr_r50_dc5_fp16.plan
+
+backends: full TensorRT (pip install 'anchortrt[trt]') builds on and for the local GPU and supports plugins;
+TensorRT for RTX (pip install 'anchortrt[rtx]') builds ahead of time without a GPU, for RTX GPUs only.
+
+exit codes: 0 built, 1 TensorRT failed to build, 2 bad input, 3 no usable TensorRT backend.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m netdef.build", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                   help=f"weights file from `python -m weights.extract` (default: {DEFAULT_WEIGHTS})")
+    p.add_argument("--fp16", action="store_true", help="FP16 network (FP32 where precision needs it); default FP32")
+    p.add_argument("--plugins", type=_plugins, default=frozenset(), metavar="all|none|NAME,...",
+                   help=f"custom layers to use, full TensorRT only: {', '.join(PLUGIN_NAMES)} (default: none)")
+    default = Profile()
+    for which, meaning in (("min", "smallest image the engine accepts"), ("opt", "image size TensorRT tunes for"),
+                           ("max", "largest image the engine accepts")):
+        _, h, w = getattr(default, which)
+        p.add_argument(f"--{which}", type=_hw, default=f"{h}x{w}", metavar="HxW",
+                       help=f"{meaning}, height x width (default: %(default)s)")
+    p.add_argument("--batch", type=_batch, default=",".join(str(s[0]) for s in (default.min, default.opt, default.max)),
+                   metavar="MIN,OPT,MAX", help="batch range (default: %(default)s)")
+    p.add_argument("--backend", choices=list(BACKENDS),
+                   help="TensorRT flavour (default: whichever is installed, full TensorRT first)")
+    p.add_argument("--postprocess", action="store_true",
+                   help="add in-engine top-100 scores/labels/boxes outputs, so the host copies 100 rows, not 900x91")
+    p.add_argument("--timing-cache", type=Path, metavar="PATH",
+                   help="tactic timing cache reused across builds (default: ENGINE.timing.cache; "
+                        "full TensorRT only, TensorRT-RTX has none)")
+    p.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
+                   help="scratch memory TensorRT may use per layer (default: %(default)s MiB)")
+    p.add_argument("-o", "--output", type=Path, metavar="ENGINE.plan",
+                   help="engine path (default: engines/anchor_detr_<variant>_<fp32|fp16>.plan)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of a table")
+    p.add_argument("-v", "--verbose", action="store_true", help="print TensorRT's log as the build runs")
+    return p
+
+
+def _fail(message: Any, code: int) -> int:
+    print(f"netdef.build: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        profile = Profile(
+            min=(args.batch[0], *args.min), opt=(args.batch[1], *args.opt), max=(args.batch[2], *args.max)
+        ).validate()
+    except ProfileError as e:
+        return _fail(f"{e} (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)", 2)
+    if args.workspace < 1:
+        return _fail(f"--workspace {args.workspace} MiB must be positive", 2)
+    if not args.weights.is_file():
+        return _fail(MISSING_WEIGHTS.format(path=args.weights), 2)
+    try:
+        backend = get_backend(args.backend)
+        check_plugins(backend, args.plugins)
+    except BackendError as e:
+        return _fail(e, 3)
+
+    import weights
+    from netdef.config import ConfigError
+
+    try:
+        cfg, tensors = weights.load(args.weights)
+    except (weights.WeightsError, ConfigError) as e:
+        return _fail(e, 2)
+    precision = "fp16" if args.fp16 else "fp32"
+    output = args.output or Path("engines") / f"anchor_detr_{cfg.variant}_{precision}.plan"
+    try:
+        side = sidecar_path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except (SidecarError, OSError) as e:
+        return _fail(e, 2)
+    timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
+
+    trt = backend.trt
+    logger = make_logger(trt, verbose=args.verbose)
+    has_monitor = hasattr(trt, "IProgressMonitor")
+    bar = ProgressBar(1.0, "building engine") if has_monitor else None
+    monitor = make_progress_monitor(trt, bar) if has_monitor else None
+    with Spinner(f"defining network ({cfg.variant}, {precision})"):
+        builder, network, config, keepalive = create_network(
+            backend, cfg, tensors, fp16=args.fp16, plugins=args.plugins, postprocess=args.postprocess,
+            profile=profile, workspace_mib=args.workspace, logger=logger, monitor=monitor, timing_cache=timing_cache,
+        )
+    start = time.monotonic()
+    try:
+        if bar is not None:
+            with bar:
+                plan = build_serialized(builder, network, config, logger)
+        else:
+            with Spinner("building engine"):
+                plan = build_serialized(builder, network, config, logger)
+    except BuildError as e:
+        return _fail(e, 1)
+    build_seconds = time.monotonic() - start
+    del keepalive  # the plan holds its own copy of the weights now
+
+    inputs, outputs = describe_io(trt, network)
+    sidecar = {
+        "config": json.loads(cfg.to_json()),
+        "profile": profile.to_dict(),
+        "precision": precision,
+        "plugins": sorted(args.plugins),
+        "postprocess": args.postprocess,
+        "backend": backend.name,
+        "trt_version": backend.version,
+        "gpu": gpu_info(),
+        "weights_sha256": weights.file_sha256(args.weights),
+        "inputs": inputs,
+        "outputs": outputs,
+        "anchortrt_version": anchortrt_version(),
+    }
+    write_atomic(output, plan)
+    write_sidecar(output, sidecar)
+    if backend.name == "tensorrt":
+        save_timing_cache(config, timing_cache)
+
+    summary = {
+        "engine": str(output),
+        "sidecar": str(side),
+        "backend": backend.name,
+        "trt_version": backend.version,
+        "precision": precision,
+        "profile": profile.to_dict(),
+        "plugins": sidecar["plugins"],
+        "postprocess": args.postprocess,
+        "layers": network.num_layers,
+        "engine_bytes": plan.nbytes,
+        "build_seconds": round(build_seconds, 2),
+        "gpu": sidecar["gpu"],
+        "weights": str(args.weights),
+        "weights_sha256": sidecar["weights_sha256"],
+        "warnings": len(logger.warnings),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        gpu = sidecar["gpu"]
+        print_table([
+            ("engine", f"{output}  (+ {side.name})"),
+            ("backend", f"{backend.name} {backend.version}"),
+            ("precision", precision),
+            ("profile (BxHxW)", str(profile)),
+            ("plugins", ", ".join(sidecar["plugins"]) or "none"),
+            ("postprocess", "in engine (top-100)" if args.postprocess else "no"),
+            ("network layers", network.num_layers),
+            ("engine size", format_bytes(plan.nbytes)),
+            ("build time", format_seconds(build_seconds)),
+            ("gpu", f"{gpu['name']} (sm {gpu['compute_capability']})" if gpu else "none (ahead-of-time build)"),
+            ("weights", f"{args.weights}  sha256 {sidecar['weights_sha256'][:12]}"),
+            ("TensorRT warnings", f"{len(logger.warnings)}" + ("" if args.verbose or not logger.warnings else "  (-v shows them)")),
+        ], headers=("build", "value"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""``python -m netdef.check``: per-block parity of our TensorRT network against the PyTorch reference.
+
+No engine is built or run: the network definition is evaluated by ``netdef.interpret`` (TensorRT's layer
+semantics in PyTorch), so this works on any machine with a TensorRT backend installed, GPU or not. Both
+sides see the same padded batch of random images of different sizes; every block that the reference's
+``intermediates()`` names is compared with the network tensor of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from netdef.backend import BACKENDS, BackendError, get_backend
+from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, _hw, create_network
+from netdef.progress import Spinner, print_table
+from netdef.sidecar import MIN_SIDE, Profile
+
+# Tolerances on the block's relative error (max |net - ref| / max |ref|). FP32: both sides compute in float32
+# with different summation orders; 1e-3 leaves room for the deep backbone's accumulated rounding. FP16: fp16
+# tensors carry ~3 significant digits (eps 9.8e-4) through ~60 layers, compared with an FP32 reference.
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+
+
+def padded_batch(batch: int, height: int, width: int, seed: int = 0):
+    """Random normalised images, image i smaller than image 0 by up to a quarter (height) and a third (width),
+    zero-padded to (height, width), and the padding mask (True = padding). Image sizes are not multiples of
+    the backbone stride, so the mask downsampling is exercised."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(batch, 3, height, width)
+    masks = torch.ones(batch, height, width, dtype=torch.bool)
+    sizes = []
+    for i in range(batch):
+        shrink = i / max(batch - 1, 1)
+        h = max(32, height - round(shrink * height / 4) - (i > 0) * 3)
+        w = max(32, width - round(shrink * width / 3) - (i > 0) * 5)
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        masks[i, :h, :w] = False
+        sizes.append((h, w))
+    return images, masks, sizes
+
+
+def compare(name: str, got, ref, tol: float) -> dict[str, Any]:
+    """One row of the parity table. Booleans (the mask) compare as 0/1."""
+    row: dict[str, Any] = {"block": name, "shape": list(ref.shape), "max_abs_err": None, "max_rel_err": None,
+                           "tolerance": tol, "passed": False, "problem": None}
+    if got is None:
+        row["problem"] = "not in the network"
+        return row
+    if tuple(got.shape) != tuple(ref.shape):
+        row["problem"] = f"network shape {list(got.shape)} != reference {list(ref.shape)}"
+        return row
+    import torch
+
+    got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
+    if ref.numel() == 0:
+        row.update(max_abs_err=0.0, max_rel_err=0.0, passed=True)
+        return row
+    finite = bool(torch.isfinite(got).all())
+    err = (got - ref).abs().max().item() if finite else math.nan
+    row.update(max_abs_err=err, max_rel_err=err / max(ref.abs().max().item(), 1e-12))
+    row["passed"] = bool(row["max_rel_err"] <= tol)  # NaN fails
+    if not finite:
+        row["problem"] = "non-finite values"
+    return row
+
+
+def run_check(weights_path: Path, *, fp16: bool, size: tuple[int, int], batch: int, device: str,
+              backend_name: str | None = None, seed: int = 0, tol: float | None = None) -> dict[str, Any]:
+    """Build the network, evaluate it and the reference on one padded batch; the report as a dict."""
+    import torch
+
+    import weights
+    from netdef.interpret import interpret_network
+    from netdef.torch_model import AnchorDETR
+
+    backend = get_backend(backend_name)
+    cfg, tensors = weights.load(weights_path)
+    precision = "fp16" if fp16 else "fp32"
+    tol = TOLERANCE[precision] if tol is None else tol
+    images, masks, sizes = padded_batch(batch, *size, seed=seed)
+    with Spinner(f"defining network ({cfg.variant}, {precision})"):
+        shape = (batch, *size)
+        _, network, _, keepalive = create_network(
+            backend, cfg, tensors, fp16=fp16, profile=Profile(shape, shape, shape)
+        )
+    with Spinner(f"running the PyTorch reference on {device}"):
+        model = AnchorDETR.from_builder_tensors(cfg, tensors, device)
+        ref = model.intermediates(images.to(device), masks.to(device))
+    with Spinner(f"interpreting the network on {device}"):
+        got = interpret_network(
+            backend.trt, network, {"images": images.to(device), "masks": masks.to(device)},
+            outputs=list(ref), device=device,
+        )
+    del keepalive
+    rows = [compare(name, got.get(name), value, tol) for name, value in ref.items()]
+    return {
+        "weights": str(weights_path),
+        "variant": cfg.variant,
+        "precision": precision,
+        "backend": f"{backend.name} {backend.version}",
+        "device": device,
+        "batch": [list(s) for s in sizes],
+        "padded_size": list(size),
+        "tolerance": tol,
+        "blocks": rows,
+        "passed": all(r["passed"] for r in rows),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"parity of {report['variant']} {report['precision']} network vs PyTorch reference "
+          f"({report['backend']}, interpreter on {report['device']}); images "
+          + ", ".join(f"{h}x{w}" for h, w in report["batch"]) + f" padded to {'x'.join(map(str, report['padded_size']))}")
+    print_table(
+        [(r["block"], "x".join(map(str, r["shape"])), _fmt(r["max_abs_err"]), _fmt(r["max_rel_err"]),
+          ("pass" if r["passed"] else "FAIL") + (f": {r['problem']}" if r["problem"] else ""))
+         for r in report["blocks"]],
+        headers=("block", "shape", "max abs err", "max rel err", f"rel err <= {report['tolerance']:g}"),
+    )
+    failed = [r["block"] for r in report["blocks"] if not r["passed"]]
+    if failed:
+        print(f"{len(failed)} of {len(report['blocks'])} blocks differ; the first is {failed[0]}")
+    else:
+        print(f"all {len(report['blocks'])} blocks match")
+
+
+DESCRIPTION = """\
+Per-block parity of our TensorRT network against the PyTorch reference, without building an engine.
+
+The network definition is evaluated by netdef.interpret (TensorRT's layer semantics in PyTorch), so this runs
+on any machine with a TensorRT backend installed, GPU or not. Both sides get the same padded batch of random
+images of different sizes; each block of the reference (backbone, mask, input_proj, posemb_*, encoder.N,
+decoder.N, pred_logits, pred_boxes) is compared with the network tensor of the same name, in network order,
+so the first failing row shows where the network diverges.
+"""
+
+EPILOG = """\
+rel err is the block's max |network - reference| divided by its max |reference|, so one tolerance serves
+blocks of any scale; the default is 1e-3 for FP32 and 3e-2 for FP16 (against the FP32 reference).
+
+exit codes: 0 all blocks match, 1 a block differs, 2 bad input, 3 no TensorRT backend (or no CUDA for --device cuda).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m netdef.check", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"weights file (default: {DEFAULT_WEIGHTS})")
+    p.add_argument("--fp16", action="store_true", help="check the FP16 network (against the FP32 reference)")
+    p.add_argument("--size", type=_hw, default="320x480", metavar="HxW",
+                   help="padded batch size; the other images are smaller (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=2, help="images in the batch (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default: cpu)")
+    p.add_argument("--backend", choices=list(BACKENDS), help="TensorRT flavour that defines the network")
+    p.add_argument("--seed", type=int, default=0, help="random images seed (default: %(default)s)")
+    p.add_argument("--tol", type=float, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
+    return p
+
+
+def _fail(message: Any, code: int) -> int:
+    print(f"netdef.check: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch < 1:
+        return _fail(f"--batch {args.batch} must be at least 1", 2)
+    if min(args.size) < MIN_SIDE:
+        return _fail(f"--size {args.size[0]}x{args.size[1]} is below {MIN_SIDE}x{MIN_SIDE}, the smallest image with a feature map", 2)
+    if not args.weights.is_file():
+        return _fail(MISSING_WEIGHTS.format(path=args.weights), 2)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return _fail("--device cuda, but PyTorch sees no CUDA device: use --device cpu", 3)
+    import weights
+
+    try:
+        report = run_check(args.weights, fp16=args.fp16, size=args.size, batch=args.batch, device=args.device,
+                           backend_name=args.backend, seed=args.seed, tol=args.tol)
+    except BackendError as e:
+        return _fail(e, 3)
+    except weights.WeightsError as e:
+        return _fail(e, 2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
