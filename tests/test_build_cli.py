@@ -1,0 +1,288 @@
+"""netdef.build and netdef.sidecar: network creation, the build with its progress monitor, the CLI's errors and
+exit codes, the engine + sidecar it writes, and the checks the runtime makes with the sidecar.
+
+Builds use whichever TensorRT backend is installed (TensorRT-RTX on CI, which builds without a GPU). Fast
+tests use a tiny network made with the functional layer or a shallow AnchorDETR (1 encoder, 1 decoder layer);
+the full R50-DC5 FP32/FP16 builds at the default profile are marked slow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netdef.backend import BackendError, get_backend
+from netdef.build import (
+    PLUGIN_NAMES, BuildError, build_serialized, check_plugins, describe_io, main, make_logger,
+    make_progress_monitor, parse_plugins,
+)
+from netdef.progress import ProgressBar
+from netdef.sidecar import (
+    SIDECAR_KEYS, Profile, ProfileError, SidecarError, check_sidecar, load_sidecar, sidecar_path, write_atomic,
+    write_sidecar,
+)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    try:
+        return get_backend()
+    except BackendError as e:
+        pytest.skip(str(e))
+
+
+def tiny_network(backend):
+    """images (B,3,H,W) -> conv -> relu -> `features`, masks (B,H,W) bool -> not -> `valid`: our I/O names and
+    dtypes, a few layers, built in well under a second."""
+    from netdef.functional import Net
+
+    trt = backend.trt
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    net = Net(trt, network)
+    images = net.input("images", trt.float32, (-1, 3, -1, -1))
+    masks = net.input("masks", trt.bool, (-1, -1, -1))
+    rng = np.random.default_rng(0)
+    x = net.conv2d(images, rng.standard_normal((8, 3, 3, 3), np.float32), np.zeros(8, np.float32), "conv", padding=1)
+    net.output(net.relu(x, "relu"), "features")
+    net.output(net.logical_not(masks, "not_mask"), "valid")
+    config = builder.create_builder_config()
+    prof = builder.create_optimization_profile()
+    prof.set_shape("images", (1, 3, 32, 32), (1, 3, 64, 64), (2, 3, 96, 96))
+    prof.set_shape("masks", (1, 32, 32), (1, 64, 64), (2, 96, 96))
+    config.add_optimization_profile(prof)
+    return builder, network, config, logger, net.keepalive
+
+
+# ---------------------------------------------------------------- profile, plugins
+
+
+def test_profile_defaults_and_round_trip():
+    p = Profile().validate()
+    assert (p.min, p.opt, p.max) == ((1, 320, 512), (1, 800, 800), (8, 1344, 1344))
+    assert Profile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+@pytest.mark.parametrize("profile, problem", [
+    (Profile((0, 320, 320), (1, 320, 320), (1, 320, 320)), "min batch 0 < 1"),
+    (Profile((1, 16, 320), (1, 320, 320), (1, 320, 320)), "min size 16x320 is below 32x32"),
+    (Profile((1, 320, 320), (1, 800, 800), (1, 640, 1344)), "height needs min <= opt <= max, got 320, 800, 640"),
+    (Profile((4, 320, 320), (2, 320, 320), (8, 320, 320)), "batch needs min <= opt <= max, got 4, 2, 8"),
+])
+def test_bad_profiles_name_the_problem(profile, problem):
+    with pytest.raises(ProfileError, match="bad optimization profile") as e:
+        profile.validate()
+    assert problem in str(e.value)
+
+
+def test_parse_plugins():
+    assert parse_plugins("all") == frozenset(PLUGIN_NAMES)
+    assert parse_plugins("none") == frozenset()
+    assert parse_plugins("layer_norm, masked_softmax") == {"layer_norm", "masked_softmax"}
+    with pytest.raises(ValueError, match="unknown plugin.*layernorm"):
+        parse_plugins("layernorm")
+
+
+def test_plugins_on_a_backend_without_plugin_layers_name_the_backend(backend):
+    check_plugins(backend, frozenset())
+    if backend.has_plugins:
+        check_plugins(backend, frozenset(PLUGIN_NAMES))
+    else:
+        with pytest.raises(BackendError, match=f"{backend.name} .*does not have.*--plugins none"):
+            check_plugins(backend, frozenset({"layer_norm"}))
+
+
+# ---------------------------------------------------------------- the build itself
+
+
+def test_progress_monitor_drives_the_bar_through_nested_phases(backend):
+    if not hasattr(backend.trt, "IProgressMonitor"):
+        pytest.skip(f"{backend.name} {backend.version} has no IProgressMonitor")
+    builder, network, config, logger, keep = tiny_network(backend)
+    log = io.StringIO()
+    bar = ProgressBar(1.0, "building engine", stream=log)
+    monitor = make_progress_monitor(backend.trt, bar)
+    config.progress_monitor = monitor
+    seen = []
+    original = bar.set
+
+    def record(done, status=None):
+        seen.append((done, status))
+        original(done, status)
+
+    bar.set = record
+    with bar:
+        plan = build_serialized(builder, network, config, logger)
+    assert plan is not None and plan.nbytes > 0
+    assert monitor.stack == []  # every phase that started also finished
+    statuses = {s for _, s in seen}
+    assert {"Building engine", "Optimizing graph"} <= statuses  # nested phases are shown
+    fractions = [d for d, _ in seen]
+    assert max(fractions) > 0.75 and all(0 <= f <= 1 for f in fractions)
+    assert bar.done == max(fractions)  # the bar never went backwards
+    assert "building engine" in log.getvalue()
+
+
+def test_cancelled_build_raises_build_error(backend):
+    if not hasattr(backend.trt, "IProgressMonitor"):
+        pytest.skip(f"{backend.name} {backend.version} has no IProgressMonitor")
+    builder, network, config, logger, keep = tiny_network(backend)
+    monitor = make_progress_monitor(backend.trt, ProgressBar(1.0, stream=io.StringIO()))
+    monitor.cancelled = True  # as after Ctrl-C: the first step_complete answers False
+    config.progress_monitor = monitor
+    with pytest.raises(BuildError, match="build cancelled"):
+        build_serialized(builder, network, config, logger)
+
+
+def test_failed_build_reports_tensorrt_errors(backend):
+    builder, network, config, logger, keep = tiny_network(backend)
+    config2 = builder.create_builder_config()  # no optimization profile for the dynamic inputs
+    with pytest.raises(BuildError, match="TensorRT could not build the engine: .+"):
+        build_serialized(builder, network, config2, logger)
+    assert logger.errors
+
+
+def test_describe_io_lists_names_dtypes_and_dynamic_shapes(backend):
+    _, network, *_ = tiny_network(backend)
+    inputs, outputs = describe_io(backend.trt, network)
+    assert inputs == {"images": {"dtype": "float32", "shape": [-1, 3, -1, -1]},
+                      "masks": {"dtype": "bool", "shape": [-1, -1, -1]}}
+    assert outputs == {"features": {"dtype": "float32", "shape": [-1, 8, -1, -1]},
+                       "valid": {"dtype": "bool", "shape": [-1, -1, -1]}}
+
+
+# ---------------------------------------------------------------- sidecar
+
+
+def make_sidecar(**changes):
+    side = {
+        "config": {"backbone": "resnet50"}, "profile": Profile().to_dict(), "precision": "fp16", "plugins": [],
+        "postprocess": False, "backend": "tensorrt", "trt_version": "10.13.0.35",
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "weights_sha256": "ab" * 32,
+        "inputs": {}, "outputs": {}, "anchortrt_version": "0.1.0",
+    }
+    side.update(changes)
+    return side
+
+
+def test_sidecar_written_atomically_next_to_the_engine_and_loaded_back(tmp_path):
+    engine = tmp_path / "model.plan"
+    assert sidecar_path(engine) == tmp_path / "model.json"
+    path = write_sidecar(engine, make_sidecar())
+    assert list(json.loads(path.read_text())) == list(SIDECAR_KEYS)
+    assert load_sidecar(engine) == make_sidecar() == load_sidecar(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]  # no temporary left behind
+    with pytest.raises(SidecarError, match="sidecar's name"):
+        sidecar_path(tmp_path / "model.json.json")
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "engine.plan"
+    target.write_bytes(b"old")
+    with pytest.raises(TypeError):  # fails in the middle of writing, after the temporary file exists
+        write_atomic(target, "text, not bytes")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]
+
+
+def test_load_sidecar_errors_say_how_to_fix(tmp_path):
+    with pytest.raises(SidecarError, match=r"no sidecar .*model\.json.*python -m netdef.build"):
+        load_sidecar(tmp_path / "model.plan")
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(SidecarError, match="unreadable"):
+        load_sidecar(tmp_path / "model.plan")
+    (tmp_path / "model.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(SidecarError, match="lacks profile, precision"):
+        load_sidecar(tmp_path / "model.plan")
+
+
+def test_check_sidecar_accepts_the_matching_machine():
+    check_sidecar(make_sidecar(), trt_version="10.13.0.35", compute_capability=(9, 0), weights_sha256="ab" * 32)
+    check_sidecar(make_sidecar(), trt_version="10.13.0.35", compute_capability="9.0", backend="tensorrt")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"trt_version": "10.14.1.48"}, "built by TensorRT 10.13.0.35, this is TensorRT 10.14.1.48"),
+    ({"compute_capability": (8, 9)}, "built for NVIDIA H100 80GB HBM3 (compute capability 9.0), this GPU is 8.9"),
+    ({"weights_sha256": "cd" * 32}, "weights sha256 ababababab"),
+    ({"backend": "tensorrt-rtx"}, "built with tensorrt, but this runtime uses tensorrt-rtx"),
+])
+def test_check_sidecar_refuses_each_mismatch(kwargs, message):
+    args = {"trt_version": "10.13.0.35", "compute_capability": "9.0", **kwargs}
+    with pytest.raises(SidecarError, match="engine does not match") as e:
+        check_sidecar(make_sidecar(), **args)
+    assert message in str(e.value) and "python -m netdef.build" in str(e.value)
+
+
+def test_check_sidecar_lists_every_mismatch_at_once():
+    with pytest.raises(SidecarError) as e:
+        check_sidecar(make_sidecar(), trt_version="11.4.0", compute_capability="8.0", weights_sha256="00" * 32)
+    assert str(e.value).count(";") >= 3
+
+
+def test_rtx_and_gpu_less_engines_skip_the_compute_capability_check():
+    # TensorRT-RTX compiles kernels for the running GPU, and an ahead-of-time build records no GPU.
+    check_sidecar(make_sidecar(backend="tensorrt-rtx"), trt_version="10.13.0.35", compute_capability="8.9")
+    check_sidecar(make_sidecar(gpu=None), trt_version="10.13.0.35", compute_capability="8.9")
+
+
+# ---------------------------------------------------------------- command line: errors before any build
+
+
+def run_main(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_missing_weights_says_how_to_make_them(tmp_path, capsys):
+    code, out, err = run_main(["--weights", tmp_path / "w.safetensors"], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "python -m weights.extract CKPT.pth -o" in err
+    assert "python -m weights.extract --random-init r50_dc5 -o" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min", "800x800", "--opt", "640x640"], "height needs min <= opt <= max"),
+    (["--batch", "2,1,8"], "batch needs min <= opt <= max"),
+    (["--min", "16x512"], "below 32x32"),
+    (["--workspace", "0"], "--workspace 0 MiB must be positive"),
+])
+def test_bad_profile_is_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    code, out, err = run_main(argv + ["--weights", tmp_path / "missing"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--min", "800"], ["--batch", "1,8"], ["--plugins", "foo"]])
+def test_malformed_options_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_exit_3_naming_the_extra(tmp_path, capsys):
+    try:
+        get_backend("tensorrt")
+        pytest.skip("full TensorRT is installed")
+    except BackendError:
+        pass
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    code, out, err = run_main(["--weights", weights, "--backend", "tensorrt"], capsys)
+    assert code == 3 and "pip install 'anchortrt[trt]'" in err and err.count("\n") == 1
+
+
+def test_plugins_without_plugin_layers_is_exit_3(backend, tmp_path, capsys):
+    if backend.has_plugins:
+        pytest.skip(f"{backend.name} has plugin layers")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    code, out, err = run_main(["--weights", weights, "--plugins", "all", "--backend", backend.name], capsys)
+    assert code == 3 and backend.name in err and "--plugins none" in err
