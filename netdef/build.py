@@ -161,13 +161,15 @@ def create_network(
     plugins: frozenset[str] = frozenset(),
     postprocess: bool = False,
     profile: Profile = Profile(),
+    fold_constants: bool = True,
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     logger=None,
     monitor=None,
     timing_cache: Path | None = None,
 ):
     """-> (builder, network, builder_config, keepalive); keep ``keepalive`` referenced until the build returns
-    (``trt.Weights`` do not copy their numpy arrays)."""
+    (``trt.Weights`` do not copy their numpy arrays). ``fold_constants=False`` computes what depends only on
+    weights in the network instead of at build time (to measure what folding saves)."""
     from netdef.network import define_network
 
     profile.validate()
@@ -177,7 +179,8 @@ def create_network(
     builder = trt.Builder(logger)
     network = builder.create_network(_creation_flags(backend))
     keepalive: list[Any] = [logger]
-    keepalive += define_network(trt, network, cfg, tensors, fp16=fp16, plugins=plugins, postprocess=postprocess)
+    keepalive += define_network(trt, network, cfg, tensors, fp16=fp16, plugins=plugins, postprocess=postprocess,
+                                fold_constants=fold_constants)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
