@@ -1,0 +1,154 @@
+"""Image preprocessing identical to the official AnchorDETR evaluation transform, in NumPy and Pillow.
+
+Official order: decode, convert to RGB, resize (shorter side 800, longer side at most 1333, Pillow bilinear
+as torchvision does for PIL images), scale to [0,1] in float32, subtract the ImageNet mean and divide by its
+standard deviation in float32, CHW. Batches are zero-padded at the bottom and right with a mask that is True
+on the padding.
+
+Beyond the official loader (which only calls ``convert("RGB")``), `to_rgb` applies the EXIF orientation (off
+with ``exif=False``, which COCO evaluation needs because its boxes refer to the stored pixels), composites
+transparent images over white, and maps 16-bit and 32-bit single-channel images to 8 bits by their range
+instead of clipping them to white.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from runtime.errors import BadInput
+
+SHORT_SIDE = 800
+MAX_SIDE = 1333
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class ImageError(BadInput):
+    """An image file that is missing or cannot be decoded."""
+
+
+class ShapeError(BadInput, ValueError):
+    """An image larger than the engine's optimisation profile allows."""
+
+
+def resized_size(width: int, height: int, short: int = SHORT_SIDE, longest: int = MAX_SIDE) -> tuple[int, int]:
+    """(height, width) after the evaluation resize of a width x height image."""
+    lo, hi = min(width, height), max(width, height)
+    # Same float expression order as the official rule, so borderline aspect ratios fall the same way.
+    if hi / lo * short > longest:
+        # The official rule gives 0 beyond an aspect ratio of 2666:1 and then fails; keep one pixel.
+        short = max(1, int(round(longest * lo / hi)))
+    if width < height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file; a missing or broken file is an ImageError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: cannot read image ({exc})") from None
+
+
+def _exif_oriented(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block must not make an otherwise readable image unusable
+        return image
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit ("I;16*") and 32-bit ("I", "F") single-channel images to 8-bit "L" by their value range."""
+    values = np.asarray(image).astype(np.float64)
+    peak = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or peak > 255:
+        values = values / 257  # 65535 -> 255
+    elif image.mode == "F" and peak <= 1.0:
+        values = values * 255  # float images in [0, 1]
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
+    """Any Pillow image as an 8-bit RGB image (EXIF orientation applied unless exif=False)."""
+    if exif:
+        image = _exif_oriented(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_l(image).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def normalize(rgb: Image.Image) -> np.ndarray:
+    """8-bit RGB image -> (3,H,W) float32, scaled to [0,1] and standardised with the ImageNet statistics."""
+    pixels = np.asarray(rgb, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray(((pixels - MEAN) / STD).transpose(2, 0, 1))
+
+
+def fit_within(height: int, width: int, max_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) scaled down, aspect kept, until both fit in max_hw; unchanged if they already do."""
+    factor = min(max_hw[0] / height, max_hw[1] / width)
+    if factor >= 1:
+        return height, width
+    return max(1, int(height * factor)), max(1, int(width * factor))
+
+
+def preprocess_image(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The evaluation transform of one image: (3,H,W) float32 with H, W from `resized_size`.
+
+    With max_hw (an engine profile's maximum), an image the official rule would make larger is scaled to fit
+    instead: rounding lets the longer side of very elongated images pass 1333 (up to 1333 + aspect/2).
+    """
+    rgb = to_rgb(image, exif=exif)
+    height, width = resized_size(*rgb.size)
+    if max_hw is not None:
+        height, width = fit_within(height, width, max_hw)
+    if (width, height) != rgb.size:
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    return normalize(rgb)
+
+
+def pad_batch(
+    images: Sequence[np.ndarray],
+    min_hw: tuple[int, int] | None = None,
+    max_hw: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack (3,H,W) images zero-padded at the bottom/right to the largest H and W (and at least min_hw).
+
+    Returns images (B,3,H,W) float32 and masks (B,H,W) bool, True on padding. An image above max_hw (the
+    engine profile's maximum) is a ShapeError naming both sizes.
+    """
+    if not images:
+        raise ValueError("pad_batch needs at least one image")
+    for image in images:
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected (3,H,W) images, got shape {image.shape}")
+        if max_hw is not None and (image.shape[1] > max_hw[0] or image.shape[2] > max_hw[1]):
+            raise ShapeError(
+                f"an image of {image.shape[1]}x{image.shape[2]} (HxW after resizing) exceeds the engine profile's "
+                f"maximum {max_hw[0]}x{max_hw[1]}: rebuild the engine with a larger maximum shape"
+            )
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    if min_hw is not None:
+        height, width = max(height, min_hw[0]), max(width, min_hw[1])
+    batch = np.zeros((len(images), 3, height, width), dtype=np.float32)
+    masks = np.ones((len(images), height, width), dtype=bool)
+    for i, image in enumerate(images):
+        batch[i, :, : image.shape[1], : image.shape[2]] = image
+        masks[i, : image.shape[1], : image.shape[2]] = False
+    return batch, masks

@@ -1,0 +1,182 @@
+"""runtime.preprocess against independent formulations: exact size rule, normalisation, image modes, EXIF, padding."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.preprocess import (
+    ImageError,
+    ShapeError,
+    load_image,
+    pad_batch,
+    preprocess_image,
+    resized_size,
+    to_rgb,
+)
+
+
+def exact_size(width, height, short=800, longest=1333):
+    """The size rule in exact rational arithmetic: (height, width)."""
+    lo, hi = min(width, height), max(width, height)
+    if Fraction(hi, lo) * short > longest:
+        # Python rounds halves to even, as round() on floats does; at least one pixel (our documented deviation)
+        short = max(1, round(Fraction(longest * lo, hi)))
+    scaled = (short * Fraction(max(width, height), min(width, height))).__floor__()
+    return (scaled, short) if width < height else (short, scaled)
+
+
+def reference_preprocess(image: Image.Image) -> np.ndarray:
+    """PIL bilinear resize to the exact size, then normalisation in float64."""
+    height, width = exact_size(*image.size)
+    pixels = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return ((pixels / 255 - mean) / std).transpose(2, 0, 1)
+
+
+ODD_SIZES = [(640, 480), (480, 640), (333, 501), (1, 1), (799, 801), (800, 1333), (1333, 800), (801, 1335),
+             (500, 375), (427, 640), (3, 7), (1000, 1000), (2000, 100), (100, 2000), (1919, 1081), (4000, 3)]
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_size_rule_matches_exact_arithmetic(size):
+    assert resized_size(*size) == exact_size(*size)
+
+
+def test_size_rule_on_many_random_sizes():
+    rng = np.random.default_rng(0)
+    for width, height in rng.integers(1, 5000, (2000, 2)):
+        assert resized_size(int(width), int(height)) == exact_size(int(width), int(height)), (width, height)
+
+
+def test_size_rule_known_values():
+    assert resized_size(640, 480) == (800, 1066)  # the common COCO landscape size
+    assert resized_size(480, 640) == (1066, 800)
+    assert resized_size(1000, 400) == (533, 1332)  # capped: round(1333 * 400 / 1000) = 533, int(533 * 2.5)
+    assert resized_size(100, 2000) == (1340, 67)  # the rounding lets the long side pass 1333
+
+
+def test_size_rule_never_gives_zero():
+    assert resized_size(5000, 1) == (1, 5000)  # the official rule would give a zero height here
+
+
+@pytest.mark.parametrize("size", [(96, 128), (131, 97), (256, 320)])
+def test_preprocess_matches_independent_formulation(size):
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    ours = preprocess_image(image)
+    reference = reference_preprocess(image)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=2e-6, rtol=0)
+
+
+def test_fit_within_profile_maximum():
+    image = Image.new("RGB", (30, 900), (10, 20, 30))  # official size 1320x44: fits; 1x5000 would not
+    assert preprocess_image(image, max_hw=(1344, 1344)).shape == (3, 1320, 44)
+    long = Image.new("RGB", (2, 3000), (10, 20, 30))
+    assert preprocess_image(long).shape[1] > 1344
+    out = preprocess_image(long, max_hw=(1344, 1344))
+    assert out.shape[1] <= 1344 and out.shape[2] >= 1
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: Image.new("L", (8, 6), 77), (77, 77, 77)),
+        (lambda: Image.new("1", (8, 6), 1), (255, 255, 255)),
+        (lambda: Image.new("RGB", (8, 6), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE), (10, 200, 30)),
+        (lambda: Image.new("RGBA", (8, 6), (10, 200, 30, 255)), (10, 200, 30)),
+        (lambda: Image.new("RGBA", (8, 6), (10, 200, 30, 0)), (255, 255, 255)),  # transparent -> white
+        (lambda: Image.new("RGBA", (8, 6), (0, 0, 0, 128)), (127, 127, 127)),  # half over white
+        (lambda: Image.new("LA", (8, 6), (0, 0)), (255, 255, 255)),
+        (lambda: Image.new("CMYK", (8, 6), (0, 255, 255, 0)), (255, 0, 0)),
+        (lambda: Image.new("I;16", (8, 6), 65535), (255, 255, 255)),
+        (lambda: Image.new("I;16", (8, 6), 32896), (128, 128, 128)),  # 16-bit mid grey, not clipped white
+        (lambda: Image.new("I", (8, 6), 51400), (200, 200, 200)),
+        (lambda: Image.new("I", (8, 6), 200), (200, 200, 200)),  # 8-bit range kept
+        (lambda: Image.new("F", (8, 6), 0.5), (128, 128, 128)),
+        (lambda: Image.new("RGB", (8, 6), (90, 60, 30)).convert("YCbCr"), (88, 60, 27)),  # Pillow's own conversion
+    ],
+)
+def test_every_mode_becomes_rgb(make, expected):
+    image = make()
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    np.testing.assert_allclose(np.asarray(rgb).reshape(-1, 3), np.tile(expected, (48, 1)), atol=1)
+    assert preprocess_image(image).shape == (3, 800, 1066)
+
+
+def test_palette_transparency_and_16bit_big_endian():
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.info["transparency"] = 0  # index 0 transparent
+    rgb = np.asarray(to_rgb(palette))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[1, 1].tolist() == [200, 10, 10]
+    big = Image.frombytes("I;16B", (2, 1), np.array([0, 65535], dtype=">u2").tobytes())
+    assert np.asarray(to_rgb(big))[0, :, 0].tolist() == [0, 255]
+
+
+def _exif_png(orientation):
+    # 3x2 image: left column red, others blue, stored unrotated with an orientation tag.
+    pixels = np.zeros((2, 3, 3), dtype=np.uint8)
+    pixels[:, :, 2] = 255
+    pixels[:, 0] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", exif=exif)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def test_exif_orientation_applied():
+    rotated = np.asarray(to_rgb(_exif_png(6)))  # 6: display rotated 90 degrees clockwise
+    assert rotated.shape == (3, 2, 3)
+    assert rotated[0].tolist() == [[255, 0, 0], [255, 0, 0]]  # the red left column is now the top row
+    assert rotated[1:, :, 2].min() == 255
+    stored = np.asarray(to_rgb(_exif_png(6), exif=False))
+    assert stored.shape == (2, 3, 3) and stored[:, 0, 0].tolist() == [255, 255]
+    assert preprocess_image(_exif_png(6)).shape == (3, 1200, 800)  # portrait after rotation
+
+
+def test_pad_batch_masks_and_values():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    b = rng.normal(size=(3, 6, 4)).astype(np.float32)
+    images, masks = pad_batch([a, b])
+    assert images.shape == (2, 3, 6, 7) and masks.shape == (2, 6, 7) and masks.dtype == bool
+    np.testing.assert_array_equal(images[0, :, :5, :7], a)
+    np.testing.assert_array_equal(images[1, :, :6, :4], b)
+    assert masks[0, :5].sum() == 0 and masks[0, 5].all()
+    assert not masks[1, :, :4].any() and masks[1, :, 4:].all()
+    assert not images[masks[:, None].repeat(3, 1)].any()  # padding is zero
+
+
+def test_pad_batch_up_to_minimum_and_refusal_above_maximum():
+    tiny = np.ones((3, 2, 1333), dtype=np.float32)  # extreme aspect ratio
+    images, masks = pad_batch([tiny], min_hw=(320, 512), max_hw=(1344, 1344))
+    assert images.shape == (1, 3, 320, 1333)
+    assert masks[0, 2:].all() and not masks[0, :2].any()
+    with pytest.raises(ShapeError, match=r"1400x900.*maximum 1344x1344"):
+        pad_batch([np.zeros((3, 1400, 900), dtype=np.float32)], max_hw=(1344, 1344))
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    with pytest.raises(ImageError, match="nope.jpg: no such file"):
+        load_image(tmp_path / "nope.jpg")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(ImageError, match="notes.jpg: cannot read image"):
+        load_image(text)
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(good)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        load_image(truncated)
+    assert load_image(good).size == (64, 48)
