@@ -40,17 +40,10 @@ SEED_AP = {"engine": 0.43934, "torch": 0.44263}
 
 
 def coco_results(image_ids: Sequence[int], detections: Sequence[dict]) -> list[dict]:
-    """Detections (x0,y0,x1,y1 pixel boxes) as COCO results entries with [x, y, w, h] boxes.
+    """Detections (x0,y0,x1,y1 pixel boxes) of each image as COCO results entries with [x, y, w, h] boxes."""
+    from runtime.infer import coco_records
 
-    Widths and heights are taken in float32 as the official evaluation does, then stored as Python floats.
-    """
-    results = []
-    for image_id, det in zip(image_ids, detections):
-        boxes = np.asarray(det["boxes"], dtype=np.float32)
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-        for label, score, box in zip(det["labels"].tolist(), det["scores"].tolist(), xywh.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": score})
-    return results
+    return [record for image_id, det in zip(image_ids, detections) for record in coco_records(int(image_id), det)]
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -92,12 +85,20 @@ def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
 
 
 def open_models(args) -> list:
+    from weights import file_sha256
+
+    if args.torch_weights and not Path(args.torch_weights).is_file():
+        raise EvalError(
+            f"--torch-weights {args.torch_weights} does not exist: make it with `python -m weights.extract`"
+        )
     models = []
     try:
         if args.engine:
             from eval.models import EngineModel
 
-            models.append(EngineModel(args.engine))
+            # Side by side only makes sense for one set of weights: the runtime refuses an engine built from others.
+            same_weights = file_sha256(args.torch_weights) if args.torch_weights else None
+            models.append(EngineModel(args.engine, same_weights))
         if args.torch_weights:
             from eval.models import TorchReference
 
@@ -149,9 +150,7 @@ def run_dataset(args) -> int:
     except AnchorRuntimeError as e:
         raise EvalError(str(e), e.exit_code) from None
     min_hw, max_hw = batch_limits(models)
-    batch = args.batch
-    if any(getattr(m, "max_batch", None) for m in models):
-        batch = min([batch] + [m.max_batch for m in models if getattr(m, "max_batch", None)])
+    batch = min([args.batch] + [m.max_batch for m in models if m.max_batch is not None])
 
     def prepare(chunk: Sequence[int]):
         # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
@@ -163,6 +162,7 @@ def run_dataset(args) -> int:
     chunks = [range(i, min(i + batch, len(image_ids))) for i in range(0, len(image_ids), batch)]
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
+    done = 0
     try:
         with ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
             for chunk, images, masks, sizes in prefetch(prepare, chunks, args.workers):
@@ -172,7 +172,8 @@ def run_dataset(args) -> int:
                     detections = model(images, masks, sizes)
                     seconds[model.name] += time.perf_counter() - start
                     results[model.name].extend(coco_results(ids, detections))
-                bar.update(len(chunk), status=f"{bar.done / max(bar.elapsed, 1e-9):.2f} img/s")
+                done += len(chunk)
+                bar.update(len(chunk), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
     except AnchorRuntimeError as e:
         raise EvalError(str(e), e.exit_code) from None
     finally:

@@ -15,12 +15,37 @@ from eval.scoring import EXIT_ENVIRONMENT, EvalError
 from runtime.postprocess import postprocess
 
 
+class EngineModel:
+    """A TensorRT engine through the runtime's `EngineRunner` (its post-processing, in-engine or on the host)."""
+
+    name = "engine"
+
+    def __init__(self, engine_path: str | Path, weights_sha256: str | None = None) -> None:
+        from runtime.runner import EngineRunner
+
+        self.runner = EngineRunner(engine_path, weights_sha256)
+        self.min_hw, self.max_hw, self.max_batch = self.runner.min_hw, self.runner.max_hw, self.runner.max_batch
+        side = self.runner.engine.sidecar
+        plugins = ",".join(side["plugins"]) or "no plugins"
+        gpu = self.runner.engine.device.name
+        self.description = (
+            f"TensorRT engine {Path(engine_path).name}: {side['precision'].upper()}, {plugins}, "
+            f"{side['backend']} {side['trt_version']} on {gpu}"
+        )
+
+    def __call__(self, images: np.ndarray, masks: np.ndarray, orig_sizes: np.ndarray) -> list[dict]:
+        return self.runner.results(self.runner.infer(images, masks), orig_sizes)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 class TorchReference:
     """The PyTorch reference model (`netdef.torch_model.AnchorDETR`) in FP32, on a GPU when there is one."""
 
     name = "torch"
-    # No engine profile: it takes any size the evaluation transform produces.
-    min_hw = max_hw = None
+    # No engine profile: it takes any size and batch the evaluation transform produces.
+    min_hw = max_hw = max_batch = None
 
     def __init__(self, weights_path: str | Path, device: str | None = None) -> None:
         try:

@@ -167,8 +167,9 @@ def side_by_side_rows(metrics: Mapping[str, Mapping[str, float]]) -> tuple[list[
     rows = []
     for key in METRIC_KEYS:
         values = [metrics[n][key] for n in names]
-        row = [key, *(f"{100 * v:.3f}" for v in values)]
+        # COCOeval's -1 means no ground truth in that area range: nothing to compare.
+        row = [key, *(f"{100 * v:.3f}" if v >= 0 else "n/a" for v in values)]
         if pair:
-            row.append(f"{100 * (values[0] - values[1]):+.3f}")
+            row.append(f"{100 * (values[0] - values[1]):+.3f}" if min(values) >= 0 else "n/a")
         rows.append(row)
     return ["metric", *names] + (["delta"] if pair else []), rows

@@ -319,8 +319,93 @@ def test_cli_coco_root_problems(tmp_path, capsys):
     (root / "val2017" / "000000000285.jpg").unlink()
     assert "1 of 4 images are missing" in bad_input(capsys, "--coco-root", root, *model)
     # --limit 1 needs only the first image (id 139), so the check passes and the weights file is next.
-    assert "w.safetensors" in bad_input(capsys, "--coco-root", root, "--limit", 1, *model)
+    assert "--torch-weights" in bad_input(capsys, "--coco-root", root, "--limit", 1, *model)
     for path in (root / "val2017").iterdir():
         path.unlink()
     (root / "val2017").rmdir()
     assert "image folder" in bad_input(capsys, "--coco-root", root, *model)
+
+
+def test_cli_missing_engine(tmp_path, capsys):
+    root = tmp_path / "coco"
+    write_coco(root)
+    message = bad_input(capsys, "--coco-root", root, "--engine", tmp_path / "none.plan", "--results-dir", tmp_path / "r")
+    assert "none.plan not found" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch reference on a tiny set, random weights
+# ----------------------------------------------------------------------------------------------
+
+# Elongated images keep the evaluation resize small (40x400 -> 133x1333), so the CPU run stays short.
+TINY_IMAGES = [(7, 40, 400), (42, 48, 400)]
+TINY_OBJECTS = [(7, 1, [0, 0, 400, 40]), (7, 90, [10, 5, 100, 30]), (42, 18, [300, 2, 90, 40])]
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    import weights
+    from netdef.config import AnchorDETRConfig
+    from weights import naming
+
+    torch.manual_seed(0)
+    cfg = AnchorDETRConfig(dilation=False, enc_layers=1, dec_layers=1)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    weights.save(path, cfg, naming.to_builder(weights.random_state_dict(cfg, seed=0), cfg), source="random-init")
+    return path
+
+
+@pytest.mark.slow
+def test_torch_reference_on_tiny_set(tmp_path, capsys, random_weights):
+    """Random weights give AP near 0, so this checks the run's plumbing: every image's top-100, boxes in each
+    image's own pixels, the printed summary and table agreeing with the files, the files with each other."""
+    import torch
+
+    from netdef.torch_model import AnchorDETR
+    from runtime.preprocess import pad_batch, preprocess_image
+
+    root = tmp_path / "coco"
+    ann = write_coco(root, TINY_OBJECTS, TINY_IMAGES)
+    out_dir, metrics_path = tmp_path / "out", tmp_path / "metrics.json"
+    code, out, err = run_cli(
+        capsys, "--coco-root", root, "--torch-weights", random_weights, "--batch", 2, "--device", "cpu",
+        "--results-dir", out_dir, "--json", metrics_path,
+    )
+    assert code == 0, err
+    assert "2/2" in err and "img/s" in err  # the progress bar
+
+    results = json.loads((out_dir / "torch_bbox.json").read_text())
+    assert [r["image_id"] for r in results] == [7] * 100 + [42] * 100
+    assert all(0 <= r["category_id"] <= 90 for r in results)
+
+    # The same detections from the model called directly on each image alone, scaled to its original size.
+    # Images of a batch are padded to the largest, which changes results slightly (the RCDA key pooling
+    # averages over padded rows), so compare image 42, the larger one, which is not padded.
+    model = AnchorDETR.from_safetensors(random_weights)
+    image = Image.open(root / "val2017" / "000000000042.jpg")
+    pixels, masks = pad_batch([preprocess_image(image, exif=False)])
+    with torch.no_grad():
+        outputs = model(torch.from_numpy(pixels), torch.from_numpy(masks))
+    expected = postprocess(outputs["pred_logits"].numpy(), outputs["pred_boxes"].numpy(), np.array([[48, 400]]))[0]
+    got = results[100:]
+    np.testing.assert_allclose([r["score"] for r in got], expected["scores"], rtol=1e-4, atol=1e-6)
+    got_xyxy = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in got)]
+    np.testing.assert_allclose(got_xyxy, expected["boxes"], rtol=1e-4, atol=1e-3)
+
+    report = json.loads(metrics_path.read_text())
+    assert set(report) == {"torch", "delta_AP", "images", "images_per_s"}
+    assert list(report["torch"]) == list(METRIC_KEYS)
+    assert report["delta_AP"] is None and report["images"] == 2 and report["images_per_s"]["torch"] > 0
+    stats, summary = pycocotools_direct(ann, results)
+    assert [report["torch"][k] for k in METRIC_KEYS] == stats
+    assert summary in out
+    # The printed table holds the JSON's numbers (in percent, n/a where COCOeval gives -1).
+    table = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] in ([k] for k in METRIC_KEYS)}
+    assert table == {k: f"{100 * v:.3f}" if v >= 0 else "n/a" for k, v in report["torch"].items()}
+
+    # Scoring the written results file again gives the same numbers.
+    flat = tmp_path / "flat.json"
+    code, _, err = run_cli(capsys, "--annotations", ann, "--results", out_dir / "torch_bbox.json", "--json", flat)
+    assert code == 0, err
+    assert json.loads(flat.read_text()) == report["torch"]
