@@ -307,6 +307,9 @@ def _parser() -> argparse.ArgumentParser:
                         "full TensorRT only, TensorRT-RTX has none)")
     p.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
                    help="scratch memory TensorRT may use per layer (default: %(default)s MiB)")
+    p.add_argument("--no-fold-constants", dest="fold_constants", action="store_false",
+                   help="compute what depends only on weights inside the network instead of at build time "
+                        "(for measuring what folding saves; the engine gets slower, not faster)")
     p.add_argument("-o", "--output", type=Path, metavar="ENGINE.plan",
                    help="engine path (default: engines/anchor_detr_<variant>_<fp32|fp16>.plan)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of a table")
@@ -358,11 +361,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     has_monitor = hasattr(trt, "IProgressMonitor")
     bar = ProgressBar(1.0, "building engine") if has_monitor else None
     monitor = make_progress_monitor(trt, bar) if has_monitor else None
-    with Spinner(f"defining network ({cfg.variant}, {precision})"):
-        builder, network, config, keepalive = create_network(
-            backend, cfg, tensors, fp16=args.fp16, plugins=args.plugins, postprocess=args.postprocess,
-            profile=profile, workspace_mib=args.workspace, logger=logger, monitor=monitor, timing_cache=timing_cache,
-        )
+    from netdef.network import NetworkConfigError
+
+    try:
+        with Spinner(f"defining network ({cfg.variant}, {precision})"):
+            builder, network, config, keepalive = create_network(
+                backend, cfg, tensors, fp16=args.fp16, plugins=args.plugins, postprocess=args.postprocess,
+                profile=profile, fold_constants=args.fold_constants, workspace_mib=args.workspace,
+                logger=logger, monitor=monitor, timing_cache=timing_cache,
+            )
+    except NetworkConfigError as e:
+        return _fail(e, 2)
+    except BackendError as e:
+        return _fail(e, 3)
     start = time.monotonic()
     try:
         if bar is not None:
@@ -406,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": sidecar["plugins"],
         "postprocess": args.postprocess,
         "layers": network.num_layers,
+        "fold_constants": args.fold_constants,
         "engine_bytes": plan.nbytes,
         "build_seconds": round(build_seconds, 2),
         "gpu": sidecar["gpu"],

@@ -188,13 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             return _fail("--device cuda, but PyTorch sees no CUDA device: use --device cpu", 3)
     import weights
+    from netdef.config import ConfigError
+    from netdef.network import NetworkConfigError
 
     try:
         report = run_check(args.weights, fp16=args.fp16, size=args.size, batch=args.batch, device=args.device,
                            backend_name=args.backend, seed=args.seed, tol=args.tol)
     except BackendError as e:
         return _fail(e, 3)
-    except weights.WeightsError as e:
+    except (weights.WeightsError, ConfigError, NetworkConfigError) as e:
         return _fail(e, 2)
     if args.json:
         print(json.dumps(report, indent=2))

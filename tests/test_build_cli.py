@@ -286,3 +286,129 @@ def test_plugins_without_plugin_layers_is_exit_3(backend, tmp_path, capsys):
     weights.write_bytes(b"")
     code, out, err = run_main(["--weights", weights, "--plugins", "all", "--backend", backend.name], capsys)
     assert code == 3 and backend.name in err and "--plugins none" in err
+
+
+# ---------------------------------------------------------------- command line: whole builds
+
+
+def save_random_weights(path: Path, cfg) -> Path:
+    import weights
+    from weights import naming
+
+    weights.save(path, cfg, naming.to_builder(weights.random_state_dict(cfg, 0), cfg), source="random-init")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shallow_weights(tmp_path_factory, backend):
+    from netdef.config import AnchorDETRConfig
+
+    cfg = AnchorDETRConfig(enc_layers=1, dec_layers=1)
+    return save_random_weights(tmp_path_factory.mktemp("weights") / "shallow.safetensors", cfg)
+
+
+SMALL_PROFILE = ["--min", "64x64", "--opt", "96x128", "--max", "128x160", "--batch", "1,1,2"]
+
+
+def expected_io(postprocess: bool) -> tuple[dict, dict]:
+    inputs = {"images": {"dtype": "float32", "shape": [-1, 3, -1, -1]},
+              "masks": {"dtype": "bool", "shape": [-1, -1, -1]}}
+    outputs = {"pred_logits": {"dtype": "float32", "shape": [-1, 900, 91]},
+               "pred_boxes": {"dtype": "float32", "shape": [-1, 900, 4]}}
+    if postprocess:
+        outputs.update(scores={"dtype": "float32", "shape": [-1, 100]},
+                       labels={"dtype": "int32", "shape": [-1, 100]},
+                       boxes={"dtype": "float32", "shape": [-1, 100, 4]})
+    return inputs, outputs
+
+
+def check_build_output(engine: Path, summary: dict, weights_path: Path, backend, *, precision: str,
+                       profile: dict, postprocess: bool = False) -> dict:
+    """The engine, its sidecar and the JSON summary agree with what was asked for; returns the sidecar."""
+    from importlib import metadata
+
+    import weights
+    from netdef.sidecar import gpu_info
+
+    cfg, _ = weights.load(weights_path)
+    side = load_sidecar(engine)
+    inputs, outputs = expected_io(postprocess)
+    assert side == {
+        "config": json.loads(cfg.to_json()), "profile": profile, "precision": precision, "plugins": [],
+        "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": gpu_info(),
+        "weights_sha256": weights.file_sha256(weights_path), "inputs": inputs, "outputs": outputs,
+        "anchortrt_version": metadata.version("anchortrt"),
+    }
+    assert summary["engine"] == str(engine) and summary["engine_bytes"] == engine.stat().st_size
+    assert summary["precision"] == precision and summary["profile"] == profile
+    assert summary["layers"] > 200 and summary["build_seconds"] > 0
+    # No temporary files and, on TensorRT-RTX, no timing cache (a no-op there).
+    expected = {engine.name, engine.with_suffix(".json").name}
+    if backend.name == "tensorrt":
+        expected.add(engine.with_suffix(".timing.cache").name)
+    assert {p.name for p in engine.parent.iterdir()} == expected
+    return side
+
+
+def test_shallow_fp32_build_writes_engine_and_sidecar(shallow_weights, backend, tmp_path, capsys):
+    engine = tmp_path / "shallow_fp32.plan"
+    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, "--json", *SMALL_PROFILE], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    check_build_output(engine, summary, shallow_weights, backend, precision="fp32",
+                       profile={"min": [1, 64, 64], "opt": [1, 96, 128], "max": [2, 128, 160]})
+    # Most of the engine is the weights: ~27M float32 parameters in a shallow R50 model.
+    assert summary["engine_bytes"] > 80e6
+    assert "building engine" in err  # the progress went to stderr
+
+
+def test_shallow_fp16_build_with_postprocess_and_summary_table(shallow_weights, backend, tmp_path, capsys):
+    engine = tmp_path / "shallow_fp16.plan"
+    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, "--fp16", "--postprocess",
+                               *SMALL_PROFILE], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    col = lines[0].index("value")
+    table = {line[:col].strip(): line[col:].strip() for line in lines[2:]}
+    assert table["precision"] == "fp16" and table["postprocess"] == "in engine (top-100)"
+    assert table["profile (BxHxW)"] == "min 1x64x64  opt 1x96x128  max 2x128x160"
+    assert table["engine size"].endswith("MiB")
+    summary = {"engine": str(engine), "engine_bytes": engine.stat().st_size, "precision": "fp16",
+               "profile": {"min": [1, 64, 64], "opt": [1, 96, 128], "max": [2, 128, 160]},
+               "layers": int(table["network layers"]), "build_seconds": 1}
+    check_build_output(engine, summary, shallow_weights, backend, precision="fp16", profile=summary["profile"],
+                       postprocess=True)
+    assert 40e6 < summary["engine_bytes"] < 80e6  # fp16 weights: half the fp32 engine
+
+
+@pytest.mark.trt
+def test_timing_cache_is_written_and_reused(shallow_weights, tmp_path, capsys):
+    cache = tmp_path / "shared.cache"
+    argv = ["--weights", shallow_weights, "--backend", "tensorrt", "--timing-cache", cache, "--json", *SMALL_PROFILE]
+    assert run_main(argv + ["-o", tmp_path / "a.plan"], capsys)[0] == 0
+    first = cache.read_bytes()
+    assert len(first) > 0
+    code, out, err = run_main(argv + ["-o", tmp_path / "b.plan"], capsys)
+    assert code == 0 and len(cache.read_bytes()) >= len(first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_full_r50_dc5_builds_at_the_default_profile(precision, backend, tmp_path_factory, capsys):
+    """The CI promise: the released architecture, FP32 and FP16, full dynamic profile, on this machine."""
+    from netdef.config import AnchorDETRConfig
+
+    folder = tmp_path_factory.getbasetemp() / "r50_dc5_weights"
+    weights_path = folder / "r50_dc5.safetensors"
+    if not weights_path.exists():  # shared by both precisions
+        folder.mkdir(exist_ok=True)
+        save_random_weights(weights_path, AnchorDETRConfig.from_variant("r50_dc5"))
+    engine = tmp_path_factory.mktemp(f"engine_{precision}") / f"anchor_detr_r50_dc5_{precision}.plan"
+    argv = ["--weights", weights_path, "-o", engine, "--json"] + (["--fp16"] if precision == "fp16" else [])
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    check_build_output(engine, summary, weights_path, backend, precision=precision, profile=Profile().to_dict())
+    params = 37e6  # R50-DC5 AnchorDETR, BN folded
+    bytes_per = 4 if precision == "fp32" else 2
+    assert 0.9 * params * bytes_per < summary["engine_bytes"] < 2 * params * bytes_per
