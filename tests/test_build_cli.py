@@ -234,10 +234,15 @@ def test_rtx_and_gpu_less_engines_skip_the_compute_capability_check():
 # ---------------------------------------------------------------- command line: errors before any build
 
 
-def run_main(argv, capsys):
-    code = main([str(a) for a in argv])
+def run_cli(cli_main, argv, capsys):
+    """(exit code, stdout, stderr) of a CLI's main(argv); test_check_cli uses it too."""
+    code = cli_main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_main(argv, capsys):
+    return run_cli(main, argv, capsys)
 
 
 def test_missing_weights_says_how_to_make_them(tmp_path, capsys):

@@ -12,6 +12,7 @@ import torch
 import netdef.check as check
 from netdef.backend import BackendError, get_backend
 from netdef.check import compare, main, padded_batch
+from test_build_cli import run_cli, save_random_weights  # tests/ is on sys.path (rootdir conftest)
 
 
 def test_padded_batch_has_different_sizes_and_a_matching_mask():
@@ -52,9 +53,7 @@ def test_compare_rows():
 
 
 def run_main(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(main, argv, capsys)
 
 
 def test_cli_input_errors(tmp_path, capsys):
@@ -84,14 +83,10 @@ def shallow_weights(tmp_path_factory):
         get_backend()
     except BackendError as e:
         pytest.skip(str(e))
-    import weights
     from netdef.config import AnchorDETRConfig
-    from weights import naming
 
     cfg = AnchorDETRConfig(enc_layers=1, dec_layers=1)
-    path = tmp_path_factory.mktemp("check") / "shallow.safetensors"
-    weights.save(path, cfg, naming.to_builder(weights.random_state_dict(cfg, 0), cfg), source="random-init")
-    return path
+    return save_random_weights(tmp_path_factory.mktemp("check") / "shallow.safetensors", cfg)
 
 
 BLOCKS = ["backbone", "mask", "input_proj", "posemb_row", "posemb_col", "encoder.0", "decoder.0",
