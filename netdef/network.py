@@ -1,0 +1,533 @@
+"""AnchorDETR as a TensorRT network, one function per PyTorch block.
+
+Read side by side with the official modules (models/backbone.py, anchor_detr.py, transformer.py,
+row_column_decoupled_attention.py): same names, same order. Layers are named after the PyTorch
+module or parameter they mirror ("transformer.encoder_layers.3.self_attn.k_row_proj"), and the
+tensors the reference model reports from ``intermediates()`` carry the same keys and layouts:
+
+================  =============  ==============================================================
+key               layout         what
+================  =============  ==============================================================
+backbone          (B,2048,h,w)   ResNet layer4 output
+mask              (B,h,w) bool   padding mask at feature resolution, True = padding
+input_proj        (B,256,h,w)    Conv1x1 + GroupNorm
+posemb_row        (B,w,256)      adapt_pos1d(sine(pos_row))
+posemb_col        (B,h,256)      adapt_pos1d(sine(pos_col))
+encoder.{i}       (B,h,w,256)    after encoder layer i (the encoder works channels-last)
+decoder.{i}       (B,Q,256)      after decoder layer i
+================  =============  ==============================================================
+
+In FP16 networks these tensors are fp16 (``mask`` stays bool). Outputs are always float32.
+
+Exact rewrites used (each is named where it is made):
+
+* Anything that depends only on weights is evaluated at build time (``fold_constants``): the anchor
+  points, the pattern queries tiled over positions, the query position embeddings, and the whole
+  self-attention of decoder layer 0, whose input is that constant query.
+* RCDA keys are pooled before, not after, their projection: the mean over rows (columns) commutes
+  with an affine map, so w + h vectors are projected instead of 2*h*w.
+* The value bias passes through attention unchanged (every attention row sums to 1, so
+  sum_j a_j (v_j + b) = sum_j a_j v_j + b); it is folded into out_proj's bias.
+* Projections of one input share one matmul against concatenated weights, and position terms that
+  are constant become constant offsets: W (x + p) + b = W x + (W p + b).
+* The 1/sqrt(head_dim) query scaling is folded into the query weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from netdef.backend import Backend, BackendError
+from netdef.config import BACKBONE_BLOCKS, AnchorDETRConfig
+from netdef.functional import MASK_FILL, Net
+
+PLUGINS = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
+NUM_TOPK = 100
+INVERSE_SIGMOID_EPS = 1e-5
+
+
+class NetworkConfigError(ValueError):
+    """A configuration, weights dict or option this network cannot build."""
+
+
+@dataclass
+class Model:
+    """What every block function needs: the verbs, the config, the weights, the enabled plugins."""
+
+    net: Net
+    cfg: AnchorDETRConfig
+    tensors: Mapping[str, Any]
+    plugins: frozenset[str] = frozenset()
+    _modules: dict[str, Any] = field(default_factory=dict)
+
+    def w(self, key: str) -> np.ndarray:
+        if key not in self.tensors:
+            raise NetworkConfigError(
+                f"weights have no tensor {key!r}: not builder-named weights for {self.cfg.variant} "
+                "(load them with weights.load)"
+            )
+        return np.asarray(self.tensors[key], np.float32)
+
+    def linear(self, x, name: str, scale: float = 1.0, bias: bool = True):
+        """The PyTorch Linear called ``name``; ``scale`` multiplies its output (folded into the weights)."""
+        b = self.w(f"{name}.bias") * scale if bias else None
+        return self.net.linear(x, self.w(f"{name}.weight") * scale, b, name)
+
+    def plugin(self, name: str):
+        if name not in self._modules:
+            self._modules[name] = importlib.import_module(f"plugins.{name}")
+        return self._modules[name]
+
+    def layer_norm(self, x, name: str):
+        if "layer_norm" in self.plugins and not (self.net.fold and self.net.is_const(x)):
+            layer = self.plugin("layer_norm").add_layer(
+                self.net.trt, self.net.network, self.net.tensor(x, f"{name}.input", self.net.dtype),
+                self.w(f"{name}.weight"), self.w(f"{name}.bias"), 1e-5,
+            )
+            return self.net.plugin(layer, name)[0]
+        return self.net.layer_norm(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"), name)
+
+
+# ====================================================================== entry point
+def define_network(trt, network, cfg: AnchorDETRConfig, tensors: Mapping[str, Any], *, fp16: bool = False,
+                   plugins=frozenset(), postprocess: bool = False, fold_constants: bool = True) -> list:
+    """Add AnchorDETR to ``network``: inputs ``images`` (B,3,H,W) float32 and ``masks`` (B,H,W) bool
+    (True = padding); outputs ``pred_logits`` (B,Q,91) and ``pred_boxes`` (B,Q,4) float32, plus with
+    ``postprocess`` ``scores`` (B,100) float32, ``labels`` (B,100) int32 and ``boxes`` (B,100,4)
+    float32 (x0,y0,x1,y1 normalised). Returns the numpy arrays TensorRT references (keep them
+    alive until the engine is built)."""
+    plugins = frozenset(plugins)
+    check_supported(trt, cfg, plugins)
+    net = Net(trt, network, fp16=fp16, fold_constants=fold_constants)
+    m = Model(net, cfg, tensors, plugins)
+    dims = {0: "batch", 2: "height", 3: "width"}
+    images = net.input("images", trt.float32, (-1, 3, -1, -1), dims)
+    masks = net.input("masks", trt.bool, (-1, -1, -1), {0: "batch", 1: "height", 2: "width"})
+    logits, boxes = anchor_detr(m, images, masks)
+    net.output(logits, "pred_logits")
+    net.output(boxes, "pred_boxes")
+    if postprocess:
+        scores, labels, xyxy = topk_postprocess(m, logits, boxes)
+        net.output(scores, "scores")
+        net.output(labels, "labels")
+        net.output(xyxy, "boxes")
+    return net.keepalive
+
+
+def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None:
+    if cfg.num_feature_levels != 1:
+        raise NetworkConfigError(
+            f"variant {cfg.variant}: {cfg.num_feature_levels} feature levels are not supported by the "
+            "TensorRT network (only 1); the PyTorch reference netdef.torch_model supports it"
+        )
+    unknown = sorted(set(plugins) - set(PLUGINS))
+    if unknown:
+        raise NetworkConfigError(f"unknown plugins {unknown}: choose from {', '.join(PLUGINS)}")
+    backend = Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
+    if plugins and not backend.has_plugins:
+        raise BackendError(
+            f"backend {backend.name} {backend.version} has no plugin layers: build without plugins "
+            f"({', '.join(sorted(plugins))}) or use full TensorRT (--backend tensorrt)"
+        )
+    if plugins and cfg.attention_type != "RCDA":
+        raise NetworkConfigError(f"variant {cfg.variant}: plugins are written for RCDA attention only")
+
+
+# ====================================================================== AnchorDETR.forward
+def anchor_detr(m: Model, images, masks):
+    net = m.net
+    x = net.to_compute(images, "images.cast")
+    feature = net.rename(backbone(m, x), "backbone")
+    mask = feature_mask(m, masks, feature)
+    src = net.rename(input_proj(m, feature), "input_proj")
+    return transformer(m, src, mask)
+
+
+# ====================================================================== backbone (torchvision ResNet)
+def backbone(m: Model, x):
+    """ResNet body up to layer4; every BatchNorm is already folded into the conv before it."""
+    net, p = m.net, "backbone.body"
+    x = net.conv2d(x, m.w(f"{p}.conv1.weight"), m.w(f"{p}.conv1.bias"), f"{p}.conv1", stride=2, padding=3)
+    x = net.relu(x, f"{p}.relu")
+    x = net.max_pool2d(x, 3, 2, 1, f"{p}.maxpool")
+    dilation = 1
+    for layer, (blocks, stride) in enumerate(zip(BACKBONE_BLOCKS[m.cfg.backbone], (1, 2, 2, 2)), 1):
+        previous = dilation
+        if layer == 4 and m.cfg.dilation:
+            # DC5 (replace_stride_with_dilation): layer4 keeps the resolution; its first block
+            # keeps the previous dilation, the others use dilation 2.
+            dilation, stride = dilation * 2, 1
+        for i in range(blocks):
+            x = bottleneck(m, x, f"{p}.layer{layer}.{i}", stride if i == 0 else 1,
+                           previous if i == 0 else dilation, downsample=i == 0)
+    return x
+
+
+def bottleneck(m: Model, x, p: str, stride: int, dilation: int, downsample: bool):
+    net = m.net
+    identity = x
+    out = net.conv2d(x, m.w(f"{p}.conv1.weight"), m.w(f"{p}.conv1.bias"), f"{p}.conv1")
+    out = net.relu(out, f"{p}.relu1")
+    out = net.conv2d(out, m.w(f"{p}.conv2.weight"), m.w(f"{p}.conv2.bias"), f"{p}.conv2",
+                     stride=stride, padding=dilation, dilation=dilation)
+    out = net.relu(out, f"{p}.relu2")
+    out = net.conv2d(out, m.w(f"{p}.conv3.weight"), m.w(f"{p}.conv3.bias"), f"{p}.conv3")
+    if downsample:
+        identity = net.conv2d(x, m.w(f"{p}.downsample.0.weight"), m.w(f"{p}.downsample.0.bias"),
+                              f"{p}.downsample.0", stride=stride)
+    out = net.add(out, identity, f"{p}.residual")
+    return net.relu(out, f"{p}.relu3")
+
+
+def feature_mask(m: Model, masks, feature):
+    """``F.interpolate(mask[None].float(), size=(h, w)).bool()``: nearest, input index floor(i*H/h).
+    Resize does not take bool, so a float32 copy is resized (0/1 are exact in any float type)."""
+    net = m.net
+    as_float = net.cast(masks, net.trt.float32, "mask.to_float")
+    size = net.shape_of(feature, (0, 2, 3), "mask.size")
+    small = net.resize_nearest(as_float, size, "mask.interpolate")
+    return net.rename(net.cast(small, net.trt.bool, "mask.to_bool"), "mask")
+
+
+def input_proj(m: Model, feature):
+    net, p = m.net, "input_proj.0"
+    x = net.conv2d(feature, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0")
+    return net.group_norm(x, 32, m.w(f"{p}.1.weight"), m.w(f"{p}.1.bias"), f"{p}.1")
+
+
+# ====================================================================== Transformer.forward
+def transformer(m: Model, src, mask):
+    net, cfg, t = m.net, m.cfg, "transformer"
+    # Queries: everything here depends on weights only (build-time constants when folding).
+    reference_points = anchor_points(m)  # (1, Q, 2) x, y
+    tgt = net.reshape(
+        net.expand(net.reshape(m.w(f"{t}.pattern.weight"), (1, cfg.num_query_pattern, 1, cfg.d_model), f"{t}.pattern"),
+                   (1, cfg.num_query_pattern, cfg.num_position, cfg.d_model), f"{t}.pattern.repeat"),
+        (1, cfg.num_queries, cfg.d_model), f"{t}.tgt")
+    # Identical in every decoder layer (the official layers recompute them), so made once here.
+    query_pos = adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")
+    query_pos_x = adapt_pos(m, pos2posemb1d(m, net.take(reference_points, 0, -1, f"{t}.ref_x"), f"{t}.query_pos_x"),
+                            f"{t}.adapt_pos1d", "query_pos_x")
+    query_pos_y = adapt_pos(m, pos2posemb1d(m, net.take(reference_points, 1, -1, f"{t}.ref_y"), f"{t}.query_pos_y"),
+                            f"{t}.adapt_pos1d", "query_pos_y")
+
+    keys = key_masks(m, mask)
+    if "mask2pos" in m.plugins:
+        layer = m.plugin("mask2pos").add_layer(net.trt, net.network, mask, cfg.d_model)
+        emb_col, emb_row = net.plugin(layer, "transformer.mask2pos")
+    else:
+        pos_col, pos_row = mask2pos(m, keys)
+        emb_row = pos2posemb1d(m, pos_row, f"{t}.posemb_row")
+        emb_col = pos2posemb1d(m, pos_col, f"{t}.posemb_col")
+    posemb_row = net.rename(adapt_pos(m, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row")
+    posemb_col = net.rename(adapt_pos(m, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")
+
+    # (B, C, h, w) -> (B, h, w, C): the encoder layers' permute, done once for all of them.
+    output = net.permute(src, (0, 2, 3, 1), f"{t}.src")
+    for i in range(cfg.enc_layers):
+        output = net.rename(encoder_layer(m, i, output, posemb_row, posemb_col, keys), f"encoder.{i}")
+    memory = output
+
+    # RCDA keys of the decoder: mean over rows (columns) of memory + posemb_row (posemb_col), the
+    # same for every decoder layer.
+    key_row = net.add(net.mean(memory, (1,), f"{t}.memory.mean_rows", keep_dims=False), posemb_row, f"{t}.key_row")
+    key_col = net.add(net.mean(memory, (2,), f"{t}.memory.mean_cols", keep_dims=False), posemb_col, f"{t}.key_col")
+
+    output = tgt
+    for i in range(cfg.dec_layers):
+        output = net.rename(
+            decoder_layer(m, i, output, query_pos, query_pos_x, query_pos_y, memory, key_row, key_col, keys),
+            f"decoder.{i}",
+        )
+    # Heads of the last layer only: earlier layers' predictions (aux outputs) are training-only.
+    return heads(m, output, reference_points)
+
+
+def anchor_points(m: Model):
+    """reference_points (1, Q, 2): the learned (or grid) anchors repeated for every pattern."""
+    cfg, net = m.cfg, m.net
+    if cfg.spatial_prior == "learned":
+        points = m.w("transformer.position.weight")
+    else:
+        side = round(math.sqrt(cfg.num_position))
+        x = (np.arange(side, dtype=np.float32) + 0.5) / side
+        # torch.meshgrid(x, y) is "ij"-indexed: position k = (x[k // side], y[k % side]).
+        points = np.stack([np.repeat(x, side), np.tile(x, side)], -1).astype(np.float32)
+    points = net.reshape(points, (1, 1, cfg.num_position, 2), "transformer.position")
+    points = net.expand(points, (1, cfg.num_query_pattern, cfg.num_position, 2), "transformer.position.repeat")
+    return net.reshape(points, (1, cfg.num_queries, 2), "transformer.reference_points")
+
+
+def key_masks(m: Model, mask) -> dict[str, Any]:
+    """RCDA key padding masks: the mask's first row masks row logits, its first column column logits.
+    (B, K) for the plugin and (B, 1, 1, K) for broadcasting over heads and queries."""
+    net = m.net
+    row = net.take(mask, 0, 1, "mask.row")
+    col = net.take(mask, 0, 2, "mask.col")
+    return {"row": row, "col": col,
+            "row4": net.unsqueeze(row, (1, 2), "mask.row.heads"), "col4": net.unsqueeze(col, (1, 2), "mask.col.heads")}
+
+
+def mask2pos(m: Model, keys):
+    """pos_col (B, h), pos_row (B, w): (cumsum of not-mask along the first column / row - 0.5) / last."""
+    net = m.net
+    out = []
+    for kind in ("col", "row"):
+        not_mask = net.cast(net.logical_not(keys[kind], f"mask2pos.{kind}.not"), net.trt.float32,
+                            f"mask2pos.{kind}.float")
+        embed = net.cumsum(not_mask, 1, f"mask2pos.{kind}.cumsum")
+        # The last cumsum value is the count of unpadded entries: a sum needs no dynamic slice.
+        last = net.sum(not_mask, (1,), f"mask2pos.{kind}.last")
+        out.append(net.div(net.sub(embed, 0.5, f"mask2pos.{kind}.center"), last, f"mask2pos.{kind}"))
+    return out[0], out[1]
+
+
+def sine(m: Model, pos, num_feats: int, name: str):
+    """pos2posemb1d's sine embedding, float32 (positions need more than fp16's 11 bits)."""
+    net = m.net
+    dim_t = np.arange(num_feats, dtype=np.float32)
+    dim_t = (10000.0 ** (2 * (dim_t // 2) / num_feats)).astype(np.float32)
+    pos = net.unsqueeze(pos, (net.rank(pos),), f"{name}.unsqueeze")
+    # pos * 2pi / dim_t in the official order of operations.
+    angle = net.div(net.mul(pos, np.float32(2 * math.pi), f"{name}.scale"), dim_t, f"{name}.angle")
+    even = (np.arange(num_feats) % 2 == 0)
+    # Interleaved: feature 2j = sin(angle 2j), 2j+1 = cos(angle 2j+1).
+    return net.select(even, net.sin(angle, f"{name}.sin"), net.cos(angle, f"{name}.cos"), name)
+
+
+def pos2posemb1d(m: Model, pos, name: str):
+    return sine(m, pos, m.cfg.d_model, name)
+
+
+def pos2posemb2d(m: Model, pos, name: str):
+    """Concatenation of the y embedding and the x embedding, d_model/2 features each."""
+    net, half = m.net, m.cfg.d_model // 2
+    x = sine(m, net.take(pos, 0, -1, f"{name}.x"), half, f"{name}.emb_x")
+    y = sine(m, net.take(pos, 1, -1, f"{name}.y"), half, f"{name}.emb_y")
+    return net.concat([y, x], -1, name)
+
+
+def adapt_pos(m: Model, emb, p: str, use: str | None = None):
+    """adapt_pos1d / adapt_pos2d: Linear, ReLU, Linear. ``use`` tells apart the layers of one shared
+    module applied to several inputs (their names must differ)."""
+    net = m.net
+    tag = f"[{use}]" if use else ""
+    x = net.to_compute(emb, f"{p}{tag}.input")
+    x = m.net.linear(x, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0{tag}")
+    x = net.relu(x, f"{p}.1{tag}")
+    return m.net.linear(x, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2{tag}")
+
+
+# ====================================================================== TransformerEncoderLayerSpatial
+def encoder_layer(m: Model, i: int, src, posemb_row, posemb_col, keys):
+    """src (B, h, w, C) channels-last throughout."""
+    net, p = m.net, f"transformer.encoder_layers.{i}"
+    src2 = encoder_rcda(m, f"{p}.self_attn", src, posemb_row, posemb_col, keys)
+    src = m.layer_norm(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
+    return ffn(m, f"{p}.ffn", src)
+
+
+def encoder_rcda(m: Model, a: str, src, posemb_row, posemb_col, keys):
+    """self_attn(q_row = src + posemb_row, q_col = src + posemb_col, k_row = src + posemb_row,
+    k_col = src + posemb_col, v = src) with posemb_row broadcast over h and posemb_col over w."""
+    net, cfg = m.net, m.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    if "add_bias_transpose" in m.plugins:
+        flat_row = net.reshape(net.add(src, net.unsqueeze(posemb_row, (1,), f"{a}.posemb_row"), f"{a}.query_row"),
+                               (0, -1, c), f"{a}.query_row.flat")
+        flat_col = net.reshape(net.add(src, net.unsqueeze(posemb_col, (2,), f"{a}.posemb_col"), f"{a}.query_col"),
+                               (0, -1, c), f"{a}.query_col.flat")
+        q_row = add_bias_transpose(m, flat_row, f"{a}.q_row_proj")
+        q_col = add_bias_transpose(m, flat_col, f"{a}.q_col_proj")
+        v = m.linear(src, f"{a}.v_proj", bias=False)
+    else:
+        # One matmul for the three projections that read src: W_qr (src + p) + b = W_qr src + (W_qr p + b),
+        # and the position term is projected at (B, w, C) / (B, h, C) instead of (B, h, w, C).
+        weight = np.concatenate([m.w(f"{a}.q_row_proj.weight") * s, m.w(f"{a}.q_col_proj.weight") * s,
+                                 m.w(f"{a}.v_proj.weight")])
+        proj = net.reshape(net.linear(src, weight, None, f"{a}.in_proj"), (0, 0, 0, 3, c), f"{a}.in_proj.split")
+        q_row = net.add(net.take(proj, 0, 3, f"{a}.in_proj.q_row"),
+                        net.unsqueeze(m.linear(posemb_row, f"{a}.q_row_proj", s), (1,), f"{a}.q_row_proj.rows"),
+                        f"{a}.q_row")
+        q_col = net.add(net.take(proj, 1, 3, f"{a}.in_proj.q_col"),
+                        net.unsqueeze(m.linear(posemb_col, f"{a}.q_col_proj", s), (2,), f"{a}.q_col_proj.cols"),
+                        f"{a}.q_col")
+        v = net.take(proj, 2, 3, f"{a}.in_proj.v")
+        q_row = split_heads(m, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
+        q_col = split_heads(m, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
+    # Keys pooled before projection (mean and an affine map commute).
+    k_row = m.linear(net.add(net.mean(src, (1,), f"{a}.mean_rows", keep_dims=False), posemb_row, f"{a}.key_row"),
+                     f"{a}.k_row_proj")
+    k_col = m.linear(net.add(net.mean(src, (2,), f"{a}.mean_cols", keep_dims=False), posemb_col, f"{a}.key_col"),
+                     f"{a}.k_col_proj")
+    out = rcda_attention(m, a, q_row, q_col, k_row, k_col, v, keys)
+    out = out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c)))
+    return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")  # (B, h*w, C) -> (B, h, w, C)
+
+
+def add_bias_transpose(m: Model, x, name: str):
+    """(x W^T + b) * scale split into heads (B, heads, Q, head_dim), through the plugin."""
+    net, cfg = m.net, m.cfg
+    scale = cfg.head_dim ** -0.5
+    y = m.linear(x, name, bias=False)
+    if net.is_const(y):
+        return split_heads(m, (y + m.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
+    layer = m.plugin("add_bias_transpose").add_layer(net.trt, net.network, y, m.w(f"{name}.bias"), cfg.nheads, scale)
+    return net.plugin(layer, f"{name}.add_bias_transpose")[0]
+
+
+def split_heads(m: Model, x, name: str):
+    """(B, L, C) -> (B, heads, L, head_dim)."""
+    return m.net.shuffle(x, name, dims=(0, 0, m.cfg.nheads, m.cfg.head_dim), second=(0, 2, 1, 3))
+
+
+def out_proj(m: Model, a: str, x):
+    """out_proj(attention + v_proj.bias): the value bias moved through the attention (rows sum to 1)."""
+    weight, bias = m.w(f"{a}.out_proj.weight"), m.w(f"{a}.out_proj.bias")
+    return m.net.linear(x, weight, bias + weight @ m.w(f"{a}.v_proj.bias"), f"{a}.out_proj")
+
+
+def rcda_attention(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
+    """multi_head_rcda_forward after the projections.
+
+    q_row, q_col (B|1, heads, Q, head_dim), already scaled; k_row (B, w, C) and k_col (B, h, C) pooled;
+    v (B, h, w, C) without bias. Returns (B, heads, Q, head_dim):
+    out[q] = sum_{y,x} A_col[q,y] A_row[q,x] v[y,x], rows first (T = A_row v, then A_col T), the short
+    edge for landscape images, as the official code's efficient path chooses for them.
+    """
+    net, cfg = m.net, m.cfg
+    k_row = split_heads(m, k_row, f"{a}.k_row.heads")
+    k_col = split_heads(m, k_col, f"{a}.k_col.heads")
+    attn_row = masked_softmax(m, net.matmul(q_row, k_row, f"{a}.logits_row", transpose_b=True),
+                              keys["row"], keys["row4"], f"{a}.softmax_row")
+    attn_col = masked_softmax(m, net.matmul(q_col, k_col, f"{a}.logits_col", transpose_b=True),
+                              keys["col"], keys["col4"], f"{a}.softmax_col")
+    # v (B, h, w, C) -> (B, heads, w, h*head_dim)
+    v = net.shuffle(v, f"{a}.v.heads", dims=(0, 0, 0, cfg.nheads, cfg.head_dim), second=(0, 3, 2, 1, 4))
+    v = net.reshape(v, (0, 0, 0, -1), f"{a}.v.flat")
+    per_row = net.matmul(attn_row, v, f"{a}.attend_row")  # (B, heads, Q, h*head_dim)
+    per_row = net.reshape(per_row, (0, 0, 0, -1, cfg.head_dim), f"{a}.attend_row.split")  # (B, heads, Q, h, hd)
+    attn_col = net.reshape(attn_col, (0, 0, 0, 1, -1), f"{a}.softmax_col.unsqueeze")  # (B, heads, Q, 1, h)
+    out = net.matmul(attn_col, per_row, f"{a}.attend_col")  # (B, heads, Q, 1, head_dim)
+    return net.reshape(out, (0, 0, 0, -1), f"{a}.attend_col.squeeze")
+
+
+def masked_softmax(m: Model, logits, key_mask, key_mask4, name: str):
+    """Softmax over keys with padded keys at 0 (the official fills -inf; a finite fill keeps a fully
+    padded row finite)."""
+    net = m.net
+    if "masked_softmax" in m.plugins:
+        layer = m.plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
+        return net.plugin(layer, name)[0]
+    # FP16: max, exp and the row sum in float32; the casts fuse into the softmax kernel.
+    x = net.to_float32(logits, f"{name}.to_float32")
+    x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
+    return net.to_compute(net.softmax(x, -1, name), f"{name}.to_half")
+
+
+def ffn(m: Model, p: str, src):
+    net = m.net
+    x = net.relu(m.linear(src, f"{p}.linear1"), f"{p}.activation")
+    x = m.linear(x, f"{p}.linear2")
+    return m.layer_norm(net.add(src, x, f"{p}.residual"), f"{p}.norm2")
+
+
+# ====================================================================== TransformerDecoderLayer
+def decoder_layer(m: Model, i: int, tgt, query_pos, query_pos_x, query_pos_y, memory, key_row, key_col, keys):
+    net, p = m.net, f"transformer.decoder_layers.{i}"
+    # self attention: q = k = tgt + query_pos, v = tgt
+    tgt2 = self_attention(m, f"{p}.self_attn", tgt, query_pos)
+    tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
+    # cross attention (RCDA): q_row = tgt + query_pos_x, q_col = tgt + query_pos_y,
+    # k_row = memory + posemb_row, k_col = memory + posemb_col, v = memory
+    tgt2 = decoder_rcda(m, f"{p}.cross_attn", tgt, query_pos_x, query_pos_y, memory, key_row, key_col, keys)
+    tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
+    return ffn(m, f"{p}.ffn", tgt)
+
+
+def self_attention(m: Model, a: str, tgt, query_pos):
+    """nn.MultiheadAttention(q = k = tgt + query_pos, v = tgt) over the queries, no mask."""
+    net, cfg = m.net, m.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    wq, wk, wv = (m.w(f"{a}.{n}_proj.weight") for n in ("q", "k", "v"))
+    # [q | k | v] = tgt [Wq s | Wk | Wv]^T + [(Wq pos + bq) s | Wk pos + bk | 0] (v's bias: out_proj)
+    offset = net.concat([m.linear(query_pos, f"{a}.q_proj", s), m.linear(query_pos, f"{a}.k_proj"),
+                         np.zeros((1, cfg.num_queries, c), np.float32)], -1, f"{a}.in_proj.offset")
+    qkv = net.add(net.linear(tgt, np.concatenate([wq * s, wk, wv]), None, f"{a}.in_proj"), offset, f"{a}.in_proj.add")
+    qkv = net.shuffle(qkv, f"{a}.heads", dims=(0, 0, 3, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+    q, k, v = (net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv"))
+    logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
+    # FP16: softmax statistics in float32 (see masked_softmax).
+    attn = net.to_compute(net.softmax(net.to_float32(logits, f"{a}.logits.to_float32"), -1, f"{a}.softmax"),
+                          f"{a}.softmax.to_half")
+    out = net.matmul(attn, v, f"{a}.attend")  # (B, heads, Q, head_dim)
+    out = net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, -1))
+    return out_proj(m, a, out)
+
+
+def decoder_rcda(m: Model, a: str, tgt, query_pos_x, query_pos_y, memory, key_row, key_col, keys):
+    net, cfg = m.net, m.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    if "add_bias_transpose" in m.plugins:
+        q_row = add_bias_transpose(m, net.add(tgt, query_pos_x, f"{a}.query_row"), f"{a}.q_row_proj")
+        q_col = add_bias_transpose(m, net.add(tgt, query_pos_y, f"{a}.query_col"), f"{a}.q_col_proj")
+    else:
+        # [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]
+        weight = np.concatenate([m.w(f"{a}.q_row_proj.weight") * s, m.w(f"{a}.q_col_proj.weight") * s])
+        offset = net.concat([m.linear(query_pos_x, f"{a}.q_row_proj", s),
+                             m.linear(query_pos_y, f"{a}.q_col_proj", s)], -1, f"{a}.in_proj.offset")
+        q = net.add(net.linear(tgt, weight, None, f"{a}.in_proj"), offset, f"{a}.in_proj.add")
+        q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+        q_row, q_col = net.take(q, 0, 0, f"{a}.q_row"), net.take(q, 1, 0, f"{a}.q_col")
+    k_row = m.linear(key_row, f"{a}.k_row_proj")
+    k_col = m.linear(key_col, f"{a}.k_col_proj")
+    v = m.linear(memory, f"{a}.v_proj", bias=False)
+    out = rcda_attention(m, a, q_row, q_col, k_row, k_col, v, keys)
+    out = net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c))
+    return out_proj(m, a, out)
+
+
+# ====================================================================== heads
+def heads(m: Model, tgt, reference_points):
+    """class_embed and bbox_embed of the last layer; boxes = sigmoid(delta + [inverse_sigmoid(anchor), 0, 0])."""
+    net, t = m.net, "transformer"
+    logits = m.linear(tgt, f"{t}.class_embed")
+    x = tgt
+    for j in range(3):
+        x = m.linear(x, f"{t}.bbox_embed.layers.{j}")
+        if j < 2:
+            x = net.relu(x, f"{t}.bbox_embed.relu{j}")
+    # FP16: the box refinement runs in float32 (inverse_sigmoid of anchors near 0/1 is steep).
+    delta = net.to_float32(x, f"{t}.bbox_embed.to_float32")
+    anchor = inverse_sigmoid(m, reference_points)
+    # w, h get no anchor
+    offset = net.concat([anchor, np.zeros((1, m.cfg.num_queries, 2), np.float32)], -1, f"{t}.reference.offset")
+    boxes = net.sigmoid(net.add(delta, offset, f"{t}.bbox_embed.add_reference"), f"{t}.bbox_embed.sigmoid")
+    return net.to_float32(logits, f"{t}.class_embed.to_float32"), boxes
+
+
+def inverse_sigmoid(m: Model, x):
+    net, p = m.net, "transformer.inverse_sigmoid"
+    x = net.clamp(x, 0.0, 1.0, f"{p}.clamp")
+    x1 = net.clamp(x, INVERSE_SIGMOID_EPS, 1.0, f"{p}.x1")
+    x2 = net.clamp(net.sub(1.0, x, f"{p}.one_minus"), INVERSE_SIGMOID_EPS, 1.0, f"{p}.x2")
+    return net.log(net.div(x1, x2, f"{p}.ratio"), p)
+
+
+# ====================================================================== PostProcess
+def topk_postprocess(m: Model, logits, boxes):
+    """Top-100 over sigmoid(logits) flattened (query, class) per image, as the official PostProcess."""
+    net, p, classes = m.net, "postprocess", m.cfg.num_classes
+    prob = net.reshape(net.sigmoid(logits, f"{p}.sigmoid"), (0, -1), f"{p}.flatten")
+    scores, index = net.topk(prob, NUM_TOPK, 1, f"{p}.topk")
+    query = net.floor_div(index, np.int32(classes), f"{p}.query")
+    labels = net.sub(index, net.mul(query, np.int32(classes), f"{p}.query_start"), f"{p}.labels")
+    picked = net.gather(boxes, query, 1, f"{p}.gather_boxes", batch_dims=1)  # (B, 100, 4)
+    # (cx, cy, w, h) -> (cx - w/2, cy - h/2, cx + w/2, cy + h/2) as one small matmul.
+    to_xyxy = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]], np.float32)
+    return scores, labels, net.matmul(picked, to_xyxy, f"{p}.xyxy")
