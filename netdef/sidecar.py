@@ -95,6 +95,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; engines and sidecars are not secrets
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
