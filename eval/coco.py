@@ -226,6 +226,14 @@ def print_summary(metrics: dict[str, dict[str, float]], delta: float | None, ima
 def score_file(args) -> int:
     gt = load_ground_truth(args.annotations)
     results = check_results(gt, read_json(args.results, "results file"), f"results file {args.results}")
+    known = set(gt.getCatIds())
+    unknown = sorted({r["category_id"] for r in results} - known)
+    if unknown:
+        # Normal for a 91-way model (ids COCO never uses); a sign of remapped labels if most are unknown.
+        count = sum(r["category_id"] not in known for r in results)
+        shown = ", ".join(map(str, unknown[:8])) + (", ..." if len(unknown) > 8 else "")
+        print(f"note: {count} of {len(results)} detections have category ids the annotations do not list "
+              f"({shown}); COCOeval ignores them", file=sys.stderr)
     metrics, summary = evaluate(gt, results)
     print(summary)
     if args.json:

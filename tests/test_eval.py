@@ -232,6 +232,18 @@ def test_cli_scores_results_file_like_pycocotools(ann, tmp_path, capsys):
     assert list(metrics) == list(METRIC_KEYS)
     assert [metrics[k] for k in METRIC_KEYS] == stats
     assert 0 < metrics["AP"] < 1
+    assert err == ""
+
+
+def test_cli_notes_category_ids_outside_the_annotations(ann, tmp_path, capsys):
+    # Labels remapped to contiguous 0..N-1 are a common mistake: ids then miss the annotations
+    # or name the wrong category.
+    remapped = [(i, [c["id"] for c in CATEGORIES].index(c), b) for i, c, b in OBJECTS]
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(detections(remapped)))
+    code, out, err = run_cli(capsys, "--annotations", ann, "--results", res)
+    assert code == 0
+    assert "note: 4 of 8 detections have category ids the annotations do not list (0, 2)" in err
 
 
 def bad_input(capsys, *argv) -> str:
