@@ -393,10 +393,12 @@ def _matrix_multiply(ctx, layer, ins):
             "TensorRT needs the same number (broadcast only along length-1 dimensions)"
         )
     _check_broadcast(layer, [a[..., :1, :1], b[..., :1, :1]])
-    y = torch.matmul(a, b)
+    y = torch.matmul(a, b)  # [..., M or 1, N or 1]: drop the unit axes that the vectors added
     if op1 == "VECTOR":
         y = y.squeeze(-1)
-    return y.squeeze(-2) if op0 == "VECTOR" else y
+    if op0 == "VECTOR":
+        y = y.squeeze(-1 if op1 == "VECTOR" else -2)
+    return y
 
 
 def _explicit_padding(layer, spatial: Sequence[int], window: Sequence[int], stride: Sequence[int]):
@@ -600,7 +602,10 @@ def _cumulative(ctx, layer, ins):
 @_handles("SQUEEZE")
 def _squeeze(ctx, layer, ins):
     x = ins[0]
-    axes = sorted({a % x.dim() for a in _ints(ins[1])})
+    if len(ins) > 1 and ins[1] is not None:
+        axes = sorted({a % x.dim() for a in _ints(ins[1])})
+    else:  # no axes input: the dimensions that are statically 1 in the definition (add_squeeze docstring)
+        axes = [i for i, d in enumerate(layer.get_input(0).shape) if d == 1]
     if any(x.shape[a] != 1 for a in axes):
         raise InterpretError(f"squeeze {layer.name!r}: axes {axes} of shape {list(x.shape)} are not all 1")
     return x.reshape([n for i, n in enumerate(x.shape) if i not in axes])

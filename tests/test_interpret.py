@@ -1,0 +1,791 @@
+"""The network interpreter, one layer type at a time, against plain PyTorch written independently.
+
+Each test defines a tiny network with the installed TensorRT backend, evaluates it with the interpreter and
+compares with a PyTorch expression of what TensorRT documents for the layer. A few of the networks are also built
+with `build_serialized_network` (TensorRT-RTX builds on a CPU), so the semantics interpreted are ones TensorRT
+accepts. Semantics that the interpreter infers rather than reads in TensorRT's documentation are marked so.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from netdef import interpret
+from netdef.backend import BackendError, get_backend
+from netdef.interpret import InterpretError, interpret_network
+
+try:
+    trt = get_backend().trt
+except BackendError as err:
+    pytest.skip(str(err), allow_module_level=True)
+
+LOGGER = trt.Logger(trt.Logger.ERROR)
+EW = trt.ElementWiseOperation
+
+
+class Net:
+    """A network under test; keeps the numpy arrays behind its constants alive (trt.Weights does not copy)."""
+
+    def __init__(self):
+        self.builder = trt.Builder(LOGGER)
+        self.network = self.builder.create_network(0)
+        self.keep = []
+
+    def input(self, name, dtype, shape):
+        return self.network.add_input(name, dtype, shape)
+
+    def const(self, array):
+        array = np.array(array, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
+        self.keep.append(array)
+        return self.network.add_constant(array.shape, trt.Weights(array)).get_output(0)
+
+    def i64(self, values):
+        return self.const(np.array(values, dtype=np.int64))
+
+    def out(self, tensor_or_layer, name):
+        tensor = tensor_or_layer if isinstance(tensor_or_layer, trt.ITensor) else tensor_or_layer.get_output(0)
+        tensor.name = name
+        self.network.mark_output(tensor)
+        return tensor
+
+    def run(self, outputs=None, **inputs):
+        return interpret_network(self.network, inputs, outputs=outputs)
+
+    def builds(self, **profiles) -> bool:
+        """Whether TensorRT builds the network, with one optimization profile of (min, opt, max) per input."""
+        config = self.builder.create_builder_config()
+        if profiles:
+            profile = self.builder.create_optimization_profile()
+            for name, shapes in profiles.items():
+                profile.set_shape(name, *shapes)
+            config.add_optimization_profile(profile)
+        return self.builder.build_serialized_network(self.network, config) is not None
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def close(got, want, tol=1e-5):
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- elementwise
+
+FLOAT_OPS = {
+    "SUM": lambda a, b: a + b,
+    "PROD": lambda a, b: a * b,
+    "MAX": lambda a, b: torch.where(a > b, a, b),
+    "MIN": lambda a, b: torch.where(a < b, a, b),
+    "SUB": lambda a, b: a - b,
+    "DIV": lambda a, b: a / b,
+    "POW": lambda a, b: torch.exp(b * torch.log(a)),
+    "FLOOR_DIV": lambda a, b: torch.floor(a / b),
+}
+
+
+@pytest.mark.parametrize("op", sorted(FLOAT_OPS))
+def test_elementwise_float_ops_broadcast(op):
+    net = Net()
+    a = net.input("a", trt.float32, (2, 3, 4))
+    b = net.input("b", trt.float32, (1, 3, 1))
+    net.out(net.network.add_elementwise(a, b, EW.__members__[op]), "y")
+    va, vb = rand(2, 3, 4).abs() + 0.5, rand(1, 3, 1, seed=1).abs() + 0.25
+    close(net.run(a=va, b=vb)["y"], FLOAT_OPS[op](va, vb), tol=1e-5)
+
+
+def test_elementwise_comparisons_give_bool_and_logic_ops():
+    net = Net()
+    a = net.input("a", trt.float32, (4,))
+    b = net.input("b", trt.float32, (4,))
+    p = net.input("p", trt.bool, (4,))
+    q = net.input("q", trt.bool, (4,))
+    for op in ("EQUAL", "GREATER", "LESS"):
+        net.out(net.network.add_elementwise(a, b, EW.__members__[op]), op)
+    for op in ("AND", "OR", "XOR"):
+        net.out(net.network.add_elementwise(p, q, EW.__members__[op]), op)
+    va, vb = torch.tensor([1.0, 2.0, 3.0, -1.0]), torch.tensor([1.0, 3.0, 2.0, -1.0])
+    vp, vq = torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False])
+    got = net.run(a=va, b=vb, p=vp, q=vq)
+    assert got["EQUAL"].tolist() == [True, False, False, True]
+    assert got["GREATER"].tolist() == [False, False, True, False]
+    assert got["LESS"].tolist() == [False, True, False, False]
+    assert got["AND"].tolist() == [True, False, False, False]
+    assert got["OR"].tolist() == [True, True, True, False]
+    assert got["XOR"].tolist() == [False, True, True, False]
+
+
+def test_integer_division():
+    """FLOOR_DIV floors; DIV on integers truncates toward zero (inferred: the header only says 'divide')."""
+    net = Net()
+    a = net.input("a", trt.int32, (4,))
+    b = net.input("b", trt.int32, (4,))
+    net.out(net.network.add_elementwise(a, b, EW.FLOOR_DIV), "floor")
+    net.out(net.network.add_elementwise(a, b, EW.DIV), "div")
+    got = net.run(a=torch.tensor([7, -7, 7, -7], dtype=torch.int32), b=torch.tensor([2, 2, -2, -2], dtype=torch.int32))
+    assert got["floor"].dtype == torch.int32
+    assert got["floor"].tolist() == [3, -4, -4, 3]
+    assert got["div"].tolist() == [3, -3, -3, 3]
+
+
+def test_mixed_input_types_are_rejected_as_the_strongly_typed_build_would():
+    net = Net()
+    a = net.input("a", trt.float32, (2,))
+    h = net.network.add_cast(net.input("b", trt.float32, (2,)), trt.float16).get_output(0)
+    layer = net.network.add_elementwise(a, h, EW.SUM)
+    layer.name = "bad_add"
+    net.out(layer, "y")
+    with pytest.raises(InterpretError, match="bad_add.*mixes input types"):
+        net.run(a=torch.ones(2), b=torch.ones(2))
+
+
+# --------------------------------------------------------------------------------------------- unary, activation
+
+UNARY = {
+    "EXP": (lambda x: x, lambda x: math.e ** x),
+    "LOG": (lambda x: x.abs() + 0.1, lambda x: torch.log(x)),
+    "SQRT": (lambda x: x.abs(), lambda x: x ** 0.5),
+    "RECIP": (lambda x: x.abs() + 0.1, lambda x: 1 / x),
+    "ABS": (lambda x: x, lambda x: torch.where(x < 0, -x, x)),
+    "NEG": (lambda x: x, lambda x: 0 - x),
+    "SIN": (lambda x: x, torch.sin), "COS": (lambda x: x, torch.cos), "TAN": (lambda x: x * 0.5, torch.tan),
+    "SINH": (lambda x: x, lambda x: (torch.exp(x) - torch.exp(-x)) / 2),
+    "COSH": (lambda x: x, lambda x: (torch.exp(x) + torch.exp(-x)) / 2),
+    "ASIN": (lambda x: x.clamp(-0.9, 0.9), torch.asin), "ACOS": (lambda x: x.clamp(-0.9, 0.9), torch.acos),
+    "ATAN": (lambda x: x, torch.atan),
+    "ASINH": (lambda x: x, lambda x: torch.log(x + torch.sqrt(x * x + 1))),
+    "ACOSH": (lambda x: x.abs() + 1, lambda x: torch.log(x + torch.sqrt(x * x - 1))),
+    "ATANH": (lambda x: x.clamp(-0.9, 0.9), lambda x: 0.5 * torch.log((1 + x) / (1 - x))),
+    "CEIL": (lambda x: x * 3, lambda x: -torch.floor(-x)), "FLOOR": (lambda x: x * 3, lambda x: x - torch.remainder(x, 1)),
+    "ERF": (lambda x: x, torch.special.erf),
+    "SIGN": (lambda x: torch.cat([x, torch.zeros(1)]), lambda x: (x > 0).float() - (x < 0).float()),
+}
+
+
+@pytest.mark.parametrize("op", sorted(UNARY))
+def test_unary_float_ops(op):
+    domain, reference = UNARY[op]
+    x = domain(rand(9))
+    net = Net()
+    net.out(net.network.add_unary(net.input("x", trt.float32, tuple(x.shape)), trt.UnaryOperation.__members__[op]), "y")
+    close(net.run(x=x)["y"], reference(x), tol=1e-5)
+
+
+def test_unary_round_half_to_even_and_predicates():
+    net = Net()
+    x = net.input("x", trt.float32, (6,))
+    p = net.input("p", trt.bool, (2,))
+    for op in ("ROUND", "ISINF", "ISNAN"):
+        net.out(net.network.add_unary(x, trt.UnaryOperation.__members__[op]), op)
+    net.out(net.network.add_unary(p, trt.UnaryOperation.NOT), "NOT")
+    got = net.run(x=torch.tensor([0.5, 1.5, 2.5, -0.5, math.inf, math.nan]), p=torch.tensor([True, False]))
+    assert got["ROUND"][:4].tolist() == [0.0, 2.0, 2.0, -0.0]
+    assert got["ISINF"].tolist() == [False] * 4 + [True, False]
+    assert got["ISNAN"].tolist() == [False] * 5 + [True]
+    assert got["NOT"].tolist() == [False, True]
+
+
+ACTIVATIONS = {  # type: (alpha, beta, reference)
+    "RELU": (0.0, 0.0, F.relu),
+    "SIGMOID": (0.0, 0.0, lambda x: 1 / (1 + torch.exp(-x))),
+    "TANH": (0.0, 0.0, torch.tanh),
+    "LEAKY_RELU": (0.1, 0.0, lambda x: F.leaky_relu(x, 0.1)),
+    "ELU": (0.7, 0.0, lambda x: F.elu(x, 0.7)),
+    "SELU": (1.6732632423543772, 1.0507009873554805, F.selu),
+    "SOFTSIGN": (0.0, 0.0, F.softsign),
+    "SOFTPLUS": (0.5, 2.0, lambda x: F.softplus(x, beta=2.0)),
+    "CLIP": (-0.5, 0.75, lambda x: x.clamp(-0.5, 0.75)),
+    "HARD_SIGMOID": (1 / 6, 0.5, F.hardsigmoid),
+    "SCALED_TANH": (2.0, 0.5, lambda x: 2 * torch.tanh(0.5 * x)),
+    "THRESHOLDED_RELU": (0.3, 0.0, lambda x: x * (x > 0.3)),
+    "GELU_ERF": (0.0, 0.0, F.gelu),
+    "GELU_TANH": (0.0, 0.0, lambda x: F.gelu(x, approximate="tanh")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ACTIVATIONS))
+def test_activation(kind):
+    alpha, beta, reference = ACTIVATIONS[kind]
+    net = Net()
+    layer = net.network.add_activation(net.input("x", trt.float32, (3, 5)), trt.ActivationType.__members__[kind])
+    layer.alpha, layer.beta = alpha, beta
+    net.out(layer, "y")
+    x = rand(3, 5) * 2
+    close(net.run(x=x)["y"], reference(x), tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ convolution, pooling, matmul
+
+
+def test_convolution_groups_stride_dilation_asymmetric_padding_bias():
+    w, b = rand(6, 2, 3, 3, seed=1), rand(6, seed=2)
+    net = Net()
+    x = net.input("x", trt.float32, (-1, 4, -1, -1))
+    conv = net.network.add_convolution_nd(x, 6, (3, 3), trt.Weights(w.numpy()), trt.Weights(b.numpy()))
+    conv.num_groups, conv.stride_nd, conv.dilation_nd = 2, (2, 1), (1, 2)
+    conv.pre_padding, conv.post_padding = (1, 0), (2, 1)
+    net.out(conv, "y")
+    vx = rand(2, 4, 9, 11, seed=3)
+    want = F.conv2d(F.pad(vx, (0, 1, 1, 2)), w, b, stride=(2, 1), dilation=(1, 2), groups=2)
+    close(net.run(x=vx)["y"], want, tol=1e-4)
+    assert net.builds(x=((1, 4, 8, 8), (2, 4, 9, 11), (2, 4, 16, 16)))
+
+
+def test_convolution_same_upper_padding_without_bias():
+    w = rand(3, 2, 3, 3, seed=1)
+    net = Net()
+    conv = net.network.add_convolution_nd(net.input("x", trt.float32, (1, 2, 9, 10)), 3, (3, 3),
+                                          trt.Weights(w.numpy()), trt.Weights())
+    conv.stride_nd, conv.padding_mode = (2, 2), trt.PaddingMode.SAME_UPPER
+    net.out(conv, "y")
+    x = rand(1, 2, 9, 10)
+    # output ceil(9/2) x ceil(10/2) = 5x5: total padding 2 (1 before, 1 after) rows, 1 column (after)
+    close(net.run(x=x)["y"], F.conv2d(F.pad(x, (0, 1, 1, 1)), w, stride=2), tol=1e-4)
+
+
+def test_fp16_convolution_rounds_to_half():
+    w = rand(4, 3, 3, 3, seed=1).half()
+    net = Net()
+    x = net.network.add_cast(net.input("x", trt.float32, (1, 3, 8, 8)), trt.float16).get_output(0)
+    conv = net.network.add_convolution_nd(x, 4, (3, 3), trt.Weights(w.numpy()), trt.Weights())
+    net.out(conv, "y")
+    vx = rand(1, 3, 8, 8)
+    got = net.run(x=vx)["y"]
+    assert got.dtype == torch.float16
+    # fp16 inputs, float32 accumulation, one rounding of the result
+    close(got, F.conv2d(vx.half().float(), w.float()).half(), tol=1e-3)
+    assert net.builds()
+
+
+def test_fp32_weights_on_fp16_input_are_rejected():
+    net = Net()
+    x = net.network.add_cast(net.input("x", trt.float32, (1, 3, 4, 4)), trt.float16).get_output(0)
+    conv = net.network.add_convolution_nd(x, 2, (1, 1), trt.Weights(np.ones((2, 3, 1, 1), np.float32)), trt.Weights())
+    conv.name = "conv_mixed"
+    net.out(conv, "y")
+    with pytest.raises(InterpretError, match="conv_mixed.*float32 weights on a HALF input"):
+        net.run(x=torch.ones(1, 3, 4, 4))
+
+
+def test_pooling_max_and_average_with_padding():
+    net = Net()
+    x = net.input("x", trt.float32, (1, 2, 7, 8))
+    pool = net.network.add_pooling_nd(x, trt.PoolingType.MAX, (3, 3))
+    pool.stride_nd, pool.padding_nd = (2, 2), (1, 1)
+    net.out(pool, "max")
+    for name, excludes in (("avg_excl", True), ("avg_incl", False)):
+        avg = net.network.add_pooling_nd(x, trt.PoolingType.AVERAGE, (3, 3))
+        avg.stride_nd, avg.padding_nd, avg.average_count_excludes_padding = (2, 2), (1, 1), excludes
+        net.out(avg, name)
+    v = rand(1, 2, 7, 8)
+    got = net.run(x=v)
+    close(got["max"], F.max_pool2d(v, 3, 2, padding=1))
+    close(got["avg_excl"], F.avg_pool2d(v, 3, 2, padding=1, count_include_pad=False))
+    close(got["avg_incl"], F.avg_pool2d(v, 3, 2, padding=1, count_include_pad=True))
+
+
+MATMUL_CASES = {  # (shape a, op a, shape b, op b, reference)
+    "batched_broadcast": ((2, 1, 3, 4), "NONE", (1, 5, 4, 6), "NONE", lambda a, b: torch.einsum("xyik,yzkj->xzij", a, b)),
+    "transpose_a": ((2, 4, 3), "TRANSPOSE", (2, 4, 5), "NONE", lambda a, b: torch.einsum("bki,bkj->bij", a, b)),
+    "transpose_b": ((2, 3, 4), "NONE", (1, 5, 4), "TRANSPOSE", lambda a, b: torch.einsum("bik,xjk->bij", a, b)),
+    "vector_matrix": ((2, 4), "VECTOR", (2, 4, 3), "NONE", lambda a, b: torch.einsum("bk,bkj->bj", a, b)),
+    "matrix_vector": ((2, 3, 4), "NONE", (2, 4), "VECTOR", lambda a, b: torch.einsum("bik,bk->bi", a, b)),
+    "vector_vector": ((2, 4), "VECTOR", (2, 4), "VECTOR", lambda a, b: (a * b).sum(-1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MATMUL_CASES))
+def test_matrix_multiply(case):
+    shape_a, op_a, shape_b, op_b, reference = MATMUL_CASES[case]
+    net = Net()
+    a, b = net.input("a", trt.float32, shape_a), net.input("b", trt.float32, shape_b)
+    op = trt.MatrixOperation.__members__
+    net.out(net.network.add_matrix_multiply(a, op[op_a], b, op[op_b]), "y")
+    va, vb = rand(*shape_a), rand(*shape_b, seed=1)
+    close(net.run(a=va, b=vb)["y"], reference(va, vb), tol=1e-5)
+
+
+# ------------------------------------------------------------------------------ shuffle, shape tensors, slicing
+
+
+def test_shuffle_transposes_and_reshape_with_placeholder_and_wildcard():
+    net = Net()
+    sh = net.network.add_shuffle(net.input("x", trt.float32, (2, 3, 4, 5)))
+    sh.first_transpose, sh.reshape_dims, sh.second_transpose = (0, 2, 1, 3), (0, -1, 5), (2, 0, 1)
+    net.out(sh, "y")
+    x = rand(2, 3, 4, 5)
+    assert torch.equal(net.run(x=x)["y"], x.permute(0, 2, 1, 3).reshape(2, 12, 5).permute(2, 0, 1))
+
+
+def dynamic_shape_network():
+    """x (B,3,H,W) with dynamic B, H, W -> y (B, H*W, 3) by a reshape from shape-tensor arithmetic, and
+    left (B,3,H,W//2) by a slice of dynamic size."""
+    net = Net()
+    x = net.input("x", trt.float32, (-1, 3, -1, -1))
+    shape = net.network.add_shape(x).get_output(0)
+    dim = lambda i: net.network.add_gather(shape, net.i64([i]), 0).get_output(0)  # noqa: E731
+    hw = net.network.add_elementwise(dim(2), dim(3), EW.PROD).get_output(0)
+    sh = net.network.add_shuffle(x)
+    sh.first_transpose = (0, 2, 3, 1)
+    sh.set_input(1, net.network.add_concatenation([dim(0), hw, net.i64([3])]).get_output(0))
+    net.out(sh, "y")
+    half = net.network.add_elementwise(dim(3), net.i64([2]), EW.FLOOR_DIV).get_output(0)
+    size = net.network.add_concatenation([dim(0), net.i64([3]), dim(2), half]).get_output(0)
+    sl = net.network.add_slice(x, (0, 0, 0, 0), (1, 1, 1, 1), (1, 1, 1, 1))
+    sl.set_input(2, size)
+    net.out(sl, "left")
+    return net
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5), (2, 3, 7, 2)])
+def test_dynamic_reshape_and_slice_from_shape_tensors(shape):
+    net = dynamic_shape_network()
+    x = rand(*shape)
+    got = net.run(x=x)
+    b, _, h, w = shape
+    assert torch.equal(got["y"], x.permute(0, 2, 3, 1).reshape(b, h * w, 3))
+    assert torch.equal(got["left"], x[..., : w // 2])
+
+
+def test_dynamic_shape_network_builds():
+    assert dynamic_shape_network().builds(x=((1, 3, 2, 2), (1, 3, 8, 8), (2, 3, 16, 16)))
+
+
+def test_slice_static_stride_and_axes():
+    net = Net()
+    x = net.input("x", trt.float32, (4, 6))
+    net.out(net.network.add_slice(x, (1, 5), (2, 3), (2, -2)), "strided")
+    sl = net.network.add_slice(x, (1,), (4,), (1,))
+    sl.axes = (1,)
+    net.out(sl, "axes")
+    v = torch.arange(24.0).reshape(4, 6)
+    got = net.run(x=v)
+    assert got["strided"].tolist() == v[[1, 3]][:, [5, 3, 1]].tolist()
+    assert torch.equal(got["axes"], v[:, 1:5])
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("WRAP", [2, 3, 0, 1, 2, 3]),
+    ("CLAMP", [0, 0, 0, 1, 2, 3]),
+    ("REFLECT", [2, 1, 0, 1, 2, 3]),
+    ("FILL", [-5, -5, 0, 1, 2, 3]),
+])
+def test_slice_out_of_bounds_modes(mode, expected):
+    net = Net()
+    sl = net.network.add_slice(net.input("x", trt.float32, (4,)), (-2,), (6,), (1,))
+    sl.mode = trt.SampleMode.__members__[mode]
+    if mode == "FILL":
+        sl.set_input(4, net.const(np.array(-5.0, np.float32)))
+    net.out(sl, "y")
+    assert net.run(x=torch.arange(4.0))["y"].tolist() == expected
+
+
+def test_slice_strict_bounds_rejects_out_of_range():
+    net = Net()
+    sl = net.network.add_slice(net.input("x", trt.float32, (-1,)), (2,), (3,), (1,))
+    sl.name = "tail"
+    net.out(sl, "y")
+    assert net.run(x=torch.arange(5.0))["y"].tolist() == [2.0, 3.0, 4.0]
+    with pytest.raises(InterpretError, match="tail.*STRICT_BOUNDS"):
+        net.run(x=torch.arange(4.0))
+
+
+def test_concatenation_squeeze_unsqueeze():
+    net = Net()
+    a, b = net.input("a", trt.float32, (2, 1, 3)), net.input("b", trt.float32, (2, 2, 3))
+    concat = net.network.add_concatenation([a, b])
+    concat.axis = 1
+    cat = net.out(concat, "cat")
+    net.out(net.network.add_squeeze(a, net.i64([-2])), "squeezed")
+    net.out(net.network.add_unsqueeze(cat, net.i64([0, -1])), "unsqueezed")
+    va, vb = rand(2, 1, 3), rand(2, 2, 3, seed=1)
+    got = net.run(a=va, b=vb)
+    assert torch.equal(got["cat"], torch.cat([va, vb], 1))
+    assert torch.equal(got["squeezed"], va[:, 0])
+    assert torch.equal(got["unsqueezed"], torch.cat([va, vb], 1)[None, ..., None])
+
+
+# ------------------------------------------------------------------------------------------------------ gather
+
+
+def test_gather_default_negative_and_out_of_bounds_indices():
+    net = Net()
+    x = net.input("x", trt.float32, (2, 5, 3))
+    net.out(net.network.add_gather(x, net.const(np.array([[4, -1], [0, 7]], np.int32)), 1), "y")
+    v = rand(2, 5, 3)
+    got = net.run(x=v)["y"]
+    assert got.shape == (2, 2, 2, 3)
+    assert torch.equal(got[:, 0, 0], v[:, 4]) and torch.equal(got[:, 0, 1], v[:, 4])  # -1 counts from the end
+    assert torch.equal(got[:, 1, 0], v[:, 0])
+    assert torch.equal(got[:, 1, 1], torch.zeros(2, 3))  # out of bounds reads zero
+
+
+def test_gather_batched_element_and_nd():
+    net = Net()
+    x = net.input("x", trt.float32, (2, 5, 3))
+    idx = net.input("idx", trt.int64, (2, 4))
+    batched = net.network.add_gather(x, idx, 1)
+    batched.num_elementwise_dims = 1
+    net.out(batched, "batched")
+    eidx = net.input("eidx", trt.int32, (2, 2, 3))
+    element = net.network.add_gather_v2(x, eidx, trt.GatherMode.ELEMENT)
+    element.axis = 1
+    net.out(element, "element")
+    nidx = net.input("nidx", trt.int32, (4, 2))
+    net.out(net.network.add_gather_v2(x, nidx, trt.GatherMode.ND), "nd")
+    v = rand(2, 5, 3)
+    vi = torch.tensor([[0, 4, 4, 1], [3, 2, 0, 0]])
+    ve = torch.randint(0, 5, (2, 2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    vn = torch.tensor([[0, 1], [1, 4], [1, 0], [0, 3]], dtype=torch.int32)
+    got = net.run(x=v, idx=vi, eidx=ve, nidx=vn)
+    assert torch.equal(got["batched"], torch.stack([v[b][vi[b]] for b in range(2)]))
+    assert torch.equal(got["element"], torch.take_along_dim(v, ve.long(), 1))
+    assert torch.equal(got["nd"], torch.stack([v[i, j] for i, j in vn.tolist()]))
+
+
+# ----------------------------------------------------------------------------- softmax, normalization, reduce
+
+
+def test_softmax_on_the_axis_of_the_mask():
+    net = Net()
+    sm = net.network.add_softmax(net.input("x", trt.float32, (2, 3, 4)))
+    sm.axes = 1 << 1
+    net.out(sm, "y")
+    x = rand(2, 3, 4)
+    close(net.run(x=x)["y"], torch.exp(x) / torch.exp(x).sum(1, keepdim=True))
+
+
+def test_layer_norm():
+    g, b = rand(1, 1, 8, seed=1), rand(1, 1, 8, seed=2)
+    net = Net()
+    norm = net.network.add_normalization(net.input("x", trt.float32, (2, 5, 8)), net.const(g.numpy()),
+                                         net.const(b.numpy()), 1 << 2)
+    norm.epsilon = 1e-6
+    net.out(norm, "y")
+    x = rand(2, 5, 8) * 3 + 1
+    close(net.run(x=x)["y"], F.layer_norm(x, (8,), g.reshape(8), b.reshape(8), 1e-6), tol=1e-5)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_group_norm_v1_scales_per_group_v2_per_channel(v2):
+    groups, channels = 2, 6
+    g = rand(1, channels if v2 else groups, 1, 1, seed=1)
+    b = rand(1, channels if v2 else groups, 1, 1, seed=2)
+    net = Net()
+    add = net.network.add_normalization_v2 if v2 else net.network.add_normalization
+    norm = add(net.input("x", trt.float32, (2, channels, 3, 4)), net.const(g.numpy()), net.const(b.numpy()), 0b1100)
+    norm.num_groups = groups
+    net.out(norm, "y")
+    x = rand(2, channels, 3, 4) * 2 + 1
+    per_channel = (lambda t: t.reshape(channels)) if v2 else (lambda t: t.reshape(groups).repeat_interleave(3))
+    close(net.run(x=x)["y"], F.group_norm(x, groups, per_channel(g), per_channel(b)), tol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_reduce(keep):
+    net = Net()
+    x = net.input("x", trt.float32, (2, 3, 4))
+    for op in ("SUM", "PROD", "MAX", "MIN", "AVG"):
+        net.out(net.network.add_reduce(x, trt.ReduceOperation.__members__[op], 0b101, keep), op)
+    v = rand(2, 3, 4)
+    got = net.run(x=v)
+    flat = v.permute(1, 0, 2).reshape(3, 8)  # the reduced axes 0 and 2 side by side
+    want = {"SUM": flat.sum(1), "PROD": flat.prod(1), "MAX": flat.max(1).values, "MIN": flat.min(1).values,
+            "AVG": flat.mean(1)}
+    for op, value in want.items():
+        close(got[op], value.reshape(1, 3, 1) if keep else value, tol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- select, cast, types
+
+
+def test_select_broadcasts_the_condition():
+    net = Net()
+    cond = net.input("c", trt.bool, (2, 1))
+    net.out(net.network.add_select(cond, net.input("a", trt.float32, (2, 3)), net.const(np.full((1, 1), -1e4, np.float32))), "y")
+    a = rand(2, 3)
+    got = net.run(c=torch.tensor([[True], [False]]), a=a)["y"]
+    assert torch.equal(got[0], a[0]) and got[1].tolist() == [-1e4] * 3
+
+
+def test_casts_between_float_half_int_bool():
+    net = Net()
+    x = net.input("x", trt.float32, (5,))
+    for name, dtype in (("i32", trt.int32), ("b", trt.bool), ("h", trt.float16)):
+        net.out(net.network.add_cast(x, dtype), name)
+    got = net.run(x=torch.tensor([1.7, -1.7, 0.0, 2.0, 1.0001]))
+    assert got["i32"].dtype == torch.int32 and got["i32"].tolist() == [1, -1, 0, 2, 1]  # toward zero
+    assert got["b"].tolist() == [True, True, False, True, True]
+    assert got["h"].dtype == torch.float16 and got["h"][4].item() == 1.0  # 1.0001 rounds to 1 in fp16
+
+
+def test_fp16_chain_rounds_every_tensor():
+    """cast -> (x * x) + 1e-4 in half: each fp16 tensor holds fp16-rounded values, as native fp16 ops give."""
+    net = Net()
+    h = net.network.add_cast(net.input("x", trt.float32, (1, 64)), trt.float16).get_output(0)
+    sq = net.network.add_elementwise(h, h, EW.PROD).get_output(0)
+    sq.name = "sq"
+    net.out(net.network.add_elementwise(sq, net.const(np.full((1, 1), 1e-4, np.float16)), EW.SUM), "y")
+    x = rand(1, 64) * 10
+    got = net.run(x=x, outputs=["sq"])
+    hx = x.half()
+    assert got["sq"].dtype == got["y"].dtype == torch.float16
+    assert torch.equal(got["sq"], hx * hx)
+    assert torch.equal(got["y"], hx * hx + torch.tensor(1e-4, dtype=torch.float16))
+    assert not torch.equal(got["y"].float(), x * x + 1e-4)  # fp32 arithmetic would differ
+
+
+def test_shape_identity_and_integer_constants():
+    net = Net()
+    x = net.input("x", trt.float32, (-1, 3))
+    net.out(net.network.add_shape(x), "shape")
+    net.out(net.network.add_identity(x), "same")
+    net.out(net.network.add_elementwise(net.i64([2, 3]), net.i64([5, -1]), EW.SUM), "ints")
+    v = rand(4, 3)
+    got = net.run(x=v)
+    assert got["shape"].dtype == torch.int64 and got["shape"].tolist() == [4, 3]
+    assert torch.equal(got["same"], v)
+    assert got["ints"].tolist() == [7, 2]
+
+
+# ------------------------------------------------------------------------------------------------------- resize
+
+
+@pytest.mark.parametrize("size,out", [((13, 17), (4, 6)), ((25, 40), (2, 3)), ((6, 6), (12, 9)), ((50, 64), (4, 4))])
+def test_resize_nearest_asymmetric_floor_matches_interpolate(size, out):
+    """The mask downsampling of DETR: F.interpolate(mode='nearest'), output size from a shape tensor."""
+    net = Net()
+    x = net.input("x", trt.float32, (1, 1, -1, -1))
+    rs = net.network.add_resize(x)
+    rs.set_input(1, net.i64([1, 1, *out]))
+    rs.resize_mode = trt.InterpolationMode.NEAREST
+    rs.coordinate_transformation = trt.ResizeCoordinateTransformation.ASYMMETRIC
+    rs.nearest_rounding = trt.ResizeRoundMode.FLOOR
+    net.out(rs, "y")
+    v = rand(1, 1, *size)
+    assert torch.equal(net.run(x=v)["y"], F.interpolate(v, size=out, mode="nearest"))
+
+
+def test_resize_of_a_bool_mask_through_half():
+    net = Net()
+    m = net.network.add_cast(net.input("m", trt.bool, (2, 1, 21, 30)), trt.float16).get_output(0)
+    rs = net.network.add_resize(m)
+    rs.shape = (2, 1, 2, 2)
+    net.out(net.network.add_cast(rs.get_output(0), trt.bool), "y")
+    mask = torch.zeros(2, 1, 21, 30, dtype=torch.bool)
+    mask[1, :, 10:, 15:] = True  # source rows 0, 10 and columns 0, 15 are sampled
+    got = net.run(m=mask)["y"]
+    assert torch.equal(got, F.interpolate(mask.float(), size=(2, 2)).bool())
+    assert got[1, 0].tolist() == [[False, False], [False, True]]
+    assert net.builds()
+
+
+@pytest.mark.parametrize("transform,align", [("HALF_PIXEL", False), ("ALIGN_CORNERS", True)])
+def test_resize_linear(transform, align):
+    net = Net()
+    rs = net.network.add_resize(net.input("x", trt.float32, (1, 2, 5, 7)))
+    rs.scales = [1.0, 1.0, 2.0, 0.5]
+    rs.resize_mode = trt.InterpolationMode.LINEAR
+    rs.coordinate_transformation = trt.ResizeCoordinateTransformation.__members__[transform]
+    net.out(rs, "y")
+    x = rand(1, 2, 5, 7)
+    want = F.interpolate(x, size=(10, 3), mode="bilinear", align_corners=align)
+    close(net.run(x=x)["y"], want, tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ topk, fill, cumulative
+
+
+def test_topk_max_and_min_with_int32_indices():
+    net = Net()
+    x = net.input("x", trt.float32, (2, 6))
+    top = net.network.add_topk(x, trt.TopKOperation.MAX, 3, 1 << 1)
+    net.out(top.get_output(0), "values")
+    net.out(top.get_output(1), "indices")
+    net.out(net.network.add_topk(x, trt.TopKOperation.MIN, 2, 1 << 1).get_output(1), "min_indices")
+    v = torch.tensor([[0.1, 0.9, 0.3, 0.7, 0.5, 0.2], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    got = net.run(x=v)
+    assert got["indices"].dtype == torch.int32
+    assert got["indices"].tolist() == [[1, 3, 4], [0, 1, 2]]
+    assert got["values"].tolist() == [[v[0, 1].item(), v[0, 3].item(), v[0, 4].item()], [5.0, 4.0, 3.0]]
+    assert got["min_indices"].tolist() == [[0, 5], [5, 4]]
+
+
+def test_fill_linspace_static_and_dynamic():
+    net = Net()
+    x = net.input("x", trt.float32, (-1, -1))
+    static = net.network.add_fill((4,), trt.FillOperation.LINSPACE, trt.float32)
+    static.alpha, static.beta = 1.5, 0.5
+    net.out(static, "static")
+    dyn = net.network.add_fill((1, 1), trt.FillOperation.LINSPACE, trt.int64)
+    dyn.set_input(0, net.network.add_shape(x).get_output(0))
+    dyn.set_input(1, net.const(np.array(10, np.int64)))
+    dyn.set_input(2, net.i64([100, 1]))
+    net.out(dyn, "grid")
+    got = net.run(x=torch.zeros(2, 3))
+    assert got["static"].tolist() == [1.5, 2.0, 2.5, 3.0]
+    assert got["grid"].dtype == torch.int64 and got["grid"].tolist() == [[10, 11, 12], [110, 111, 112]]
+
+
+@pytest.mark.parametrize("exclusive,reverse", [(False, False), (True, False), (False, True), (True, True)])
+def test_cumulative_sum(exclusive, reverse):
+    net = Net()
+    axis = net.const(np.array(1, np.int32))
+    net.out(net.network.add_cumulative(net.input("x", trt.float32, (2, 4)), axis, trt.CumulativeOperation.SUM,
+                                       exclusive, reverse), "y")
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
+    n = 4
+    # y[j] sums x over 0..j (forward) or j..n-1 (reverse), without j itself when exclusive (ICumulativeLayer docs)
+    spans = [range(j + exclusive, n) if reverse else range(0, j + 1 - exclusive) for j in range(n)]
+    want = torch.stack([x[:, list(s)].sum(1) for s in spans], 1)
+    assert torch.equal(net.run(x=x)["y"], want)
+
+
+# --------------------------------------------------------------------------------------------- attention, einsum
+
+
+def attention_network(dtype, mask_dtype=None, causal="NONE", heads=(4, 2), sq=5, skv=7, d=8):
+    net = Net()
+    q = net.input("q", dtype, (-1, heads[0], sq, d))
+    k = net.input("k", dtype, (-1, heads[1], skv, d))
+    v = net.input("v", dtype, (-1, heads[1], skv, d))
+    att = net.network.add_attention_v2(q, k, v, trt.AttentionNormalizationOp.SOFTMAX,
+                                       trt.CausalMaskKind.__members__[causal])
+    att.decomposable = True
+    if mask_dtype is not None:
+        att.mask = net.input("mask", mask_dtype, (-1, 1, 1, skv))
+    net.out(att.get_output(0), "y")
+    return net
+
+
+def reference_attention(q, k, v, add_mask):
+    """softmax(q k^T + mask) v on grouped heads, no 1/sqrt(d) scaling (IAttention leaves it to the caller)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, scale=1.0)
+
+
+def qkv(batch=2, heads=(4, 2), sq=5, skv=7, d=8):
+    return rand(batch, heads[0], sq, d), rand(batch, heads[1], skv, d, seed=1), rand(batch, heads[1], skv, d, seed=2)
+
+
+def test_attention_bool_key_padding_mask_and_gqa():
+    net = attention_network(trt.float32, trt.bool)
+    q, k, v = qkv()
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[1, ..., 4:] = False  # True = may attend
+    want = reference_attention(q, k, v, torch.zeros(keep.shape).masked_fill(~keep, -math.inf))
+    close(net.run(q=q, k=k, v=v, mask=keep)["y"], want, tol=1e-5)
+
+
+def test_attention_additive_mask_in_fp16():
+    net = attention_network(trt.float16, trt.float16)
+    q, k, v = (t.half() for t in qkv())
+    bias = rand(2, 1, 1, 7, seed=3).half()
+    got = net.run(q=q, k=k, v=v, mask=bias)["y"]
+    assert got.dtype == torch.float16
+    want = reference_attention(q.float(), k.float(), v.float(), bias.float()).half()
+    close(got, want, tol=2e-3)
+    assert net.builds(**{n: ((1, *s), (2, *s), (2, *s)) for n, s in
+                         (("q", (4, 5, 8)), ("k", (2, 7, 8)), ("v", (2, 7, 8)), ("mask", (1, 1, 7)))})
+
+
+@pytest.mark.parametrize("causal", ["UPPER_LEFT", "LOWER_RIGHT"])
+def test_attention_causal_kinds(causal):
+    net = attention_network(trt.float32, causal=causal)
+    q, k, v = qkv()
+    rows, cols = torch.arange(5)[:, None], torch.arange(7)[None, :]
+    allowed = cols <= rows + (2 if causal == "LOWER_RIGHT" else 0)
+    want = reference_attention(q, k, v, torch.zeros(5, 7).masked_fill(~allowed, -math.inf))
+    close(net.run(q=q, k=k, v=v)["y"], want, tol=1e-5)
+
+
+def test_einsum():
+    net = Net()
+    a, b = net.input("a", trt.float32, (2, 3, 4)), net.input("b", trt.float32, (2, 4, 5))
+    net.out(net.network.add_einsum([a, b], "bij,bjk->bik"), "y")
+    va, vb = rand(2, 3, 4), rand(2, 4, 5, seed=1)
+    close(net.run(a=va, b=vb)["y"], va @ vb, tol=1e-5)
+
+
+# ------------------------------------------------------------------------------ plugins, errors, bookkeeping
+
+
+def test_plugin_layers_go_to_the_plugins_hook(monkeypatch):
+    import plugins
+
+    layer = types.SimpleNamespace(name="ln_plugin", get_input=lambda i: types.SimpleNamespace(dtype=trt.float16),
+                                  num_inputs=1)
+    run = interpret._Run(trt, "cpu")
+    monkeypatch.delattr(plugins, "interpret_plugin_layer", raising=False)
+    with pytest.raises(InterpretError, match="ln_plugin.*plugins.interpret_plugin_layer"):
+        interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
+    seen = []
+    monkeypatch.setattr(plugins, "interpret_plugin_layer", lambda lay, ins: seen.append(ins) or ins[0] * 2,
+                        raising=False)
+    (out,) = interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
+    assert seen[0][0].dtype == torch.float16  # the hook sees the declared dtype, not the float32 compute copy
+    assert out.tolist() == [2.0, 2.0]
+
+
+def test_unsupported_layer_is_named():
+    net = Net()
+    lrn = net.network.add_lrn(net.input("x", trt.float32, (1, 4, 3, 3)), 3, 1.0, 0.75, 1.0)
+    lrn.name = "old_lrn"
+    net.out(lrn, "y")
+    with pytest.raises(InterpretError, match="'old_lrn' has type LRN"):
+        net.run(x=torch.ones(1, 4, 3, 3))
+
+
+def test_only_layers_that_outputs_need_are_evaluated():
+    net = Net()
+    x = net.input("x", trt.float32, (1, 4, 3, 3))
+    net.network.add_lrn(x, 3, 1.0, 0.75, 1.0)  # a dead branch, as TensorRT would prune it
+    net.out(net.network.add_unary(x, trt.UnaryOperation.NEG), "y")
+    assert net.run(x=torch.ones(1, 4, 3, 3))["y"].sum().item() == -36.0
+
+
+def test_input_checks():
+    net = Net()
+    m = net.input("masks", trt.bool, (-1, 4))
+    x = net.input("images", trt.float32, (-1, 4))
+    m.set_dimension_name(0, "batch")
+    x.set_dimension_name(0, "batch")
+    net.out(net.network.add_select(m, x, x), "y")
+    good = {"masks": torch.zeros(2, 4, dtype=torch.bool), "images": torch.zeros(2, 4)}
+    assert net.run(**good)["y"].shape == (2, 4)
+    bad_cases = [
+        ({**good, "masks": torch.zeros(2, 4, dtype=torch.uint8)}, "'masks' has dtype torch.uint8.*torch.bool"),
+        ({**good, "images": torch.zeros(2, 5)}, r"'images' has shape \[2, 5\].*\[-1, 4\]"),
+        ({**good, "images": torch.zeros(3, 4)}, "dimension 'batch' is 2 in input 'masks' but 3 in input 'images'"),
+        ({**good, "extra": torch.zeros(1)}, r"unknown input\(s\) \['extra'\]"),
+        ({"masks": good["masks"]}, r"missing input\(s\) \['images'\]"),
+    ]
+    for inputs, message in bad_cases:
+        with pytest.raises(InterpretError, match=message):
+            net.run(**inputs)
+
+
+def test_intermediate_outputs_by_name_and_prefix():
+    net = Net()
+    x = net.input("x", trt.float32, (3,))
+    a = net.network.add_unary(x, trt.UnaryOperation.EXP).get_output(0)
+    a.name = "blk.0.exp"
+    b = net.network.add_unary(a, trt.UnaryOperation.LOG).get_output(0)
+    b.name = "blk.0.log"
+    net.out(net.network.add_elementwise(b, x, EW.SUB), "y")
+    v = torch.tensor([0.5, 1.0, 2.0])
+    got = net.run(x=v, outputs=["blk.0.*"])
+    assert sorted(got) == ["blk.0.exp", "blk.0.log", "y"]
+    assert torch.equal(got["blk.0.exp"], torch.exp(v))
+    with pytest.raises(InterpretError, match="no tensor named 'blk.0.lg'.*blk.0.log"):
+        net.run(x=v, outputs=["blk.0.lg"])
+    lenient = interpret_network(net.network, {"x": v}, outputs=["blk.0.lg"], missing_ok=True)
+    assert sorted(lenient) == ["y"]
