@@ -208,7 +208,8 @@ def transformer(m: Model, src, mask):
     tgt = net.reshape(
         net.expand(net.reshape(m.w(f"{t}.pattern.weight"), (1, cfg.num_query_pattern, 1, cfg.d_model), f"{t}.pattern"),
                    (1, cfg.num_query_pattern, cfg.num_position, cfg.d_model), f"{t}.pattern.repeat"),
-        (1, cfg.num_queries, cfg.d_model), f"{t}.tgt")
+        (1, cfg.num_queries, cfg.d_model), f"{t}.pattern.tile")
+    tgt = net.to_compute(tgt, f"{t}.tgt")
     # Identical in every decoder layer (the official layers recompute them), so made once here.
     query_pos = adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")
     query_pos_x = adapt_pos(m, pos2posemb1d(m, net.take(reference_points, 0, -1, f"{t}.ref_x"), f"{t}.query_pos_x"),
