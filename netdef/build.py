@@ -22,7 +22,8 @@ from netdef.sidecar import Profile, ProfileError, SidecarError, gpu_info, sideca
 
 PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
 DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")
-DEFAULT_WORKSPACE_MIB = 8192
+# FP32 R50-DC5 at the default maximum (8x1344x1344) asks TensorRT-RTX for 8.2 GiB at build time; leave room.
+DEFAULT_WORKSPACE_MIB = 16384
 MISSING_WEIGHTS = (
     "weights file {path} not found: extract a checkpoint with `python -m weights.extract CKPT.pth -o {path}` "
     "or make random-init weights with `python -m weights.extract --random-init r50_dc5 -o {path}`"
@@ -204,7 +205,10 @@ def build_serialized(builder, network, config, logger=None):
         if monitor is not None and getattr(monitor, "cancelled", False):
             raise BuildError("build cancelled")
         errors = getattr(logger, "errors", None) or ["no error message"]
-        raise BuildError("TensorRT could not build the engine: " + " | ".join(errors[-3:]))
+        hint = ""
+        if any("OutOfMemory" in e or "workspace" in e for e in errors):
+            hint = " (raise --workspace, or lower --max/--batch: memory grows with the largest batch x image)"
+        raise BuildError("TensorRT could not build the engine: " + " | ".join(errors[-3:]) + hint)
     return plan
 
 
@@ -306,7 +310,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tactic timing cache reused across builds (default: ENGINE.timing.cache; "
                         "full TensorRT only, TensorRT-RTX has none)")
     p.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
-                   help="scratch memory TensorRT may use per layer (default: %(default)s MiB)")
+                   help="memory pool TensorRT may use beyond the weights (default: %(default)s MiB; FP32 at "
+                        "8x1344x1344 needs more than 8 GiB)")
     p.add_argument("--no-fold-constants", dest="fold_constants", action="store_false",
                    help="compute what depends only on weights inside the network instead of at build time "
                         "(for measuring what folding saves; the engine gets slower, not faster)")

@@ -147,6 +147,13 @@ def test_failed_build_reports_tensorrt_errors(backend):
     assert logger.errors
 
 
+def test_too_small_workspace_says_what_to_change(backend):
+    builder, network, config, logger, keep = tiny_network(backend)
+    config.set_memory_pool_limit(backend.trt.MemoryPoolType.WORKSPACE, 1024)
+    with pytest.raises(BuildError, match=r"raise --workspace, or lower --max/--batch"):
+        build_serialized(builder, network, config, logger)
+
+
 def test_describe_io_lists_names_dtypes_and_dynamic_shapes(backend):
     _, network, *_ = tiny_network(backend)
     inputs, outputs = describe_io(backend.trt, network)
