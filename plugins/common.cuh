@@ -24,4 +24,10 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_WARP, v, offset));
+    return v;
+}
+
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000); }

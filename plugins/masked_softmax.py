@@ -15,6 +15,7 @@ from . import trt_glue
 from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix
 
 ROWS_PER_BLOCK = 8  # one warp per row
+KEYS_PER_LANE = 4  # rows up to 128 keys (feature maps up to 2048 pixels a side at stride 16) stay in registers
 
 
 def reference(logits: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _outputs(shapes, dtypes, attrs):
 
 
 def _kernel(dtypes, attrs):
-    return f"masked_softmax_{suffix(dtypes[0])}", {"ROWS_PER_BLOCK": ROWS_PER_BLOCK}
+    return f"masked_softmax_{suffix(dtypes[0])}", {"ROWS_PER_BLOCK": ROWS_PER_BLOCK, "KEYS_PER_LANE": KEYS_PER_LANE}
 
 
 def _launch_rule(shapes, dtypes, attrs, ops):

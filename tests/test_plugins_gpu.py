@@ -92,6 +92,19 @@ def test_mask2pos_matches_reference(h, w, batch, dtype):
     torch.testing.assert_close(emb_row, ref_row, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_masked_softmax_rows_longer_than_the_register_chunk(dtype):
+    """Rows of more than 32 * KEYS_PER_LANE keys take the re-reading path."""
+    keys = 32 * masked_softmax.KEYS_PER_LANE * 2 + 45
+    key_mask = torch.rand(3, keys, device="cuda") < 0.3
+    key_mask[1] = True
+    key_mask[2, : 32 * masked_softmax.KEYS_PER_LANE] = True  # the first chunk has no valid key
+    logits = (torch.randn(3, 2, 40, keys, device="cuda") * 8).to(dtype)
+    probs = masked_softmax.apply(logits, key_mask)
+    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), **tolerance(dtype))
+    assert (probs[1] == 0).all()
+
+
 def test_decoder_shapes():
     """900 queries against 50 keys (cross-attention) and LayerNorm over (B, 900, 256)."""
     key_mask = feature_mask(4, 50, 50)[:, 0, :]
