@@ -926,12 +926,14 @@ def evaluate(
     device: str | torch.device = "cpu",
     outputs: Iterable[str] | None = None,
     *,
+    missing_ok: bool = False,
     backend_name: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Our AnchorDETR network, built from a weights file with the installed backend, evaluated on one batch.
 
     `images` (B,3,H,W) float32, `masks` (B,H,W) bool (True = padding). Returns at least "pred_logits" and
-    "pred_boxes" (plus any `outputs` requested by name or prefix), in the network's output dtypes.
+    "pred_boxes" (plus any `outputs` requested by name or prefix, as in `interpret_network`), in the network's
+    output dtypes.
     """
     import weights
     from netdef.backend import get_backend
@@ -946,6 +948,7 @@ def evaluate(
         backend, cfg, tensors, fp16=fp16, plugins=frozenset(plugins), profile=Profile(shape, shape, shape)
     )
     # Constant layers read their weights from numpy arrays that `keepalive` owns: keep it until the run ends.
-    result = interpret_network(network, {"images": images, "masks": masks}, device, outputs, trt=backend.trt)
+    result = interpret_network(network, {"images": images, "masks": masks}, device, outputs,
+                               missing_ok=missing_ok, trt=backend.trt)
     del keepalive
     return result

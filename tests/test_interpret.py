@@ -163,7 +163,8 @@ UNARY = {
     "ASINH": (lambda x: x, lambda x: torch.log(x + torch.sqrt(x * x + 1))),
     "ACOSH": (lambda x: x.abs() + 1, lambda x: torch.log(x + torch.sqrt(x * x - 1))),
     "ATANH": (lambda x: x.clamp(-0.9, 0.9), lambda x: 0.5 * torch.log((1 + x) / (1 - x))),
-    "CEIL": (lambda x: x * 3, lambda x: -torch.floor(-x)), "FLOOR": (lambda x: x * 3, lambda x: x - torch.remainder(x, 1)),
+    "CEIL": (lambda x: x * 3, lambda x: -torch.floor(-x)),
+    "FLOOR": (lambda x: x * 3, lambda x: x - torch.remainder(x, 1)),
     "ERF": (lambda x: x, torch.special.erf),
     "SIGN": (lambda x: torch.cat([x, torch.zeros(1)]), lambda x: (x > 0).float() - (x < 0).float()),
 }
@@ -292,7 +293,8 @@ def test_pooling_max_and_average_with_padding():
 
 
 MATMUL_CASES = {  # (shape a, op a, shape b, op b, reference)
-    "batched_broadcast": ((2, 1, 3, 4), "NONE", (1, 5, 4, 6), "NONE", lambda a, b: torch.einsum("xyik,yzkj->xzij", a, b)),
+    "batched_broadcast": ((2, 1, 3, 4), "NONE", (1, 5, 4, 6), "NONE",
+                          lambda a, b: torch.einsum("xyik,yzkj->xzij", a, b)),
     "transpose_a": ((2, 4, 3), "TRANSPOSE", (2, 4, 5), "NONE", lambda a, b: torch.einsum("bki,bkj->bij", a, b)),
     "transpose_b": ((2, 3, 4), "NONE", (1, 5, 4), "TRANSPOSE", lambda a, b: torch.einsum("bik,xjk->bij", a, b)),
     "vector_matrix": ((2, 4), "VECTOR", (2, 4, 3), "NONE", lambda a, b: torch.einsum("bk,bkj->bj", a, b)),
@@ -509,7 +511,8 @@ def test_reduce(keep):
 def test_select_broadcasts_the_condition():
     net = Net()
     cond = net.input("c", trt.bool, (2, 1))
-    net.out(net.network.add_select(cond, net.input("a", trt.float32, (2, 3)), net.const(np.full((1, 1), -1e4, np.float32))), "y")
+    fill = net.const(np.full((1, 1), -1e4, np.float32))
+    net.out(net.network.add_select(cond, net.input("a", trt.float32, (2, 3)), fill), "y")
     a = rand(2, 3)
     got = net.run(c=torch.tensor([[True], [False]]), a=a)["y"]
     assert torch.equal(got[0], a[0]) and got[1].tolist() == [-1e4] * 3
@@ -789,3 +792,43 @@ def test_intermediate_outputs_by_name_and_prefix():
         net.run(x=v, outputs=["blk.0.lg"])
     lenient = interpret_network(net.network, {"x": v}, outputs=["blk.0.lg"], missing_ok=True)
     assert sorted(lenient) == ["y"]
+
+
+# ------------------------------------------------------------------------------------------ the whole network
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    net = attention_network(trt.float16, trt.bool)
+    q, k, v = (t.half() for t in qkv())
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    cpu = net.run(q=q, k=k, v=v, mask=mask)["y"]
+    gpu = interpret_network(net.network, {"q": q, "k": k, "v": v, "mask": mask}, device="cuda")["y"]
+    assert gpu.device.type == "cuda"
+    close(gpu.cpu(), cpu, tol=2e-3)
+
+
+@pytest.mark.slow
+def test_evaluate_matches_the_pytorch_reference(tmp_path):
+    """Our AnchorDETR network (random peaked weights, two padded images of different sizes) through evaluate()."""
+    import weights
+    from netdef.check import padded_batch
+    from netdef.config import AnchorDETRConfig
+    from netdef.interpret import evaluate
+    from netdef.torch_model import AnchorDETR
+    from weights.naming import to_builder
+
+    cfg = AnchorDETRConfig.from_variant("r50_dc5")
+    path = tmp_path / "random.safetensors"
+    weights.save(path, cfg, to_builder(weights.random_state_dict(cfg, seed=0), cfg), source="random init")
+    images, masks, _ = padded_batch(2, 96, 128, seed=1)
+    got = evaluate(path, images, masks, outputs=["encoder.5"])
+    model = AnchorDETR.from_builder_tensors(cfg, weights.load(path)[1], "cpu")
+    ref = model.intermediates(images, masks)
+    # FP32 on both sides; only the summation order differs (measured ~1e-6 relative).
+    for name in ("encoder.5", "pred_logits", "pred_boxes"):
+        assert got[name].dtype == torch.float32
+        err = (got[name] - ref[name]).abs().max() / ref[name].abs().max()
+        assert err < 1e-4, (name, err.item())
