@@ -202,85 +202,65 @@ def input_proj(m: Model, feature):
 
 # ====================================================================== Transformer.forward
 def transformer(m: Model, src, mask):
-    net, cfg, t = m.net, m.cfg, "transformer"
-    # Queries: everything here depends on weights only (build-time constants when folding).
-    reference_points = anchor_points(m)  # (1, Q, 2) x, y
-    tgt = net.reshape(
-        net.expand(net.reshape(m.w(f"{t}.pattern.weight"), (1, cfg.num_query_pattern, 1, cfg.d_model), f"{t}.pattern"),
-                   (1, cfg.num_query_pattern, cfg.num_position, cfg.d_model), f"{t}.pattern.repeat"),
-        (1, cfg.num_queries, cfg.d_model), f"{t}.pattern.tile")
-    tgt = net.to_compute(tgt, f"{t}.tgt")
-    # Identical in every decoder layer (the official layers recompute them), so made once here.
-    query_pos = adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")
-    query_pos_x = adapt_pos(m, pos2posemb1d(m, net.take(reference_points, 0, -1, f"{t}.ref_x"), f"{t}.query_pos_x"),
-                            f"{t}.adapt_pos1d", "query_pos_x")
-    query_pos_y = adapt_pos(m, pos2posemb1d(m, net.take(reference_points, 1, -1, f"{t}.ref_y"), f"{t}.query_pos_y"),
-                            f"{t}.adapt_pos1d", "query_pos_y")
-
+    """src (B, C, h, w), mask (B, h, w) -> logits, boxes of the last decoder layer."""
+    net, cfg = m.net, m.cfg
     keys = key_masks(m, mask)
-    if "mask2pos" in m.plugins:
-        layer = m.plugin("mask2pos").add_layer(net.trt, net.network, mask, cfg.d_model)
-        emb_col, emb_row = net.plugin(layer, "transformer.mask2pos")
-    else:
-        pos_col, pos_row = mask2pos(m, keys)
-        emb_row = pos2posemb1d(m, pos_row, f"{t}.posemb_row")
-        emb_col = pos2posemb1d(m, pos_col, f"{t}.posemb_col")
-    posemb_row = net.rename(adapt_pos(m, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row")
-    posemb_col = net.rename(adapt_pos(m, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")
-
+    pos = memory_pos(m, mask, keys)
     # (B, C, h, w) -> (B, h, w, C): the encoder layers' permute, done once for all of them.
-    output = net.permute(src, (0, 2, 3, 1), f"{t}.src")
+    memory = net.permute(src, (0, 2, 3, 1), "transformer.src")
     for i in range(cfg.enc_layers):
-        output = net.rename(encoder_layer(m, i, output, posemb_row, posemb_col, keys), f"encoder.{i}")
-    memory = output
+        memory = net.rename(encoder_layer(m, i, memory, pos, keys), f"encoder.{i}")
 
-    # RCDA keys of the decoder: mean over rows (columns) of memory + posemb_row (posemb_col), the
-    # same for every decoder layer.
-    key_row = net.add(net.mean(memory, (1,), f"{t}.memory.mean_rows", keep_dims=False), posemb_row, f"{t}.key_row")
-    key_col = net.add(net.mean(memory, (2,), f"{t}.memory.mean_cols", keep_dims=False), posemb_col, f"{t}.key_col")
-
-    output = tgt
+    # Queries: everything here depends on weights only (build-time constants when folding). The
+    # official decoder layers recompute the query positions; they are the same in every layer.
+    reference_points = anchor_points(m)
+    query_pos = query_positions(m, reference_points)
+    tgt = pattern_queries(m)
+    pooled = pooled_keys(m, memory, pos)
     for i in range(cfg.dec_layers):
-        output = net.rename(
-            decoder_layer(m, i, output, query_pos, query_pos_x, query_pos_y, memory, key_row, key_col, keys),
-            f"decoder.{i}",
-        )
+        tgt = net.rename(decoder_layer(m, i, tgt, query_pos, memory, pooled, keys), f"decoder.{i}")
     # Heads of the last layer only: earlier layers' predictions (aux outputs) are training-only.
-    return heads(m, output, reference_points)
-
-
-def anchor_points(m: Model):
-    """reference_points (1, Q, 2): the learned (or grid) anchors repeated for every pattern."""
-    cfg, net = m.cfg, m.net
-    if cfg.spatial_prior == "learned":
-        points = m.w("transformer.position.weight")
-    else:
-        side = round(math.sqrt(cfg.num_position))
-        x = (np.arange(side, dtype=np.float32) + 0.5) / side
-        # torch.meshgrid(x, y) is "ij"-indexed: position k = (x[k // side], y[k % side]).
-        points = np.stack([np.repeat(x, side), np.tile(x, side)], -1).astype(np.float32)
-    points = net.reshape(points, (1, 1, cfg.num_position, 2), "transformer.position")
-    points = net.expand(points, (1, cfg.num_query_pattern, cfg.num_position, 2), "transformer.position.repeat")
-    return net.reshape(points, (1, cfg.num_queries, 2), "transformer.reference_points")
+    return heads(m, tgt, reference_points)
 
 
 def key_masks(m: Model, mask) -> dict[str, Any]:
-    """RCDA key padding masks: the mask's first row masks row logits, its first column column logits.
-    (B, K) for the plugin and (B, 1, 1, K) for broadcasting over heads and queries."""
+    """Key padding masks, True = padding. RCDA: the mask's first row masks row logits ("row", (B, w)),
+    its first column column logits ("col", (B, h)); multi-head: every position ("all", (B, h*w)).
+    The "*4" versions are (B, 1, 1, K), to broadcast over heads and queries."""
     net = m.net
+    if m.cfg.attention_type != "RCDA":
+        flat = net.reshape(mask, (0, -1), "mask.flat")
+        return {"all": flat, "all4": net.unsqueeze(flat, (1, 2), "mask.flat.heads")}
     row = net.take(mask, 0, 1, "mask.row")
     col = net.take(mask, 0, 2, "mask.col")
     return {"row": row, "col": col,
             "row4": net.unsqueeze(row, (1, 2), "mask.row.heads"), "col4": net.unsqueeze(col, (1, 2), "mask.col.heads")}
 
 
-def mask2pos(m: Model, keys):
+def memory_pos(m: Model, mask, keys) -> dict[str, Any]:
+    """Position embeddings of the memory: RCDA "row" (B, w, C) and "col" (B, h, C); multi-head "2d"
+    (B, h, w, C)."""
+    net, cfg, t = m.net, m.cfg, "transformer"
+    if "mask2pos" in m.plugins:
+        layer = m.plugin("mask2pos").add_layer(net.trt, net.network, mask, cfg.d_model)
+        emb_col, emb_row = net.plugin(layer, f"{t}.mask2pos")
+    else:
+        pos_col, pos_row = mask2pos(m, mask, keys)
+        if cfg.attention_type != "RCDA":
+            return {"2d": net.rename(posemb2d_grid(m, pos_row, pos_col), "posemb_2d")}
+        emb_row = pos2posemb1d(m, pos_row, f"{t}.posemb_row")
+        emb_col = pos2posemb1d(m, pos_col, f"{t}.posemb_col")
+    return {"row": net.rename(adapt_pos(m, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row"),
+            "col": net.rename(adapt_pos(m, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")}
+
+
+def mask2pos(m: Model, mask, keys):
     """pos_col (B, h), pos_row (B, w): (cumsum of not-mask along the first column / row - 0.5) / last."""
     net = m.net
     out = []
-    for kind in ("col", "row"):
-        not_mask = net.cast(net.logical_not(keys[kind], f"mask2pos.{kind}.not"), net.trt.float32,
-                            f"mask2pos.{kind}.float")
+    for kind, axis in (("col", 2), ("row", 1)):
+        first = keys[kind] if kind in keys else net.take(mask, 0, axis, f"mask2pos.{kind}.first")
+        not_mask = net.cast(net.logical_not(first, f"mask2pos.{kind}.not"), net.trt.float32, f"mask2pos.{kind}.float")
         embed = net.cumsum(not_mask, 1, f"mask2pos.{kind}.cumsum")
         # The last cumsum value is the count of unpadded entries: a sum needs no dynamic slice.
         last = net.sum(not_mask, (1,), f"mask2pos.{kind}.last")
@@ -289,7 +269,8 @@ def mask2pos(m: Model, keys):
 
 
 def sine(m: Model, pos, num_feats: int, name: str):
-    """pos2posemb1d's sine embedding, float32 (positions need more than fp16's 11 bits)."""
+    """The sine embedding of positions (...,) -> (..., num_feats), float32 (a position needs more than
+    fp16's 11 bits: 2*pi*p reaches the top frequency's period)."""
     net = m.net
     dim_t = np.arange(num_feats, dtype=np.float32)
     dim_t = (10000.0 ** (2 * (dim_t // 2) / num_feats)).astype(np.float32)
@@ -306,7 +287,7 @@ def pos2posemb1d(m: Model, pos, name: str):
 
 
 def pos2posemb2d(m: Model, pos, name: str):
-    """Concatenation of the y embedding and the x embedding, d_model/2 features each."""
+    """Points (..., 2) as (x, y) -> the y embedding then the x embedding, d_model/2 features each."""
     net, half = m.net, m.cfg.d_model // 2
     x = sine(m, net.take(pos, 0, -1, f"{name}.x"), half, f"{name}.emb_x")
     y = sine(m, net.take(pos, 1, -1, f"{name}.y"), half, f"{name}.emb_y")
@@ -319,16 +300,82 @@ def adapt_pos(m: Model, emb, p: str, use: str | None = None):
     net = m.net
     tag = f"[{use}]" if use else ""
     x = net.to_compute(emb, f"{p}{tag}.input")
-    x = m.net.linear(x, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0{tag}")
+    x = net.linear(x, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0{tag}")
     x = net.relu(x, f"{p}.1{tag}")
-    return m.net.linear(x, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2{tag}")
+    return net.linear(x, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2{tag}")
+
+
+def posemb2d_grid(m: Model, pos_row, pos_col):
+    """adapt_pos2d(pos2posemb2d(grid)) for the grid point (x = pos_row[j], y = pos_col[i]) at (i, j).
+
+    The first Linear is split by its input halves, W [e_y; e_x] = W_y e_y + W_x e_x, so the (B, h, w, C)
+    embedding grid is never materialised: (B, h, 1, C) + (B, 1, w, C) broadcast.
+    """
+    net, p, half = m.net, "transformer.adapt_pos2d", m.cfg.d_model // 2
+    w0 = m.w(f"{p}.0.weight")
+    e_y = net.to_compute(sine(m, pos_col, half, "transformer.posemb_2d.emb_y"), f"{p}.0[y].input")
+    e_x = net.to_compute(sine(m, pos_row, half, "transformer.posemb_2d.emb_x"), f"{p}.0[x].input")
+    y = net.unsqueeze(net.linear(e_y, w0[:, :half], m.w(f"{p}.0.bias"), f"{p}.0[y]"), (2,), f"{p}.0[y].cols")
+    x = net.unsqueeze(net.linear(e_x, w0[:, half:], None, f"{p}.0[x]"), (1,), f"{p}.0[x].rows")
+    hidden = net.relu(net.add(y, x, f"{p}.0[grid]"), f"{p}.1[grid]")
+    return net.linear(hidden, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2[grid]")
+
+
+def anchor_points(m: Model):
+    """reference_points (1, Q, 2): the learned (or grid) anchors (x, y), repeated for every pattern."""
+    cfg, net = m.cfg, m.net
+    if cfg.spatial_prior == "learned":
+        points = m.w("transformer.position.weight")
+    else:
+        side = round(math.sqrt(cfg.num_position))
+        x = (np.arange(side, dtype=np.float32) + 0.5) / side
+        # torch.meshgrid(x, y) is "ij"-indexed: position k = (x[k // side], y[k % side]).
+        points = np.stack([np.repeat(x, side), np.tile(x, side)], -1).astype(np.float32)
+    points = net.reshape(points, (1, 1, cfg.num_position, 2), "transformer.position")
+    points = net.expand(points, (1, cfg.num_query_pattern, cfg.num_position, 2), "transformer.position.repeat")
+    return net.reshape(points, (1, cfg.num_queries, 2), "transformer.reference_points")
+
+
+def query_positions(m: Model, reference_points) -> dict[str, Any]:
+    """"2d": adapt_pos2d(pos2posemb2d(anchors)); RCDA also "x" and "y": adapt_pos1d of each coordinate."""
+    net, t = m.net, "transformer"
+    out = {"2d": adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")}
+    if m.cfg.attention_type == "RCDA":
+        for j, axis in enumerate("xy"):
+            coord = net.take(reference_points, j, -1, f"{t}.reference_{axis}")
+            out[axis] = adapt_pos(m, pos2posemb1d(m, coord, f"{t}.query_pos_{axis}"), f"{t}.adapt_pos1d",
+                                  f"query_pos_{axis}")
+    return out
+
+
+def pattern_queries(m: Model):
+    """tgt (1, Q, C): the pattern embeddings repeated over the positions, pattern-major."""
+    net, cfg, t = m.net, m.cfg, "transformer.pattern"
+    tgt = net.reshape(m.w(f"{t}.weight"), (1, cfg.num_query_pattern, 1, cfg.d_model), t)
+    tgt = net.expand(tgt, (1, cfg.num_query_pattern, cfg.num_position, cfg.d_model), f"{t}.repeat")
+    tgt = net.reshape(tgt, (1, cfg.num_queries, cfg.d_model), f"{t}.flatten")
+    return net.to_compute(tgt, "transformer.tgt")
+
+
+def pooled_keys(m: Model, memory, pos) -> dict[str, Any]:
+    """The decoder's cross-attention key inputs, the same for every layer. RCDA: the mean over rows
+    (columns) of memory + posemb_row (posemb_col), pooled before projection (the mean commutes with
+    the affine projection); multi-head: memory + posemb_2d over all h*w positions."""
+    net, t = m.net, "transformer.memory"
+    if m.cfg.attention_type != "RCDA":
+        return {"2d": net.reshape(net.add(memory, pos["2d"], f"{t}.key"), (0, -1, m.cfg.d_model), f"{t}.key.flat")}
+    return {"row": net.add(net.mean(memory, (1,), f"{t}.mean_rows", keep_dims=False), pos["row"], f"{t}.key_row"),
+            "col": net.add(net.mean(memory, (2,), f"{t}.mean_cols", keep_dims=False), pos["col"], f"{t}.key_col")}
 
 
 # ====================================================================== TransformerEncoderLayerSpatial
-def encoder_layer(m: Model, i: int, src, posemb_row, posemb_col, keys):
+def encoder_layer(m: Model, i: int, src, pos, keys):
     """src (B, h, w, C) channels-last throughout."""
     net, p = m.net, f"transformer.encoder_layers.{i}"
-    src2 = encoder_rcda(m, f"{p}.self_attn", src, posemb_row, posemb_col, keys)
+    if m.cfg.attention_type == "RCDA":
+        src2 = encoder_rcda(m, f"{p}.self_attn", src, pos["row"], pos["col"], keys)
+    else:
+        src2 = encoder_mha(m, f"{p}.self_attn", src, pos["2d"], keys)
     src = m.layer_norm(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
     return ffn(m, f"{p}.ffn", src)
 
@@ -369,6 +416,21 @@ def encoder_rcda(m: Model, a: str, src, posemb_row, posemb_col, keys):
     out = rcda_attention(m, a, q_row, q_col, k_row, k_col, v, keys)
     out = out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c)))
     return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")  # (B, h*w, C) -> (B, h, w, C)
+
+
+def encoder_mha(m: Model, a: str, src, posemb_2d, keys):
+    """self_attn(q = k = src + posemb_2d, v = src) over all h*w positions, padding masked (ablation)."""
+    net, cfg = m.net, m.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    flat = net.reshape(src, (0, -1, c), f"{a}.src.flat")
+    query = net.reshape(net.add(src, posemb_2d, f"{a}.query"), (0, -1, c), f"{a}.query.flat")
+    weight = np.concatenate([m.w(f"{a}.q_proj.weight") * s, m.w(f"{a}.k_proj.weight")])
+    bias = np.concatenate([m.w(f"{a}.q_proj.bias") * s, m.w(f"{a}.k_proj.bias")])
+    qk = net.shuffle(net.linear(query, weight, bias, f"{a}.in_proj"), f"{a}.heads",
+                     dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+    v = split_heads(m, m.linear(flat, f"{a}.v_proj", bias=False), f"{a}.v.heads")
+    out = attention(m, a, net.take(qk, 0, 0, f"{a}.q"), net.take(qk, 1, 0, f"{a}.k"), v, keys["all"], keys["all4"])
+    return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")
 
 
 def add_bias_transpose(m: Model, x, name: str):
@@ -415,7 +477,23 @@ def rcda_attention(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
     per_row = net.reshape(per_row, (0, 0, 0, -1, cfg.head_dim), f"{a}.attend_row.split")  # (B, heads, Q, h, hd)
     attn_col = net.reshape(attn_col, (0, 0, 0, 1, -1), f"{a}.softmax_col.unsqueeze")  # (B, heads, Q, 1, h)
     out = net.matmul(attn_col, per_row, f"{a}.attend_col")  # (B, heads, Q, 1, head_dim)
+    # Myelin rejects the unit axis in the head merge that follows, so drop it here.
     return net.reshape(out, (0, 0, 0, -1), f"{a}.attend_col.squeeze")
+
+
+def attention(m: Model, a: str, q, k, v, key_mask=None, key_mask4=None):
+    """Scaled dot-product attention of nn.MultiheadAttention after the projections: q (B|1, heads, Lq, hd)
+    already scaled, k and v (B|1, heads, Lk, hd), v without bias -> out_proj output (B, Lq, C)."""
+    net = m.net
+    logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
+    if key_mask is None:
+        # FP16: softmax statistics in float32 (see masked_softmax).
+        x = net.to_float32(logits, f"{a}.softmax.to_float32")
+        attn = net.to_compute(net.softmax(x, -1, f"{a}.softmax"), f"{a}.softmax.to_half")
+    else:
+        attn = masked_softmax(m, logits, key_mask, key_mask4, f"{a}.softmax")
+    out = net.matmul(attn, v, f"{a}.attend")  # (B, heads, Lq, head_dim)
+    return out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, m.cfg.d_model)))
 
 
 def masked_softmax(m: Model, logits, key_mask, key_mask4, name: str):
@@ -439,14 +517,17 @@ def ffn(m: Model, p: str, src):
 
 
 # ====================================================================== TransformerDecoderLayer
-def decoder_layer(m: Model, i: int, tgt, query_pos, query_pos_x, query_pos_y, memory, key_row, key_col, keys):
+def decoder_layer(m: Model, i: int, tgt, query_pos, memory, pooled, keys):
     net, p = m.net, f"transformer.decoder_layers.{i}"
     # self attention: q = k = tgt + query_pos, v = tgt
-    tgt2 = self_attention(m, f"{p}.self_attn", tgt, query_pos)
+    tgt2 = self_attention(m, f"{p}.self_attn", tgt, query_pos["2d"])
     tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
-    # cross attention (RCDA): q_row = tgt + query_pos_x, q_col = tgt + query_pos_y,
-    # k_row = memory + posemb_row, k_col = memory + posemb_col, v = memory
-    tgt2 = decoder_rcda(m, f"{p}.cross_attn", tgt, query_pos_x, query_pos_y, memory, key_row, key_col, keys)
+    if m.cfg.attention_type == "RCDA":
+        # q_row = tgt + query_pos_x, q_col = tgt + query_pos_y, k_row = memory + posemb_row,
+        # k_col = memory + posemb_col, v = memory
+        tgt2 = decoder_rcda(m, f"{p}.cross_attn", tgt, query_pos, memory, pooled, keys)
+    else:
+        tgt2 = decoder_mha(m, f"{p}.cross_attn", tgt, query_pos["2d"], memory, pooled["2d"], keys)
     tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
     return ffn(m, f"{p}.ffn", tgt)
 
@@ -461,36 +542,41 @@ def self_attention(m: Model, a: str, tgt, query_pos):
                          np.zeros((1, cfg.num_queries, c), np.float32)], -1, f"{a}.in_proj.offset")
     qkv = net.add(net.linear(tgt, np.concatenate([wq * s, wk, wv]), None, f"{a}.in_proj"), offset, f"{a}.in_proj.add")
     qkv = net.shuffle(qkv, f"{a}.heads", dims=(0, 0, 3, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-    q, k, v = (net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv"))
-    logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
-    # FP16: softmax statistics in float32 (see masked_softmax).
-    attn = net.to_compute(net.softmax(net.to_float32(logits, f"{a}.logits.to_float32"), -1, f"{a}.softmax"),
-                          f"{a}.softmax.to_half")
-    out = net.matmul(attn, v, f"{a}.attend")  # (B, heads, Q, head_dim)
-    out = net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, -1))
-    return out_proj(m, a, out)
+    return attention(m, a, *(net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv")))
 
 
-def decoder_rcda(m: Model, a: str, tgt, query_pos_x, query_pos_y, memory, key_row, key_col, keys):
+def decoder_rcda(m: Model, a: str, tgt, query_pos, memory, pooled, keys):
     net, cfg = m.net, m.cfg
     c, s = cfg.d_model, cfg.head_dim ** -0.5
     if "add_bias_transpose" in m.plugins:
-        q_row = add_bias_transpose(m, net.add(tgt, query_pos_x, f"{a}.query_row"), f"{a}.q_row_proj")
-        q_col = add_bias_transpose(m, net.add(tgt, query_pos_y, f"{a}.query_col"), f"{a}.q_col_proj")
+        q_row = add_bias_transpose(m, net.add(tgt, query_pos["x"], f"{a}.query_row"), f"{a}.q_row_proj")
+        q_col = add_bias_transpose(m, net.add(tgt, query_pos["y"], f"{a}.query_col"), f"{a}.q_col_proj")
     else:
         # [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]
         weight = np.concatenate([m.w(f"{a}.q_row_proj.weight") * s, m.w(f"{a}.q_col_proj.weight") * s])
-        offset = net.concat([m.linear(query_pos_x, f"{a}.q_row_proj", s),
-                             m.linear(query_pos_y, f"{a}.q_col_proj", s)], -1, f"{a}.in_proj.offset")
+        offset = net.concat([m.linear(query_pos["x"], f"{a}.q_row_proj", s),
+                             m.linear(query_pos["y"], f"{a}.q_col_proj", s)], -1, f"{a}.in_proj.offset")
         q = net.add(net.linear(tgt, weight, None, f"{a}.in_proj"), offset, f"{a}.in_proj.add")
         q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
         q_row, q_col = net.take(q, 0, 0, f"{a}.q_row"), net.take(q, 1, 0, f"{a}.q_col")
-    k_row = m.linear(key_row, f"{a}.k_row_proj")
-    k_col = m.linear(key_col, f"{a}.k_col_proj")
+    k_row = m.linear(pooled["row"], f"{a}.k_row_proj")
+    k_col = m.linear(pooled["col"], f"{a}.k_col_proj")
     v = m.linear(memory, f"{a}.v_proj", bias=False)
     out = rcda_attention(m, a, q_row, q_col, k_row, k_col, v, keys)
-    out = net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c))
-    return out_proj(m, a, out)
+    return out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c)))
+
+
+def decoder_mha(m: Model, a: str, tgt, query_pos, memory, key, keys):
+    """cross_attn(q = tgt + query_pos, k = memory + posemb_2d, v = memory), padding masked (ablation)."""
+    net, cfg = m.net, m.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    # W_q (tgt + pos) + b = W_q tgt + (W_q pos + b): the position term is a constant.
+    q = net.add(net.linear(tgt, m.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"),
+                m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q_proj.add")
+    k = m.linear(key, f"{a}.k_proj")
+    v = m.linear(net.reshape(memory, (0, -1, c), f"{a}.memory.flat"), f"{a}.v_proj", bias=False)
+    return attention(m, a, split_heads(m, q, f"{a}.q.heads"), split_heads(m, k, f"{a}.k.heads"),
+                     split_heads(m, v, f"{a}.v.heads"), keys["all"], keys["all4"])
 
 
 # ====================================================================== heads
