@@ -48,14 +48,21 @@ class Net:
     def i64(self, values):
         return self.const(np.array(values, dtype=np.int64))
 
-    def out(self, tensor_or_layer, name):
+    def out(self, tensor_or_layer, name, layer_name=None):
+        """Mark a tensor (or a layer's first output) as output `name`; optionally name the layer too."""
         tensor = tensor_or_layer if isinstance(tensor_or_layer, trt.ITensor) else tensor_or_layer.get_output(0)
+        if layer_name:
+            tensor_or_layer.name = layer_name
         tensor.name = name
         self.network.mark_output(tensor)
         return tensor
 
     def run(self, outputs=None, **inputs):
         return interpret_network(self.network, inputs, outputs=outputs)
+
+    def rejects(self, message, **inputs):
+        with pytest.raises(InterpretError, match=message):
+            self.run(**inputs)
 
     def builds(self, **profiles) -> bool:
         """Whether TensorRT builds the network, with one optimization profile of (min, opt, max) per input."""
@@ -140,10 +147,8 @@ def test_mixed_input_types_are_rejected_as_the_strongly_typed_build_would():
     a = net.input("a", trt.float32, (2,))
     h = net.network.add_cast(net.input("b", trt.float32, (2,)), trt.float16).get_output(0)
     layer = net.network.add_elementwise(a, h, EW.SUM)
-    layer.name = "bad_add"
-    net.out(layer, "y")
-    with pytest.raises(InterpretError, match="bad_add.*mixes input types"):
-        net.run(a=torch.ones(2), b=torch.ones(2))
+    net.out(layer, "y", layer_name="bad_add")
+    net.rejects("bad_add.*mixes input types", a=torch.ones(2), b=torch.ones(2))
 
 
 # --------------------------------------------------------------------------------------------- unary, activation
@@ -269,10 +274,8 @@ def test_fp32_weights_on_fp16_input_are_rejected():
     net = Net()
     x = net.network.add_cast(net.input("x", trt.float32, (1, 3, 4, 4)), trt.float16).get_output(0)
     conv = net.network.add_convolution_nd(x, 2, (1, 1), trt.Weights(np.ones((2, 3, 1, 1), np.float32)), trt.Weights())
-    conv.name = "conv_mixed"
-    net.out(conv, "y")
-    with pytest.raises(InterpretError, match="conv_mixed.*float32 weights on a HALF input"):
-        net.run(x=torch.ones(1, 3, 4, 4))
+    net.out(conv, "y", layer_name="conv_mixed")
+    net.rejects("conv_mixed.*float32 weights on a HALF input", x=torch.ones(1, 3, 4, 4))
 
 
 def test_pooling_max_and_average_with_padding():
@@ -392,11 +395,9 @@ def test_slice_out_of_bounds_modes(mode, expected):
 def test_slice_strict_bounds_rejects_out_of_range():
     net = Net()
     sl = net.network.add_slice(net.input("x", trt.float32, (-1,)), (2,), (3,), (1,))
-    sl.name = "tail"
-    net.out(sl, "y")
+    net.out(sl, "y", layer_name="tail")
     assert net.run(x=torch.arange(5.0))["y"].tolist() == [2.0, 3.0, 4.0]
-    with pytest.raises(InterpretError, match="tail.*STRICT_BOUNDS"):
-        net.run(x=torch.arange(4.0))
+    net.rejects("tail.*STRICT_BOUNDS", x=torch.arange(4.0))
 
 
 def test_concatenation_squeeze_unsqueeze():
@@ -741,10 +742,8 @@ def test_plugin_layers_go_to_the_plugins_hook(monkeypatch):
 def test_unsupported_layer_is_named():
     net = Net()
     lrn = net.network.add_lrn(net.input("x", trt.float32, (1, 4, 3, 3)), 3, 1.0, 0.75, 1.0)
-    lrn.name = "old_lrn"
-    net.out(lrn, "y")
-    with pytest.raises(InterpretError, match="'old_lrn' has type LRN"):
-        net.run(x=torch.ones(1, 4, 3, 3))
+    net.out(lrn, "y", layer_name="old_lrn")
+    net.rejects("'old_lrn' has type LRN", x=torch.ones(1, 4, 3, 3))
 
 
 def test_only_layers_that_outputs_need_are_evaluated():
@@ -772,8 +771,7 @@ def test_input_checks():
         ({"masks": good["masks"]}, r"missing input\(s\) \['images'\]"),
     ]
     for inputs, message in bad_cases:
-        with pytest.raises(InterpretError, match=message):
-            net.run(**inputs)
+        net.rejects(message, **inputs)
 
 
 def test_intermediate_outputs_by_name_and_prefix():
