@@ -1,0 +1,293 @@
+"""Latency and throughput of an AnchorDETR engine, or of the PyTorch reference: ``python -m runtime.bench``.
+
+Both report the same rows: GPU time of the network (CUDA events around the engine enqueue or the torch
+forward), end-to-end host time (numpy batch -> pinned staging -> device, network, outputs back to host numpy),
+throughput from the end-to-end mean, and device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from netdef.progress import ProgressBar, format_seconds, print_table
+from netdef.sidecar import write_atomic
+from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
+
+TORCH_MODES = {
+    "fp32": "eager FP32 (TF32 off)",
+    "tf32": "eager TF32 matmul/conv",
+    "fp16": "eager FP16 autocast",
+    "compile-fp16": "torch.compile(mode='default', dynamic=False) + FP16 autocast",
+}
+MIB = 1 << 20
+
+EPILOG = """\
+examples:
+  python -m runtime.bench --engine engines/anchor_detr_r50_dc5_fp16.plan --graphs --json bench.json
+  python -m runtime.bench --torch-weights weights/anchor_detr_r50_dc5.safetensors --shapes 800x800 --batch 1
+engine rows: mode "enqueue" (execute_async_v3 per call) and, with --graphs, "cuda-graph" (captured per shape).
+torch modes (--torch-modes): """ + "; ".join(f"{k}: {v}" for k, v in TORCH_MODES.items()) + """
+exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT)
+"""
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise BadInput(f"--shapes {text!r}: expected HxW[,HxW...], e.g. 800x800,1344x1344")
+    return shapes  # type: ignore[return-value]
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(v) for v in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise BadInput(f"--batch {text!r}: expected positive integers, e.g. 1,4")
+    return batches
+
+
+def stats(samples: Sequence[float]) -> dict[str, float] | None:
+    if not samples or samples[0] is None:
+        return None
+    values = np.asarray(samples, dtype=np.float64)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": p50, "p90": p90, "p99": p99, "mean": values.mean()}
+
+
+def make_row(backend: str, mode: str, batch: int, hw: tuple[int, int], gpu_ms, e2e_ms, memory: int | None,
+             **extra: Any) -> dict[str, Any]:
+    e2e = stats(e2e_ms)
+    return {
+        "backend": backend, "mode": mode, "batch": batch, "height": hw[0], "width": hw[1],
+        "gpu_ms": stats(gpu_ms), "e2e_ms": e2e,
+        "images_per_s": batch * 1000 / e2e["mean"],
+        "device_mem_mib": None if memory is None else memory / MIB,
+        "iters": len(e2e_ms), **extra,
+    }
+
+
+def random_batch(batch: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    images = np.random.default_rng(0).standard_normal((batch, 3, *hw), dtype=np.float32)
+    return images, np.zeros((batch, *hw), dtype=bool)
+
+
+def bench_engine(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
+    from runtime import cuda
+    from runtime.runner import Engine, EngineRunner
+
+    cuda.init()
+    free_before, _ = cuda.memory_info()
+    with Engine(args.engine) as engine:
+        check_profile(engine.profile, configs)
+        for graphs in [False, True] if args.graphs else [False]:
+            mode = "cuda-graph" if graphs else "enqueue"
+            with EngineRunner(engine, cuda_graphs=graphs) as runner:
+                for batch, hw in configs:
+                    bar.set(bar.done, status=f"engine {mode} {batch}x{hw[0]}x{hw[1]}")
+                    images, masks = random_batch(batch, hw)
+                    gpu, e2e = [], []
+                    for i in range(args.warmup + args.iters):
+                        runner.infer(images, masks)
+                        if i >= args.warmup:
+                            gpu.append(runner.last_timing["gpu_ms"])
+                            e2e.append(runner.last_timing["host_ms"])
+                        bar.update(1)
+                    extra = {"precision": engine.sidecar["precision"], "plugins": engine.sidecar["plugins"]}
+                    if graphs and (batch, *hw) in runner.graph_failures:
+                        extra["graph_failure"] = runner.graph_failures[(batch, *hw)]
+                    yield make_row("tensorrt", mode, batch, hw, gpu, e2e, free_before - cuda.memory_info()[0], **extra)
+
+
+def check_profile(profile, configs) -> None:
+    """Refuse, before any timing, a batch or shape outside the engine's optimisation profile."""
+    (min_b, min_h, min_w), (max_b, max_h, max_w) = profile.min, profile.max
+    for batch, (h, w) in configs:
+        if not (min_b <= batch <= max_b and min_h <= h <= max_h and min_w <= w <= max_w):
+            raise BadInput(f"batch {batch} of {h}x{w} is outside the engine profile ({profile}): choose --shapes and "
+                           "--batch inside it")
+
+
+def _torch_mode(torch, model, mode: str) -> Callable:
+    """A forward for one benchmark mode; sets the TF32 switches it needs."""
+    tf32 = mode == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    forward = model
+    if mode == "compile-fp16":
+        forward = torch.compile(model, mode="default", dynamic=False)
+    if mode in ("fp16", "compile-fp16"):
+        def run(images, masks):
+            with torch.autocast(images.device.type, dtype=torch.float16):
+                return forward(images, masks)
+        return run
+    return forward
+
+
+def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
+    try:
+        import torch
+    except ImportError:
+        raise Unavailable("--torch-weights needs PyTorch: pip install torch") from None
+    import weights
+    from netdef.torch_model import AnchorDETR
+
+    device = torch.device(args.torch_device)
+    on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise Unavailable("--torch-weights: PyTorch sees no CUDA GPU here; use --torch-device cpu to measure the CPU")
+    try:
+        model = AnchorDETR.from_safetensors(args.torch_weights, device=device).eval()
+    except weights.WeightsError as exc:
+        raise BadInput(f"--torch-weights: {exc}") from None
+    # One compiled graph per static shape: keep dynamo from falling back to eager when there are many.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(configs))
+    for mode in args.torch_modes:
+        forward = _torch_mode(torch, model, mode)
+        for batch, hw in configs:
+            bar.set(bar.done, status=f"torch {mode} {batch}x{hw[0]}x{hw[1]}")
+            images, masks = random_batch(batch, hw)
+            staged = (torch.from_numpy(images), torch.from_numpy(masks))
+            if on_gpu:
+                staged = tuple(t.pin_memory() for t in staged)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if on_gpu else (None, None)
+            gpu, e2e, first_s = [], [], 0.0
+            with torch.inference_mode():
+                for i in range(args.warmup + args.iters):
+                    t0 = time.perf_counter()
+                    staged[0].copy_(torch.from_numpy(images))  # the same host copy the engine runner makes
+                    x, m = (t.to(device, non_blocking=True) for t in staged)
+                    if on_gpu:
+                        start.record()
+                    out = forward(x, m)
+                    if on_gpu:
+                        end.record()
+                    _ = out["pred_logits"].cpu().numpy(), out["pred_boxes"].cpu().numpy()
+                    elapsed = 1000 * (time.perf_counter() - t0)
+                    if i == 0:
+                        first_s = elapsed / 1000
+                    if i >= args.warmup:
+                        gpu.append(start.elapsed_time(end) if on_gpu else None)
+                        e2e.append(elapsed)
+                    bar.update(1)
+            memory = torch.cuda.max_memory_reserved() if on_gpu else None
+            yield make_row("torch", mode, batch, hw, gpu, e2e, memory, description=TORCH_MODES[mode],
+                           first_call_s=first_s, torch_version=torch.__version__)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_rows(rows: Sequence[dict]) -> None:
+    table = []
+    for r in rows:
+        gpu, e2e = r["gpu_ms"] or {}, r["e2e_ms"]
+        table.append([
+            r["backend"], r["mode"], r["batch"], f"{r['height']}x{r['width']}",
+            _fmt(gpu.get("p50")), _fmt(gpu.get("p90")), _fmt(gpu.get("p99")), _fmt(gpu.get("mean")),
+            _fmt(e2e["p50"]), _fmt(e2e["mean"]), _fmt(r["images_per_s"], 1), _fmt(r["device_mem_mib"], 0),
+        ])
+    print_table(table, ["backend", "mode", "batch", "HxW", "gpu p50", "p90", "p99", "mean", "e2e p50", "mean",
+                        "img/s", "mem MiB"])
+
+
+def device_name(args: argparse.Namespace) -> str:
+    if args.engine is None and args.torch_device == "cpu":
+        return f"CPU ({platform.processor() or platform.machine()})"
+    try:
+        from runtime import cuda
+
+        device = cuda.init()
+        return f"{device.name} (compute capability {device.compute_capability})"
+    except AnchorRuntimeError:
+        return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.bench",
+        description="Benchmark an AnchorDETR engine (a trtexec replacement for our engines) or the PyTorch reference: "
+        "latency p50/p90/p99/mean of the GPU time (CUDA events) and of the end-to-end time with host<->device "
+        "copies, throughput in images/s and device memory, per batch size and input shape.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--engine", type=Path, help="engine to measure (default: engines/anchor_detr_r50_dc5_fp16.plan "
+                   "unless only --torch-weights is given)")
+    p.add_argument("--shapes", default="800x800,1344x1344", help="input HxW list (default 800x800,1344x1344)")
+    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
+    p.add_argument("--iters", type=int, default=50, help="timed iterations per row (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed iterations first (default 10)")
+    p.add_argument("--graphs", action="store_true", help="also measure with CUDA graphs (one capture per shape)")
+    p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
+                   help="measure the PyTorch reference (netdef.torch_model) with these weights")
+    p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
+                   help=f"torch modes to measure (default {','.join(TORCH_MODES)})")
+    p.add_argument("--torch-device", default="cuda", help="torch device (default cuda; cpu for a quick check)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write all rows as JSON (rewritten after every row)")
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from runtime.runner import DEFAULT_ENGINE, require_file
+
+    configs = [(b, hw) for b in parse_batches(args.batch) for hw in parse_shapes(args.shapes)]
+    args.torch_modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
+    unknown = [m for m in args.torch_modes if m not in TORCH_MODES]
+    if unknown or not args.torch_modes:
+        raise BadInput(f"--torch-modes {unknown or args.torch_modes}: choose from {', '.join(TORCH_MODES)}")
+    if args.iters < 1 or args.warmup < 0:
+        raise BadInput("--iters must be at least 1 and --warmup at least 0")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise BadInput(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.torch_weights is not None and not args.torch_weights.is_file():
+        raise BadInput(f"--torch-weights {args.torch_weights} not found")
+    if args.engine is None and args.torch_weights is None:
+        args.engine = DEFAULT_ENGINE
+    if args.engine is not None:
+        require_file(args.engine)
+    runs = [bench_engine] * (args.engine is not None) + [bench_torch] * (args.torch_weights is not None)
+    per_config = args.warmup + args.iters
+    total = per_config * len(configs) * (
+        (args.engine is not None) * (1 + args.graphs) + (args.torch_weights is not None) * len(args.torch_modes))
+    report = {"command": "python -m runtime.bench " + " ".join(argv), "device": device_name(args), "rows": []}
+    started = time.monotonic()
+    with ProgressBar(total, desc="bench", stream=sys.stderr) as bar:
+        for bench in runs:
+            for row in bench(args, configs, bar):
+                report["rows"].append(row)
+                if args.json is not None:
+                    write_atomic(args.json, (json.dumps(report, indent=1) + "\n").encode())
+    print(f"\n{report['device']}; {args.iters} timed iterations after {args.warmup} warm-up; times in ms; "
+          f"took {format_seconds(time.monotonic() - started)}")
+    print_rows(report["rows"])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv)
+    except AnchorRuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

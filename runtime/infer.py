@@ -1,0 +1,177 @@
+"""Detect objects in images with an AnchorDETR TensorRT engine: ``python -m runtime.infer IMG [IMG ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from netdef.progress import ProgressBar, print_table
+from netdef.sidecar import write_atomic
+from runtime.coco_names import label_name
+from runtime.errors import AnchorRuntimeError, BadInput
+from runtime.preprocess import ImageError, load_image, to_rgb
+
+EXIT_PARTIAL = 1
+
+EPILOG = """\
+examples:
+  python -m runtime.infer photo.jpg                          table of detections (default engine)
+  python -m runtime.infer a.jpg b.png --out annotated/       also draw boxes into annotated/a.jpg, b.jpg
+  python -m runtime.infer val2017/*.jpg --threshold 0 --json results.json --no-exif
+                                                             all top-100 detections as COCO results
+exit codes: 0 all images done, 1 some images could not be read (the others were processed),
+            2 bad input (engine or sidecar missing, weights mismatch, bad arguments),
+            3 environment (no GPU, no TensorRT, engine built for another TensorRT or GPU)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.runner import DEFAULT_ENGINE
+
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.infer",
+        description="Run an AnchorDETR engine built by `python -m netdef.build` on images: a table of detections per "
+        "image (COCO label, name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and a COCO "
+        "results JSON. Images are resized and normalised as the official evaluation does; any Pillow-readable "
+        "image works (EXIF orientation applied, grayscale/palette/alpha/CMYK/16-bit converted to RGB).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
+    p.add_argument("--engine", type=Path, default=DEFAULT_ENGINE,
+                   help=f"engine file; its sidecar <engine>.json must be beside it (default: {DEFAULT_ENGINE})")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="images per engine call (default: the profile's largest batch)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write annotated copies of the images here")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write COCO results [{image_id, category_id, bbox [x,y,w,h], score}]; image_id is the file "
+                   "name if numeric (000000397133.jpg -> 397133), else the image's position in the list")
+    p.add_argument("--weights", type=Path, metavar="W.safetensors",
+                   help="refuse the engine unless it was built from these weights (sha256 in the sidecar)")
+    p.add_argument("--no-exif", action="store_true",
+                   help="ignore EXIF orientation (COCO boxes refer to the stored pixels)")
+    return p
+
+
+def open_runner(engine: Path, weights_sha256: str | None):
+    """The detector the command uses (tests replace it with one that needs no GPU)."""
+    from runtime.runner import EngineRunner
+
+    return EngineRunner(engine, weights_sha256)
+
+
+def image_id(path: Path, index: int) -> int:
+    return int(path.stem) if path.stem.isdigit() else index
+
+
+def coco_records(image_id_: int, detections: dict[str, np.ndarray]) -> list[dict]:
+    return [
+        {
+            "image_id": image_id_,
+            "category_id": int(label),
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+            "score": float(score),
+        }
+        for score, label, (x0, y0, x1, y1) in zip(detections["scores"], detections["labels"], detections["boxes"])
+    ]
+
+
+def print_detections(path: Path, size: tuple[int, int], detections: dict[str, np.ndarray], threshold: float) -> None:
+    count = len(detections["scores"])
+    print(f"\n{path}  {size[0]}x{size[1]}  {count} detection{'s' * (count != 1)} (score >= {threshold:g})")
+    if count:
+        rows = [
+            [int(label), label_name(label), f"{score:.3f}", *(f"{v:.1f}" for v in box)]
+            for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"])
+        ]
+        print_table(rows, ["label", "name", "score", "x0", "y0", "x1", "y1"])
+
+
+def _output_name(path: Path, used: set[str]) -> str:
+    name, n = f"{path.stem}.jpg", 1
+    while name in used:
+        name, n = f"{path.stem}_{n}.jpg", n + 1
+    used.add(name)
+    return name
+
+
+def _check_destinations(args: argparse.Namespace) -> None:
+    if args.batch is not None and args.batch < 1:
+        raise BadInput(f"--batch {args.batch}: must be at least 1")
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"--out {args.out} cannot be created ({exc.strerror}): choose a writable folder") from None
+    if args.json is not None and not args.json.parent.is_dir():
+        raise BadInput(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.weights is not None and not args.weights.is_file():
+        raise BadInput(f"--weights {args.weights} not found")
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.draw import draw_detections
+
+    _check_destinations(args)
+    weights_sha256 = None
+    if args.weights is not None:
+        from weights import file_sha256
+
+        weights_sha256 = file_sha256(args.weights)
+    runner = open_runner(args.engine, weights_sha256)
+    failed: list[str] = []
+    records: list[dict] = []
+    used_names: set[str] = set()
+    total = 0
+    try:
+        batch = min(args.batch or runner.max_batch, runner.max_batch)
+        indexed = list(enumerate(args.images))
+        with ProgressBar(len(indexed), desc="images", stream=sys.stderr) as bar:
+            for start in range(0, len(indexed), batch):
+                loaded = []
+                for index, path in indexed[start : start + batch]:
+                    try:
+                        loaded.append((index, path, to_rgb(load_image(path), exif=not args.no_exif)))
+                    except ImageError as exc:
+                        print(f"skipped: {exc}", file=sys.stderr)
+                        failed.append(str(path))
+                if loaded:
+                    found = runner.detect([rgb for *_, rgb in loaded], args.threshold, batch, exif=False)
+                    for (index, path, rgb), detections in zip(loaded, found):
+                        print_detections(path, rgb.size, detections, args.threshold)
+                        total += len(detections["scores"])
+                        records += coco_records(image_id(path, index), detections)
+                        if args.out is not None:
+                            draw_detections(rgb, detections).save(args.out / _output_name(path, used_names), quality=92)
+                bar.update(len(indexed[start : start + batch]))
+    finally:
+        runner.close()
+    if args.json is not None:
+        write_atomic(args.json, json.dumps(records).encode())
+    done = len(args.images) - len(failed)
+    print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
+          + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
+    return EXIT_PARTIAL if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except AnchorRuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # writing --out or --json
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Run an AnchorDETR TensorRT engine with cuda-python: `Engine` (one per file) and `EngineRunner` (one per stream).
+
+Before TensorRT sees the plan, the sidecar written by ``netdef.build`` is checked: the TensorRT version, the GPU's
+compute capability and (when the caller names them) the weights must match, each refused with one line.
+
+A runner allocates everything once, for the profile's largest shape: device buffers for every input and output,
+pinned host buffers of the same sizes, one execution context, one stream, two timing events. `infer` copies a
+batch into the pinned buffers, then queues the upload, ``execute_async_v3`` and the downloads on the runner's
+stream and waits once. With ``cuda_graphs=True`` the first call for each (batch, height, width) runs normally and
+is then captured; later calls of that shape replay the graph. A shape that cannot be captured stays on plain
+enqueue (the reason is kept in `graph_failures`).
+
+Several runners can share one `Engine` (deserialised once): each has its own context, buffers and stream, so
+they can run concurrently from different threads.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from netdef.backend import BackendError, get_backend
+from netdef.sidecar import REBUILD_HINT, Profile, SidecarError, check_sidecar, load_sidecar
+from runtime import cuda
+from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
+from runtime.postprocess import from_engine_outputs, postprocess
+from runtime.preprocess import ShapeError, pad_batch, preprocess_image, to_rgb
+
+DEFAULT_ENGINE = Path("engines/anchor_detr_r50_dc5_fp16.plan")  # what `python -m netdef.build --fp16` writes
+INPUTS = ("images", "masks")
+POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
+
+
+def require_file(engine_path: str | Path) -> Path:
+    path = Path(engine_path)
+    if not path.is_file():
+        raise BadInput(f"engine {path} not found: build one with `python -m netdef.build --fp16` or pass --engine")
+    return path
+
+
+def _input_shapes(batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    return {"images": (batch, 3, height, width), "masks": (batch, height, width)}
+
+
+def _capture_logger(trt: Any) -> Any:
+    """A TensorRT logger that keeps errors for our one-line messages instead of printing them."""
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(msg.strip())
+
+        @property
+        def last_error(self) -> str:
+            return self.errors[-1] if self.errors else "no details from TensorRT"
+
+    return Logger()
+
+
+class Engine:
+    """A checked, deserialised engine and its sidecar; share it between runners with `EngineRunner(engine)`."""
+
+    def __init__(self, path: str | Path = DEFAULT_ENGINE, weights_sha256: str | None = None, device: int = 0):
+        self.path = require_file(path)
+        try:
+            self.sidecar = load_sidecar(self.path)
+            self.profile = Profile.from_dict(self.sidecar["profile"])
+        except (SidecarError, KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"engine {self.path}: {exc}") from None
+        try:
+            backend = get_backend(self.sidecar["backend"])
+        except BackendError as exc:
+            raise Unavailable(f"engine {self.path} was built with {self.sidecar['backend']}: {exc}") from None
+        self._check(backend, compute_capability=None, weights_sha256=weights_sha256)  # before touching the GPU
+        self.device = cuda.init(device)
+        self._check(backend, compute_capability=self.device.compute_capability, weights_sha256=None)
+        self.trt = backend.trt
+        self._logger = _capture_logger(self.trt)
+        self._runtime = self.trt.Runtime(self._logger)
+        self.trt_engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.trt_engine is None:
+            raise BadInput(
+                f"TensorRT could not load {self.path} on {self.device.name} (compute capability "
+                f"{self.device.compute_capability}): {self._logger.last_error}; {REBUILD_HINT}"
+            )
+        names = [self.trt_engine.get_tensor_name(i) for i in range(self.trt_engine.num_io_tensors)]
+        is_input = {n: self.trt_engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT for n in names}
+        self.inputs = tuple(n for n in names if is_input[n])
+        self.outputs = tuple(n for n in names if not is_input[n])
+        if sorted(self.inputs) != sorted(INPUTS):
+            raise BadInput(f"engine {self.path} has inputs {list(self.inputs)}, not AnchorDETR's {list(INPUTS)}")
+        self.dtypes = {n: np.dtype(self.trt.nptype(self.trt_engine.get_tensor_dtype(n))) for n in names}
+
+    def _check(self, backend: Any, compute_capability: str | None, weights_sha256: str | None) -> None:
+        try:
+            check_sidecar(
+                self.sidecar,
+                trt_version=backend.version,
+                compute_capability=compute_capability,
+                weights_sha256=weights_sha256,
+                backend=backend.name,
+            )
+        except SidecarError as exc:
+            raise Unavailable(f"{self.path}: {exc}") from None
+
+    @property
+    def has_postprocess(self) -> bool:
+        return all(name in self.outputs for name in POSTPROCESS_OUTPUTS)
+
+    def close(self) -> None:
+        self.trt_engine = None
+        self._runtime = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Detector(abc.ABC):
+    """Images in, detections out, for anything with a `profile` and an `infer(images, masks)` of AnchorDETR's I/O."""
+
+    profile: Profile
+
+    @abc.abstractmethod
+    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs (pred_logits/pred_boxes, or scores/labels/boxes) of one batch."""
+
+    @property
+    def min_hw(self) -> tuple[int, int]:
+        return self.profile.min[1:]
+
+    @property
+    def max_hw(self) -> tuple[int, int]:
+        return self.profile.max[1:]
+
+    @property
+    def max_batch(self) -> int:
+        return self.profile.max[0]
+
+    def fit_profile(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pad height/width up to the profile minimum (masked) and the batch up to its minimum (repeated images);
+        a batch or size above the maximum is a ShapeError."""
+        if images.ndim != 4 or images.shape[1] != 3 or masks.shape != (images.shape[0],) + images.shape[2:]:
+            raise BadInput(f"expected images (B,3,H,W) and masks (B,H,W), got {images.shape} and {masks.shape}")
+        batch, _, height, width = images.shape
+        (min_b, min_h, min_w), (max_b, max_h, max_w) = self.profile.min, self.profile.max
+        if batch > max_b or height > max_h or width > max_w:
+            raise ShapeError(
+                f"batch {batch} of {height}x{width} exceeds the engine profile's maximum {max_b} of {max_h}x{max_w} "
+                f"(profile {self.profile}): use a smaller batch or rebuild the engine with a larger maximum"
+            )
+        pad_h, pad_w = max(0, min_h - height), max(0, min_w - width)
+        if pad_h or pad_w:
+            images = np.pad(images, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
+            masks = np.pad(masks, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=True)
+        if batch < min_b:
+            repeat = np.r_[np.arange(batch), np.full(min_b - batch, batch - 1)]
+            images, masks = images[repeat], masks[repeat]
+        return images, masks
+
+    def results(self, outputs: dict[str, np.ndarray], orig_sizes) -> list[dict[str, np.ndarray]]:
+        """Top-100 detections per image from the raw outputs (or from the engine's own post-processing)."""
+        if all(name in outputs for name in POSTPROCESS_OUTPUTS):
+            return from_engine_outputs(outputs["scores"], outputs["labels"], outputs["boxes"], orig_sizes)
+        return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
+
+    def detect(
+        self,
+        images: Sequence[Image.Image],
+        threshold: float = 0.5,
+        batch_size: int | None = None,
+        exif: bool = True,
+    ) -> list[dict[str, np.ndarray]]:
+        """Detections scoring at least `threshold` for each Pillow image, boxes in its (EXIF-oriented) pixels.
+
+        Images go through in batches of `batch_size` (default: the profile's largest batch), each padded to its
+        largest member; images the official resize would make larger than the profile allows are scaled to fit.
+        """
+        batch_size = min(batch_size or self.max_batch, self.max_batch)
+        found = []
+        for start in range(0, len(images), batch_size):
+            rgb = [to_rgb(image, exif=exif) for image in images[start : start + batch_size]]
+            arrays = [preprocess_image(image, exif=False, max_hw=self.max_hw) for image in rgb]
+            batch, masks = pad_batch(arrays, self.min_hw, self.max_hw)
+            sizes = np.array([(image.height, image.width) for image in rgb])
+            outputs = self.infer(batch, masks)
+            for result in self.results(outputs, sizes):
+                keep = result["scores"] >= threshold
+                found.append({key: value[keep] for key, value in result.items()})
+        return found
+
+
+class EngineRunner(Detector):
+    """One execution context, stream and buffer set on an `Engine`; use as a context manager."""
+
+    def __init__(
+        self,
+        engine: str | Path | Engine = DEFAULT_ENGINE,
+        weights_sha256: str | None = None,
+        *,
+        cuda_graphs: bool = False,
+        device: int = 0,
+    ):
+        self._own_engine = not isinstance(engine, Engine)
+        self.engine = Engine(engine, weights_sha256, device) if self._own_engine else engine
+        self.profile = self.engine.profile
+        self.cuda_graphs = cuda_graphs
+        self.graph_failures: dict[tuple[int, int, int], str] = {}
+        self.last_timing: dict[str, Any] = {}
+        self._graphs: dict[tuple[int, int, int], cuda.Graph] = {}
+        self._resources: list[Any] = []
+        self._shape: tuple[int, int, int] | None = None
+        self._output_shapes: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
+        self.stream: cuda.Stream | None = None
+        self.context: Any = None
+        try:
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self) -> None:
+        self.engine.device.activate()
+        self.context = self.engine.trt_engine.create_execution_context()
+        if self.context is None:
+            raise Unavailable(f"TensorRT could not create an execution context: {self.engine._logger.last_error}")
+        self.stream = self._keep(cuda.Stream())
+        self._start, self._end = self._keep(cuda.Event()), self._keep(cuda.Event())
+        largest = self._set_shape(self.profile.max)
+        self._device: dict[str, cuda.DeviceBuffer] = {}
+        self._host: dict[str, cuda.PinnedBuffer] = {}
+        for name, shape in largest.items():
+            dtype = self.engine.dtypes[name]
+            count = int(np.prod(shape))
+            self._device[name] = self._keep(cuda.DeviceBuffer(count * dtype.itemsize))
+            self._host[name] = self._keep(cuda.PinnedBuffer(count, dtype))
+            if not self.context.set_tensor_address(name, self._device[name].ptr):
+                raise Unavailable(f"TensorRT refused the address of {name}: {self.engine._logger.last_error}")
+
+    def _keep(self, resource: Any) -> Any:
+        self._resources.append(resource)
+        return resource
+
+    def _set_shape(self, shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+        """Set the input shapes for (batch, height, width); returns every I/O tensor's shape."""
+        if self._shape != shape:
+            for name, dims in _input_shapes(*shape).items():
+                if not self.context.set_input_shape(name, dims):
+                    raise ShapeError(f"TensorRT refused {name} of shape {dims}: {self.engine._logger.last_error}")
+            self._shape = shape
+        if shape not in self._output_shapes:
+            missing = self.context.infer_shapes()
+            if missing:
+                raise BadInput(f"TensorRT cannot infer output shapes, missing {missing}")
+            shapes = dict(_input_shapes(*shape))
+            shapes.update({n: tuple(self.context.get_tensor_shape(n)) for n in self.engine.outputs})
+            self._output_shapes[shape] = shapes
+        return self._output_shapes[shape]
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise AnchorRuntimeError(f"TensorRT execute_async_v3 failed: {self.engine._logger.last_error}")
+
+    def _capture(self, shape: tuple[int, int, int]) -> None:
+        # Called after a plain run of this shape, so TensorRT's lazy initialisation is not captured.
+        try:
+            self._graphs[shape] = cuda.Graph(self.stream, self._enqueue)
+        except AnchorRuntimeError as exc:
+            self.graph_failures[shape] = str(exc)
+
+    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw engine outputs for a batch: images (B,3,H,W) float32, masks (B,H,W) bool (True = padding).
+
+        Sizes below the profile minimum are padded (masked); outputs keep the caller's batch size.
+        """
+        started = time.perf_counter()
+        batch = images.shape[0]
+        images, masks = self.fit_profile(np.asarray(images), np.asarray(masks))
+        shape = (images.shape[0], images.shape[2], images.shape[3])
+        self.engine.device.activate()
+        shapes = self._set_shape(shape)
+        for name, array in (("images", images), ("masks", masks)):
+            self._host[name].view(array.shape)[...] = array
+            self._device[name].upload(self._host[name].view(array.shape), self.stream)
+        graph = self._graphs.get(shape)
+        self._start.record(self.stream)
+        if graph is not None:
+            graph.launch(self.stream)
+        else:
+            self._enqueue()
+        self._end.record(self.stream)
+        outputs = {}
+        for name in self.engine.outputs:
+            host = self._host[name].view(shapes[name])
+            self._device[name].download(host, self.stream)
+            outputs[name] = host
+        self.stream.synchronize()
+        result = {name: array[:batch].copy() for name, array in outputs.items()}
+        self.last_timing = {
+            "gpu_ms": cuda.Event.elapsed_ms(self._start, self._end),
+            "host_ms": 1000 * (time.perf_counter() - started),
+            "graph": graph is not None,
+        }
+        if self.cuda_graphs and graph is None and shape not in self.graph_failures:
+            self._capture(shape)
+        return result
+
+    def close(self) -> None:
+        """Free graphs, buffers, events, the stream and the context (and the engine if this runner loaded it)."""
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+        if self.stream is not None:
+            self.stream.synchronize()  # nothing may still use the buffers freed below
+        while self._resources:
+            self._resources.pop().close()
+        self.stream = self.context = None
+        if self._own_engine:
+            self.engine.close()
+
+    def __enter__(self) -> "EngineRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,136 @@
+"""EngineRunner's checks before TensorRT sees the plan: engine file, sidecar, backend, version, GPU, weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import pytest
+
+from netdef.backend import Backend
+from netdef.sidecar import write_sidecar
+from runtime import cuda
+from runtime.errors import BadInput, Unavailable
+from runtime.runner import Engine
+
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+HAS_FULL_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def rtx_version():
+    import tensorrt_rtx
+
+    return tensorrt_rtx.__version__
+
+
+def make_engine(tmp_path, **overrides):
+    """A plan file (not a real engine) with a complete sidecar beside it."""
+    path = tmp_path / "model.plan"
+    path.write_bytes(b"not a real plan")
+    sidecar = {
+        "config": {}, "profile": {"min": [1, 320, 512], "opt": [1, 800, 800], "max": [4, 1344, 1344]},
+        "precision": "fp16", "plugins": [], "postprocess": False, "backend": "tensorrt-rtx",
+        "trt_version": rtx_version() if HAS_RTX else "1.7.1.116", "gpu": None, "weights_sha256": "ab" * 32,
+        "inputs": {}, "outputs": {}, "anchortrt_version": "0.1.0",
+    }
+    sidecar.update(overrides)
+    write_sidecar(path, sidecar)
+    return path
+
+
+def test_missing_engine_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(BadInput, match=r"engine .*nothere.plan not found: build one with `python -m netdef.build"):
+        Engine(tmp_path / "nothere.plan")
+
+
+def test_missing_sidecar_is_bad_input(tmp_path):
+    path = tmp_path / "model.plan"
+    path.write_bytes(b"x")
+    with pytest.raises(BadInput, match=r"no sidecar .*model.json") as info:
+        Engine(path)
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.skipif(HAS_FULL_TRT, reason="full TensorRT is installed here")
+def test_engine_of_an_uninstalled_backend_is_an_environment_error(tmp_path):
+    with pytest.raises(Unavailable, match=r"built with tensorrt: .*pip install 'anchortrt\[trt\]'") as info:
+        Engine(make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0"))
+    assert info.value.exit_code == 3
+
+
+@pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx")
+def test_other_tensorrt_version_refused(tmp_path):
+    with pytest.raises(Unavailable, match=r"built by TensorRT 1\.0\.0, this is TensorRT " + rtx_version()):
+        Engine(make_engine(tmp_path, trt_version="1.0.0"))
+
+
+@pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx")
+def test_weights_mismatch_refused_before_the_gpu_is_needed(tmp_path):
+    with pytest.raises(Unavailable, match=r"embeds weights sha256 ababababab.*named weights are cdcdcdcdcd"):
+        Engine(make_engine(tmp_path), weights_sha256="cd" * 32)
+
+
+def test_no_gpu_is_one_clear_environment_error(tmp_path, monkeypatch):
+    def no_driver(index=0):
+        raise cuda.NoGpuError(f"no NVIDIA driver: DynamicLibNotFoundError; {cuda.NO_GPU_HINT}")
+
+    monkeypatch.setattr(cuda, "init", no_driver)
+    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "1.7.1.116"))
+    with pytest.raises(cuda.NoGpuError, match="nvidia-smi") as info:
+        Engine(make_engine(tmp_path, trt_version="1.7.1.116"), weights_sha256="ab" * 32)
+    assert info.value.exit_code == 3
+
+
+def test_real_driver_absence_is_reported_as_no_gpu():
+    from conftest import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(cuda.NoGpuError, match="NVIDIA"):
+        cuda.init()
+
+
+class FakeLogger:
+    class Severity:
+        INTERNAL_ERROR, ERROR, WARNING = "internal", "error", "warning"
+
+    def __init__(self):
+        pass
+
+
+class FakeRuntime:
+    """deserialize_cuda_engine fails the way TensorRT does with a foreign plan: logs an error, returns None."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data):
+        self.logger.log(FakeLogger.Severity.WARNING, "ignored")
+        self.logger.log(FakeLogger.Severity.ERROR, "Serialization assertion magicTagRead == kMAGIC_TAG failed")
+        return None
+
+
+def fake_backend(name, version):
+    return Backend(name, types.SimpleNamespace(__version__=version, ILogger=FakeLogger, Runtime=FakeRuntime))
+
+
+def fake_gpu(compute_capability):
+    return lambda index=0: cuda.Device(index, "Fake GPU", compute_capability, 1 << 34, None)
+
+
+def test_engine_for_another_gpu_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "11.4.0"))
+    monkeypatch.setattr(cuda, "init", fake_gpu("8.6"))
+    path = make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0",
+                       gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
+    with pytest.raises(Unavailable, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9\.0\), this GPU is 8\.6"):
+        Engine(path)
+
+
+def test_unloadable_plan_reports_tensorrt_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "11.4.0"))
+    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
+    path = make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0",
+                       gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
+    with pytest.raises(BadInput, match=r"TensorRT could not load .*model.plan on Fake GPU .*magicTagRead"):
+        Engine(path)

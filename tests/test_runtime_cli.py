@@ -1,0 +1,194 @@
+"""runtime.infer / runtime.bench command lines and the Detector logic they share, without a GPU.
+
+`NumpyDetector` stands in for the engine: it answers AnchorDETR's I/O from the pixels it receives (the label is
+the brightest channel of the valid region, the box its centre half), so the tests see whether the right pixels
+and masks reached the network and whether the boxes come back in each original image's coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from netdef.sidecar import Profile
+from runtime import bench, infer
+from runtime.errors import BadInput
+from runtime.preprocess import MEAN, STD, ShapeError
+from runtime.runner import Detector
+
+LABEL_OF_CHANNEL = (1, 3, 17)  # red -> person, green -> car, blue -> cat
+QUERIES = 10
+
+
+class NumpyDetector(Detector):
+    def __init__(self, profile=Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344)), engine_postprocess=False):
+        self.profile = profile
+        self.engine_postprocess = engine_postprocess
+        self.calls = []
+        self.closed = False
+
+    def infer(self, images, masks):
+        images, masks = self.fit_profile(images, masks)
+        self.calls.append((images.shape, masks.copy()))
+        batch = images.shape[0]
+        logits = np.full((batch, QUERIES, 91), -10.0, dtype=np.float32)
+        boxes = np.tile(np.float32([0.5, 0.5, 0.25, 0.25]), (batch, QUERIES, 1))
+        for b in range(batch):
+            valid = ~masks[b]
+            means = [(images[b, c][valid] * STD[c] + MEAN[c]).mean() for c in range(3)]
+            logits[b, 0, LABEL_OF_CHANNEL[int(np.argmax(means))]] = 4.0
+            boxes[b, 0] = (0.5, 0.5, 0.5, 0.5)
+        if not self.engine_postprocess:
+            return {"pred_logits": logits, "pred_boxes": boxes}
+        scores = 1 / (1 + np.exp(-logits.reshape(batch, -1)))
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :100]
+        cx, cy, w, h = np.moveaxis(np.take_along_axis(boxes, top[..., None] // 91, 1), -1, 0)
+        return {
+            "scores": np.take_along_axis(scores, top, 1).astype(np.float32),
+            "labels": (top % 91).astype(np.int32),
+            "boxes": np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1),
+        }
+
+    def close(self):
+        self.closed = True
+
+
+def solid(width, height, channel):
+    color = [30, 30, 30]
+    color[channel] = 220
+    return Image.new("RGB", (width, height), tuple(color))
+
+
+@pytest.mark.parametrize("engine_postprocess", [False, True])
+def test_detect_labels_boxes_and_batches(engine_postprocess):
+    detector = NumpyDetector(engine_postprocess=engine_postprocess)
+    images = [solid(64, 48, 0), solid(40, 90, 1), solid(300, 20, 2)]
+    found = detector.detect(images, threshold=0.5)
+    assert [d["labels"].tolist() for d in found] == [[1], [3], [17]]
+    for image, d in zip(images, found):
+        w, h = image.size
+        np.testing.assert_allclose(d["boxes"][0], [w / 4, h / 4, 3 * w / 4, 3 * h / 4], rtol=1e-5)
+        assert d["scores"][0] == pytest.approx(1 / (1 + np.exp(-4.0)), rel=1e-6)
+    # two calls (max batch 2): 800x1066 and 1332x592 padded to 1332x1066; 89x1335 padded to the profile's 320
+    (shape0, masks0), (shape1, masks1) = detector.calls
+    assert shape0 == (2, 3, 1332, 1066) and shape1 == (1, 3, 320, 1335)
+    assert not masks0[0, :800].any() and masks0[0, 800:].all()
+    assert not masks0[1, :, :592].any() and masks0[1, :, 592:].all()
+    assert not masks1[0, :89].any() and masks1[0, 89:].all()
+
+
+def test_detect_threshold_and_exif_oriented_boxes():
+    detector = NumpyDetector()
+    assert detector.detect([solid(64, 48, 0)], threshold=0.99)[0]["labels"].size == 0
+    image = solid(60, 30, 2)
+    image.getexif()[0x0112] = 6  # EXIF orientation: displayed rotated, 30 wide and 60 high
+    (d,) = detector.detect([image])
+    np.testing.assert_allclose(d["boxes"][0], [7.5, 15, 22.5, 45], rtol=1e-5)
+
+
+def test_fit_profile_pads_repeats_and_refuses():
+    detector = NumpyDetector(Profile((2, 320, 512), (2, 800, 800), (2, 1344, 1344)))
+    images, masks = detector.fit_profile(np.ones((1, 3, 100, 600), np.float32), np.zeros((1, 100, 600), bool))
+    assert images.shape == (2, 3, 320, 600) and masks.shape == (2, 320, 600)
+    assert masks[:, 100:].all() and not masks[:, :100].any() and not images[:, :, 100:].any()
+    with pytest.raises(ShapeError, match=r"batch 3 of 800x800 exceeds the engine profile's maximum 2 of 1344x1344"):
+        detector.fit_profile(np.zeros((3, 3, 800, 800), np.float32), np.zeros((3, 800, 800), bool))
+
+
+@pytest.fixture
+def images_dir(tmp_path):
+    solid(64, 48, 0).save(tmp_path / "000000000139.png")
+    solid(48, 64, 1).convert("L").save(tmp_path / "gray.jpg")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    return tmp_path
+
+
+def test_infer_cli_processes_good_images_and_skips_bad_ones(images_dir, monkeypatch, capsys):
+    detector = NumpyDetector()
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: detector)
+    out, results = images_dir / "annotated", images_dir / "results.json"
+    paths = [images_dir / "000000000139.png", images_dir / "missing.jpg", images_dir / "broken.jpg",
+             images_dir / "gray.jpg"]
+    code = infer.main([*map(str, paths), "--out", str(out), "--json", str(results), "--batch", "2"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "skipped: " in captured.err and "missing.jpg: no such file" in captured.err
+    assert "broken.jpg: cannot read image" in captured.err and "Traceback" not in captured.err
+    assert "person" in captured.out and "2 images processed" in captured.out
+    records = json.loads(results.read_text())
+    assert [(r["image_id"], r["category_id"]) for r in records] == [(139, 1), (3, 1)]  # gray: equal channels
+    np.testing.assert_allclose(records[0]["bbox"], [16, 12, 32, 24], rtol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["000000000139.jpg", "gray.jpg"]
+    assert Image.open(out / "000000000139.jpg").size == (64, 48)
+    assert detector.closed
+
+
+def test_infer_cli_missing_engine_is_one_line(images_dir, capsys):
+    code = infer.main([str(images_dir / "gray.jpg"), "--engine", str(images_dir / "none.plan")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: engine") and "none.plan not found" in err[0]
+
+
+def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
+    from conftest import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    import tensorrt_rtx
+
+    from netdef.sidecar import write_sidecar
+
+    engine = images_dir / "model.plan"
+    engine.write_bytes(b"plan")
+    write_sidecar(engine, {
+        "config": {}, "profile": Profile().to_dict(), "precision": "fp16", "plugins": [], "postprocess": False,
+        "backend": "tensorrt-rtx", "trt_version": tensorrt_rtx.__version__, "gpu": None, "weights_sha256": "0" * 64,
+        "inputs": {}, "outputs": {}, "anchortrt_version": "0.1.0",
+    })
+    code = infer.main([str(images_dir / "gray.jpg"), "--engine", str(engine)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and err[0].startswith("error: no NVIDIA driver")
+
+
+def test_infer_cli_bad_destinations(images_dir, capsys):
+    assert infer.main([str(images_dir / "gray.jpg"), "--json", str(images_dir / "no" / "r.json")]) == 2
+    assert "folder" in capsys.readouterr().err
+    assert infer.main([str(images_dir / "gray.jpg"), "--batch", "0"]) == 2
+
+
+def test_bench_cli_bad_arguments(tmp_path, capsys):
+    assert bench.main(["--shapes", "800by800", "--engine", str(tmp_path / "e.plan")]) == 2
+    assert "--shapes '800by800'" in capsys.readouterr().err
+    assert bench.main(["--batch", "0", "--engine", str(tmp_path / "e.plan")]) == 2
+    assert bench.main(["--torch-modes", "fp8", "--torch-weights", str(tmp_path / "w")]) == 2
+    capsys.readouterr()
+    assert bench.main(["--engine", str(tmp_path / "e.plan"), "--shapes", "800x800"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: engine {tmp_path / 'e.plan'} not found: build one with `python -m netdef.build --fp16` "
+                   "or pass --engine"]
+
+
+def test_bench_profile_check_and_statistics():
+    profile = Profile((1, 320, 512), (1, 800, 800), (4, 1344, 1344))
+    bench.check_profile(profile, [(4, (1344, 1344)), (1, (320, 512))])
+    with pytest.raises(BadInput, match=r"batch 8 of 800x800 is outside the engine profile"):
+        bench.check_profile(profile, [(8, (800, 800))])
+    row = bench.make_row("tensorrt", "enqueue", 4, (800, 800), [1.0] * 99 + [11.0], [2.0] * 100, 3 << 20)
+    assert row["gpu_ms"]["p50"] == 1.0 and row["gpu_ms"]["mean"] == pytest.approx(1.1)
+    assert row["images_per_s"] == pytest.approx(2000) and row["device_mem_mib"] == 3
+
+
+def test_help_explains_and_runtime_imports_no_torch():
+    for module in (infer, bench):
+        with pytest.raises(SystemExit) as info:
+            module.build_parser().parse_args(["--help"])
+        assert info.value.code == 0
+    code = ("import sys, runtime.infer, runtime.bench, runtime.runner, runtime.cuda, runtime.draw; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
