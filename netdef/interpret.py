@@ -6,9 +6,10 @@ PyTorch reference on a machine where no engine can run (TensorRT-RTX on a CPU, o
 
 Data types follow the network: every tensor is stored in the dtype TensorRT declares for it (``tensor.dtype``, the
 strongly typed inference), so an fp16 tensor holds fp16-rounded values. Floating-point layers compute in float32
-and round their outputs to the declared type: TensorRT's fp16 kernels accumulate matmuls, convolutions, reductions
-and normalisation statistics in fp32, and fp16 -> fp32 is exact, so single elementwise operations round exactly as
-a native fp16 operation would. (A consequence: no CPU half kernel is ever needed.)
+and round their outputs to the declared type. This assumes that TensorRT's fp16 kernels accumulate matmuls,
+convolutions, reductions, softmax and normalisation statistics in fp32 (usual for its kernels, not verified per
+tactic); single elementwise operations lose nothing by it, since fp16 -> fp32 is exact and one rounding of the
+float32 result gives the native fp16 answer. (A consequence: no CPU half kernel is ever needed.)
 
 Each layer's result is checked against the shape and dtype TensorRT itself infers for the output tensor (dimensions
 that are -1 before the engine runs are not checked), so an interpreter rule that disagrees with TensorRT's shape
@@ -106,7 +107,8 @@ def _constant(ctx, layer, ins):
 
 @_handles("IDENTITY", "CAST")
 def _cast(ctx, layer, ins):
-    # Float -> int truncates toward zero (the TensorRT Cast operator's documented example: 8.9 -> 8).
+    # Float -> int truncates (the Cast operator's documented example: 8.9 -> 8); toward zero for negatives is
+    # inferred.
     return ins[0].to(ctx.out_dtype(layer, 0))
 
 
@@ -703,8 +705,9 @@ def _layer_class(trt, type_name: str):
 
 
 class _Run:
-    def __init__(self, trt, device):
-        self.trt = trt
+    """What handlers share: the device, and type helpers that read the layer's declared tensor types."""
+
+    def __init__(self, device):
         self.device = torch.device(device)
 
     def out_dtype(self, layer, index: int) -> torch.dtype:
@@ -783,7 +786,9 @@ def _bind_inputs(network, inputs: Mapping[str, Any], needed: set[str], device) -
         value = torch.as_tensor(value)
         want_dtype = torch_dtype(tensor.dtype)
         if value.dtype != want_dtype:
-            raise InterpretError(f"input {name!r} has dtype {value.dtype}; the network declares {want_dtype}")
+            raise InterpretError(
+                f"input {name!r} has dtype {value.dtype}; the network declares {want_dtype}: convert it first"
+            )
         shape = tuple(tensor.shape)
         if value.dim() != len(shape) or any(d >= 0 and d != n for d, n in zip(shape, value.shape)):
             raise InterpretError(
@@ -894,7 +899,7 @@ def interpret_network(
             if name is not None:
                 uses[name] = uses.get(name, 0) + 1
     keep = set(wanted)
-    run = _Run(trt, device)
+    run = _Run(device)
     with torch.no_grad():
         for index in order:
             layer, type_name = graph.layers[index], graph.types[index]

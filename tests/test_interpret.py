@@ -727,7 +727,7 @@ def test_plugin_layers_go_to_the_plugins_hook(monkeypatch):
 
     layer = types.SimpleNamespace(name="ln_plugin", get_input=lambda i: types.SimpleNamespace(dtype=trt.float16),
                                   num_inputs=1)
-    run = interpret._Run(trt, "cpu")
+    run = interpret._Run("cpu")
     monkeypatch.delattr(plugins, "interpret_plugin_layer", raising=False)
     with pytest.raises(InterpretError, match="ln_plugin.*plugins.interpret_plugin_layer"):
         interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
