@@ -148,6 +148,10 @@ def detect_config(
     error names the keys. Shapes win nothing silently.
     """
     args = dict(args or {})
+    if isinstance(args.get("dilation"), str):  # the official --dilation has no type: "True"/"False" from a shell
+        if args["dilation"].lower() not in ("true", "false"):
+            raise ConfigError(f"args.dilation={args['dilation']!r} is neither True nor False")
+        args["dilation"] = args["dilation"].lower() == "true"
     keys = list(state_dict.keys())
 
     def shape(key: str) -> tuple[int, ...]:

@@ -1,0 +1,126 @@
+"""Our weights file: one safetensors file of builder-named FP32 tensors with the configuration in its metadata.
+
+- ``load(path) -> (AnchorDETRConfig, {name: np.ndarray})``: what the network builder consumes.
+- ``save(path, cfg, tensors, source=..., source_sha256=...)``: atomic (temp file in the same folder, renamed).
+- ``file_sha256(path)``, ``official_shapes(cfg)`` (the official state-dict layout), ``builder_shapes(cfg)``.
+- ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
+
+Metadata (all strings): ``format="anchortrt-weights"``, ``format_version="1"``, ``config`` (cfg.to_json()),
+``source`` (checkpoint file name or a random-init description), ``source_sha256``. Importing this package
+needs numpy and safetensors only: the runtime loads weights without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from netdef.config import AnchorDETRConfig, ConfigError
+from weights.checkpoint import builder_shapes, compare_keys, official_shapes
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256",
+    "official_shapes", "builder_shapes", "random_state_dict",
+]
+
+FORMAT = "anchortrt-weights"
+FORMAT_VERSION = "1"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message is one line naming the problem and the fix."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _as_float32(t: Any) -> np.ndarray:
+    if hasattr(t, "detach"):  # a torch tensor; torch itself is not imported here
+        t = t.detach().cpu().float().numpy()
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
+def save(
+    path: str | os.PathLike,
+    cfg: AnchorDETRConfig,
+    tensors: Mapping[str, Any],
+    source: str = "",
+    source_sha256: str = "",
+) -> None:
+    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    problems = compare_keys(tensors, builder_shapes(cfg))
+    if problems:
+        raise WeightsError(f"tensors do not match a {cfg.variant} model: " + "; ".join(problems))
+    arrays = {k: _as_float32(v) for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
+        "source": source, "source_sha256": source_sha256,
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of one of our files, checked for format and version."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path} does not exist: run `python -m weights.extract` to make it")
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path} is not a safetensors file ({exc}): extract it again with `python -m weights.extract`") from exc
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{path} is a safetensors file but not an anchortrt weights file: extract it with `python -m weights.extract`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(
+            f"{path} has weights format version {meta.get('format_version')!r}, this anchortrt reads version "
+            f"{FORMAT_VERSION}: extract it again with this version's `python -m weights.extract`"
+        )
+    return meta
+
+
+def load(path: str | os.PathLike) -> tuple[AnchorDETRConfig, dict[str, np.ndarray]]:
+    """(configuration, builder-named FP32 arrays) from one of our files; WeightsError if it is not usable."""
+    from safetensors.numpy import load_file
+
+    meta = read_metadata(path)
+    try:
+        cfg = AnchorDETRConfig.from_json(meta["config"])
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has no valid configuration in its metadata ({exc}): extract it again") from exc
+    tensors = load_file(os.fspath(path))
+    problems = compare_keys(tensors, builder_shapes(cfg))
+    bad_dtype = sorted(k for k, v in tensors.items() if v.dtype != np.float32)
+    if bad_dtype:
+        problems.append(f"not float32: {', '.join(bad_dtype[:10])}")
+    if problems:
+        raise WeightsError(f"{path} does not hold a {cfg.variant} model: " + "; ".join(problems) + ": extract it again")
+    return cfg, tensors
+
+
+def __getattr__(name: str) -> Any:
+    if name == "random_state_dict":  # imports torch, so only on demand
+        from weights.random_init import random_state_dict
+
+        return random_state_dict
+    raise AttributeError(f"module 'weights' has no attribute {name!r}")

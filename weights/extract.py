@@ -1,0 +1,170 @@
+"""Official AnchorDETR checkpoint -> one anchortrt weights file (safetensors).
+
+    python -m weights.extract CHECKPOINT.pth -o OUT.safetensors [--variant r50_dc5]
+    python -m weights.extract --random-init r50_dc5 [--seed 0] -o OUT.safetensors
+
+Exit codes: 0 written; 2 bad input or usage (nothing written); 3 environment (torch missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator, Mapping
+
+from netdef.config import VARIANTS, AnchorDETRConfig, ConfigError
+from netdef.progress import Spinner, format_bytes, format_seconds, print_table
+from weights import WeightsError, file_sha256, naming, save
+from weights.checkpoint import CheckpointError, configure, read_checkpoint
+
+EPILOG = f"""\
+variants: {", ".join(VARIANTS)} (the released models); ablations append _mha (standard attention),
+_3lvl (three feature levels), _grid (grid anchors), e.g. r50_dc5_mha.
+
+The checkpoint is read with torch.load(weights_only=True) and an allow-list (argparse.Namespace, numpy
+scalars): nothing else is unpickled. Its configuration comes from its tensors and its training args;
+--variant is needed only for a bare state dict without args (C5 and DC5 have the same tensors).
+Written: FP32 tensors named as the TensorRT builder uses them (frozen BN folded into the convolutions,
+attention input projections pre-sliced, shared heads once) and metadata (format, config, source sha256).
+"""
+
+
+class _BadInput(Exception):
+    """Exit code 2 with this one-line message."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m weights.extract",
+        description="Convert an official AnchorDETR checkpoint (.pth) to an anchortrt weights file (.safetensors).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", nargs="?", help="official checkpoint, e.g. AnchorDETR_r50_dc5.pth")
+    p.add_argument("-o", "--output", required=True, help="weights file to write (its folder must exist)")
+    p.add_argument("--variant", help="configuration of a checkpoint without training args, e.g. r50_dc5")
+    p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    return p
+
+
+@contextlib.contextmanager
+def _step(desc: str) -> Iterator[None]:
+    """A live spinner on a terminal; silent in logs and pipes, where only the summary or error is wanted."""
+    if sys.stderr.isatty():
+        with Spinner(desc):
+            yield
+    else:
+        yield
+
+
+def _check_output(output: str, checkpoint: str | None) -> None:
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise _BadInput(f"output folder {folder} does not exist: create it or choose another -o")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _BadInput(f"output folder {folder} is not writable: choose another -o")
+    if os.path.isdir(output):
+        raise _BadInput(f"output {output} is a folder: give a file name such as {os.path.join(output, 'weights.safetensors')}")
+    if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
+        raise _BadInput(f"output {output} is the checkpoint itself: choose another -o")
+
+
+def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
+    """The per-layer head copies are one module in the official model: any difference means another model."""
+    import torch
+
+    for name, copies in naming.shared_head_copies(sd).items():
+        for key in copies[1:]:
+            if not torch.equal(sd[key], sd[copies[0]]):
+                raise CheckpointError(
+                    f"{key} differs from {copies[0]}: the official model shares one head over all decoder "
+                    "layers, so this checkpoint comes from a modified model"
+                )
+
+
+def extract(
+    output: str, checkpoint: str | None = None, variant: str | None = None,
+    random_init: str | None = None, seed: int = 0,
+) -> dict[str, Any]:
+    """Write the weights file; returns the summary. Raises _BadInput (or CheckpointError/ConfigError)."""
+    start = time.monotonic()
+    _check_output(output, checkpoint)
+    if random_init:
+        cfg = AnchorDETRConfig.from_variant(random_init)
+        from weights.random_init import random_state_dict
+
+        with _step(f"random {cfg.variant} weights (seed {seed})"):
+            sd = random_state_dict(cfg, seed)
+        source, source_sha256 = f"random-init {cfg.variant} seed {seed}", ""
+    else:
+        if variant:
+            AnchorDETRConfig.from_variant(variant)  # a bad name fails before the slow steps
+        with _step(f"reading {os.path.basename(checkpoint)}"):
+            sd, args = read_checkpoint(checkpoint)
+        with _step("hashing the checkpoint"):
+            source, source_sha256 = os.path.basename(checkpoint), file_sha256(checkpoint)
+        cfg = configure(sd, args, variant)
+    with _step("checking and converting"):
+        _verify_shared_heads(sd)
+        tensors = naming.to_builder(sd, cfg)
+    with _step(f"writing {output}"):
+        try:
+            save(output, cfg, tensors, source=source, source_sha256=source_sha256)
+        except OSError as exc:
+            raise _BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
+    return {
+        "output": output,
+        "variant": cfg.variant,
+        "config": json.loads(cfg.to_json()),
+        "tensors": len(tensors),
+        "parameters": sum(math.prod(t.shape) for t in tensors.values()),
+        "bytes": os.path.getsize(output),
+        "seconds": round(time.monotonic() - start, 3),
+        "sha256": file_sha256(output),
+        "source": source,
+        "source_sha256": source_sha256,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    opts = parser.parse_args(argv)
+    if bool(opts.checkpoint) == bool(opts.random_init):
+        parser.error("give either a CHECKPOINT or --random-init VARIANT")
+    if opts.random_init and opts.variant:
+        parser.error("--variant is for checkpoints; with --random-init the variant is its argument")
+    try:
+        import torch  # noqa: F401  (reading checkpoints and random weights need it)
+    except ImportError:
+        print("error: torch is not installed: pip install torch", file=sys.stderr)
+        return 3
+    try:
+        summary = extract(opts.output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
+    except (_BadInput, CheckpointError, ConfigError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if opts.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table([
+            ("written", summary["output"]),
+            ("variant", summary["variant"]),
+            ("source", summary["source"]),
+            ("tensors", summary["tensors"]),
+            ("parameters", f"{summary['parameters']:,}"),
+            ("size", format_bytes(summary["bytes"])),
+            ("time", format_seconds(summary["seconds"])),
+            ("sha256", summary["sha256"]),
+        ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
