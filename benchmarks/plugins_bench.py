@@ -215,7 +215,8 @@ def print_table(device: str, results) -> None:
         print(f"{r['case']:34} {r['batch']:>2} {r['dtype']:5} {fmt(r, 'ours_gpu_us', '9.2f')} "
               f"{fmt(r, 'ours_wall_us', '9.2f')} {fmt(r, 'eager_gpu_us', '9.2f')} {fmt(r, 'eager_wall_us', '10.2f')} "
               f"{fmt(r, 'compile_gpu_us', '8.2f')} {fmt(r, 'ours_gbps', '7.0f')} "
-              f"{100 * r['ours_hbm_fraction']:5.0f} {fmt(r, 'copy_gbps', '9.0f')} {fmt(r, 'speedup_vs_eager_gpu', '7.2f')} "
+              f"{100 * r['ours_hbm_fraction']:5.0f} {fmt(r, 'copy_gbps', '9.0f')} "
+              f"{fmt(r, 'speedup_vs_eager_gpu', '7.2f')} "
               f"{fmt(r, 'speedup_vs_compile_gpu', '9.2f')}")
 
 

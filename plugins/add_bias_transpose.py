@@ -11,7 +11,7 @@ import torch
 
 from . import launch as _launch
 from . import trt_glue
-from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix
+from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix, vector_width
 
 BLOCK = 256
 
@@ -21,14 +21,6 @@ def reference(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float) -> 
     b, q, c = x.shape
     y = (x.float() + bias.float()) * scale
     return y.reshape(b, q, heads, c // heads).permute(0, 2, 1, 3).contiguous().to(x.dtype)
-
-
-def vector_width(dtype: str, head_dim: int) -> int:
-    """Elements per thread: 16 bytes when a head's width allows it."""
-    width = 16 // (4 if dtype == "float32" else 2)
-    while head_dim % width:
-        width //= 2
-    return width
 
 
 def _check(shapes, attrs):

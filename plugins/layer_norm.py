@@ -11,7 +11,7 @@ import torch
 
 from . import launch as _launch
 from . import trt_glue
-from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, prod, same_dim, suffix
+from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, prod, same_dim, suffix, vector_width
 
 ROWS_PER_BLOCK = 8  # one warp per row
 MAX_CHANNELS = 1024  # the row lives in registers: at most 32 values per lane
@@ -21,14 +21,6 @@ def reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: flo
     """The op in PyTorch, computed in fp32 and returned in x's dtype."""
     out = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma.float(), beta.float(), eps)
     return out.to(x.dtype)
-
-
-def vector_width(dtype: str, channels: int) -> int:
-    """Elements per load: 16 bytes when the channels allow it."""
-    width = 16 // (4 if dtype == "float32" else 2)
-    while channels % width:
-        width //= 2
-    return width
 
 
 def _check(shapes, attrs):

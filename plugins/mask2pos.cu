@@ -33,7 +33,9 @@ __device__ __forceinline__ void mask2pos(const unsigned char* __restrict__ mask,
                 const int up = __shfl_up_sync(FULL_WARP, running, offset);
                 if (lane >= offset) running += up;
             }
-            if (k >= first && k < first + POS_PER_BLOCK && k < n) count[k - first] = static_cast<float>(carry + running);
+            if (k >= first && k < first + POS_PER_BLOCK && k < n) {
+                count[k - first] = static_cast<float>(carry + running);
+            }
             carry += __shfl_sync(FULL_WARP, running, 31);
         }
         if (lane == 0) total = static_cast<float>(carry);

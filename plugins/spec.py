@@ -43,6 +43,14 @@ def float_literal(value: float) -> str:
     return rounded.hex() + "f"
 
 
+def vector_width(dtype: str, extent: int) -> int:
+    """Elements per vector access: 16 bytes' worth, halved until it divides `extent` (a row or a head)."""
+    width = 16 // element_size(dtype)
+    while extent % width:
+        width //= 2
+    return width
+
+
 def prod(dims) -> Any:
     """Product of dims, symbolic operand kept on the left; 1 for no dims."""
     dims = list(dims)

@@ -88,7 +88,8 @@ def test_float_attributes_are_baked_into_the_ptx(fresh_cache):
         return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
 
     for eps in (1e-5, 1e-6):
-        ptx = nvrtc.compile_kernel("layer_norm.cu", layer_norm._kernel(["float32"], {**ATTRS["layer_norm"], "eps": eps})[1], 90)
+        defines = layer_norm._kernel(["float32"], {**ATTRS["layer_norm"], "eps": eps})[1]
+        ptx = nvrtc.compile_kernel("layer_norm.cu", defines, 90)
         assert bits(eps).encode() in ptx
     attrs = ATTRS["add_bias_transpose"]
     ptx = nvrtc.compile_kernel("add_bias_transpose.cu", add_bias_transpose._kernel(["float16"], attrs)[1], 90)
@@ -303,18 +304,20 @@ def test_rules_only_use_tensorrt_dimension_algebra(spec, shapes, dtype):
         assert tuple(concrete(d) for d in shape) == tuple(want_shape) and dt == want_dt
 
 
-def test_output_rules():
-    assert add_bias_transpose.SPEC.output_rule([(2, 900, 256), (256,)], ["float16", "float32"], ATTRS["add_bias_transpose"]) == [
-        ((2, 8, 900, 32), "float16")
-    ]
-    assert mask2pos.SPEC.output_rule([(2, 38, 68)], ["bool"], {"d": 256, "fp16": True}) == [
-        ((2, 38, 256), "float16"),
-        ((2, 68, 256), "float16"),
-    ]
-    assert masked_softmax.SPEC.output_rule([(1, 8, 5, 7), (1, 7)], ["float16", "bool"], {}) == [((1, 8, 5, 7), "float16")]
-    assert layer_norm.SPEC.output_rule([(3, 4, 256), (256,), (256,)], ["float32"] * 3, ATTRS["layer_norm"]) == [
-        ((3, 4, 256), "float32")
-    ]
+@pytest.mark.parametrize(
+    "spec,shapes,dtypes,attrs,expected",
+    [
+        (add_bias_transpose.SPEC, [(2, 900, 256), (256,)], ["float16", "float32"], ATTRS["add_bias_transpose"],
+         [((2, 8, 900, 32), "float16")]),
+        (mask2pos.SPEC, [(2, 38, 68)], ["bool"], {"d": 256, "fp16": True},
+         [((2, 38, 256), "float16"), ((2, 68, 256), "float16")]),
+        (masked_softmax.SPEC, [(1, 8, 5, 7), (1, 7)], ["float16", "bool"], {}, [((1, 8, 5, 7), "float16")]),
+        (layer_norm.SPEC, [(3, 4, 256), (256,), (256,)], ["float32"] * 3, ATTRS["layer_norm"],
+         [((3, 4, 256), "float32")]),
+    ],
+)
+def test_output_rules(spec, shapes, dtypes, attrs, expected):
+    assert spec.output_rule(shapes, dtypes, attrs) == expected
 
 
 @pytest.mark.parametrize(
@@ -325,8 +328,10 @@ def test_output_rules():
         (masked_softmax.SPEC, [(2, 5, 7), (2, 7)], ["float32", "bool"], {}, "rank 4"),
         (layer_norm.SPEC, [(2, 5, 128), (256,), (256,)], ["float32"] * 3, ATTRS["layer_norm"], "share 256"),
         (layer_norm.SPEC, [(2, 4096), (4096,), (4096,)], ["float32"] * 3, {"eps": 1e-5, "channels": 4096}, "1..1024"),
-        (layer_norm.SPEC, [(2, 256), (256,), (256,)], ["int32", "float32", "float32"], ATTRS["layer_norm"], "dtype int32"),
-        (add_bias_transpose.SPEC, [(2, 5, 250), (250,)], ["float32"] * 2, {"heads": 8, "scale": 1.0, "channels": 250}, "8 heads"),
+        (layer_norm.SPEC, [(2, 256), (256,), (256,)], ["int32", "float32", "float32"], ATTRS["layer_norm"],
+         "dtype int32"),
+        (add_bias_transpose.SPEC, [(2, 5, 250), (250,)], ["float32"] * 2,
+         {"heads": 8, "scale": 1.0, "channels": 250}, "8 heads"),
         (add_bias_transpose.SPEC, [(2, 5, 256), (255,)], ["float32"] * 2, ATTRS["add_bias_transpose"], "256 channels"),
         (mask2pos.SPEC, [(2, 5, 7)], ["bool"], {"d": 0, "fp16": False}, "d=0"),
     ],
