@@ -471,6 +471,8 @@ class AnchorDETR(nn.Module):
     def __init__(self, cfg: AnchorDETRConfig):
         super().__init__()
         self.cfg = cfg
+        # Registration order gives the checkpoint's key order: transformer, input_proj, backbone.
+        self.transformer = Transformer(cfg)
         d = cfg.d_model
         if cfg.num_feature_levels == 1:
             self.input_proj = nn.ModuleList([nn.Sequential(nn.Conv2d(2048, d, 1), nn.GroupNorm(32, d))])
@@ -481,7 +483,6 @@ class AnchorDETR(nn.Module):
                 nn.Sequential(nn.Conv2d(2048, d, 1), nn.GroupNorm(32, d)),
             ])
         self.backbone = Backbone(cfg)
-        self.transformer = Transformer(cfg)
         self.eval()
 
     def _run(self, images: Tensor, masks: Tensor, record: dict | None) -> dict:
