@@ -34,6 +34,8 @@ from runtime.preprocess import ShapeError, pad_batch, preprocess_image, to_rgb
 DEFAULT_ENGINE = Path("engines/anchor_detr_r50_dc5_fp16.plan")  # what `python -m netdef.build --fp16` writes
 INPUTS = ("images", "masks")
 POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
+# Architectures TensorRT-RTX 1.7 compiles for (its ComputeCapability enum); Hopper (9.x) is not among them.
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 
 
 def require_file(engine_path: str | Path) -> Path:
@@ -88,10 +90,12 @@ class Engine:
         self._runtime = self.trt.Runtime(self._logger)
         self.trt_engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.trt_engine is None:
-            raise BadInput(
-                f"TensorRT could not load {self.path} on {self.device.name} (compute capability "
-                f"{self.device.compute_capability}): {self._logger.last_error}; {REBUILD_HINT}"
-            )
+            problem = (f"TensorRT could not load {self.path} on {self.device.name} (compute capability "
+                       f"{self.device.compute_capability}): {self._logger.last_error}")
+            if backend.name == "tensorrt-rtx" and self.device.compute_capability not in RTX_COMPUTE_CAPABILITIES:
+                raise Unavailable(f"{problem}; TensorRT-RTX targets compute capability "
+                                  f"{', '.join(RTX_COMPUTE_CAPABILITIES)} only: build with full TensorRT (--backend tensorrt)")
+            raise BadInput(f"{problem}; {REBUILD_HINT}")
         names = [self.trt_engine.get_tensor_name(i) for i in range(self.trt_engine.num_io_tensors)]
         is_input = {n: self.trt_engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT for n in names}
         self.inputs = tuple(n for n in names if is_input[n])
@@ -99,6 +103,10 @@ class Engine:
         if sorted(self.inputs) != sorted(INPUTS):
             raise BadInput(f"engine {self.path} has inputs {list(self.inputs)}, not AnchorDETR's {list(INPUTS)}")
         self.dtypes = {n: np.dtype(self.trt.nptype(self.trt_engine.get_tensor_dtype(n))) for n in names}
+        # The plan's own profile is authoritative; (B,3,H,W) -> (B,H,W).
+        self.profile = Profile(*(
+            (int(s[0]), int(s[2]), int(s[3])) for s in self.trt_engine.get_tensor_profile_shape("images", 0)
+        ))
 
     def _check(self, backend: Any, compute_capability: str | None, weights_sha256: str | None) -> None:
         try:
@@ -284,6 +292,8 @@ class EngineRunner(Detector):
 
         Sizes below the profile minimum are padded (masked); outputs keep the caller's batch size.
         """
+        if self.context is None:
+            raise AnchorRuntimeError("this EngineRunner is closed: create a new one")
         started = time.perf_counter()
         batch = images.shape[0]
         images, masks = self.fit_profile(np.asarray(images), np.asarray(masks))

@@ -28,22 +28,24 @@ def cuda():
     return cuda
 
 
-@pytest.fixture(scope="module")
-def saxpy(cuda):
-    """The kernel compiled to a cubin for this GPU's architecture and loaded into the primary context."""
+def compile_kernel(cuda, source: bytes, name: str):
+    """`name` from `source`, compiled by NVRTC to a cubin for this GPU and loaded into the primary context."""
     from cuda.bindings import driver as cu, nvrtc
 
     device = cuda.init()
-    prog = cuda.check(nvrtc.nvrtcCreateProgram(SAXPY, b"saxpy.cu", 0, [], []), "nvrtcCreateProgram")
-    arch = device.compute_capability.replace(".", "")
-    opts = [f"--gpu-architecture=sm_{arch}".encode()]
+    prog = cuda.check(nvrtc.nvrtcCreateProgram(source, f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
+    opts = [f"--gpu-architecture=sm_{device.compute_capability.replace('.', '')}".encode()]
     cuda.check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "nvrtcCompileProgram")
     size = cuda.check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
     cubin = b" " * size
     cuda.check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
     module = cuda.check(cu.cuModuleLoadData(cubin), "cuModuleLoadData")
-    yield cuda.check(cu.cuModuleGetFunction(module, b"saxpy"), "cuModuleGetFunction")
-    cuda.check(cu.cuModuleUnload(module), "cuModuleUnload")
+    return cuda.check(cu.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
+
+
+@pytest.fixture(scope="module")
+def saxpy(cuda):
+    return compile_kernel(cuda, SAXPY, "saxpy")
 
 
 def launch(cuda, kernel, stream, a, x, y, out, n=N):
@@ -144,3 +146,218 @@ def test_close_is_idempotent(cuda):
         resource.close()
         resource.close()
     assert pinned.array is None
+
+
+# EngineRunner on a real GPU with a stand-in for TensorRT: the "engine" is one NVRTC kernel that the fake
+# context launches on the runner's stream from the addresses and shapes the runner gave it. This proves the
+# runner's buffers, copies, shape switching, graph capture/replay and fallback, and engine sharing; what it
+# cannot prove is TensorRT's own behaviour (that needs the `trt` tests and full TensorRT).
+
+FAKE_DETR = rb"""
+extern "C" __global__ void fake_detr(const float* images, const bool* masks, float* logits, float* boxes,
+                                     int B, int H, int W, int Q, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * Q) return;
+    int b = i / Q, q = i % Q;
+    float v = images[((size_t)b * 3 + q % 3) * H * W + q];  // channel q%3, row 0, column q
+    for (int c = 0; c < C; ++c) logits[(size_t)i * C + c] = v + c;
+    int valid = 0;
+    for (int x = 0; x < W; ++x) valid += !masks[(size_t)b * H * W + x];  // unpadded columns of row 0
+    for (int j = 0; j < 4; ++j) boxes[(size_t)i * 4 + j] = (float)valid / W * (j + 1);
+}
+"""
+Q, C = 4, 91
+PROFILE = {"min": [1, 8, 8], "opt": [1, 16, 16], "max": [2, 32, 48]}
+
+
+def expected_outputs(images, masks):
+    batch = images.shape[0]
+    v = np.stack([images[:, q % 3, 0, q] for q in range(Q)], 1)  # (B, Q)
+    logits = v[:, :, None] + np.arange(C, dtype=np.float32)
+    valid = (~masks[:, 0, :]).sum(1) / masks.shape[2]
+    boxes = np.broadcast_to(valid[:, None, None] * np.arange(1, 5, dtype=np.float32), (batch, Q, 4))
+    return logits.astype(np.float32), boxes.astype(np.float32)
+
+
+class FakeTensorRT:
+    """The parts of the tensorrt module EngineRunner uses."""
+
+    __version__ = "0.0.fake"
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class ILogger:
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING = "internal", "error", "warning"
+
+        def __init__(self):
+            pass
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    def __init__(self, kernel, fail_capture=False):
+        self.kernel, self.fail_capture = kernel, fail_capture
+
+    def Runtime(self, logger):
+        fake = self
+
+        class Runtime:
+            def deserialize_cuda_engine(self, data):
+                return FakeEngine(fake)
+
+        return Runtime()
+
+
+class FakeEngine:
+    io = {"images": np.float32, "masks": np.bool_, "pred_logits": np.float32, "pred_boxes": np.float32}
+
+    def __init__(self, fake):
+        self.fake, self.num_io_tensors, self.contexts = fake, 4, 0
+
+    def get_tensor_name(self, i):
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name in ("images", "masks") else "output"
+
+    def get_tensor_dtype(self, name):
+        return self.io[name]
+
+    def get_tensor_profile_shape(self, name, index):
+        return [(b, 3, h, w) for b, h, w in PROFILE.values()]
+
+    def create_execution_context(self):
+        self.contexts += 1
+        return FakeContext(self.fake)
+
+
+class FakeContext:
+    def __init__(self, fake):
+        self.fake, self.shapes, self.addresses = fake, {}, {}
+
+    def set_input_shape(self, name, dims):
+        self.shapes[name] = tuple(dims)
+        return True
+
+    def infer_shapes(self):
+        return []
+
+    def get_tensor_shape(self, name):
+        batch = self.shapes["images"][0]
+        return self.shapes.get(name) or {"pred_logits": (batch, Q, C), "pred_boxes": (batch, Q, 4)}[name]
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        from cuda.bindings import driver as cu
+
+        if self.fake.fail_capture:
+            status = cu.cuStreamIsCapturing(stream)[1]
+            if status != cu.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE:
+                return False
+        batch, _, height, width = self.shapes["images"]
+        a = self.addresses
+        args = ((a["images"], a["masks"], a["pred_logits"], a["pred_boxes"], batch, height, width, Q, C),
+                (ctypes.c_void_p,) * 4 + (ctypes.c_int,) * 5)
+        err, = cu.cuLaunchKernel(self.fake.kernel, 1, 1, 1, 64, 1, 1, 0, stream, args, 0)
+        return err == cu.CUresult.CUDA_SUCCESS
+
+
+@pytest.fixture
+def fake_engine(cuda, tmp_path, monkeypatch):
+    from netdef.backend import Backend
+    from netdef.sidecar import write_sidecar
+
+    def make(fail_capture=False):
+        fake = FakeTensorRT(compile_kernel(cuda, FAKE_DETR, "fake_detr"), fail_capture)
+        monkeypatch.setattr("runtime.runner.get_backend", lambda name: Backend("tensorrt", fake))
+        path = tmp_path / "fake.plan"
+        path.write_bytes(b"fake")
+        write_sidecar(path, {
+            "config": {}, "profile": PROFILE, "precision": "fp32", "plugins": [], "postprocess": False,
+            "backend": "tensorrt", "trt_version": FakeTensorRT.__version__,
+            "gpu": {"name": "x", "compute_capability": cuda.init().compute_capability}, "weights_sha256": "0" * 64,
+            "inputs": {}, "outputs": {}, "anchortrt_version": "0",
+        })
+        return path
+
+    return make
+
+
+def random_inputs(rng, batch, height, width, valid_width):
+    images = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
+    masks = np.zeros((batch, height, width), dtype=bool)
+    masks[:, :, valid_width:] = True
+    return images, masks
+
+
+def infer_and_compare(runner, images, masks):
+    out = runner.infer(images, masks)
+    logits, boxes = expected_outputs(images, masks)
+    np.testing.assert_array_equal(out["pred_logits"], logits)
+    np.testing.assert_allclose(out["pred_boxes"], boxes, rtol=1e-6)
+    return runner.last_timing["graph"]
+
+
+def test_runner_graphs_per_shape_replay_new_data(cuda, fake_engine, monkeypatch):
+    from runtime.runner import EngineRunner
+
+    def no_allocation(*args):
+        raise AssertionError("memory allocated after the runner was created")
+
+    rng = np.random.default_rng(2)
+    with EngineRunner(fake_engine(), cuda_graphs=True) as runner:
+        assert runner.engine.profile.max == (2, 32, 48)
+        monkeypatch.setattr(cuda, "DeviceBuffer", no_allocation)
+        monkeypatch.setattr(cuda, "PinnedBuffer", no_allocation)
+        sequence = [(2, 16, 24, 20), (2, 16, 24, 7), (1, 32, 48, 48), (1, 32, 48, 5), (2, 16, 24, 24), (2, 8, 8, 3)]
+        graphs = [infer_and_compare(runner, *random_inputs(rng, *shape)) for shape in sequence]
+        # first call of a shape runs plainly and captures; repeats replay with the new data
+        assert graphs == [False, True, False, True, True, False]
+        assert set(runner._graphs) == {(2, 16, 24), (1, 32, 48), (2, 8, 8)} and not runner.graph_failures
+        assert runner.last_timing["gpu_ms"] > 0 and runner.last_timing["host_ms"] > 0
+    with pytest.raises(Exception, match="closed"):
+        runner.infer(*random_inputs(rng, 1, 8, 8, 8))
+
+
+def test_runner_falls_back_when_capture_fails(fake_engine):
+    from runtime.runner import EngineRunner
+
+    rng = np.random.default_rng(3)
+    with EngineRunner(fake_engine(fail_capture=True), cuda_graphs=True) as runner:
+        graphs = [infer_and_compare(runner, *random_inputs(rng, 2, 16, 24, w)) for w in (24, 10, 3)]
+        assert graphs == [False, False, False]
+        assert "execute_async_v3 failed" in runner.graph_failures[(2, 16, 24)]
+
+
+def test_runners_share_one_engine_across_threads(fake_engine):
+    import threading
+
+    from runtime.runner import Engine, EngineRunner
+
+    with Engine(fake_engine()) as engine:
+        runners = [EngineRunner(engine, cuda_graphs=graphs) for graphs in (False, True)]
+        assert engine.trt_engine.contexts == 2
+        failures = []
+
+        def work(runner, seed):
+            rng = np.random.default_rng(seed)
+            try:
+                for i in range(30):
+                    infer_and_compare(runner, *random_inputs(rng, 1 + i % 2, 8 + i % 3 * 8, 16 + i % 5 * 8, 1 + i % 16))
+            except Exception as exc:  # surfaced below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(r, seed)) for seed, r in enumerate(runners)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for runner in runners:
+            runner.close()
+        assert not failures, failures

@@ -134,3 +134,10 @@ def test_unloadable_plan_reports_tensorrt_error(tmp_path, monkeypatch):
                        gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
     with pytest.raises(BadInput, match=r"TensorRT could not load .*model.plan on Fake GPU .*magicTagRead"):
         Engine(path)
+
+
+def test_rtx_engine_on_hopper_is_an_environment_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "1.7.1.116"))
+    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
+    with pytest.raises(Unavailable, match=r"TensorRT-RTX targets compute capability 7\.5, .* build with full TensorRT"):
+        Engine(make_engine(tmp_path, trt_version="1.7.1.116"))
