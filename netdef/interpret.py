@@ -676,7 +676,10 @@ def _plugin(ctx, layer, ins):
             f"plugin layer {layer.name!r}: the interpreter needs plugins.interpret_plugin_layer to evaluate plugin "
             "layers; build the network without plugins (--plugins none) to interpret it"
         ) from None
-    outs = hook(layer, [t.to(dt) for t, dt in zip(ins, ctx.in_dtypes(layer))])
+    try:
+        outs = hook(layer, [t.to(dt) for t, dt in zip(ins, ctx.in_dtypes(layer))])
+    except ValueError as exc:  # the hook's way of saying the layer is not one of our plugins
+        raise InterpretError(f"plugin layer {layer.name!r}: {exc}") from None
     return outs if isinstance(outs, (list, tuple)) else (outs,)
 
 

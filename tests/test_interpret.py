@@ -746,6 +746,10 @@ def test_plugin_layers_go_to_the_plugins_hook(monkeypatch):
     (out,) = interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
     assert seen[0][0].dtype == torch.float16  # the hook sees the declared dtype, not the float32 compute copy
     assert out.tolist() == [2.0, 2.0]
+    layer.metadata = "not ours"
+    monkeypatch.undo()
+    with pytest.raises(InterpretError, match="ln_plugin.*not an anchortrt plugin layer"):
+        interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
 
 
 def test_unsupported_layer_is_named():
