@@ -32,8 +32,9 @@ class Backend:
 
     @property
     def has_plugins(self) -> bool:
-        # TensorRT-RTX has no custom layers at all.
-        return hasattr(self.trt.INetworkDefinition, "add_plugin_v3")
+        # TensorRT-RTX has no custom layers at all; our plugins are ahead-of-time `tensorrt.plugin`
+        # kernels, which need QuickPluginCreationRequest (TensorRT 10.8+).
+        return hasattr(self.trt.INetworkDefinition, "add_plugin") and hasattr(self.trt, "QuickPluginCreationRequest")
 
     @property
     def builds_without_gpu(self) -> bool:
