@@ -643,8 +643,10 @@ def _attention(ctx, layer, ins):
         raise InterpretError(f"attention {layer.name!r}: {q.shape[1]} query heads, {k.shape[1]} key/value heads")
     repeat = q.shape[1] // k.shape[1]  # grouped-query attention shares each key/value head
     k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+    causal, softmax = attention.causal_kind.name, attention.norm_op.name == "SOFTMAX"
+    if not softmax and (causal != "NONE" or (mask is not None and mask.dtype == torch.bool)):
+        raise InterpretError(f"attention {layer.name!r}: masking without softmax is not documented by TensorRT")
     scores = q @ k.transpose(-1, -2)  # no 1/sqrt(d) scaling: the layer leaves that to the caller
-    causal = attention.causal_kind.name
     if causal != "NONE":
         sq, skv = scores.shape[-2:]
         offset = skv - sq if causal == "LOWER_RIGHT" else 0
@@ -656,8 +658,9 @@ def _attention(ctx, layer, ins):
             scores = scores.masked_fill(~mask, -math.inf)
         else:
             scores = scores + mask
-    if attention.norm_op.name == "SOFTMAX":
+    if softmax:
         scores = torch.softmax(scores, -1)  # a fully masked row gives NaN here; TensorRT does not define it
+    # The probabilities stay float32 for the second matmul; a fused fp16 kernel may round them to fp16 first.
     return scores @ v
 
 
