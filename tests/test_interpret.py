@@ -664,12 +664,12 @@ def test_cumulative_sum(exclusive, reverse):
 # --------------------------------------------------------------------------------------------- attention, einsum
 
 
-def attention_network(dtype, mask_dtype=None, causal="NONE", heads=(4, 2), sq=5, skv=7, d=8):
+def attention_network(dtype, mask_dtype=None, causal="NONE", heads=(4, 2), sq=5, skv=7, d=8, norm="SOFTMAX"):
     net = Net()
     q = net.input("q", dtype, (-1, heads[0], sq, d))
     k = net.input("k", dtype, (-1, heads[1], skv, d))
     v = net.input("v", dtype, (-1, heads[1], skv, d))
-    att = net.network.add_attention_v2(q, k, v, trt.AttentionNormalizationOp.SOFTMAX,
+    att = net.network.add_attention_v2(q, k, v, trt.AttentionNormalizationOp.__members__[norm],
                                        trt.CausalMaskKind.__members__[causal])
     att.decomposable = True
     if mask_dtype is not None:
@@ -718,6 +718,13 @@ def test_attention_causal_kinds(causal):
     allowed = cols <= rows + (2 if causal == "LOWER_RIGHT" else 0)
     want = reference_attention(q, k, v, torch.zeros(5, 7).masked_fill(~allowed, -math.inf))
     close(net.run(q=q, k=k, v=v)["y"], want, tol=1e-5)
+
+
+def test_attention_without_normalization():
+    net = attention_network(trt.float32, norm="NONE")
+    q, k, v = qkv()
+    got = net.run(q=q, k=k, v=v)["y"]
+    close(got, torch.einsum("bhqd,bhkd,bhke->bhqe", q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)), 1e-4)
 
 
 def test_einsum():
