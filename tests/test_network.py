@@ -43,12 +43,19 @@ def small_config(variant: str = "r50_dc5", **changes) -> AnchorDETRConfig:
 
 
 @functools.cache
-def builder_tensors(cfg: AnchorDETRConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random peaked weights (weights.random_state_dict) in builder naming, float32 numpy."""
-    from weights.naming import to_builder
+def official_state_dict(cfg: AnchorDETRConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random peaked weights in the official layout (weights.random_state_dict)."""
     from weights.random_init import random_state_dict
 
-    return {k: v.numpy() for k, v in to_builder(random_state_dict(cfg, seed), cfg).items()}
+    return random_state_dict(cfg, seed)
+
+
+@functools.cache
+def builder_tensors(cfg: AnchorDETRConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """official_state_dict in builder naming (BN folded, projections sliced), float32 numpy."""
+    from weights.naming import to_builder
+
+    return {k: v.numpy() for k, v in to_builder(official_state_dict(cfg, seed), cfg).items()}
 
 
 def define(trt, cfg: AnchorDETRConfig, tensors=None, **options):
@@ -86,8 +93,7 @@ def build_at_default_profile(backend, cfg, fp16: bool):
 
 
 # ---------------------------------------------------------------------------------------------- builds
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["r50_dc5", "r50_c5", "r101_dc5"])
+@pytest.mark.parametrize("variant", ["r50_dc5", "r50_c5", pytest.param("r101_dc5", marks=pytest.mark.slow)])
 def test_shallow_variants_build_at_the_dynamic_profile(rtx, variant):
     plan, n_layers, _ = build_at_default_profile(rtx, small_config(variant), fp16=False)
     assert plan.nbytes > 10 << 20 and n_layers > 300
