@@ -277,6 +277,11 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
+def _spatial_attention(cfg: AnchorDETRConfig) -> nn.Module:
+    """The attention over feature maps: RCDA, or standard multi-head in the ablation."""
+    return (RCDA if cfg.attention_type == "RCDA" else MultiheadAttention)(cfg.d_model, cfg.nheads)
+
+
 def _mlp2(d: int) -> nn.Sequential:
     """Linear, ReLU, Linear: the position adapters (Sequential indices 0 and 2 are the checkpoint keys)."""
     return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
@@ -287,8 +292,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: AnchorDETRConfig):
         super().__init__()
-        attn = RCDA if cfg.attention_type == "RCDA" else MultiheadAttention
-        self.self_attn = attn(cfg.d_model, cfg.nheads)
+        self.self_attn = _spatial_attention(cfg)
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.ffn = FFN(cfg.d_model, cfg.dim_feedforward)
 
@@ -332,8 +336,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: AnchorDETRConfig):
         super().__init__()
-        attn = RCDA if cfg.attention_type == "RCDA" else MultiheadAttention
-        self.cross_attn = attn(cfg.d_model, cfg.nheads)
+        self.cross_attn = _spatial_attention(cfg)
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.nheads)
         self.norm2 = nn.LayerNorm(cfg.d_model)
