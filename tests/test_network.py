@@ -312,3 +312,22 @@ def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
     assert (out[0, 0, :, 2:] == 0).all()
     torch.testing.assert_close(out[1], torch.full((1, 2, 4), 0.25))
     assert MASK_FILL > float(np.finfo(np.float32).min)
+
+
+# ---------------------------------------------------------------------------------------------- group norm
+@pytest.mark.parametrize("v2", [True, False], ids=["normalization_v2", "normalization_v1"])
+def test_group_norm_matches_torch(rtx, v2):
+    """GroupNorm(32) through add_normalization_v2 (per-channel affine) and through the v1 fallback of
+    TensorRT < 10.15 (per-group affine, so identity there and the channel affine after)."""
+    from netdef.interpret import interpret_network
+
+    trt = rtx.trt
+    _, network, net = _bare_net(rtx)
+    net._norm_v2 = v2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 3, 5, generator=gen) * 3 + 1
+    gamma, beta = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen)
+    y = net.group_norm(net.input("x", trt.float32, (2, 64, 3, 5)), 32, gamma.numpy(), beta.numpy(), "gn")
+    net.output(y, "y")
+    got = interpret_network(network, {"x": x}, trt=trt)["y"]
+    torch.testing.assert_close(got, torch.nn.functional.group_norm(x, 32, gamma, beta, 1e-5), atol=1e-5, rtol=1e-5)
