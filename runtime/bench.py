@@ -34,7 +34,8 @@ examples:
   python -m runtime.bench --engine engines/anchor_detr_r50_dc5_fp16.plan --graphs --json bench.json
   python -m runtime.bench --torch-weights weights/anchor_detr_r50_dc5.safetensors --shapes 800x800 --batch 1
 engine rows: mode "enqueue" (execute_async_v3 per call) and, with --graphs, "cuda-graph" (captured per shape).
-torch modes (--torch-modes): """ + "; ".join(f"{k}: {v}" for k, v in TORCH_MODES.items()) + """
+torch modes (--torch-modes):
+""" + "".join(f"  {k:13} {v}\n" for k, v in TORCH_MODES.items()) + """\
 exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT)
 """
 
@@ -221,9 +222,10 @@ def device_name(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime.bench",
-        description="Benchmark an AnchorDETR engine (a trtexec replacement for our engines) or the PyTorch reference: "
-        "latency p50/p90/p99/mean of the GPU time (CUDA events) and of the end-to-end time with host<->device "
-        "copies, throughput in images/s and device memory, per batch size and input shape.",
+        description="Benchmark an AnchorDETR engine (a trtexec replacement for our engines) or the PyTorch\n"
+        "reference: latency p50/p90/p99/mean of the GPU time (CUDA events) and of the end-to-end time\n"
+        "(numpy in, host<->device copies, numpy out), throughput in images/s and device memory, per batch\n"
+        "size and input shape. Random inputs: the time does not depend on the pixels.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m runtime.infer",
-        description="Run an AnchorDETR engine built by `python -m netdef.build` on images: a table of detections per "
-        "image (COCO label, name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and a COCO "
-        "results JSON. Images are resized and normalised as the official evaluation does; any Pillow-readable "
-        "image works (EXIF orientation applied, grayscale/palette/alpha/CMYK/16-bit converted to RGB).",
+        description="Run an AnchorDETR engine built by `python -m netdef.build` on images: a table of detections\n"
+        "per image (COCO label, name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and\n"
+        "a COCO results JSON. Images are resized and normalised as the official evaluation does; any\n"
+        "Pillow-readable image works (EXIF orientation applied; grayscale, palette, alpha, CMYK and\n"
+        "16-bit images converted to RGB). Needs an NVIDIA GPU and the TensorRT that built the engine.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

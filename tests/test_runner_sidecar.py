@@ -118,26 +118,24 @@ def fake_gpu(compute_capability):
     return lambda index=0: cuda.Device(index, "Fake GPU", compute_capability, 1 << 34, None)
 
 
-def test_engine_for_another_gpu_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "11.4.0"))
-    monkeypatch.setattr(cuda, "init", fake_gpu("8.6"))
-    path = make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0",
-                       gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
-    with pytest.raises(Unavailable, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9\.0\), this GPU is 8\.6"):
+H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+@pytest.mark.parametrize(
+    "backend, version, built_on, running_cc, error, pattern",
+    [
+        ("tensorrt", "11.4.0", H100, "8.6", Unavailable,
+         r"built for NVIDIA H100 80GB HBM3 \(compute capability 9\.0\), this GPU is 8\.6"),
+        ("tensorrt", "11.4.0", H100, "9.0", BadInput, r"TensorRT could not load .*model.plan on Fake GPU .*magicTagRead"),
+        ("tensorrt-rtx", "1.7.1.116", None, "9.0", Unavailable,
+         r"TensorRT-RTX targets compute capability 7\.5, .* build with full TensorRT"),
+    ],
+    ids=["other-gpu", "unloadable-plan", "rtx-on-hopper"],
+)
+def test_gpu_checks_and_deserialisation_failure(tmp_path, monkeypatch, backend, version, built_on, running_cc,
+                                                error, pattern):
+    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, version))
+    monkeypatch.setattr(cuda, "init", fake_gpu(running_cc))
+    path = make_engine(tmp_path, backend=backend, trt_version=version, gpu=built_on)
+    with pytest.raises(error, match=pattern):
         Engine(path)
-
-
-def test_unloadable_plan_reports_tensorrt_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "11.4.0"))
-    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
-    path = make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0",
-                       gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
-    with pytest.raises(BadInput, match=r"TensorRT could not load .*model.plan on Fake GPU .*magicTagRead"):
-        Engine(path)
-
-
-def test_rtx_engine_on_hopper_is_an_environment_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "1.7.1.116"))
-    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
-    with pytest.raises(Unavailable, match=r"TensorRT-RTX targets compute capability 7\.5, .* build with full TensorRT"):
-        Engine(make_engine(tmp_path, trt_version="1.7.1.116"))
