@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import re
 
 import numpy as np
@@ -361,3 +362,38 @@ def test_runners_share_one_engine_across_threads(fake_engine):
         for runner in runners:
             runner.close()
         assert not failures, failures
+
+
+def test_bench_engine_rows_on_the_stand_in(fake_engine, tmp_path, capsys):
+    from runtime import bench
+
+    out = tmp_path / "bench.json"
+    argv = ["--engine", str(fake_engine()), "--shapes", "16x24,32x48", "--batch", "1,2", "--iters", "5",
+            "--warmup", "2", "--graphs", "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["mode"], r["batch"], r["height"]) for r in rows] == [
+        (mode, b, h) for mode in ("enqueue", "cuda-graph") for b in (1, 2) for h in (16, 32)]
+    for r in rows:
+        assert 0 < r["gpu_ms"]["p50"] <= r["gpu_ms"]["p99"] and r["e2e_ms"]["mean"] > 0 and r["iters"] == 5
+        assert r["device_mem_mib"] >= 0 and "graph_failure" not in r
+    assert "cuda-graph" in capsys.readouterr().out
+    assert bench.main(argv[:2] + ["--shapes", "64x64"]) == 2  # outside the profile
+
+
+def test_infer_cli_on_the_stand_in(fake_engine, tmp_path, capsys):
+    from PIL import Image
+
+    from runtime import infer
+
+    for name, size in (("7.png", (20, 10)), ("tall.png", (9, 40))):
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / name)
+    results = tmp_path / "r.json"
+    argv = [str(tmp_path / "7.png"), str(tmp_path / "tall.png"), "--engine", str(fake_engine()),
+            "--threshold", "0", "--json", str(results), "--out", str(tmp_path / "out")]
+    assert infer.main(argv) == 0
+    records = json.loads(results.read_text())
+    assert [r["image_id"] for r in records] == [7] * 100 + [1] * 100  # top-100 of 4 queries x 91 labels each
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["7.jpg", "tall.jpg"]
+    assert "2 images processed, 200 detections" in capsys.readouterr().out
