@@ -219,7 +219,8 @@ class _InProj(nn.Module):
         super().__init__()
         self.nheads = nheads
         self.in_proj_weight = nn.Parameter(torch.empty(n_proj * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.empty(n_proj * d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(n_proj * d_model))
+        nn.init.xavier_uniform_(self.in_proj_weight)  # a usable model before any weights are loaded
         self.out_proj = nn.Linear(d_model, d_model)
 
     def project(self, x: Tensor, j: int) -> Tensor:

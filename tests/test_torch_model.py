@@ -87,6 +87,9 @@ def test_shared_heads_are_one_module_under_every_index():
     model = AnchorDETR(AnchorDETRConfig.from_variant("r50_c5"))
     t = model.transformer
     assert all(m is t.class_embed[0] for m in t.class_embed) and all(m is t.bbox_embed[0] for m in t.bbox_embed)
+    # Every parameter is initialised: a model without loaded weights still computes finite outputs.
+    out = model(*batch([(64, 64)]))
+    assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_boxes"]).all()
 
 
 def test_loads_checkpoint_with_bn_step_counters():
