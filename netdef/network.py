@@ -31,6 +31,9 @@ Exact rewrites used (each is named where it is made):
 * Projections of one input share one matmul against concatenated weights, and position terms that
   are constant become constant offsets: W (x + p) + b = W x + (W p + b).
 * The 1/sqrt(head_dim) query scaling is folded into the query weights.
+
+Left to TensorRT on purpose: bias adds after matmuls (fused into the GEMM epilogue), the FP16 casts
+around softmax and normalisation (fused into those kernels), and head split/merge shuffles (strides).
 """
 
 from __future__ import annotations

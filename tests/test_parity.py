@@ -56,15 +56,12 @@ def trt():
 
 
 def make_batch(sizes, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded batch of random normalised images and its mask (True = padding)."""
-    gen = torch.Generator().manual_seed(seed)
-    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
-    images = torch.zeros(len(sizes), 3, height, width)
-    masks = torch.ones(len(sizes), height, width, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-        masks[i, :h, :w] = False
-    return images, masks
+    """Random normalised images batched as the runtime does (zero padding, mask True on padding)."""
+    from runtime.preprocess import pad_batch
+
+    rng = np.random.default_rng(seed)
+    images, masks = pad_batch([rng.standard_normal((3, h, w), np.float32) for h, w in sizes])
+    return torch.from_numpy(images), torch.from_numpy(masks)
 
 
 @functools.cache
