@@ -19,6 +19,7 @@ import numpy as np
 
 from netdef.progress import ProgressBar, format_seconds, print_table
 from netdef.sidecar import write_atomic
+from runtime.cli import guarded, parser
 from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
 
 TORCH_MODES = {
@@ -220,14 +221,13 @@ def device_name(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m runtime.bench",
-        description="Benchmark an AnchorDETR engine (a trtexec replacement for our engines) or the PyTorch\n"
+    p = parser(
+        "python -m runtime.bench",
+        "Benchmark an AnchorDETR engine (a trtexec replacement for our engines) or the PyTorch\n"
         "reference: latency p50/p90/p99/mean of the GPU time (CUDA events) and of the end-to-end time\n"
         "(numpy in, host<->device copies, numpy out), throughput in images/s and device memory, per batch\n"
         "size and input shape. Random inputs: the time does not depend on the pixels.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     p.add_argument("--engine", type=Path, help="engine to measure (default: engines/anchor_detr_r50_dc5_fp16.plan "
                    "unless only --torch-weights is given)")
@@ -283,12 +283,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv)
-    except AnchorRuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return guarded(run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from netdef.progress import ProgressBar, print_table
 from netdef.sidecar import write_atomic
 from runtime.coco_names import label_name
-from runtime.errors import AnchorRuntimeError, BadInput
+from runtime.cli import guarded, parser
+from runtime.errors import BadInput
 from runtime.preprocess import ImageError, load_image, to_rgb
 
 EXIT_PARTIAL = 1
@@ -33,15 +34,14 @@ exit codes: 0 all images done, 1 some images could not be read (the others were 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.runner import DEFAULT_ENGINE
 
-    p = argparse.ArgumentParser(
-        prog="python -m runtime.infer",
-        description="Run an AnchorDETR engine built by `python -m netdef.build` on images: a table of detections\n"
+    p = parser(
+        "python -m runtime.infer",
+        "Run an AnchorDETR engine built by `python -m netdef.build` on images: a table of detections\n"
         "per image (COCO label, name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and\n"
         "a COCO results JSON. Images are resized and normalised as the official evaluation does; any\n"
         "Pillow-readable image works (EXIF orientation applied; grayscale, palette, alpha, CMYK and\n"
         "16-bit images converted to RGB). Needs an NVIDIA GPU and the TensorRT that built the engine.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
     p.add_argument("--engine", type=Path, default=DEFAULT_ENGINE,
@@ -103,6 +103,13 @@ def _output_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def _write(path: Path, write: Callable[[], object]) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise BadInput(f"cannot write {path} ({exc.strerror or exc}): choose a writable destination") from None
+
+
 def _check_destinations(args: argparse.Namespace) -> None:
     if args.batch is not None and args.batch < 1:
         raise BadInput(f"--batch {args.batch}: must be at least 1")
@@ -150,12 +157,13 @@ def run(args: argparse.Namespace) -> int:
                         total += len(detections["scores"])
                         records += coco_records(image_id(path, index), detections)
                         if args.out is not None:
-                            draw_detections(rgb, detections).save(args.out / _output_name(path, used_names), quality=92)
+                            target = args.out / _output_name(path, used_names)
+                            _write(target, lambda: draw_detections(rgb, detections).save(target, quality=92))
                 bar.update(len(indexed[start : start + batch]))
     finally:
         runner.close()
     if args.json is not None:
-        write_atomic(args.json, json.dumps(records).encode())
+        _write(args.json, lambda: write_atomic(args.json, json.dumps(records).encode()))
     done = len(args.images) - len(failed)
     print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
           + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
@@ -163,15 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except AnchorRuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # writing --out or --json
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+    return guarded(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

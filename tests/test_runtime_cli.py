@@ -192,3 +192,12 @@ def test_help_explains_and_runtime_imports_no_torch():
     code = ("import sys, runtime.infer, runtime.bench, runtime.runner, runtime.cuda, runtime.draw; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_infer_cli_unwritable_json_is_one_line(images_dir, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
+    target = images_dir / "results.json"
+    target.mkdir()  # a folder where the file should go
+    assert infer.main([str(images_dir / "gray.jpg"), "--json", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot write {target}") and "Traceback" not in "".join(err)
