@@ -197,7 +197,9 @@ def configure(
         if sum(k in expected for k in state_dict) < len(state_dict) / 2:
             # Mostly foreign keys: another model. Name the keys rather than the first shape that failed.
             problems = compare_keys(state_dict, expected)
-            raise CheckpointError("not an AnchorDETR state dict: " + "; ".join(problems)) from exc
+            raise CheckpointError(
+                "not an AnchorDETR state dict: " + "; ".join(problems) + ": use a checkpoint of the official model zoo"
+            ) from exc
         raise CheckpointError(str(exc)) from exc
     if wanted is not None and cfg != wanted:
         raise CheckpointError(
@@ -206,7 +208,9 @@ def configure(
         )
     problems = compare_keys(state_dict, official_shapes(cfg))
     if problems:
-        raise CheckpointError(f"not an official {cfg.variant} state dict: " + "; ".join(problems))
+        raise CheckpointError(
+            f"not an official {cfg.variant} state dict: " + "; ".join(problems) + ": the model was modified"
+        )
     return cfg
 
 

@@ -1,0 +1,229 @@
+"""`python -m weights.extract`: official checkpoints in, one weights file out; every bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import weights
+from netdef.config import AnchorDETRConfig
+from weights import naming
+from weights.extract import main
+from weights.random_init import random_state_dict, training_checkpoint
+
+CFG = AnchorDETRConfig.from_variant("r50_c5")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return random_state_dict(CFG, 0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(sd, tmp_path_factory):
+    """An official-style checkpoint, with what training scripts add: optimizer state, numpy scalars."""
+    path = tmp_path_factory.mktemp("ckpt") / "AnchorDETR_r50_c5.pth"
+    data = training_checkpoint(CFG, sd, optimizer=False)
+    data["optimizer"]["state"] = {0: {"step": torch.tensor(366500.0), "exp_avg": torch.zeros(3, 256)}}
+    data["lr_scheduler"]["_last_lr"] = [np.float64(2e-5)]
+    data["epoch"] = np.int64(49)
+    torch.save(data, path)
+    return path
+
+
+def save_checkpoint(path, sd, args=CFG, **kwargs):
+    data = training_checkpoint(CFG, sd, optimizer=False) if args is not None else sd
+    if args is not None and args is not CFG:
+        data["args"] = args
+    torch.save(data, path, **kwargs)
+    return str(path)
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_refused(rc, err, folder, message):
+    """Exit 2, exactly one line naming the problem, and nothing new (no output, no temp file) in `folder`."""
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert not [f for f in os.listdir(folder) if f.endswith((".safetensors", ".tmp"))]
+
+
+def test_extracts_an_official_checkpoint(ckpt, sd, tmp_path, capsys):
+    out = tmp_path / "w.safetensors"
+    rc, stdout, err = run([ckpt, "-o", out], capsys)
+    assert rc == 0, err
+    assert "r50_c5" in stdout and "428" in stdout  # variant and tensor count in the summary table
+    cfg, tensors = weights.load(out)
+    assert cfg == CFG
+    expected = naming.to_builder(sd, CFG)
+    assert set(tensors) == set(expected)
+    assert all(np.array_equal(tensors[k], v.numpy()) for k, v in expected.items())
+    meta = weights.read_metadata(out)
+    assert meta["source"] == "AnchorDETR_r50_c5.pth"
+    assert meta["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert AnchorDETRConfig.from_json(meta["config"]) == CFG
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
+
+
+def test_module_entry_point_and_json_summary(ckpt, tmp_path):
+    out = tmp_path / "w.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "weights.extract", str(ckpt), "-o", str(out), "--json"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    summary = json.loads(proc.stdout)
+    assert summary["variant"] == "r50_c5" and summary["tensors"] == 428
+    assert summary["parameters"] == sum(int(np.prod(s)) for s in weights.builder_shapes(CFG).values())
+    assert summary["sha256"] == weights.file_sha256(out) and summary["bytes"] == out.stat().st_size
+
+
+def test_help_explains_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--random-init" in text and "weights_only=True" in text and "r101_dc5" in text
+
+
+def test_random_init_writes_a_valid_file(tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    rc, _, err = run(["--random-init", "r50_c5", "--seed", "1", "-o", out], capsys)
+    assert rc == 0, err
+    cfg, tensors = weights.load(out)
+    assert cfg == CFG and weights.read_metadata(out)["source"] == "random-init r50_c5 seed 1"
+    expected = naming.to_builder(random_state_dict(CFG, 1), CFG)
+    assert all(np.array_equal(tensors[k], v.numpy()) for k, v in expected.items())
+
+
+def test_bare_state_dict_needs_the_variant(sd, tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "bare.pth", sd, args=None)
+    out = tmp_path / "w.safetensors"
+    rc, _, err = run([path, "-o", out], capsys)
+    assert_refused(rc, err, tmp_path, "name the variant explicitly (e.g. --variant r50_dc5)")
+    rc, _, err = run([path, "-o", out, "--variant", "r101_c5"], capsys)
+    assert_refused(rc, err, tmp_path, "--variant r101_c5 does not match the checkpoint, which holds r50_c5")
+    rc, _, err = run([path, "-o", out, "--variant", "r50_c5"], capsys)
+    assert rc == 0, err
+    assert weights.load(out)[0] == CFG
+
+
+def test_legacy_format_checkpoint_reads_and_truncation_is_refused(sd, tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "legacy.pth", sd, _use_new_zipfile_serialization=False)
+    rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
+    assert rc == 0, err
+    os.remove(tmp_path / "w.safetensors")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "legacy.pth is truncated or corrupt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    """Random bytes and a text file, through a real process: one line, no traceback."""
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    for name in ("random.pth", "notes.pth"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "weights.extract", str(tmp_path / name), "-o", str(tmp_path / "w.safetensors")],
+            capture_output=True, text=True, check=False,
+        )
+        assert_refused(proc.returncode, proc.stderr, tmp_path, f"{name} is not a PyTorch checkpoint")
+        assert proc.stdout == ""
+
+
+def test_truncated_zip_checkpoint(ckpt, tmp_path, capsys):
+    half = tmp_path / "half.pth"
+    data = ckpt.read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    rc, _, err = run([half, "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "half.pth is a truncated or corrupt zip checkpoint")
+
+
+def test_checkpoint_of_another_model_names_keys(sd, tmp_path, capsys):
+    # A DETR-style wrapper (as the official segmentation model): every key under another prefix.
+    wrapped = save_checkpoint(tmp_path / "segm.pth", {f"detr.{k}": v for k, v in sd.items()}, args=None)
+    rc, _, err = run([wrapped, "-o", tmp_path / "w.safetensors", "--variant", "r50_c5"], capsys)
+    assert_refused(rc, err, tmp_path, "not an AnchorDETR state dict: 507 missing keys: transformer.encoder_layers.0")
+    assert "and 497 more" in err and "507 unexpected keys: detr.transformer" in err
+    # A modified AnchorDETR: the configuration is found, the extra and missing keys are named.
+    changed = {k: v for k, v in sd.items() if k != "transformer.adapt_pos2d.0.bias"}
+    changed["transformer.query_scale.weight"] = torch.zeros(256)
+    path = save_checkpoint(tmp_path / "changed.pth", changed)
+    rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(
+        rc, err, tmp_path,
+        "not an official r50_c5 state dict: 1 missing keys: transformer.adapt_pos2d.0.bias; "
+        "1 unexpected keys: transformer.query_scale.weight",
+    )
+
+
+def test_args_disagreeing_with_shapes(sd, tmp_path, capsys):
+    args = training_checkpoint(AnchorDETRConfig.from_variant("r101_c5"), {}, optimizer=False)["args"]
+    path = save_checkpoint(tmp_path / "mixed.pth", sd, args=args)
+    rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "args.backbone='resnet101' but backbone.body.layer3.* says 'resnet50'")
+
+
+def test_unshared_heads_are_refused(sd, tmp_path, capsys):
+    changed = dict(sd)
+    changed["transformer.class_embed.3.bias"] = sd["transformer.class_embed.3.bias"] + 1e-3
+    path = save_checkpoint(tmp_path / "heads.pth", changed)
+    rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "transformer.class_embed.3.bias differs from transformer.class_embed.0.bias")
+
+
+def test_objects_outside_the_allow_list_are_not_unpickled(sd, tmp_path, capsys):
+    data = training_checkpoint(CFG, sd, optimizer=False)
+    data["saved_at"] = datetime.datetime(2021, 9, 1)
+    torch.save(data, tmp_path / "extra.pth")
+    rc, _, err = run([tmp_path / "extra.pth", "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "pickles a datetime.datetime object, which is not on the allow-list")
+
+
+def test_bad_variants(ckpt, tmp_path, capsys):
+    rc, _, err = run([ckpt, "-o", tmp_path / "w.safetensors", "--variant", "r34_c5"], capsys)
+    assert_refused(rc, err, tmp_path, "unknown variant 'r34_c5'")
+    rc, _, err = run(["--random-init", "r50_dc6", "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "unknown variant 'r50_dc6'")
+
+
+def test_output_paths(ckpt, tmp_path, capsys):
+    rc, _, err = run([ckpt, "-o", tmp_path / "missing" / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "missing does not exist: create it")
+    rc, _, err = run([ckpt, "-o", tmp_path], capsys)
+    assert_refused(rc, err, tmp_path, "is a folder")
+    rc, _, err = run([ckpt, "-o", ckpt], capsys)
+    assert_refused(rc, err, tmp_path, "is the checkpoint itself")
+    # /proc takes no new files, even from root (for whom permission bits do not count).
+    rc, _, err = run([ckpt, "-o", "/proc/anchortrt.safetensors"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "not writable" in err or "cannot write /proc/anchortrt.safetensors" in err
+    rc, _, err = run([tmp_path / "absent.pth", "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "absent.pth does not exist or is not a file")
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["x.pth", "--random-init", "r50_c5"], ["--random-init", "r50_c5", "--variant", "r50_c5"]]
+)
+def test_usage_errors_exit_2(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["-o", str(tmp_path / "w.safetensors")])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
