@@ -357,8 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         side = sidecar_path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-    except (SidecarError, OSError) as e:
+    except SidecarError as e:
         return _fail(e, 2)
+    except OSError as e:
+        return _fail(f"cannot write the engine: {e}", 2)
     timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
 
     trt = backend.trt
@@ -407,10 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outputs": outputs,
         "anchortrt_version": anchortrt_version(),
     }
-    write_atomic(output, plan)
-    write_sidecar(output, sidecar)
-    if backend.name == "tensorrt":
-        save_timing_cache(config, timing_cache)
+    try:
+        write_atomic(output, plan)
+        write_sidecar(output, sidecar)
+        if backend.name == "tensorrt":
+            save_timing_cache(config, timing_cache)
+    except OSError as e:
+        return _fail(f"cannot write the engine: {e}", 2)
 
     summary = {
         "engine": str(output),

@@ -193,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail("--device cuda, but PyTorch sees no CUDA device: use --device cpu", 3)
     import weights
     from netdef.config import ConfigError
+    from netdef.interpret import InterpretError
     from netdef.network import NetworkConfigError
 
     try:
@@ -202,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, 3)
     except (weights.WeightsError, ConfigError, NetworkConfigError) as e:
         return _fail(e, 2)
+    except InterpretError as e:  # a layer the interpreter cannot evaluate: no verdict on parity
+        return _fail(e, 1)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -374,6 +374,13 @@ def test_shallow_fp32_build_writes_engine_and_sidecar(shallow_weights, backend, 
     assert "building engine" in err  # the progress went to stderr
 
 
+def test_unwritable_output_is_exit_2_before_building(shallow_weights, tmp_path, capsys):
+    blocker = tmp_path / "engines"
+    blocker.write_text("a file where the engine folder should be")
+    code, out, err = run_main(["--weights", shallow_weights, "-o", blocker / "e.plan", *SMALL_PROFILE], capsys)
+    assert code == 2 and err.startswith("netdef.build: error: cannot write the engine") and err.count("\n") == 1
+
+
 def test_shallow_fp16_build_with_postprocess_and_summary_table(shallow_weights, backend, tmp_path, capsys):
     engine = tmp_path / "shallow_fp16.plan"
     code, out, err = run_main(["--weights", shallow_weights, "-o", engine, "--fp16", "--postprocess",
