@@ -326,7 +326,6 @@ class Net:
         x = self.tensor(x, f"{name}.input")
         half = x.dtype == self.trt.float16
         t = self.cast(x, self.trt.float32, f"{name}.to_float32") if half else x
-        rank = len(x.shape)
         s = self.tensor(scale, f"{name}.weight", dtype=self.trt.float32)
         b = self.tensor(bias, f"{name}.bias", dtype=self.trt.float32)
         add = self.network.add_normalization_v2 if self._norm_v2 else self.network.add_normalization
@@ -334,7 +333,6 @@ class Net:
         layer.epsilon = eps
         layer.num_groups = groups
         y = self._named(layer, name).get_output(0)
-        assert len(s.shape) == rank
         return self.cast(y, x.dtype, f"{name}.to_half") if half else y
 
     def layer_norm(self, x, weight: np.ndarray, bias: np.ndarray, name: str, eps: float = 1e-5):
