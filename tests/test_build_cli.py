@@ -279,7 +279,10 @@ def test_malformed_options_are_usage_errors(argv, capsys):
     assert "error: argument" in capsys.readouterr().err
 
 
-def test_unavailable_backend_is_exit_3_naming_the_extra(tmp_path, capsys):
+@pytest.mark.parametrize("cli", ["netdef.build", "netdef.check"])
+def test_unavailable_backend_is_exit_3_naming_the_extra(cli, tmp_path, capsys):
+    import importlib
+
     try:
         get_backend("tensorrt")
         pytest.skip("full TensorRT is installed")
@@ -287,8 +290,8 @@ def test_unavailable_backend_is_exit_3_naming_the_extra(tmp_path, capsys):
         pass
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
-    code, out, err = run_main(["--weights", weights, "--backend", "tensorrt"], capsys)
-    assert code == 3 and "pip install 'anchortrt[trt]'" in err and err.count("\n") == 1
+    code, out, err = run_cli(importlib.import_module(cli).main, ["--weights", weights, "--backend", "tensorrt"], capsys)
+    assert code == 3 and err.startswith(f"{cli}: error:") and "pip install 'anchortrt[trt]'" in err
 
 
 def test_plugins_without_plugin_layers_is_exit_3(backend, tmp_path, capsys):

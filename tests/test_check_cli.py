@@ -65,18 +65,6 @@ def test_cli_input_errors(tmp_path, capsys):
     assert code == 2 and "--batch 0" in err
 
 
-def test_unavailable_backend_is_exit_3(tmp_path, capsys):
-    try:
-        get_backend("tensorrt")
-        pytest.skip("full TensorRT is installed")
-    except BackendError:
-        pass
-    weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")
-    code, out, err = run_main(["--weights", weights, "--backend", "tensorrt"], capsys)
-    assert code == 3 and "pip install 'anchortrt[trt]'" in err
-
-
 def test_cuda_without_a_device_is_exit_3(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
