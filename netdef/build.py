@@ -322,6 +322,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
+    """The summary a person reads: the JSON summary as a two-column table on stdout."""
+    gpu = summary["gpu"]
+    warnings = summary["warnings"]
+    print_table([
+        ("engine", f"{summary['engine']}  (+ {Path(summary['sidecar']).name})"),
+        ("backend", f"{summary['backend']} {summary['trt_version']}"),
+        ("precision", summary["precision"]),
+        ("profile (BxHxW)", str(Profile.from_dict(summary["profile"]))),
+        ("plugins", ", ".join(summary["plugins"]) or "none"),
+        ("postprocess", "in engine (top-100)" if summary["postprocess"] else "no"),
+        ("network layers", summary["layers"]),
+        ("engine size", format_bytes(summary["engine_bytes"])),
+        ("build time", format_seconds(summary["build_seconds"])),
+        ("gpu", f"{gpu['name']} (sm {gpu['compute_capability']})" if gpu else "none (ahead-of-time build)"),
+        ("weights", f"{summary['weights']}  sha256 {summary['weights_sha256'][:12]}"),
+        ("TensorRT warnings", f"{warnings}" + ("  (-v shows them)" if warnings and not verbose else "")),
+    ], headers=("build", "value"))
+
+
 def _fail(message: Any, code: int) -> int:
     print(f"netdef.build: error: {message}", file=sys.stderr)
     return code
@@ -438,21 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        gpu = sidecar["gpu"]
-        print_table([
-            ("engine", f"{output}  (+ {side.name})"),
-            ("backend", f"{backend.name} {backend.version}"),
-            ("precision", precision),
-            ("profile (BxHxW)", str(profile)),
-            ("plugins", ", ".join(sidecar["plugins"]) or "none"),
-            ("postprocess", "in engine (top-100)" if args.postprocess else "no"),
-            ("network layers", network.num_layers),
-            ("engine size", format_bytes(plan.nbytes)),
-            ("build time", format_seconds(build_seconds)),
-            ("gpu", f"{gpu['name']} (sm {gpu['compute_capability']})" if gpu else "none (ahead-of-time build)"),
-            ("weights", f"{args.weights}  sha256 {sidecar['weights_sha256'][:12]}"),
-            ("TensorRT warnings", f"{len(logger.warnings)}" + ("" if args.verbose or not logger.warnings else "  (-v shows them)")),
-        ], headers=("build", "value"))
+        print_summary(summary, verbose=args.verbose)
     return 0
 
 
