@@ -333,6 +333,12 @@ def test_three_level_model_runs_and_single_image_is_self_consistent():
 # --- weights files -----------------------------------------------------------------------------
 
 
+# Builder tensors carry frozen BN folded into the conv weights, which reorders FP32 rounding in 53 layers; peaked
+# attention amplifies that to ~2e-4 on logits of magnitude ~7 and ~3e-5 on boxes (measured over seeds). The
+# unfolded checkpoint path is held to 1e-4 / 1e-5 by the other tests.
+FOLDED_LOGITS_ATOL, FOLDED_BOXES_ATOL = 1e-3, 1e-4
+
+
 def test_from_builder_tensors_recovers_the_model():
     """Official dict -> builder tensors (BN folded, projections sliced) -> model: same outputs."""
     model = loaded("r50_c5")
@@ -342,7 +348,7 @@ def test_from_builder_tensors_recovers_the_model():
     assert len(bns) == 53 and all(bn.eps == 0.0 for bn in bns)
     assert all(isinstance(bn, FrozenBatchNorm2d) for bn in bns)
     images, masks = batch([(96, 128), (64, 100)], seed=3)
-    assert_outputs_close(rebuilt(images, masks), model(images, masks))
+    assert_outputs_close(rebuilt(images, masks), model(images, masks), FOLDED_LOGITS_ATOL, FOLDED_BOXES_ATOL)
 
 
 def test_from_safetensors(tmp_path):
@@ -355,4 +361,4 @@ def test_from_safetensors(tmp_path):
     reference = AnchorDETR(cfg)
     reference.load_state_dict(sd)
     images, masks = batch([(64, 96)], seed=6)
-    assert_outputs_close(model(images, masks), reference(images, masks))
+    assert_outputs_close(model(images, masks), reference(images, masks), FOLDED_LOGITS_ATOL, FOLDED_BOXES_ATOL)
