@@ -87,6 +87,7 @@ class ProgressBar:
         self._start = time.monotonic()
         self._last_draw = -1.0
         self._last_decile = -1
+        self._last_shown = -1.0
         self._closed = False
 
     @property
@@ -125,8 +126,9 @@ class ProgressBar:
                 self._line.show(self.render(), final)
         else:
             decile = int(10 * self.done / self.total)
-            if final or decile > self._last_decile:
-                self._last_decile = decile
+            # the closing line is only worth printing when it says something the last line did not
+            if decile > self._last_decile or (final and self.done != self._last_shown):
+                self._last_decile, self._last_shown = decile, self.done
                 self._line.show(self.render())
 
     def close(self) -> None:

@@ -31,11 +31,20 @@ def test_bar_in_a_log_prints_one_line_per_tenth():
         for _ in range(200):
             bar.update(1, status="timing")
     lines = log.getvalue().splitlines()
-    # 0%, 10%, ..., 100% and the closing line: never one line per step.
-    assert len(lines) == 12
+    # 0%, 10%, ..., 100%: never one line per step, and no closing line repeating 100%.
+    assert len(lines) == 11
     assert lines[0].startswith("[" + "." * ProgressBar.WIDTH + "]")
     assert lines[-1].startswith("[" + "#" * ProgressBar.WIDTH + "] 100%  200/200  build: timing")
     assert "\r" not in log.getvalue()
+
+
+def test_bar_in_a_log_closes_with_where_it_stopped():
+    log = io.StringIO()
+    with ProgressBar(30, "eval", stream=log) as bar:
+        for _ in range(14):
+            bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["0/30", "3/30", "6/30", "9/30", "12/30", "14/30"]
 
 
 def test_bar_on_a_terminal_redraws_in_place_and_ends_the_line():
