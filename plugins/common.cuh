@@ -18,15 +18,17 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
     T v[N];
 };
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Reductions over aligned segments of WIDTH lanes (a power of two up to 32): xor offsets below WIDTH never leave the
+// segment, so every segment of the warp gets its own result. All 32 lanes must call them.
+template <int WIDTH = 32> __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_WARP, v, offset);
+    for (int offset = WIDTH / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_WARP, v, offset);
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+template <int WIDTH = 32> __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_WARP, v, offset));
+    for (int offset = WIDTH / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_WARP, v, offset));
     return v;
 }
 

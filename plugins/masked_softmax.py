@@ -14,7 +14,9 @@ from . import launch as _launch
 from . import trt_glue
 from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix
 
-ROWS_PER_BLOCK = 8  # one warp per row
+# The grid has one warp per row whatever K is; the kernel packs rows of K <= 64 two to a warp (K <= 32: four) and
+# leaves the blocks this frees idle, so that one PTX and one symbolic grid serve every K of a TensorRT profile.
+ROWS_PER_BLOCK = 8  # warps per block
 KEYS_PER_LANE = 4  # rows up to 128 keys (feature maps up to 2048 pixels a side at stride 16) stay in registers
 
 

@@ -105,6 +105,26 @@ def test_masked_softmax_rows_longer_than_the_register_chunk(dtype):
     assert (probs[1] == 0).all()
 
 
+@pytest.mark.parametrize("keys", [20, 32, 33, 50, 64, 65, 84, 128, 130])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_masked_softmax_packs_short_rows(keys, dtype):
+    """Row lengths on both sides of each packing threshold (8 lanes a row up to 32 keys, 16 up to 64, a warp up to
+    128, re-read beyond). 3 heads x 7 queries per image: packed warps straddle two images and the last warp is
+    partly empty; the output buffer is longer than the output, and nothing past the last row may be written."""
+    batch, heads, queries = 3, 3, 7
+    rows = batch * heads * queries
+    key_mask = torch.rand(batch, keys, device="cuda") < 0.3
+    key_mask[1] = True  # a fully padded image: zeros, not NaN
+    logits = (torch.randn(batch, heads, queries, keys, device="cuda") * 8).to(dtype)
+    buffer = torch.full(((rows + 64) * keys,), 7.0, dtype=dtype, device="cuda")
+    masked_softmax.launch(logits.data_ptr(), key_mask.data_ptr(), buffer.data_ptr(), logits.shape,
+                          str(dtype).removeprefix("torch."), stream=torch.cuda.current_stream().cuda_stream)
+    probs = buffer[: rows * keys].view(logits.shape)
+    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), **tolerance(dtype))
+    assert (probs[1] == 0).all()
+    assert (buffer[rows * keys:] == 7).all()
+
+
 def test_decoder_shapes():
     """900 queries against 50 keys (cross-attention) and LayerNorm over (B, 900, 256)."""
     key_mask = feature_mask(4, 50, 50)[:, 0, :]
