@@ -140,7 +140,7 @@ def _torch_mode(torch, model, mode: str) -> Callable:
 
 def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
     try:
-        import torch
+        import torch  # lazily: the runtime needs torch only for --torch-weights
     except ImportError:
         raise Unavailable("--torch-weights needs PyTorch: pip install torch") from None
     import weights
