@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from netdef.backend import BACKENDS, Backend, BackendError, get_backend
 from netdef.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
-from netdef.sidecar import Profile, ProfileError, SidecarError, gpu_info, sidecar_path, write_atomic, write_sidecar
+from netdef.sidecar import Profile, ProfileError, SidecarError, default_engine_path, gpu_info, sidecar_path, write_atomic, write_sidecar
 
 PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
 DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (weights.WeightsError, ConfigError) as e:
         return _fail(e, 2)
     precision = "fp16" if args.fp16 else "fp32"
-    output = args.output or Path("engines") / f"anchor_detr_{cfg.variant}_{precision}.plan"
+    output = args.output or default_engine_path(cfg.variant, precision)
     try:
         side = sidecar_path(output)
         output.parent.mkdir(parents=True, exist_ok=True)

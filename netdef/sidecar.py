@@ -80,6 +80,11 @@ class Profile:
         return "  ".join(f"{k} {b}x{h}x{w}" for k, (b, h, w) in zip(("min", "opt", "max"), (self.min, self.opt, self.max)))
 
 
+def default_engine_path(variant: str, precision: str) -> Path:
+    """Where ``python -m netdef.build`` writes an engine unless told otherwise (and where the runtime looks)."""
+    return Path("engines") / f"anchor_detr_{variant}_{precision}.plan"
+
+
 def sidecar_path(engine_path: str | os.PathLike) -> Path:
     """``engines/x.plan`` -> ``engines/x.json``."""
     engine_path = Path(engine_path)

@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 
 from netdef.backend import BackendError, get_backend
-from netdef.sidecar import REBUILD_HINT, Profile, SidecarError, check_sidecar, load_sidecar
+from netdef.sidecar import REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar
 from runtime import cuda
 from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
 from runtime.postprocess import from_engine_outputs, postprocess
 from runtime.preprocess import ShapeError, pad_batch, preprocess_image, to_rgb
 
-DEFAULT_ENGINE = Path("engines/anchor_detr_r50_dc5_fp16.plan")  # what `python -m netdef.build --fp16` writes
+DEFAULT_ENGINE = default_engine_path("r50_dc5", "fp16")  # what `python -m netdef.build --fp16` writes
 INPUTS = ("images", "masks")
 POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
 # Architectures TensorRT-RTX 1.7 compiles for (its ComputeCapability enum); Hopper (9.x) is not among them.
