@@ -8,6 +8,7 @@ workspace limit, progress monitor and (full TensorRT only) timing cache. ``main`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from netdef.backend import BACKENDS, Backend, BackendError, get_backend
-from netdef.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
+from netdef.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
 from netdef.sidecar import Profile, ProfileError, SidecarError, default_engine_path, gpu_info, sidecar_path, write_atomic, write_sidecar
 
 PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
@@ -342,9 +343,7 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
     ], headers=("build", "value"))
 
 
-def _fail(message: Any, code: int) -> int:
-    print(f"netdef.build: error: {message}", file=sys.stderr)
-    return code
+_fail = functools.partial(fail, "netdef.build")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

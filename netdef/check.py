@@ -9,6 +9,7 @@ sides see the same padded batch of random images of different sizes; every block
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 from netdef.backend import BACKENDS, BackendError, get_backend
 from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, _hw, create_network
-from netdef.progress import Spinner, print_table
+from netdef.progress import Spinner, fail, print_table
 from netdef.sidecar import MIN_SIDE, Profile
 
 # Tolerances on the block's relative error (max |net - ref| / max |ref|). FP32: both sides compute in float32
@@ -173,9 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: Any, code: int) -> int:
-    print(f"netdef.check: error: {message}", file=sys.stderr)
-    return code
+_fail = functools.partial(fail, "netdef.check")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
