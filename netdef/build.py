@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 from netdef.backend import BACKENDS, Backend, BackendError, get_backend
 from netdef.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
-from netdef.sidecar import Profile, ProfileError, SidecarError, default_engine_path, gpu_info, sidecar_path, write_atomic, write_sidecar
+from netdef.sidecar import (
+    Profile, ProfileError, SidecarError, default_engine_path, gpu_info, sidecar_path, write_atomic, write_sidecar,
+)
 
 PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
 DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")

@@ -27,7 +27,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 SIDECAR_KEYS = (
     "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "gpu",
@@ -93,18 +93,24 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return engine_path.with_suffix(".json")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def replace_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` fills a temporary file in ``path``'s folder, which is then renamed to ``path``: readers never
+    see half a file, and a failure leaves neither a temporary file nor a changed ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; engines and sidecars are not secrets
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; our files are not secrets
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` written to ``path`` through :func:`replace_atomically`."""
+    replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def gpu_info() -> dict[str, str] | None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
 from netdef.config import AnchorDETRConfig, ConfigError
+from netdef.sidecar import replace_atomically
 from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
@@ -65,16 +65,7 @@ def save(
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
         "source": source, "source_sha256": source_sha256,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    replace_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
