@@ -1,44 +1,84 @@
-"""Which TensorRT builds our network: full TensorRT or TensorRT for RTX.
+"""Which TensorRT builds our network (full TensorRT or TensorRT for RTX) and which runs an engine (those two, or
+the lean runtime).
 
-Both expose the same network-definition API (one pybind layer), so the network code takes the module
-as a parameter and never imports either at module import time.
+All three expose the same pybind layer, so the network and runner code take the module as a parameter and never
+import one at module import time. One owner for the questions "is it installed", "can it build here" and "can it
+run our plugins".
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 from types import ModuleType
 
-BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx", "tensorrt-lean": "tensorrt_lean"}
+BUILDERS = ("tensorrt", "tensorrt-rtx")  # the lean runtime has no Builder
+NVIDIA_INDEX = "https://pypi.nvidia.com"
 INSTALL_HINT = {
-    "tensorrt": "pip install 'anchortrt[trt]'  (full TensorRT, needs an NVIDIA driver to build)",
+    "tensorrt": f"pip install 'anchortrt[trt]' --extra-index-url {NVIDIA_INDEX}  (full TensorRT; its libraries "
+                "come from NVIDIA's package index, and it needs an NVIDIA GPU and driver to build)",
     "tensorrt-rtx": "pip install 'anchortrt[rtx]'  (TensorRT for RTX, builds without a GPU)",
+    "tensorrt-lean": "pip install 'anchortrt[lean]'  (the 44 MB lean runtime: runs engines built with "
+                     "--version-compatible)",
 }
+# Ahead-of-time `tensorrt.plugin` layers arrived in TensorRT 10.9 (cu13 wheels start at 10.13.2). Until 11.2.1 the
+# plugin package converts attributes with a call that NumPy 2.4 refuses ("only 0-dimensional arrays ...").
+PLUGINS_MIN_TRT = (11, 2, 1)
+PLUGINS_MIN_TRT_OLD_NUMPY = (10, 9)
+NUMPY_BREAKS_OLD_PLUGINS = (2, 4)
 
 
 class BackendError(RuntimeError):
-    """No usable TensorRT, or a feature the chosen backend does not have."""
+    """No usable TensorRT, or a feature the chosen backend does not have (command lines exit 3)."""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"11.2.1.2"`` -> (11, 2, 1, 2); a non-numeric tail (``post1``, ``rc``) ends the tuple."""
+    out = []
+    for part in version.split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+        if not part.isdigit():
+            break
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "tensorrt" | "tensorrt-rtx"
+    name: str  # a key of BACKENDS
     trt: ModuleType
 
     @property
     def version(self) -> str:
         return self.trt.__version__
 
-    @property
-    def has_plugins(self) -> bool:
-        # TensorRT-RTX has no custom layers at all; our plugins are ahead-of-time `tensorrt.plugin`
-        # kernels, which need QuickPluginCreationRequest (TensorRT 10.8+).
-        return hasattr(self.trt.INetworkDefinition, "add_plugin") and hasattr(self.trt, "QuickPluginCreationRequest")
+    def plugin_problem(self, numpy_version: str | None = None) -> str | None:
+        """Why this backend cannot build our ahead-of-time plugin layers, or None when it can."""
+        if self.name != "tensorrt" or not hasattr(self.trt, "QuickPluginCreationRequest"):
+            return (f"{self.name} {self.version} has no plugin layers: use --plugins none, or install full "
+                    f"TensorRT >= {'.'.join(map(str, PLUGINS_MIN_TRT))} ({INSTALL_HINT['tensorrt']}) and pass "
+                    "--backend tensorrt")
+        trt_v = version_tuple(self.version)
+        if trt_v >= PLUGINS_MIN_TRT:
+            return None
+        if numpy_version is None:
+            import numpy
+
+            numpy_version = numpy.__version__
+        if trt_v >= PLUGINS_MIN_TRT_OLD_NUMPY and version_tuple(numpy_version) < NUMPY_BREAKS_OLD_PLUGINS:
+            return None
+        return (f"plugins need TensorRT >= {'.'.join(map(str, PLUGINS_MIN_TRT))} (this is {self.version}, whose "
+                f"tensorrt.plugin fails on NumPy {numpy_version} >= 2.4): pip install -U 'tensorrt-cu13>=11.2.1' "
+                f"--extra-index-url {NVIDIA_INDEX}, or pip install 'numpy<2.4' with TensorRT >= 10.9, "
+                "or build with --plugins none")
 
     @property
-    def builds_without_gpu(self) -> bool:
-        return self.name == "tensorrt-rtx"
+    def has_plugins(self) -> bool:
+        return self.plugin_problem() is None
 
 
 def _import(name: str) -> ModuleType | None:
@@ -46,19 +86,66 @@ def _import(name: str) -> ModuleType | None:
         mod = importlib.import_module(BACKENDS[name])
     except ImportError:
         return None
-    # The tensorrt stub packages import but carry no network API until the libraries are present.
-    return mod if hasattr(mod, "Builder") else None
+    # The tensorrt stub packages import but carry no API until the libraries are present.
+    return mod if hasattr(mod, "Runtime") else None
+
+
+@lru_cache(maxsize=None)
+def _builder_problem(name: str) -> str | None:
+    """Why ``name`` cannot create a Builder here (None when it can). Full TensorRT returns a null builder without a
+    usable CUDA device, which pybind turns into a TypeError."""
+    mod = _import(name)
+    if mod is None:
+        return f"{name} is not installed: {INSTALL_HINT[name]}"
+    if not hasattr(mod, "Builder"):
+        return f"{name} {mod.__version__} cannot build engines"
+
+    class Quiet(mod.ILogger):
+        def __init__(self) -> None:
+            mod.ILogger.__init__(self)
+
+        def log(self, severity, msg) -> None:
+            pass
+
+    try:
+        builder = mod.Builder(Quiet())
+    except (TypeError, RuntimeError) as exc:
+        return f"{name} {mod.__version__} cannot create a builder on this machine (no usable GPU?): {exc}"
+    del builder
+    return None
 
 
 def get_backend(name: str | None = None) -> Backend:
-    """The named backend, or the first installed one (full TensorRT first)."""
-    if name is not None and name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    for candidate in [name] if name else list(BACKENDS):
+    """The named backend for building, or the first that can build here (full TensorRT, then TensorRT-RTX)."""
+    if name is not None and name not in BUILDERS:
+        extra = " (the lean runtime only runs engines)" if name == "tensorrt-lean" else ""
+        raise BackendError(f"unknown build backend {name!r}{extra}: choose one of {', '.join(BUILDERS)}")
+    problems = []
+    for candidate in [name] if name else list(BUILDERS):
+        problem = _builder_problem(candidate)
+        if problem is None:
+            return Backend(candidate, _import(candidate))
+        problems.append(problem)
+    raise BackendError("no TensorRT backend can build here: " + "; ".join(problems))
+
+
+def get_runtime_backend(built_with: str, version_compatible: bool = False) -> Backend:
+    """The backend that runs an engine built by ``built_with``: the same one, or for a version-compatible full
+    TensorRT engine the lean runtime when full TensorRT is absent."""
+    candidates = [built_with]
+    if built_with == "tensorrt":
+        candidates.append("tensorrt-lean")
+    elif built_with not in BACKENDS:
+        raise BackendError(f"unknown backend {built_with!r}: choose one of {', '.join(BACKENDS)}")
+    for candidate in candidates:
         mod = _import(candidate)
         if mod is not None:
+            if candidate == "tensorrt-lean" and not version_compatible:
+                raise BackendError(
+                    "only the TensorRT lean runtime is installed, and it loads only version-compatible engines: "
+                    "rebuild the engine with `python -m netdef.build --version-compatible`, or install full "
+                    f"TensorRT ({INSTALL_HINT['tensorrt']})"
+                )
             return Backend(candidate, mod)
-    wanted = [name] if name else list(BACKENDS)
-    raise BackendError(
-        "no TensorRT backend is installed: " + "; or ".join(INSTALL_HINT[w] for w in wanted)
-    )
+    raise BackendError("no TensorRT runtime for this engine is installed: "
+                       + "; or ".join(INSTALL_HINT[c] for c in candidates))

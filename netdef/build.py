@@ -428,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights_sha256": weights.file_sha256(args.weights),
         "inputs": inputs,
         "outputs": outputs,
+        "version_compatible": False,
         "anchortrt_version": anchortrt_version(),
     }
     try:

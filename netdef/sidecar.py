@@ -9,7 +9,9 @@ Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
 
     config            AnchorDETRConfig fields (dict)
     profile           {"min": [B, H, W], "opt": [...], "max": [...]}
-    precision         "fp32" | "fp16"
+    precision         "fp32" | "tf32" | "fp16"
+    version_compatible bool: built with VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME (runs on the lean runtime and
+                      later TensorRT of the same major version)
     plugins           sorted list of plugin names
     postprocess       bool (in-engine top-100)
     backend           "tensorrt" | "tensorrt-rtx"
@@ -30,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 SIDECAR_KEYS = (
-    "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "gpu",
-    "weights_sha256", "inputs", "outputs", "anchortrt_version",
+    "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "version_compatible",
+    "gpu", "weights_sha256", "inputs", "outputs", "anchortrt_version",
 )
 MIN_SIDE = 32  # one feature-map pixel at the C5 stride; smaller images have no feature map
 REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
@@ -39,6 +41,10 @@ REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
 
 class SidecarError(ValueError):
     """A sidecar that is missing or does not match this machine, TensorRT or weights."""
+
+
+class OutputPathError(OSError):
+    """A path we were asked to write that is not a regular file or a new file in a writable folder."""
 
 
 class ProfileError(ValueError):
@@ -93,10 +99,36 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return engine_path.with_suffix(".json")
 
 
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` if we may write a file there: an existing regular file (replaced) or a new name whose nearest
+    existing folder is writable (folders are made only when the file is written). Anything else, such as a
+    folder, a device or a pipe, is refused before any work starts; the rename would silently replace it."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        target = path.resolve()
+        if not target.is_file():
+            kind = "a folder" if target.is_dir() else "not a regular file"
+            raise OutputPathError(f"{what} {path} is {kind}: name a regular file or a new path")
+        folder = target.parent
+    else:
+        folder = path.parent
+        while not folder.exists():
+            if folder.is_symlink():
+                raise OutputPathError(f"{what} {path}: folder {folder} is a broken link: name another path")
+            folder = folder.parent
+        if not folder.is_dir():
+            raise OutputPathError(f"{what} {path}: {folder} is not a folder: name another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {path}: folder {folder} is not writable: name another path")
+    return path
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """``write(tmp)`` fills a temporary file in ``path``'s folder, which is then renamed to ``path``: readers never
-    see half a file, and a failure leaves neither a temporary file nor a changed ``path``."""
-    path = Path(path)
+    see half a file, and a failure leaves neither a temporary file nor a changed ``path``. Refuses (OutputPathError)
+    a ``path`` that :func:`check_output_path` refuses; makes missing folders."""
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

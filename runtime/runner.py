@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from netdef.backend import BackendError, get_backend
+from netdef.backend import BackendError, get_runtime_backend
 from netdef.sidecar import REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar
 from runtime import cuda
 from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
@@ -79,7 +79,7 @@ class Engine:
         except (SidecarError, KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"engine {self.path}: {exc}") from None
         try:
-            backend = get_backend(self.sidecar["backend"])
+            backend = get_runtime_backend(self.sidecar["backend"], bool(self.sidecar.get("version_compatible")))
         except BackendError as exc:
             raise Unavailable(f"engine {self.path} was built with {self.sidecar['backend']}: {exc}") from None
         self._check(backend, compute_capability=None, weights_sha256=weights_sha256)  # before touching the GPU

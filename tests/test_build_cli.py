@@ -171,7 +171,7 @@ def make_sidecar(**changes):
         "config": {"backbone": "resnet50"}, "profile": Profile().to_dict(), "precision": "fp16", "plugins": [],
         "postprocess": False, "backend": "tensorrt", "trt_version": "10.13.0.35",
         "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "weights_sha256": "ab" * 32,
-        "inputs": {}, "outputs": {}, "anchortrt_version": "0.1.0",
+        "inputs": {}, "outputs": {}, "version_compatible": False, "anchortrt_version": "0.1.0",
     }
     side.update(changes)
     return side
@@ -352,7 +352,7 @@ def check_build_output(engine: Path, summary: dict, weights_path: Path, backend,
         "config": json.loads(cfg.to_json()), "profile": profile, "precision": precision, "plugins": [],
         "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": gpu_info(),
         "weights_sha256": weights.file_sha256(weights_path), "inputs": inputs, "outputs": outputs,
-        "anchortrt_version": metadata.version("anchortrt"),
+        "version_compatible": False, "anchortrt_version": metadata.version("anchortrt"),
     }
     assert summary["engine"] == str(engine) and summary["engine_bytes"] == engine.stat().st_size
     assert summary["precision"] == precision and summary["profile"] == profile

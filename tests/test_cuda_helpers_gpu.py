@@ -276,14 +276,14 @@ def fake_engine(cuda, tmp_path, monkeypatch):
 
     def make(fail_capture=False):
         fake = FakeTensorRT(compile_kernel(cuda, FAKE_DETR, "fake_detr"), fail_capture)
-        monkeypatch.setattr("runtime.runner.get_backend", lambda name: Backend("tensorrt", fake))
+        monkeypatch.setattr("runtime.runner.get_runtime_backend", lambda name, vc=False: Backend("tensorrt", fake))
         path = tmp_path / "fake.plan"
         path.write_bytes(b"fake")
         write_sidecar(path, {
             "config": {}, "profile": PROFILE, "precision": "fp32", "plugins": [], "postprocess": False,
             "backend": "tensorrt", "trt_version": FakeTensorRT.__version__,
             "gpu": {"name": "x", "compute_capability": cuda.init().compute_capability}, "weights_sha256": "0" * 64,
-            "inputs": {}, "outputs": {}, "anchortrt_version": "0",
+            "inputs": {}, "outputs": {}, "version_compatible": False, "anchortrt_version": "0",
         })
         return path
 

@@ -39,7 +39,7 @@ class Net:
         self.builder = trt.Builder(LOGGER)
         self.network = self.builder.create_network(0)
         self.keep = []
-        self.unbuilt = valid and BACKEND.builds_without_gpu  # build once, on the first run's shapes
+        self.unbuilt = valid and BACKEND.name == "tensorrt-rtx"  # build once, on the first run's shapes
 
     def input(self, name, dtype, shape):
         return self.network.add_input(name, dtype, shape)

@@ -31,7 +31,7 @@ def make_engine(tmp_path, **overrides):
         "config": {}, "profile": {"min": [1, 320, 512], "opt": [1, 800, 800], "max": [4, 1344, 1344]},
         "precision": "fp16", "plugins": [], "postprocess": False, "backend": "tensorrt-rtx",
         "trt_version": rtx_version() if HAS_RTX else "1.7.1.116", "gpu": None, "weights_sha256": "ab" * 32,
-        "inputs": {}, "outputs": {}, "anchortrt_version": "0.1.0",
+        "inputs": {}, "outputs": {}, "version_compatible": False, "anchortrt_version": "0.1.0",
     }
     sidecar.update(overrides)
     write_sidecar(path, sidecar)
@@ -75,7 +75,7 @@ def test_no_gpu_is_one_clear_environment_error(tmp_path, monkeypatch):
         raise cuda.NoGpuError(f"no NVIDIA driver: DynamicLibNotFoundError; {cuda.NO_GPU_HINT}")
 
     monkeypatch.setattr(cuda, "init", no_driver)
-    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, "1.7.1.116"))
+    monkeypatch.setattr("runtime.runner.get_runtime_backend", lambda name, vc=False: fake_backend(name, "1.7.1.116"))
     with pytest.raises(cuda.NoGpuError, match="nvidia-smi") as info:
         Engine(make_engine(tmp_path, trt_version="1.7.1.116"), weights_sha256="ab" * 32)
     assert info.value.exit_code == 3
@@ -134,7 +134,7 @@ H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 )
 def test_gpu_checks_and_deserialisation_failure(tmp_path, monkeypatch, backend, version, built_on, running_cc,
                                                 error, pattern):
-    monkeypatch.setattr("runtime.runner.get_backend", lambda name: fake_backend(name, version))
+    monkeypatch.setattr("runtime.runner.get_runtime_backend", lambda name, vc=False: fake_backend(name, version))
     monkeypatch.setattr(cuda, "init", fake_gpu(running_cc))
     path = make_engine(tmp_path, backend=backend, trt_version=version, gpu=built_on)
     with pytest.raises(error, match=pattern):

@@ -149,7 +149,7 @@ def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
     write_sidecar(engine, {
         "config": {}, "profile": Profile().to_dict(), "precision": "fp16", "plugins": [], "postprocess": False,
         "backend": "tensorrt-rtx", "trt_version": tensorrt_rtx.__version__, "gpu": None, "weights_sha256": "0" * 64,
-        "inputs": {}, "outputs": {}, "anchortrt_version": "0.1.0",
+        "inputs": {}, "outputs": {}, "version_compatible": False, "anchortrt_version": "0.1.0",
     })
     code = infer.main([str(images_dir / "gray.jpg"), "--engine", str(engine)])
     err = capsys.readouterr().err.strip().splitlines()
