@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 import types
 
 import pytest
+from PIL import Image
 
 from netdef.backend import Backend
-from netdef.sidecar import write_sidecar
+from netdef.sidecar import SidecarError, check_sidecar, load_sidecar, write_sidecar
 from runtime import cuda
 from runtime.errors import BadInput, Unavailable
 from runtime.runner import Engine
@@ -139,3 +141,105 @@ def test_gpu_checks_and_deserialisation_failure(tmp_path, monkeypatch, backend, 
     path = make_engine(tmp_path, backend=backend, trt_version=version, gpu=built_on)
     with pytest.raises(error, match=pattern):
         Engine(path)
+
+
+# The lean runtime: version-compatible engines of full TensorRT run on tensorrt_lean (a runtime-only module, no
+# Builder) of the same major version, no older than the builder; standard engines keep the exact match.
+
+def fake_module(name, version):
+    """A runtime-only TensorRT module (Runtime and ILogger, no Builder), importable as `name`."""
+    mod = types.ModuleType(name)
+    mod.__version__, mod.ILogger, mod.Runtime = version, FakeLogger, FakeRuntime
+    return mod
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """installed(tensorrt=None | version, tensorrt_lean=None | version): what `import` finds; None = absent."""
+
+    def install(**versions):
+        for name, version in versions.items():
+            monkeypatch.setitem(sys.modules, name, None if version is None else fake_module(name, version))
+        # the runner must never import it: it needs full TensorRT (`import tensorrt`) and AOT plans do not use it
+        monkeypatch.setitem(sys.modules, "tensorrt_lean.plugin", None)
+
+    return install
+
+
+VC_SIDECAR = {"backend": "tensorrt", "trt_version": "11.2.1.2", "version_compatible": True, "gpu": H100,
+              "weights_sha256": "ab" * 32}
+
+
+@pytest.mark.parametrize("backend, version, ok", [
+    ("tensorrt-lean", "11.4.0.106", True), ("tensorrt-lean", "11.2.1.2", True), ("tensorrt", "11.4.0.106", True),
+    ("tensorrt-lean", "11.1.0.106", False), ("tensorrt-lean", "10.16.1.11", False), ("tensorrt", "12.0.0", False),
+    ("tensorrt-lean", "11.2", False), ("tensorrt-rtx", "11.4.0", False),
+])
+def test_version_compatible_rule(backend, version, ok):
+    check = lambda: check_sidecar(VC_SIDECAR, trt_version=version, compute_capability="9.0", backend=backend)
+    if ok:
+        check()
+    else:
+        with pytest.raises(SidecarError, match="this is TensorRT|this runtime uses tensorrt-rtx"):
+            check()
+
+
+def test_version_compatible_message_states_the_rule():
+    with pytest.raises(SidecarError, match=r"built by TensorRT 11\.2\.1\.2 with --version-compatible, which runs on "
+                                           r"TensorRT 11\.x from 11\.2\.1\.2 on; this is TensorRT 10\.16\.1\.11"):
+        check_sidecar(VC_SIDECAR, trt_version="10.16.1.11", compute_capability="9.0", backend="tensorrt-lean")
+
+
+def test_standard_engines_keep_the_exact_version_and_backend():
+    standard = dict(VC_SIDECAR, version_compatible=False)
+    check_sidecar(standard, trt_version="11.2.1.2", compute_capability="9.0", backend="tensorrt")
+    with pytest.raises(SidecarError, match=r"built by TensorRT 11\.2\.1\.2, this is TensorRT 11\.4\.0\.106"):
+        check_sidecar(standard, trt_version="11.4.0.106", compute_capability="9.0", backend="tensorrt")
+    with pytest.raises(SidecarError, match=r"standard plan, and the TensorRT lean runtime loads only "
+                                           r"version-compatible ones \(built with --version-compatible\)"):
+        check_sidecar(standard, trt_version="11.2.1.2", compute_capability="9.0", backend="tensorrt-lean")
+    # an RTX engine never runs on lean, whatever its flag says (RTX has no version-compatible plans)
+    rtx = dict(VC_SIDECAR, backend="tensorrt-rtx", trt_version="1.7.1.116", gpu=None)
+    with pytest.raises(SidecarError, match="built with tensorrt-rtx, but this runtime uses tensorrt-lean"):
+        check_sidecar(rtx, trt_version="1.7.1.116", compute_capability="9.0", backend="tensorrt-lean")
+    with pytest.raises(SidecarError, match=r"compute capability 9\.0\), this GPU is 8\.6"):  # VC keeps the GPU tie
+        check_sidecar(VC_SIDECAR, trt_version="11.4.0.106", compute_capability="8.6", backend="tensorrt-lean")
+
+
+def test_version_compatible_must_be_a_boolean(tmp_path):
+    path = make_engine(tmp_path)
+    side = path.with_suffix(".json")
+    side.write_text(side.read_text().replace('"version_compatible": false', '"version_compatible": "false"'))
+    with pytest.raises(SidecarError, match=r"version_compatible is 'false', not true or false"):
+        load_sidecar(path)
+
+
+@pytest.mark.parametrize("lean_version, accepted", [("11.4.0.106", True), ("11.1.0.106", False), ("10.16.1.11", False)])
+def test_vc_engine_on_a_lean_only_machine(tmp_path, monkeypatch, installed, lean_version, accepted):
+    installed(tensorrt=None, tensorrt_lean=lean_version)
+    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
+    path = make_engine(tmp_path, **VC_SIDECAR)
+    if accepted:  # every check passed: TensorRT (the fake's deserialize) was reached
+        with pytest.raises(BadInput, match=r"TensorRT could not load .*magicTagRead"):
+            Engine(path)
+    else:
+        with pytest.raises(Unavailable, match=rf"11\.x from 11\.2\.1\.2 on; this is TensorRT {lean_version}") as info:
+            Engine(path)
+        assert info.value.exit_code == 3
+    assert sys.modules["tensorrt_lean.plugin"] is None  # never imported
+
+
+def test_standard_engine_on_a_lean_only_machine_names_the_rebuild(tmp_path, monkeypatch, installed, capsys):
+    from runtime import infer
+
+    installed(tensorrt=None, tensorrt_lean="11.4.0.106")
+    probed = []
+    monkeypatch.setattr(cuda, "init", lambda index=0: probed.append(index))
+    path = make_engine(tmp_path, **dict(VC_SIDECAR, version_compatible=False, trt_version="11.4.0.106"))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert infer.main([str(image), "--engine", str(path)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only the TensorRT lean runtime is installed" in err[0]
+    assert "rebuild the engine with `python -m netdef.build --version-compatible`" in err[0]
+    assert not probed  # refused before the GPU is opened
