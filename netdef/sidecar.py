@@ -203,6 +203,14 @@ def _cc_string(cc: str | tuple[int, int] | None) -> str | None:
     return f"{cc[0]}.{cc[1]}"
 
 
+def weights_problem(sidecar: Mapping[str, Any], weights_sha256: str) -> str | None:
+    """Why the engine does not embed the weights with this sha256 (None when it does)."""
+    if weights_sha256 == sidecar["weights_sha256"]:
+        return None
+    return (f"engine embeds weights sha256 {sidecar['weights_sha256'][:12]}..., "
+            f"the named weights are {weights_sha256[:12]}...")
+
+
 def check_sidecar(
     sidecar: Mapping[str, Any],
     *,
@@ -242,10 +250,7 @@ def check_sidecar(
     if sidecar["backend"] == "tensorrt" and built_cc and running_cc and built_cc != running_cc:
         gpu = sidecar["gpu"].get("name", "another GPU")
         problems.append(f"engine was built for {gpu} (compute capability {built_cc}), this GPU is {running_cc}")
-    if weights_sha256 is not None and weights_sha256 != sidecar["weights_sha256"]:
-        problems.append(
-            f"engine embeds weights sha256 {sidecar['weights_sha256'][:12]}..., "
-            f"the named weights are {weights_sha256[:12]}..."
-        )
+    if weights_sha256 is not None:
+        problems += filter(None, [weights_problem(sidecar, weights_sha256)])
     if problems:
         raise SidecarError("engine does not match: " + "; ".join(problems) + f"; {REBUILD_HINT}")

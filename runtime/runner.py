@@ -29,7 +29,9 @@ import numpy as np
 from PIL import Image
 
 from netdef.backend import BackendError, get_runtime_backend
-from netdef.sidecar import REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar
+from netdef.sidecar import (
+    REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar, weights_problem,
+)
 from runtime import cuda
 from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
 from runtime.postprocess import from_engine_outputs, postprocess
@@ -72,23 +74,32 @@ def _capture_logger(trt: Any) -> Any:
     return Logger()
 
 
+def read_sidecar(engine_path: str | Path) -> tuple[Path, dict[str, Any], Profile]:
+    """The engine file, its sidecar and the sidecar's profile, or BadInput: what can be checked without a GPU."""
+    path = require_file(engine_path)
+    try:
+        sidecar = load_sidecar(path)
+        return path, sidecar, Profile.from_dict(sidecar["profile"])
+    except (SidecarError, KeyError, TypeError, ValueError) as exc:
+        raise BadInput(f"engine {path}: {exc}") from None
+
+
 class Engine:
     """A checked, deserialised engine and its sidecar; share it between runners with `EngineRunner(engine)`."""
 
     def __init__(self, path: str | Path = DEFAULT_ENGINE, weights_sha256: str | None = None, device: int = 0):
-        self.path = require_file(path)
-        try:
-            self.sidecar = load_sidecar(self.path)
-            self.profile = Profile.from_dict(self.sidecar["profile"])
-        except (SidecarError, KeyError, TypeError, ValueError) as exc:
-            raise BadInput(f"engine {self.path}: {exc}") from None
+        self.path, self.sidecar, self.profile = read_sidecar(path)
+        mismatch = weights_sha256 and weights_problem(self.sidecar, weights_sha256)
+        if mismatch:
+            raise BadInput(f"{self.path}: {mismatch}; name the weights it was built from, or rebuild it from these "
+                           "with `python -m netdef.build --weights ...`")
         try:
             backend = get_runtime_backend(self.sidecar["backend"], bool(self.sidecar.get("version_compatible")))
         except BackendError as exc:
             raise Unavailable(f"engine {self.path} was built with {self.sidecar['backend']}: {exc}") from None
-        self._check(backend, compute_capability=None, weights_sha256=weights_sha256)  # before touching the GPU
+        self._check(backend, compute_capability=None)  # before touching the GPU
         self.device = cuda.init(device)
-        self._check(backend, compute_capability=self.device.compute_capability, weights_sha256=None)
+        self._check(backend, compute_capability=self.device.compute_capability)
         self.trt = backend.trt
         self._logger = _capture_logger(self.trt)
         self._runtime = self.trt.Runtime(self._logger)
@@ -112,14 +123,10 @@ class Engine:
             (int(s[0]), int(s[2]), int(s[3])) for s in self.trt_engine.get_tensor_profile_shape("images", 0)
         ))
 
-    def _check(self, backend: Any, compute_capability: str | None, weights_sha256: str | None) -> None:
+    def _check(self, backend: Any, compute_capability: str | None) -> None:
         try:
             check_sidecar(
-                self.sidecar,
-                trt_version=backend.version,
-                compute_capability=compute_capability,
-                weights_sha256=weights_sha256,
-                backend=backend.name,
+                self.sidecar, trt_version=backend.version, compute_capability=compute_capability, backend=backend.name
             )
         except SidecarError as exc:
             raise Unavailable(f"{self.path}: {exc}") from None
