@@ -70,10 +70,12 @@ def test_other_tensorrt_version_refused(tmp_path):
         Engine(make_engine(tmp_path, trt_version="1.0.0"))
 
 
-@pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx")
-def test_weights_mismatch_refused_before_the_gpu_is_needed(tmp_path):
-    with pytest.raises(Unavailable, match=r"embeds weights sha256 ababababab.*named weights are cdcdcdcdcd"):
-        Engine(make_engine(tmp_path), weights_sha256="cd" * 32)
+def test_weights_mismatch_is_bad_input_before_the_backend_and_gpu(tmp_path):
+    # backend "tensorrt" is not installed here: the weights are checked first, and they are the user's input
+    path = make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0")
+    with pytest.raises(BadInput, match=r"embeds weights sha256 ababababab.*named weights are cdcdcdcdcd") as info:
+        Engine(path, weights_sha256="cd" * 32)
+    assert info.value.exit_code == 2
 
 
 def test_no_gpu_is_one_clear_environment_error(tmp_path, monkeypatch):
