@@ -32,6 +32,7 @@ import numpy as np
 
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from netdef.progress import ProgressBar, Spinner, print_table
+from netdef.sidecar import OutputPathError, check_output_path, write_atomic
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -47,10 +48,20 @@ def coco_results(image_ids: Sequence[int], detections: Sequence[dict]) -> list[d
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write ``path`` whole or not at all; its missing folders (--results-dir) are made now, not before."""
     try:
-        Path(path).write_text(text)
+        write_atomic(path, text.encode())
     except OSError as e:
-        raise EvalError(f"cannot write {path}: {e.strerror}; choose a writable path") from None
+        raise EvalError(f"cannot write {path}: {e.strerror or e}; choose a writable path") from None
+
+
+def check_outputs(*paths: tuple[str, str | Path]) -> None:
+    """Refuse, before any work, (option, path) pairs that cannot be written (a folder, an unwritable folder)."""
+    try:
+        for what, path in paths:
+            check_output_path(path, what)
+    except OutputPathError as e:
+        raise EvalError(str(e)) from None
 
 
 def prefetch(fn: Callable, items: Iterable, depth: int) -> Iterator:
@@ -170,15 +181,14 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
 def run_dataset(args) -> int:
     from runtime.errors import AnchorRuntimeError
 
-    gt, image_ids, paths = open_coco_root(Path(args.coco_root), args.limit)
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
-    try:  # before the long run, not after it
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EvalError(f"--results-dir {out_dir} cannot be created ({e.strerror}); choose a writable folder") from None
-    if not metrics_path.parent.is_dir():
-        raise EvalError(f"--json {metrics_path}: folder {metrics_path.parent} does not exist")
+    from eval.models import EngineModel, TorchReference
+
+    names = [EngineModel.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
+    check_outputs(("--json" if args.json else "--results-dir", metrics_path),
+                  *(("--results-dir", out_dir / f"{name}_bbox.json") for name in names))
+    gt, image_ids, paths = open_coco_root(Path(args.coco_root), args.limit)
 
     models = []
     try:
@@ -224,6 +234,8 @@ def print_summary(metrics: dict[str, dict[str, float]], delta: float | None, ima
 
 
 def score_file(args) -> int:
+    if args.json:
+        check_outputs(("--json", args.json))
     gt = load_ground_truth(args.annotations)
     results = check_results(gt, read_json(args.results, "results file"), f"results file {args.results}")
     known = set(gt.getCatIds())

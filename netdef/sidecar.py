@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from netdef.backend import version_tuple
+
 SIDECAR_KEYS = (
     "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "version_compatible",
     "gpu", "weights_sha256", "inputs", "outputs", "anchortrt_version",
@@ -189,6 +191,9 @@ def load_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in SIDECAR_KEYS if k not in data] if isinstance(data, dict) else list(SIDECAR_KEYS)
     if missing:
         raise SidecarError(f"sidecar {side} lacks {', '.join(missing)}: not written by netdef.build; {REBUILD_HINT}")
+    if not isinstance(data["version_compatible"], bool):  # "false" would read as true in the version rule
+        raise SidecarError(f"sidecar {side}: version_compatible is {data['version_compatible']!r}, not true or "
+                           f"false; {REBUILD_HINT}")
     return data
 
 
@@ -196,6 +201,14 @@ def _cc_string(cc: str | tuple[int, int] | None) -> str | None:
     if cc is None or isinstance(cc, str):
         return cc
     return f"{cc[0]}.{cc[1]}"
+
+
+def weights_problem(sidecar: Mapping[str, Any], weights_sha256: str) -> str | None:
+    """Why the engine does not embed the weights with this sha256 (None when it does)."""
+    if weights_sha256 == sidecar["weights_sha256"]:
+        return None
+    return (f"engine embeds weights sha256 {sidecar['weights_sha256'][:12]}..., "
+            f"the named weights are {weights_sha256[:12]}...")
 
 
 def check_sidecar(
@@ -208,7 +221,9 @@ def check_sidecar(
 ) -> None:
     """Raise SidecarError naming every reason the engine cannot be used here.
 
-    - ``trt_version``: the loading TensorRT; plans are tied to the exact version that built them.
+    - ``trt_version``: the loading TensorRT. A standard plan needs the exact version that built it; a
+      version-compatible one loads on the same major version, no older than the builder (TensorRT's engine
+      compatibility rule: built by 11.2, runs on 11.2 and later 11.x).
     - ``compute_capability`` ("9.0" or (9, 0)): the GPU about to run the engine. Full TensorRT tunes kernels for
       the build GPU's architecture; TensorRT-RTX engines compile for the running GPU, so only full TensorRT
       engines are checked.
@@ -216,19 +231,26 @@ def check_sidecar(
     - ``backend``: the loading backend's name, if known.
     """
     problems = []
-    if backend is not None and backend != sidecar["backend"]:
-        problems.append(f"engine was built with {sidecar['backend']}, but this runtime uses {backend}")
-    if trt_version != sidecar["trt_version"]:
-        problems.append(f"engine was built by TensorRT {sidecar['trt_version']}, this is TensorRT {trt_version}")
+    built_with, built_version = sidecar["backend"], sidecar["trt_version"]
+    compatible = bool(sidecar.get("version_compatible")) and built_with == "tensorrt"
+    if backend == "tensorrt-lean" and built_with == "tensorrt" and not compatible:
+        problems.append("engine is a standard plan, and the TensorRT lean runtime loads only version-compatible "
+                        "ones (built with --version-compatible)")
+    elif backend is not None and backend != built_with and not (compatible and backend == "tensorrt-lean"):
+        problems.append(f"engine was built with {built_with}, but this runtime uses {backend}")
+    if compatible:
+        built, running = version_tuple(built_version), version_tuple(trt_version)
+        if running[:1] != built[:1] or running < built:
+            problems.append(f"engine was built by TensorRT {built_version} with --version-compatible, which runs on "
+                            f"TensorRT {built[0]}.x from {built_version} on; this is TensorRT {trt_version}")
+    elif trt_version != built_version:
+        problems.append(f"engine was built by TensorRT {built_version}, this is TensorRT {trt_version}")
     built_cc = (sidecar.get("gpu") or {}).get("compute_capability")
     running_cc = _cc_string(compute_capability)
     if sidecar["backend"] == "tensorrt" and built_cc and running_cc and built_cc != running_cc:
         gpu = sidecar["gpu"].get("name", "another GPU")
         problems.append(f"engine was built for {gpu} (compute capability {built_cc}), this GPU is {running_cc}")
-    if weights_sha256 is not None and weights_sha256 != sidecar["weights_sha256"]:
-        problems.append(
-            f"engine embeds weights sha256 {sidecar['weights_sha256'][:12]}..., "
-            f"the named weights are {weights_sha256[:12]}..."
-        )
+    if weights_sha256 is not None:
+        problems += filter(None, [weights_problem(sidecar, weights_sha256)])
     if problems:
         raise SidecarError("engine does not match: " + "; ".join(problems) + f"; {REBUILD_HINT}")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from netdef.progress import ProgressBar, format_seconds, print_table
-from netdef.sidecar import write_atomic
+from netdef.sidecar import OutputPathError, check_output_path, write_atomic
 from runtime.cli import guarded, parser
 from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
 
@@ -93,7 +93,7 @@ def bench_engine(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterato
     cuda.init()
     free_before, _ = cuda.memory_info()
     with Engine(args.engine) as engine:
-        check_profile(engine.profile, configs)
+        check_profile(engine.profile, configs)  # the plan's own profile, which the sidecar only records
         for graphs in [False, True] if args.graphs else [False]:
             mode = "cuda-graph" if graphs else "enqueue"
             with EngineRunner(engine, cuda_graphs=graphs) as runner:
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from runtime.runner import DEFAULT_ENGINE, require_file
+    from runtime.runner import DEFAULT_ENGINE, read_sidecar
 
     configs = [(b, hw) for b in parse_batches(args.batch) for hw in parse_shapes(args.shapes)]
     args.torch_modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
@@ -255,14 +255,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BadInput(f"--torch-modes {unknown or args.torch_modes}: choose from {', '.join(TORCH_MODES)}")
     if args.iters < 1 or args.warmup < 0:
         raise BadInput("--iters must be at least 1 and --warmup at least 0")
-    if args.json is not None and not args.json.parent.is_dir():
-        raise BadInput(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.json is not None:
+        try:
+            check_output_path(args.json, "--json")
+        except OutputPathError as exc:
+            raise BadInput(str(exc)) from None
     if args.torch_weights is not None and not args.torch_weights.is_file():
         raise BadInput(f"--torch-weights {args.torch_weights} not found")
     if args.engine is None and args.torch_weights is None:
         args.engine = DEFAULT_ENGINE
-    if args.engine is not None:
-        require_file(args.engine)
+    if args.engine is not None:  # the engine's own files and profile, before anything opens the GPU
+        check_profile(read_sidecar(args.engine)[2], configs)
     runs = [bench_engine] * (args.engine is not None) + [bench_torch] * (args.torch_weights is not None)
     per_config = args.warmup + args.iters
     total = per_config * len(configs) * (

@@ -16,6 +16,17 @@ def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
     )
 
 
+def probability(text: str) -> float:
+    """An argparse type for scores and thresholds: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1 (scores are probabilities), got {text}")
+    return value
+
+
 def guarded(run: Callable[..., int], *args) -> int:
     """run(*args)'s exit code; an expected failure becomes one `error:` line on stderr and its own exit code."""
     try:

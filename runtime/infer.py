@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,9 +12,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from netdef.progress import ProgressBar, print_table
-from netdef.sidecar import write_atomic
+from netdef.sidecar import OutputPathError, check_output_path, write_atomic
 from runtime.coco_names import label_name
-from runtime.cli import guarded, parser
+from runtime.cli import guarded, parser, probability
 from runtime.errors import BadInput
 from runtime.preprocess import ImageError, load_image, to_rgb
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
     p.add_argument("--engine", type=Path, default=DEFAULT_ENGINE,
                    help=f"engine file; its sidecar <engine>.json must be beside it (default: {DEFAULT_ENGINE})")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=probability, default=0.5,
                    help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="images per engine call (default: the profile's largest batch)")
@@ -105,61 +106,73 @@ def _output_name(path: Path, used: set[str]) -> str:
 
 def _write(path: Path, write: Callable[[], object]) -> None:
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # --out is made with its first image, not before
         write()
     except OSError as exc:
         raise BadInput(f"cannot write {path} ({exc.strerror or exc}): choose a writable destination") from None
 
 
-def _check_destinations(args: argparse.Namespace) -> None:
+def _readable(path: Path) -> bool:
+    if path.is_file() and os.access(path, os.R_OK):
+        return True
+    print(f"skipped: {path}: {'no such file' if not path.exists() else 'not a readable file'}", file=sys.stderr)
+    return False
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Path | None]], list[str]]:
+    """Everything that needs no GPU, before it is opened. Returns (index, image, annotated copy or None) of each
+    image that can be read, and the names of those that cannot (reported and skipped)."""
     if args.batch is not None and args.batch < 1:
         raise BadInput(f"--batch {args.batch}: must be at least 1")
-    if args.out is not None:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BadInput(f"--out {args.out} cannot be created ({exc.strerror}): choose a writable folder") from None
-    if args.json is not None and not args.json.parent.is_dir():
-        raise BadInput(f"--json {args.json}: folder {args.json.parent} does not exist")
     if args.weights is not None and not args.weights.is_file():
-        raise BadInput(f"--weights {args.weights} not found")
+        raise BadInput(f"--weights {args.weights} not found: name the weights file the engine was built from")
+    readable = [(i, path) for i, path in enumerate(args.images) if _readable(path)]
+    if not readable:
+        raise BadInput(f"none of the {len(args.images)} image file(s) can be read: name existing image files")
+    used: set[str] = set()
+    jobs = [(i, path, args.out / _output_name(path, used) if args.out else None) for i, path in readable]
+    try:
+        for what, target in [("--json", args.json)] + [("--out", t) for *_, t in jobs]:
+            if target is not None:
+                check_output_path(target, what)
+    except OutputPathError as exc:
+        raise BadInput(str(exc)) from None
+    unreadable = sorted(set(range(len(args.images))) - {i for i, _ in readable})
+    return jobs, [str(args.images[i]) for i in unreadable]
 
 
 def run(args: argparse.Namespace) -> int:
     from runtime.draw import draw_detections
 
-    _check_destinations(args)
+    jobs, failed = _check_arguments(args)
     weights_sha256 = None
     if args.weights is not None:
         from weights import file_sha256
 
         weights_sha256 = file_sha256(args.weights)
     runner = open_runner(args.engine, weights_sha256)
-    failed: list[str] = []
     records: list[dict] = []
-    used_names: set[str] = set()
     total = 0
     try:
         batch = min(args.batch or runner.max_batch, runner.max_batch)
-        indexed = list(enumerate(args.images))
-        with ProgressBar(len(indexed), desc="images", stream=sys.stderr) as bar:
-            for start in range(0, len(indexed), batch):
+        with ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
+            for start in range(0, len(jobs), batch):
                 loaded = []
-                for index, path in indexed[start : start + batch]:
+                for index, path, target in jobs[start : start + batch]:
                     try:
-                        loaded.append((index, path, to_rgb(load_image(path), exif=not args.no_exif)))
+                        loaded.append((index, path, target, to_rgb(load_image(path), exif=not args.no_exif)))
                     except ImageError as exc:
                         print(f"skipped: {exc}", file=sys.stderr)
                         failed.append(str(path))
                 if loaded:
                     found = runner.detect([rgb for *_, rgb in loaded], args.threshold, batch, exif=False)
-                    for (index, path, rgb), detections in zip(loaded, found):
+                    for (index, path, target, rgb), detections in zip(loaded, found):
                         print_detections(path, rgb.size, detections, args.threshold)
                         total += len(detections["scores"])
                         records += coco_records(image_id(path, index), detections)
-                        if args.out is not None:
-                            target = args.out / _output_name(path, used_names)
+                        if target is not None:
                             _write(target, lambda: draw_detections(rgb, detections).save(target, quality=92))
-                bar.update(len(indexed[start : start + batch]))
+                bar.update(len(jobs[start : start + batch]))
     finally:
         runner.close()
     if args.json is not None:

@@ -4,11 +4,14 @@ Before TensorRT sees the plan, the sidecar written by ``netdef.build`` is checke
 compute capability and (when the caller names them) the weights must match, each refused with one line.
 
 A runner allocates everything once, for the profile's largest shape: device buffers for every input and output,
-pinned host buffers of the same sizes, one execution context, one stream, two timing events. `infer` copies a
-batch into the pinned buffers, then queues the upload, ``execute_async_v3`` and the downloads on the runner's
-stream and waits once. With ``cuda_graphs=True`` the first call for each (batch, height, width) runs normally and
-is then captured; later calls of that shape replay the graph. A shape that cannot be captured stays on plain
-enqueue (the reason is kept in `graph_failures`).
+pinned host buffers of the same sizes, one block of TensorRT scratch memory, an execution context, one stream,
+two timing events. `infer` copies a batch into the pinned buffers, then queues the upload, ``execute_async_v3``
+and the downloads on the runner's stream and waits once. With ``cuda_graphs=True`` the first call for each
+(batch, height, width) runs on a new context of its own, which is then captured; later calls of that shape replay
+the graph on that context (at most `EngineRunner.MAX_GRAPHS` shapes, least recently used evicted). A context
+never changes shape under a graph: TensorRT does not promise that a graph captured at one shape survives the
+context running another. A shape that cannot be captured stays on plain enqueue (the reason is kept in
+`graph_failures`).
 
 Several runners can share one `Engine` (deserialised once): each has its own context, buffers and stream, so
 they can run concurrently from different threads.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +29,9 @@ import numpy as np
 from PIL import Image
 
 from netdef.backend import BackendError, get_runtime_backend
-from netdef.sidecar import REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar
+from netdef.sidecar import (
+    REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar, weights_problem,
+)
 from runtime import cuda
 from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
 from runtime.postprocess import from_engine_outputs, postprocess
@@ -68,23 +74,32 @@ def _capture_logger(trt: Any) -> Any:
     return Logger()
 
 
+def read_sidecar(engine_path: str | Path) -> tuple[Path, dict[str, Any], Profile]:
+    """The engine file, its sidecar and the sidecar's profile, or BadInput: what can be checked without a GPU."""
+    path = require_file(engine_path)
+    try:
+        sidecar = load_sidecar(path)
+        return path, sidecar, Profile.from_dict(sidecar["profile"])
+    except (SidecarError, KeyError, TypeError, ValueError) as exc:
+        raise BadInput(f"engine {path}: {exc}") from None
+
+
 class Engine:
     """A checked, deserialised engine and its sidecar; share it between runners with `EngineRunner(engine)`."""
 
     def __init__(self, path: str | Path = DEFAULT_ENGINE, weights_sha256: str | None = None, device: int = 0):
-        self.path = require_file(path)
-        try:
-            self.sidecar = load_sidecar(self.path)
-            self.profile = Profile.from_dict(self.sidecar["profile"])
-        except (SidecarError, KeyError, TypeError, ValueError) as exc:
-            raise BadInput(f"engine {self.path}: {exc}") from None
+        self.path, self.sidecar, self.profile = read_sidecar(path)
+        mismatch = weights_sha256 and weights_problem(self.sidecar, weights_sha256)
+        if mismatch:
+            raise BadInput(f"{self.path}: {mismatch}; name the weights it was built from, or rebuild it from these "
+                           "with `python -m netdef.build --weights ...`")
         try:
             backend = get_runtime_backend(self.sidecar["backend"], bool(self.sidecar.get("version_compatible")))
         except BackendError as exc:
             raise Unavailable(f"engine {self.path} was built with {self.sidecar['backend']}: {exc}") from None
-        self._check(backend, compute_capability=None, weights_sha256=weights_sha256)  # before touching the GPU
+        self._check(backend, compute_capability=None)  # before touching the GPU
         self.device = cuda.init(device)
-        self._check(backend, compute_capability=self.device.compute_capability, weights_sha256=None)
+        self._check(backend, compute_capability=self.device.compute_capability)
         self.trt = backend.trt
         self._logger = _capture_logger(self.trt)
         self._runtime = self.trt.Runtime(self._logger)
@@ -108,14 +123,10 @@ class Engine:
             (int(s[0]), int(s[2]), int(s[3])) for s in self.trt_engine.get_tensor_profile_shape("images", 0)
         ))
 
-    def _check(self, backend: Any, compute_capability: str | None, weights_sha256: str | None) -> None:
+    def _check(self, backend: Any, compute_capability: str | None) -> None:
         try:
             check_sidecar(
-                self.sidecar,
-                trt_version=backend.version,
-                compute_capability=compute_capability,
-                weights_sha256=weights_sha256,
-                backend=backend.name,
+                self.sidecar, trt_version=backend.version, compute_capability=compute_capability, backend=backend.name
             )
         except SidecarError as exc:
             raise Unavailable(f"{self.path}: {exc}") from None
@@ -210,7 +221,16 @@ class Detector(abc.ABC):
 
 
 class EngineRunner(Detector):
-    """One execution context, stream and buffer set on an `Engine`; use as a context manager."""
+    """Execution contexts, one stream and one buffer set on an `Engine`; use as a context manager.
+
+    Plain enqueue uses one context whose input shape follows the batch. With ``cuda_graphs=True`` every captured
+    (batch, height, width) gets a context of its own that keeps that shape, so a graph is only ever replayed on
+    the context and shape it was captured with; the `MAX_GRAPHS` most recently used are kept (least recently
+    used evicted: graph and context freed). All contexts share one block of TensorRT scratch memory: they run
+    one after another on the runner's stream, which is what makes sharing safe.
+    """
+
+    MAX_GRAPHS = 8  # shapes with a captured graph and context; each adds a context's host state and a graph
 
     def __init__(
         self,
@@ -226,9 +246,10 @@ class EngineRunner(Detector):
         self.cuda_graphs = cuda_graphs
         self.graph_failures: dict[tuple[int, int, int], str] = {}
         self.last_timing: dict[str, Any] = {}
-        self._graphs: dict[tuple[int, int, int], cuda.Graph] = {}
+        # shape -> (its own context, its graph), least recently used first
+        self._graphs: OrderedDict[tuple[int, int, int], tuple[Any, cuda.Graph]] = OrderedDict()
         self._resources: list[Any] = []
-        self._shape: tuple[int, int, int] | None = None
+        self._shape: tuple[int, int, int] | None = None  # the plain context's current input shape
         self._output_shapes: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
         self.stream: cuda.Stream | None = None
         self.context: Any = None
@@ -240,12 +261,13 @@ class EngineRunner(Detector):
 
     def _allocate(self) -> None:
         self.engine.device.activate()
-        self.context = self.engine.trt_engine.create_execution_context()
-        if self.context is None:
-            raise Unavailable(f"TensorRT could not create an execution context: {self.engine._logger.last_error}")
         self.stream = self._keep(cuda.Stream())
         self._start, self._end = self._keep(cuda.Event()), self._keep(cuda.Event())
-        largest = self._set_shape(self.profile.max)
+        trt_engine = self.engine.trt_engine
+        self._scratch = self._keep(cuda.DeviceBuffer(trt_engine.get_device_memory_size_for_profile_v2(0)))
+        self.context = self._new_context()
+        largest = self._set_shape(self.context, self.profile.max)
+        self._shape = self.profile.max
         self._device: dict[str, cuda.DeviceBuffer] = {}
         self._host: dict[str, cuda.PinnedBuffer] = {}
         for name, shape in largest.items():
@@ -253,39 +275,70 @@ class EngineRunner(Detector):
             count = int(np.prod(shape))
             self._device[name] = self._keep(cuda.DeviceBuffer(count * dtype.itemsize))
             self._host[name] = self._keep(cuda.PinnedBuffer(count, dtype))
-            if not self.context.set_tensor_address(name, self._device[name].ptr):
-                raise Unavailable(f"TensorRT refused the address of {name}: {self.engine._logger.last_error}")
+        self._bind(self.context)
 
     def _keep(self, resource: Any) -> Any:
         self._resources.append(resource)
         return resource
 
-    def _set_shape(self, shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
-        """Set the input shapes for (batch, height, width); returns every I/O tensor's shape."""
-        if self._shape != shape:
-            for name, dims in _input_shapes(*shape).items():
-                if not self.context.set_input_shape(name, dims):
-                    raise ShapeError(f"TensorRT refused {name} of shape {dims}: {self.engine._logger.last_error}")
-            self._shape = shape
+    def _new_context(self) -> Any:
+        """A context that uses the runner's scratch block instead of allocating its own."""
+        trt = self.engine.trt
+        context = self.engine.trt_engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise Unavailable(f"TensorRT could not create an execution context: {self.engine._logger.last_error}")
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1; the `device_memory` setter before
+            context.set_device_memory(self._scratch.ptr, self._scratch.nbytes)
+        else:
+            context.device_memory = self._scratch.ptr
+        return context
+
+    def _bind(self, context: Any) -> None:
+        for name, buffer in self._device.items():
+            if not context.set_tensor_address(name, buffer.ptr):
+                raise Unavailable(f"TensorRT refused the address of {name}: {self.engine._logger.last_error}")
+
+    def _set_shape(self, context: Any, shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+        """Set `context`'s input shapes for (batch, height, width); returns every I/O tensor's shape."""
+        for name, dims in _input_shapes(*shape).items():
+            if not context.set_input_shape(name, dims):
+                raise ShapeError(f"TensorRT refused {name} of shape {dims}: {self.engine._logger.last_error}")
         if shape not in self._output_shapes:
-            missing = self.context.infer_shapes()
+            missing = context.infer_shapes()
             if missing:
                 raise BadInput(f"TensorRT cannot infer output shapes, missing {missing}")
             shapes = dict(_input_shapes(*shape))
-            shapes.update({n: tuple(self.context.get_tensor_shape(n)) for n in self.engine.outputs})
+            shapes.update({n: tuple(context.get_tensor_shape(n)) for n in self.engine.outputs})
             self._output_shapes[shape] = shapes
         return self._output_shapes[shape]
 
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(self.stream.handle):
+    def _context_for(self, shape: tuple[int, int, int]) -> Any:
+        """The context to run a shape without a graph: a fresh one to capture next (this run is its warm-up, so
+        TensorRT's lazy initialisation is not captured), else the plain context set to the shape."""
+        if self.cuda_graphs and shape not in self.graph_failures:
+            context = self._new_context()
+            self._bind(context)
+            self._set_shape(context, shape)
+            return context
+        if self._shape != shape:
+            self._set_shape(self.context, shape)
+            self._shape = shape
+        return self.context
+
+    def _enqueue(self, context: Any) -> None:
+        if not context.execute_async_v3(self.stream.handle):
             raise AnchorRuntimeError(f"TensorRT execute_async_v3 failed: {self.engine._logger.last_error}")
 
-    def _capture(self, shape: tuple[int, int, int]) -> None:
-        # Called after a plain run of this shape, so TensorRT's lazy initialisation is not captured.
+    def _capture(self, shape: tuple[int, int, int], context: Any) -> None:
         try:
-            self._graphs[shape] = cuda.Graph(self.stream, self._enqueue)
+            graph = cuda.Graph(self.stream, lambda: self._enqueue(context))
         except AnchorRuntimeError as exc:
-            self.graph_failures[shape] = str(exc)
+            self.graph_failures[shape] = str(exc)  # the context is dropped; the shape runs on the plain one
+            return
+        if len(self._graphs) >= self.MAX_GRAPHS:
+            _, (_, oldest) = self._graphs.popitem(last=False)  # its context goes with the tuple
+            oldest.close()
+        self._graphs[shape] = (context, graph)
 
     def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
         """Raw engine outputs for a batch: images (B,3,H,W) float32, masks (B,H,W) bool (True = padding).
@@ -299,16 +352,21 @@ class EngineRunner(Detector):
         images, masks = self.fit_profile(np.asarray(images), np.asarray(masks))
         shape = (images.shape[0], images.shape[2], images.shape[3])
         self.engine.device.activate()
-        shapes = self._set_shape(shape)
+        captured = self._graphs.get(shape)
+        if captured is not None:
+            self._graphs.move_to_end(shape)
+            context, graph = captured
+        else:
+            context, graph = self._context_for(shape), None
+        shapes = self._output_shapes[shape]
         for name, array in (("images", images), ("masks", masks)):
             self._host[name].view(array.shape)[...] = array
             self._device[name].upload(self._host[name].view(array.shape), self.stream)
-        graph = self._graphs.get(shape)
         self._start.record(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
-            self._enqueue()
+            self._enqueue(context)
         self._end.record(self.stream)
         outputs = {}
         for name in self.engine.outputs:
@@ -322,17 +380,18 @@ class EngineRunner(Detector):
             "host_ms": 1000 * (time.perf_counter() - started),
             "graph": graph is not None,
         }
-        if self.cuda_graphs and graph is None and shape not in self.graph_failures:
-            self._capture(shape)
+        if context is not self.context and graph is None:
+            self._capture(shape, context)
         return result
 
     def close(self) -> None:
-        """Free graphs, buffers, events, the stream and the context (and the engine if this runner loaded it)."""
-        for graph in self._graphs.values():
+        """Free graphs, contexts, buffers, events and the stream (and the engine if this runner loaded it)."""
+        if self.stream is not None:
+            self.stream.synchronize()  # nothing may still use the graphs and buffers freed below
+        for _, graph in self._graphs.values():
             graph.close()
         self._graphs.clear()
-        if self.stream is not None:
-            self.stream.synchronize()  # nothing may still use the buffers freed below
+        self.context = None  # contexts go before the scratch memory they use
         while self._resources:
             self._resources.pop().close()
         self.stream = self.context = None

@@ -188,6 +188,9 @@ class FakeTensorRT:
     class TensorIOMode:
         INPUT, OUTPUT = "input", "output"
 
+    class ExecutionContextAllocationStrategy:
+        USER_MANAGED = "user-managed"
+
     class ILogger:
         class Severity:
             INTERNAL_ERROR, ERROR, WARNING = "internal", "error", "warning"
@@ -230,14 +233,21 @@ class FakeEngine:
     def get_tensor_profile_shape(self, name, index):
         return [(b, 3, h, w) for b, h, w in PROFILE.values()]
 
-    def create_execution_context(self):
+    def get_device_memory_size_for_profile_v2(self, index):
+        return 1 << 20
+
+    def create_execution_context(self, strategy):
+        assert strategy == "user-managed"
         self.contexts += 1
         return FakeContext(self.fake)
 
 
 class FakeContext:
     def __init__(self, fake):
-        self.fake, self.shapes, self.addresses = fake, {}, {}
+        self.fake, self.shapes, self.addresses, self.memory = fake, {}, {}, None
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
 
     def set_input_shape(self, name, dims):
         self.shapes[name] = tuple(dims)
@@ -261,6 +271,7 @@ class FakeContext:
             status = cu.cuStreamIsCapturing(stream)[1]
             if status != cu.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE:
                 return False
+        assert self.memory is not None and self.memory[1] >= 1 << 20  # TensorRT needs it before enqueue
         batch, _, height, width = self.shapes["images"]
         a = self.addresses
         args = ((a["images"], a["masks"], a["pred_logits"], a["pred_boxes"], batch, height, width, Q, C),
@@ -321,6 +332,10 @@ def test_runner_graphs_per_shape_replay_new_data(cuda, fake_engine, monkeypatch)
         # first call of a shape runs plainly and captures; repeats replay with the new data
         assert graphs == [False, True, False, True, True, False]
         assert set(runner._graphs) == {(2, 16, 24), (1, 32, 48), (2, 8, 8)} and not runner.graph_failures
+        # one context per captured shape, besides the plain one; all on one scratch block
+        contexts = [context for context, _ in runner._graphs.values()] + [runner.context]
+        assert len({id(c) for c in contexts}) == 4 == runner.engine.trt_engine.contexts
+        assert len({c.memory for c in contexts}) == 1
         assert runner.last_timing["gpu_ms"] > 0 and runner.last_timing["host_ms"] > 0
     with pytest.raises(Exception, match="closed"):
         runner.infer(*random_inputs(rng, 1, 8, 8, 8))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,28 @@ def test_cli_missing_engine(tmp_path, capsys):
     write_coco(root)
     message = bad_input(capsys, "--coco-root", root, "--engine", tmp_path / "none.plan", "--results-dir", tmp_path / "r")
     assert "none.plan not found" in message
+
+
+def test_cli_results_dir_is_made_only_when_a_file_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --results-dir coco-results would appear
+    root = tmp_path / "coco"
+    write_coco(root)
+    bad_input(capsys, "--coco-root", root, "--engine", tmp_path / "none.plan", "--results-dir", tmp_path / "r" / "s")
+    bad_input(capsys, "--coco-root", root, "--torch-weights", tmp_path / "none.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
+
+
+def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "r" / "engine_bbox.json").mkdir(parents=True)
+    missing_root = ["--coco-root", tmp_path / "none", "--engine", tmp_path / "e.plan"]  # never looked at
+    assert re.search(r"--results-dir .*file/metrics.json: .*file is not a folder",
+                     bad_input(capsys, *missing_root, "--results-dir", tmp_path / "file"))
+    assert re.search(r"--results-dir .*r/engine_bbox.json is a folder",
+                     bad_input(capsys, *missing_root, "--results-dir", tmp_path / "r"))
+    assert re.search(r"--json .* is a folder", bad_input(capsys, *missing_root, "--json", tmp_path))
+    assert re.search(r"--json .* is a folder", bad_input(capsys, "--annotations", tmp_path / "none.json",
+                                                         "--results", tmp_path / "none.json", "--json", tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------

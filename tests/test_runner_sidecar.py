@@ -1,17 +1,23 @@
-"""EngineRunner's checks before TensorRT sees the plan: engine file, sidecar, backend, version, GPU, weights."""
+"""EngineRunner without a GPU: the checks before TensorRT sees the plan (engine file, sidecar, backend, version,
+GPU, weights) and the bookkeeping of execution contexts and CUDA graphs."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 import types
+import weakref
+
+import numpy as np
 
 import pytest
+from PIL import Image
 
 from netdef.backend import Backend
-from netdef.sidecar import write_sidecar
+from netdef.sidecar import SidecarError, check_sidecar, load_sidecar, write_sidecar
 from runtime import cuda
-from runtime.errors import BadInput, Unavailable
-from runtime.runner import Engine
+from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
+from runtime.runner import INPUTS, Engine, EngineRunner
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_FULL_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -64,10 +70,12 @@ def test_other_tensorrt_version_refused(tmp_path):
         Engine(make_engine(tmp_path, trt_version="1.0.0"))
 
 
-@pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx")
-def test_weights_mismatch_refused_before_the_gpu_is_needed(tmp_path):
-    with pytest.raises(Unavailable, match=r"embeds weights sha256 ababababab.*named weights are cdcdcdcdcd"):
-        Engine(make_engine(tmp_path), weights_sha256="cd" * 32)
+def test_weights_mismatch_is_bad_input_before_the_backend_and_gpu(tmp_path):
+    # backend "tensorrt" is not installed here: the weights are checked first, and they are the user's input
+    path = make_engine(tmp_path, backend="tensorrt", trt_version="11.4.0")
+    with pytest.raises(BadInput, match=r"embeds weights sha256 ababababab.*named weights are cdcdcdcdcd") as info:
+        Engine(path, weights_sha256="cd" * 32)
+    assert info.value.exit_code == 2
 
 
 def test_no_gpu_is_one_clear_environment_error(tmp_path, monkeypatch):
@@ -139,3 +147,291 @@ def test_gpu_checks_and_deserialisation_failure(tmp_path, monkeypatch, backend, 
     path = make_engine(tmp_path, backend=backend, trt_version=version, gpu=built_on)
     with pytest.raises(error, match=pattern):
         Engine(path)
+
+
+# The lean runtime: version-compatible engines of full TensorRT run on tensorrt_lean (a runtime-only module, no
+# Builder) of the same major version, no older than the builder; standard engines keep the exact match.
+
+def fake_module(name, version):
+    """A runtime-only TensorRT module (Runtime and ILogger, no Builder), importable as `name`."""
+    mod = types.ModuleType(name)
+    mod.__version__, mod.ILogger, mod.Runtime = version, FakeLogger, FakeRuntime
+    return mod
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """installed(tensorrt=None | version, tensorrt_lean=None | version): what `import` finds; None = absent."""
+
+    def install(**versions):
+        for name, version in versions.items():
+            monkeypatch.setitem(sys.modules, name, None if version is None else fake_module(name, version))
+        # the runner must never import it: it needs full TensorRT (`import tensorrt`) and AOT plans do not use it
+        monkeypatch.setitem(sys.modules, "tensorrt_lean.plugin", None)
+
+    return install
+
+
+VC_SIDECAR = {"backend": "tensorrt", "trt_version": "11.2.1.2", "version_compatible": True, "gpu": H100,
+              "weights_sha256": "ab" * 32}
+
+
+@pytest.mark.parametrize("backend, version, ok", [
+    ("tensorrt-lean", "11.4.0.106", True), ("tensorrt-lean", "11.2.1.2", True), ("tensorrt", "11.4.0.106", True),
+    ("tensorrt-lean", "11.1.0.106", False), ("tensorrt-lean", "10.16.1.11", False), ("tensorrt", "12.0.0", False),
+    ("tensorrt-lean", "11.2", False), ("tensorrt-rtx", "11.4.0", False),
+])
+def test_version_compatible_rule(backend, version, ok):
+    check = lambda: check_sidecar(VC_SIDECAR, trt_version=version, compute_capability="9.0", backend=backend)
+    if ok:
+        check()
+    else:
+        with pytest.raises(SidecarError, match="this is TensorRT|this runtime uses tensorrt-rtx"):
+            check()
+
+
+def test_version_compatible_message_states_the_rule():
+    with pytest.raises(SidecarError, match=r"built by TensorRT 11\.2\.1\.2 with --version-compatible, which runs on "
+                                           r"TensorRT 11\.x from 11\.2\.1\.2 on; this is TensorRT 10\.16\.1\.11"):
+        check_sidecar(VC_SIDECAR, trt_version="10.16.1.11", compute_capability="9.0", backend="tensorrt-lean")
+
+
+def test_standard_engines_keep_the_exact_version_and_backend():
+    standard = dict(VC_SIDECAR, version_compatible=False)
+    check_sidecar(standard, trt_version="11.2.1.2", compute_capability="9.0", backend="tensorrt")
+    with pytest.raises(SidecarError, match=r"built by TensorRT 11\.2\.1\.2, this is TensorRT 11\.4\.0\.106"):
+        check_sidecar(standard, trt_version="11.4.0.106", compute_capability="9.0", backend="tensorrt")
+    with pytest.raises(SidecarError, match=r"standard plan, and the TensorRT lean runtime loads only "
+                                           r"version-compatible ones \(built with --version-compatible\)"):
+        check_sidecar(standard, trt_version="11.2.1.2", compute_capability="9.0", backend="tensorrt-lean")
+    # an RTX engine never runs on lean, whatever its flag says (RTX has no version-compatible plans)
+    rtx = dict(VC_SIDECAR, backend="tensorrt-rtx", trt_version="1.7.1.116", gpu=None)
+    with pytest.raises(SidecarError, match="built with tensorrt-rtx, but this runtime uses tensorrt-lean"):
+        check_sidecar(rtx, trt_version="1.7.1.116", compute_capability="9.0", backend="tensorrt-lean")
+    with pytest.raises(SidecarError, match=r"compute capability 9\.0\), this GPU is 8\.6"):  # VC keeps the GPU tie
+        check_sidecar(VC_SIDECAR, trt_version="11.4.0.106", compute_capability="8.6", backend="tensorrt-lean")
+
+
+def test_version_compatible_must_be_a_boolean(tmp_path):
+    path = make_engine(tmp_path)
+    side = path.with_suffix(".json")
+    side.write_text(side.read_text().replace('"version_compatible": false', '"version_compatible": "false"'))
+    with pytest.raises(SidecarError, match=r"version_compatible is 'false', not true or false"):
+        load_sidecar(path)
+
+
+@pytest.mark.parametrize("lean_version, accepted", [("11.4.0.106", True), ("11.1.0.106", False), ("10.16.1.11", False)])
+def test_vc_engine_on_a_lean_only_machine(tmp_path, monkeypatch, installed, lean_version, accepted):
+    installed(tensorrt=None, tensorrt_lean=lean_version)
+    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
+    path = make_engine(tmp_path, **VC_SIDECAR)
+    if accepted:  # every check passed: TensorRT (the fake's deserialize) was reached
+        with pytest.raises(BadInput, match=r"TensorRT could not load .*magicTagRead"):
+            Engine(path)
+    else:
+        with pytest.raises(Unavailable, match=rf"11\.x from 11\.2\.1\.2 on; this is TensorRT {lean_version}") as info:
+            Engine(path)
+        assert info.value.exit_code == 3
+    assert sys.modules["tensorrt_lean.plugin"] is None  # never imported
+
+
+def test_standard_engine_on_a_lean_only_machine_names_the_rebuild(tmp_path, monkeypatch, installed, capsys):
+    from runtime import infer
+
+    installed(tensorrt=None, tensorrt_lean="11.4.0.106")
+    probed = []
+    monkeypatch.setattr(cuda, "init", lambda index=0: probed.append(index))
+    path = make_engine(tmp_path, **dict(VC_SIDECAR, version_compatible=False, trt_version="11.4.0.106"))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert infer.main([str(image), "--engine", str(path)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only the TensorRT lean runtime is installed" in err[0]
+    assert "rebuild the engine with `python -m netdef.build --version-compatible`" in err[0]
+    assert not probed  # refused before the GPU is opened
+
+
+# EngineRunner's contexts and graphs without a GPU: runtime.cuda and a runtime-only TensorRT module (no Builder)
+# are replaced by recording fakes. The GPU stand-in (test_cuda_helpers_gpu.py) runs the same code on real CUDA.
+
+class CpuStream:
+    handle = 7
+
+    def synchronize(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class CpuEvent(CpuStream):
+    def record(self, stream):
+        pass
+
+    @staticmethod
+    def elapsed_ms(start, end):
+        return 1.0
+
+
+class CpuDeviceBuffer(CpuStream):
+    count = 0
+
+    def __init__(self, nbytes):
+        CpuDeviceBuffer.count += 1
+        self.nbytes, self.ptr = nbytes, 0x1000 * CpuDeviceBuffer.count
+
+    def upload(self, host, stream):
+        pass
+
+    download = upload
+
+
+class CpuPinned(CpuStream):
+    def __init__(self, size, dtype):
+        self.array = np.zeros(size, dtype)
+
+    def view(self, shape):
+        return self.array[: int(np.prod(shape))].reshape(shape)
+
+
+class CpuGraph:
+    """Runs the captured enqueue once (as capture does) and counts replays."""
+
+    def __init__(self, stream, enqueue):
+        enqueue()
+        self.launches, self.closed = 0, False
+
+    def launch(self, stream):
+        self.launches += 1
+
+    def close(self):
+        self.closed = True
+
+
+class RecordingContext:
+    def __init__(self, engine):
+        self.engine, self.shape, self.runs, self.memory, self.addresses = engine, None, [], None, {}
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def set_input_shape(self, name, dims):
+        if name == "images":
+            self.shape = (dims[0], dims[2], dims[3])
+        return True
+
+    def infer_shapes(self):
+        return []
+
+    def get_tensor_shape(self, name):
+        return (self.shape[0], 4, 91 if name == "pred_logits" else 4)
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        self.runs.append(self.shape)
+        return True
+
+
+class RecordingEngine:
+    names = ("images", "masks", "pred_logits", "pred_boxes")
+    num_io_tensors = 4
+
+    def __init__(self):
+        self.contexts = []  # weak references: the runner alone owns its contexts
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name in INPUTS else "output"
+
+    def get_tensor_dtype(self, name):
+        return np.bool_ if name == "masks" else np.float32
+
+    def get_tensor_profile_shape(self, name, index):
+        return [(1, 3, 8, 8), (1, 3, 16, 16), (2, 3, 32, 48)]
+
+    def get_device_memory_size_for_profile_v2(self, index):
+        return 4096
+
+    def create_execution_context(self, strategy):
+        assert strategy == "user-managed"
+        context = RecordingContext(self)
+        self.contexts.append(weakref.ref(context))
+        return context
+
+
+@pytest.fixture
+def cpu_runner(tmp_path, monkeypatch):
+    """make(**kwargs) -> an EngineRunner on fakes; the runtime-only module has no Builder."""
+    trt = types.SimpleNamespace(
+        __version__="11.4.0.106", ILogger=FakeLogger, TensorIOMode=types.SimpleNamespace(INPUT="input"),
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="user-managed"),
+        nptype=lambda dtype: dtype,
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: RecordingEngine()),
+    )
+    monkeypatch.setattr("runtime.runner.get_runtime_backend", lambda name, vc=False: Backend("tensorrt-lean", trt))
+    for name, fake in (("Stream", CpuStream), ("Event", CpuEvent), ("DeviceBuffer", CpuDeviceBuffer),
+                       ("PinnedBuffer", CpuPinned), ("Graph", CpuGraph)):
+        monkeypatch.setattr(cuda, name, fake)
+    monkeypatch.setattr(cuda, "init", lambda index=0: types.SimpleNamespace(
+        name="Fake GPU", compute_capability="9.0", activate=lambda: None))
+    path = make_engine(tmp_path, **dict(VC_SIDECAR, trt_version="11.4.0.106"))
+    return lambda **kwargs: EngineRunner(path, **kwargs)
+
+
+def run_shape(runner, batch, height, width):
+    runner.infer(np.zeros((batch, 3, height, width), np.float32), np.zeros((batch, height, width), bool))
+    return runner.last_timing["graph"]
+
+
+A, B, C = (2, 16, 24), (1, 32, 48), (2, 8, 8)
+
+
+def test_each_captured_shape_has_its_own_context(cpu_runner):
+    with cpu_runner(cuda_graphs=True) as runner:
+        plain = runner.context
+        assert [run_shape(runner, *A), run_shape(runner, *B)] == [False, False]
+        (ctx_a, graph_a), (ctx_b, graph_b) = runner._graphs[A], runner._graphs[B]
+        assert ctx_a is not ctx_b and plain not in (ctx_a, ctx_b)
+        assert ctx_a.runs == [A, A] and ctx_b.runs == [B, B]  # warm-up run, then the captured one
+        assert run_shape(runner, *A) is True
+        assert runner._graphs[A] == (ctx_a, graph_a) and graph_a.launches == 1 and graph_b.launches == 0
+        assert ctx_a.shape == A and ctx_a.runs == [A, A]  # replayed on its own context, at its own shape
+        assert len(runner.engine.trt_engine.contexts) == 3 and plain.runs == []
+        # one scratch block for all: they run one after another on the runner's stream
+        assert plain.memory == ctx_a.memory == ctx_b.memory == (runner._scratch.ptr, 4096)
+        assert ctx_a.addresses == ctx_b.addresses == plain.addresses
+    assert graph_a.closed and graph_b.closed and not runner._graphs
+
+
+def test_least_recently_used_graph_is_evicted_and_released(cpu_runner, monkeypatch):
+    monkeypatch.setattr(EngineRunner, "MAX_GRAPHS", 2)
+    with cpu_runner(cuda_graphs=True) as runner:
+        for shape in (A, B, A, C):  # A used again after B: B is the least recently used when C arrives
+            run_shape(runner, *shape)
+        assert list(runner._graphs) == [A, C]
+        contexts = runner.engine.trt_engine.contexts
+        evicted = [ref for ref in contexts if ref() is None]
+        assert len(contexts) == 4 and len(evicted) == 1  # plain, A, B, C: B's context freed
+        assert run_shape(runner, *B) is False and list(runner._graphs) == [C, B]  # recaptured, A evicted
+
+
+def test_plain_enqueue_uses_one_context_and_failed_captures_stay_plain(cpu_runner, monkeypatch):
+    with cpu_runner() as runner:
+        for shape in (A, B, A):
+            assert run_shape(runner, *shape) is False
+        assert runner.context.runs == [A, B, A] and not runner._graphs
+        assert len(runner.engine.trt_engine.contexts) == 1
+
+    def failing(stream, enqueue):
+        raise AnchorRuntimeError("TensorRT execute_async_v3 failed: capture refused")
+
+    monkeypatch.setattr(cuda, "Graph", failing)
+    with cpu_runner(cuda_graphs=True) as runner:
+        assert [run_shape(runner, *A), run_shape(runner, *A)] == [False, False]
+        assert "capture refused" in runner.graph_failures[A] and not runner._graphs
+        assert runner.context.runs == [A]  # the first run was on the context that failed to capture

@@ -8,6 +8,7 @@ and masks reached the network and whether the boxes come back in each original i
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -156,10 +157,98 @@ def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
     assert code == 3 and len(err) == 1 and err[0].startswith("error: no NVIDIA driver")
 
 
-def test_infer_cli_bad_destinations(images_dir, capsys):
-    assert infer.main([str(images_dir / "gray.jpg"), "--json", str(images_dir / "no" / "r.json")]) == 2
-    assert "folder" in capsys.readouterr().err
-    assert infer.main([str(images_dir / "gray.jpg"), "--batch", "0"]) == 2
+@pytest.fixture
+def gpu_probes(monkeypatch):
+    """Calls of the GPU probe (runtime.cuda.init), which here pretends there is no GPU."""
+    from runtime import cuda
+
+    calls = []
+
+    def probe(index=0):
+        calls.append(index)
+        raise cuda.NoGpuError(f"no NVIDIA driver; {cuda.NO_GPU_HINT}")
+
+    monkeypatch.setattr(cuda, "init", probe)
+    return calls
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def write_engine(folder, weights_sha256="ab" * 32):
+    from netdef.sidecar import write_sidecar
+
+    engine = folder / "model.plan"
+    engine.write_bytes(b"plan")
+    write_sidecar(engine, {
+        "config": {}, "profile": Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344)).to_dict(),
+        "precision": "fp16", "plugins": [], "postprocess": False, "backend": "tensorrt-rtx",
+        "trt_version": "1.7.1.116", "gpu": None, "weights_sha256": weights_sha256, "inputs": {}, "outputs": {},
+        "version_compatible": False, "anchortrt_version": "0.1.0",
+    })
+    return engine
+
+
+def test_infer_cli_bad_destinations_before_the_gpu(images_dir, capsys, gpu_probes):
+    image = str(images_dir / "gray.jpg")
+    (images_dir / "file").write_text("x")
+    (images_dir / "out").mkdir()
+    (images_dir / "out" / "gray.jpg").mkdir()  # a folder where the annotated copy would go
+    before = sorted(images_dir.rglob("*"))
+    cases = [
+        (["--json", str(images_dir / "file" / "r.json")], "--json .*file/r.json: .*file is not a folder"),
+        (["--json", str(images_dir)], "--json .* is a folder: name a regular file"),
+        (["--out", str(images_dir / "file")], "--out .*file/gray.jpg: .*file is not a folder"),
+        (["--out", str(images_dir / "out")], "--out .*out/gray.jpg is a folder"),
+        (["--batch", "0"], "--batch 0: must be at least 1"),
+        (["--weights", str(images_dir / "none.safetensors")], "--weights .*none.safetensors not found"),
+    ]
+    for extra, pattern in cases:
+        assert infer.main([image, "--engine", str(write_engine(images_dir)), *extra]) == 2, extra
+        assert re.search(pattern, one_error_line(capsys)), extra
+    assert not gpu_probes
+    assert sorted(images_dir.rglob("*")) == sorted(before + [images_dir / "model.plan", images_dir / "model.json"])
+
+
+def test_infer_cli_no_readable_image_is_bad_input_before_the_gpu(images_dir, capsys, gpu_probes):
+    engine = write_engine(images_dir)
+    assert infer.main([str(images_dir / "a.jpg"), str(images_dir), "--engine", str(engine),
+                       "--out", str(images_dir / "annotated")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[:2] == [f"skipped: {images_dir / 'a.jpg'}: no such file", f"skipped: {images_dir}: not a readable file"]
+    assert err[2:] == ["error: none of the 2 image file(s) can be read: name existing image files"]
+    assert not gpu_probes and not (images_dir / "annotated").exists()
+
+
+def test_infer_cli_weights_mismatch_is_bad_input_before_the_gpu(images_dir, capsys, gpu_probes):
+    weights = images_dir / "w.safetensors"
+    weights.write_bytes(b"other weights")
+    code = infer.main([str(images_dir / "gray.jpg"), "--engine", str(write_engine(images_dir)), "--weights",
+                       str(weights)])
+    line = one_error_line(capsys)
+    assert code == 2 and "embeds weights sha256 ababababab" in line and "rebuild it from these" in line
+    assert not gpu_probes
+
+
+@pytest.mark.parametrize("value", ["2", "-0.1", "nan", "high"])
+def test_infer_threshold_is_a_probability(images_dir, capsys, gpu_probes, value):
+    with pytest.raises(SystemExit) as info:
+        infer.main([str(images_dir / "gray.jpg"), "--threshold", value])
+    assert info.value.code == 2 and "--threshold: expected a number from 0 to 1" in capsys.readouterr().err
+    assert not gpu_probes
+    assert infer.build_parser().parse_args(["x.jpg", "--threshold", "1"]).threshold == 1.0
+
+
+def test_infer_cli_out_folder_made_only_with_its_first_image(images_dir, monkeypatch, capsys, gpu_probes):
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
+    out = images_dir / "new" / "annotated"
+    assert infer.main([str(images_dir / "broken.jpg"), "--out", str(out)]) == 1  # nothing decoded: nothing drawn
+    assert not (images_dir / "new").exists()
+    assert infer.main([str(images_dir / "gray.jpg"), "--out", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["gray.jpg"]
 
 
 def test_bench_cli_bad_arguments(tmp_path, capsys):
@@ -172,6 +261,21 @@ def test_bench_cli_bad_arguments(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: engine {tmp_path / 'e.plan'} not found: build one with `python -m netdef.build --fp16` "
                    "or pass --engine"]
+
+
+def test_bench_checks_the_engine_files_before_the_gpu(tmp_path, capsys, gpu_probes):
+    engine = write_engine(tmp_path)
+    engine.with_suffix(".json").rename(tmp_path / "elsewhere.json")
+    assert bench.main(["--engine", str(engine)]) == 2
+    assert re.search(r"no sidecar .*model.json next to the engine", one_error_line(capsys))
+    engine = write_engine(tmp_path)
+    assert bench.main(["--engine", str(engine), "--shapes", "800x2000", "--batch", "1"]) == 2
+    assert "batch 1 of 800x2000 is outside the engine profile" in one_error_line(capsys)
+    assert bench.main(["--engine", str(engine), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in one_error_line(capsys)
+    assert not gpu_probes
+    # the same engine within its profile gets as far as the GPU
+    assert bench.main(["--engine", str(engine), "--shapes", "800x800", "--batch", "1"]) == 3 and gpu_probes
 
 
 def test_bench_profile_check_and_statistics():
@@ -195,9 +299,10 @@ def test_help_explains_and_runtime_imports_no_torch():
 
 
 def test_infer_cli_unwritable_json_is_one_line(images_dir, monkeypatch, capsys):
-    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
+    detector = NumpyDetector()
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: detector)
     target = images_dir / "results.json"
-    target.mkdir()  # a folder where the file should go
+    target.mkdir()  # a folder where the file should go: refused before the detector is opened
     assert infer.main([str(images_dir / "gray.jpg"), "--json", str(target)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: cannot write {target}") and "Traceback" not in "".join(err)
+    assert one_error_line(capsys) == f"error: --json {target} is a folder: name a regular file or a new path"
+    assert not detector.calls
