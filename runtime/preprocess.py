@@ -109,7 +109,8 @@ def normalize(rgb: Image.Image) -> np.ndarray:
 def _normalize_into(pixels: np.ndarray, out: np.ndarray) -> None:
     """Write the normalised planes of (H,W,3) uint8 pixels into out (3,H,W), which may be a padded batch's view."""
     for channel in range(3):
-        np.take(NORMALISED[channel], pixels[:, :, channel], out=out[channel])
+        # uint8 indices never leave the 256-entry table; mode="clip" skips NumPy's checked, buffered path for out=.
+        np.take(NORMALISED[channel], pixels[:, :, channel], out=out[channel], mode="clip")
 
 
 def fit_within(height: int, width: int, max_hw: tuple[int, int]) -> tuple[int, int]:
