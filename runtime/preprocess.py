@@ -13,8 +13,10 @@ instead of clipping them to white.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,6 +28,9 @@ MAX_SIDE = 1333
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# The normalised value of every uint8 level per channel, by the same float32 operations as the official
+# transform ((v / 255 - mean) / std), so a table lookup gives identical results 3-4x faster than the arithmetic.
+NORMALISED = (np.arange(256, dtype=np.float32)[None, :] / np.float32(255) - MEAN[:, None]) / STD[:, None]
 
 
 class ImageError(BadInput):
@@ -95,8 +100,17 @@ def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
 
 def normalize(rgb: Image.Image) -> np.ndarray:
     """8-bit RGB image -> (3,H,W) float32, scaled to [0,1] and standardised with the ImageNet statistics."""
-    pixels = np.asarray(rgb, dtype=np.uint8).astype(np.float32) / np.float32(255)
-    return np.ascontiguousarray(((pixels - MEAN) / STD).transpose(2, 0, 1))
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    _normalize_into(pixels, out)
+    return out
+
+
+def _normalize_into(pixels: np.ndarray, out: np.ndarray) -> None:
+    """Write the normalised planes of (H,W,3) uint8 pixels into out (3,H,W), which may be a padded batch's view."""
+    for channel in range(3):
+        # uint8 indices never leave the 256-entry table; mode="clip" skips NumPy's checked, buffered path for out=.
+        np.take(NORMALISED[channel], pixels[:, :, channel], out=out[channel], mode="clip")
 
 
 def fit_within(height: int, width: int, max_hw: tuple[int, int]) -> tuple[int, int]:
@@ -113,13 +127,66 @@ def preprocess_image(image: Image.Image, exif: bool = True, max_hw: tuple[int, i
     With max_hw (an engine profile's maximum), an image the official rule would make larger is scaled to fit
     instead: rounding lets the longer side of very elongated images pass 1333 (up to 1333 + aspect/2).
     """
+    return normalize(resize_rgb(image, exif=exif, max_hw=max_hw))
+
+
+def resize_rgb(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | None = None) -> Image.Image:
+    """`to_rgb` then the evaluation resize (Pillow bilinear), before normalisation."""
     rgb = to_rgb(image, exif=exif)
     height, width = resized_size(*rgb.size)
     if max_hw is not None:
         height, width = fit_within(height, width, max_hw)
     if (width, height) != rgb.size:
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-    return normalize(rgb)
+    return rgb
+
+
+def preprocess_batch(
+    images: Sequence[Image.Image],
+    exif: bool = True,
+    min_hw: tuple[int, int] | None = None,
+    max_hw: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """`pad_batch([preprocess_image(i, exif, max_hw) for i in images], min_hw)`, normalising straight into the
+    padded batch (no per-image float array). Also returns each image's (height, width) after resizing."""
+    if not images:
+        raise ValueError("preprocess_batch needs at least one image")
+    pixels = [np.asarray(resize_rgb(image, exif=exif, max_hw=max_hw), dtype=np.uint8) for image in images]
+    sizes = [p.shape[:2] for p in pixels]
+    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    if min_hw is not None:
+        height, width = max(height, min_hw[0]), max(width, min_hw[1])
+    batch = np.zeros((len(images), 3, height, width), dtype=np.float32)
+    masks = np.ones((len(images), height, width), dtype=bool)
+    for i, (p, (h, w)) in enumerate(zip(pixels, sizes)):
+        _normalize_into(p, batch[i, :, :h, :w])
+        masks[i, :h, :w] = False
+    return batch, masks, sizes
+
+
+def decode_many(paths: Iterable[str | Path], workers: int = 4) -> Iterator[Image.Image | ImageError]:
+    """`load_image` of each path on `workers` threads (Pillow releases the GIL while decoding), yielded in input
+    order; a file that cannot be read yields its ImageError instead of stopping the others.
+
+    At most 2 x workers decoded images wait at a time, so a long list does not fill memory.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+
+    def decode(path):
+        try:
+            return load_image(path)
+        except ImageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for path in paths:
+            pending.append(pool.submit(decode, path))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def pad_batch(

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.gpu_preprocess import bilinear_coefficients, pillow_bilinear, vertical_first
 from runtime.preprocess import (
+    MEAN,
+    STD,
     ImageError,
     ShapeError,
+    decode_many,
     load_image,
+    normalize,
     pad_batch,
+    preprocess_batch,
     preprocess_image,
     resized_size,
     to_rgb,
@@ -180,3 +186,86 @@ def test_load_image_errors_name_the_file(tmp_path):
     with pytest.raises(ImageError, match="truncated.jpg"):
         load_image(truncated)
     assert load_image(good).size == (64, 48)
+
+
+def _arithmetic_normalize(pixels):
+    """The transform's float32 arithmetic over a whole (H,W,3) uint8 array, as it was computed before the table."""
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray(((scaled - MEAN) / STD).transpose(2, 0, 1))
+
+
+def test_lookup_table_equals_float32_arithmetic_for_every_level():
+    levels = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)  # every value in every channel
+    ours = normalize(Image.fromarray(levels, "RGB"))
+    np.testing.assert_array_equal(ours.view(np.uint32), _arithmetic_normalize(levels).view(np.uint32))
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ours = normalize(Image.fromarray(pixels, "RGB"))
+    assert ours.flags.c_contiguous and ours.shape == (3, 37, 53)
+    np.testing.assert_array_equal(ours, _arithmetic_normalize(pixels))
+
+
+def test_preprocess_batch_equals_pad_batch_of_single_images():
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+              for h, w in [(48, 64), (70, 31), (2, 900)]]
+    batch, masks, sizes = preprocess_batch(images, min_hw=(1400, 64), max_hw=(1344, 1344))
+    singles = [preprocess_image(image, max_hw=(1344, 1344)) for image in images]
+    expected, expected_masks = pad_batch(singles, min_hw=(1400, 64))
+    assert sizes == [s.shape[1:] for s in singles] and batch.shape == expected.shape == (3, 3, 1400, 1344)
+    np.testing.assert_array_equal(batch, expected)
+    np.testing.assert_array_equal(masks, expected_masks)
+    with pytest.raises(ValueError, match="at least one image"):
+        preprocess_batch([])
+
+
+# (in_h, in_w) -> (out_h, out_w): upscales, antialiased downscales, one-pixel sides, extreme aspect ratios,
+# unchanged axes, and sizes on either side of Pillow 13's pass-order rule.
+RESAMPLE_CASES = [((480, 640), (800, 1066)), ((1, 1), (5, 7)), ((1, 9), (1, 3)), ((9, 1), (800, 1)),
+                  ((1, 200), (1, 1333)), ((3000, 10), (1333, 4)), ((10, 3000), (4, 1333)), ((10, 3000), (1, 1)),
+                  ((7, 5), (7, 11)), ((5, 7), (2, 7)), ((29, 13), (10, 10)), ((30, 20), (10, 10)),
+                  ((31, 20), (10, 10)), ((1200, 900), (800, 600)), ((333, 501), (800, 1203))]
+
+
+@pytest.mark.parametrize("size, out", RESAMPLE_CASES)
+def test_numpy_resample_equals_pillow(size, out):
+    pixels = np.random.default_rng(size[0] * 7 + size[1]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    pillow = np.asarray(Image.fromarray(pixels, "RGB").resize(out[::-1], Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(pillow_bilinear(pixels, *out), pillow)
+
+
+def test_numpy_resample_equals_pillow_on_random_sizes():
+    rng = np.random.default_rng(6)
+    orders = set()
+    for _ in range(150):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 64, 4))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        pillow = np.asarray(Image.fromarray(pixels, "RGB").resize((ow, oh), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(pillow_bilinear(pixels, oh, ow), pillow, err_msg=f"{h}x{w} -> {oh}x{ow}")
+        orders.add(vertical_first(h, w, oh, ow))
+    assert orders == {True, False} or not vertical_first(29, 13, 10, 10)  # both orders met (on Pillow >= 13)
+
+
+def test_coefficients_identity_and_downscale():
+    same = bilinear_coefficients(5, 5)  # an unchanged axis is an exact copy, so the kernel may always run both passes
+    assert same[:, 0].tolist() == list(range(5)) and (same[:, 2] == 1 << 22).all() and not same[:, 3:].any()
+    down = bilinear_coefficients(10, 1)  # support widened to the whole row, weights summing to 1 within rounding
+    assert down[0, :2].tolist() == [0, 10] and abs(int(down[0, 2:].sum()) - (1 << 22)) <= 10
+    with pytest.raises(ValueError, match="positive"):
+        bilinear_coefficients(0, 3)
+
+
+def test_decode_many_keeps_order_and_reports_each_bad_file(tmp_path):
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (i + 1, 3), (i, 0, 0)).save(path)
+        paths.append(path)
+    (tmp_path / "bad.png").write_text("not an image")
+    paths[2:2] = [tmp_path / "bad.png", tmp_path / "missing.png"]
+    results = list(decode_many(paths, workers=2))
+    assert [type(r) is ImageError for r in results] == [False, False, True, True] + [False] * 5
+    assert "bad.png: cannot read image" in str(results[2]) and "missing.png: no such file" in str(results[3])
+    assert [r.size for r in results if not isinstance(r, ImageError)] == [(i + 1, 3) for i in range(7)]
+    with pytest.raises(ValueError, match="workers"):
+        next(decode_many(paths, workers=0))

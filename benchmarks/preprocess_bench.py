@@ -1,0 +1,142 @@
+"""Benchmark preprocessing of 640x480 images (-> 800x1066): the CPU path against a plain Pillow + NumPy version,
+and with --gpu the GPU kernel.
+
+    python -m benchmarks.preprocess_bench [--batch 4] [--repeat 5] [--gpu] [--out preprocess_bench.json]
+
+CPU: both sides start from decoded images and end with the padded (B,3,H,W) float32 batch and its masks; the
+plain version resizes with Pillow, normalises with NumPy float32 arithmetic ((x / 255 - mean) / std) and pads
+with pad_batch, as runtime.preprocess did before the lookup table. Times are the best of --repeat runs, per image.
+GPU: CUDA-event time of the kernel alone (`GpuPreprocessor.run`, uploads done once), averaged over many
+back-to-back launches, per image, at batch 1 and 8; and the same with each image's upload (pinned staging,
+host-to-device copy) queued before every launch.
+Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from runtime.preprocess import MEAN, STD, pad_batch, preprocess_batch, resized_size
+
+SIZE = (640, 480)  # (width, height): the common COCO landscape image
+
+
+def test_images(count: int) -> list[Image.Image]:
+    """Decoded JPEGs with image-like content (smooth gradients plus noise), as the loader would give them."""
+    import io
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
+    images = []
+    for i in range(count):
+        base = np.stack([x * 255 / SIZE[0], y * 255 / SIZE[1], (x + y + 40 * i) % 256], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=90)
+        buffer.seek(0)
+        images.append(Image.open(buffer).convert("RGB"))
+    return images
+
+
+def plain(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow resize, NumPy float32 normalisation per image, then pad_batch."""
+    planes = []
+    for image in images:
+        height, width = resized_size(*image.size)
+        pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)).astype(np.float32)
+        planes.append(np.ascontiguousarray(((pixels / np.float32(255) - MEAN) / STD).transpose(2, 0, 1)))
+    return pad_batch(planes)
+
+
+def best_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def bench_cpu(batch: int, repeat: int) -> dict:
+    images = test_images(batch)
+    ours_batch, ours_masks, _ = preprocess_batch(images)
+    ref_batch, ref_masks = plain(images)
+    if not (np.array_equal(ours_batch, ref_batch) and np.array_equal(ours_masks, ref_masks)):
+        raise AssertionError("preprocess_batch differs from the plain Pillow + NumPy version")
+    resize = best_ms(lambda: [im.resize((1066, 800), Image.Resampling.BILINEAR) for im in images], repeat) / batch
+    ours = best_ms(lambda: preprocess_batch(images), repeat) / batch
+    base = best_ms(lambda: plain(images), repeat) / batch
+    return {"batch": batch, "resize_ms_per_image": round(resize, 2), "plain_ms_per_image": round(base, 2),
+            "ours_ms_per_image": round(ours, 2), "speedup": round(base / ours, 2)}
+
+
+def bench_gpu(iterations: int = 500) -> dict:
+    from cuda.core import Device, EventOptions
+
+    from runtime.gpu_preprocess import GpuPreprocessor
+
+    device = Device()
+    device.set_current()
+    gpu = GpuPreprocessor(max_batch=8, max_hw=(1344, 1344), device=device)
+    arrays = [np.asarray(image) for image in test_images(8)]
+    timing = EventOptions(timing_enabled=True)
+    results = {}
+    for batch in (1, 8):
+        for slot in range(batch):
+            gpu.upload(slot, arrays[slot])
+        shape = (batch, 800, 1066)
+        out = device.allocate(batch * 800 * 1066 * 13, stream=gpu.stream)  # 12 bytes of images + 1 of mask per pixel
+        images_ptr, masks_ptr = int(out.handle), int(out.handle) + batch * 800 * 1066 * 12
+        for with_upload in (False, True):
+            def step():
+                if with_upload:
+                    for slot in range(batch):
+                        gpu.upload(slot, arrays[slot])
+                gpu.run(images_ptr, masks_ptr, shape)
+
+            for _ in range(20):
+                step()
+            start = gpu.stream.record(options=timing)
+            for _ in range(iterations):
+                step()
+            end = gpu.stream.record(options=timing)
+            end.sync()
+            key = f"batch{batch}_{'upload_and_kernel' if with_upload else 'kernel'}_us_per_image"
+            results[key] = round((end - start) * 1e3 / iterations / batch, 2)
+    results["device"] = device.name
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="also time the GPU kernel")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeat < 1:
+        print("error: --batch and --repeat must be at least 1", file=sys.stderr)
+        return 2
+    results = {"cpu": bench_cpu(args.batch, args.repeat)}
+    if args.gpu:
+        try:
+            results["gpu"] = bench_gpu()
+        except ImportError as exc:
+            print(f"error: --gpu needs cuda-core ({exc}): pip install cuda-core", file=sys.stderr)
+            return 3
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The evaluation transform on the GPU: one kernel resizes, normalises and zero-pads a batch in place.
+
+Each decoded RGB image (H, W, 3 uint8) is staged in pinned memory and copied asynchronously to the device; one
+launch of `preprocess_batch` (runtime/preprocess.cu) then writes the float32 (B,3,Hp,Wp) `images` and the bool
+(B,Hp,Wp) `masks` (True on padding) that the engine reads, at each image's batch slot.
+
+The resize is Pillow's BILINEAR resample (libImaging/Resample.c) in the same integer arithmetic: a separable
+triangle filter whose support grows with the downscale factor (antialiasing), weights normalised to sum 1 in
+double precision and rounded to 22-bit fixed point, a horizontal pass rounded to uint8, then a vertical pass on
+those uint8 values. `bilinear_coefficients` builds the fixed-point tables on the host exactly as Pillow does, and
+`pillow_bilinear` is a NumPy implementation of the two passes that equals `Image.resize` bit for bit; the kernel
+uses the same tables, so its output equals the CPU path's.
+
+CUDA is reached through cuda.core; the kernel is compiled (and cached on disk) by plugins.nvrtc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from runtime.preprocess import MEAN, STD, fit_within, resized_size
+
+PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
+KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
+BLOCK = (32, 8, 1)
+
+# One image's parameters as the kernel's `Slot` struct reads them (three pointers, then six ints: 48 bytes).
+SLOT_DTYPE = np.dtype(
+    [("pixels", "<u8"), ("xtab", "<u8"), ("ytab", "<u8"),
+     ("in_w", "<i4"), ("out_h", "<i4"), ("out_w", "<i4"), ("kx", "<i4"), ("ky", "<i4"), ("vertical_first", "<i4")]
+)
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_coefficients(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's BILINEAR resample weights along one axis: int32 (out_size, 2 + ksize).
+
+    Row i is [first, count, w_0 .. w_{ksize-1}]: output i = sum of input[first + j] * w_j for j < count, plus
+    2**21, shifted right by 22 and clipped to 0..255. Float steps follow precompute_coeffs/normalize_coeffs_8bpc
+    operation by operation (the weight sum is accumulated in order, not pairwise), so the integers are Pillow's.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"resample sizes must be positive, got {in_size} -> {out_size}")
+    scale = float(np.float32(in_size)) / out_size  # Pillow's box edges are float32
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the triangle's support 1, widened when downscaling
+    ksize = int(np.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    inv = 1.0 / filterscale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C casts truncate toward zero
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    weights = np.zeros((out_size, ksize), dtype=np.float64)
+    total = np.zeros(out_size, dtype=np.float64)
+    for j in range(ksize):
+        w = np.maximum(1.0 - np.abs(((first + j).astype(np.float64) - center + 0.5) * inv), 0.0)
+        w = np.where(j < count, w, 0.0)
+        weights[:, j] = w
+        total += w
+    weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0)
+    table = np.empty((out_size, 2 + ksize), dtype=np.int32)
+    table[:, 0], table[:, 1] = first, count
+    table[:, 2:] = (0.5 + weights * (1 << PRECISION_BITS)).astype(np.int64)  # weights are never negative here
+    return table
+
+
+def _pass(pixels: np.ndarray, table: np.ndarray, axis: int) -> np.ndarray:
+    """One Pillow resample pass along `axis` of a uint8 (H, W, 3) array."""
+    first, count, weights = table[:, 0], table[:, 1], table[:, 2:]
+    last = pixels.shape[axis] - 1
+    acc = np.full(pixels.shape[:axis] + (len(table),) + pixels.shape[axis + 1:], 1 << (PRECISION_BITS - 1), np.int64)
+    shape = [1, 1, 1]
+    shape[axis] = len(table)
+    for j in range(weights.shape[1]):
+        # Taps past `count` have weight 0; clamp their index so the gather stays inside the image.
+        taps = np.take(pixels, np.minimum(first + j, last), axis=axis).astype(np.int64)
+        acc += taps * np.where(j < count, weights[:, j], 0).reshape(shape)
+    return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    """Whether the installed Pillow runs the vertical pass first for this resize.
+
+    Pillow 13 (python-pillow/Pillow#9549) does so when the height shrinks by more than twice as many pixels as
+    the width; earlier versions always run the horizontal pass first. The order changes the uint8 rounding
+    between the passes, so it must follow whichever Pillow the CPU path uses.
+    """
+    return _pillow_reorders() and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+
+
+@functools.cache
+def _pillow_reorders() -> bool:
+    # A resize where the two orders round differently, and only Pillow's own output can tell which it used.
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (29, 13, 3), dtype=np.uint8)
+    pillow = np.asarray(Image.fromarray(rgb).resize((10, 10), Image.Resampling.BILINEAR))
+    return np.array_equal(pillow, _resample(rgb, 10, 10, vertical=True))
+
+
+def _resample(rgb: np.ndarray, height: int, width: int, vertical: bool) -> np.ndarray:
+    out = rgb
+    for axis in ((0, 1) if vertical else (1, 0)):
+        size = height if axis == 0 else width
+        if size != out.shape[axis]:  # Pillow skips a pass whose size does not change
+            out = _pass(out, bilinear_coefficients(out.shape[axis], size), axis=axis)
+    return out if out is not rgb else rgb.copy()
+
+
+def pillow_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`Image.resize((width, height), BILINEAR)` of a uint8 (H, W, 3) array, in NumPy; equal to Pillow's output."""
+    return _resample(rgb, height, width, vertical_first(rgb.shape[0], rgb.shape[1], height, width))
+
+
+def output_size(in_h: int, in_w: int, max_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """(height, width) an in_h x in_w image is resized to: the official rule, scaled to fit max_hw (as the CPU path)."""
+    height, width = resized_size(in_w, in_h)
+    return fit_within(height, width, max_hw) if max_hw is not None else (height, width)
+
+
+class GpuPreprocessor:
+    """Device-side evaluation transform for batches of up to `max_batch` images on one CUDA stream.
+
+    `upload(slot, rgb)` stages one decoded (H, W, 3) uint8 image and queues its copy; `run(images_ptr, masks_ptr,
+    (B, Hp, Wp))` queues the kernel that fills slots 0..B-1 of the float32 images and bool masks buffers (device
+    pointers, C-contiguous). Both only enqueue work on `stream`; synchronise it (or record an event) before the
+    host reads the outputs. `sizes[slot]` is the (height, width) the image was resized to, for post-processing.
+    """
+
+    def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, device=None, stream=None):
+        from cuda.core import Device, LegacyPinnedMemoryResource, ObjectCode
+
+        from plugins.nvrtc import compile_kernel
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.device = device if device is not None else Device()
+        self.device.set_current()
+        self.stream = stream if stream is not None else self.device.create_stream()
+        self.max_batch, self.max_hw = max_batch, max_hw
+        major, minor = self.device.compute_capability
+        defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
+        # plugins.nvrtc joins its own folder with the source name; an absolute path joins to itself.
+        cubin = compile_kernel(str(KERNEL_SOURCE), defines, major * 10 + minor, kind="cubin")
+        self._kernel = ObjectCode.from_cubin(cubin).get_kernel("preprocess_batch")
+        self._pinned_mr = LegacyPinnedMemoryResource()
+        self._staging = [None] * max_batch  # per slot: (pinned Buffer, device Buffer, capacity)
+        self._copied = [None] * max_batch  # per slot: event after its last copy, before its pinned buffer is reused
+        self._slots = np.zeros(max_batch, dtype=SLOT_DTYPE)
+        self._slots_host = self._pinned_mr.allocate(self._slots.nbytes)
+        self._slots_dev = self.device.allocate(self._slots.nbytes, stream=self.stream)
+        self._slots_copied = None
+        self.sizes: list[tuple[int, int] | None] = [None] * max_batch
+
+    def _buffers(self, slot: int, nbytes: int):
+        held = self._staging[slot]
+        if held is None or held[2] < nbytes:
+            capacity = max(nbytes, 2 * held[2] if held else 0)  # grow geometrically: few reallocations
+            self.stream.sync()  # the old device buffer may still be read by a queued kernel
+            held = (self._pinned_mr.allocate(capacity), self.device.allocate(capacity, stream=self.stream), capacity)
+            self._staging[slot] = held
+            self._copied[slot] = None
+        return held
+
+    def upload(self, slot: int, rgb: np.ndarray) -> tuple[int, int]:
+        """Stage image `rgb` (H, W, 3 uint8) for batch slot `slot`; returns the (height, width) it is resized to."""
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+            raise ValueError(f"expected a non-empty (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+        in_h, in_w = rgb.shape[:2]
+        out_h, out_w = output_size(in_h, in_w, self.max_hw)
+        xtab, ytab = bilinear_coefficients(in_w, out_w), bilinear_coefficients(in_h, out_h)
+        # One staging area per slot: pixels, then the two tables at 4-byte aligned offsets.
+        x_at = (rgb.nbytes + 3) & ~3
+        y_at = x_at + xtab.nbytes
+        pinned, dev, _ = self._buffers(slot, y_at + ytab.nbytes)
+        if self._copied[slot] is not None:
+            self._copied[slot].sync()  # the previous copy out of this pinned buffer must be done
+        host = _host_view(pinned, y_at + ytab.nbytes)
+        host[: rgb.nbytes] = np.ascontiguousarray(rgb).reshape(-1)
+        host[x_at:y_at] = xtab.view(np.uint8).reshape(-1)
+        host[y_at:] = ytab.view(np.uint8).reshape(-1)
+        dev.copy_from(pinned, stream=self.stream)
+        self._copied[slot] = self.stream.record()
+        base = int(dev.handle)
+        self._slots[slot] = (base, base + x_at, base + y_at, in_w, out_h, out_w,
+                             xtab.shape[1] - 2, ytab.shape[1] - 2, vertical_first(in_h, in_w, out_h, out_w))
+        self.sizes[slot] = (out_h, out_w)
+        return out_h, out_w
+
+    def run(self, images_ptr: int, masks_ptr: int, batch_shape: tuple[int, int, int]) -> None:
+        """Queue the kernel for slots 0..B-1 into images (B,3,Hp,Wp) float32 and masks (B,Hp,Wp) bool."""
+        from cuda.core import LaunchConfig, launch
+
+        batch, height, width = batch_shape
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch {batch} is outside 1..{self.max_batch}")
+        for slot in range(batch):
+            size = self.sizes[slot]
+            if size is None:
+                raise ValueError(f"slot {slot} has no uploaded image")
+            if size[0] > height or size[1] > width:
+                raise ValueError(f"slot {slot} resizes to {size[0]}x{size[1]}, larger than the batch {height}x{width}")
+        if self._slots_copied is not None:
+            self._slots_copied.sync()
+        _host_view(self._slots_host, self._slots.nbytes)[:] = self._slots.view(np.uint8)
+        self._slots_dev.copy_from(self._slots_host, stream=self.stream)
+        self._slots_copied = self.stream.record()
+        grid = (-(-width // BLOCK[0]), -(-height // BLOCK[1]), batch)
+        launch(self.stream, LaunchConfig(grid=grid, block=BLOCK), self._kernel,
+               self._slots_dev, np.uint64(images_ptr), np.uint64(masks_ptr), np.int32(height), np.int32(width))
+
+
+def _host_view(buffer, nbytes: int) -> np.ndarray:
+    """A uint8 NumPy view of the first nbytes of a host-accessible (pinned) cuda.core Buffer."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(buffer.handle)))
