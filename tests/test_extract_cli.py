@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,12 +87,34 @@ def test_module_entry_point_and_json_summary(ckpt, tmp_path):
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    import json
-
     summary = json.loads(proc.stdout)
     assert summary["variant"] == "r50_c5" and summary["tensors"] == 428
     assert summary["parameters"] == sum(int(np.prod(s)) for s in weights.builder_shapes(CFG).values())
     assert summary["sha256"] == weights.file_sha256(out) and summary["bytes"] == out.stat().st_size
+
+
+def extract_in_process(argv, hash_seed):
+    """sha256 of the file written by a fresh `python -m weights.extract` run under PYTHONHASHSEED=hash_seed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "weights.extract", *map(str, argv), "--json"],
+        capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONHASHSEED=str(hash_seed)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["sha256"]
+
+
+def test_extraction_is_reproducible(ckpt, tmp_path):
+    """The same checkpoint and options give the same bytes in separate processes with different hash seeds; the
+    checkpoint's folder does not count (only its name is recorded). The same for --random-init with one seed."""
+    copy = tmp_path / "elsewhere" / ckpt.name
+    copy.parent.mkdir()
+    shutil.copy(ckpt, copy)
+    first = extract_in_process([ckpt, "-o", tmp_path / "a.safetensors"], 1)
+    assert extract_in_process([copy, "-o", tmp_path / "b.safetensors"], 2) == first
+    assert weights.file_sha256(tmp_path / "a.safetensors") == first
+    random_argv = ["--random-init", "r50_c5", "--seed", "3", "-o"]
+    first = extract_in_process(random_argv + [tmp_path / "r1.safetensors"], 3)
+    assert extract_in_process(random_argv + [tmp_path / "r2.safetensors"], 4) == first
 
 
 def test_help_explains_usage(capsys):
