@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch
 
 import weights
 from netdef.config import AnchorDETRConfig
+import weights.extract
 from weights import naming
 from weights.extract import main
 from weights.random_init import random_state_dict, training_checkpoint
@@ -229,8 +232,8 @@ def test_bad_variants(ckpt, tmp_path, capsys):
 
 
 def test_output_paths(ckpt, tmp_path, capsys):
-    rc, _, err = run([ckpt, "-o", tmp_path / "missing" / "w.safetensors"], capsys)
-    assert_refused(rc, err, tmp_path, "missing does not exist: create it")
+    rc, _, err = run([ckpt, "-o", tmp_path / "new" / "w.safetensors"], capsys)
+    assert rc == 0 and (tmp_path / "new" / "w.safetensors").is_file(), err  # missing folders are made
     rc, _, err = run([ckpt, "-o", tmp_path], capsys)
     assert_refused(rc, err, tmp_path, "is a folder")
     rc, _, err = run([ckpt, "-o", ckpt], capsys)
@@ -241,6 +244,28 @@ def test_output_paths(ckpt, tmp_path, capsys):
     assert "not writable" in err or "cannot write /proc/anchortrt.safetensors" in err
     rc, _, err = run([tmp_path / "absent.pth", "-o", tmp_path / "w.safetensors"], capsys)
     assert_refused(rc, err, tmp_path, "absent.pth does not exist or is not a file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "/dev/null"])
+def test_special_file_outputs_are_refused_before_any_work(kind, ckpt, tmp_path, capsys, monkeypatch):
+    """The final rename would replace a pipe, a device or an empty folder: refused at argument-check time."""
+    target = Path(kind) if kind.startswith("/") else tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    before = os.stat(target)
+    # Safety nets: a regression fails here instead of converting, or of renaming over /dev/null.
+    monkeypatch.setattr(weights.extract, "extract", lambda *a, **k: pytest.fail("extraction started"))
+    monkeypatch.setattr(os, "replace", lambda *a: pytest.fail(f"renamed onto {a[1]}"))
+    rc, _, err = run([ckpt, "-o", target], capsys)
+    what = "a folder" if kind == "folder" else "not a regular file"
+    assert_refused(rc, err, tmp_path, f"output {target} is {what}: name a regular file or a new path")
+    after = os.stat(target)
+    assert (stat.S_IFMT(after.st_mode), after.st_ino, after.st_rdev) == (
+        stat.S_IFMT(before.st_mode), before.st_ino, before.st_rdev)
+    if kind == "folder":
+        assert not os.listdir(target)
 
 
 @pytest.mark.parametrize(

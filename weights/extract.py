@@ -15,10 +15,12 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from netdef.config import VARIANTS, AnchorDETRConfig, ConfigError
 from netdef.progress import Spinner, format_bytes, format_seconds, print_table
+from netdef.sidecar import OutputPathError, check_output_path
 from weights import WeightsError, file_sha256, naming, save
 from weights.checkpoint import CheckpointError, configure, read_checkpoint
 
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", nargs="?", help="official checkpoint, e.g. AnchorDETR_r50_dc5.pth")
-    p.add_argument("-o", "--output", required=True, help="weights file to write (its folder must exist)")
+    p.add_argument("-o", "--output", required=True, help="weights file to write (missing folders are made)")
     p.add_argument("--variant", help="configuration of a checkpoint without training args, e.g. r50_dc5")
     p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
@@ -64,16 +66,13 @@ def _step(desc: str) -> Iterator[None]:
         yield
 
 
-def _check_output(output: str, checkpoint: str | None) -> None:
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise _BadInput(f"output folder {folder} does not exist: create it or choose another -o")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise _BadInput(f"output folder {folder} is not writable: choose another -o")
-    if os.path.isdir(output):
-        raise _BadInput(f"output {output} is a folder: give a file name such as {os.path.join(output, 'weights.safetensors')}")
-    if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
-        raise _BadInput(f"output {output} is the checkpoint itself: choose another -o")
+def _check_output(output: str | os.PathLike, checkpoint: str | None) -> Path:
+    """The output path if we may write it; refused before any work: a folder, device or pipe (the final rename
+    would replace it), an unwritable folder, the checkpoint itself."""
+    path = check_output_path(output, "output")
+    if checkpoint and path.exists() and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
+        raise _BadInput(f"output {path} is the checkpoint itself: choose another -o")
+    return path
 
 
 def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
@@ -90,12 +89,12 @@ def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
 
 
 def extract(
-    output: str, checkpoint: str | None = None, variant: str | None = None,
+    output: Path, checkpoint: str | None = None, variant: str | None = None,
     random_init: str | None = None, seed: int = 0,
 ) -> dict[str, Any]:
-    """Write the weights file; returns the summary. Raises _BadInput (or CheckpointError/ConfigError)."""
+    """Write the weights file to `output` (checked by _check_output); returns the summary. Raises _BadInput (or
+    CheckpointError/ConfigError/WeightsError)."""
     start = time.monotonic()
-    _check_output(output, checkpoint)
     if random_init:
         cfg = AnchorDETRConfig.from_variant(random_init)
         from weights.random_init import random_state_dict
@@ -120,7 +119,7 @@ def extract(
         except OSError as exc:
             raise _BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
     return {
-        "output": output,
+        "output": str(output),
         "variant": cfg.variant,
         "config": json.loads(cfg.to_json()),
         "tensors": len(tensors),
@@ -141,12 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     if opts.random_init and opts.variant:
         parser.error("--variant is for checkpoints; with --random-init the variant is its argument")
     try:
+        output = _check_output(opts.output, opts.checkpoint)
+    except (_BadInput, OutputPathError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         import torch  # noqa: F401  (reading checkpoints and random weights need it)
     except ImportError:
         print("error: torch is not installed: pip install torch", file=sys.stderr)
         return 3
     try:
-        summary = extract(opts.output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
+        summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
     except (_BadInput, CheckpointError, ConfigError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
