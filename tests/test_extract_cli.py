@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import json
@@ -10,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -216,12 +218,46 @@ def test_unshared_heads_are_refused(sd, tmp_path, capsys):
     assert_refused(rc, err, tmp_path, "transformer.class_embed.3.bias differs from transformer.class_embed.0.bias")
 
 
-def test_objects_outside_the_allow_list_are_not_unpickled(sd, tmp_path, capsys):
+class TrainingArgs:
+    """A Namespace look-alike: a class only this module defines, so never on the allow-list."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class StateDict(collections.OrderedDict):
+    """torch's allow-list admits OrderedDict itself, not a subclass."""
+
+
+@pytest.mark.parametrize("what", ["datetime", "args class", "OrderedDict subclass", "blocked module"])
+def test_globals_outside_the_allow_list_are_refused_for_safety(what, sd, tmp_path, capsys):
     data = training_checkpoint(CFG, sd, optimizer=False)
-    data["saved_at"] = datetime.datetime(2021, 9, 1)
+    if what == "datetime":
+        data["saved_at"], name = datetime.datetime(2021, 9, 1), "datetime.datetime"
+    elif what == "args class":
+        data["args"], name = TrainingArgs(**vars(data["args"])), f"{__name__}.TrainingArgs"
+    elif what == "OrderedDict subclass":
+        data["model"], name = StateDict(sd), f"{__name__}.StateDict"
+    else:  # torch blocks some modules outright, with another message
+        data["hook"], name = os.getcwd, f"{os.getcwd.__module__}.getcwd"
     torch.save(data, tmp_path / "extra.pth")
     rc, _, err = run([tmp_path / "extra.pth", "-o", tmp_path / "w.safetensors"], capsys)
-    assert_refused(rc, err, tmp_path, "pickles a datetime.datetime object, which is not on the allow-list")
+    assert_refused(rc, err, tmp_path, f"needs the global {name}, which is not on the allow-list")
+    assert "refused for safety" in err and "weights_only" not in err and "torch.save({'model'" in err
+
+
+def test_pickle_code_the_safe_loader_refuses(tmp_path, capsys):
+    """A refusal without a global (an opcode torch's weights-only unpickler lacks) says why, without torch's advice."""
+    torch.save({"model": {}}, tmp_path / "base.pth")
+    with zipfile.ZipFile(tmp_path / "base.pth") as src, zipfile.ZipFile(tmp_path / "ext.pth", "w") as dst:
+        for item in src.infolist():
+            # protocol 2, EXT1 1 (an extension-registry object), STOP
+            dst.writestr(item, b"\x80\x02\x82\x01." if item.filename.endswith("data.pkl") else src.read(item))
+    os.remove(tmp_path / "base.pth")
+    rc, _, err = run([tmp_path / "ext.pth", "-o", tmp_path / "w.safetensors"], capsys)
+    assert_refused(rc, err, tmp_path, "ext.pth holds pickled data that torch's safe loader does not accept "
+                   "(Unsupported operand 130): the file is refused for safety")
+    assert "weights_only" not in err
 
 
 def test_bad_variants(ckpt, tmp_path, capsys):

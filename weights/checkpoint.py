@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import zipfile
 from typing import Any, Mapping
@@ -247,8 +248,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     Accepts the training script's dict (`model`, `args`, maybe `optimizer`, `lr_scheduler`, `epoch`) or a
     bare state dict. Zip-format files are memory-mapped, so optimizer states are never read into memory.
     """
-    import pickle
-
     import torch
 
     path = os.fspath(path)
@@ -268,13 +267,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         with torch.serialization.safe_globals(_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise CheckpointError(
-                f"{path} pickles a {found[1]} object, which is not on the allow-list "
-                "(tensors, argparse.Namespace, numpy scalars): refusing to unpickle it"
-            ) from exc
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}): download it again") from exc
+        raise CheckpointError(_refusal(path, exc)) from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(exc)}): download it again") from exc
 
@@ -293,6 +286,26 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     # Like the official loader, ignore the counters a FLOP profiler (thop) leaves behind as buffers.
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(("total_ops", "total_params"))}
     return state_dict, (dict(args) if args is not None else None)
+
+
+_ALLOWED = "tensors, containers, argparse.Namespace, numpy scalars and arrays"
+_RESAVE = ("if you trust the file, re-save only what extraction needs: "
+           "torch.save({'model': ckpt['model'], 'args': ckpt['args']}, 'clean.pth')")
+
+
+def _refusal(path: str, exc: pickle.UnpicklingError) -> str:
+    """One line for an unpickling failure. torch wraps the weights-only unpickler's reason in advice to pass
+    weights_only=False (that is, to let the file run code): that advice is left out."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))  # "Unsupported global: GLOBAL x.Y" or "GLOBAL x.y whose module"
+    if found:
+        return (f"{path} needs the global {found[1]}, which is not on the allow-list ({_ALLOWED}): the file is "
+                f"refused for safety, as unpickling it could run code; {_RESAVE}")
+    if str(exc).startswith("Weights only load failed"):
+        # torch raises its message `from None`; the unpickler's own reason is the suppressed context.
+        reason = _first_line(exc.__context__) if isinstance(exc.__context__, pickle.UnpicklingError) else "unknown reason"
+        return (f"{path} holds pickled data that torch's safe loader does not accept ({reason}): the file is "
+                f"refused for safety; {_RESAVE}, or download it again if it is corrupt")
+    return f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}): download it again"
 
 
 def _first_line(exc: BaseException) -> str:
