@@ -304,6 +304,56 @@ def test_special_file_outputs_are_refused_before_any_work(kind, ckpt, tmp_path, 
         assert not os.listdir(target)
 
 
+# Runs weights.extract as `python -m` does and reports whether torch got imported, on the last stdout line.
+WITHOUT_TORCH = """import runpy, sys
+try:
+    runpy.run_module("weights.extract", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("case", ["typo", "missing checkpoint", "not a checkpoint", "bad variant", "special output"])
+def test_bad_input_is_reported_before_torch_is_imported(case, tmp_path):
+    (tmp_path / "notes.pth").write_text("not weights\n")
+    argv, message = {
+        "typo": (["--bogus"], "unrecognized arguments: --bogus"),
+        "missing checkpoint": ([tmp_path / "absent.pth"], "absent.pth does not exist or is not a file"),
+        "not a checkpoint": ([tmp_path / "notes.pth"], "notes.pth is not a PyTorch checkpoint"),
+        "bad variant": (["--random-init", "r50_dc6"], "unknown variant 'r50_dc6'"),
+        "special output": (["--random-init", "r50_c5", "-o", "/dev/null"], "output /dev/null is not a regular file"),
+    }[case]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *map(str, argv)], cwd=tmp_path,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "torch not imported"
+    assert sorted(os.listdir(tmp_path)) == ["notes.pth"]
+
+
+def test_default_output_is_named_after_the_variant(ckpt, sd, tmp_path, capsys, monkeypatch):
+    """weights/anchor_detr_<variant>.safetensors under the current folder: the --random-init variant, the variant
+    detected from the checkpoint, or the --variant of a bare state dict; the folder is made."""
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "weights" / "anchor_detr_r50_c5.safetensors"
+    rc, out, err = run(["--random-init", "r50_c5"], capsys)
+    assert rc == 0 and default.is_file() and "weights/anchor_detr_r50_c5.safetensors" in out, err
+    os.remove(default)
+    rc, _, err = run([ckpt], capsys)
+    assert rc == 0 and weights.load(default)[0] == CFG, err
+    os.remove(default)
+    bare = save_checkpoint(tmp_path / "bare.pth", sd, args=None)
+    rc, _, err = run([bare, "--variant", "r50_c5"], capsys)
+    assert rc == 0 and weights.read_metadata(default)["source"] == "bare.pth", err
+    # The default path is checked like -o, here once the checkpoint has told its variant.
+    os.remove(default)
+    os.rmdir(default.parent)
+    default.parent.write_text("a file where the folder would be\n")
+    rc, _, err = run([ckpt], capsys)
+    assert_refused(rc, err, tmp_path, f"output {os.path.join('weights', default.name)}: weights is not a folder")
+
+
 @pytest.mark.parametrize(
     "argv", [[], ["x.pth", "--random-init", "r50_c5"], ["--random-init", "r50_c5", "--variant", "r50_c5"]]
 )

@@ -3,6 +3,7 @@
 - ``load(path) -> (AnchorDETRConfig, {name: np.ndarray})``: what the network builder consumes.
 - ``save(path, cfg, tensors, source=..., source_sha256=...)``: atomic (temp file in the same folder, renamed) and
   reproducible (the same tensors and metadata give the same bytes).
+- ``default_weights_path(variant)``: where ``python -m weights.extract`` writes unless told otherwise.
 - ``file_sha256(path)``, ``official_shapes(cfg)`` (the official state-dict layout), ``builder_shapes(cfg)``.
 - ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
 
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import struct
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,7 +28,7 @@ from netdef.sidecar import replace_atomically
 from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256",
+    "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
     "official_shapes", "builder_shapes", "random_state_dict",
 ]
 
@@ -36,6 +38,11 @@ FORMAT_VERSION = "1"
 
 class WeightsError(ValueError):
     """A weights file that cannot be used; the message is one line naming the problem and the fix."""
+
+
+def default_weights_path(variant: str) -> Path:
+    """``weights/anchor_detr_<variant>.safetensors``, relative to the repository root (the README's layout)."""
+    return Path("weights") / f"anchor_detr_{variant}.safetensors"
 
 
 def file_sha256(path: str | os.PathLike) -> str:

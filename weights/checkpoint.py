@@ -242,6 +242,23 @@ def _allow_list() -> list:
     return allowed
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Raise CheckpointError unless `path` looks like a torch.save file; True for the zip format, False for the
+    legacy pickle. Reads a few bytes and needs no torch, so a wrong path is reported before torch loads."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file: check the path")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        return True
+    if head.startswith(b"PK"):
+        raise CheckpointError(f"{path} is a truncated or corrupt zip checkpoint (no central directory): download it again")
+    if not head.startswith(b"\x80"):  # legacy (pre-1.6) torch.save files start with a pickle protocol mark
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    return False
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(state dict of torch tensors, training args as a dict or None) from an official checkpoint.
 
@@ -251,18 +268,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     import torch
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file: check the path")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip:
-        if head.startswith(b"PK"):
-            raise CheckpointError(
-                f"{path} is a truncated or corrupt zip checkpoint (no central directory): download it again"
-            )
-        if not head.startswith(b"\x80"):  # legacy (pre-1.6) torch.save files start with a pickle protocol mark
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    is_zip = check_checkpoint_file(path)
     try:
         with torch.serialization.safe_globals(_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)

@@ -1,7 +1,10 @@
 """Official AnchorDETR checkpoint -> one anchortrt weights file (safetensors).
 
-    python -m weights.extract CHECKPOINT.pth -o OUT.safetensors [--variant r50_dc5]
-    python -m weights.extract --random-init r50_dc5 [--seed 0] -o OUT.safetensors
+    python -m weights.extract CHECKPOINT.pth [-o OUT.safetensors] [--variant r50_dc5]
+    python -m weights.extract --random-init r50_dc5 [--seed 0] [-o OUT.safetensors]
+
+Without -o the file is weights/anchor_detr_<variant>.safetensors. Arguments, the checkpoint's first bytes and the
+output path are checked before torch is imported (a typo is reported at once, not after seconds).
 
 Exit codes: 0 written; 2 bad input or usage (nothing written); 3 environment (torch missing).
 """
@@ -21,8 +24,8 @@ from typing import Any, Iterator, Mapping
 from netdef.config import VARIANTS, AnchorDETRConfig, ConfigError
 from netdef.progress import Spinner, format_bytes, format_seconds, print_table
 from netdef.sidecar import OutputPathError, check_output_path
-from weights import WeightsError, file_sha256, naming, save
-from weights.checkpoint import CheckpointError, configure, read_checkpoint
+from weights import WeightsError, default_weights_path, file_sha256, naming, save
+from weights.checkpoint import CheckpointError, check_checkpoint_file, configure, read_checkpoint
 
 EPILOG = f"""\
 variants: {", ".join(VARIANTS)} (the released models); ablations append _mha (standard attention),
@@ -48,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", nargs="?", help="official checkpoint, e.g. AnchorDETR_r50_dc5.pth")
-    p.add_argument("-o", "--output", required=True, help="weights file to write (missing folders are made)")
+    p.add_argument("-o", "--output", help="weights file to write; missing folders are made (default: "
+                   f"{default_weights_path('<variant>')}, the variant as detected or given)")
     p.add_argument("--variant", help="configuration of a checkpoint without training args, e.g. r50_dc5")
     p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
@@ -75,6 +79,19 @@ def _check_output(output: str | os.PathLike, checkpoint: str | None) -> Path:
     return path
 
 
+def _check_inputs(
+    output: str | None, checkpoint: str | None, variant: str | None, random_init: str | None
+) -> Path | None:
+    """Everything that needs no torch: variant names, the checkpoint's format, the output path. Returns the output
+    path, or None for the default path of a checkpoint whose variant is known only once it is read."""
+    named = AnchorDETRConfig.from_variant(random_init or variant).variant if random_init or variant else None
+    if checkpoint:
+        check_checkpoint_file(checkpoint)
+    if output is None and named is None:
+        return None
+    return _check_output(output or default_weights_path(named), checkpoint)
+
+
 def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
     """The per-layer head copies are one module in the official model: any difference means another model."""
     import torch
@@ -89,11 +106,11 @@ def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
 
 
 def extract(
-    output: Path, checkpoint: str | None = None, variant: str | None = None,
+    output: Path | None, checkpoint: str | None = None, variant: str | None = None,
     random_init: str | None = None, seed: int = 0,
 ) -> dict[str, Any]:
-    """Write the weights file to `output` (checked by _check_output); returns the summary. Raises _BadInput (or
-    CheckpointError/ConfigError/WeightsError)."""
+    """Write the weights file to `output` as returned by _check_inputs; returns the summary. Raises _BadInput (or
+    CheckpointError/ConfigError/WeightsError/OutputPathError)."""
     start = time.monotonic()
     if random_init:
         cfg = AnchorDETRConfig.from_variant(random_init)
@@ -103,13 +120,14 @@ def extract(
             sd = random_state_dict(cfg, seed)
         source, source_sha256 = f"random-init {cfg.variant} seed {seed}", ""
     else:
-        if variant:
-            AnchorDETRConfig.from_variant(variant)  # a bad name fails before the slow steps
         with _step(f"reading {os.path.basename(checkpoint)}"):
             sd, args = read_checkpoint(checkpoint)
-        with _step("hashing the checkpoint"):
-            source, source_sha256 = os.path.basename(checkpoint), file_sha256(checkpoint)
         cfg = configure(sd, args, variant)
+        if output is None:
+            output = _check_output(default_weights_path(cfg.variant), checkpoint)
+        with _step("hashing the checkpoint"):
+            # The name only: the folder the checkpoint sits in must not change the file.
+            source, source_sha256 = os.path.basename(checkpoint), file_sha256(checkpoint)
     with _step("checking and converting"):
         _verify_shared_heads(sd)
         tensors = naming.to_builder(sd, cfg)
@@ -140,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.random_init and opts.variant:
         parser.error("--variant is for checkpoints; with --random-init the variant is its argument")
     try:
-        output = _check_output(opts.output, opts.checkpoint)
-    except (_BadInput, OutputPathError) as exc:
+        output = _check_inputs(opts.output, opts.checkpoint, opts.variant, opts.random_init)
+    except (_BadInput, CheckpointError, ConfigError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     try:
         summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
-    except (_BadInput, CheckpointError, ConfigError, WeightsError) as exc:
+    except (_BadInput, CheckpointError, ConfigError, WeightsError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if opts.json:
