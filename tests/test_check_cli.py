@@ -59,6 +59,7 @@ def run_main(argv, capsys):
 def test_cli_input_errors(tmp_path, capsys):
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors"], capsys)
     assert code == 2 and "python -m weights.extract --random-init r50_dc5" in err and err.count("\n") == 1
+    assert err.startswith("netdef.check: error: ")  # argparse's form, as every CLI of ours
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors", "--size", "16x64"], capsys)
     assert code == 2 and "--size 16x64 is below 32x32" in err
     code, out, err = run_main(["--batch", "0"], capsys)

@@ -60,10 +60,10 @@ def run(argv, capsys):
 
 
 def assert_refused(rc, err, folder, message):
-    """Exit 2, exactly one line naming the problem, and nothing new (no output, no temp file) in `folder`."""
+    """Exit 2, exactly one `prog: error: message` line naming the problem, and nothing new (no output, no temp file) in `folder`."""
     assert rc == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("weights.extract: error: "), err
     assert message in lines[0], lines[0]
     assert not [f for f in os.listdir(folder) if f.endswith((".safetensors", ".tmp"))]
 
@@ -330,6 +330,15 @@ def test_bad_input_is_reported_before_torch_is_imported(case, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert proc.stdout.splitlines()[-1] == "torch not imported"
     assert sorted(os.listdir(tmp_path)) == ["notes.pth"]
+
+
+def test_missing_torch_is_exit_3(tmp_path):
+    hide_torch = "import sys; sys.modules['torch'] = None  # `import torch` now raises ImportError\n"
+    proc = subprocess.run([sys.executable, "-c", hide_torch + WITHOUT_TORCH, "--random-init", "r50_c5", "-o",
+                           str(tmp_path / "w.safetensors")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == "weights.extract: error: torch is not installed: pip install torch\n"
+    assert not os.listdir(tmp_path)
 
 
 def test_default_output_is_named_after_the_variant(ckpt, sd, tmp_path, capsys, monkeypatch):

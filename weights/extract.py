@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from netdef.config import VARIANTS, AnchorDETRConfig, ConfigError
-from netdef.progress import Spinner, format_bytes, format_seconds, print_table
+from netdef.progress import Spinner, fail, format_bytes, format_seconds, print_table
 from netdef.sidecar import OutputPathError, check_output_path
 from weights import WeightsError, default_weights_path, file_sha256, naming, save
 from weights.checkpoint import CheckpointError, check_checkpoint_file, configure, read_checkpoint
@@ -150,6 +151,9 @@ def extract(
     }
 
 
+_fail = functools.partial(fail, "weights.extract")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     opts = parser.parse_args(argv)
@@ -160,18 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output = _check_inputs(opts.output, opts.checkpoint, opts.variant, opts.random_init)
     except (_BadInput, CheckpointError, ConfigError, OutputPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
     try:
         import torch  # noqa: F401  (reading checkpoints and random weights need it)
     except ImportError:
-        print("error: torch is not installed: pip install torch", file=sys.stderr)
-        return 3
+        return _fail("torch is not installed: pip install torch", 3)
     try:
         summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
     except (_BadInput, CheckpointError, ConfigError, WeightsError, OutputPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
     if opts.json:
         print(json.dumps(summary, indent=2))
     else:
