@@ -158,6 +158,17 @@ exit codes: 0 all blocks match, 1 a block differs, 2 bad input, 3 no TensorRT ba
 """
 
 
+def _tolerance(text: str) -> float:
+    """A positive finite float: a tolerance <= 0 fails every block, NaN or inf passes any."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 1e-3") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number, e.g. 1e-3")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m netdef.check", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default: cpu)")
     p.add_argument("--backend", choices=list(BACKENDS), help="TensorRT flavour that defines the network")
     p.add_argument("--seed", type=int, default=0, help="random images seed (default: %(default)s)")
-    p.add_argument("--tol", type=float, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
+    p.add_argument("--tol", type=_tolerance, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
     return p
 

@@ -66,6 +66,18 @@ def test_cli_input_errors(tmp_path, capsys):
     assert code == 2 and "--batch 0" in err
 
 
+@pytest.mark.parametrize("tol", ["-1", "0", "nan", "inf", "tiny"])
+def test_tolerance_must_be_positive_and_finite(tol, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--tol", tol])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --tol: " in err, err
+    assert ("is not a number" if tol == "tiny" else "must be a positive finite number") in err
+    # A good tolerance passes argument parsing: the next check (the weights file) answers.
+    code, _, err = run_main(["--tol", "2e-4", "--weights", tmp_path / "none.safetensors"], capsys)
+    assert code == 2 and "none.safetensors" in err
+
+
 def test_cuda_without_a_device_is_exit_3(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
