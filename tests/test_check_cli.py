@@ -78,6 +78,27 @@ def test_tolerance_must_be_positive_and_finite(tol, tmp_path, capsys):
     assert code == 2 and "none.safetensors" in err
 
 
+@pytest.mark.parametrize("backend", [None, "tensorrt", "tensorrt-rtx"])
+def test_no_backend_that_can_build_is_exit_3(backend, tmp_path, capsys, monkeypatch):
+    """Full TensorRT without a usable GPU cannot create a Builder: one line, exit 3, not a traceback."""
+    import netdef.backend
+
+    monkeypatch.setattr(netdef.backend, "_builder_problem",
+                        lambda name: f"{name} 0.0 cannot create a builder on this machine (no usable GPU?)")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the backend is chosen first
+    code, out, err = run_main(["--weights", weights] + (["--backend", backend] if backend else []), capsys)
+    assert code == 3 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("netdef.check: error: no TensorRT backend can build here: ")
+    assert all(f"{name} 0.0 cannot create a builder" in err for name in ([backend] if backend else ["tensorrt", "tensorrt-rtx"]))
+
+
+def test_the_lean_runtime_is_no_backend_choice(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--backend", "tensorrt-lean"])  # it has no Builder, so it cannot define the network
+    assert exc.value.code == 2 and "argument --backend: invalid choice: 'tensorrt-lean'" in capsys.readouterr().err
+
+
 def test_cuda_without_a_device_is_exit_3(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
