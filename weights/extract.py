@@ -37,6 +37,7 @@ scalars): nothing else is unpickled. Its configuration comes from its tensors an
 --variant is needed only for a bare state dict without args (C5 and DC5 have the same tensors).
 Written: FP32 tensors named as the TensorRT builder uses them (frozen BN folded into the convolutions,
 attention input projections pre-sliced, shared heads once) and metadata (format, config, source sha256).
+The file is reproducible: the same checkpoint (contents and file name) and options give the same sha256.
 """
 
 
