@@ -1,7 +1,8 @@
 """``python -m netdef.check``: per-block parity of our TensorRT network against the PyTorch reference.
 
 No engine is built or run: the network definition is evaluated by ``netdef.interpret`` (TensorRT's layer
-semantics in PyTorch), so this works on any machine with a TensorRT backend installed, GPU or not. Both
+semantics in PyTorch), so this works on any machine where a TensorRT backend can define a network: TensorRT-RTX
+needs no GPU, full TensorRT needs one to create its builder. Both
 sides see the same padded batch of random images of different sizes; every block that the reference's
 ``intermediates()`` names is compared with the network tensor of the same name.
 """
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from netdef.backend import BACKENDS, BackendError, get_backend
+from netdef.backend import BUILDERS, BackendError, get_backend
 from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, _hw, create_network
 from netdef.progress import Spinner, fail, print_table
 from netdef.sidecar import MIN_SIDE, Profile
@@ -144,7 +145,7 @@ DESCRIPTION = """\
 Per-block parity of our TensorRT network against the PyTorch reference, without building an engine.
 
 The network definition is evaluated by netdef.interpret (TensorRT's layer semantics in PyTorch), so this runs
-on any machine with a TensorRT backend installed, GPU or not. Both sides get the same padded batch of random
+without a GPU with TensorRT-RTX (full TensorRT needs a GPU even to define a network). Both sides get the same padded batch of random
 images of different sizes; each block of the reference (backbone, mask, input_proj, posemb_*, encoder.N,
 decoder.N, pred_logits, pred_boxes) is compared with the network tensor of the same name, in network order,
 so the first failing row shows where the network diverges.
@@ -154,8 +155,20 @@ EPILOG = """\
 rel err is the block's max |network - reference| divided by its max |reference|, so one tolerance serves
 blocks of any scale; the default is 1e-3 for FP32 and 3e-2 for FP16 (against the FP32 reference).
 
-exit codes: 0 all blocks match, 1 a block differs, 2 bad input, 3 no TensorRT backend (or no CUDA for --device cuda).
+exit codes: 0 all blocks match, 1 a block differs, 2 bad input, 3 no TensorRT backend that can build here (or no
+CUDA for --device cuda).
 """
+
+
+def _tolerance(text: str) -> float:
+    """A positive finite float: a tolerance <= 0 fails every block, NaN or inf passes any."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 1e-3") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number, e.g. 1e-3")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,9 +180,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="padded batch size; the other images are smaller (default: %(default)s)")
     p.add_argument("--batch", type=int, default=2, help="images in the batch (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default: cpu)")
-    p.add_argument("--backend", choices=list(BACKENDS), help="TensorRT flavour that defines the network")
+    p.add_argument("--backend", choices=BUILDERS,
+                   help="TensorRT flavour that defines the network (default: the first that can build here)")
     p.add_argument("--seed", type=int, default=0, help="random images seed (default: %(default)s)")
-    p.add_argument("--tol", type=float, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
+    p.add_argument("--tol", type=_tolerance, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
     return p
 

@@ -490,7 +490,8 @@ def _normalization(ctx, layer, ins):
     mean = grouped.mean(dims, keepdim=True)
     var = grouped.var(dims, correction=0, keepdim=True)
     normed = (grouped - mean) / torch.sqrt(var + eps)
-    if layer.is_v2:  # scale and bias per channel, [1, C, 1, ...]
+    # INormalizationLayer.is_v2 arrived with add_normalization_v2 (TensorRT 10.15); before, every layer is v1.
+    if getattr(layer, "is_v2", False):  # scale and bias per channel, [1, C, 1, ...]
         return normed.reshape(x.shape) * scale + bias
     # add_normalization (v1): scale and bias per group, [1, G, 1, ...] (its docstring).
     return (normed * scale.unsqueeze(2) + bias.unsqueeze(2)).reshape(x.shape)

@@ -59,10 +59,44 @@ def run_main(argv, capsys):
 def test_cli_input_errors(tmp_path, capsys):
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors"], capsys)
     assert code == 2 and "python -m weights.extract --random-init r50_dc5" in err and err.count("\n") == 1
+    assert err.startswith("netdef.check: error: ")  # argparse's form, as every CLI of ours
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors", "--size", "16x64"], capsys)
     assert code == 2 and "--size 16x64 is below 32x32" in err
     code, out, err = run_main(["--batch", "0"], capsys)
     assert code == 2 and "--batch 0" in err
+
+
+@pytest.mark.parametrize("tol", ["-1", "0", "nan", "inf", "tiny"])
+def test_tolerance_must_be_positive_and_finite(tol, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--tol", tol])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --tol: " in err, err
+    assert ("is not a number" if tol == "tiny" else "must be a positive finite number") in err
+    # A good tolerance passes argument parsing: the next check (the weights file) answers.
+    code, _, err = run_main(["--tol", "2e-4", "--weights", tmp_path / "none.safetensors"], capsys)
+    assert code == 2 and "none.safetensors" in err
+
+
+@pytest.mark.parametrize("backend", [None, "tensorrt", "tensorrt-rtx"])
+def test_no_backend_that_can_build_is_exit_3(backend, tmp_path, capsys, monkeypatch):
+    """Full TensorRT without a usable GPU cannot create a Builder: one line, exit 3, not a traceback."""
+    import netdef.backend
+
+    monkeypatch.setattr(netdef.backend, "_builder_problem",
+                        lambda name: f"{name} 0.0 cannot create a builder on this machine (no usable GPU?)")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the backend is chosen first
+    code, out, err = run_main(["--weights", weights] + (["--backend", backend] if backend else []), capsys)
+    assert code == 3 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("netdef.check: error: no TensorRT backend can build here: ")
+    assert all(f"{name} 0.0 cannot create a builder" in err for name in ([backend] if backend else ["tensorrt", "tensorrt-rtx"]))
+
+
+def test_the_lean_runtime_is_no_backend_choice(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--backend", "tensorrt-lean"])  # it has no Builder, so it cannot define the network
+    assert exc.value.code == 2 and "argument --backend: invalid choice: 'tensorrt-lean'" in capsys.readouterr().err
 
 
 def test_cuda_without_a_device_is_exit_3(tmp_path, capsys):

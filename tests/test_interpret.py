@@ -485,7 +485,8 @@ def test_layer_norm():
     close(net.run(x=x)["y"], F.layer_norm(x, (8,), g.reshape(8), b.reshape(8), 1e-6), tol=1e-5)
 
 
-@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hasattr(trt.INetworkDefinition, "add_normalization_v2"), reason="add_normalization_v2 arrived in TensorRT 10.15"))])
 def test_group_norm_v1_scales_per_group_v2_per_channel(v2):
     groups, channels = 2, 6
     g = rand(1, channels if v2 else groups, 1, 1, seed=1)
@@ -498,6 +499,18 @@ def test_group_norm_v1_scales_per_group_v2_per_channel(v2):
     x = rand(2, channels, 3, 4) * 2 + 1
     per_channel = (lambda t: t.reshape(channels)) if v2 else (lambda t: t.reshape(groups).repeat_interleave(3))
     close(net.run(x=x)["y"], F.group_norm(x, groups, per_channel(g), per_channel(b)), tol=1e-5)
+
+
+def test_group_norm_layer_without_is_v2_is_v1():
+    """TensorRT before 10.15 has no INormalizationLayer.is_v2 (and only add_normalization): per-group scale and bias."""
+    groups, channels = 3, 6
+    layer = types.SimpleNamespace(name="gn", epsilon=1e-5, num_groups=groups, axes=0b1100,
+                                  get_input=lambda i: types.SimpleNamespace(dtype=trt.float32))
+    assert not hasattr(layer, "is_v2")
+    x, g, b = rand(2, channels, 3, 4) * 2 + 1, rand(1, groups, 1, 1, seed=1), rand(1, groups, 1, 1, seed=2)
+    got = interpret._HANDLERS["NORMALIZATION"](interpret._Run("cpu"), layer, [x, g, b])
+    per_channel = lambda t: t.reshape(groups).repeat_interleave(channels // groups)  # noqa: E731
+    close(got, F.group_norm(x, groups, per_channel(g), per_channel(b)), tol=1e-5)
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -176,6 +176,19 @@ def test_save_load_metadata_and_values(r50, tmp_path):
     assert weights.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_save_gives_the_same_bytes_whatever_the_order(r50, tmp_path):
+    """Tensor insertion order and metadata do not change the bytes; safetensors reads the file as written."""
+    from safetensors import safe_open
+
+    cfg, _, built = r50
+    weights.save(tmp_path / "a.safetensors", cfg, built, source="x.pth", source_sha256="cd" * 32)
+    weights.save(tmp_path / "b.safetensors", cfg, dict(reversed(built.items())), source="x.pth", source_sha256="cd" * 32)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(tmp_path / "a.safetensors", framework="np") as f:
+        assert sorted(f.keys()) == sorted(built) and f.metadata()["source"] == "x.pth"
+        np.testing.assert_array_equal(f.get_tensor("transformer.pattern.weight"), built["transformer.pattern.weight"].numpy())
+
+
 def test_load_refuses_files_that_are_not_ours(r50, tmp_path):
     from safetensors.numpy import save_file
 
@@ -205,18 +218,16 @@ def test_load_refuses_files_that_are_not_ours(r50, tmp_path):
 
 def test_save_is_atomic(r50, tmp_path, monkeypatch):
     """A failure while writing leaves neither the output nor a temp file; an old output stays intact."""
-    import safetensors.numpy
-
     cfg, _, built = r50
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"previous")
 
-    def fail_halfway(arrays, filename, metadata=None):
+    def fail_halfway(filename, arrays, metadata):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", fail_halfway)
+    monkeypatch.setattr(weights, "_write_safetensors", fail_halfway)
     with pytest.raises(OSError):
         weights.save(path, cfg, built)
     assert os.listdir(tmp_path) == ["w.safetensors"] and path.read_bytes() == b"previous"

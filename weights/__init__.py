@@ -1,7 +1,9 @@
 """Our weights file: one safetensors file of builder-named FP32 tensors with the configuration in its metadata.
 
 - ``load(path) -> (AnchorDETRConfig, {name: np.ndarray})``: what the network builder consumes.
-- ``save(path, cfg, tensors, source=..., source_sha256=...)``: atomic (temp file in the same folder, renamed).
+- ``save(path, cfg, tensors, source=..., source_sha256=...)``: atomic (temp file in the same folder, renamed) and
+  reproducible (the same tensors and metadata give the same bytes).
+- ``default_weights_path(variant)``: where ``python -m weights.extract`` writes unless told otherwise.
 - ``file_sha256(path)``, ``official_shapes(cfg)`` (the official state-dict layout), ``builder_shapes(cfg)``.
 - ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
 
@@ -13,7 +15,10 @@ needs numpy and safetensors only: the runtime loads weights without torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,7 +28,7 @@ from netdef.sidecar import replace_atomically
 from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256",
+    "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
     "official_shapes", "builder_shapes", "random_state_dict",
 ]
 
@@ -35,6 +40,11 @@ class WeightsError(ValueError):
     """A weights file that cannot be used; the message is one line naming the problem and the fix."""
 
 
+def default_weights_path(variant: str) -> Path:
+    """``weights/anchor_detr_<variant>.safetensors``, relative to the repository root (the README's layout)."""
+    return Path("weights") / f"anchor_detr_{variant}.safetensors"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -43,7 +53,26 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _as_float32(t: Any) -> np.ndarray:
     if hasattr(t, "detach"):  # a torch tensor; torch itself is not imported here
         t = t.detach().cpu().float().numpy()
-    return np.ascontiguousarray(t, dtype=np.float32)
+    return np.ascontiguousarray(t, dtype="<f4")  # safetensors data is little-endian
+
+
+def _write_safetensors(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """The safetensors layout (8-byte header length, JSON header, data) in a fixed order: tensors by name, metadata
+    keys sorted. safetensors' own save_file orders the metadata by a hash seeded per process, so extracting the
+    same checkpoint twice gave files with different sha256."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    names = sorted(arrays)
+    offset = 0
+    for name in names:
+        size = arrays[name].nbytes
+        header[name] = {"dtype": "F32", "shape": list(arrays[name].shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            f.write(arrays[name].data)
 
 
 def save(
@@ -54,8 +83,6 @@ def save(
     source_sha256: str = "",
 ) -> None:
     """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all."""
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     problems = compare_keys(tensors, builder_shapes(cfg))
     if problems:
@@ -65,7 +92,7 @@ def save(
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
         "source": source, "source_sha256": source_sha256,
     }
-    replace_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    replace_atomically(path, lambda tmp: _write_safetensors(tmp, arrays, metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

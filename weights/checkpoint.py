@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import zipfile
 from typing import Any, Mapping
@@ -241,40 +242,38 @@ def _allow_list() -> list:
     return allowed
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Raise CheckpointError unless `path` looks like a torch.save file; True for the zip format, False for the
+    legacy pickle. Reads a few bytes and needs no torch, so a wrong path is reported before torch loads."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file: check the path")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        return True
+    if head.startswith(b"PK"):
+        raise CheckpointError(f"{path} is a truncated or corrupt zip checkpoint (no central directory): download it again")
+    if not head.startswith(b"\x80"):  # legacy (pre-1.6) torch.save files start with a pickle protocol mark
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    return False
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(state dict of torch tensors, training args as a dict or None) from an official checkpoint.
 
     Accepts the training script's dict (`model`, `args`, maybe `optimizer`, `lr_scheduler`, `epoch`) or a
     bare state dict. Zip-format files are memory-mapped, so optimizer states are never read into memory.
     """
-    import pickle
-
     import torch
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file: check the path")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip:
-        if head.startswith(b"PK"):
-            raise CheckpointError(
-                f"{path} is a truncated or corrupt zip checkpoint (no central directory): download it again"
-            )
-        if not head.startswith(b"\x80"):  # legacy (pre-1.6) torch.save files start with a pickle protocol mark
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    is_zip = check_checkpoint_file(path)
     try:
         with torch.serialization.safe_globals(_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise CheckpointError(
-                f"{path} pickles a {found[1]} object, which is not on the allow-list "
-                "(tensors, argparse.Namespace, numpy scalars): refusing to unpickle it"
-            ) from exc
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}): download it again") from exc
+        raise CheckpointError(_refusal(path, exc)) from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(exc)}): download it again") from exc
 
@@ -293,6 +292,26 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     # Like the official loader, ignore the counters a FLOP profiler (thop) leaves behind as buffers.
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(("total_ops", "total_params"))}
     return state_dict, (dict(args) if args is not None else None)
+
+
+_ALLOWED = "tensors, containers, argparse.Namespace, numpy scalars and arrays"
+_RESAVE = ("if you trust the file, re-save only what extraction needs: "
+           "torch.save({'model': ckpt['model'], 'args': ckpt['args']}, 'clean.pth')")
+
+
+def _refusal(path: str, exc: pickle.UnpicklingError) -> str:
+    """One line for an unpickling failure. torch wraps the weights-only unpickler's reason in advice to pass
+    weights_only=False (that is, to let the file run code): that advice is left out."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))  # "Unsupported global: GLOBAL x.Y" or "GLOBAL x.y whose module"
+    if found:
+        return (f"{path} needs the global {found[1]}, which is not on the allow-list ({_ALLOWED}): the file is "
+                f"refused for safety, as unpickling it could run code; {_RESAVE}")
+    if str(exc).startswith("Weights only load failed"):
+        # torch raises its message `from None`; the unpickler's own reason is the suppressed context.
+        reason = _first_line(exc.__context__) if isinstance(exc.__context__, pickle.UnpicklingError) else "unknown reason"
+        return (f"{path} holds pickled data that torch's safe loader does not accept ({reason}): the file is "
+                f"refused for safety; {_RESAVE}, or download it again if it is corrupt")
+    return f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}): download it again"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,7 +1,10 @@
 """Official AnchorDETR checkpoint -> one anchortrt weights file (safetensors).
 
-    python -m weights.extract CHECKPOINT.pth -o OUT.safetensors [--variant r50_dc5]
-    python -m weights.extract --random-init r50_dc5 [--seed 0] -o OUT.safetensors
+    python -m weights.extract CHECKPOINT.pth [-o OUT.safetensors] [--variant r50_dc5]
+    python -m weights.extract --random-init r50_dc5 [--seed 0] [-o OUT.safetensors]
+
+Without -o the file is weights/anchor_detr_<variant>.safetensors. Arguments, the checkpoint's first bytes and the
+output path are checked before torch is imported (a typo is reported at once, not after seconds).
 
 Exit codes: 0 written; 2 bad input or usage (nothing written); 3 environment (torch missing).
 """
@@ -10,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from netdef.config import VARIANTS, AnchorDETRConfig, ConfigError
-from netdef.progress import Spinner, format_bytes, format_seconds, print_table
-from weights import WeightsError, file_sha256, naming, save
-from weights.checkpoint import CheckpointError, configure, read_checkpoint
+from netdef.progress import Spinner, fail, format_bytes, format_seconds, print_table
+from netdef.sidecar import OutputPathError, check_output_path
+from weights import WeightsError, default_weights_path, file_sha256, naming, save
+from weights.checkpoint import CheckpointError, check_checkpoint_file, configure, read_checkpoint
 
 EPILOG = f"""\
 variants: {", ".join(VARIANTS)} (the released models); ablations append _mha (standard attention),
@@ -31,6 +37,7 @@ scalars): nothing else is unpickled. Its configuration comes from its tensors an
 --variant is needed only for a bare state dict without args (C5 and DC5 have the same tensors).
 Written: FP32 tensors named as the TensorRT builder uses them (frozen BN folded into the convolutions,
 attention input projections pre-sliced, shared heads once) and metadata (format, config, source sha256).
+The file is reproducible: the same checkpoint (contents and file name) and options give the same sha256.
 """
 
 
@@ -46,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", nargs="?", help="official checkpoint, e.g. AnchorDETR_r50_dc5.pth")
-    p.add_argument("-o", "--output", required=True, help="weights file to write (its folder must exist)")
+    p.add_argument("-o", "--output", help="weights file to write; missing folders are made (default: "
+                   f"{default_weights_path('<variant>')}, the variant as detected or given)")
     p.add_argument("--variant", help="configuration of a checkpoint without training args, e.g. r50_dc5")
     p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
@@ -64,16 +72,26 @@ def _step(desc: str) -> Iterator[None]:
         yield
 
 
-def _check_output(output: str, checkpoint: str | None) -> None:
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise _BadInput(f"output folder {folder} does not exist: create it or choose another -o")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise _BadInput(f"output folder {folder} is not writable: choose another -o")
-    if os.path.isdir(output):
-        raise _BadInput(f"output {output} is a folder: give a file name such as {os.path.join(output, 'weights.safetensors')}")
-    if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
-        raise _BadInput(f"output {output} is the checkpoint itself: choose another -o")
+def _check_output(output: str | os.PathLike, checkpoint: str | None) -> Path:
+    """The output path if we may write it; refused before any work: a folder, device or pipe (the final rename
+    would replace it), an unwritable folder, the checkpoint itself."""
+    path = check_output_path(output, "output")
+    if checkpoint and path.exists() and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
+        raise _BadInput(f"output {path} is the checkpoint itself: choose another -o")
+    return path
+
+
+def _check_inputs(
+    output: str | None, checkpoint: str | None, variant: str | None, random_init: str | None
+) -> Path | None:
+    """Everything that needs no torch: variant names, the checkpoint's format, the output path. Returns the output
+    path, or None for the default path of a checkpoint whose variant is known only once it is read."""
+    named = AnchorDETRConfig.from_variant(random_init or variant).variant if random_init or variant else None
+    if checkpoint:
+        check_checkpoint_file(checkpoint)
+    if output is None and named is None:
+        return None
+    return _check_output(output or default_weights_path(named), checkpoint)
 
 
 def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
@@ -90,12 +108,12 @@ def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
 
 
 def extract(
-    output: str, checkpoint: str | None = None, variant: str | None = None,
+    output: Path | None, checkpoint: str | None = None, variant: str | None = None,
     random_init: str | None = None, seed: int = 0,
 ) -> dict[str, Any]:
-    """Write the weights file; returns the summary. Raises _BadInput (or CheckpointError/ConfigError)."""
+    """Write the weights file to `output` as returned by _check_inputs; returns the summary. Raises _BadInput (or
+    CheckpointError/ConfigError/WeightsError/OutputPathError)."""
     start = time.monotonic()
-    _check_output(output, checkpoint)
     if random_init:
         cfg = AnchorDETRConfig.from_variant(random_init)
         from weights.random_init import random_state_dict
@@ -104,13 +122,14 @@ def extract(
             sd = random_state_dict(cfg, seed)
         source, source_sha256 = f"random-init {cfg.variant} seed {seed}", ""
     else:
-        if variant:
-            AnchorDETRConfig.from_variant(variant)  # a bad name fails before the slow steps
         with _step(f"reading {os.path.basename(checkpoint)}"):
             sd, args = read_checkpoint(checkpoint)
-        with _step("hashing the checkpoint"):
-            source, source_sha256 = os.path.basename(checkpoint), file_sha256(checkpoint)
         cfg = configure(sd, args, variant)
+        if output is None:
+            output = _check_output(default_weights_path(cfg.variant), checkpoint)
+        with _step("hashing the checkpoint"):
+            # The name only: the folder the checkpoint sits in must not change the file.
+            source, source_sha256 = os.path.basename(checkpoint), file_sha256(checkpoint)
     with _step("checking and converting"):
         _verify_shared_heads(sd)
         tensors = naming.to_builder(sd, cfg)
@@ -120,7 +139,7 @@ def extract(
         except OSError as exc:
             raise _BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
     return {
-        "output": output,
+        "output": str(output),
         "variant": cfg.variant,
         "config": json.loads(cfg.to_json()),
         "tensors": len(tensors),
@@ -133,6 +152,9 @@ def extract(
     }
 
 
+_fail = functools.partial(fail, "weights.extract")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     opts = parser.parse_args(argv)
@@ -141,15 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     if opts.random_init and opts.variant:
         parser.error("--variant is for checkpoints; with --random-init the variant is its argument")
     try:
+        output = _check_inputs(opts.output, opts.checkpoint, opts.variant, opts.random_init)
+    except (_BadInput, CheckpointError, ConfigError, OutputPathError) as exc:
+        return _fail(exc, 2)
+    try:
         import torch  # noqa: F401  (reading checkpoints and random weights need it)
     except ImportError:
-        print("error: torch is not installed: pip install torch", file=sys.stderr)
-        return 3
+        return _fail("torch is not installed: pip install torch", 3)
     try:
-        summary = extract(opts.output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
-    except (_BadInput, CheckpointError, ConfigError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
+    except (_BadInput, CheckpointError, ConfigError, WeightsError, OutputPathError) as exc:
+        return _fail(exc, 2)
     if opts.json:
         print(json.dumps(summary, indent=2))
     else:
