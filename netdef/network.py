@@ -629,10 +629,14 @@ def inverse_sigmoid(m: Model, x):
 
 # ====================================================================== PostProcess
 def topk_postprocess(m: Model, logits, boxes):
-    """Top-100 over sigmoid(logits) flattened (query, class) per image, as the official PostProcess."""
+    """Top-100 over sigmoid(logits) flattened (query, class) per image, as the official PostProcess.
+
+    Ranked by the logits, then the sigmoid of the 100 kept: the same order (sigmoid is monotone) without the
+    float32 rounding that makes large logits tie at a score of 1.0, as runtime.postprocess ranks."""
     net, p, classes = m.net, "postprocess", m.cfg.num_classes
-    prob = net.reshape(net.sigmoid(logits, f"{p}.sigmoid"), (0, -1), f"{p}.flatten")
-    scores, index = net.topk(prob, NUM_TOPK, 1, f"{p}.topk")
+    flat = net.reshape(logits, (0, -1), f"{p}.flatten")
+    top, index = net.topk(flat, NUM_TOPK, 1, f"{p}.topk")
+    scores = net.sigmoid(top, f"{p}.sigmoid")
     query = net.floor_div(index, np.int32(classes), f"{p}.query")
     labels = net.sub(index, net.mul(query, np.int32(classes), f"{p}.query_start"), f"{p}.labels")
     picked = net.gather(boxes, query, 1, f"{p}.gather_boxes", batch_dims=1)  # (B, 100, 4)
