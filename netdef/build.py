@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from netdef.backend import BACKENDS, Backend, BackendError, get_backend
 from netdef.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
 from netdef.sidecar import (
-    Profile, ProfileError, SidecarError, default_engine_path, gpu_info, sidecar_path, write_atomic, write_sidecar,
+    OutputPathError, Profile, ProfileError, SidecarError, check_output_path, default_engine_path, gpu_info,
+    sidecar_path, write_atomic, write_sidecar,
 )
 
 PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
@@ -33,8 +34,41 @@ MISSING_WEIGHTS = (
 )
 
 
+# TensorRT indexes a tensor's elements with int32 (NVIDIA documents 2^31-1 elements as the limit for most layers);
+# a profile whose largest activation exceeds it fails deep inside the build, or overflows silently.
+MAX_ACTIVATION_ELEMENTS = 2**31 - 1
+
+
 class BuildError(RuntimeError):
     """TensorRT refused to build the network; the message carries TensorRT's own errors."""
+
+
+def largest_activation(cfg, profile: Profile) -> tuple[int, str]:
+    """(elements, what) of the largest tensor our network materialises at ``profile.max``: the backbone's stride-4
+    maps (B x 256 x H/4 x W/4) or the encoder's row-attended values T (B x heads x h*w queries x h x head_dim,
+    netdef.network.rcda_attention), which grows with h^2 w at the feature size h x w = H/stride x W/stride."""
+    b, height, width = profile.max
+    h, w = -(-height // cfg.stride), -(-width // cfg.stride)
+    sizes = [(b * 256 * -(-height // 4) * -(-width // 4), "backbone stride-4 feature map")]
+    if cfg.attention_type == "RCDA":
+        sizes.append((b * h * w * h * cfg.d_model, "encoder attention rows (B x heads x h*w x h x head_dim)"))
+    return max(sizes)
+
+
+def check_activation_size(cfg, profile: Profile) -> None:
+    elements, what = largest_activation(cfg, profile)
+    if elements > MAX_ACTIVATION_ELEMENTS:
+        b, height, width = profile.max
+        raise ProfileError(
+            f"profile max {b}x{height}x{width} makes the {what} {elements:,} elements, above the {MAX_ACTIVATION_ELEMENTS:,} "
+            "that TensorRT's int32 element indexing allows: lower --max or the max of --batch"
+        )
+
+
+def profile_warnings(logger) -> list[str]:
+    """TensorRT's warnings about the optimization profile: it corrects or ignores such a profile instead of
+    failing, so the engine would not accept the shapes the sidecar promises."""
+    return [w for w in getattr(logger, "warnings", ()) if "profile" in w.lower() or "not self-consistent" in w]
 
 
 def parse_plugins(text: str) -> frozenset[str]:
@@ -191,7 +225,9 @@ def create_network(
     opt = builder.create_optimization_profile()
     for name, channels in (("images", (3,)), ("masks", ())):
         opt.set_shape(name, *((b, *channels, h, w) for b, h, w in (profile.min, profile.opt, profile.max)))
-    config.add_optimization_profile(opt)
+    if config.add_optimization_profile(opt) < 0:
+        said = [e for e in logger.errors if "profile" in e.lower()][:1] or logger.errors[-1:] or ["no error message"]
+        raise ProfileError(f"TensorRT refused the optimization profile {profile}: {said[0]}")
     if monitor is not None:
         config.progress_monitor = monitor
         keepalive.append(monitor)
@@ -283,6 +319,11 @@ workflow:
 backends: full TensorRT (pip install 'anchortrt[trt]') builds on and for the local GPU and supports plugins;
 TensorRT for RTX (pip install 'anchortrt[rtx]') builds ahead of time without a GPU, for RTX GPUs only.
 
+profile bound: the largest activation at --max and the largest --batch must stay within 2^31-1 elements, the
+limit of TensorRT's int32 element indexing. For R50-DC5 that is the encoder's row-attended values, B x 256 x
+(H/16)^2 x W/16 elements: 8x1344x1344 uses 1.2e9, 8x1600x1600 2.05e9; 16x1344x1344 (2.4e9) is refused
+before building.
+
 exit codes: 0 built, 1 TensorRT failed to build, 2 bad input, 3 no usable TensorRT backend.
 """
 
@@ -346,6 +387,8 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
 
 
 _fail = functools.partial(fail, "netdef.build")
+PROFILE_WARNING = ("TensorRT does not take the optimization profile as given ({}): fix --min/--opt/--max HxW and "
+                   "--batch MIN,OPT,MAX; no engine written")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,16 +416,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, tensors = weights.load(args.weights)
     except (weights.WeightsError, ConfigError) as e:
         return _fail(e, 2)
+    try:
+        check_activation_size(cfg, profile)
+    except ProfileError as e:
+        return _fail(e, 2)
     precision = "fp16" if args.fp16 else "fp32"
     output = args.output or default_engine_path(cfg.variant, precision)
+    timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
+    # Every path we will write, checked before the build; folders are made only when the files are written.
     try:
         side = sidecar_path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except SidecarError as e:
+        check_output_path(output, "engine")
+        check_output_path(side, "sidecar")
+        if backend.name == "tensorrt":
+            check_output_path(timing_cache, "timing cache")
+    except (SidecarError, OutputPathError) as e:
         return _fail(e, 2)
-    except OSError as e:
-        return _fail(f"cannot write the engine: {e}", 2)
-    timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
 
     trt = backend.trt
     logger = make_logger(trt, verbose=args.verbose)
@@ -398,10 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile=profile, fold_constants=args.fold_constants, workspace_mib=args.workspace,
                 logger=logger, monitor=monitor, timing_cache=timing_cache,
             )
-    except NetworkConfigError as e:
+    except (NetworkConfigError, ProfileError) as e:
         return _fail(e, 2)
     except BackendError as e:
         return _fail(e, 3)
+    if profile_warnings(logger):
+        return _fail(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))), 2)
     start = time.monotonic()
     try:
         if bar is not None:
@@ -414,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, 1)
     build_seconds = time.monotonic() - start
     del keepalive  # the plan holds its own copy of the weights now
+    if profile_warnings(logger):
+        return _fail(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))), 2)
 
     inputs, outputs = describe_io(trt, network)
     sidecar = {

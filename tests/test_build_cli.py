@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from netdef import build
 from netdef.backend import BackendError, get_backend
 from netdef.build import (
     PLUGIN_NAMES, BuildError, build_serialized, check_plugins, describe_io, main, make_logger,
@@ -377,11 +378,95 @@ def test_shallow_fp32_build_writes_engine_and_sidecar(shallow_weights, backend, 
     assert "building engine" in err  # the progress went to stderr
 
 
-def test_unwritable_output_is_exit_2_before_building(shallow_weights, tmp_path, capsys):
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fails the test if netdef.build gets as far as defining the network."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("netdef.build defined the network before refusing its input")
+
+    monkeypatch.setattr(build, "create_network", refuse)
+
+
+def full_trt_named(backend, monkeypatch):
+    """netdef.build sees the installed backend under the name "tensorrt" (the paths only full TensorRT writes)."""
+    from netdef.backend import Backend
+
+    monkeypatch.setattr(build, "get_backend", lambda name=None: Backend("tensorrt", backend.trt))
+
+
+@pytest.mark.parametrize("what", ["engine", "sidecar", "timing cache"])
+def test_unwritable_output_paths_are_exit_2_before_building(what, shallow_weights, backend, tmp_path, capsys,
+                                                              monkeypatch, no_build):
+    engine = tmp_path / "out" / "e.plan"
+    blocked = {"engine": engine, "sidecar": engine.with_suffix(".json"),
+               "timing cache": engine.with_suffix(".timing.cache")}[what]
+    blocked.mkdir(parents=True)  # a folder where the file should go
+    if what == "timing cache":
+        full_trt_named(backend, monkeypatch)
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, *SMALL_PROFILE], capsys)
+    assert code == 2 and err.startswith(f"netdef.build: error: {what} {blocked} is a folder") and err.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_output_under_a_file_is_exit_2_before_building(shallow_weights, tmp_path, capsys, no_build):
     blocker = tmp_path / "engines"
     blocker.write_text("a file where the engine folder should be")
     code, out, err = run_main(["--weights", shallow_weights, "-o", blocker / "e.plan", *SMALL_PROFILE], capsys)
-    assert code == 2 and err.startswith("netdef.build: error: cannot write the engine") and err.count("\n") == 1
+    assert code == 2 and "is not a folder" in err and err.count("\n") == 1
+
+
+def test_failed_build_leaves_no_engines_folder(shallow_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def fail_build(*args):
+        raise BuildError("TensorRT could not build the engine: stand-in")
+
+    monkeypatch.setattr(build, "build_serialized", fail_build)
+    code, out, err = run_main(["--weights", shallow_weights, *SMALL_PROFILE], capsys)
+    assert code == 1 and "stand-in" in err
+    assert not (tmp_path / "engines").exists()
+
+
+def test_profile_beyond_int32_indexing_is_exit_2_before_building(shallow_weights, capsys, no_build):
+    code, out, err = run_main(["--weights", shallow_weights, "--max", "1344x1344", "--batch", "1,1,16"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "16x1344x1344" in err and "int32" in err and "lower --max or the max of --batch" in err
+    # the bound is the largest activation, not the batch alone: batch 16 of small images is fine
+    from netdef.config import AnchorDETRConfig
+
+    assert build.largest_activation(AnchorDETRConfig(), Profile(max=(16, 640, 640)))[0] < build.MAX_ACTIVATION_ELEMENTS
+    assert build.largest_activation(AnchorDETRConfig(), Profile())[0] < build.MAX_ACTIVATION_ELEMENTS
+
+
+def test_profile_warnings_fail_the_build_with_exit_2(shallow_weights, tmp_path, capsys, monkeypatch):
+    real = build.create_network
+
+    def warn(backend, cfg, tensors, *, logger, **kwargs):
+        made = real(backend, cfg, tensors, logger=logger, **kwargs)
+        logger.log(backend.trt.ILogger.Severity.WARNING, "Optimization profile 0 is not self-consistent (stand-in)")
+        return made
+
+    monkeypatch.setattr(build, "create_network", warn)
+    monkeypatch.setattr(build, "build_serialized", lambda *a: pytest.fail("built despite the profile warning"))
+    code, out, err = run_main(["--weights", shallow_weights, "-o", tmp_path / "e.plan", *SMALL_PROFILE], capsys)
+    last = err.splitlines()[-1]
+    assert code == 2 and err.count("netdef.build: error:") == 1 and last.startswith("netdef.build: error:")
+    assert "not self-consistent (stand-in)" in last and "fix --min/--opt/--max" in last
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_tensorrt_refuses_is_a_profile_error(backend, shallow_weights):
+    """add_optimization_profile answers -1 for an invalid profile (here one that skips our own validation)."""
+    import weights
+
+    class Unchecked(Profile):
+        def validate(self):
+            return self
+
+    cfg, tensors = weights.load(shallow_weights)
+    with pytest.raises(ProfileError, match="TensorRT refused the optimization profile.*MIN<=OPT<=MAX"):
+        build.create_network(backend, cfg, tensors, profile=Unchecked((2, 64, 64), (1, 64, 64), (1, 64, 64)))
 
 
 def test_shallow_fp16_build_with_postprocess_and_summary_table(shallow_weights, backend, tmp_path, capsys):
