@@ -196,6 +196,7 @@ def create_network(
     tensors,
     *,
     fp16: bool = False,
+    tf32: bool = False,
     plugins: frozenset[str] = frozenset(),
     postprocess: bool = False,
     profile: Profile = Profile(),
@@ -207,7 +208,8 @@ def create_network(
 ):
     """-> (builder, network, builder_config, keepalive); keep ``keepalive`` referenced until the build returns
     (``trt.Weights`` do not copy their numpy arrays). ``fold_constants=False`` computes what depends only on
-    weights in the network instead of at build time (to measure what folding saves)."""
+    weights in the network instead of at build time (to measure what folding saves). ``tf32`` lets FP32
+    convolutions and matmuls use TF32 tensor cores; otherwise TF32 is cleared (full TensorRT enables it by default)."""
     from netdef.network import define_network
 
     profile.validate()
@@ -222,6 +224,8 @@ def create_network(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        (config.set_flag if tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
     opt = builder.create_optimization_profile()
     for name, channels in (("images", (3,)), ("masks", ())):
         opt.set_shape(name, *((b, *channels, h, w) for b, h, w in (profile.min, profile.opt, profile.max)))
@@ -300,7 +304,7 @@ DESCRIPTION = """\
 Build a TensorRT engine for AnchorDETR from a weights file.
 
 The network is written layer by layer with the TensorRT network API (netdef/network.py), strongly typed:
-FP32 by default, or FP16 tensors with FP32 kept where precision needs it (--fp16). Inputs are `images`
+strict FP32 by default, TF32 convolutions and matmuls (--tf32), or FP16 tensors with FP32 kept where precision needs it (--fp16). Inputs are `images`
 (B,3,H,W) float32, normalised, and `masks` (B,H,W) bool, True = padding; outputs `pred_logits` (B,900,91) and
 `pred_boxes` (B,900,4), plus `scores`/`labels`/`boxes` top-100 with --postprocess. Batch, height and width are
 dynamic within one optimization profile (--min/--opt/--max/--batch).
@@ -335,7 +339,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                    help=f"weights file from `python -m weights.extract` (default: {DEFAULT_WEIGHTS})")
-    p.add_argument("--fp16", action="store_true", help="FP16 network (FP32 where precision needs it); default FP32")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true",
+                           help="FP16 network (FP32 where precision needs it); default strict FP32")
+    precision.add_argument("--tf32", action="store_true",
+                           help="FP32 network whose convolutions and matmuls may use TF32 tensor cores (10-bit "
+                                "mantissa; full TensorRT's default, which plain FP32 builds turn off)")
     p.add_argument("--plugins", type=_plugins, default=frozenset(), metavar="all|none|NAME,...",
                    help=f"custom layers to use, full TensorRT only: {', '.join(PLUGIN_NAMES)} (default: none)")
     default = Profile()
@@ -360,7 +369,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compute what depends only on weights inside the network instead of at build time "
                         "(for measuring what folding saves; the engine gets slower, not faster)")
     p.add_argument("-o", "--output", type=Path, metavar="ENGINE.plan",
-                   help="engine path (default: engines/anchor_detr_<variant>_<fp32|fp16>.plan)")
+                   help="engine path (default: engines/anchor_detr_<variant>_<fp32|tf32|fp16>.plan)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="print TensorRT's log as the build runs")
     return p
@@ -420,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_activation_size(cfg, profile)
     except ProfileError as e:
         return _fail(e, 2)
-    precision = "fp16" if args.fp16 else "fp32"
+    precision = "fp16" if args.fp16 else "tf32" if args.tf32 else "fp32"
     output = args.output or default_engine_path(cfg.variant, precision)
     timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
     # Every path we will write, checked before the build; folders are made only when the files are written.
@@ -443,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Spinner(f"defining network ({cfg.variant}, {precision})"):
             builder, network, config, keepalive = create_network(
-                backend, cfg, tensors, fp16=args.fp16, plugins=args.plugins, postprocess=args.postprocess,
+                backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, plugins=args.plugins, postprocess=args.postprocess,
                 profile=profile, fold_constants=args.fold_constants, workspace_mib=args.workspace,
                 logger=logger, monitor=monitor, timing_cache=timing_cache,
             )

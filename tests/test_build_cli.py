@@ -519,3 +519,40 @@ def test_full_r50_dc5_builds_at_the_default_profile(precision, backend, tmp_path
     params = 37e6  # R50-DC5 AnchorDETR, BN folded
     bytes_per = 4 if precision == "fp32" else 2
     assert 0.9 * params * bytes_per < summary["engine_bytes"] < 2 * params * bytes_per
+
+
+# ---------------------------------------------------------------- precision and builder flags (no real build)
+
+
+@pytest.fixture
+def stub_build(monkeypatch):
+    """netdef.build runs for real up to the build, which returns a stand-in plan: the builder config it would
+    have built with is kept in ``configs``."""
+    configs = []
+
+    def fake(builder, network, config, logger=None):
+        configs.append(config)
+        return memoryview(b"stand-in plan")
+
+    monkeypatch.setattr(build, "build_serialized", fake)
+    return configs
+
+
+@pytest.mark.parametrize("flag, precision", [([], "fp32"), (["--tf32"], "tf32"), (["--fp16"], "fp16")])
+def test_precision_sets_tf32_and_names_the_engine(flag, precision, backend, shallow_weights, tmp_path, capsys,
+                                                   monkeypatch, stub_build):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(["--weights", shallow_weights, "--json", *flag, *SMALL_PROFILE], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    engine = Path("engines") / f"anchor_detr_r50_dc5_{precision}.plan"
+    assert summary["precision"] == precision and summary["engine"] == str(engine)
+    assert load_sidecar(engine)["precision"] == precision
+    # Full TensorRT turns TF32 on by default: only --tf32 may leave it on.
+    assert stub_build[0].get_flag(backend.trt.BuilderFlag.TF32) == (precision == "tf32")
+
+
+def test_tf32_and_fp16_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--tf32", "--fp16"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
