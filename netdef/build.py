@@ -267,6 +267,31 @@ def describe_io(trt, network) -> tuple[dict, dict]:
     return inputs, outputs
 
 
+def gpu_total_memory() -> int | None:
+    """Bytes of memory on CUDA device 0 (the one TensorRT builds on), or None without a driver or device."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    try:
+        if driver.cuInit(0)[0] != driver.CUresult.CUDA_SUCCESS:
+            return None
+        err, dev = driver.cuDeviceGet(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return None
+        err, total = driver.cuDeviceTotalMem(dev)
+    except Exception:  # no libcuda: cuda-python raises instead of returning an error code
+        return None
+    return int(total) if err == driver.CUresult.CUDA_SUCCESS else None
+
+
+def workspace_limit_mib(requested_mib: int) -> int:
+    """The workspace to ask for: TensorRT ignores a pool limit above the device's memory (with an error line)
+    instead of capping it, so the request is capped at the GPU's total memory; unchanged without a GPU."""
+    total = gpu_total_memory()
+    return requested_mib if total is None else min(requested_mib, total >> 20)
+
+
 def anchortrt_version() -> str:
     try:
         return metadata.version("anchortrt")
@@ -363,8 +388,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tactic timing cache reused across builds (default: ENGINE.timing.cache; "
                         "full TensorRT only, TensorRT-RTX has none)")
     p.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
-                   help="memory pool TensorRT may use beyond the weights (default: %(default)s MiB; FP32 at "
-                        "8x1344x1344 needs more than 8 GiB)")
+                   help="memory pool TensorRT may use beyond the weights (default: %(default)s MiB, capped at the GPU's "
+                        "memory; FP32 at 8x1344x1344 needs more than 8 GiB)")
     p.add_argument("--no-fold-constants", dest="fold_constants", action="store_false",
                    help="compute what depends only on weights inside the network instead of at build time "
                         "(for measuring what folding saves; the engine gets slower, not faster)")
@@ -453,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Spinner(f"defining network ({cfg.variant}, {precision})"):
             builder, network, config, keepalive = create_network(
                 backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, plugins=args.plugins, postprocess=args.postprocess,
-                profile=profile, fold_constants=args.fold_constants, workspace_mib=args.workspace,
+                profile=profile, fold_constants=args.fold_constants, workspace_mib=workspace_limit_mib(args.workspace),
                 logger=logger, monitor=monitor, timing_cache=timing_cache,
             )
     except (NetworkConfigError, ProfileError) as e:

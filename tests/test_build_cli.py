@@ -556,3 +556,21 @@ def test_tf32_and_fp16_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--tf32", "--fp16"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpu_bytes, expected_mib", [(None, build.DEFAULT_WORKSPACE_MIB), (4 << 30, 4096),
+                                                     (80 << 30, build.DEFAULT_WORKSPACE_MIB)])
+def test_workspace_is_capped_at_the_gpu_memory(gpu_bytes, expected_mib, backend, shallow_weights, tmp_path, capsys,
+                                               monkeypatch, stub_build):
+    monkeypatch.setattr(build, "gpu_total_memory", lambda: gpu_bytes)
+    code, out, err = run_main(["--weights", shallow_weights, "-o", tmp_path / "e.plan", *SMALL_PROFILE], capsys)
+    assert code == 0, err
+    assert stub_build[0].get_memory_pool_limit(backend.trt.MemoryPoolType.WORKSPACE) == expected_mib << 20
+
+
+def test_gpu_total_memory_agrees_with_gpu_info():
+    from netdef.sidecar import gpu_info
+
+    total = build.gpu_total_memory()
+    assert (total is None) == (gpu_info() is None)
+    assert total is None or total > 1 << 30
