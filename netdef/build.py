@@ -93,6 +93,14 @@ def check_plugins(backend: Backend, plugins: frozenset[str]) -> None:
         )
 
 
+def check_version_compatible(backend: Backend) -> None:
+    """BackendError unless ``backend`` can build version-compatible plans for the lean runtime."""
+    if backend.name != "tensorrt" or not all(
+            hasattr(backend.trt.BuilderFlag, f) for f in ("VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME")):
+        raise BackendError(f"--version-compatible needs full TensorRT with VERSION_COMPATIBLE and EXCLUDE_LEAN_RUNTIME "
+                           f"(this is {backend.name} {backend.version}): pass --backend tensorrt, or drop the option")
+
+
 def _creation_flags(backend: Backend) -> int:
     # TensorRT 10 needs the flag for a strongly typed network; TensorRT 11 and TensorRT-RTX are always strongly
     # typed and deprecate the flag.
@@ -197,6 +205,7 @@ def create_network(
     *,
     fp16: bool = False,
     tf32: bool = False,
+    version_compatible: bool = False,
     plugins: frozenset[str] = frozenset(),
     postprocess: bool = False,
     profile: Profile = Profile(),
@@ -226,6 +235,12 @@ def create_network(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if hasattr(trt.BuilderFlag, "TF32"):
         (config.set_flag if tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
+    if version_compatible:
+        check_version_compatible(backend)
+        # Lean-runtime operators only, and no lean runtime inside the plan: tensorrt_lean (or a later TensorRT of
+        # the same major version) runs it.
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     opt = builder.create_optimization_profile()
     for name, channels in (("images", (3,)), ("masks", ())):
         opt.set_shape(name, *((b, *channels, h, w) for b, h, w in (profile.min, profile.opt, profile.max)))
@@ -384,6 +399,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="TensorRT flavour (default: whichever is installed, full TensorRT first)")
     p.add_argument("--postprocess", action="store_true",
                    help="add in-engine top-100 scores/labels/boxes outputs, so the host copies 100 rows, not 900x91")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="full TensorRT only: a plan the 44 MB lean runtime (pip install 'anchortrt[lean]') and later "
+                        "TensorRT of the same major version can run (lean-runtime operators only; maybe slower); "
+                        "not with --plugins")
     p.add_argument("--timing-cache", type=Path, metavar="PATH",
                    help="tactic timing cache reused across builds (default: ENGINE.timing.cache; "
                         "full TensorRT only, TensorRT-RTX has none)")
@@ -408,6 +427,7 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
         ("engine", f"{summary['engine']}  (+ {Path(summary['sidecar']).name})"),
         ("backend", f"{summary['backend']} {summary['trt_version']}"),
         ("precision", summary["precision"]),
+        ("version compatible", "yes (lean runtime)" if summary["version_compatible"] else "no"),
         ("profile (BxHxW)", str(Profile.from_dict(summary["profile"]))),
         ("plugins", ", ".join(summary["plugins"]) or "none"),
         ("postprocess", "in engine (top-100)" if summary["postprocess"] else "no"),
@@ -435,11 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{e} (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)", 2)
     if args.workspace < 1:
         return _fail(f"--workspace {args.workspace} MiB must be positive", 2)
+    if args.version_compatible and args.plugins:
+        return _fail("--version-compatible with --plugins is untested (ahead-of-time plugin layers in a "
+                     "version-compatible plan): build with --plugins none, or without --version-compatible", 2)
     if not args.weights.is_file():
         return _fail(MISSING_WEIGHTS.format(path=args.weights), 2)
     try:
         backend = get_backend(args.backend)
         check_plugins(backend, args.plugins)
+        if args.version_compatible:
+            check_version_compatible(backend)
     except BackendError as e:
         return _fail(e, 3)
 
@@ -477,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Spinner(f"defining network ({cfg.variant}, {precision})"):
             builder, network, config, keepalive = create_network(
-                backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, plugins=args.plugins, postprocess=args.postprocess,
+                backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, version_compatible=args.version_compatible,
+                plugins=args.plugins, postprocess=args.postprocess,
                 profile=profile, fold_constants=args.fold_constants, workspace_mib=workspace_limit_mib(args.workspace),
                 logger=logger, monitor=monitor, timing_cache=timing_cache,
             )
@@ -515,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights_sha256": weights.file_sha256(args.weights),
         "inputs": inputs,
         "outputs": outputs,
-        "version_compatible": False,
+        "version_compatible": args.version_compatible,
         "anchortrt_version": anchortrt_version(),
     }
     try:
@@ -532,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend": backend.name,
         "trt_version": backend.version,
         "precision": precision,
+        "version_compatible": args.version_compatible,
         "profile": profile.to_dict(),
         "plugins": sidecar["plugins"],
         "postprocess": args.postprocess,

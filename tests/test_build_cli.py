@@ -574,3 +574,40 @@ def test_gpu_total_memory_agrees_with_gpu_info():
     total = build.gpu_total_memory()
     assert (total is None) == (gpu_info() is None)
     assert total is None or total > 1 << 30
+
+
+def test_version_compatible_sets_the_lean_runtime_flags(backend, shallow_weights, tmp_path, capsys, monkeypatch,
+                                                        stub_build):
+    full_trt_named(backend, monkeypatch)  # the flags exist in TensorRT-RTX too; only the name is checked
+    monkeypatch.setattr(build, "load_timing_cache", lambda config, path: None)
+    monkeypatch.setattr(build, "save_timing_cache", lambda config, path: None)
+    engine = tmp_path / "vc.plan"
+    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, "--version-compatible", *SMALL_PROFILE],
+                              capsys)
+    assert code == 0, err
+    flags = backend.trt.BuilderFlag
+    assert stub_build[0].get_flag(flags.VERSION_COMPATIBLE) and stub_build[0].get_flag(flags.EXCLUDE_LEAN_RUNTIME)
+    assert load_sidecar(engine)["version_compatible"] is True
+    assert any(line.startswith("version compatible") and "yes" in line for line in out.splitlines())
+
+
+def test_version_compatible_needs_full_tensorrt(backend, shallow_weights, capsys, no_build):
+    if backend.name == "tensorrt":
+        pytest.skip("full TensorRT builds version-compatible plans")
+    code, out, err = run_main(["--weights", shallow_weights, "--version-compatible"], capsys)
+    assert code == 3 and err.count("\n") == 1 and f"this is {backend.name}" in err and "--backend tensorrt" in err
+
+
+def test_version_compatible_without_the_flags_is_a_backend_error():
+    import types
+
+    from netdef.backend import Backend
+
+    old = Backend("tensorrt", types.SimpleNamespace(__version__="8.5.0", BuilderFlag=types.SimpleNamespace()))
+    with pytest.raises(BackendError, match="VERSION_COMPATIBLE and EXCLUDE_LEAN_RUNTIME.*tensorrt 8.5.0"):
+        build.check_version_compatible(old)
+
+
+def test_version_compatible_with_plugins_is_refused(shallow_weights, capsys, no_build):
+    code, out, err = run_main(["--weights", shallow_weights, "--version-compatible", "--plugins", "all"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "untested" in err and "--plugins none" in err
