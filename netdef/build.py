@@ -85,12 +85,9 @@ def parse_plugins(text: str) -> frozenset[str]:
 
 
 def check_plugins(backend: Backend, plugins: frozenset[str]) -> None:
-    if plugins and not backend.has_plugins:
-        raise BackendError(
-            f"plugins {', '.join(sorted(plugins))} need plugin layers, which {backend.name} {backend.version} "
-            f"does not have: use --plugins none, or install full TensorRT (pip install 'anchortrt[trt]') "
-            "and pass --backend tensorrt"
-        )
+    problem = backend.plugin_problem() if plugins else None
+    if problem:
+        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
 
 
 def check_version_compatible(backend: Backend) -> None:

@@ -136,12 +136,9 @@ def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None
     unknown = sorted(set(plugins) - set(PLUGINS))
     if unknown:
         raise NetworkConfigError(f"unknown plugins {unknown}: choose from {', '.join(PLUGINS)}")
-    backend = backend_of(trt)
-    if plugins and not backend.has_plugins:
-        raise BackendError(
-            f"backend {backend.name} {backend.version} has no plugin layers: build without plugins "
-            f"({', '.join(sorted(plugins))}) or use full TensorRT (--backend tensorrt)"
-        )
+    problem = backend_of(trt).plugin_problem() if plugins else None
+    if problem:
+        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
     if plugins and cfg.attention_type != "RCDA":
         raise NetworkConfigError(f"variant {cfg.variant}: plugins are written for RCDA attention only")
 

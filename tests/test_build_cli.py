@@ -94,7 +94,7 @@ def test_plugins_on_a_backend_without_plugin_layers_name_the_backend(backend):
     if backend.has_plugins:
         check_plugins(backend, frozenset(PLUGIN_NAMES))
     else:
-        with pytest.raises(BackendError, match=f"{backend.name} .*does not have.*--plugins none"):
+        with pytest.raises(BackendError, match=f"{backend.name} .*has no plugin layers.*--plugins none"):
             check_plugins(backend, frozenset({"layer_norm"}))
 
 
@@ -611,3 +611,29 @@ def test_version_compatible_without_the_flags_is_a_backend_error():
 def test_version_compatible_with_plugins_is_refused(shallow_weights, capsys, no_build):
     code, out, err = run_main(["--weights", shallow_weights, "--version-compatible", "--plugins", "all"], capsys)
     assert code == 2 and err.count("\n") == 1 and "untested" in err and "--plugins none" in err
+
+
+@pytest.mark.parametrize("trt_version, numpy_version, fine", [
+    ("11.4.0.106", "2.4.6", True), ("10.16.1.11", "2.3.5", True), ("10.16.1.11", "2.4.6", False),
+    ("10.8.0", "1.26.4", False),
+])
+def test_old_tensorrt_plugins_error_names_the_version_and_the_fix(trt_version, numpy_version, fine, monkeypatch):
+    import types
+
+    import numpy
+
+    from netdef.backend import Backend
+    from netdef.network import check_supported
+    from netdef.config import AnchorDETRConfig
+
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    fake = types.SimpleNamespace(__name__="tensorrt", __version__=trt_version, QuickPluginCreationRequest=object)
+    plugins = frozenset({"layer_norm"})
+    for check in (lambda: check_plugins(Backend("tensorrt", fake), plugins),
+                  lambda: check_supported(fake, AnchorDETRConfig(), plugins)):
+        if fine:
+            check()
+        else:
+            with pytest.raises(BackendError, match=rf"layer_norm: plugins need TensorRT >= 11\.2\.1 \(this is "
+                                                   rf"{trt_version}.*pip install -U 'tensorrt-cu13>=11\.2\.1'"):
+                check()
