@@ -637,3 +637,33 @@ def test_old_tensorrt_plugins_error_names_the_version_and_the_fix(trt_version, n
             with pytest.raises(BackendError, match=rf"layer_norm: plugins need TensorRT >= 11\.2\.1 \(this is "
                                                    rf"{trt_version}.*pip install -U 'tensorrt-cu13>=11\.2\.1'"):
                 check()
+
+
+def _full_trt_cannot_build(monkeypatch):
+    """Full TensorRT imports but cannot create a builder (as on a machine without a usable GPU)."""
+    import netdef.backend as B
+
+    real = B._builder_problem
+    why = "tensorrt 11.4.0.106 cannot create a builder on this machine (no usable GPU?): stand-in"
+    monkeypatch.setattr(B, "_builder_problem", lambda name: why if name == "tensorrt" else real(name))
+    return why
+
+
+def test_full_tensorrt_without_a_builder_is_exit_3_with_its_reason(backend, shallow_weights, capsys, monkeypatch,
+                                                                   no_build):
+    why = _full_trt_cannot_build(monkeypatch)
+    code, out, err = run_main(["--weights", shallow_weights, "--backend", "tensorrt"], capsys)
+    assert code == 3 and err.count("\n") == 1 and why in err and err.startswith("netdef.build: error:")
+
+
+def test_auto_selection_falls_back_to_rtx_when_full_tensorrt_cannot_build(backend, monkeypatch):
+    if _import_rtx() is None:
+        pytest.skip("TensorRT-RTX is not installed")
+    _full_trt_cannot_build(monkeypatch)
+    assert get_backend().name == "tensorrt-rtx"
+
+
+def _import_rtx():
+    from netdef.backend import _import
+
+    return _import("tensorrt-rtx")
