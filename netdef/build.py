@@ -131,14 +131,18 @@ def make_logger(trt, verbose: bool = False, stream=None):
 def make_progress_monitor(trt, bar: ProgressBar):
     """A TensorRT progress monitor that folds the nested build phases into one fraction on ``bar``.
 
-    Each open phase subdivides the current step of its parent, so the bar advances smoothly through
-    "Building engine" -> "Optimizing graph" -> "Timing tactics" .... Ctrl-C during the build cancels it.
+    Each open phase subdivides the current step of its parent, so the bar advances smoothly through the nested
+    phases (their names and nesting vary between TensorRT versions); the status names the innermost open phase,
+    and the bar is full when the outermost phase finishes. ``events`` keeps ("start", name, parent) and
+    ("finish", name, None) in order. Ctrl-C during the build cancels it.
     """
 
     class BuildMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self.stack: list[list] = []  # open phases: [name, steps, steps done]
+            self.events: list[tuple[str, str, str | None]] = []
+            self.max_depth = 0
             self.cancelled = False
             self._lock = threading.Lock()
 
@@ -152,7 +156,9 @@ def make_progress_monitor(trt, bar: ProgressBar):
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             try:
                 with self._lock:
+                    self.events.append(("start", phase_name, parent_phase))
                     self.stack.append([phase_name, max(num_steps, 1), 0])
+                    self.max_depth = max(self.max_depth, len(self.stack))
                     self._draw()
             except KeyboardInterrupt:
                 self.cancelled = True
@@ -172,10 +178,15 @@ def make_progress_monitor(trt, bar: ProgressBar):
         def phase_finish(self, phase_name: str) -> None:
             try:
                 with self._lock:
+                    self.events.append(("finish", phase_name, None))
                     for i in range(len(self.stack) - 1, -1, -1):
                         if self.stack[i][0] == phase_name:
                             del self.stack[i:]
                             break
+                    # A finished child is counted when its parent reports the step; the outermost phase's last
+                    # step is never reported, so its end fills the bar.
+                    if not self.stack:
+                        bar.set(1.0, status="done")
             except KeyboardInterrupt:
                 self.cancelled = True
 
@@ -492,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trt = backend.trt
     logger = make_logger(trt, verbose=args.verbose)
     has_monitor = hasattr(trt, "IProgressMonitor")
-    bar = ProgressBar(1.0, "building engine") if has_monitor else None
+    bar = ProgressBar(1.0, "building engine", tick=0.5) if has_monitor else None
     monitor = make_progress_monitor(trt, bar) if has_monitor else None
     from netdef.network import NetworkConfigError
 

@@ -18,7 +18,7 @@ import pytest
 from netdef import build
 from netdef.backend import BackendError, get_backend
 from netdef.build import (
-    PLUGIN_NAMES, BuildError, build_serialized, check_plugins, describe_io, main, make_logger,
+    PLUGIN_NAMES, BuildError, _creation_flags, build_serialized, check_plugins, describe_io, main, make_logger,
     make_progress_monitor, parse_plugins,
 )
 from netdef.progress import ProgressBar
@@ -44,7 +44,7 @@ def tiny_network(backend):
     trt = backend.trt
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(_creation_flags(backend))
     net = Net(trt, network)
     images = net.input("images", trt.float32, (-1, 3, -1, -1))
     masks = net.input("masks", trt.bool, (-1, -1, -1))
@@ -121,12 +121,52 @@ def test_progress_monitor_drives_the_bar_through_nested_phases(backend):
         plan = build_serialized(builder, network, config, logger)
     assert plan is not None and plan.nbytes > 0
     assert monitor.stack == []  # every phase that started also finished
-    statuses = {s for _, s in seen}
-    assert {"Building engine", "Optimizing graph"} <= statuses  # nested phases are shown
-    fractions = [d for d, _ in seen]
-    assert max(fractions) > 0.75 and all(0 <= f <= 1 for f in fractions)
-    assert bar.done == max(fractions)  # the bar never went backwards
+    # Phase names and their nesting differ between TensorRT versions ("may change", says its documentation):
+    # only the shape of the events is asserted.
+    check_nesting(monitor.events)
+    assert monitor.max_depth >= 2  # nested phases were seen
+    fractions = [f for f, _ in seen]
+    assert all(0 <= f <= 1 for f in fractions) and fractions[-1] == 1.0 == bar.done  # the bar ends full
     assert "building engine" in log.getvalue()
+
+
+def check_nesting(events) -> None:
+    """Every phase finishes, after its children; a child starts while its parent is open."""
+    open_phases: list[str] = []
+    for kind, name, parent in events:
+        if kind == "start":
+            assert parent is None or parent in open_phases, f"{name} started outside its parent {parent}"
+            open_phases.append(name)
+        else:
+            assert open_phases and open_phases[-1] == name, f"{name} finished before its children"
+            open_phases.pop()
+    assert open_phases == []
+
+
+def test_monitor_on_a_fake_phase_sequence_is_monotone_and_ends_full():
+    """The nesting TensorRT-RTX shows (a long last step with no tick included), without a build."""
+    import types
+
+    bar = ProgressBar(1.0, "building engine", stream=io.StringIO())
+    seen = []
+    original = bar.set
+    bar.set = lambda done, status=None: (seen.append((done, status)), original(done, status))
+    monitor = make_progress_monitor(types.SimpleNamespace(IProgressMonitor=object), bar)
+    monitor.phase_start("outer", None, 3)
+    monitor.step_complete("outer", 0)
+    monitor.phase_start("inner", "outer", 4)
+    for step in range(4):
+        assert monitor.step_complete("inner", step)
+    monitor.phase_finish("inner")
+    monitor.step_complete("outer", 1)
+    monitor.phase_start("last", "outer", 2)  # finishes without reporting its steps
+    monitor.phase_finish("last")
+    monitor.phase_finish("outer")  # outer's last step is never reported either
+    check_nesting(monitor.events)
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 == bar.done
+    assert ("inner" in {s for _, s in seen}) and seen[-1][1] == "done"
+    assert monitor.max_depth == 2
 
 
 def test_cancelled_build_raises_build_error(backend):
@@ -149,6 +189,8 @@ def test_failed_build_reports_tensorrt_errors(backend):
 
 
 def test_too_small_workspace_says_what_to_change(backend):
+    if backend.name != "tensorrt-rtx":
+        pytest.skip("TensorRT-RTX behaviour: full TensorRT has workspace-free tactics for a conv + relu")
     builder, network, config, logger, keep = tiny_network(backend)
     config.set_memory_pool_limit(backend.trt.MemoryPoolType.WORKSPACE, 1024)
     with pytest.raises(BuildError, match=r"raise --workspace, or lower --max/--batch"):
@@ -373,7 +415,8 @@ def test_shallow_fp32_build_writes_engine_and_sidecar(shallow_weights, backend, 
     summary = json.loads(out)
     check_build_output(engine, summary, shallow_weights, backend, precision="fp32",
                        profile={"min": [1, 64, 64], "opt": [1, 96, 128], "max": [2, 128, 160]})
-    # Most of the engine is the weights: ~27M float32 parameters in a shallow R50 model.
+    # Most of the engine is the weights: ~27M float32 parameters in a shallow R50 model (a lower bound, which any
+    # backend meets).
     assert summary["engine_bytes"] > 80e6
     assert "building engine" in err  # the progress went to stderr
 
@@ -485,7 +528,8 @@ def test_shallow_fp16_build_with_postprocess_and_summary_table(shallow_weights, 
                "layers": int(table["network layers"]), "build_seconds": 1}
     check_build_output(engine, summary, shallow_weights, backend, precision="fp16", profile=summary["profile"],
                        postprocess=True)
-    assert 40e6 < summary["engine_bytes"] < 80e6  # fp16 weights: half the fp32 engine
+    if backend.name == "tensorrt-rtx":  # bounds measured on TensorRT-RTX; full TensorRT adds its own kernels
+        assert 40e6 < summary["engine_bytes"] < 80e6  # fp16 weights: half the fp32 engine
 
 
 @pytest.mark.trt
@@ -518,7 +562,9 @@ def test_full_r50_dc5_builds_at_the_default_profile(precision, backend, tmp_path
     check_build_output(engine, summary, weights_path, backend, precision=precision, profile=Profile().to_dict())
     params = 37e6  # R50-DC5 AnchorDETR, BN folded
     bytes_per = 4 if precision == "fp32" else 2
-    assert 0.9 * params * bytes_per < summary["engine_bytes"] < 2 * params * bytes_per
+    assert 0.9 * params * bytes_per < summary["engine_bytes"]
+    if backend.name == "tensorrt-rtx":  # the upper bound was measured on TensorRT-RTX
+        assert summary["engine_bytes"] < 2 * params * bytes_per
 
 
 # ---------------------------------------------------------------- precision and builder flags (no real build)
