@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from netdef.backend import BACKENDS, Backend, BackendError, get_backend
 from netdef.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
 from netdef.sidecar import (
-    Profile, ProfileError, SidecarError, default_engine_path, gpu_info, sidecar_path, write_atomic, write_sidecar,
+    OutputPathError, Profile, ProfileError, SidecarError, check_output_path, default_engine_path, gpu_info,
+    sidecar_path, write_atomic, write_sidecar,
 )
 
 PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
@@ -33,8 +34,41 @@ MISSING_WEIGHTS = (
 )
 
 
+# TensorRT indexes a tensor's elements with int32 (NVIDIA documents 2^31-1 elements as the limit for most layers);
+# a profile whose largest activation exceeds it fails deep inside the build, or overflows silently.
+MAX_ACTIVATION_ELEMENTS = 2**31 - 1
+
+
 class BuildError(RuntimeError):
     """TensorRT refused to build the network; the message carries TensorRT's own errors."""
+
+
+def largest_activation(cfg, profile: Profile) -> tuple[int, str]:
+    """(elements, what) of the largest tensor our network materialises at ``profile.max``: the backbone's stride-4
+    maps (B x 256 x H/4 x W/4) or the encoder's row-attended values T (B x heads x h*w queries x h x head_dim,
+    netdef.network.rcda_attention), which grows with h^2 w at the feature size h x w = H/stride x W/stride."""
+    b, height, width = profile.max
+    h, w = -(-height // cfg.stride), -(-width // cfg.stride)
+    sizes = [(b * 256 * -(-height // 4) * -(-width // 4), "backbone stride-4 feature map")]
+    if cfg.attention_type == "RCDA":
+        sizes.append((b * h * w * h * cfg.d_model, "encoder attention rows (B x heads x h*w x h x head_dim)"))
+    return max(sizes)
+
+
+def check_activation_size(cfg, profile: Profile) -> None:
+    elements, what = largest_activation(cfg, profile)
+    if elements > MAX_ACTIVATION_ELEMENTS:
+        b, height, width = profile.max
+        raise ProfileError(
+            f"profile max {b}x{height}x{width} makes the {what} {elements:,} elements, above the {MAX_ACTIVATION_ELEMENTS:,} "
+            "that TensorRT's int32 element indexing allows: lower --max or the max of --batch"
+        )
+
+
+def profile_warnings(logger) -> list[str]:
+    """TensorRT's warnings about the optimization profile: it corrects or ignores such a profile instead of
+    failing, so the engine would not accept the shapes the sidecar promises."""
+    return [w for w in getattr(logger, "warnings", ()) if "profile" in w.lower() or "not self-consistent" in w]
 
 
 def parse_plugins(text: str) -> frozenset[str]:
@@ -51,12 +85,17 @@ def parse_plugins(text: str) -> frozenset[str]:
 
 
 def check_plugins(backend: Backend, plugins: frozenset[str]) -> None:
-    if plugins and not backend.has_plugins:
-        raise BackendError(
-            f"plugins {', '.join(sorted(plugins))} need plugin layers, which {backend.name} {backend.version} "
-            f"does not have: use --plugins none, or install full TensorRT (pip install 'anchortrt[trt]') "
-            "and pass --backend tensorrt"
-        )
+    problem = backend.plugin_problem() if plugins else None
+    if problem:
+        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
+
+
+def check_version_compatible(backend: Backend) -> None:
+    """BackendError unless ``backend`` can build version-compatible plans for the lean runtime."""
+    if backend.name != "tensorrt" or not all(
+            hasattr(backend.trt.BuilderFlag, f) for f in ("VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME")):
+        raise BackendError(f"--version-compatible needs full TensorRT with VERSION_COMPATIBLE and EXCLUDE_LEAN_RUNTIME "
+                           f"(this is {backend.name} {backend.version}): pass --backend tensorrt, or drop the option")
 
 
 def _creation_flags(backend: Backend) -> int:
@@ -92,14 +131,18 @@ def make_logger(trt, verbose: bool = False, stream=None):
 def make_progress_monitor(trt, bar: ProgressBar):
     """A TensorRT progress monitor that folds the nested build phases into one fraction on ``bar``.
 
-    Each open phase subdivides the current step of its parent, so the bar advances smoothly through
-    "Building engine" -> "Optimizing graph" -> "Timing tactics" .... Ctrl-C during the build cancels it.
+    Each open phase subdivides the current step of its parent, so the bar advances smoothly through the nested
+    phases (their names and nesting vary between TensorRT versions); the status names the innermost open phase,
+    and the bar is full when the outermost phase finishes. ``events`` keeps ("start", name, parent) and
+    ("finish", name, None) in order. Ctrl-C during the build cancels it.
     """
 
     class BuildMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self.stack: list[list] = []  # open phases: [name, steps, steps done]
+            self.events: list[tuple[str, str, str | None]] = []
+            self.max_depth = 0
             self.cancelled = False
             self._lock = threading.Lock()
 
@@ -113,7 +156,9 @@ def make_progress_monitor(trt, bar: ProgressBar):
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             try:
                 with self._lock:
+                    self.events.append(("start", phase_name, parent_phase))
                     self.stack.append([phase_name, max(num_steps, 1), 0])
+                    self.max_depth = max(self.max_depth, len(self.stack))
                     self._draw()
             except KeyboardInterrupt:
                 self.cancelled = True
@@ -133,10 +178,15 @@ def make_progress_monitor(trt, bar: ProgressBar):
         def phase_finish(self, phase_name: str) -> None:
             try:
                 with self._lock:
+                    self.events.append(("finish", phase_name, None))
                     for i in range(len(self.stack) - 1, -1, -1):
                         if self.stack[i][0] == phase_name:
                             del self.stack[i:]
                             break
+                    # A finished child is counted when its parent reports the step; the outermost phase's last
+                    # step is never reported, so its end fills the bar.
+                    if not self.stack:
+                        bar.set(1.0, status="done")
             except KeyboardInterrupt:
                 self.cancelled = True
 
@@ -162,6 +212,8 @@ def create_network(
     tensors,
     *,
     fp16: bool = False,
+    tf32: bool = False,
+    version_compatible: bool = False,
     plugins: frozenset[str] = frozenset(),
     postprocess: bool = False,
     profile: Profile = Profile(),
@@ -173,7 +225,8 @@ def create_network(
 ):
     """-> (builder, network, builder_config, keepalive); keep ``keepalive`` referenced until the build returns
     (``trt.Weights`` do not copy their numpy arrays). ``fold_constants=False`` computes what depends only on
-    weights in the network instead of at build time (to measure what folding saves)."""
+    weights in the network instead of at build time (to measure what folding saves). ``tf32`` lets FP32
+    convolutions and matmuls use TF32 tensor cores; otherwise TF32 is cleared (full TensorRT enables it by default)."""
     from netdef.network import define_network
 
     profile.validate()
@@ -188,10 +241,20 @@ def create_network(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        (config.set_flag if tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
+    if version_compatible:
+        check_version_compatible(backend)
+        # Lean-runtime operators only, and no lean runtime inside the plan: tensorrt_lean (or a later TensorRT of
+        # the same major version) runs it.
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     opt = builder.create_optimization_profile()
     for name, channels in (("images", (3,)), ("masks", ())):
         opt.set_shape(name, *((b, *channels, h, w) for b, h, w in (profile.min, profile.opt, profile.max)))
-    config.add_optimization_profile(opt)
+    if config.add_optimization_profile(opt) < 0:
+        said = [e for e in logger.errors if "profile" in e.lower()][:1] or logger.errors[-1:] or ["no error message"]
+        raise ProfileError(f"TensorRT refused the optimization profile {profile}: {said[0]}")
     if monitor is not None:
         config.progress_monitor = monitor
         keepalive.append(monitor)
@@ -225,6 +288,31 @@ def describe_io(trt, network) -> tuple[dict, dict]:
     inputs = {t.name: desc(t) for t in map(network.get_input, range(network.num_inputs))}
     outputs = {t.name: desc(t) for t in map(network.get_output, range(network.num_outputs))}
     return inputs, outputs
+
+
+def gpu_total_memory() -> int | None:
+    """Bytes of memory on CUDA device 0 (the one TensorRT builds on), or None without a driver or device."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    try:
+        if driver.cuInit(0)[0] != driver.CUresult.CUDA_SUCCESS:
+            return None
+        err, dev = driver.cuDeviceGet(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return None
+        err, total = driver.cuDeviceTotalMem(dev)
+    except Exception:  # no libcuda: cuda-python raises instead of returning an error code
+        return None
+    return int(total) if err == driver.CUresult.CUDA_SUCCESS else None
+
+
+def workspace_limit_mib(requested_mib: int) -> int:
+    """The workspace to ask for: TensorRT ignores a pool limit above the device's memory (with an error line)
+    instead of capping it, so the request is capped at the GPU's total memory; unchanged without a GPU."""
+    total = gpu_total_memory()
+    return requested_mib if total is None else min(requested_mib, total >> 20)
 
 
 def anchortrt_version() -> str:
@@ -264,7 +352,7 @@ DESCRIPTION = """\
 Build a TensorRT engine for AnchorDETR from a weights file.
 
 The network is written layer by layer with the TensorRT network API (netdef/network.py), strongly typed:
-FP32 by default, or FP16 tensors with FP32 kept where precision needs it (--fp16). Inputs are `images`
+strict FP32 by default, TF32 convolutions and matmuls (--tf32), or FP16 tensors with FP32 kept where precision needs it (--fp16). Inputs are `images`
 (B,3,H,W) float32, normalised, and `masks` (B,H,W) bool, True = padding; outputs `pred_logits` (B,900,91) and
 `pred_boxes` (B,900,4), plus `scores`/`labels`/`boxes` top-100 with --postprocess. Batch, height and width are
 dynamic within one optimization profile (--min/--opt/--max/--batch).
@@ -283,6 +371,11 @@ workflow:
 backends: full TensorRT (pip install 'anchortrt[trt]') builds on and for the local GPU and supports plugins;
 TensorRT for RTX (pip install 'anchortrt[rtx]') builds ahead of time without a GPU, for RTX GPUs only.
 
+profile bound: the largest activation at --max and the largest --batch must stay within 2^31-1 elements, the
+limit of TensorRT's int32 element indexing. For R50-DC5 that is the encoder's row-attended values, B x 256 x
+(H/16)^2 x W/16 elements: 8x1344x1344 uses 1.2e9, 8x1600x1600 2.05e9; 16x1344x1344 (2.4e9) is refused
+before building.
+
 exit codes: 0 built, 1 TensorRT failed to build, 2 bad input, 3 no usable TensorRT backend.
 """
 
@@ -294,7 +387,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                    help=f"weights file from `python -m weights.extract` (default: {DEFAULT_WEIGHTS})")
-    p.add_argument("--fp16", action="store_true", help="FP16 network (FP32 where precision needs it); default FP32")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true",
+                           help="FP16 network (FP32 where precision needs it); default strict FP32")
+    precision.add_argument("--tf32", action="store_true",
+                           help="FP32 network whose convolutions and matmuls may use TF32 tensor cores (10-bit "
+                                "mantissa; full TensorRT's default, which plain FP32 builds turn off)")
     p.add_argument("--plugins", type=_plugins, default=frozenset(), metavar="all|none|NAME,...",
                    help=f"custom layers to use, full TensorRT only: {', '.join(PLUGIN_NAMES)} (default: none)")
     default = Profile()
@@ -309,17 +407,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="TensorRT flavour (default: whichever is installed, full TensorRT first)")
     p.add_argument("--postprocess", action="store_true",
                    help="add in-engine top-100 scores/labels/boxes outputs, so the host copies 100 rows, not 900x91")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="full TensorRT only: a plan the 44 MB lean runtime (pip install 'anchortrt[lean]') and later "
+                        "TensorRT of the same major version can run (lean-runtime operators only; maybe slower); "
+                        "not with --plugins")
     p.add_argument("--timing-cache", type=Path, metavar="PATH",
                    help="tactic timing cache reused across builds (default: ENGINE.timing.cache; "
                         "full TensorRT only, TensorRT-RTX has none)")
     p.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
-                   help="memory pool TensorRT may use beyond the weights (default: %(default)s MiB; FP32 at "
-                        "8x1344x1344 needs more than 8 GiB)")
+                   help="memory pool TensorRT may use beyond the weights (default: %(default)s MiB, capped at the GPU's "
+                        "memory; FP32 at 8x1344x1344 needs more than 8 GiB)")
     p.add_argument("--no-fold-constants", dest="fold_constants", action="store_false",
                    help="compute what depends only on weights inside the network instead of at build time "
                         "(for measuring what folding saves; the engine gets slower, not faster)")
     p.add_argument("-o", "--output", type=Path, metavar="ENGINE.plan",
-                   help="engine path (default: engines/anchor_detr_<variant>_<fp32|fp16>.plan)")
+                   help="engine path (default: engines/anchor_detr_<variant>_<fp32|tf32|fp16>.plan)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="print TensorRT's log as the build runs")
     return p
@@ -333,6 +435,7 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
         ("engine", f"{summary['engine']}  (+ {Path(summary['sidecar']).name})"),
         ("backend", f"{summary['backend']} {summary['trt_version']}"),
         ("precision", summary["precision"]),
+        ("version compatible", "yes (lean runtime)" if summary["version_compatible"] else "no"),
         ("profile (BxHxW)", str(Profile.from_dict(summary["profile"]))),
         ("plugins", ", ".join(summary["plugins"]) or "none"),
         ("postprocess", "in engine (top-100)" if summary["postprocess"] else "no"),
@@ -346,6 +449,8 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
 
 
 _fail = functools.partial(fail, "netdef.build")
+PROFILE_WARNING = ("TensorRT does not take the optimization profile as given ({}): fix --min/--opt/--max HxW and "
+                   "--batch MIN,OPT,MAX; no engine written")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,11 +463,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{e} (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)", 2)
     if args.workspace < 1:
         return _fail(f"--workspace {args.workspace} MiB must be positive", 2)
+    if args.version_compatible and args.plugins:
+        return _fail("--version-compatible with --plugins is untested (ahead-of-time plugin layers in a "
+                     "version-compatible plan): build with --plugins none, or without --version-compatible", 2)
     if not args.weights.is_file():
         return _fail(MISSING_WEIGHTS.format(path=args.weights), 2)
     try:
         backend = get_backend(args.backend)
         check_plugins(backend, args.plugins)
+        if args.version_compatible:
+            check_version_compatible(backend)
     except BackendError as e:
         return _fail(e, 3)
 
@@ -373,35 +483,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, tensors = weights.load(args.weights)
     except (weights.WeightsError, ConfigError) as e:
         return _fail(e, 2)
-    precision = "fp16" if args.fp16 else "fp32"
+    try:
+        check_activation_size(cfg, profile)
+    except ProfileError as e:
+        return _fail(e, 2)
+    precision = "fp16" if args.fp16 else "tf32" if args.tf32 else "fp32"
     output = args.output or default_engine_path(cfg.variant, precision)
+    timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
+    # Every path we will write, checked before the build; folders are made only when the files are written.
     try:
         side = sidecar_path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except SidecarError as e:
+        check_output_path(output, "engine")
+        check_output_path(side, "sidecar")
+        if backend.name == "tensorrt":
+            check_output_path(timing_cache, "timing cache")
+    except (SidecarError, OutputPathError) as e:
         return _fail(e, 2)
-    except OSError as e:
-        return _fail(f"cannot write the engine: {e}", 2)
-    timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
 
     trt = backend.trt
     logger = make_logger(trt, verbose=args.verbose)
     has_monitor = hasattr(trt, "IProgressMonitor")
-    bar = ProgressBar(1.0, "building engine") if has_monitor else None
+    bar = ProgressBar(1.0, "building engine", tick=0.5) if has_monitor else None
     monitor = make_progress_monitor(trt, bar) if has_monitor else None
     from netdef.network import NetworkConfigError
 
     try:
         with Spinner(f"defining network ({cfg.variant}, {precision})"):
             builder, network, config, keepalive = create_network(
-                backend, cfg, tensors, fp16=args.fp16, plugins=args.plugins, postprocess=args.postprocess,
-                profile=profile, fold_constants=args.fold_constants, workspace_mib=args.workspace,
+                backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, version_compatible=args.version_compatible,
+                plugins=args.plugins, postprocess=args.postprocess,
+                profile=profile, fold_constants=args.fold_constants, workspace_mib=workspace_limit_mib(args.workspace),
                 logger=logger, monitor=monitor, timing_cache=timing_cache,
             )
-    except NetworkConfigError as e:
+    except (NetworkConfigError, ProfileError) as e:
         return _fail(e, 2)
     except BackendError as e:
         return _fail(e, 3)
+    if profile_warnings(logger):
+        return _fail(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))), 2)
     start = time.monotonic()
     try:
         if bar is not None:
@@ -414,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, 1)
     build_seconds = time.monotonic() - start
     del keepalive  # the plan holds its own copy of the weights now
+    if profile_warnings(logger):
+        return _fail(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))), 2)
 
     inputs, outputs = describe_io(trt, network)
     sidecar = {
@@ -428,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights_sha256": weights.file_sha256(args.weights),
         "inputs": inputs,
         "outputs": outputs,
-        "version_compatible": False,
+        "version_compatible": args.version_compatible,
         "anchortrt_version": anchortrt_version(),
     }
     try:
@@ -445,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend": backend.name,
         "trt_version": backend.version,
         "precision": precision,
+        "version_compatible": args.version_compatible,
         "profile": profile.to_dict(),
         "plugins": sidecar["plugins"],
         "postprocess": args.postprocess,

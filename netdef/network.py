@@ -122,6 +122,11 @@ def define_network(trt, network, cfg: AnchorDETRConfig, tensors: Mapping[str, An
     return net.keepalive
 
 
+def backend_of(trt) -> Backend:
+    """The Backend of a TensorRT module (the network code is handed the module, not the Backend)."""
+    return Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
+
+
 def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None:
     if cfg.num_feature_levels != 1:
         raise NetworkConfigError(
@@ -131,12 +136,9 @@ def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None
     unknown = sorted(set(plugins) - set(PLUGINS))
     if unknown:
         raise NetworkConfigError(f"unknown plugins {unknown}: choose from {', '.join(PLUGINS)}")
-    backend = Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
-    if plugins and not backend.has_plugins:
-        raise BackendError(
-            f"backend {backend.name} {backend.version} has no plugin layers: build without plugins "
-            f"({', '.join(sorted(plugins))}) or use full TensorRT (--backend tensorrt)"
-        )
+    problem = backend_of(trt).plugin_problem() if plugins else None
+    if problem:
+        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
     if plugins and cfg.attention_type != "RCDA":
         raise NetworkConfigError(f"variant {cfg.variant}: plugins are written for RCDA attention only")
 
@@ -543,11 +545,21 @@ def self_attention(m: Model, a: str, tgt, query_pos):
     c, s = cfg.d_model, cfg.head_dim ** -0.5
     wq, wk, wv = (m.w(f"{a}.{n}_proj.weight") for n in ("q", "k", "v"))
     # [q | k | v] = tgt [Wq s | Wk | Wv]^T + [(Wq pos + bq) s | Wk pos + bk | 0] (v's bias: out_proj)
-    offset = net.concat([m.linear(query_pos, f"{a}.q_proj", s), m.linear(query_pos, f"{a}.k_proj"),
-                         np.zeros((1, cfg.num_queries, c), np.float32)], -1, f"{a}.in_proj.offset")
-    qkv = net.add(net.linear(tgt, np.concatenate([wq * s, wk, wv]), None, f"{a}.in_proj"), offset, f"{a}.in_proj.add")
+    qkv = net.linear(tgt, np.concatenate([wq * s, wk, wv]), None, f"{a}.in_proj")
     qkv = net.shuffle(qkv, f"{a}.heads", dims=(0, 0, 3, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-    return attention(m, a, *(net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv")))
+    q, k, v = (net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv"))
+    q = add_query_offset(m, q, m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q")
+    k = add_query_offset(m, k, m.linear(query_pos, f"{a}.k_proj"), f"{a}.k")
+    return attention(m, a, q, k, v)
+
+
+def add_query_offset(m: Model, heads, offset, name: str):
+    """heads (B, heads, Q, head_dim) + the per-query constant offset (1, Q, C) split into heads.
+
+    Added after the head split, never to the in-projection's output: full TensorRT and TensorRT-RTX fail to
+    build (a segfault, or Myelin's "Arguments to operator* cannot be undefined") when a (1, Q, N) constant is
+    added to a matmul output of that same shape, which is what a static batch of 1 makes of it."""
+    return m.net.add(heads, split_heads(m, offset, f"{name}.offset.heads"), f"{name}.add_offset")
 
 
 def decoder_rcda(m: Model, a: str, tgt, query_pos, memory, pooled, keys):
@@ -559,11 +571,12 @@ def decoder_rcda(m: Model, a: str, tgt, query_pos, memory, pooled, keys):
     else:
         # [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]
         weight = np.concatenate([m.w(f"{a}.q_row_proj.weight") * s, m.w(f"{a}.q_col_proj.weight") * s])
-        offset = net.concat([m.linear(query_pos["x"], f"{a}.q_row_proj", s),
-                             m.linear(query_pos["y"], f"{a}.q_col_proj", s)], -1, f"{a}.in_proj.offset")
-        q = net.add(net.linear(tgt, weight, None, f"{a}.in_proj"), offset, f"{a}.in_proj.add")
+        q = net.linear(tgt, weight, None, f"{a}.in_proj")
         q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-        q_row, q_col = net.take(q, 0, 0, f"{a}.q_row"), net.take(q, 1, 0, f"{a}.q_col")
+        q_row = add_query_offset(m, net.take(q, 0, 0, f"{a}.q_row"), m.linear(query_pos["x"], f"{a}.q_row_proj", s),
+                                 f"{a}.q_row")
+        q_col = add_query_offset(m, net.take(q, 1, 0, f"{a}.q_col"), m.linear(query_pos["y"], f"{a}.q_col_proj", s),
+                                 f"{a}.q_col")
     k_row = m.linear(pooled["row"], f"{a}.k_row_proj")
     k_col = m.linear(pooled["col"], f"{a}.k_col_proj")
     v = m.linear(memory, f"{a}.v_proj", bias=False)
@@ -576,12 +589,12 @@ def decoder_mha(m: Model, a: str, tgt, query_pos, memory, key, keys):
     net, cfg = m.net, m.cfg
     c, s = cfg.d_model, cfg.head_dim ** -0.5
     # W_q (tgt + pos) + b = W_q tgt + (W_q pos + b): the position term is a constant.
-    q = net.add(net.linear(tgt, m.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"),
-                m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q_proj.add")
+    q = split_heads(m, net.linear(tgt, m.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"), f"{a}.q.heads")
+    q = add_query_offset(m, q, m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q")
     k = m.linear(key, f"{a}.k_proj")
     v = m.linear(net.reshape(memory, (0, -1, c), f"{a}.memory.flat"), f"{a}.v_proj", bias=False)
-    return attention(m, a, split_heads(m, q, f"{a}.q.heads"), split_heads(m, k, f"{a}.k.heads"),
-                     split_heads(m, v, f"{a}.v.heads"), keys["all"], keys["all4"])
+    return attention(m, a, q, split_heads(m, k, f"{a}.k.heads"), split_heads(m, v, f"{a}.v.heads"),
+                     keys["all"], keys["all4"])
 
 
 # ====================================================================== heads
@@ -613,10 +626,14 @@ def inverse_sigmoid(m: Model, x):
 
 # ====================================================================== PostProcess
 def topk_postprocess(m: Model, logits, boxes):
-    """Top-100 over sigmoid(logits) flattened (query, class) per image, as the official PostProcess."""
+    """Top-100 over sigmoid(logits) flattened (query, class) per image, as the official PostProcess.
+
+    Ranked by the logits, then the sigmoid of the 100 kept: the same order (sigmoid is monotone) without the
+    float32 rounding that makes large logits tie at a score of 1.0, as runtime.postprocess ranks."""
     net, p, classes = m.net, "postprocess", m.cfg.num_classes
-    prob = net.reshape(net.sigmoid(logits, f"{p}.sigmoid"), (0, -1), f"{p}.flatten")
-    scores, index = net.topk(prob, NUM_TOPK, 1, f"{p}.topk")
+    flat = net.reshape(logits, (0, -1), f"{p}.flatten")
+    top, index = net.topk(flat, NUM_TOPK, 1, f"{p}.topk")
+    scores = net.sigmoid(top, f"{p}.sigmoid")
     query = net.floor_div(index, np.int32(classes), f"{p}.query")
     labels = net.sub(index, net.mul(query, np.int32(classes), f"{p}.query_start"), f"{p}.labels")
     picked = net.gather(boxes, query, 1, f"{p}.gather_boxes", batch_dims=1)  # (B, 100, 4)

@@ -77,12 +77,14 @@ class ProgressBar:
     """``[#########.........]  45%  9/20  desc: status  12.3s``.
 
     ``total`` may be any positive number; the ``done/total`` count is shown only for an integer total (a build
-    monitor reports fractions of 1.0). ``done`` is clamped to ``total`` and never moves backwards.
+    monitor reports fractions of 1.0). ``done`` is clamped to ``total`` and never moves backwards. ``tick`` (seconds):
+    on a terminal, redraw that often from a background thread too, so the elapsed time keeps moving through long
+    steps that report nothing (a log gets no extra lines).
     """
 
     WIDTH = 30
 
-    def __init__(self, total: float, desc: str = "", stream: IO[str] | None = None):
+    def __init__(self, total: float, desc: str = "", stream: IO[str] | None = None, tick: float | None = None):
         if total <= 0:
             raise ValueError(f"ProgressBar total must be positive, got {total}")
         self.total = total
@@ -95,10 +97,17 @@ class ProgressBar:
         self._last_decile = -1
         self._last_shown = -1.0
         self._closed = False
+        self._tick = tick
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self._start
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self._tick):
+            self._draw()
 
     def update(self, n: float = 1, status: str | None = None) -> None:
         self.set(self.done + n, status)
@@ -138,11 +147,17 @@ class ProgressBar:
                 self._line.show(self.render())
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         self._draw(final=True)
         self._closed = True
 
     def __enter__(self) -> "ProgressBar":
         self._draw()
+        if self._tick and self._line.tty:
+            self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:

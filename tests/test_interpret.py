@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from netdef import interpret
 from netdef.backend import BackendError, get_backend
+from netdef.build import _creation_flags
 from netdef.interpret import InterpretError, interpret_network
 
 try:
@@ -37,7 +38,7 @@ class Net:
 
     def __init__(self, valid=True):
         self.builder = trt.Builder(LOGGER)
-        self.network = self.builder.create_network(0)
+        self.network = self.builder.create_network(_creation_flags(BACKEND))
         self.keep = []
         self.unbuilt = valid and BACKEND.name == "tensorrt-rtx"  # build once, on the first run's shapes
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from netdef.backend import BackendError, get_backend
+from netdef.build import _creation_flags
 from netdef.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
-from netdef.network import Model, NetworkConfigError, define_network, masked_softmax
+from netdef.network import Model, NetworkConfigError, backend_of, define_network, masked_softmax
 
 
 
@@ -57,7 +58,7 @@ def builder_tensors(cfg: AnchorDETRConfig, seed: int = 0) -> dict[str, np.ndarra
 def define(trt, cfg: AnchorDETRConfig, tensors=None, **options):
     """A network definition of AnchorDETR: (builder, network, keepalive), all three to keep referenced."""
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
-    network = builder.create_network(0)
+    network = builder.create_network(_creation_flags(backend_of(trt)))
     keep = define_network(trt, network, cfg, builder_tensors(cfg) if tensors is None else tensors, **options)
     return builder, network, keep
 
@@ -103,6 +104,47 @@ def test_full_r50_dc5_builds_at_the_dynamic_profile(rtx, fp16):
     print(f"r50_dc5 {'fp16' if fp16 else 'fp32'}: {n_layers} layers, {plan.nbytes / 2**20:.1f} MiB, {seconds:.1f} s")
     # FP16 weights are half the size (the engine also holds kernels, so not exactly half).
     assert plan.nbytes > (40 << 20 if fp16 else 80 << 20)
+
+
+def _batch_one_offsets(network) -> list[str]:
+    """Elementwise layers adding a (1, ...) constant to a matmul output of the same shape but a dynamic batch:
+    with a static batch of 1 TensorRT's Myelin compiler fails on them (segfault, or "Arguments to operator*
+    cannot be undefined")."""
+    producers = {L.get_output(j).name: L for L in layers(network) for j in range(L.num_outputs)}
+    found = []
+    for L in layers(network):
+        if L.type.name != "ELEMENTWISE":
+            continue
+        a, b = (producers.get(L.get_input(i).name) for i in range(2))
+        for const, other, other_t, const_t in ((a, b, L.get_input(1), L.get_input(0)),
+                                               (b, a, L.get_input(0), L.get_input(1))):
+            if const is None or other is None or const.type.name != "CONSTANT" or other.type.name != "MATRIX_MULTIPLY":
+                continue
+            if const_t.shape[0] == 1 and other_t.shape[0] == -1 and tuple(const_t.shape)[1:] == tuple(other_t.shape)[1:]:
+                found.append(L.name)
+    return found
+
+
+@pytest.mark.parametrize("variant", ["r50_dc5", "r50_c5_mha"])
+def test_no_batch_one_constant_is_added_to_a_matmul_output_of_its_shape(rtx, variant):
+    _, network, _ = define(rtx.trt, small_config(variant))
+    assert _batch_one_offsets(network) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("options", [{}, {"fp16": True}, {"postprocess": True}], ids=["fp32", "fp16", "postprocess"])
+def test_static_batch_builds(rtx, batch, options):
+    """A profile whose batch is one number (min = opt = max) makes the batch a build-time constant; batch 1 once
+    crashed the build. Two decoder layers: layer 1 is the first self-attention that is not folded."""
+    from netdef.build import build_serialized, create_network
+    from netdef.sidecar import Profile
+
+    cfg = small_config()
+    shape = (batch, 64, 96)
+    builder, network, config, keep = create_network(rtx, cfg, builder_tensors(cfg), profile=Profile(shape, shape, shape),
+                                                    **options)
+    assert build_serialized(builder, network, config, keep[0]).nbytes > 10 << 20
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -221,7 +263,8 @@ def test_constant_folding_removes_only_weights_only_layers(rtx):
     removed = full - kept
     offsets = {n for n in removed if any(n.startswith(f"transformer.decoder_layers.{i}.{a}.{p}")
                                          for i in range(cfg.dec_layers) for a in ("self_attn", "cross_attn")
-                                         for p in ("q_proj", "k_proj", "in_proj.offset", "q_row_proj", "q_col_proj"))}
+                                         for p in ("q_proj", "k_proj", "q_row_proj", "q_col_proj"))
+               or n.endswith(".offset.heads")}
     assert {n for n in removed - offsets if not n.startswith(WEIGHTS_ONLY)} == set()
     # Decoder layer 0's self-attention (900x900 per head) is the largest folded block.
     assert "transformer.decoder_layers.0.self_attn.logits" in removed
@@ -257,7 +300,7 @@ def test_missing_weight_is_named(rtx):
 def _bare_net(rtx, fp16=False):
     trt = rtx.trt
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
-    network = builder.create_network(0)
+    network = builder.create_network(_creation_flags(backend_of(trt)))
     return builder, network, Net(trt, network, fp16=fp16)
 
 

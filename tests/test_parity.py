@@ -34,9 +34,11 @@ import pytest
 import torch
 
 from netdef import network as N
+from netdef.build import _creation_flags
 from netdef.config import AnchorDETRConfig
 from netdef.functional import Net
 from netdef.interpret import interpret_network
+from netdef.network import backend_of
 from test_network import builder_tensors, define, official_state_dict, small_config
 
 FP32_BLOCK, FP32_WHOLE, FP32_LOGITS = 2e-5, 1e-4, 1e-3
@@ -100,7 +102,7 @@ def run_block(trt, cfg, fp16: bool, inputs: dict[str, torch.Tensor], body) -> di
     """A sub-network: `inputs` as network inputs (floats cast to the compute dtype), `body(model, tensors)`
     -> named tensors, evaluated by the interpreter; returns float32 (or bool) results."""
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
-    network = builder.create_network(0)
+    network = builder.create_network(_creation_flags(backend_of(trt)))
     net = Net(trt, network, fp16=fp16)
     model = N.Model(net, cfg, builder_tensors(cfg))
     tensors = {}

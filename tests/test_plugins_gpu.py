@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from netdef.build import _creation_flags
+from netdef.network import backend_of
 from plugins import add_bias_transpose, layer_norm, mask2pos, masked_softmax
 
 pytestmark = pytest.mark.gpu
@@ -199,7 +201,7 @@ def build_and_run(trt, add, inputs: dict, profile: dict, out_names):
     `add(network, tensors)`, run it at the inputs' shapes; returns (outputs, serialized plan)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(_creation_flags(backend_of(trt)))
     dtypes = {torch.float32: trt.float32, torch.float16: trt.float16, torch.bool: trt.bool}
     tensors = {}
     config = builder.create_builder_config()

@@ -100,3 +100,23 @@ def test_print_table_aligns_text_left_and_numbers_right():
         "backbone    12.5  ok",
         "decoder.5  0.001",
     ]
+
+
+def test_bar_on_a_terminal_keeps_the_elapsed_time_moving_without_updates():
+    term = FakeTerminal()
+    with ProgressBar(1.0, "building engine", stream=term, tick=0.02) as bar:
+        bar.set(0.5, status="Timing tactics")
+        time.sleep(0.35)
+    frames = [f for f in term.getvalue().split("\r") if f]
+    assert len(frames) >= 4  # redrawn with no set() in between
+    assert all("Timing tactics" in f for f in frames[1:])
+    elapsed = [f.split()[-1] for f in frames]
+    assert len(set(elapsed)) >= 3  # the elapsed time moved
+
+
+def test_ticking_bar_in_a_log_adds_no_lines():
+    log = io.StringIO()
+    with ProgressBar(1.0, "build", stream=log, tick=0.01) as bar:
+        bar.set(0.5)
+        time.sleep(0.1)
+    assert len(log.getvalue().splitlines()) == 2  # 0% and 50% only
