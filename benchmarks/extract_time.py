@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from netdef.config import AnchorDETRConfig, ConfigError
-    from netdef.progress import ProgressBar, format_bytes, print_table
+    from core.config import AnchorDETRConfig, ConfigError
+    from core.progress import ProgressBar, format_bytes, print_table
     from weights.random_init import random_state_dict, training_checkpoint
 
     try:

@@ -1,4 +1,4 @@
-"""Time the PyTorch reference model (netdef.torch_model) on the CPU, FP32, eval mode.
+"""Time the PyTorch reference model (reference.torch_model) on the CPU, FP32, eval mode.
 
     python -m benchmarks.torch_cpu_forward --variant r50_dc5 --size 800x800 --iters 3
 
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import weights
-    from netdef.config import AnchorDETRConfig, ConfigError
-    from netdef.progress import ProgressBar, print_table
-    from netdef.torch_model import AnchorDETR
+    from core.config import AnchorDETRConfig, ConfigError
+    from core.progress import ProgressBar, print_table
+    from reference.torch_model import AnchorDETR
 
     if opts.threads:
         torch.set_num_threads(opts.threads)

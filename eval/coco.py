@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
-from netdef.progress import ProgressBar, Spinner, print_table
-from netdef.sidecar import OutputPathError, check_output_path, write_atomic
+from core.progress import ProgressBar, Spinner, print_table
+from core.sidecar import OutputPathError, check_output_path, write_atomic
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -179,7 +179,7 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
 
 
 def run_dataset(args) -> int:
-    from runtime.errors import AnchorRuntimeError
+    from core.errors import AnchorRuntimeError
 
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"

@@ -41,7 +41,7 @@ class EngineModel:
 
 
 class TorchReference:
-    """The PyTorch reference model (`netdef.torch_model.AnchorDETR`) in FP32, on a GPU when there is one."""
+    """The PyTorch reference model (`reference.torch_model.AnchorDETR`) in FP32, on a GPU when there is one."""
 
     name = "torch"
     # No engine profile: it takes any size and batch the evaluation transform produces.
@@ -53,7 +53,7 @@ class TorchReference:
         except ImportError:
             raise EvalError("--torch-weights needs PyTorch: pip install torch", EXIT_ENVIRONMENT) from None
         import weights
-        from netdef.torch_model import AnchorDETR
+        from reference.torch_model import AnchorDETR
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,9 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from netdef.backend import BACKENDS, Backend, BackendError, get_backend
-from netdef.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
-from netdef.sidecar import (
+from core.backend import BACKENDS, Backend, BackendError, get_backend
+from core.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
+from core.sidecar import (
     OutputPathError, Profile, ProfileError, SidecarError, check_output_path, default_engine_path, gpu_info,
     sidecar_path, write_atomic, write_sidecar,
 )
@@ -365,7 +365,7 @@ EPILOG = """\
 workflow:
   python -m weights.extract CKPT.pth -o weights/anchor_detr_r50_dc5.safetensors   (or --random-init r50_dc5)
   python -m netdef.build --fp16                  -> engines/anchor_detr_r50_dc5_fp16.plan + .json
-  python -m netdef.check --fp16                  per-block parity against PyTorch, without running an engine
+  python -m reference.check --fp16                  per-block parity against PyTorch, without running an engine
   python -m runtime.infer IMG --engine engines/anchor_detr_r50_dc5_fp16.plan
 
 backends: full TensorRT (pip install 'anchortrt[trt]') builds on and for the local GPU and supports plugins;
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, 3)
 
     import weights
-    from netdef.config import ConfigError
+    from core.config import ConfigError
 
     try:
         cfg, tensors = weights.load(args.weights)

@@ -45,8 +45,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from netdef.backend import Backend, BackendError
-from netdef.config import BACKBONE_BLOCKS, AnchorDETRConfig
+from core.backend import Backend, BackendError
+from core.config import BACKBONE_BLOCKS, AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net
 
 PLUGINS = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
@@ -131,7 +131,7 @@ def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None
     if cfg.num_feature_levels != 1:
         raise NetworkConfigError(
             f"variant {cfg.variant}: {cfg.num_feature_levels} feature levels are not supported by the "
-            "TensorRT network (only 1); the PyTorch reference netdef.torch_model supports it"
+            "TensorRT network (only 1); the PyTorch reference reference.torch_model supports it"
         )
     unknown = sorted(set(plugins) - set(PLUGINS))
     if unknown:

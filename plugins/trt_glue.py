@@ -48,7 +48,7 @@ def _dtype_name(trt, dtype) -> str:
 
 def require_plugin_support(trt) -> None:
     """Raise `BackendError` naming the backend when it cannot hold our AOT plugin layers."""
-    from netdef.backend import BackendError
+    from core.backend import BackendError
 
     if trt.__name__.split(".")[0] == "tensorrt_rtx":
         raise BackendError(

@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from netdef.progress import ProgressBar, format_seconds, print_table
-from netdef.sidecar import OutputPathError, check_output_path, write_atomic
-from runtime.cli import guarded, parser
-from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
+from core.progress import ProgressBar, format_seconds, print_table
+from core.sidecar import OutputPathError, check_output_path, write_atomic
+from core.cli import guarded, parser
+from core.errors import AnchorRuntimeError, BadInput, Unavailable
 
 TORCH_MODES = {
     "fp32": "eager FP32 (TF32 off)",
@@ -87,7 +87,7 @@ def random_batch(batch: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarra
 
 
 def bench_engine(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
-    from runtime import cuda
+    from core import cuda
     from runtime.runner import Engine, EngineRunner
 
     cuda.init()
@@ -144,7 +144,7 @@ def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator
     except ImportError:
         raise Unavailable("--torch-weights needs PyTorch: pip install torch") from None
     import weights
-    from netdef.torch_model import AnchorDETR
+    from reference.torch_model import AnchorDETR
 
     device = torch.device(args.torch_device)
     on_gpu = device.type == "cuda"
@@ -212,7 +212,7 @@ def device_name(args: argparse.Namespace) -> str:
     if args.engine is None and args.torch_device == "cpu":
         return f"CPU ({platform.processor() or platform.machine()})"
     try:
-        from runtime import cuda
+        from core import cuda
 
         device = cuda.init()
         return f"{device.name} (compute capability {device.compute_capability})"
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10, help="untimed iterations first (default 10)")
     p.add_argument("--graphs", action="store_true", help="also measure with CUDA graphs (one capture per shape)")
     p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
-                   help="measure the PyTorch reference (netdef.torch_model) with these weights")
+                   help="measure the PyTorch reference (reference.torch_model) with these weights")
     p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
                    help=f"torch modes to measure (default {','.join(TORCH_MODES)})")
     p.add_argument("--torch-device", default="cuda", help="torch device (default cuda; cpu for a quick check)")

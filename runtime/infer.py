@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from netdef.progress import ProgressBar, print_table
-from netdef.sidecar import OutputPathError, check_output_path, write_atomic
+from core.progress import ProgressBar, print_table
+from core.sidecar import OutputPathError, check_output_path, write_atomic
 from runtime.coco_names import label_name
-from runtime.cli import guarded, parser, probability
-from runtime.errors import BadInput
+from core.cli import guarded, parser, probability
+from core.errors import BadInput
 from runtime.preprocess import ImageError, load_image, to_rgb
 
 EXIT_PARTIAL = 1

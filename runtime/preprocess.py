@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from runtime.errors import BadInput
+from core.errors import BadInput
 
 SHORT_SIDE = 800
 MAX_SIDE = 1333

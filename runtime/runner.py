@@ -28,12 +28,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from netdef.backend import BackendError, get_runtime_backend
-from netdef.sidecar import (
+from core.backend import BackendError, get_runtime_backend
+from core.sidecar import (
     REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar, weights_problem,
 )
-from runtime import cuda
-from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
+from core import cuda
+from core.errors import AnchorRuntimeError, BadInput, Unavailable
 from runtime.postprocess import from_engine_outputs, postprocess
 from runtime.preprocess import ShapeError, pad_batch, preprocess_image, to_rgb
 

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from netdef.sidecar import gpu_info
+from core.sidecar import gpu_info
 
 
 @functools.cache

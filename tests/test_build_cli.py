@@ -1,4 +1,4 @@
-"""netdef.build and netdef.sidecar: network creation, the build with its progress monitor, the CLI's errors and
+"""netdef.build and core.sidecar: network creation, the build with its progress monitor, the CLI's errors and
 exit codes, the engine + sidecar it writes, and the checks the runtime makes with the sidecar.
 
 Builds use whichever TensorRT backend is installed (TensorRT-RTX on CI, which builds without a GPU). Fast
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from netdef import build
-from netdef.backend import BackendError, get_backend
+from core.backend import BackendError, get_backend
 from netdef.build import (
     PLUGIN_NAMES, BuildError, _creation_flags, build_serialized, check_plugins, describe_io, main, make_logger,
     make_progress_monitor, parse_plugins,
 )
-from netdef.progress import ProgressBar
-from netdef.sidecar import (
+from core.progress import ProgressBar
+from core.sidecar import (
     SIDECAR_KEYS, Profile, ProfileError, SidecarError, check_sidecar, load_sidecar, sidecar_path, write_atomic,
     write_sidecar,
 )
@@ -322,7 +322,7 @@ def test_malformed_options_are_usage_errors(argv, capsys):
     assert "error: argument" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cli", ["netdef.build", "netdef.check"])
+@pytest.mark.parametrize("cli", ["netdef.build", "reference.check"])
 def test_unavailable_backend_is_exit_3_naming_the_extra(cli, tmp_path, capsys):
     import importlib
 
@@ -359,7 +359,7 @@ def save_random_weights(path: Path, cfg) -> Path:
 
 @pytest.fixture(scope="module")
 def shallow_weights(tmp_path_factory, backend):
-    from netdef.config import AnchorDETRConfig
+    from core.config import AnchorDETRConfig
 
     cfg = AnchorDETRConfig(enc_layers=1, dec_layers=1)
     return save_random_weights(tmp_path_factory.mktemp("weights") / "shallow.safetensors", cfg)
@@ -386,7 +386,7 @@ def check_build_output(engine: Path, summary: dict, weights_path: Path, backend,
     from importlib import metadata
 
     import weights
-    from netdef.sidecar import gpu_info
+    from core.sidecar import gpu_info
 
     cfg, _ = weights.load(weights_path)
     side = load_sidecar(engine)
@@ -432,7 +432,7 @@ def no_build(monkeypatch):
 
 def full_trt_named(backend, monkeypatch):
     """netdef.build sees the installed backend under the name "tensorrt" (the paths only full TensorRT writes)."""
-    from netdef.backend import Backend
+    from core.backend import Backend
 
     monkeypatch.setattr(build, "get_backend", lambda name=None: Backend("tensorrt", backend.trt))
 
@@ -476,7 +476,7 @@ def test_profile_beyond_int32_indexing_is_exit_2_before_building(shallow_weights
     assert code == 2 and err.count("\n") == 1
     assert "16x1344x1344" in err and "int32" in err and "lower --max or the max of --batch" in err
     # the bound is the largest activation, not the batch alone: batch 16 of small images is fine
-    from netdef.config import AnchorDETRConfig
+    from core.config import AnchorDETRConfig
 
     assert build.largest_activation(AnchorDETRConfig(), Profile(max=(16, 640, 640)))[0] < build.MAX_ACTIVATION_ELEMENTS
     assert build.largest_activation(AnchorDETRConfig(), Profile())[0] < build.MAX_ACTIVATION_ELEMENTS
@@ -547,7 +547,7 @@ def test_timing_cache_is_written_and_reused(shallow_weights, tmp_path, capsys):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_full_r50_dc5_builds_at_the_default_profile(precision, backend, tmp_path_factory, capsys):
     """The CI promise: the released architecture, FP32 and FP16, full dynamic profile, on this machine."""
-    from netdef.config import AnchorDETRConfig
+    from core.config import AnchorDETRConfig
 
     folder = tmp_path_factory.getbasetemp() / "r50_dc5_weights"
     weights_path = folder / "r50_dc5.safetensors"
@@ -615,7 +615,7 @@ def test_workspace_is_capped_at_the_gpu_memory(gpu_bytes, expected_mib, backend,
 
 
 def test_gpu_total_memory_agrees_with_gpu_info():
-    from netdef.sidecar import gpu_info
+    from core.sidecar import gpu_info
 
     total = build.gpu_total_memory()
     assert (total is None) == (gpu_info() is None)
@@ -647,7 +647,7 @@ def test_version_compatible_needs_full_tensorrt(backend, shallow_weights, capsys
 def test_version_compatible_without_the_flags_is_a_backend_error():
     import types
 
-    from netdef.backend import Backend
+    from core.backend import Backend
 
     old = Backend("tensorrt", types.SimpleNamespace(__version__="8.5.0", BuilderFlag=types.SimpleNamespace()))
     with pytest.raises(BackendError, match="VERSION_COMPATIBLE and EXCLUDE_LEAN_RUNTIME.*tensorrt 8.5.0"):
@@ -668,9 +668,9 @@ def test_old_tensorrt_plugins_error_names_the_version_and_the_fix(trt_version, n
 
     import numpy
 
-    from netdef.backend import Backend
+    from core.backend import Backend
     from netdef.network import check_supported
-    from netdef.config import AnchorDETRConfig
+    from core.config import AnchorDETRConfig
 
     monkeypatch.setattr(numpy, "__version__", numpy_version)
     fake = types.SimpleNamespace(__name__="tensorrt", __version__=trt_version, QuickPluginCreationRequest=object)
@@ -687,7 +687,7 @@ def test_old_tensorrt_plugins_error_names_the_version_and_the_fix(trt_version, n
 
 def _full_trt_cannot_build(monkeypatch):
     """Full TensorRT imports but cannot create a builder (as on a machine without a usable GPU)."""
-    import netdef.backend as B
+    import core.backend as B
 
     real = B._builder_problem
     why = "tensorrt 11.4.0.106 cannot create a builder on this machine (no usable GPU?): stand-in"
@@ -710,6 +710,6 @@ def test_auto_selection_falls_back_to_rtx_when_full_tensorrt_cannot_build(backen
 
 
 def _import_rtx():
-    from netdef.backend import _import
+    from core.backend import _import
 
     return _import("tensorrt-rtx")

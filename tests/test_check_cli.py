@@ -1,4 +1,4 @@
-"""netdef.check: the padded batch, the parity rows, the CLI's exit codes, and the whole check on a shallow
+"""reference.check: the padded batch, the parity rows, the CLI's exit codes, and the whole check on a shallow
 AnchorDETR (1 encoder and 1 decoder layer, random weights) including a network that diverges on purpose."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import netdef.check as check
-from netdef.backend import BackendError, get_backend
-from netdef.check import compare, main, padded_batch
+import reference.check as check
+from core.backend import BackendError, get_backend
+from reference.check import compare, main, padded_batch
 from test_build_cli import run_cli, save_random_weights  # tests/ is on sys.path (rootdir conftest)
 
 
@@ -59,7 +59,7 @@ def run_main(argv, capsys):
 def test_cli_input_errors(tmp_path, capsys):
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors"], capsys)
     assert code == 2 and "python -m weights.extract --random-init r50_dc5" in err and err.count("\n") == 1
-    assert err.startswith("netdef.check: error: ")  # argparse's form, as every CLI of ours
+    assert err.startswith("reference.check: error: ")  # argparse's form, as every CLI of ours
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors", "--size", "16x64"], capsys)
     assert code == 2 and "--size 16x64 is below 32x32" in err
     code, out, err = run_main(["--batch", "0"], capsys)
@@ -81,15 +81,15 @@ def test_tolerance_must_be_positive_and_finite(tol, tmp_path, capsys):
 @pytest.mark.parametrize("backend", [None, "tensorrt", "tensorrt-rtx"])
 def test_no_backend_that_can_build_is_exit_3(backend, tmp_path, capsys, monkeypatch):
     """Full TensorRT without a usable GPU cannot create a Builder: one line, exit 3, not a traceback."""
-    import netdef.backend
+    import core.backend
 
-    monkeypatch.setattr(netdef.backend, "_builder_problem",
+    monkeypatch.setattr(core.backend, "_builder_problem",
                         lambda name: f"{name} 0.0 cannot create a builder on this machine (no usable GPU?)")
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")  # never read: the backend is chosen first
     code, out, err = run_main(["--weights", weights] + (["--backend", backend] if backend else []), capsys)
     assert code == 3 and out == "" and err.count("\n") == 1, err
-    assert err.startswith("netdef.check: error: no TensorRT backend can build here: ")
+    assert err.startswith("reference.check: error: no TensorRT backend can build here: ")
     assert all(f"{name} 0.0 cannot create a builder" in err for name in ([backend] if backend else ["tensorrt", "tensorrt-rtx"]))
 
 
@@ -117,7 +117,7 @@ def shallow_weights(tmp_path_factory):
         get_backend()
     except BackendError as e:
         pytest.skip(str(e))
-    from netdef.config import AnchorDETRConfig
+    from core.config import AnchorDETRConfig
 
     cfg = AnchorDETRConfig(enc_layers=1, dec_layers=1)
     return save_random_weights(tmp_path_factory.mktemp("check") / "shallow.safetensors", cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from netdef.config import AnchorDETRConfig, ConfigError, detect_config
+from core.config import AnchorDETRConfig, ConfigError, detect_config
 from weights import official_shapes
 from weights.random_init import training_args
 

@@ -1,4 +1,4 @@
-"""runtime.cuda on a real GPU, with an NVRTC-compiled saxpy kernel: no TensorRT involved."""
+"""core.cuda on a real GPU, with an NVRTC-compiled saxpy kernel: no TensorRT involved."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ BLOCK = 256
 
 @pytest.fixture(scope="module")
 def cuda():
-    from runtime import cuda
+    from core import cuda
 
     cuda.init()
     return cuda
@@ -282,8 +282,8 @@ class FakeContext:
 
 @pytest.fixture
 def fake_engine(cuda, tmp_path, monkeypatch):
-    from netdef.backend import Backend
-    from netdef.sidecar import write_sidecar
+    from core.backend import Backend
+    from core.sidecar import write_sidecar
 
     def make(fail_capture=False):
         fake = FakeTensorRT(compile_kernel(cuda, FAKE_DETR, "fake_detr"), fail_capture)

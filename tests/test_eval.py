@@ -380,7 +380,7 @@ TINY_OBJECTS = [(7, 1, [0, 0, 400, 40]), (7, 90, [10, 5, 100, 30]), (42, 18, [30
 
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory) -> Path:
-    from netdef.config import AnchorDETRConfig
+    from core.config import AnchorDETRConfig
 
     # C5 (stride 32) and one layer each keep the CPU forward short.
     cfg = AnchorDETRConfig(dilation=False, enc_layers=1, dec_layers=1)
@@ -389,7 +389,7 @@ def random_weights(tmp_path_factory) -> Path:
 
 def build_engine(tmp_path: Path, weights_path: Path) -> Path:
     """A tiny-profile FP32 engine with whichever TensorRT backend is installed (skip if none)."""
-    from netdef.backend import BackendError, get_backend
+    from core.backend import BackendError, get_backend
     from netdef.build import main as build
 
     try:
@@ -409,7 +409,7 @@ def test_torch_reference_on_tiny_set(tmp_path, capsys, random_weights):
     image's own pixels, the printed summary and table agreeing with the files, the files with each other."""
     import torch
 
-    from netdef.torch_model import AnchorDETR
+    from reference.torch_model import AnchorDETR
     from runtime.preprocess import pad_batch, preprocess_image
 
     root = tmp_path / "coco"

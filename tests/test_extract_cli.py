@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import weights
-from netdef.config import AnchorDETRConfig
+from core.config import AnchorDETRConfig
 import weights.extract
 from weights import naming
 from weights.extract import main

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from netdef import interpret
-from netdef.backend import BackendError, get_backend
+from reference import interpret
+from core.backend import BackendError, get_backend
 from netdef.build import _creation_flags
-from netdef.interpret import InterpretError, interpret_network
+from reference.interpret import InterpretError, interpret_network
 
 try:
     BACKEND = get_backend()
@@ -846,10 +846,10 @@ def test_cuda_matches_cpu():
 def test_evaluate_matches_the_pytorch_reference(tmp_path):
     """Our AnchorDETR network (random peaked weights, two padded images of different sizes) through evaluate()."""
     import weights
-    from netdef.check import padded_batch
-    from netdef.config import AnchorDETRConfig
-    from netdef.interpret import evaluate
-    from netdef.torch_model import AnchorDETR
+    from reference.check import padded_batch
+    from core.config import AnchorDETRConfig
+    from reference.interpret import evaluate
+    from reference.torch_model import AnchorDETR
     from weights.naming import to_builder
 
     cfg = AnchorDETRConfig.from_variant("r50_dc5")

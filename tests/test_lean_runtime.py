@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from netdef import backend as backend_mod
+from core import backend as backend_mod
 
 RUNNER = Path(__file__).resolve().parents[1] / "runtime" / "runner.py"
 HAS_LEAN = importlib.util.find_spec("tensorrt_lean") is not None

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from netdef.backend import BackendError, get_backend
+from core.backend import BackendError, get_backend
 from netdef.build import _creation_flags
-from netdef.config import AnchorDETRConfig
+from core.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
 from netdef.network import Model, NetworkConfigError, backend_of, define_network, masked_softmax
 
@@ -138,7 +138,7 @@ def test_static_batch_builds(rtx, batch, options):
     """A profile whose batch is one number (min = opt = max) makes the batch a build-time constant; batch 1 once
     crashed the build. Two decoder layers: layer 1 is the first self-attention that is not folded."""
     from netdef.build import build_serialized, create_network
-    from netdef.sidecar import Profile
+    from core.sidecar import Profile
 
     cfg = small_config()
     shape = (batch, 64, 96)
@@ -275,7 +275,7 @@ def test_constant_folding_removes_only_weights_only_layers(rtx):
 # ---------------------------------------------------------------------------------------------- errors
 def test_three_feature_levels_are_refused_with_the_variant_named(rtx):
     cfg = AnchorDETRConfig.from_variant("r50_dc5_3lvl")
-    with pytest.raises(NetworkConfigError, match=r"r50_dc5_3lvl.*netdef\.torch_model"):
+    with pytest.raises(NetworkConfigError, match=r"r50_dc5_3lvl.*reference\.torch_model"):
         define(rtx.trt, cfg, tensors={})
 
 
@@ -333,7 +333,7 @@ def test_constants_take_the_dtype_of_the_tensor_they_meet(rtx):
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
     """A padding row whose keys are all masked gives a uniform row, not NaN; other rows put 0 on padding."""
-    from netdef.interpret import interpret_network
+    from reference.interpret import interpret_network
 
     trt = rtx.trt
     _, network, net = _bare_net(rtx, fp16)
@@ -358,7 +358,7 @@ def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
 def test_group_norm_matches_torch(rtx, v2):
     """GroupNorm(32) through add_normalization_v2 (per-channel affine) and through the v1 fallback of
     TensorRT < 10.15 (per-group affine, so identity there and the channel affine after)."""
-    from netdef.interpret import interpret_network
+    from reference.interpret import interpret_network
 
     trt = rtx.trt
     _, network, net = _bare_net(rtx)

@@ -1,6 +1,6 @@
-"""Layer parity: our TensorRT network against the PyTorch reference (netdef.torch_model).
+"""Layer parity: our TensorRT network against the PyTorch reference (reference.torch_model).
 
-Without a TensorRT runtime the network definition is evaluated by netdef.interpret (TensorRT's layer
+Without a TensorRT runtime the network definition is evaluated by reference.interpret (TensorRT's layer
 semantics in PyTorch, fp16 tensors rounded to fp16). Weights are weights.random_state_dict's peaked
 random weights (softmax far from uniform, every input pixel matters), so a wrong mask, projection or
 bias shows up. Images form padded batches of different sizes that are not multiples of the stride:
@@ -35,9 +35,9 @@ import torch
 
 from netdef import network as N
 from netdef.build import _creation_flags
-from netdef.config import AnchorDETRConfig
+from core.config import AnchorDETRConfig
 from netdef.functional import Net
-from netdef.interpret import interpret_network
+from reference.interpret import interpret_network
 from netdef.network import backend_of
 from test_network import builder_tensors, define, official_state_dict, small_config
 
@@ -49,7 +49,7 @@ EVEN = ((96, 128), (128, 96))
 
 @pytest.fixture(scope="module")
 def trt():
-    from netdef.backend import BackendError, get_backend
+    from core.backend import BackendError, get_backend
 
     try:
         return get_backend("tensorrt-rtx").trt
@@ -69,7 +69,7 @@ def make_batch(sizes, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def reference(cfg: AnchorDETRConfig, sizes) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The reference model with the official (unfolded) weights and its intermediates on make_batch(sizes)."""
-    from netdef.torch_model import AnchorDETR
+    from reference.torch_model import AnchorDETR
 
     model = AnchorDETR(cfg)
     model.load_state_dict(official_state_dict(cfg))
@@ -270,7 +270,7 @@ def _native_plugins(trt, cfg, monkeypatch):
     import plugins.layer_norm
     import plugins.mask2pos
     import plugins.masked_softmax
-    from netdef.backend import Backend
+    from core.backend import Backend
 
     counter = iter(range(10**6))
 

@@ -403,7 +403,7 @@ def test_dtype_names_round_trip_on_real_tensorrt_types(rtx):
 
 
 def test_add_layer_on_tensorrt_rtx_names_the_backend_and_adds_nothing(rtx):
-    from netdef.backend import BackendError
+    from core.backend import BackendError
 
     trt, network = rtx
     logits = network.add_input("logits", trt.float16, (-1, 8, -1, -1))

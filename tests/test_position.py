@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from netdef.torch_model import feature_mask, inverse_sigmoid, mask2pos, pos2posemb1d, pos2posemb2d
+from reference.torch_model import feature_mask, inverse_sigmoid, mask2pos, pos2posemb1d, pos2posemb2d
 
 
 def padded_mask(h: int, w: int, valid: tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""netdef.progress: bars, spinners and tables as a user sees them on a terminal and in a log."""
+"""core.progress: bars, spinners and tables as a user sees them on a terminal and in a log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from netdef.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
+from core.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
 
 
 class FakeTerminal(io.StringIO):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from netdef.config import AnchorDETRConfig
-from netdef.torch_model import RCDA, MultiheadAttention, multihead_attention, rcda
+from core.config import AnchorDETRConfig
+from reference.torch_model import RCDA, MultiheadAttention, multihead_attention, rcda
 from weights import naming
 
 NHEADS = 4

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from netdef.backend import Backend
-from netdef.sidecar import SidecarError, check_sidecar, load_sidecar, write_sidecar
-from runtime import cuda
-from runtime.errors import AnchorRuntimeError, BadInput, Unavailable
+from core.backend import Backend
+from core.sidecar import SidecarError, check_sidecar, load_sidecar, write_sidecar
+from core import cuda
+from core.errors import AnchorRuntimeError, BadInput, Unavailable
 from runtime.runner import INPUTS, Engine, EngineRunner
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -251,7 +251,7 @@ def test_standard_engine_on_a_lean_only_machine_names_the_rebuild(tmp_path, monk
     assert not probed  # refused before the GPU is opened
 
 
-# EngineRunner's contexts and graphs without a GPU: runtime.cuda and a runtime-only TensorRT module (no Builder)
+# EngineRunner's contexts and graphs without a GPU: core.cuda and a runtime-only TensorRT module (no Builder)
 # are replaced by recording fakes. The GPU stand-in (test_cuda_helpers_gpu.py) runs the same code on real CUDA.
 
 class CpuStream:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from netdef.sidecar import Profile
+from core.sidecar import Profile
 from runtime import bench, infer
-from runtime.errors import BadInput
+from core.errors import BadInput
 from runtime.preprocess import MEAN, STD, ShapeError
 from runtime.runner import Detector
 
@@ -143,7 +143,7 @@ def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
         pytest.skip("a GPU is present")
     import tensorrt_rtx
 
-    from netdef.sidecar import write_sidecar
+    from core.sidecar import write_sidecar
 
     engine = images_dir / "model.plan"
     engine.write_bytes(b"plan")
@@ -159,8 +159,8 @@ def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
 
 @pytest.fixture
 def gpu_probes(monkeypatch):
-    """Calls of the GPU probe (runtime.cuda.init), which here pretends there is no GPU."""
-    from runtime import cuda
+    """Calls of the GPU probe (core.cuda.init), which here pretends there is no GPU."""
+    from core import cuda
 
     calls = []
 
@@ -179,7 +179,7 @@ def one_error_line(capsys):
 
 
 def write_engine(folder, weights_sha256="ab" * 32):
-    from netdef.sidecar import write_sidecar
+    from core.sidecar import write_sidecar
 
     engine = folder / "model.plan"
     engine.write_bytes(b"plan")
@@ -293,7 +293,7 @@ def test_help_explains_and_runtime_imports_no_torch():
         with pytest.raises(SystemExit) as info:
             module.build_parser().parse_args(["--help"])
         assert info.value.code == 0
-    code = ("import sys, runtime.infer, runtime.bench, runtime.runner, runtime.cuda, runtime.draw; "
+    code = ("import sys, runtime.infer, runtime.bench, runtime.runner, core.cuda, runtime.draw; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

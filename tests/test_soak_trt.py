@@ -27,8 +27,8 @@ MAX_GROWTH = 32 << 20
 
 
 def test_device_memory_stays_flat_over_10000_shape_changes(tmp_path, capsys):
-    from netdef.config import AnchorDETRConfig
-    from runtime import cuda
+    from core.config import AnchorDETRConfig
+    from core import cuda
     from runtime.runner import EngineRunner
 
     weights = save_random_weights(tmp_path / "r50_dc5.safetensors", AnchorDETRConfig.from_variant("r50_dc5"))

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import weights
-from netdef.config import AnchorDETRConfig
-from netdef.torch_model import (
+from core.config import AnchorDETRConfig
+from reference.torch_model import (
     AnchorDETR, DecoderLayer, EncoderLayer, EncoderLayerLevel, FrozenBatchNorm2d, feature_mask, mask2pos, pos2posemb1d,
 )
 from weights import naming

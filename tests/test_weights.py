@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import weights
-from netdef.config import AnchorDETRConfig
-from netdef.torch_model import AnchorDETR
+from core.config import AnchorDETRConfig
+from reference.torch_model import AnchorDETR
 from weights import naming
 from weights.random_init import random_state_dict
 

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from netdef.config import AnchorDETRConfig, ConfigError
-from netdef.sidecar import replace_atomically
+from core.config import AnchorDETRConfig, ConfigError
+from core.sidecar import replace_atomically
 from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from netdef.config import BACKBONE_BLOCKS, AnchorDETRConfig, detect_config
+from core.config import BACKBONE_BLOCKS, AnchorDETRConfig, detect_config
 from weights import naming
 
 

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from netdef.config import VARIANTS, AnchorDETRConfig, ConfigError
-from netdef.progress import Spinner, fail, format_bytes, format_seconds, print_table
-from netdef.sidecar import OutputPathError, check_output_path
+from core.config import VARIANTS, AnchorDETRConfig, ConfigError
+from core.progress import Spinner, fail, format_bytes, format_seconds, print_table
+from core.sidecar import OutputPathError, check_output_path
 from weights import WeightsError, default_weights_path, file_sha256, naming, save
 from weights.checkpoint import CheckpointError, check_checkpoint_file, configure, read_checkpoint
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from netdef.config import AnchorDETRConfig
+from core.config import AnchorDETRConfig
 
 BN_EPS = 1e-5
 RCDA_PROJ = ("q_row_proj", "q_col_proj", "k_row_proj", "k_col_proj", "v_proj")

@@ -24,7 +24,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from netdef.config import BACKBONE_BLOCKS, AnchorDETRConfig
+from core.config import BACKBONE_BLOCKS, AnchorDETRConfig
 from weights.checkpoint import RESNET_STAGES, official_shapes
 from weights.naming import BN_EPS, shared_head_copies
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable
 
-from runtime.errors import AnchorRuntimeError
+from core.errors import AnchorRuntimeError
 
 
 def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:

@@ -948,9 +948,9 @@ def evaluate(
     output dtypes.
     """
     import weights
-    from netdef.backend import get_backend
+    from core.backend import get_backend
     from netdef.build import create_network
-    from netdef.sidecar import Profile
+    from core.sidecar import Profile
 
     backend = get_backend(backend_name)
     cfg, tensors = weights.load(weights_path)

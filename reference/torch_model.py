@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from netdef.config import BACKBONE_BLOCKS, AnchorDETRConfig
+from core.config import BACKBONE_BLOCKS, AnchorDETRConfig
 
 BN_EPS = 1e-5
 TEMPERATURE = 10000

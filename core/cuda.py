@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 from cuda.bindings import driver as cu
 
-from runtime.errors import Unavailable
+from core.errors import Unavailable
 
 NO_GPU_HINT = "the runtime needs an NVIDIA GPU with its driver (check `nvidia-smi` and CUDA_VISIBLE_DEVICES)"
 

@@ -1,6 +1,6 @@
-"""``python -m netdef.check``: per-block parity of our TensorRT network against the PyTorch reference.
+"""``python -m reference.check``: per-block parity of our TensorRT network against the PyTorch reference.
 
-No engine is built or run: the network definition is evaluated by ``netdef.interpret`` (TensorRT's layer
+No engine is built or run: the network definition is evaluated by ``reference.interpret`` (TensorRT's layer
 semantics in PyTorch), so this works on any machine where a TensorRT backend can define a network: TensorRT-RTX
 needs no GPU, full TensorRT needs one to create its builder. Both
 sides see the same padded batch of random images of different sizes; every block that the reference's
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from netdef.backend import BUILDERS, BackendError, get_backend
+from core.backend import BUILDERS, BackendError, get_backend
 from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, _hw, create_network
-from netdef.progress import Spinner, fail, print_table
-from netdef.sidecar import MIN_SIDE, Profile
+from core.progress import Spinner, fail, print_table
+from core.sidecar import MIN_SIDE, Profile
 
 # Tolerances on the block's relative error (max |net - ref| / max |ref|). FP32: both sides compute in float32
 # with different summation orders; 1e-3 leaves room for the deep backbone's accumulated rounding. FP16: fp16
@@ -79,8 +79,8 @@ def run_check(weights_path: Path, *, fp16: bool, size: tuple[int, int], batch: i
     import torch
 
     import weights
-    from netdef.interpret import interpret_network
-    from netdef.torch_model import AnchorDETR
+    from reference.interpret import interpret_network
+    from reference.torch_model import AnchorDETR
 
     backend = get_backend(backend_name)
     cfg, tensors = weights.load(weights_path)
@@ -144,7 +144,7 @@ def print_report(report: dict[str, Any]) -> None:
 DESCRIPTION = """\
 Per-block parity of our TensorRT network against the PyTorch reference, without building an engine.
 
-The network definition is evaluated by netdef.interpret (TensorRT's layer semantics in PyTorch), so this runs
+The network definition is evaluated by reference.interpret (TensorRT's layer semantics in PyTorch), so this runs
 without a GPU with TensorRT-RTX (full TensorRT needs a GPU even to define a network). Both sides get the same padded batch of random
 images of different sizes; each block of the reference (backbone, mask, input_proj, posemb_*, encoder.N,
 decoder.N, pred_logits, pred_boxes) is compared with the network tensor of the same name, in network order,
@@ -172,7 +172,7 @@ def _tolerance(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m netdef.check", description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m reference.check", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"weights file (default: {DEFAULT_WEIGHTS})")
     p.add_argument("--fp16", action="store_true", help="check the FP16 network (against the FP32 reference)")
@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_fail = functools.partial(fail, "netdef.check")
+_fail = functools.partial(fail, "reference.check")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             return _fail("--device cuda, but PyTorch sees no CUDA device: use --device cpu", 3)
     import weights
-    from netdef.config import ConfigError
-    from netdef.interpret import InterpretError
+    from core.config import ConfigError
+    from reference.interpret import InterpretError
     from netdef.network import NetworkConfigError
 
     try:

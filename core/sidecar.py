@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from netdef.backend import version_tuple
+from core.backend import version_tuple
 
 SIDECAR_KEYS = (
     "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "version_compatible",
