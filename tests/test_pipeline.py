@@ -234,3 +234,69 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
     expected = NumpyDetector(profile).detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
     same(runner.detect_files(files, threshold=0.3, batch=2, gpu_preprocess=True), expected)
     assert len(runner.siblings) == 1  # in_flight=2: two buffer sets
+
+
+def test_bench_synthetic_images_are_deterministic_jpegs(tmp_path):
+    from runtime import bench
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = bench.synthetic_images(tmp_path / "a", 3), bench.synthetic_images(tmp_path / "b", 3)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert len({p.read_bytes() for p in first}) == 3
+    with Image.open(first[0]) as image:
+        assert image.format == "JPEG" and image.size == (640, 480)
+    assert bench.pipeline_files(str(tmp_path / "a"), None) == first
+
+
+def test_bench_pipeline_rows_from_files_to_detections(tmp_path, files):
+    import argparse
+
+    from runtime import bench
+
+    args = argparse.Namespace(workers=2, in_flight=2, preprocess="cpu")
+    row = bench.pipeline_row("numpy", NumpyDetector(), files, 2, args)
+    assert row["images"] == 9 and row["batches"] == 5 and row["errors"] == 0 and row["images_per_s"] > 0
+    assert set(row["stage_ms_per_image"]) == {"decode", "upload", "preprocess", "engine", "gpu", "postprocess"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("synthetic:0", "expected synthetic:N with N a positive integer"),
+    ("synthetic:many", "expected synthetic:N with N a positive integer"),
+    ("nowhere", "not a folder; name a folder of images or synthetic:N"),
+    ("EMPTY", "no image files"),
+])
+def test_bench_pipeline_bad_spec_is_one_line_before_any_work(tmp_path, capsys, spec, message):
+    from runtime import bench
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")  # never opened: the spec is refused first
+    (tmp_path / "empty").mkdir()
+    spec = str(tmp_path / "empty") if spec == "EMPTY" else spec
+    assert bench.main(["--pipeline", spec, "--torch-weights", str(weights), "--torch-device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_bench_compile_graphs_mode_uses_reduce_overhead():
+    from runtime import bench
+
+    class FakeTorch:
+        class backends:
+            class cuda:
+                class matmul:
+                    allow_tf32 = None
+
+            class cudnn:
+                allow_tf32 = None
+
+        compiled = []
+
+        def compile(self, model, mode, dynamic):
+            self.compiled.append((mode, dynamic))
+            return model
+
+    torch = FakeTorch()
+    bench._torch_mode(torch, lambda *a: a, "compile-fp16")
+    bench._torch_mode(torch, lambda *a: a, "compile-fp16-graphs")
+    assert torch.compiled == [("default", False), ("reduce-overhead", False)]
+    assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
