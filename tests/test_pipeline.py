@@ -3,6 +3,7 @@ and equality with the serial `Detector.detect` (a NumPy stand-in for the engine,
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -300,3 +301,14 @@ def test_bench_compile_graphs_mode_uses_reduce_overhead():
     bench._torch_mode(torch, lambda *a: a, "compile-fp16-graphs")
     assert torch.compiled == [("default", False), ("reduce-overhead", False)]
     assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
+
+
+def test_pipeline_capacity_benchmark_reports_the_run(tmp_path, capsys):
+    from benchmarks import pipeline_capacity
+
+    out = tmp_path / "capacity.json"
+    assert pipeline_capacity.main(["--images", "4", "--batch", "2", "--workers", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "no work"
+    assert report["stage_ms_per_image"]["preprocess"] > 0 and report["images_per_s"] > 0
+    assert pipeline_capacity.main(["--batch", "9"]) == 2 and "--batch 1..8" in capsys.readouterr().err
