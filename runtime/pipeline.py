@@ -91,7 +91,8 @@ def bounded(source: Iterable, stages: Sequence[Callable], in_flight: int = 2,
             stats: PipelineStats | None = None) -> Iterator:
     """stages[-1](...stages[0](item)) for each item of `source`, in order, each stage on its own thread, with at
     most `in_flight` items between leaving `source` and reaching the caller. An exception in the source or a stage
-    is raised here at that item's place; leaving the loop early stops the threads."""
+    is raised here at that item's place; leaving the loop early stops the source and, once the items already in
+    flight are through, the threads."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, got {in_flight}")
     slots, stop, live = threading.Semaphore(in_flight), threading.Event(), [0]
@@ -127,7 +128,9 @@ def bounded(source: Iterable, stages: Sequence[Callable], in_flight: int = 2,
     def work(fn: Callable, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
         while True:
             item = inbox.get()
-            if item is not _DONE and not isinstance(item, _Failure) and not stop.is_set():
+            # Items already in flight are still processed after a stop (at most in_flight of them), so a stage
+            # that hands a resource to the next one (the GPU path's buffer sets) always gets it back.
+            if item is not _DONE and not isinstance(item, _Failure):
                 try:
                     item = fn(item)
                 except BaseException as exc:
@@ -248,8 +251,10 @@ class _GpuPath:
         from runtime.gpu_preprocess import GpuPreprocessor
 
         self.exif, self.stats = exif, stats
-        self.extra = [runner.sibling() for _ in range(count - 1)]
+        self.extra: list = []
         try:
+            for _ in range(count - 1):
+                self.extra.append(runner.sibling())
             self.pre = {id(r): GpuPreprocessor(r.max_batch, r.max_hw) for r in [runner, *self.extra]}
         except BaseException:
             self.close()
@@ -263,6 +268,15 @@ class _GpuPath:
         if not chunk.rgb:
             return chunk
         runner = chunk.runner = self.free.get()
+        try:
+            self._fill(chunk, runner)
+        except BaseException:
+            self.free.put(runner)  # the engine stage will not see this batch
+            raise
+        return chunk
+
+    def _fill(self, chunk: Batch, runner: Any) -> None:
+        """Upload the batch's images and run the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
         pre.device.set_current()
         with self.stats.timed("upload"):
@@ -277,7 +291,6 @@ class _GpuPath:
             pre.run(*runner.input_pointers, chunk.shape)
             pre.stream.sync()  # the runner's stream reads these buffers next
         chunk.arrays = (None, None, np.array([(image.height, image.width) for image in chunk.rgb]))
-        return chunk
 
     def close(self) -> None:
         for r in self.extra:
@@ -298,7 +311,7 @@ def _gpu_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, exif: 
         return None
     try:
         return _GpuPath(detector, in_flight, exif, stats)
-    except (ImportError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # no cuda.core, no NVRTC, no memory for a second buffer set: the CPU path will do
         if gpu_preprocess:
             raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None
         return None
