@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Sequence
 
@@ -147,7 +148,8 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
     done = 0
-    with ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
+    # closing: the pipeline's threads stop before the caller closes the models, even after an error
+    with closing(prepared), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
         for chunk in prepared:
             unreadable = [image for image in chunk.images if isinstance(image, ImageError)]
             if unreadable:

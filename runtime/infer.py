@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         found = detect_stream(runner, [path for _, path, _ in jobs], args.threshold, args.batch,
                               exif=not args.no_exif, workers=args.workers, keep_images=True,
                               gpu_preprocess={"auto": None, "gpu": True, "cpu": False}[args.preprocess])
-        with ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
+        # closing: the pipeline's threads are done with the runner before it is closed, even after an error
+        with closing(found), ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
             for (index, path, target), (_, detections, rgb) in zip(jobs, found):
                 if isinstance(detections, ImageError):
                     print(f"skipped: {detections}", file=sys.stderr)

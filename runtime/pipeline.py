@@ -19,7 +19,7 @@ import queue
 import threading
 from collections import deque
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from runtime.errors import Unavailable
+from runtime.errors import BadInput, Unavailable
 from runtime.preprocess import ImageError, decode_many, preprocess_batch, to_rgb
 
 # Busy seconds per stage. With the GPU path "upload" is staging the decoded pixels and "preprocess" the kernel;
@@ -297,17 +297,25 @@ class _GpuPath:
             r.close()
 
 
+def _gpu_possible(detector: Any, gpu_preprocess: bool | None) -> bool:
+    """Whether to try the GPU path; asking for it (True) with a detector other than an EngineRunner is an error."""
+    from runtime.runner import EngineRunner
+
+    if gpu_preprocess is False:
+        return False
+    if not isinstance(detector, EngineRunner):
+        if gpu_preprocess:
+            raise Unavailable("GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU "
+                              "preprocessing (gpu_preprocess=False, --preprocess cpu)")
+        return False
+    return True
+
+
 def _gpu_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, exif: bool,
               stats: PipelineStats) -> _GpuPath | None:
     """The GPU path when asked for (True: required) or by default (None) when the detector is an EngineRunner and
     the kernel compiles; else None (the CPU path)."""
-    from runtime.runner import EngineRunner
-
-    if gpu_preprocess is False:
-        return None
-    if not isinstance(detector, EngineRunner):
-        if gpu_preprocess:
-            raise Unavailable("gpu_preprocess=True needs an EngineRunner on a GPU; pass gpu_preprocess=False")
+    if not _gpu_possible(detector, gpu_preprocess):
         return None
     try:
         return _GpuPath(detector, in_flight, exif, stats)
@@ -335,9 +343,19 @@ def detect_stream(
     stats: PipelineStats | None = None,
     keep_images: bool = False,
 ) -> Iterator[Found]:
-    """`Found` for each input (paths or Pillow images), in input order, through the overlapped pipeline."""
+    """`Found` for each input (paths or Pillow images), in input order, through the overlapped pipeline. Bad
+    arguments are raised here, at the call; the work starts with the first `next`."""
+    if workers < 1 or in_flight < 1:
+        raise BadInput(f"workers ({workers}) and in_flight ({in_flight}) must be at least 1")
     stats = stats if stats is not None else PipelineStats()
     batch = detector.batch_size(batch)
+    _gpu_possible(detector, gpu_preprocess)
+    return _detect_stream(detector, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats,
+                          keep_images)
+
+
+def _detect_stream(detector, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats,
+                   keep_images) -> Iterator[Found]:
     with stats.run():
         gpu = _gpu_path(detector, gpu_preprocess, in_flight, exif, stats)
         try:
@@ -368,17 +386,19 @@ def detect_stream(
                 return chunk
 
             source = decoded_batches(items, batch, workers, stats)
-            for chunk in bounded(source, [preprocess, engine], in_flight, stats):
-                stats.batches += 1
-                results, rgb = iter(chunk.results), iter(chunk.rgb)
-                for key, image in zip(chunk.keys, chunk.images):
-                    stats.images += 1
-                    if isinstance(image, ImageError):
-                        stats.errors += 1
-                        yield Found(key, image, None)
-                    else:
-                        shown = next(rgb)
-                        yield Found(key, next(results), shown if keep_images else None)
+            chunks = bounded(source, [preprocess, engine], in_flight, stats)
+            with closing(chunks):  # its threads are done before the GPU path's runners close
+                for chunk in chunks:
+                    stats.batches += 1
+                    results, rgb = iter(chunk.results), iter(chunk.rgb)
+                    for key, image in zip(chunk.keys, chunk.images):
+                        stats.images += 1
+                        if isinstance(image, ImageError):
+                            stats.errors += 1
+                            yield Found(key, image, None)
+                        else:
+                            shown = next(rgb)
+                            yield Found(key, next(results), shown if keep_images else None)
         finally:
             if gpu is not None:
                 gpu.close()

@@ -242,11 +242,12 @@ class Detector(abc.ABC):
         """(path or position, detections or ImageError) for each image file path (or each Pillow image), in input
         order, with decoding, preprocessing and the engine overlapped and at most `in_flight` batches in memory
         (runtime.pipeline). `gpu_preprocess`: True = the GPU kernel (EngineRunner only), False = the CPU,
-        None = the GPU when it can. `stats`: a `runtime.pipeline.PipelineStats` to fill with per-stage times."""
+        None = the GPU when it can. `stats`: a `runtime.pipeline.PipelineStats` to fill with per-stage times.
+        Bad arguments are raised at the call, before any work."""
         from runtime.pipeline import detect_stream
 
-        for found in detect_stream(self, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats):
-            yield found.key, found.result
+        found = detect_stream(self, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats)
+        return ((item.key, item.result) for item in found)
 
     def detect_files(self, paths: Iterable, threshold: float = 0.5, batch: int | None = None, exif: bool = True,
                      workers: int = 4, in_flight: int = 2, **options: Any) -> list[Any]:

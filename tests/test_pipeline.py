@@ -161,8 +161,8 @@ def test_stats_record_every_stage(files):
 def test_gpu_preprocess_true_needs_an_engine_runner(files):
     from runtime.errors import Unavailable
 
-    with pytest.raises(Unavailable, match="gpu_preprocess=True needs an EngineRunner"):
-        NumpyDetector().detect_files(files, gpu_preprocess=True)
+    with pytest.raises(Unavailable, match="GPU preprocessing needs a TensorRT engine runner"):
+        NumpyDetector().iter_detect(files, gpu_preprocess=True)  # at the call, before any work
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +312,84 @@ def test_pipeline_capacity_benchmark_reports_the_run(tmp_path, capsys):
     assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "no work"
     assert report["stage_ms_per_image"]["preprocess"] > 0 and report["images_per_s"] > 0
     assert pipeline_capacity.main(["--batch", "9"]) == 2 and "--batch 1..8" in capsys.readouterr().err
+
+
+def pipeline_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("pipeline-")]
+
+
+class ClosingDetector(NumpyDetector):
+    def close(self):
+        self.threads_at_close = pipeline_threads()
+        super().close()
+
+
+def test_infer_cli_goes_through_the_pipeline_and_closes_it_before_the_runner(files, monkeypatch, capsys):
+    from runtime import infer
+    from runtime.errors import BadInput
+
+    detector = ClosingDetector()
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: detector)
+    assert infer.main([*map(str, files), "--batch", "2", "--workers", "2", "--preprocess", "cpu"]) == 0
+    assert [shape[0] for shape, _ in detector.calls] == [2, 2, 2, 2, 1]
+    assert detector.closed and detector.threads_at_close == []
+
+    def fail(*args):
+        raise BadInput("cannot print")
+
+    detector = ClosingDetector()
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: detector)
+    monkeypatch.setattr(infer, "print_detections", fail)
+    assert infer.main([*map(str, files), "--batch", "2"]) == 2
+    assert detector.closed and detector.threads_at_close == []  # no pipeline thread still using the runner
+    capsys.readouterr()
+    assert infer.main([str(files[0]), "--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_infer_cli_gpu_preprocessing_needs_an_engine_runner(files, monkeypatch, capsys):
+    from runtime import infer
+
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
+    assert infer.main([str(files[0]), "--preprocess", "gpu"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU preprocessing "
+                   "(gpu_preprocess=False, --preprocess cpu)"]
+
+
+def test_eval_run_models_through_the_pipeline(files, tmp_path):
+    from eval import coco
+    from runtime.preprocess import ImageError
+
+    class Model:
+        name, min_hw, max_hw, max_batch = "fake", None, (96, 128), None
+        description = "fake"
+
+        def __init__(self):
+            self.shapes = []
+
+        def __call__(self, images, masks, sizes):
+            from netdef.sidecar import Profile
+
+            self.shapes.append(images.shape)
+            numpy = NumpyDetector(Profile((1, 32, 32), (1, 64, 64), (8, 128, 128)))
+            return numpy.results(numpy.infer(images, masks), sizes)
+
+    model = Model()
+    results, seconds = coco.run_models([model], list(range(100, 109)), files, batch=4, workers=2)
+    assert [s[0] for s in model.shapes] == [4, 4, 1] and seconds["fake"] > 0
+    assert sorted({r["image_id"] for r in results["fake"]}) == list(range(100, 109))
+    assert [r["image_id"] for r in results["fake"]] == sorted(r["image_id"] for r in results["fake"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="broken.jpg: cannot read image"):
+        coco.run_models([Model()], [1, 2], [files[0], broken], batch=1, workers=1)
+    assert pipeline_threads() == []
+
+
+def test_bad_pipeline_arguments_are_refused_at_the_call(files):
+    from runtime.errors import BadInput
+
+    for options in ({"workers": 0}, {"in_flight": 0}, {"batch": 0}):
+        with pytest.raises(BadInput, match="must be at least 1"):
+            NumpyDetector().iter_detect(files, **options)
