@@ -23,12 +23,9 @@ import json
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
@@ -62,18 +59,6 @@ def check_outputs(*paths: tuple[str, str | Path]) -> None:
             check_output_path(path, what)
     except OutputPathError as e:
         raise EvalError(str(e)) from None
-
-
-def prefetch(fn: Callable, items: Iterable, depth: int) -> Iterator:
-    """fn(item) for each item, computed up to `depth` items ahead in threads, yielded in order."""
-    with ThreadPoolExecutor(max_workers=depth) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
@@ -149,32 +134,35 @@ def open_coco_root(root: Path, limit: int | None):
 def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path], batch: int, workers: int):
     """COCO results of every model over the images, and each model's seconds (inference, copies, postprocess).
 
-    Each batch is read, resized and padded once, ahead of time in threads, and given to every model.
+    Each batch is read (on `workers` threads), resized and padded once, ahead of the models (runtime.pipeline),
+    and given to every model.
     """
-    from runtime.preprocess import load_image, pad_batch, preprocess_image
+    from runtime.pipeline import PipelineStats, bounded, cpu_preprocess, decoded_batches
+    from runtime.preprocess import ImageError
 
     min_hw, max_hw = batch_limits(models)
     batch = min([batch] + [m.max_batch for m in models if m.max_batch is not None])
-
-    def prepare(chunk: range):
-        # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
-        pil = [load_image(paths[i]) for i in chunk]
-        sizes = np.array([(im.height, im.width) for im in pil])
-        images, masks = pad_batch([preprocess_image(im, exif=False, max_hw=max_hw) for im in pil], min_hw, max_hw)
-        return chunk, images, masks, sizes
-
-    chunks = [range(i, min(i + batch, len(image_ids))) for i in range(0, len(image_ids), batch)]
+    stats = PipelineStats()
+    # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
+    prepared = bounded(decoded_batches(paths, batch, workers, stats), [cpu_preprocess(min_hw, max_hw, False, stats)])
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
-    with ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
-        for chunk, images, masks, sizes in prefetch(prepare, chunks, workers):
-            ids = [image_ids[i] for i in chunk]
+    done = 0
+    # closing: the pipeline's threads stop before the caller closes the models, even after an error
+    with closing(prepared), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
+        for chunk in prepared:
+            unreadable = [image for image in chunk.images if isinstance(image, ImageError)]
+            if unreadable:
+                raise unreadable[0]  # a gap would skew the mAP
+            images, masks, sizes = chunk.arrays
+            ids = image_ids[done : done + len(chunk.keys)]
+            done += len(ids)
             for model in models:
                 start = time.perf_counter()
                 detections = model(images, masks, sizes)
                 seconds[model.name] += time.perf_counter() - start
                 results[model.name].extend(coco_results(ids, detections))
-            bar.update(len(chunk), status=f"{chunk.stop / max(bar.elapsed, 1e-9):.2f} img/s")
+            bar.update(len(ids), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
     return results, seconds
 
 
@@ -281,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the per-model COCO results files go (default: coco-results)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
     run.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
-                     help="threads that read and resize images ahead of the models (default: up to 4)")
+                     help="threads that decode images ahead of the models (default: up to 4)")
     score = parser.add_argument_group("score an existing results file")
     score.add_argument("--annotations", metavar="ANN.json", help="COCO instances annotation file")
     score.add_argument("--results", metavar="RES.json", help="COCO results file (list of detections)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.scoring import EXIT_ENVIRONMENT, EvalError
-from runtime.postprocess import postprocess
+from runtime.runner import Detector
 
 
 class EngineModel:
@@ -40,11 +40,13 @@ class EngineModel:
         self.runner.close()
 
 
-class TorchReference:
-    """The PyTorch reference model (`reference.torch_model.AnchorDETR`) in FP32, on a GPU when there is one."""
+class TorchReference(Detector):
+    """The PyTorch reference model (`reference.torch_model.AnchorDETR`) in FP32, on a GPU when there is one; a
+    `Detector`, so `detect`, `iter_detect` and `detect_files` run it like an engine."""
 
     name = "torch"
-    # No engine profile: it takes any size and batch the evaluation transform produces.
+    # No engine profile: it takes any size and batch the evaluation transform produces (set max_hw on an
+    # instance to scale large images down, as an engine profile would).
     min_hw = max_hw = max_batch = None
 
     def __init__(self, weights_path: str | Path, device: str | None = None) -> None:
@@ -67,12 +69,14 @@ class TorchReference:
         self.device = device
         self.description = f"PyTorch reference, FP32 on {device} ({Path(weights_path).name})"
 
-    def __call__(self, images: np.ndarray, masks: np.ndarray, orig_sizes: np.ndarray) -> list[dict]:
+    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
             out = self.model(torch.from_numpy(images).to(self.device), torch.from_numpy(masks).to(self.device))
-            logits, boxes = out["pred_logits"].cpu().numpy(), out["pred_boxes"].cpu().numpy()
-        return postprocess(logits, boxes, orig_sizes)
+            return {name: out[name].cpu().numpy() for name in ("pred_logits", "pred_boxes")}
+
+    def __call__(self, images: np.ndarray, masks: np.ndarray, orig_sizes: np.ndarray) -> list[dict]:
+        return self.results(self.infer(images, masks), orig_sizes)
 
     def close(self) -> None:
         del self.model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -27,6 +28,7 @@ TORCH_MODES = {
     "tf32": "eager TF32 matmul/conv",
     "fp16": "eager FP16 autocast",
     "compile-fp16": "torch.compile(mode='default', dynamic=False) + FP16 autocast",
+    "compile-fp16-graphs": "torch.compile(mode='reduce-overhead', dynamic=False) + FP16 autocast (CUDA graphs)",
 }
 MIB = 1 << 20
 
@@ -34,9 +36,13 @@ EPILOG = """\
 examples:
   python -m runtime.bench --engine engines/anchor_detr_r50_dc5_fp16.plan --graphs --json bench.json
   python -m runtime.bench --torch-weights weights/anchor_detr_r50_dc5.safetensors --shapes 800x800 --batch 1
+  python -m runtime.bench --pipeline val2017/ --engine E.plan --batch 4     files -> detections, per-stage times
+  python -m runtime.bench --pipeline synthetic:64 --torch-weights W.safetensors --torch-device cpu --batch 2
 engine rows: mode "enqueue" (execute_async_v3 per call) and, with --graphs, "cuda-graph" (captured per shape).
 torch modes (--torch-modes):
-""" + "".join(f"  {k:13} {v}\n" for k, v in TORCH_MODES.items()) + """\
+""" + "".join(f"  {k:20} {v}\n" for k, v in TORCH_MODES.items()) + """\
+pipeline rows (--pipeline DIR or synthetic:N, N deterministic 640x480 JPEGs in a temporary folder): images/s from
+files to detections, busy ms per image of each stage and the process's CPU ms per image, after one untimed batch.
 exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT)
 """
 
@@ -128,9 +134,11 @@ def _torch_mode(torch, model, mode: str) -> Callable:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     forward = model
-    if mode == "compile-fp16":
-        forward = torch.compile(model, mode="default", dynamic=False)
-    if mode in ("fp16", "compile-fp16"):
+    if mode.startswith("compile-"):
+        # reduce-overhead records CUDA graphs per shape; the loop reads each output back before the next replay.
+        compile_mode = "reduce-overhead" if mode.endswith("-graphs") else "default"
+        forward = torch.compile(model, mode=compile_mode, dynamic=False)
+    if mode in ("fp16", "compile-fp16", "compile-fp16-graphs"):
         def run(images, masks):
             with torch.autocast(images.device.type, dtype=torch.float16):
                 return forward(images, masks)
@@ -191,6 +199,86 @@ def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator
                            first_call_s=first_s, torch_version=torch.__version__)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """`count` deterministic JPEGs of `size` (width, height) in `folder`: smooth colour fields with noise, so they
+    compress and decode like photographs rather than like flat colour or pure noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size[1], size[0], 3), dtype=np.int16)
+        path = folder / f"{i:06d}.jpg"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def pipeline_files(spec: str, folder: Path | None) -> list[Path]:
+    """The images a --pipeline run reads: a folder's image files (sorted), or synthetic:N made in `folder`."""
+    if spec.startswith("synthetic:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise BadInput(f"--pipeline {spec!r}: expected synthetic:N with N a positive integer, e.g. synthetic:64")
+        return synthetic_images(folder, int(count)) if folder is not None else []
+    root = Path(spec)
+    if not root.is_dir():
+        raise BadInput(f"--pipeline {spec}: not a folder; name a folder of images or synthetic:N")
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise BadInput(f"--pipeline {spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return paths
+
+
+def pipeline_row(name: str, detector, paths: Sequence[Path], batch: int, args: argparse.Namespace) -> dict:
+    """Files to detections through runtime.pipeline: one untimed batch first (engine warm-up, first compile), then
+    every file, timed."""
+    from runtime.pipeline import PipelineStats, detect_stream
+
+    options = dict(batch=batch, workers=args.workers, in_flight=args.in_flight,
+                   gpu_preprocess={"auto": None, "gpu": True, "cpu": False}[args.preprocess])
+    for _ in detect_stream(detector, paths[:batch], **options):
+        pass
+    stats = PipelineStats()
+    for _ in detect_stream(detector, paths, stats=stats, **options):
+        pass
+    return {"backend": "pipeline", "model": name, "batch": batch, "workers": args.workers,
+            "in_flight": args.in_flight, "preprocess": args.preprocess, **stats.summary()}
+
+
+def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[dict]:
+    batches = parse_batches(args.batch)
+    if args.engine is not None:
+        from runtime.runner import EngineRunner
+
+        with EngineRunner(args.engine, cuda_graphs=args.graphs) as runner:
+            for batch in batches:
+                yield pipeline_row(f"engine {Path(args.engine).name}", runner, paths, batch, args)
+    if args.torch_weights is not None:
+        from eval.models import TorchReference
+        from eval.scoring import EvalError
+
+        try:
+            reference = TorchReference(args.torch_weights, args.torch_device)
+        except EvalError as exc:
+            raise (Unavailable if exc.exit_code == 3 else BadInput)(str(exc)) from None
+        for batch in batches:
+            yield pipeline_row(f"torch {reference.device}", reference, paths, batch, args)
+
+
+def print_pipeline_rows(rows: Sequence[dict]) -> None:
+    from runtime.pipeline import STAGES
+
+    table = [[r["model"], r["batch"], r["images"], r["errors"], _fmt(r["images_per_s"], 1),
+              *(_fmt(r["stage_ms_per_image"][k]) for k in STAGES), _fmt(r["cpu_ms_per_image"])] for r in rows]
+    print_table(table, ["model", "batch", "images", "errors", "img/s", *STAGES, "CPU ms/img"])
+    print("stage columns: busy ms per image of each stage (they overlap); CPU: the process's CPU time per image")
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -241,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
                    help=f"torch modes to measure (default {','.join(TORCH_MODES)})")
     p.add_argument("--torch-device", default="cuda", help="torch device (default cuda; cpu for a quick check)")
+    p.add_argument("--pipeline", metavar="DIR|synthetic:N",
+                   help="measure files -> detections through runtime.pipeline on a folder's images or N synthetic "
+                   "640x480 JPEGs, with --engine and/or --torch-weights (rows per --batch)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="--pipeline: decoding threads (default: up to 4)")
+    p.add_argument("--in-flight", type=int, default=2, help="--pipeline: batches in flight (default 2)")
+    p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
+                   help="--pipeline: preprocessing on the CPU (default), the GPU kernel (opt-in: not yet run on a "
+                   "GPU by this project), or auto (GPU when available)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all rows as JSON (rewritten after every row)")
     return p
 
@@ -264,6 +361,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BadInput(f"--torch-weights {args.torch_weights} not found")
     if args.engine is None and args.torch_weights is None:
         args.engine = DEFAULT_ENGINE
+    if args.pipeline is not None:
+        return run_pipeline(args, argv)
     if args.engine is not None:  # the engine's own files and profile, before anything opens the GPU
         check_profile(read_sidecar(args.engine)[2], configs)
     runs = [bench_engine] * (args.engine is not None) + [bench_torch] * (args.torch_weights is not None)
@@ -281,6 +380,29 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"\n{report['device']}; {args.iters} timed iterations after {args.warmup} warm-up; times in ms; "
           f"took {format_seconds(time.monotonic() - started)}")
     print_rows(report["rows"])
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import tempfile
+
+    from runtime.runner import read_sidecar
+
+    if args.workers < 1 or args.in_flight < 1:
+        raise BadInput("--workers and --in-flight must be at least 1")
+    pipeline_files(args.pipeline, None)  # a bad spec or an empty folder is refused before anything is made
+    if args.engine is not None:
+        read_sidecar(args.engine)
+    report = {"command": "python -m runtime.bench " + " ".join(argv), "device": device_name(args),
+              "cpu_cores": os.cpu_count(), "rows": []}
+    with tempfile.TemporaryDirectory(prefix="anchortrt-bench-") as scratch:
+        paths = pipeline_files(args.pipeline, Path(scratch))
+        for row in bench_pipeline(args, paths):
+            report["rows"].append(row)
+            if args.json is not None:
+                write_atomic(args.json, (json.dumps(report, indent=1) + "\n").encode())
+    print(f"\n{report['device']}, {report['cpu_cores']} CPU cores; {len(paths)} images from {args.pipeline}")
+    print_pipeline_rows(report["rows"])
     return 0
 
 

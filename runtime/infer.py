@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,7 +17,7 @@ from core.sidecar import OutputPathError, check_output_path, write_atomic
 from runtime.coco_names import label_name
 from core.cli import guarded, parser, probability
 from core.errors import BadInput
-from runtime.preprocess import ImageError, load_image, to_rgb
+from runtime.preprocess import ImageError
 
 EXIT_PARTIAL = 1
 
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "name if numeric (000000397133.jpg -> 397133), else the image's position in the list")
     p.add_argument("--weights", type=Path, metavar="W.safetensors",
                    help="refuse the engine unless it was built from these weights (sha256 in the sidecar)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="threads decoding images ahead of the engine (default: up to 4)")
+    p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
+                   help="where images are resized and normalised: the CPU (default), the GPU kernel writing into "
+                   "the engine's inputs, or auto (the GPU when available). The GPU kernel has not yet been run on "
+                   "a GPU by this project (docs/preprocess.md): it is opt-in until it has")
     p.add_argument("--no-exif", action="store_true",
                    help="ignore EXIF orientation (COCO boxes refer to the stored pixels)")
     return p
@@ -124,6 +131,8 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
     image that can be read, and the names of those that cannot (reported and skipped)."""
     if args.batch is not None and args.batch < 1:
         raise BadInput(f"--batch {args.batch}: must be at least 1")
+    if args.workers < 1:
+        raise BadInput(f"--workers {args.workers}: must be at least 1")
     if args.weights is not None and not args.weights.is_file():
         raise BadInput(f"--weights {args.weights} not found: name the weights file the engine was built from")
     readable = [(i, path) for i, path in enumerate(args.images) if _readable(path)]
@@ -143,6 +152,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
 
 def run(args: argparse.Namespace) -> int:
     from runtime.draw import draw_detections
+    from runtime.pipeline import detect_stream
 
     jobs, failed = _check_arguments(args)
     weights_sha256 = None
@@ -154,25 +164,22 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict] = []
     total = 0
     try:
-        batch = min(args.batch or runner.max_batch, runner.max_batch)
-        with ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
-            for start in range(0, len(jobs), batch):
-                loaded = []
-                for index, path, target in jobs[start : start + batch]:
-                    try:
-                        loaded.append((index, path, target, to_rgb(load_image(path), exif=not args.no_exif)))
-                    except ImageError as exc:
-                        print(f"skipped: {exc}", file=sys.stderr)
-                        failed.append(str(path))
-                if loaded:
-                    found = runner.detect([rgb for *_, rgb in loaded], args.threshold, batch, exif=False)
-                    for (index, path, target, rgb), detections in zip(loaded, found):
-                        print_detections(path, rgb.size, detections, args.threshold)
-                        total += len(detections["scores"])
-                        records += coco_records(image_id(path, index), detections)
-                        if target is not None:
-                            _write(target, lambda: draw_detections(rgb, detections).save(target, quality=92))
-                bar.update(len(jobs[start : start + batch]))
+        found = detect_stream(runner, [path for _, path, _ in jobs], args.threshold, args.batch,
+                              exif=not args.no_exif, workers=args.workers, keep_images=True,
+                              gpu_preprocess={"auto": None, "gpu": True, "cpu": False}[args.preprocess])
+        # closing: the pipeline's threads are done with the runner before it is closed, even after an error
+        with closing(found), ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
+            for (index, path, target), (_, detections, rgb) in zip(jobs, found):
+                if isinstance(detections, ImageError):
+                    print(f"skipped: {detections}", file=sys.stderr)
+                    failed.append(str(path))
+                else:
+                    print_detections(path, rgb.size, detections, args.threshold)
+                    total += len(detections["scores"])
+                    records += coco_records(image_id(path, index), detections)
+                    if target is not None:
+                        _write(target, lambda: draw_detections(rgb, detections).save(target, quality=92))
+                bar.update(1)
     finally:
         runner.close()
     if args.json is not None:

@@ -23,7 +23,7 @@ import abc
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -35,7 +35,7 @@ from core.sidecar import (
 from core import cuda
 from core.errors import AnchorRuntimeError, BadInput, Unavailable
 from runtime.postprocess import from_engine_outputs, postprocess
-from runtime.preprocess import ShapeError, pad_batch, preprocess_image, to_rgb
+from runtime.preprocess import ShapeError, preprocess_batch, to_rgb
 
 DEFAULT_ENGINE = default_engine_path("r50_dc5", "fp16")  # what `python -m netdef.build --fp16` writes
 INPUTS = ("images", "masks")
@@ -194,6 +194,18 @@ class Detector(abc.ABC):
             return from_engine_outputs(outputs["scores"], outputs["labels"], outputs["boxes"], orig_sizes)
         return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
 
+    def batch_size(self, requested: int | None = None) -> int:
+        """Images per `infer` call: `requested` (default the profile's largest batch), at most that largest."""
+        largest = self.max_batch
+        if requested is not None and requested < 1:
+            raise BadInput(f"batch {requested}: must be at least 1")
+        return min(requested or largest, largest) if largest is not None else (requested or 1)
+
+    def found(self, outputs: dict[str, np.ndarray], orig_sizes, threshold: float) -> list[dict[str, np.ndarray]]:
+        """`results` with only the detections scoring at least `threshold`."""
+        return [{key: value[r["scores"] >= threshold] for key, value in r.items()}
+                for r in self.results(outputs, orig_sizes)]
+
     def detect(
         self,
         images: Sequence[Image.Image],
@@ -205,19 +217,43 @@ class Detector(abc.ABC):
 
         Images go through in batches of `batch_size` (default: the profile's largest batch), each padded to its
         largest member; images the official resize would make larger than the profile allows are scaled to fit.
+        One batch after another on the calling thread; `iter_detect` overlaps the stages.
         """
-        batch_size = min(batch_size or self.max_batch, self.max_batch)
+        batch_size = self.batch_size(batch_size)
         found = []
         for start in range(0, len(images), batch_size):
             rgb = [to_rgb(image, exif=exif) for image in images[start : start + batch_size]]
-            arrays = [preprocess_image(image, exif=False, max_hw=self.max_hw) for image in rgb]
-            batch, masks = pad_batch(arrays, self.min_hw, self.max_hw)
+            batch, masks, _ = preprocess_batch(rgb, exif=False, min_hw=self.min_hw, max_hw=self.max_hw)
             sizes = np.array([(image.height, image.width) for image in rgb])
-            outputs = self.infer(batch, masks)
-            for result in self.results(outputs, sizes):
-                keep = result["scores"] >= threshold
-                found.append({key: value[keep] for key, value in result.items()})
+            found += self.found(self.infer(batch, masks), sizes, threshold)
         return found
+
+    def iter_detect(
+        self,
+        items: Iterable,
+        threshold: float = 0.5,
+        batch: int | None = None,
+        exif: bool = True,
+        workers: int = 4,
+        in_flight: int = 2,
+        gpu_preprocess: bool | None = False,
+        stats: Any = None,
+    ) -> Iterator[tuple[Any, Any]]:
+        """(path or position, detections or ImageError) for each image file path (or each Pillow image), in input
+        order, with decoding, preprocessing and the engine overlapped and at most `in_flight` batches in memory
+        (runtime.pipeline). `gpu_preprocess`: True = the GPU kernel (EngineRunner only), False = the CPU,
+        None = the GPU when it can. `stats`: a `runtime.pipeline.PipelineStats` to fill with per-stage times.
+        Bad arguments are raised at the call, before any work."""
+        from runtime.pipeline import detect_stream
+
+        found = detect_stream(self, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats)
+        return ((item.key, item.result) for item in found)
+
+    def detect_files(self, paths: Iterable, threshold: float = 0.5, batch: int | None = None, exif: bool = True,
+                     workers: int = 4, in_flight: int = 2, **options: Any) -> list[Any]:
+        """`iter_detect`'s detections (or ImageError for an unreadable file) of each path, as a list in input order."""
+        return [result for _, result in
+                self.iter_detect(paths, threshold, batch, exif, workers, in_flight, **options)]
 
 
 class EngineRunner(Detector):
@@ -350,8 +386,35 @@ class EngineRunner(Detector):
         started = time.perf_counter()
         batch = images.shape[0]
         images, masks = self.fit_profile(np.asarray(images), np.asarray(masks))
-        shape = (images.shape[0], images.shape[2], images.shape[3])
         self.engine.device.activate()
+        for name, array in (("images", images), ("masks", masks)):
+            self._host[name].view(array.shape)[...] = array
+            self._device[name].upload(self._host[name].view(array.shape), self.stream)
+        return self._execute((images.shape[0], images.shape[2], images.shape[3]), batch, started)
+
+    def sibling(self) -> "EngineRunner":
+        """Another runner (context, buffers, stream) on this runner's Engine, e.g. a second buffer set."""
+        return EngineRunner(self.engine, cuda_graphs=self.cuda_graphs)
+
+    @property
+    def input_pointers(self) -> tuple[int, int]:
+        """Device addresses of the images and masks buffers, for a producer that writes them on the GPU."""
+        return self._device["images"].ptr, self._device["masks"].ptr
+
+    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
+        """Raw outputs for inputs already in `input_pointers` (written and synchronised by the caller), laid out
+        C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside the profile; the
+        outputs keep the first `batch` images (default all B)."""
+        if self.context is None:
+            raise AnchorRuntimeError("this EngineRunner is closed: create a new one")
+        (min_b, min_h, min_w), (max_b, max_h, max_w) = self.profile.min, self.profile.max
+        if not (min_b <= shape[0] <= max_b and min_h <= shape[1] <= max_h and min_w <= shape[2] <= max_w):
+            raise ShapeError(f"shape {shape} is outside the engine profile ({self.profile})")
+        self.engine.device.activate()
+        return self._execute(tuple(shape), shape[0] if batch is None else batch, time.perf_counter())
+
+    def _execute(self, shape: tuple[int, int, int], batch: int, started: float) -> dict[str, np.ndarray]:
+        """Run the uploaded inputs of `shape` on the stream (a captured graph where there is one), download."""
         captured = self._graphs.get(shape)
         if captured is not None:
             self._graphs.move_to_end(shape)
@@ -359,9 +422,6 @@ class EngineRunner(Detector):
         else:
             context, graph = self._context_for(shape), None
         shapes = self._output_shapes[shape]
-        for name, array in (("images", images), ("masks", masks)):
-            self._host[name].view(array.shape)[...] = array
-            self._device[name].upload(self._host[name].view(array.shape), self.stream)
         self._start.record(self.stream)
         if graph is not None:
             graph.launch(self.stream)

@@ -1,0 +1,395 @@
+"""runtime.pipeline and the Detector methods built on it: order, error isolation, bounded memory, stage failures,
+and equality with the serial `Detector.detect` (a NumPy stand-in for the engine, and the PyTorch reference)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.pipeline import PipelineStats, bounded, detect_stream
+from runtime.preprocess import ImageError
+from test_runtime_cli import NumpyDetector, solid  # tests/ is on sys.path (rootdir conftest)
+
+
+def same(found, expected):
+    assert len(found) == len(expected)
+    for got, want in zip(found, expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Nine small images of three colours and sizes, so each batch's padding and labels differ."""
+    paths = []
+    for i in range(9):
+        path = tmp_path / f"{i}.{'png' if i % 2 else 'jpg'}"
+        solid(40 + 8 * i, 30 + 5 * (i % 4), i % 3).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_detect_files_in_input_order_equal_to_serial_detect(files):
+    detector = NumpyDetector()
+    expected = detector.detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
+    serial_calls = [shape for shape, _ in detector.calls]
+    detector.calls.clear()
+    found = detector.detect_files(files, threshold=0.3, batch=2, workers=3)
+    same(found, expected)
+    assert [d["labels"][0] for d in found] == [(1, 3, 17)[i % 3] for i in range(9)]
+    assert [shape for shape, _ in detector.calls] == serial_calls  # the same batches, in the same order
+    keys = [key for key, _ in detector.iter_detect(files, batch=2)]
+    assert keys == files
+
+
+def test_images_in_give_positions(files):
+    detector = NumpyDetector()
+    images = [Image.open(p) for p in files[:3]]
+    out = list(detector.iter_detect(iter(images), threshold=0.3))
+    assert [key for key, _ in out] == [0, 1, 2]
+    same([r for _, r in out], detector.detect(images, threshold=0.3))
+
+
+def test_unreadable_files_are_error_entries_and_the_rest_go_on(files, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    paths = [files[0], tmp_path / "missing.png", files[1], broken, files[2]]
+    detector = NumpyDetector()
+    found = detector.detect_files(paths, threshold=0.3, batch=2)
+    assert isinstance(found[1], ImageError) and "missing.png: no such file" in str(found[1])
+    assert isinstance(found[3], ImageError) and "broken.jpg: cannot read image" in str(found[3])
+    same([found[i] for i in (0, 2, 4)], NumpyDetector().detect([Image.open(p) for p in files[:3]], threshold=0.3))
+    # batches [0, missing] [1, broken] [2]: the engine saw only the readable images of each
+    assert [shape[0] for shape, _ in detector.calls] == [1, 1, 1]
+    # a batch of unreadable files only never reaches the engine
+    detector.calls.clear()
+    assert all(isinstance(r, ImageError) for r in detector.detect_files([broken, broken], batch=2))
+    assert not detector.calls
+
+
+class SlowDetector(NumpyDetector):
+    def infer(self, images, masks):
+        time.sleep(0.01)
+        return super().infer(images, masks)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 4])
+def test_batches_in_flight_are_bounded(in_flight):
+    """A slow consumer: the source is never more than in_flight batches ahead of what was handed out."""
+    pulled, handed = [0], [0]
+    ahead = []
+
+    def images():
+        for i in range(40):
+            pulled[0] += 1
+            ahead.append(pulled[0] - handed[0])
+            yield solid(32, 24, i % 3)
+
+    stats = PipelineStats()
+    for key, _ in NumpyDetector().iter_detect(images(), batch=2, in_flight=in_flight, stats=stats):
+        time.sleep(0.005)
+        handed[0] += 1
+    assert handed[0] == 40 and stats.images == 40 and stats.batches == 20
+    # one more batch than in flight may be in the feeder's hands while it waits for a slot
+    assert max(ahead) <= 2 * (in_flight + 1)
+    assert stats.max_live == in_flight  # the slow consumer lets the pipeline fill up to the bound, not beyond
+
+
+def test_stages_overlap():
+    """Three stages of 20 ms each over 8 items: about 10 stage-times when overlapped, 24 one after another."""
+    def stage(item):
+        time.sleep(0.02)
+        return item
+
+    start = time.perf_counter()
+    assert list(bounded(range(8), [stage, stage, stage], in_flight=3)) == list(range(8))
+    assert time.perf_counter() - start < 0.02 * 18
+
+
+def test_a_failing_stage_raises_at_its_item_and_stops_the_threads():
+    before = threading.active_count()
+
+    def stage(item):
+        if item == 3:
+            raise ValueError("bad item 3")
+        return item * 10
+
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for value in bounded(range(100), [stage], in_flight=2):
+            got.append(value)
+    assert got == [0, 10, 20]
+    assert threading.active_count() == before
+
+
+def test_leaving_early_stops_the_threads_and_the_source():
+    before = threading.active_count()
+    closed = []
+
+    def source():
+        try:
+            yield from range(1000)
+        finally:
+            closed.append(True)
+
+    for value in bounded(source(), [lambda x: x], in_flight=2):
+        if value == 5:
+            break
+    assert threading.active_count() == before and closed == [True]
+    with pytest.raises(ValueError, match="in_flight must be at least 1"):
+        list(bounded(range(3), [], in_flight=0))
+
+
+def test_stats_record_every_stage(files):
+    stats = PipelineStats()
+    list(detect_stream(SlowDetector(), files, batch=2, stats=stats))
+    summary = stats.summary()
+    assert summary["images"] == 9 and summary["batches"] == 5 and summary["errors"] == 0
+    per_image = summary["stage_ms_per_image"]
+    assert per_image["engine"] >= 5 * 10 / 9  # five calls of at least 10 ms
+    assert per_image["decode"] > 0 and per_image["preprocess"] > 0 and per_image["postprocess"] > 0
+    assert per_image["upload"] == 0 and per_image["gpu"] == 0  # CPU path, and the stand-in has no GPU timing
+    assert summary["cpu_ms_per_image"] > 0 and summary["images_per_s"] > 0
+
+
+def test_gpu_preprocess_true_needs_an_engine_runner(files):
+    from core.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="GPU preprocessing needs a TensorRT engine runner"):
+        NumpyDetector().iter_detect(files, gpu_preprocess=True)  # at the call, before any work
+
+
+@pytest.fixture(scope="module")
+def torch_reference(tmp_path_factory):
+    pytest.importorskip("torch")
+    from eval.models import TorchReference
+    from core.config import AnchorDETRConfig
+    from test_build_cli import save_random_weights
+
+    cfg = AnchorDETRConfig(dilation=False, enc_layers=1, dec_layers=1)  # r50_c5, one layer each: quick on CPU
+    path = save_random_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors", cfg)
+    reference = TorchReference(path, "cpu")
+    reference.max_hw = (64, 96)  # scale the evaluation resize down, as a small engine profile would
+    return reference
+
+
+@pytest.mark.slow
+def test_torch_reference_through_the_pipeline_equals_serial_detect(torch_reference, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(64, 96), (96, 64), (80, 80)]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    expected = torch_reference.detect([Image.open(p) for p in paths], threshold=0.0, batch_size=2)
+    found = torch_reference.detect_files(paths, threshold=0.0, batch=2, workers=2)
+    same(found, expected)
+    assert all(len(d["scores"]) == 100 for d in found)
+
+
+@pytest.mark.gpu
+def test_gpu_preprocess_path_with_a_stand_in_engine(files):
+    """The GPU path (kernel into the runner's input buffers, two buffer sets) against the CPU path, with a
+    stand-in engine that downloads its input buffers and answers as NumpyDetector does."""
+    from core.sidecar import Profile
+    from core import cuda
+    from runtime.runner import EngineRunner
+
+    profile = Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344))
+
+    class StandIn(EngineRunner):
+        def __init__(self, profile):
+            cuda.init()
+            self.profile, self.cuda_graphs, self.stream = profile, False, cuda.Stream()
+            b, h, w = profile.max
+            self._images, self._masks = cuda.DeviceBuffer(b * 3 * h * w * 4), cuda.DeviceBuffer(b * h * w)
+            self.numpy = NumpyDetector(profile)
+            self.siblings = []
+
+        def sibling(self):
+            self.siblings.append(StandIn(self.profile))
+            return self.siblings[-1]
+
+        @property
+        def input_pointers(self):
+            return self._images.ptr, self._masks.ptr
+
+        def infer_on_device(self, shape, batch=None):
+            b, h, w = shape
+            images, masks = np.empty((b, 3, h, w), np.float32), np.empty((b, h, w), bool)
+            self._images.download(images, self.stream)
+            self._masks.download(masks, self.stream)
+            self.stream.synchronize()
+            return {k: v[:batch] for k, v in self.numpy.infer(images, masks).items()}
+
+        def close(self):
+            pass
+
+    runner = StandIn(profile)
+    expected = NumpyDetector(profile).detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
+    same(runner.detect_files(files, threshold=0.3, batch=2, gpu_preprocess=True), expected)
+    assert len(runner.siblings) == 1  # in_flight=2: two buffer sets
+
+
+def test_bench_synthetic_images_are_deterministic_jpegs(tmp_path):
+    from runtime import bench
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = bench.synthetic_images(tmp_path / "a", 3), bench.synthetic_images(tmp_path / "b", 3)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert len({p.read_bytes() for p in first}) == 3
+    with Image.open(first[0]) as image:
+        assert image.format == "JPEG" and image.size == (640, 480)
+    assert bench.pipeline_files(str(tmp_path / "a"), None) == first
+
+
+def test_bench_pipeline_rows_from_files_to_detections(tmp_path, files):
+    import argparse
+
+    from runtime import bench
+
+    args = argparse.Namespace(workers=2, in_flight=2, preprocess="cpu")
+    row = bench.pipeline_row("numpy", NumpyDetector(), files, 2, args)
+    assert row["images"] == 9 and row["batches"] == 5 and row["errors"] == 0 and row["images_per_s"] > 0
+    assert set(row["stage_ms_per_image"]) == {"decode", "upload", "preprocess", "engine", "gpu", "postprocess"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("synthetic:0", "expected synthetic:N with N a positive integer"),
+    ("synthetic:many", "expected synthetic:N with N a positive integer"),
+    ("nowhere", "not a folder; name a folder of images or synthetic:N"),
+    ("EMPTY", "no image files"),
+])
+def test_bench_pipeline_bad_spec_is_one_line_before_any_work(tmp_path, capsys, spec, message):
+    from runtime import bench
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")  # never opened: the spec is refused first
+    (tmp_path / "empty").mkdir()
+    spec = str(tmp_path / "empty") if spec == "EMPTY" else spec
+    assert bench.main(["--pipeline", spec, "--torch-weights", str(weights), "--torch-device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_bench_compile_graphs_mode_uses_reduce_overhead():
+    from runtime import bench
+
+    class FakeTorch:
+        class backends:
+            class cuda:
+                class matmul:
+                    allow_tf32 = None
+
+            class cudnn:
+                allow_tf32 = None
+
+        compiled = []
+
+        def compile(self, model, mode, dynamic):
+            self.compiled.append((mode, dynamic))
+            return model
+
+    torch = FakeTorch()
+    bench._torch_mode(torch, lambda *a: a, "compile-fp16")
+    bench._torch_mode(torch, lambda *a: a, "compile-fp16-graphs")
+    assert torch.compiled == [("default", False), ("reduce-overhead", False)]
+    assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
+
+
+def test_pipeline_capacity_benchmark_reports_the_run(tmp_path, capsys):
+    from benchmarks import pipeline_capacity
+
+    out = tmp_path / "capacity.json"
+    assert pipeline_capacity.main(["--images", "4", "--batch", "2", "--workers", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "no work"
+    assert report["stage_ms_per_image"]["preprocess"] > 0 and report["images_per_s"] > 0
+    assert pipeline_capacity.main(["--batch", "9"]) == 2 and "--batch 1..8" in capsys.readouterr().err
+
+
+def pipeline_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("pipeline-")]
+
+
+class ClosingDetector(NumpyDetector):
+    def close(self):
+        self.threads_at_close = pipeline_threads()
+        super().close()
+
+
+def test_infer_cli_goes_through_the_pipeline_and_closes_it_before_the_runner(files, monkeypatch, capsys):
+    from runtime import infer
+    from core.errors import BadInput
+
+    detector = ClosingDetector()
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: detector)
+    assert infer.main([*map(str, files), "--batch", "2", "--workers", "2", "--preprocess", "cpu"]) == 0
+    assert [shape[0] for shape, _ in detector.calls] == [2, 2, 2, 2, 1]
+    assert detector.closed and detector.threads_at_close == []
+
+    def fail(*args):
+        raise BadInput("cannot print")
+
+    detector = ClosingDetector()
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: detector)
+    monkeypatch.setattr(infer, "print_detections", fail)
+    assert infer.main([*map(str, files), "--batch", "2"]) == 2
+    assert detector.closed and detector.threads_at_close == []  # no pipeline thread still using the runner
+    capsys.readouterr()
+    assert infer.main([str(files[0]), "--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_infer_cli_gpu_preprocessing_needs_an_engine_runner(files, monkeypatch, capsys):
+    from runtime import infer
+
+    monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
+    assert infer.main([str(files[0]), "--preprocess", "gpu"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU preprocessing "
+                   "(gpu_preprocess=False, --preprocess cpu)"]
+
+
+def test_eval_run_models_through_the_pipeline(files, tmp_path):
+    from eval import coco
+    from runtime.preprocess import ImageError
+
+    class Model:
+        name, min_hw, max_hw, max_batch = "fake", None, (96, 128), None
+        description = "fake"
+
+        def __init__(self):
+            self.shapes = []
+
+        def __call__(self, images, masks, sizes):
+            from core.sidecar import Profile
+
+            self.shapes.append(images.shape)
+            numpy = NumpyDetector(Profile((1, 32, 32), (1, 64, 64), (8, 128, 128)))
+            return numpy.results(numpy.infer(images, masks), sizes)
+
+    model = Model()
+    results, seconds = coco.run_models([model], list(range(100, 109)), files, batch=4, workers=2)
+    assert [s[0] for s in model.shapes] == [4, 4, 1] and seconds["fake"] > 0
+    assert sorted({r["image_id"] for r in results["fake"]}) == list(range(100, 109))
+    assert [r["image_id"] for r in results["fake"]] == sorted(r["image_id"] for r in results["fake"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="broken.jpg: cannot read image"):
+        coco.run_models([Model()], [1, 2], [files[0], broken], batch=1, workers=1)
+    assert pipeline_threads() == []
+
+
+def test_bad_pipeline_arguments_are_refused_at_the_call(files):
+    from core.errors import BadInput
+
+    for options in ({"workers": 0}, {"in_flight": 0}, {"batch": 0}):
+        with pytest.raises(BadInput, match="must be at least 1"):
+            NumpyDetector().iter_detect(files, **options)
