@@ -96,7 +96,7 @@ def open_models(args) -> list:
             same_weights = file_sha256(args.torch_weights) if args.torch_weights else None
             models.append(EngineModel(args.engine, same_weights))
         if args.torch_weights:
-            from eval.models import TorchReference
+            from runtime.torch_detector import TorchReference
 
             models.append(TorchReference(args.torch_weights, args.device))
     except BaseException:
@@ -171,7 +171,8 @@ def run_dataset(args) -> int:
 
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
-    from eval.models import EngineModel, TorchReference
+    from eval.models import EngineModel
+    from runtime.torch_detector import TorchReference
 
     names = [EngineModel.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
     check_outputs(("--json" if args.json else "--results-dir", metrics_path),

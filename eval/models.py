@@ -1,4 +1,5 @@
-"""The two detectors the evaluation compares, behind one call: padded batch in, detections out.
+"""The engine as the evaluation calls it: padded batch in, detections out (the PyTorch reference is
+`runtime.torch_detector.TorchReference`, which takes the same call).
 
 Both take the same (B,3,H,W) float32 images and (B,H,W) bool masks (True = padding) and return the
 shared post-processing's detections, so the only difference between their scores is the model.
@@ -11,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.scoring import EXIT_ENVIRONMENT, EvalError
-from runtime.runner import Detector
 
 
 class EngineModel:
@@ -38,45 +37,3 @@ class EngineModel:
 
     def close(self) -> None:
         self.runner.close()
-
-
-class TorchReference(Detector):
-    """The PyTorch reference model (`reference.torch_model.AnchorDETR`) in FP32, on a GPU when there is one; a
-    `Detector`, so `detect`, `iter_detect` and `detect_files` run it like an engine."""
-
-    name = "torch"
-    # No engine profile: it takes any size and batch the evaluation transform produces (set max_hw on an
-    # instance to scale large images down, as an engine profile would).
-    min_hw = max_hw = max_batch = None
-
-    def __init__(self, weights_path: str | Path, device: str | None = None) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise EvalError("--torch-weights needs PyTorch: pip install torch", EXIT_ENVIRONMENT) from None
-        import weights
-        from reference.torch_model import AnchorDETR
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise EvalError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu", EXIT_ENVIRONMENT)
-        try:
-            self.model = AnchorDETR.from_safetensors(weights_path, device=device)
-        except weights.WeightsError as e:
-            raise EvalError(f"--torch-weights: {e}") from None
-        self.torch = torch
-        self.device = device
-        self.description = f"PyTorch reference, FP32 on {device} ({Path(weights_path).name})"
-
-    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self.torch
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(images).to(self.device), torch.from_numpy(masks).to(self.device))
-            return {name: out[name].cpu().numpy() for name in ("pred_logits", "pred_boxes")}
-
-    def __call__(self, images: np.ndarray, masks: np.ndarray, orig_sizes: np.ndarray) -> list[dict]:
-        return self.results(self.infer(images, masks), orig_sizes)
-
-    def close(self) -> None:
-        del self.model

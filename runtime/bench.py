@@ -259,13 +259,9 @@ def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[
             for batch in batches:
                 yield pipeline_row(f"engine {Path(args.engine).name}", runner, paths, batch, args)
     if args.torch_weights is not None:
-        from eval.models import TorchReference
-        from eval.scoring import EvalError
+        from runtime.torch_detector import TorchReference
 
-        try:
-            reference = TorchReference(args.torch_weights, args.torch_device)
-        except EvalError as exc:
-            raise (Unavailable if exc.exit_code == 3 else BadInput)(str(exc)) from None
+        reference = TorchReference(args.torch_weights, args.torch_device)
         for batch in batches:
             yield pipeline_row(f"torch {reference.device}", reference, paths, batch, args)
 

@@ -168,7 +168,7 @@ def test_gpu_preprocess_true_needs_an_engine_runner(files):
 @pytest.fixture(scope="module")
 def torch_reference(tmp_path_factory):
     pytest.importorskip("torch")
-    from eval.models import TorchReference
+    from runtime.torch_detector import TorchReference
     from core.config import AnchorDETRConfig
     from test_build_cli import save_random_weights
 

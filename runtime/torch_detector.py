@@ -1,0 +1,53 @@
+"""The PyTorch reference model as a `Detector`: what `runtime.bench --torch-weights`, `eval.coco --torch-weights`
+and the pipeline run where there is no engine. torch is imported only when one is opened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import BadInput, Unavailable
+from runtime.runner import Detector
+
+
+class TorchReference(Detector):
+    """The PyTorch reference model (`reference.torch_model.AnchorDETR`) in FP32, on a GPU when there is one; a
+    `Detector`, so `detect`, `iter_detect` and `detect_files` run it like an engine."""
+
+    name = "torch"
+    # No engine profile: it takes any size and batch the evaluation transform produces (set max_hw on an
+    # instance to scale large images down, as an engine profile would).
+    min_hw = max_hw = max_batch = None
+
+    def __init__(self, weights_path: str | Path, device: str | None = None) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise Unavailable("--torch-weights needs PyTorch: pip install -e '.[reference]' (or pip install torch)") from None
+        import weights
+        from reference.torch_model import AnchorDETR
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise Unavailable("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
+        try:
+            self.model = AnchorDETR.from_safetensors(weights_path, device=device)
+        except weights.WeightsError as e:
+            raise BadInput(f"--torch-weights: {e}") from None
+        self.torch = torch
+        self.device = device
+        self.description = f"PyTorch reference, FP32 on {device} ({Path(weights_path).name})"
+
+    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(images).to(self.device), torch.from_numpy(masks).to(self.device))
+            return {name: out[name].cpu().numpy() for name in ("pred_logits", "pred_boxes")}
+
+    def __call__(self, images: np.ndarray, masks: np.ndarray, orig_sizes: np.ndarray) -> list[dict]:
+        return self.results(self.infer(images, masks), orig_sizes)
+
+    def close(self) -> None:
+        del self.model
