@@ -461,3 +461,17 @@ def test_mask2pos_kernel_bakes_the_models_sine_temperature(fresh_cache):
     assert bits(SINE_TEMPERATURE) in nvrtc.compile_kernel("mask2pos.cu", defines, 90)
     other = nvrtc.compile_kernel("mask2pos.cu", {**defines, "TEMPERATURE": 20000.0}, 90)
     assert bits(20000.0) in other and bits(SINE_TEMPERATURE) not in other
+
+
+def test_benchmark_compares_like_with_like_and_takes_the_bandwidth_of_the_device():
+    from benchmarks.plugins_bench import derived, peak_gbps
+
+    assert peak_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_gbps("NVIDIA H200") == 4800.0 and peak_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert peak_gbps("Some Future GPU") is None
+    row = {"bytes": 2e6, "ours_gpu_us": 10.0, "ours_wall_us": 40.0, "eager_gpu_us": 20.0, "eager_wall_us": 60.0,
+           "copy_gpu_us": 5.0}
+    out = derived(row, 4000.0)
+    assert out["speedup_vs_eager_wall"] == 1.5 and out["speedup_vs_eager_gpu"] == 2.0
+    assert out["ours_gbps"] == 200.0 and out["ours_hbm_fraction"] == 0.05
+    assert "ours_hbm_fraction" not in derived(row, None)
