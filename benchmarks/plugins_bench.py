@@ -22,15 +22,37 @@ import math
 import sys
 import time
 
-HBM_GBPS = 3350.0  # H100 SXM5 HBM3 peak
+# Peak DRAM bandwidth (GB/s, vendor figures) by device-name fragment, most specific first; a GPU not listed is
+# measured against its own device copy (copy_gbps) only.
+PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+             ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0),
+             ("L4", 300.0), ("RTX 4090", 1008.0))
 L2_BYTES = 50 * 2**20
 H = W = 50
 CHANNELS, HEADS = 256, 8
 
 
+def peak_gbps(device_name: str) -> float | None:
+    """The peak DRAM bandwidth of a device from PEAK_GBPS, None for one not in the table."""
+    return next((gbps for fragment, gbps in PEAK_GBPS if fragment in device_name), None)
+
+
+def derived(row: dict, hbm_gbps: float | None) -> dict:
+    """Bandwidths and speed-ups of a measured row; each speed-up compares like with like (GPU with GPU time,
+    wall with wall time)."""
+    out = {"ours_gbps": row["bytes"] / row["ours_gpu_us"] / 1e3, "copy_gbps": row["bytes"] / row["copy_gpu_us"] / 1e3,
+           "speedup_vs_eager_gpu": row["eager_gpu_us"] / row["ours_gpu_us"],
+           "speedup_vs_eager_wall": row["eager_wall_us"] / row["ours_wall_us"]}
+    if hbm_gbps:
+        out["ours_hbm_fraction"] = out["ours_gbps"] / hbm_gbps
+    if "compile_gpu_us" in row:
+        out["speedup_vs_compile_gpu"] = row["compile_gpu_us"] / row["ours_gpu_us"]
+    return out
+
+
 def cases(torch, batch: int, dtype):
     """(name, inputs factory, ours, eager equivalent, minimum bytes moved per call)."""
-    from plugins import add_bias_transpose, layer_norm, mask2pos, masked_softmax
+    from reference import plugins as ref
 
     dev = "cuda"
     size = torch.finfo(dtype).bits // 8
@@ -66,19 +88,19 @@ def cases(torch, batch: int, dtype):
     softmax_bytes = lambda q: batch * HEADS * q * W * size * 2 + batch * W  # noqa: E731
     ln_bytes = lambda q: batch * q * CHANNELS * size * 2 + 2 * CHANNELS * 4  # noqa: E731
     return [
-        ("masked_softmax enc (B,8,2500,50)", softmax_inputs(H * W), masked_softmax.apply, softmax_eager,
+        ("masked_softmax enc (B,8,2500,50)", softmax_inputs(H * W), ref.run_masked_softmax, softmax_eager,
          softmax_bytes(H * W)),
-        ("masked_softmax dec (B,8,900,50)", softmax_inputs(900), masked_softmax.apply, softmax_eager,
+        ("masked_softmax dec (B,8,900,50)", softmax_inputs(900), ref.run_masked_softmax, softmax_eager,
          softmax_bytes(900)),
-        ("layer_norm enc (B,2500,256)", ln_inputs(H * W), layer_norm.apply, ln_eager, ln_bytes(H * W)),
-        ("layer_norm dec (B,900,256)", ln_inputs(900), layer_norm.apply, ln_eager, ln_bytes(900)),
+        ("layer_norm enc (B,2500,256)", ln_inputs(H * W), ref.run_layer_norm, ln_eager, ln_bytes(H * W)),
+        ("layer_norm dec (B,900,256)", ln_inputs(900), ref.run_layer_norm, ln_eager, ln_bytes(900)),
         ("add_bias_transpose (B,2500,256)",
          lambda: (torch.randn(batch, H * W, CHANNELS, device=dev).to(dtype), torch.randn(CHANNELS, device=dev)),
-         lambda x, bias: add_bias_transpose.apply(x, bias, HEADS, scale), abt_eager,
+         lambda x, bias: ref.run_add_bias_transpose(x, bias, HEADS, scale), abt_eager,
          batch * H * W * CHANNELS * size * 2 + CHANNELS * 4),
         ("mask2pos (B,50,50) d=256", lambda: (feature_mask(),),
-         lambda mask: mask2pos.apply(mask, CHANNELS, fp16=fp16),
-         lambda mask: mask2pos.reference(mask, CHANNELS, fp16=fp16),
+         lambda mask: ref.run_mask2pos(mask, CHANNELS, fp16=fp16),
+         lambda mask: ref.mask2pos(mask, CHANNELS, fp16=fp16),
          batch * H * W + batch * (H + W) * CHANNELS * size),
     ]
 
@@ -156,6 +178,7 @@ def main(argv=None) -> int:
         return 3
     began = time.perf_counter()
     device = torch.cuda.get_device_name()
+    hbm_gbps = peak_gbps(device)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     plan = [(b, d) for b in args.batch for d in args.dtype]
     total = len(plan) * 6
@@ -177,13 +200,7 @@ def main(argv=None) -> int:
                 if batch in args.compile_batch and time.perf_counter() - began < args.time_budget:
                     compiled = torch.compile(eager, dynamic=False)
                     row["compile_gpu_us"] = gpu_time_us(torch, compiled, inputs, args.iters, args.replays)
-                row["ours_gbps"] = nbytes / row["ours_gpu_us"] / 1e3
-                row["ours_hbm_fraction"] = row["ours_gbps"] / HBM_GBPS
-                row["copy_gbps"] = nbytes / row["copy_gpu_us"] / 1e3
-                row["speedup_vs_eager_gpu"] = row["eager_gpu_us"] / row["ours_gpu_us"]
-                row["speedup_vs_eager_wall"] = row["eager_wall_us"] / row["ours_gpu_us"]
-                if "compile_gpu_us" in row:
-                    row["speedup_vs_compile_gpu"] = row["compile_gpu_us"] / row["ours_gpu_us"]
+                row.update(derived(row, hbm_gbps))
             except Exception as exc:  # one failing case must not lose the others
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 failures += 1
@@ -191,7 +208,7 @@ def main(argv=None) -> int:
             done += 1
             if args.out:  # written after every case so that a timeout keeps what was measured
                 with open(args.out, "w") as f:
-                    json.dump({"device": device, "torch": torch.__version__, "hbm_gbps": HBM_GBPS,
+                    json.dump({"device": device, "torch": torch.__version__, "hbm_gbps": hbm_gbps,
                                "iters": args.iters, "replays": args.replays, "results": results}, f, indent=1)
     progress(done, total, "done")
     sys.stderr.write("\n")
@@ -215,7 +232,7 @@ def print_table(device: str, results) -> None:
         print(f"{r['case']:34} {r['batch']:>2} {r['dtype']:5} {fmt(r, 'ours_gpu_us', '9.2f')} "
               f"{fmt(r, 'ours_wall_us', '9.2f')} {fmt(r, 'eager_gpu_us', '9.2f')} {fmt(r, 'eager_wall_us', '10.2f')} "
               f"{fmt(r, 'compile_gpu_us', '8.2f')} {fmt(r, 'ours_gbps', '7.0f')} "
-              f"{100 * r['ours_hbm_fraction']:5.0f} {fmt(r, 'copy_gbps', '9.0f')} "
+              f"{fmt(r, 'ours_hbm_fraction', '5.0%')} {fmt(r, 'copy_gbps', '9.0f')} "
               f"{fmt(r, 'speedup_vs_eager_gpu', '7.2f')} "
               f"{fmt(r, 'speedup_vs_compile_gpu', '9.2f')}")
 

@@ -81,6 +81,11 @@ class Backend:
         return self.plugin_problem() is None
 
 
+def backend_of(trt: ModuleType) -> Backend:
+    """The Backend of a TensorRT module (network and plugin code are handed the module, not the Backend)."""
+    return Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
+
+
 def _import(name: str) -> ModuleType | None:
     try:
         mod = importlib.import_module(BACKENDS[name])

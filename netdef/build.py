@@ -24,7 +24,7 @@ from core.sidecar import (
     sidecar_path, write_atomic, write_sidecar,
 )
 
-PLUGIN_NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
+from plugins import NAMES as PLUGIN_NAMES
 DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")
 # FP32 R50-DC5 at the default maximum (8x1344x1344) asks TensorRT-RTX for 8.2 GiB at build time; leave room.
 DEFAULT_WORKSPACE_MIB = 16384

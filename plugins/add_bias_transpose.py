@@ -7,20 +7,12 @@ heads, in x's dtype. C, heads and scale are baked into the kernel.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from . import launch as _launch
 from . import trt_glue
 from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix, vector_width
 
 BLOCK = 256
-
-
-def reference(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """The op in PyTorch, computed in fp32 and returned in x's dtype."""
-    b, q, c = x.shape
-    y = (x.float() + bias.float()) * scale
-    return y.reshape(b, q, heads, c // heads).permute(0, 2, 1, 3).contiguous().to(x.dtype)
 
 
 def _check(shapes, attrs):
@@ -61,7 +53,6 @@ SPEC = KernelSpec(
     kernel_rule=_kernel,
     launch_rule=_launch_rule,
     check_rule=_check,
-    reference=lambda inputs, attrs: [reference(*inputs, heads=attrs["heads"], scale=attrs["scale"])],
 )
 
 
@@ -71,12 +62,6 @@ def launch(x_ptr: int, bias_ptr: int, out_ptr: int, shape, dtype: str, heads: in
     c = shape[-1]
     attrs = {"heads": heads, "scale": scale, "channels": c}
     _launch.run_spec(SPEC, [x_ptr, bias_ptr], [shape, (c,)], [dtype, "float32"], [out_ptr], attrs, stream)
-
-
-def apply(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float, image: str = "cubin") -> torch.Tensor:
-    """Run on CUDA torch tensors (bias is used as float32)."""
-    attrs = {"heads": heads, "scale": scale, "channels": x.shape[-1]}
-    return _launch.apply_torch(SPEC, [x, bias.float()], attrs, image)[0]
 
 
 def add_layer(trt, network, x, bias: np.ndarray, heads: int, scale: float):

@@ -7,7 +7,6 @@ kernel; gamma and beta are fp32 inputs (constants in a network).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from . import launch as _launch
 from . import trt_glue
@@ -15,12 +14,6 @@ from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, prod, same
 
 ROWS_PER_BLOCK = 8  # one warp per row
 MAX_CHANNELS = 1024  # the row lives in registers: at most 32 values per lane
-
-
-def reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
-    """The op in PyTorch, computed in fp32 and returned in x's dtype."""
-    out = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma.float(), beta.float(), eps)
-    return out.to(x.dtype)
 
 
 def _check(shapes, attrs):
@@ -58,7 +51,6 @@ SPEC = KernelSpec(
     kernel_rule=_kernel,
     launch_rule=_launch_rule,
     check_rule=_check,
-    reference=lambda inputs, attrs: [reference(*inputs, eps=attrs["eps"])],
 )
 
 
@@ -69,13 +61,6 @@ def launch(x_ptr: int, gamma_ptr: int, beta_ptr: int, out_ptr: int, shape, dtype
     attrs = {"eps": eps, "channels": c}
     _launch.run_spec(SPEC, [x_ptr, gamma_ptr, beta_ptr], [shape, (c,), (c,)], [dtype, "float32", "float32"],
                      [out_ptr], attrs, stream)
-
-
-def apply(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
-          image: str = "cubin") -> torch.Tensor:
-    """Run on CUDA torch tensors (gamma/beta are used as float32)."""
-    attrs = {"eps": eps, "channels": x.shape[-1]}
-    return _launch.apply_torch(SPEC, [x, gamma.float(), beta.float()], attrs, image)[0]
 
 
 def add_layer(trt, network, x, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5):

@@ -1,11 +1,11 @@
 // Mask2Pos: feature mask (B, h, w), True = padding -> the 1-D sine embeddings of the normalised positions
 //   pos_col[b, y] = (count of valid rows among mask[b, 0..y, 0] - 0.5) / (valid rows in mask[b, :, 0])
 //   pos_row[b, x] = (count of valid columns among mask[b, 0, 0..x] - 0.5) / (valid columns in mask[b, 0, :])
-//   emb[..., i] = sin(2*pi*pos / 10000^(2*floor(i/2)/DIM)) for even i, cos(...) for odd i
+//   emb[..., i] = sin(2*pi*pos / TEMPERATURE^(2*floor(i/2)/DIM)) for even i, cos(...) for odd i
 // emb_col is (B, h, DIM), emb_row is (B, w, DIM). Grid: x = batch, y = chunks of POS_PER_BLOCK positions, the
 // column chunks first, then the row chunks. Each block's first warp scans its whole mask line (h or w bytes,
 // cheap) and keeps the counts of its own positions; then the block writes POS_PER_BLOCK * DIM features.
-// Baked in by the launcher: DIM, POS_PER_BLOCK.
+// Baked in by the launcher: DIM, POS_PER_BLOCK, TEMPERATURE (core.config.SINE_TEMPERATURE).
 #include "common.cuh"
 
 template <typename T>
@@ -48,7 +48,7 @@ __device__ __forceinline__ void mask2pos(const unsigned char* __restrict__ mask,
         if (k >= n) break;  // e only grows, so every later k is out of range too
         const int i = e % DIM;
         const float pos = (count[e / DIM] - 0.5f) / total;
-        const float period = powf(10000.f, static_cast<float>(2 * (i / 2)) / DIM);
+        const float period = powf(TEMPERATURE, static_cast<float>(2 * (i / 2)) / DIM);
         const float angle = pos * two_pi / period;
         out[static_cast<size_t>(k) * DIM + i] = from_float<T>((i & 1) ? cosf(angle) : sinf(angle));
     }

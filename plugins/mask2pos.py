@@ -2,15 +2,13 @@
 
 mask (B, h, w) bool, True = padding -> emb_col (B, h, d) and emb_row (B, w, d):
 pos_col = (cumsum of the valid rows of mask[:, :, 0] - 0.5) / number of valid rows (pos_row likewise over
-mask[:, 0, :]), then feature i = sin(2*pi*pos / 10000^(2*floor(i/2)/d)) for even i and cos(...) for odd i.
+mask[:, 0, :]), then feature i = sin(2*pi*pos / SINE_TEMPERATURE^(2*floor(i/2)/d)) for even i and cos(...) for odd i.
 These are the inputs of adapt_pos1d for posemb_col/posemb_row. Output dtype: float32, or float16 with fp16=True.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
+from core.config import SINE_TEMPERATURE
 
 from . import launch as _launch
 from . import trt_glue
@@ -18,30 +16,6 @@ from .spec import KernelSpec, Launch, PluginError, Port
 
 POS_PER_BLOCK = 4
 BLOCK = 256
-TEMPERATURE = 10000
-
-
-def positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos_col (B, h) and pos_row (B, w) in (0, 1), from the first column and the first row of the mask."""
-    valid_rows = (~mask[:, :, 0]).float().cumsum(dim=1)
-    valid_cols = (~mask[:, 0, :]).float().cumsum(dim=1)
-    return (valid_rows - 0.5) / valid_rows[:, -1:], (valid_cols - 0.5) / valid_cols[:, -1:]
-
-
-def sine_embedding(pos: torch.Tensor, d: int) -> torch.Tensor:
-    """(..., ) positions -> (..., d): sin on even features, cos on odd ones, pairs sharing a frequency."""
-    pair = torch.arange(d, dtype=torch.float32, device=pos.device) // 2
-    period = TEMPERATURE ** (2 * pair / d)
-    angle = (pos * (2 * math.pi))[..., None] / period
-    even = torch.arange(d, device=pos.device) % 2 == 0
-    return torch.where(even, angle.sin(), angle.cos())
-
-
-def reference(mask: torch.Tensor, d: int, fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op in PyTorch, computed in fp32: (emb_col, emb_row)."""
-    dtype = torch.float16 if fp16 else torch.float32
-    pos_col, pos_row = positions(mask)
-    return sine_embedding(pos_col, d).to(dtype), sine_embedding(pos_row, d).to(dtype)
 
 
 def _dtype(attrs) -> str:
@@ -59,7 +33,8 @@ def _outputs(shapes, dtypes, attrs):
 
 
 def _kernel(dtypes, attrs):
-    return f"mask2pos_{'f16' if attrs['fp16'] else 'f32'}", {"DIM": attrs["d"], "POS_PER_BLOCK": POS_PER_BLOCK}
+    return f"mask2pos_{'f16' if attrs['fp16'] else 'f32'}", {
+        "DIM": attrs["d"], "POS_PER_BLOCK": POS_PER_BLOCK, "TEMPERATURE": float(SINE_TEMPERATURE)}
 
 
 def _launch_rule(shapes, dtypes, attrs, ops):
@@ -78,7 +53,6 @@ SPEC = KernelSpec(
     kernel_rule=_kernel,
     launch_rule=_launch_rule,
     check_rule=_check,
-    reference=lambda inputs, attrs: list(reference(*inputs, d=attrs["d"], fp16=attrs["fp16"])),
 )
 
 
@@ -86,12 +60,6 @@ def launch(mask_ptr: int, emb_col_ptr: int, emb_row_ptr: int, shape, d: int, fp1
            stream: int = 0) -> None:
     """Run on device pointers: mask of `shape` (B, h, w) bool, emb_col (B, h, d), emb_row (B, w, d)."""
     _launch.run_spec(SPEC, [mask_ptr], [shape], ["bool"], [emb_col_ptr, emb_row_ptr], {"d": d, "fp16": fp16}, stream)
-
-
-def apply(mask: torch.Tensor, d: int, fp16: bool = False, image: str = "cubin") -> tuple[torch.Tensor, torch.Tensor]:
-    """Run on a CUDA torch mask: (emb_col, emb_row)."""
-    emb_col, emb_row = _launch.apply_torch(SPEC, [mask], {"d": d, "fp16": fp16}, image)
-    return emb_col, emb_row
 
 
 def add_layer(trt, network, mask, d: int, *, fp16: bool = False):

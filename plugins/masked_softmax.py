@@ -8,8 +8,6 @@ masked_fill(-inf) + softmax gives NaN there). In RCDA the row logits take `mask[
 
 from __future__ import annotations
 
-import torch
-
 from . import launch as _launch
 from . import trt_glue
 from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix
@@ -18,13 +16,6 @@ from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, 
 # leaves the blocks this frees idle, so that one PTX and one symbolic grid serve every K of a TensorRT profile.
 ROWS_PER_BLOCK = 8  # warps per block
 KEYS_PER_LANE = 4  # rows up to 128 keys (feature maps up to 2048 pixels a side at stride 16) stay in registers
-
-
-def reference(logits: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """The op in PyTorch, computed in fp32 and returned in the logits' dtype."""
-    padding = key_mask[:, None, None, :]
-    probs = torch.softmax(logits.float().masked_fill(padding, float("-inf")), dim=-1)
-    return torch.where(padding.all(dim=-1, keepdim=True), 0.0, probs).to(logits.dtype)
 
 
 def _check(shapes, attrs):
@@ -59,7 +50,6 @@ SPEC = KernelSpec(
     kernel_rule=_kernel,
     launch_rule=_launch_rule,
     check_rule=_check,
-    reference=lambda inputs, attrs: [reference(*inputs)],
 )
 
 
@@ -67,11 +57,6 @@ def launch(logits_ptr: int, key_mask_ptr: int, probs_ptr: int, shape, dtype: str
     """Run on device pointers: logits/probs of `shape` (B, heads, Q, K) and `dtype`, key_mask (B, K) bool."""
     b, _, _, k = shape
     _launch.run_spec(SPEC, [logits_ptr, key_mask_ptr], [shape, (b, k)], [dtype, "bool"], [probs_ptr], {}, stream)
-
-
-def apply(logits: torch.Tensor, key_mask: torch.Tensor, image: str = "cubin") -> torch.Tensor:
-    """Run on CUDA torch tensors."""
-    return _launch.apply_torch(SPEC, [logits, key_mask], {}, image)[0]
 
 
 def add_layer(trt, network, logits, key_mask):

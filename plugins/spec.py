@@ -96,7 +96,6 @@ class KernelSpec:
     kernel_rule: Callable  # (dtypes, attrs) -> (kernel name, {define: value})
     launch_rule: Callable  # (shapes, dtypes, attrs, ops) -> Launch
     check_rule: Callable  # (shapes with -1 for unknown, attrs) -> None, raises PluginError
-    reference: Callable  # (torch inputs, attrs) -> [torch outputs]
 
     def normalize_attrs(self, attrs: dict) -> dict:
         """Attributes in registration order with exact Python types (TensorRT's schema check compares types)."""

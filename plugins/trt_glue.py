@@ -21,6 +21,8 @@ from typing import Tuple
 
 import numpy as np
 
+from core.backend import BackendError, backend_of
+
 from . import launch, nvrtc
 from .spec import KernelSpec, PluginError
 
@@ -47,19 +49,10 @@ def _dtype_name(trt, dtype) -> str:
 
 
 def require_plugin_support(trt) -> None:
-    """Raise `BackendError` naming the backend when it cannot hold our AOT plugin layers."""
-    from core.backend import BackendError
-
-    if trt.__name__.split(".")[0] == "tensorrt_rtx":
-        raise BackendError(
-            f"TensorRT-RTX {trt.__version__} has no plugin layers: build with --plugins none, or use full TensorRT "
-            "(pip install 'anchortrt[trt]')"
-        )
-    if not hasattr(trt.INetworkDefinition, "add_plugin") or not hasattr(trt, "QuickPluginCreationRequest"):
-        raise BackendError(
-            f"TensorRT {trt.__version__} has no ahead-of-time Python plugins (tensorrt.plugin aot_impl): "
-            "use TensorRT 11 (pip install 'anchortrt[trt]') or build with --plugins none"
-        )
+    """Raise `BackendError` when this TensorRT module cannot hold our AOT plugin layers (Backend.plugin_problem)."""
+    problem = backend_of(trt).plugin_problem()
+    if problem:
+        raise BackendError(problem)
 
 
 def add_constant(trt, network, array: np.ndarray):
@@ -73,7 +66,7 @@ def add_plugin_layer(trt, network, spec: KernelSpec, tensors, attrs: dict, const
     """Add `spec` as an AOT plugin layer on `tensors` followed by fp32 constant inputs made from `constants`.
 
     Inputs are checked (dtype, rank, shapes) before anything is added, so a wrong call leaves the network as it was.
-    The layer's `metadata` names the plugin and its attributes for `plugins.interpret_plugin_layer`.
+    The layer's `metadata` names the plugin and its attributes for the interpreter (`reference.plugins.interpret`).
     """
     attrs = spec.normalize_attrs(attrs)
     shapes = [tuple(t.shape) for t in tensors] + [tuple(np.shape(c)) for c in constants]

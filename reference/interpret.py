@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reference.plugins import interpret as interpret_plugin
+
 
 class InterpretError(RuntimeError):
     """A network, input or layer the interpreter cannot evaluate; the message names the layer or tensor."""
@@ -673,18 +675,9 @@ def _attention_output(ctx, layer, ins):
 @_handles("PLUGIN_V3")
 def _plugin(ctx, layer, ins):
     try:
-        import plugins
-        hook = plugins.interpret_plugin_layer
-    except (ImportError, AttributeError):
-        raise InterpretError(
-            f"plugin layer {layer.name!r}: the interpreter needs plugins.interpret_plugin_layer to evaluate plugin "
-            "layers; build the network without plugins (--plugins none) to interpret it"
-        ) from None
-    try:
-        outs = hook(layer, [t.to(dt) for t, dt in zip(ins, ctx.in_dtypes(layer))])
-    except ValueError as exc:  # the hook's way of saying the layer is not one of our plugins
+        return interpret_plugin(layer.metadata, [t.to(dt) for t, dt in zip(ins, ctx.in_dtypes(layer))])
+    except ValueError as exc:  # the layer is not one of our plugins
         raise InterpretError(f"plugin layer {layer.name!r}: {exc}") from None
-    return outs if isinstance(outs, (list, tuple)) else (outs,)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.config import BACKBONE_BLOCKS, AnchorDETRConfig
+from core.config import BACKBONE_BLOCKS, SINE_TEMPERATURE, AnchorDETRConfig
 
 BN_EPS = 1e-5
-TEMPERATURE = 10000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +56,7 @@ def mask2pos(mask: Tensor) -> tuple[Tensor, Tensor]:
 def _sine(pos: Tensor, d: int) -> Tensor:
     # Frequencies computed in float32 exactly as the official code does, so the embeddings agree bitwise.
     i = torch.arange(d, dtype=torch.float32, device=pos.device)
-    freq = TEMPERATURE ** (2 * (i // 2) / d)
+    freq = SINE_TEMPERATURE ** (2 * (i // 2) / d)
     angle = pos[..., None] * (2 * math.pi) / freq
     return torch.stack((angle[..., 0::2].sin(), angle[..., 1::2].cos()), dim=-1).flatten(-2)
 

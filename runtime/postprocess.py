@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TOP_K = 100
+from core.config import NUM_TOPK as TOP_K
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from core.config import AnchorDETRConfig, ConfigError, detect_config
+from core.config import OFFICIAL_ARGS, AnchorDETRConfig, ConfigError
 from weights import official_shapes
+from weights.inspect import detect_config
 from weights.random_init import training_args
 
 ARCHITECTURES = [
@@ -124,3 +127,13 @@ def test_config_json_round_trip_and_newer_fields():
     assert AnchorDETRConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="unknown configuration fields"):
         AnchorDETRConfig.from_json(cfg.to_json()[:-1] + ', "new_field": 1}')
+
+
+def test_one_map_names_the_official_argument_of_every_field_args_carry():
+    """num_classes is not a training argument (the official script derives it from the dataset); every other field
+    is, and detection, the closest-config fallback and the synthetic checkpoints all read this one map."""
+    fields = {f.name for f in dataclasses.fields(AnchorDETRConfig)}
+    assert set(OFFICIAL_ARGS) == fields - {"num_classes"}
+    cfg = AnchorDETRConfig(nheads=4, d_model=64, dim_feedforward=96)
+    args = vars(training_args(cfg))
+    assert {arg: args[arg] for arg in OFFICIAL_ARGS.values()} == {a: getattr(cfg, f) for f, a in OFFICIAL_ARGS.items()}

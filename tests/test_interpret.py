@@ -752,25 +752,28 @@ def test_einsum():
 # ------------------------------------------------------------------------------ plugins, errors, bookkeeping
 
 
-def test_plugin_layers_go_to_the_plugins_hook(monkeypatch):
-    import plugins
+def test_plugin_layers_are_evaluated_through_the_reference_map_in_their_declared_dtypes(monkeypatch):
+    from plugins import layer_norm
+    from reference import plugins as ref_plugins
 
-    layer = types.SimpleNamespace(name="ln_plugin", get_input=lambda i: types.SimpleNamespace(dtype=trt.float16),
-                                  num_inputs=1)
+    half = types.SimpleNamespace(dtype=trt.float16)
+    single = types.SimpleNamespace(dtype=trt.float32)
+    layer = types.SimpleNamespace(name="ln_plugin", get_input=lambda i: half if i == 0 else single, num_inputs=3,
+                                  metadata=layer_norm.SPEC.metadata({"eps": 1e-5, "channels": 4}))
     run = interpret._Run("cpu")
-    monkeypatch.delattr(plugins, "interpret_plugin_layer", raising=False)
-    with pytest.raises(InterpretError, match="ln_plugin.*plugins.interpret_plugin_layer"):
-        interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
     seen = []
-    monkeypatch.setattr(plugins, "interpret_plugin_layer", lambda lay, ins: seen.append(ins) or ins[0] * 2,
-                        raising=False)
-    (out,) = interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
-    assert seen[0][0].dtype == torch.float16  # the hook sees the declared dtype, not the float32 compute copy
-    assert out.tolist() == [2.0, 2.0]
-    layer.metadata = "not ours"
+    monkeypatch.setitem(ref_plugins.REFERENCES, "layer_norm", lambda ins, attrs: seen.append((ins, attrs)) or [ins[0]])
+    x, gamma, beta = torch.randn(2, 4), torch.ones(4), torch.zeros(4)
+    (out,) = interpret._HANDLERS["PLUGIN_V3"](run, layer, [x, gamma, beta])
+    ins, attrs = seen[0]
+    assert [t.dtype for t in ins] == [torch.float16, torch.float32, torch.float32]  # declared, not compute dtypes
+    assert attrs == {"eps": 1e-5, "channels": 4}
     monkeypatch.undo()
+    (out,) = interpret._HANDLERS["PLUGIN_V3"](run, layer, [x, gamma, beta])
+    torch.testing.assert_close(out, ref_plugins.layer_norm(x.half(), gamma, beta, 1e-5))
+    layer.metadata = "not ours"
     with pytest.raises(InterpretError, match="ln_plugin.*not an anchortrt plugin layer"):
-        interpret._HANDLERS["PLUGIN_V3"](run, layer, [torch.ones(2)])
+        interpret._HANDLERS["PLUGIN_V3"](run, layer, [x, gamma, beta])
 
 
 def test_unsupported_layer_is_named():

@@ -3,8 +3,11 @@ the TensorRT glue as far as TensorRT-RTX allows (it has no plugin layers)."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import struct
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -14,8 +17,9 @@ import torch
 import plugins
 from plugins import add_bias_transpose, layer_norm, mask2pos, masked_softmax, nvrtc, trt_glue
 from plugins.spec import IntOps, PluginError, float_literal
+from reference import plugins as ref
 
-SPECS = [plugins.get(name).SPEC for name in plugins.NAMES]
+SPECS = [importlib.import_module(f"plugins.{name}").SPEC for name in plugins.NAMES]
 # Attributes a network of the R50 variants uses (256 channels, 8 heads of 32).
 ATTRS = {
     "masked_softmax": {},
@@ -150,14 +154,14 @@ def test_masked_softmax_reference_matches_plain_formula_and_zeroes_fully_padded_
     key_mask = torch.zeros(3, 9, dtype=torch.bool)
     key_mask[0, 6:] = True
     key_mask[2] = True  # every key is padding
-    probs = masked_softmax.reference(logits, key_mask)
+    probs = ref.masked_softmax(logits, key_mask)
     torch.testing.assert_close(probs.double(), plain_masked_softmax(logits, key_mask), atol=1e-6, rtol=1e-6)
     assert not probs.isnan().any()
     assert (probs[2] == 0).all() and (probs[0, ..., 6:] == 0).all()
     # Elsewhere it is the native masked_fill(-inf) + softmax.
     native = torch.softmax(logits.masked_fill(key_mask[:, None, None, :], float("-inf")), -1)
     torch.testing.assert_close(probs[:2], native[:2])
-    half = masked_softmax.reference(logits.half(), key_mask)
+    half = ref.masked_softmax(logits.half(), key_mask)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), probs, atol=1e-3, rtol=1e-3)
 
@@ -170,15 +174,15 @@ def test_layer_norm_reference_matches_plain_formula():
     mean = xd.sum(-1, keepdim=True) / 16
     var = ((xd - mean) ** 2).sum(-1, keepdim=True) / 16
     plain = (xd - mean) / torch.sqrt(var + 1e-5) * gamma.double() + beta.double()
-    torch.testing.assert_close(layer_norm.reference(x, gamma, beta, 1e-5).double(), plain, atol=1e-5, rtol=1e-5)
-    assert layer_norm.reference(x.half(), gamma, beta, 1e-5).dtype == torch.float16
+    torch.testing.assert_close(ref.layer_norm(x, gamma, beta, 1e-5).double(), plain, atol=1e-5, rtol=1e-5)
+    assert ref.layer_norm(x.half(), gamma, beta, 1e-5).dtype == torch.float16
 
 
 def test_add_bias_transpose_reference_matches_index_formula():
     gen = torch.Generator().manual_seed(2)
     b, q, heads, hd = 2, 3, 4, 5
     x, bias = torch.randn(b, q, heads * hd, generator=gen), torch.randn(heads * hd, generator=gen)
-    out = add_bias_transpose.reference(x, bias, heads, 0.25)
+    out = ref.add_bias_transpose(x, bias, heads, 0.25)
     assert out.shape == (b, heads, q, hd)
     for bi in range(b):
         for h in range(heads):
@@ -193,7 +197,7 @@ def test_mask2pos_reference_matches_plain_formula():
     mask = torch.zeros(2, 4, 6, dtype=torch.bool)
     mask[0, 3:, :] = True  # image 0: 3 valid rows, 5 valid columns
     mask[0, :, 5:] = True
-    emb_col, emb_row = mask2pos.reference(mask, d)
+    emb_col, emb_row = ref.mask2pos(mask, d)
     assert emb_col.shape == (2, 4, d) and emb_row.shape == (2, 6, d)
 
     def plain(line_mask, out):
@@ -209,7 +213,7 @@ def test_mask2pos_reference_matches_plain_formula():
     for b in range(2):
         plain(mask[b, :, 0].tolist(), emb_col[b])
         plain(mask[b, 0, :].tolist(), emb_row[b])
-    half_col, _ = mask2pos.reference(mask, d, fp16=True)
+    half_col, _ = ref.mask2pos(mask, d, fp16=True)
     assert half_col.dtype == torch.float16
 
 
@@ -350,23 +354,35 @@ def test_unknown_dimensions_are_accepted_and_attributes_normalised():
         layer_norm.SPEC.normalize_attrs({"epsilon": 1e-5, "channels": 256})
 
 
+def test_plugins_import_without_torch_and_name_one_list():
+    """plugins/ holds kernels and glue only; the PyTorch side (one reference per plugin name) is reference.plugins,
+    and the build CLI's names are this list."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+            f"import plugins, plugins.trt_glue, {', '.join('plugins.' + n for n in plugins.NAMES)}")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert set(ref.REFERENCES) == set(ref.SPECS) == set(plugins.NAMES)
+    from netdef.build import PLUGIN_NAMES
+
+    assert PLUGIN_NAMES is plugins.NAMES
+
+
 def test_interpreter_evaluates_plugin_metadata_through_the_reference():
     gen = torch.Generator().manual_seed(3)
     x, bias = torch.randn(1, 6, 16, generator=gen), torch.randn(16, generator=gen)
     attrs = {"heads": 2, "scale": 0.5, "channels": 16}
     metadata = add_bias_transpose.SPEC.metadata(attrs)
-    (out,) = plugins.interpret(metadata, [x, bias])
-    assert torch.equal(out, add_bias_transpose.reference(x, bias, 2, 0.5))
+    (out,) = ref.interpret(metadata, [x, bias])
+    assert torch.equal(out, ref.add_bias_transpose(x, bias, 2, 0.5))
     mask = torch.zeros(1, 3, 4, dtype=torch.bool)
-    emb_col, emb_row = plugins.interpret(mask2pos.SPEC.metadata({"d": 8, "fp16": True}), [mask])
+    emb_col, emb_row = ref.interpret(mask2pos.SPEC.metadata({"d": 8, "fp16": True}), [mask])
     assert emb_col.shape == (1, 3, 8) and emb_row.dtype == torch.float16
     with pytest.raises(ValueError, match="not an anchortrt plugin layer"):
-        plugins.interpret('{"other": 1}', [x])
+        ref.interpret('{"other": 1}', [x])
 
 
 def test_apply_rejects_host_tensors():
     with pytest.raises(ValueError, match="CUDA tensors"):
-        masked_softmax.apply(torch.zeros(1, 1, 1, 4), torch.zeros(1, 4, dtype=torch.bool))
+        ref.run_masked_softmax(torch.zeros(1, 1, 1, 4), torch.zeros(1, 4, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- TensorRT glue
@@ -403,7 +419,7 @@ def test_dtype_names_round_trip_on_real_tensorrt_types(rtx):
 
 
 def test_add_layer_on_tensorrt_rtx_names_the_backend_and_adds_nothing(rtx):
-    from core.backend import BackendError
+    from core.backend import BackendError, backend_of
 
     trt, network = rtx
     logits = network.add_input("logits", trt.float16, (-1, 8, -1, -1))
@@ -418,8 +434,10 @@ def test_add_layer_on_tensorrt_rtx_names_the_backend_and_adds_nothing(rtx):
         lambda: mask2pos.add_layer(trt, network, mask, 256),
     ]
     for call in calls:
-        with pytest.raises(BackendError, match="TensorRT-RTX .* has no plugin layers"):
+        with pytest.raises(BackendError) as refused:  # the one support check: Backend.plugin_problem
             call()
+        assert str(refused.value) == backend_of(trt).plugin_problem()
+        assert str(refused.value).startswith(f"tensorrt-rtx {trt.__version__} has no plugin layers")
     assert network.num_layers == 0
 
 
@@ -432,3 +450,28 @@ def test_add_layer_checks_inputs_before_the_backend(rtx):
     x = network.add_input("x", trt.float32, (1, 5, 128))
     with pytest.raises(PluginError, match="share 256 channels"):
         layer_norm.add_layer(trt, network, x, np.ones(256), np.zeros(256))
+
+
+def test_mask2pos_kernel_bakes_the_models_sine_temperature(fresh_cache):
+    from core.config import SINE_TEMPERATURE
+
+    _, defines = mask2pos.SPEC.kernel_rule(["bool"], ATTRS["mask2pos"])
+    assert defines["TEMPERATURE"] == SINE_TEMPERATURE
+    bits = lambda value: f"0f{struct.unpack('<I', struct.pack('<f', value))[0]:08X}".encode()  # PTX float literal
+    assert bits(SINE_TEMPERATURE) in nvrtc.compile_kernel("mask2pos.cu", defines, 90)
+    other = nvrtc.compile_kernel("mask2pos.cu", {**defines, "TEMPERATURE": 20000.0}, 90)
+    assert bits(20000.0) in other and bits(SINE_TEMPERATURE) not in other
+
+
+def test_benchmark_compares_like_with_like_and_takes_the_bandwidth_of_the_device():
+    from benchmarks.plugins_bench import derived, peak_gbps
+
+    assert peak_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_gbps("NVIDIA H200") == 4800.0 and peak_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert peak_gbps("Some Future GPU") is None
+    row = {"bytes": 2e6, "ours_gpu_us": 10.0, "ours_wall_us": 40.0, "eager_gpu_us": 20.0, "eager_wall_us": 60.0,
+           "copy_gpu_us": 5.0}
+    out = derived(row, 4000.0)
+    assert out["speedup_vs_eager_wall"] == 1.5 and out["speedup_vs_eager_gpu"] == 2.0
+    assert out["ours_gbps"] == 200.0 and out["ours_hbm_fraction"] == 0.05
+    assert "ours_hbm_fraction" not in derived(row, None)

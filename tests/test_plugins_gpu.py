@@ -15,6 +15,7 @@ import torch
 from netdef.build import _creation_flags
 from netdef.network import backend_of
 from plugins import add_bias_transpose, layer_norm, mask2pos, masked_softmax
+from reference import plugins as ref
 
 pytestmark = pytest.mark.gpu
 
@@ -58,8 +59,8 @@ def test_masked_softmax_matches_reference(h, w, batch, dtype, axis):
         key_mask = key_mask.clone()
         key_mask[-1] = True  # a fully padded key row: zeros, not NaN
     logits = (torch.randn(batch, HEADS, h * w, key_mask.shape[1], device="cuda") * 8).to(dtype)
-    probs = masked_softmax.apply(logits, key_mask)
-    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), **tolerance(dtype))
+    probs = ref.run_masked_softmax(logits, key_mask)
+    torch.testing.assert_close(probs, ref.masked_softmax(logits, key_mask), **tolerance(dtype))
     assert not probs.isnan().any()
     if batch > 1:
         assert (probs[-1] == 0).all()
@@ -69,9 +70,9 @@ def test_masked_softmax_matches_reference(h, w, batch, dtype, axis):
 def test_layer_norm_matches_reference(h, w, batch, dtype):
     x = (torch.randn(batch, h * w, CHANNELS, device="cuda") * 4 + 2).to(dtype)
     gamma, beta = torch.randn(CHANNELS, device="cuda"), torch.randn(CHANNELS, device="cuda")
-    out = layer_norm.apply(x, gamma, beta, 1e-5)
+    out = ref.run_layer_norm(x, gamma, beta, 1e-5)
     tol = {"atol": 5e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
-    torch.testing.assert_close(out, layer_norm.reference(x, gamma, beta, 1e-5), **tol)
+    torch.testing.assert_close(out, ref.layer_norm(x, gamma, beta, 1e-5), **tol)
 
 
 @pytest.mark.parametrize("h,w,batch,dtype", list(cases()))
@@ -79,16 +80,16 @@ def test_add_bias_transpose_matches_reference(h, w, batch, dtype):
     x = torch.randn(batch, h * w, CHANNELS, device="cuda").to(dtype)
     bias = torch.randn(CHANNELS, device="cuda")
     scale = (CHANNELS // HEADS) ** -0.5
-    out = add_bias_transpose.apply(x, bias, HEADS, scale)
-    torch.testing.assert_close(out, add_bias_transpose.reference(x, bias, HEADS, scale), atol=1e-6, rtol=1e-6)
+    out = ref.run_add_bias_transpose(x, bias, HEADS, scale)
+    torch.testing.assert_close(out, ref.add_bias_transpose(x, bias, HEADS, scale), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("h,w,batch,dtype", list(cases()))
 def test_mask2pos_matches_reference(h, w, batch, dtype):
     mask = feature_mask(batch, h, w)
     fp16 = dtype == torch.float16
-    emb_col, emb_row = mask2pos.apply(mask, 256, fp16=fp16)
-    ref_col, ref_row = mask2pos.reference(mask, 256, fp16=fp16)
+    emb_col, emb_row = ref.run_mask2pos(mask, 256, fp16=fp16)
+    ref_col, ref_row = ref.mask2pos(mask, 256, fp16=fp16)
     tol = {"atol": 1e-3, "rtol": 1e-3} if fp16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(emb_col, ref_col, **tol)
     torch.testing.assert_close(emb_row, ref_row, **tol)
@@ -102,8 +103,8 @@ def test_masked_softmax_rows_longer_than_the_register_chunk(dtype):
     key_mask[1] = True
     key_mask[2, : 32 * masked_softmax.KEYS_PER_LANE] = True  # the first chunk has no valid key
     logits = (torch.randn(3, 2, 40, keys, device="cuda") * 8).to(dtype)
-    probs = masked_softmax.apply(logits, key_mask)
-    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), **tolerance(dtype))
+    probs = ref.run_masked_softmax(logits, key_mask)
+    torch.testing.assert_close(probs, ref.masked_softmax(logits, key_mask), **tolerance(dtype))
     assert (probs[1] == 0).all()
 
 
@@ -122,7 +123,7 @@ def test_masked_softmax_packs_short_rows(keys, dtype):
     masked_softmax.launch(logits.data_ptr(), key_mask.data_ptr(), buffer.data_ptr(), logits.shape,
                           str(dtype).removeprefix("torch."), stream=torch.cuda.current_stream().cuda_stream)
     probs = buffer[: rows * keys].view(logits.shape)
-    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), **tolerance(dtype))
+    torch.testing.assert_close(probs, ref.masked_softmax(logits, key_mask), **tolerance(dtype))
     assert (probs[1] == 0).all()
     assert (buffer[rows * keys:] == 7).all()
 
@@ -131,11 +132,11 @@ def test_decoder_shapes():
     """900 queries against 50 keys (cross-attention) and LayerNorm over (B, 900, 256)."""
     key_mask = feature_mask(4, 50, 50)[:, 0, :]
     logits = torch.randn(4, HEADS, 900, 50, device="cuda") * 8
-    torch.testing.assert_close(masked_softmax.apply(logits, key_mask), masked_softmax.reference(logits, key_mask),
+    torch.testing.assert_close(ref.run_masked_softmax(logits, key_mask), ref.masked_softmax(logits, key_mask),
                                **tolerance(torch.float32))
     x = torch.randn(4, 900, CHANNELS, device="cuda", dtype=torch.float16)
     gamma, beta = torch.rand(CHANNELS, device="cuda"), torch.rand(CHANNELS, device="cuda")
-    torch.testing.assert_close(layer_norm.apply(x, gamma, beta), layer_norm.reference(x, gamma, beta, 1e-5),
+    torch.testing.assert_close(ref.run_layer_norm(x, gamma, beta), ref.layer_norm(x, gamma, beta, 1e-5),
                                atol=5e-3, rtol=2e-3)
 
 
@@ -159,10 +160,10 @@ def test_pointer_launchers_on_a_stream():
                               stream=s)
     mask2pos.launch(mask.data_ptr(), emb_col.data_ptr(), emb_row.data_ptr(), mask.shape, 256, stream=s)
     stream.synchronize()
-    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(normed, layer_norm.reference(x, gamma, beta, 1e-5), atol=5e-3, rtol=2e-3)
-    torch.testing.assert_close(heads_out, add_bias_transpose.reference(x, bias, HEADS, 0.5), atol=1e-6, rtol=1e-6)
-    ref_col, ref_row = mask2pos.reference(mask, 256)
+    torch.testing.assert_close(probs, ref.masked_softmax(logits, key_mask), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(normed, ref.layer_norm(x, gamma, beta, 1e-5), atol=5e-3, rtol=2e-3)
+    torch.testing.assert_close(heads_out, ref.add_bias_transpose(x, bias, HEADS, 0.5), atol=1e-6, rtol=1e-6)
+    ref_col, ref_row = ref.mask2pos(mask, 256)
     torch.testing.assert_close(emb_col, ref_col, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(emb_row, ref_row, atol=1e-5, rtol=1e-5)
 
@@ -172,7 +173,7 @@ def test_ptx_images_load_and_agree_with_cubins():
     from plugins import launch
 
     try:
-        masked_softmax.apply(torch.zeros(1, 1, 1, 4, device="cuda"), torch.zeros(1, 4, dtype=torch.bool,
+        ref.run_masked_softmax(torch.zeros(1, 1, 1, 4, device="cuda"), torch.zeros(1, 4, dtype=torch.bool,
                                                                                   device="cuda"), image="ptx")
     except launch.LaunchError as exc:
         if "newer than this driver" in str(exc):
@@ -183,10 +184,10 @@ def test_ptx_images_load_and_agree_with_cubins():
     x = torch.randn(4, 2500, CHANNELS, device="cuda")
     gamma, beta = torch.randn(CHANNELS, device="cuda"), torch.randn(CHANNELS, device="cuda")
     pairs = [
-        lambda image: [masked_softmax.apply(logits, mask[:, 0, :], image=image)],
-        lambda image: [layer_norm.apply(x, gamma, beta, image=image)],
-        lambda image: [add_bias_transpose.apply(x, beta, HEADS, 0.125, image=image)],
-        lambda image: list(mask2pos.apply(mask, 256, image=image)),
+        lambda image: [ref.run_masked_softmax(logits, mask[:, 0, :], image=image)],
+        lambda image: [ref.run_layer_norm(x, gamma, beta, image=image)],
+        lambda image: [ref.run_add_bias_transpose(x, beta, HEADS, 0.125, image=image)],
+        lambda image: list(ref.run_mask2pos(mask, 256, image=image)),
     ]
     for run in pairs:
         for a, b in zip(run("ptx"), run("cubin")):
@@ -259,19 +260,19 @@ def test_aot_plugin_layers_in_engines_match_references(tmp_path):
     (probs,), plan = build_and_run(
         trt, lambda net, t: masked_softmax.add_layer(trt, net, t["logits"], t["key_mask"]),
         {"logits": logits, "key_mask": key_mask}, profiles, ["probs"])
-    torch.testing.assert_close(probs, masked_softmax.reference(logits, key_mask), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(probs, ref.masked_softmax(logits, key_mask), atol=1e-3, rtol=1e-3)
     (normed,), _ = build_and_run(
         trt, lambda net, t: layer_norm.add_layer(trt, net, t["x"], gamma, beta, 1e-5), {"x": x}, profiles, ["out"])
     g, b = torch.from_numpy(gamma).cuda(), torch.from_numpy(beta).cuda()
-    torch.testing.assert_close(normed, layer_norm.reference(x, g, b, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normed, ref.layer_norm(x, g, b, 1e-5), atol=1e-5, rtol=1e-5)
     (heads,), _ = build_and_run(
         trt, lambda net, t: add_bias_transpose.add_layer(trt, net, t["x"], beta, HEADS, 32**-0.5), {"x": x},
         profiles, ["out"])
-    torch.testing.assert_close(heads, add_bias_transpose.reference(x, b, HEADS, 32**-0.5), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(heads, ref.add_bias_transpose(x, b, HEADS, 32**-0.5), atol=1e-6, rtol=1e-6)
     (emb_col, emb_row), _ = build_and_run(
         trt, lambda net, t: mask2pos.add_layer(trt, net, t["mask"], 256), {"mask": mask}, profiles,
         ["emb_col", "emb_row"])
-    ref_col, ref_row = mask2pos.reference(mask, 256)
+    ref_col, ref_row = ref.mask2pos(mask, 256)
     torch.testing.assert_close(emb_col, ref_col, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(emb_row, ref_row, atol=1e-5, rtol=1e-5)
 

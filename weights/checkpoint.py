@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.config import BACKBONE_BLOCKS, AnchorDETRConfig, detect_config
+from core.config import BACKBONE_BLOCKS, OFFICIAL_ARGS, AnchorDETRConfig
 from weights import naming
+from weights.inspect import detect_config
 
 
 class CheckpointError(ValueError):
@@ -217,10 +218,8 @@ def configure(
 
 def _closest(args: Mapping[str, Any] | None) -> AnchorDETRConfig:
     """The configuration the args ask for where they make one, else the default (R50-DC5)."""
-    names = {"backbone": "backbone", "dilation": "dilation", "attention_type": "attention_type",
-             "num_feature_levels": "num_feature_levels", "spatial_prior": "spatial_prior"}
     try:
-        return AnchorDETRConfig(**{f: args[a] for f, a in names.items() if a in (args or {})})
+        return AnchorDETRConfig(**{f: args[a] for f, a in OFFICIAL_ARGS.items() if a in (args or {})})
     except (ValueError, TypeError):
         return AnchorDETRConfig()
 

@@ -24,7 +24,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from core.config import BACKBONE_BLOCKS, AnchorDETRConfig
+from core.config import BACKBONE_BLOCKS, OFFICIAL_ARGS, AnchorDETRConfig
 from weights.checkpoint import RESNET_STAGES, official_shapes
 from weights.naming import BN_EPS, shared_head_copies
 
@@ -153,11 +153,8 @@ def training_args(cfg: AnchorDETRConfig) -> argparse.Namespace:
     return argparse.Namespace(
         lr=2e-4, lr_backbone=2e-5, lr_backbone_names=["backbone"], batch_size=1, weight_decay=1e-4,
         epochs=50, lr_drop=40, clip_max_norm=0.1, sgd=False, frozen_weights=None,
-        backbone=cfg.backbone, dilation=cfg.dilation, num_feature_levels=cfg.num_feature_levels,
-        enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
-        hidden_dim=cfg.d_model, dropout=0.0, nheads=cfg.nheads, num_query_position=cfg.num_query_position,
-        num_query_pattern=cfg.num_query_pattern, spatial_prior=cfg.spatial_prior,
-        attention_type=cfg.attention_type, masks=False, aux_loss=True, dataset_file="coco",
+        **{arg: getattr(cfg, field) for field, arg in OFFICIAL_ARGS.items()},
+        dropout=0.0, masks=False, aux_loss=True, dataset_file="coco",
         coco_path="/data/coco", output_dir="/data/detr-workdir/r50-dc5", device="cuda", seed=42,
         resume="", start_epoch=0, eval=False, num_workers=2, distributed=True, world_size=8, rank=0,
         gpu=0, dist_url="env://", dist_backend="nccl",

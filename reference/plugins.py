@@ -1,0 +1,98 @@
+"""The PyTorch side of our plugins: each plugin's formulation in PyTorch (what its kernel must compute), the
+map the network interpreter evaluates plugin layers through, and wrappers that run the kernels on CUDA torch
+tensors (tests, benchmarks). `plugins/` holds the kernels, specs and TensorRT glue, and no torch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from plugins import add_bias_transpose as _add_bias_transpose
+from plugins import launch as _launch
+from plugins import layer_norm as _layer_norm
+from plugins import mask2pos as _mask2pos
+from plugins import masked_softmax as _masked_softmax
+from plugins.spec import METADATA_KEY
+from reference.torch_model import mask2pos as _positions
+from reference.torch_model import pos2posemb1d
+
+SPECS = {m.SPEC.name: m.SPEC for m in (_masked_softmax, _layer_norm, _add_bias_transpose, _mask2pos)}
+
+
+# ---------------------------------------------------------------- the ops in PyTorch, computed in fp32
+
+
+def masked_softmax(logits: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over K with padded keys (key_mask True) at 0 and all-padding rows all 0; in the logits' dtype."""
+    padding = key_mask[:, None, None, :]
+    probs = torch.softmax(logits.float().masked_fill(padding, float("-inf")), dim=-1)
+    return torch.where(padding.all(dim=-1, keepdim=True), 0.0, probs).to(logits.dtype)
+
+
+def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis, returned in x's dtype."""
+    out = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma.float(), beta.float(), eps)
+    return out.to(x.dtype)
+
+
+def add_bias_transpose(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """(B, Q, C) -> ((x + bias) * scale) as (B, heads, Q, C / heads), in x's dtype."""
+    b, q, c = x.shape
+    y = (x.float() + bias.float()) * scale
+    return y.reshape(b, q, heads, c // heads).permute(0, 2, 1, 3).contiguous().to(x.dtype)
+
+
+def mask2pos(mask: torch.Tensor, d: int, fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(emb_col, emb_row): the reference model's positions and 1-D sine embeddings, in fp16 with fp16=True."""
+    dtype = torch.float16 if fp16 else torch.float32
+    pos_col, pos_row = _positions(mask)
+    return pos2posemb1d(pos_col, d).to(dtype), pos2posemb1d(pos_row, d).to(dtype)
+
+
+# Plugin name -> (layer inputs in order, normalised attributes) -> outputs: how the interpreter evaluates a layer.
+REFERENCES = {
+    "masked_softmax": lambda inputs, attrs: [masked_softmax(*inputs)],
+    "layer_norm": lambda inputs, attrs: [layer_norm(*inputs, eps=attrs["eps"])],
+    "add_bias_transpose": lambda inputs, attrs: [add_bias_transpose(*inputs, attrs["heads"], attrs["scale"])],
+    "mask2pos": lambda inputs, attrs: list(mask2pos(*inputs, attrs["d"], attrs["fp16"])),
+}
+
+
+def interpret(metadata: str, inputs) -> list:
+    """Outputs of a plugin layer through its PyTorch formulation, from the layer's metadata string."""
+    try:
+        record = json.loads(metadata)
+        name = record[METADATA_KEY]
+        attrs = SPECS[name].normalize_attrs(record["attrs"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"not an anchortrt plugin layer (metadata {metadata!r}): {exc}") from None
+    return REFERENCES[name](list(inputs), attrs)
+
+
+# ---------------------------------------------------------------- the kernels on CUDA torch tensors
+
+
+def run_masked_softmax(logits: torch.Tensor, key_mask: torch.Tensor, image: str = "cubin") -> torch.Tensor:
+    return _launch.apply_torch(_masked_softmax.SPEC, [logits, key_mask], {}, image)[0]
+
+
+def run_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
+                   image: str = "cubin") -> torch.Tensor:
+    """gamma and beta are used as float32."""
+    attrs = {"eps": eps, "channels": x.shape[-1]}
+    return _launch.apply_torch(_layer_norm.SPEC, [x, gamma.float(), beta.float()], attrs, image)[0]
+
+
+def run_add_bias_transpose(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float,
+                           image: str = "cubin") -> torch.Tensor:
+    """bias is used as float32."""
+    attrs = {"heads": heads, "scale": scale, "channels": x.shape[-1]}
+    return _launch.apply_torch(_add_bias_transpose.SPEC, [x, bias.float()], attrs, image)[0]
+
+
+def run_mask2pos(mask: torch.Tensor, d: int, fp16: bool = False,
+                 image: str = "cubin") -> tuple[torch.Tensor, torch.Tensor]:
+    emb_col, emb_row = _launch.apply_torch(_mask2pos.SPEC, [mask], {"d": d, "fp16": fp16}, image)
+    return emb_col, emb_row
