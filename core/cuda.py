@@ -1,22 +1,34 @@
-"""A small layer over cuda-python's driver API: errors, device memory, pinned host memory, streams, events, graphs.
+"""The CUDA layer, on cuda.core: the GPU probe, device, streams, events, memory, NVRTC, kernels, graphs.
 
 Every object owns one CUDA resource, frees it in ``close()`` (also on ``with`` exit) and is safe to close twice.
-TensorRT works in the device's primary context, so `init` retains that context and makes it current; call
-`Device.activate` again from any other thread that uses these objects.
+TensorRT works in the device's primary context, which cuda.core's ``Device.set_current`` retains and makes
+current: `init` does so once per process; call `Device.activate` again from any other thread that uses these
+objects. Every failure is a `CudaError` naming the call (`check` for the few cuda.bindings calls, `_named` for
+cuda.core's own errors); no GPU is a `NoGpuError`, and `probe` answers None instead of raising.
+
+cuda.core 1.2 lacks, so cuda.bindings is called directly for: the free/total memory query (cuMemGetInfo) and
+the total memory of a device (cuDeviceTotalMem); synchronous device memory (cuda.core's public resource is a
+stream-ordered pool that keeps freed memory, which would hide frees from `memory_info`) with copies to and from
+any host address; and NVRTC, because ``Program.compile("ptx")`` first asks the driver its version and so
+fails on machines without a driver, where our plugins' PTX must still compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import cuda.core as _core
 from cuda.bindings import driver as cu
 
 from core.errors import Unavailable
 
 NO_GPU_HINT = "the runtime needs an NVIDIA GPU with its driver (check `nvidia-smi` and CUDA_VISIBLE_DEVICES)"
+NVRTC_HINT = "pip install 'nvidia-cuda-nvrtc==13.0.*'"
 
 
 class CudaError(Unavailable):
@@ -27,17 +39,13 @@ class NoGpuError(Unavailable):
     """No usable NVIDIA driver or device."""
 
 
-def _error_name(err: Any) -> str:
-    if isinstance(err, cu.CUresult):
-        status, name = cu.cuGetErrorName(err)
-        if status == cu.CUresult.CUDA_SUCCESS:
-            return name.decode()
-        return err.name
-    return getattr(err, "name", str(err))
+class CompileError(CudaError):
+    """NVRTC is missing or rejected a kernel."""
 
 
 def check(result: tuple, what: str = "CUDA call") -> Any:
-    """Unpack a cuda-python result ``(err, *values)``: raise CudaError on failure, else the value(s) or None."""
+    """Unpack a cuda.bindings result ``(err, *values)`` (driver or NVRTC): raise CudaError on failure, else the
+    value(s) or None."""
     err, *values = result
     if int(err) != 0:
         raise CudaError(f"{what} failed: {_error_name(err)}")
@@ -46,46 +54,94 @@ def check(result: tuple, what: str = "CUDA call") -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _error_name(err: Any) -> str:
+    if isinstance(err, cu.CUresult):
+        with contextlib.suppress(Exception):  # the driver's own spelling, when there is a driver to ask
+            status, name = cu.cuGetErrorName(err)
+            if status == cu.CUresult.CUDA_SUCCESS:
+                return name.decode()
+    return getattr(err, "name", str(err))
+
+
+@contextlib.contextmanager
+def _named(what: str) -> Iterator[None]:
+    """cuda.core's errors (messages start with CUDA's error name) as CudaError naming `what`."""
+    try:
+        yield
+    except CudaError:
+        raise
+    except Exception as exc:  # cuda.core raises its CUDAError (not public), RuntimeError or ValueError
+        raise CudaError(f"{what} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+# ---------------------------------------------------------------- the GPU probe and the device
+
+
 @dataclass(frozen=True)
 class Device:
     index: int
     name: str
     compute_capability: str  # "9.0"
     total_memory: int
-    _context: Any
+    _device: Any  # the cuda.core Device
+
+    @property
+    def arch(self) -> int:
+        """The compute capability as NVRTC numbers architectures, e.g. 90."""
+        major, minor = self.compute_capability.split(".")
+        return int(major) * 10 + int(minor)
 
     def activate(self) -> None:
-        check(cu.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+        """Make this device's primary context current on the calling thread."""
+        with _named("making the primary context current"):
+            self._device.set_current()
+
+
+def _find(index: int) -> Device:
+    """Device `index`, not yet made current; NoGpuError naming why not."""
+    try:
+        count = len(_core.Device.get_all_devices())  # cuInit, then the device count
+    except Exception as exc:  # cuInit's error names it; without libcuda cuda-python raises DynamicLibNotFoundError
+        if "CUDA_ERROR" in str(exc):
+            raise NoGpuError(f"no usable NVIDIA GPU: {str(exc).splitlines()[0]}; {NO_GPU_HINT}") from None
+        raise NoGpuError(f"no NVIDIA driver: {type(exc).__name__}; {NO_GPU_HINT}") from None
+    if not 0 <= index < count:
+        raise NoGpuError(f"no CUDA device {index}: {count} visible; {NO_GPU_HINT}")
+    with _named(f"querying CUDA device {index}"):
+        device = _core.Device(index)
+        major, minor = device.compute_capability
+        name = device.name
+    total = check(cu.cuDeviceTotalMem(cu.CUdevice(index)), "cuDeviceTotalMem")
+    return Device(index, name, f"{major}.{minor}", int(total), device)
+
+
+def probe(index: int = 0) -> Device | None:
+    """Name, compute capability and total memory of CUDA device `index`, or None without a driver or device.
+
+    The one place that asks whether there is a GPU (sidecar, build, test skips, plugins); it never raises and
+    makes no context current."""
+    try:
+        return _find(index)
+    except Unavailable:
+        return None
 
 
 _devices: dict[int, Device] = {}
 
 
 def init(index: int = 0) -> Device:
-    """Initialise the driver and make the primary context of device `index` current (once per process)."""
-    if index in _devices:
-        _devices[index].activate()
-        return _devices[index]
-    try:
-        (err,) = cu.cuInit(0)
-    except RuntimeError as exc:  # cuda-python raises when libcuda itself cannot be loaded
-        raise NoGpuError(f"no NVIDIA driver: {exc.__class__.__name__}; {NO_GPU_HINT}") from None
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise NoGpuError(f"no usable NVIDIA GPU: cuInit gave {_error_name(err)}; {NO_GPU_HINT}")
-    count = check(cu.cuDeviceGetCount(), "cuDeviceGetCount")
-    if index >= count:
-        raise NoGpuError(f"no CUDA device {index}: {count} visible; {NO_GPU_HINT}")
-    dev = check(cu.cuDeviceGet(index), "cuDeviceGet")
-    attr = cu.CUdevice_attribute
-    major = check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
-    minor = check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
-    name = check(cu.cuDeviceGetName(128, dev), "cuDeviceGetName").split(b"\0", 1)[0].decode()
-    total = check(cu.cuDeviceTotalMem(dev), "cuDeviceTotalMem")
-    context = check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-    device = Device(index, name, f"{major}.{minor}", int(total), context)
-    device.activate()
-    _devices[index] = device
-    return device
+    """Device `index` with its primary context made current on this thread (found once per process)."""
+    if index not in _devices:
+        _devices[index] = _find(index)
+    _devices[index].activate()
+    return _devices[index]
+
+
+def current_device() -> Device:
+    """The device of this thread's current context (device 0's primary context, made current, if none)."""
+    with _named("finding the current device"):
+        index = _core.Device().device_id
+    return init(index)
 
 
 def memory_info() -> tuple[int, int]:
@@ -94,8 +150,11 @@ def memory_info() -> tuple[int, int]:
     return int(free), int(total)
 
 
+# ---------------------------------------------------------------- streams, events, memory
+
+
 class _Resource:
-    """Closes on `with` exit; subclasses free their handle in `_release`."""
+    """Closes on `with` exit; subclasses free their handle in `close`."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -108,21 +167,24 @@ class _Resource:
 
 
 class Stream(_Resource):
-    """A non-blocking stream (TensorRT recommends against the legacy default stream)."""
+    """A non-blocking stream on the current device (TensorRT recommends against the legacy default stream)."""
 
     def __init__(self) -> None:
-        self._stream = check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        with _named("creating a stream"):
+            self._stream = _core.Device().create_stream(options=_core.StreamOptions(nonblocking=True))
 
     @property
     def handle(self) -> int:
-        return int(self._stream)
+        return int(self._stream.handle)
 
     def synchronize(self) -> None:
-        check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+        with _named("synchronizing a stream"):
+            self._stream.sync()
 
     def close(self) -> None:
         if self._stream is not None:
-            check(cu.cuStreamDestroy(self._stream), "cuStreamDestroy")
+            with _named("destroying a stream"):
+                self._stream.close()
             self._stream = None
 
 
@@ -130,21 +192,26 @@ class Event(_Resource):
     """A CUDA event with timing; `elapsed_ms(start, end)` is the GPU time between two recorded events."""
 
     def __init__(self) -> None:
-        self._event = check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate")
+        with _named("creating an event"):
+            self._event = _core.Device().create_event(options=_core.EventOptions(timing_enabled=True))
 
     def record(self, stream: Stream) -> None:
-        check(cu.cuEventRecord(self._event, stream.handle), "cuEventRecord")
+        with _named("recording an event"):
+            stream._stream.record(self._event)
 
     def synchronize(self) -> None:
-        check(cu.cuEventSynchronize(self._event), "cuEventSynchronize")
+        with _named("synchronizing an event"):
+            self._event.sync()
 
     @staticmethod
     def elapsed_ms(start: "Event", end: "Event") -> float:
-        return float(check(cu.cuEventElapsedTime(start._event, end._event), "cuEventElapsedTime"))
+        with _named("timing events"):
+            return float(end._event - start._event)
 
     def close(self) -> None:
         if self._event is not None:
-            check(cu.cuEventDestroy(self._event), "cuEventDestroy")
+            with _named("destroying an event"):
+                self._event.close()
             self._event = None
 
 
@@ -191,8 +258,9 @@ class PinnedBuffer(_Resource):
         self.dtype = np.dtype(dtype)
         self.size = int(size)
         nbytes = max(self.size * self.dtype.itemsize, 1)
-        self._ptr = check(cu.cuMemHostAlloc(nbytes, 0), f"cuMemHostAlloc({nbytes} bytes)")
-        raw = (ctypes.c_byte * nbytes).from_address(int(self._ptr))
+        with _named(f"cuMemAllocHost({nbytes} bytes)"):
+            self._buffer = _core.LegacyPinnedMemoryResource().allocate(nbytes)
+        raw = (ctypes.c_byte * nbytes).from_address(int(self._buffer.handle))
         self.array = np.frombuffer(raw, dtype=self.dtype, count=self.size)
 
     def view(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -202,43 +270,118 @@ class PinnedBuffer(_Resource):
         return self.array[:count].reshape(shape)
 
     def close(self) -> None:
-        if self._ptr is not None:
+        if self._buffer is not None:
             self.array = None
-            check(cu.cuMemFreeHost(self._ptr), "cuMemFreeHost")
-            self._ptr = None
+            with _named("cuMemFreeHost"):
+                self._buffer.close()
+            self._buffer = None
+
+
+# ---------------------------------------------------------------- NVRTC, kernels, launches
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:
+        raise CompileError(f"cuda-python is not installed: pip install cuda-python; {NVRTC_HINT}") from exc
+    return nvrtc
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int]:
+    try:
+        return tuple(check(_nvrtc().nvrtcVersion(), "nvrtcVersion"))
+    except RuntimeError as exc:  # cuda-python raises when libnvrtc itself cannot be found
+        raise CompileError(f"NVRTC cannot be loaded ({type(exc).__name__}): {NVRTC_HINT}") from None
+
+
+@functools.cache
+def nvrtc_archs() -> tuple[int, ...]:
+    """The architectures (e.g. 90) the installed NVRTC compiles for."""
+    nvrtc_version()  # a clear error when libnvrtc is missing
+    return tuple(check(_nvrtc().nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
+
+
+def compile_program(source: bytes, name: str, options: list[str], kind: str, headers: dict[str, bytes]) -> bytes:
+    """NVRTC's PTX or cubin (`kind`) of `source`; `headers` maps include names to their text."""
+    if kind not in ("ptx", "cubin"):
+        raise ValueError(f"kind must be 'ptx' or 'cubin', not {kind!r}")
+    nvrtc = _nvrtc()
+    nvrtc_version()
+    prog = check(nvrtc.nvrtcCreateProgram(source, name.encode(), len(headers), list(headers.values()),
+                                          [h.encode() for h in headers]), "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in options]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if int(err) != 0:
+            size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+            log = log.rstrip(b"\x00 ").decode(errors="replace").strip()
+            raise CompileError(f"NVRTC compile of {name} failed ({err.name}){': ' + log if log else ''}")
+        get_size, get = ((nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if kind == "ptx"
+                         else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN))
+        image = b" " * check(get_size(prog), f"{kind} size of {name}")
+        check(get(prog, image), f"{kind} of {name}")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return image.rstrip(b"\x00") if kind == "ptx" else image
+
+
+def load_kernel(image: bytes, kind: str, name: str) -> Any:
+    """Kernel `name` of a cubin or PTX image (`kind`), loaded for the current context."""
+    if kind not in ("ptx", "cubin"):
+        raise ValueError(f"kind must be 'ptx' or 'cubin', not {kind!r}")
+    with _named(f"loading the {kind} of {name}"):
+        code = _core.ObjectCode.from_cubin(image) if kind == "cubin" else _core.ObjectCode.from_ptx(image)
+        return code.get_kernel(name)
+
+
+def launch(kernel: Any, grid: tuple, block: tuple, stream: int, *args: Any, shared_mem: int = 0,
+           name: str = "a kernel") -> None:
+    """Queue `kernel` on the stream with this handle (ours, TensorRT's or torch's). Arguments are passed by
+    their C type: numpy scalars (np.uint64 for pointers, np.int32) or cuda.core Buffers."""
+    with _named(f"launching {name}"):
+        config = _core.LaunchConfig(grid=tuple(grid), block=tuple(block), shmem_size=int(shared_mem))
+        _core.launch(_core.Stream.from_handle(int(stream)), config, kernel, *args)
+
+
+# ---------------------------------------------------------------- graphs
 
 
 class Graph(_Resource):
     """An instantiated CUDA graph of the work `enqueue` puts on `stream` while captured.
 
-    Capture is thread-local (as trtexec does it): other threads may keep using CUDA meanwhile. Everything
-    captured is frozen: kernel arguments, pointers and copy sizes. Replay with new data by writing into the
-    same buffers.
+    cuda.core's GraphBuilder of a stream captures that very stream, so work queued on its handle by another
+    library (TensorRT's execute_async_v3) is captured too. Capture is thread-local (as trtexec does it): other
+    threads may keep using CUDA meanwhile. Everything captured is frozen: kernel arguments, pointers and copy
+    sizes. Replay with new data by writing into the same buffers.
     """
 
     def __init__(self, stream: Stream, enqueue: Callable[[], Any]) -> None:
-        mode = cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-        check(cu.cuStreamBeginCapture(stream.handle, mode), "cuStreamBeginCapture")
+        self._graph = None
+        builder = stream._stream.create_graph_builder()
         try:
+            with _named("cuStreamBeginCapture"):
+                builder.begin_building("thread_local")
             enqueue()
-        except BaseException:
-            err, graph = cu.cuStreamEndCapture(stream.handle)  # leave capture mode whatever happened
-            if err == cu.CUresult.CUDA_SUCCESS and graph is not None:
-                cu.cuGraphDestroy(graph)
-            raise
-        self._graph = check(cu.cuStreamEndCapture(stream.handle), "cuStreamEndCapture")
-        try:
-            self._exec = check(cu.cuGraphInstantiate(self._graph, 0), "cuGraphInstantiate")
-        except CudaError:
-            check(cu.cuGraphDestroy(self._graph), "cuGraphDestroy")
-            self._graph = None
-            raise
+            with _named("cuStreamEndCapture"):
+                builder.end_building()
+            with _named("cuGraphInstantiate"):
+                self._graph = builder.complete()
+        finally:
+            # Ends a capture still open (enqueue raised, or the capture was invalidated) so the stream stays
+            # usable, and frees the captured template; the instantiated graph does not need it.
+            with contextlib.suppress(Exception):
+                builder.close()
 
     def launch(self, stream: Stream) -> None:
-        check(cu.cuGraphLaunch(self._exec, stream.handle), "cuGraphLaunch")
+        with _named("cuGraphLaunch"):
+            self._graph.launch(stream._stream)
 
     def close(self) -> None:
         if self._graph is not None:
-            check(cu.cuGraphExecDestroy(self._exec), "cuGraphExecDestroy")
-            check(cu.cuGraphDestroy(self._graph), "cuGraphDestroy")
+            with _named("cuGraphExecDestroy"):
+                self._graph.close()
             self._graph = None

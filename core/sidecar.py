@@ -147,28 +147,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def gpu_info() -> dict[str, str] | None:
-    """Name and compute capability of CUDA device 0, or None without a driver or device."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        return None
-    try:
-        (err,) = driver.cuInit(0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            return None
-        err, dev = driver.cuDeviceGet(0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            return None
-        err, name = driver.cuDeviceGetName(64, dev)
-        attr = driver.CUdevice_attribute
-        _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-        _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-    except Exception:  # no libcuda: cuda-python raises instead of returning an error code
-        return None
-    return {"name": name.split(b"\0", 1)[0].decode(), "compute_capability": f"{major}.{minor}"}
-
-
 def write_sidecar(engine_path: str | os.PathLike, sidecar: Mapping[str, Any]) -> Path:
     missing = [k for k in SIDECAR_KEYS if k not in sidecar]
     if missing:

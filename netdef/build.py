@@ -17,10 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+from core import cuda
 from core.backend import BACKENDS, Backend, BackendError, get_backend
 from core.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
 from core.sidecar import (
-    OutputPathError, Profile, ProfileError, SidecarError, check_output_path, default_engine_path, gpu_info,
+    OutputPathError, Profile, ProfileError, SidecarError, check_output_path, default_engine_path,
     sidecar_path, write_atomic, write_sidecar,
 )
 
@@ -290,22 +291,17 @@ def describe_io(trt, network) -> tuple[dict, dict]:
     return inputs, outputs
 
 
+def gpu_entry() -> dict[str, str] | None:
+    """The sidecar's `gpu`: name and compute capability of CUDA device 0 (the one TensorRT builds on), or None
+    without a driver or device."""
+    gpu = cuda.probe()
+    return None if gpu is None else {"name": gpu.name, "compute_capability": gpu.compute_capability}
+
+
 def gpu_total_memory() -> int | None:
-    """Bytes of memory on CUDA device 0 (the one TensorRT builds on), or None without a driver or device."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        return None
-    try:
-        if driver.cuInit(0)[0] != driver.CUresult.CUDA_SUCCESS:
-            return None
-        err, dev = driver.cuDeviceGet(0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            return None
-        err, total = driver.cuDeviceTotalMem(dev)
-    except Exception:  # no libcuda: cuda-python raises instead of returning an error code
-        return None
-    return int(total) if err == driver.CUresult.CUDA_SUCCESS else None
+    """Bytes of memory on CUDA device 0, or None without a driver or device."""
+    gpu = cuda.probe()
+    return None if gpu is None else gpu.total_memory
 
 
 def workspace_limit_mib(requested_mib: int) -> int:
@@ -545,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "postprocess": args.postprocess,
         "backend": backend.name,
         "trt_version": backend.version,
-        "gpu": gpu_info(),
+        "gpu": gpu_entry(),
         "weights_sha256": weights.file_sha256(args.weights),
         "inputs": inputs,
         "outputs": outputs,

@@ -61,7 +61,7 @@ def launch(x_ptr: int, bias_ptr: int, out_ptr: int, shape, dtype: str, heads: in
     """Run on device pointers: x of `shape` (B, Q, C) and `dtype`, bias (C,) float32, out (B, heads, Q, C/heads)."""
     c = shape[-1]
     attrs = {"heads": heads, "scale": scale, "channels": c}
-    _launch.run_spec(SPEC, [x_ptr, bias_ptr], [shape, (c,)], [dtype, "float32"], [out_ptr], attrs, stream)
+    _launch.launch_kernel(SPEC, [dtype, "float32"], attrs, [x_ptr, bias_ptr, out_ptr], [shape, (c,)], stream)
 
 
 def add_layer(trt, network, x, bias: np.ndarray, heads: int, scale: float):

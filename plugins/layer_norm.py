@@ -59,8 +59,8 @@ def launch(x_ptr: int, gamma_ptr: int, beta_ptr: int, out_ptr: int, shape, dtype
     """Run on device pointers: x/out of `shape` (..., C) and `dtype`, gamma/beta (C,) float32."""
     c = shape[-1]
     attrs = {"eps": eps, "channels": c}
-    _launch.run_spec(SPEC, [x_ptr, gamma_ptr, beta_ptr], [shape, (c,), (c,)], [dtype, "float32", "float32"],
-                     [out_ptr], attrs, stream)
+    _launch.launch_kernel(SPEC, [dtype, "float32", "float32"], attrs, [x_ptr, gamma_ptr, beta_ptr, out_ptr],
+                          [shape, (c,), (c,)], stream)
 
 
 def add_layer(trt, network, x, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5):

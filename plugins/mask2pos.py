@@ -59,7 +59,7 @@ SPEC = KernelSpec(
 def launch(mask_ptr: int, emb_col_ptr: int, emb_row_ptr: int, shape, d: int, fp16: bool = False,
            stream: int = 0) -> None:
     """Run on device pointers: mask of `shape` (B, h, w) bool, emb_col (B, h, d), emb_row (B, w, d)."""
-    _launch.run_spec(SPEC, [mask_ptr], [shape], ["bool"], [emb_col_ptr, emb_row_ptr], {"d": d, "fp16": fp16}, stream)
+    _launch.launch_kernel(SPEC, ["bool"], {"d": d, "fp16": fp16}, [mask_ptr, emb_col_ptr, emb_row_ptr], [shape], stream)
 
 
 def add_layer(trt, network, mask, d: int, *, fp16: bool = False):

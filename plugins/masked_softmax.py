@@ -56,7 +56,7 @@ SPEC = KernelSpec(
 def launch(logits_ptr: int, key_mask_ptr: int, probs_ptr: int, shape, dtype: str, stream: int = 0) -> None:
     """Run on device pointers: logits/probs of `shape` (B, heads, Q, K) and `dtype`, key_mask (B, K) bool."""
     b, _, _, k = shape
-    _launch.run_spec(SPEC, [logits_ptr, key_mask_ptr], [shape, (b, k)], [dtype, "bool"], [probs_ptr], {}, stream)
+    _launch.launch_kernel(SPEC, [dtype, "bool"], {}, [logits_ptr, key_mask_ptr, probs_ptr], [shape, (b, k)], stream)
 
 
 def add_layer(trt, network, logits, key_mask):

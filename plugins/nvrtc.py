@@ -1,4 +1,4 @@
-"""Compile our `.cu` kernels with NVRTC (through cuda-python) and cache the results on disk.
+"""Compile our `.cu` kernels with NVRTC (through core.cuda) and cache the results on disk.
 
 No C++ toolchain is needed: NVRTC comes from the `nvidia-cuda-nvrtc` wheel and `cuda_fp16.h` from the
 `nvidia-cuda-runtime` wheel. PTX (`compute_XX`) is what TensorRT embeds in an engine; a cubin (`sm_XX`) is what our
@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from core import cuda
+from core.cuda import CompileError  # raised here too: NVRTC missing, a kernel rejected, an unsupported GPU
 from .spec import float_literal
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -27,59 +29,13 @@ HEADERS = ("common.cuh",)
 MAX_PTX_VERSION = (9, 0)
 
 
-class CompileError(RuntimeError):
-    """NVRTC is missing or rejected a kernel."""
-
-
-def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as exc:
-        raise CompileError(
-            "cuda-python is not installed: pip install 'anchortrt[plugins]' (cuda-python, nvidia-cuda-nvrtc)"
-        ) from exc
-    return nvrtc
-
-
-def _check(result, what: str, prog=None):
-    nvrtc = _nvrtc()
-    err = result[0]
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        log = _program_log(prog) if prog is not None else ""
-        raise CompileError(f"NVRTC {what} failed ({err.name}){': ' + log if log else ''}")
-    return result[1] if len(result) == 2 else result[1:]
-
-
-def _program_log(prog) -> str:
-    nvrtc = _nvrtc()
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    buf = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, buf)
-    return buf.rstrip(b"\x00 ").decode(errors="replace").strip()
-
-
-@functools.cache
-def nvrtc_version() -> tuple[int, int]:
-    try:
-        return tuple(_check(_nvrtc().nvrtcVersion(), "version"))
-    except RuntimeError as exc:  # cuda-python raises when libnvrtc itself cannot be found
-        raise CompileError(
-            f"NVRTC cannot be loaded ({exc}): pip install 'nvidia-cuda-nvrtc==13.0.*'"
-        ) from exc
-
-
-@functools.cache
-def supported_archs() -> tuple[int, ...]:
-    return tuple(_check(_nvrtc().nvrtcGetSupportedArchs(), "supported archs"))
-
-
 def target_arch(compute_capability: int) -> int:
     """The newest architecture NVRTC supports that a device of this compute capability (e.g. 90) can run."""
-    usable = [a for a in supported_archs() if a <= compute_capability]
+    usable = [a for a in cuda.nvrtc_archs() if a <= compute_capability]
     if not usable:
         raise CompileError(
-            f"NVRTC {'.'.join(map(str, nvrtc_version()))} cannot compile for compute capability "
-            f"{compute_capability}: it supports {supported_archs()}"
+            f"NVRTC {'.'.join(map(str, cuda.nvrtc_version()))} cannot compile for compute capability "
+            f"{compute_capability}: it supports {cuda.nvrtc_archs()}"
         )
     return max(usable)
 
@@ -137,7 +93,7 @@ def _compile_cached(source: str, defines: tuple, arch: int, kind: str) -> bytes:
     options = [target, "--std=c++17", *(format_define(k, v) for k, v in defines)]
     key = hashlib.sha256(
         json.dumps(
-            [text.hex(), [h.hex() for h in headers], nvrtc_version(), options, kind], sort_keys=True
+            [text.hex(), [h.hex() for h in headers], cuda.nvrtc_version(), options, kind], sort_keys=True
         ).encode()
     ).hexdigest()
     path = cache_dir() / f"{Path(source).stem}-{key[:32]}.{kind}"
@@ -145,7 +101,8 @@ def _compile_cached(source: str, defines: tuple, arch: int, kind: str) -> bytes:
         return path.read_bytes()
     except OSError:
         pass
-    image = _run_nvrtc(source, text, headers, options + [f"-I{d}" for d in include_dirs()], kind)
+    image = cuda.compile_program(text, source, options + [f"-I{d}" for d in include_dirs()], kind,
+                                 dict(zip(HEADERS, headers)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -154,29 +111,6 @@ def _compile_cached(source: str, defines: tuple, arch: int, kind: str) -> bytes:
     except OSError:
         pass  # a read-only cache only costs a recompile next time
     return image
-
-
-def _run_nvrtc(source: str, text: bytes, headers: list[bytes], options: list[str], kind: str) -> bytes:
-    nvrtc = _nvrtc()
-    nvrtc_version()  # a clear error when libnvrtc is missing
-    prog = _check(
-        nvrtc.nvrtcCreateProgram(text, source.encode(), len(headers), headers, [h.encode() for h in HEADERS]),
-        "create program",
-    )
-    try:
-        opts = [o.encode() for o in options]
-        _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), f"compile of {source}", prog)
-        if kind == "ptx":
-            size = _check(nvrtc.nvrtcGetPTXSize(prog), "PTX size")
-            buf = b" " * size
-            _check(nvrtc.nvrtcGetPTX(prog, buf), "PTX")
-        else:
-            size = _check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
-            buf = b" " * size
-            _check(nvrtc.nvrtcGetCUBIN(prog, buf), "cubin")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    return buf.rstrip(b"\x00") if kind == "ptx" else buf
 
 
 def ptx_version(ptx: bytes) -> tuple[int, int]:

@@ -21,9 +21,10 @@ from typing import Tuple
 
 import numpy as np
 
+from core import cuda
 from core.backend import BackendError, backend_of
 
-from . import launch, nvrtc
+from . import nvrtc
 from .spec import KernelSpec, PluginError
 
 NAMESPACE = "anchortrt"
@@ -144,7 +145,7 @@ def _aot_impl(trt, trtp, spec: KernelSpec, signature: inspect.Signature):
         descs, attrs = _split(spec, signature, args, kwargs)
         dtypes = [_dtype_name(trt, d.dtype) for d in descs]
         name, defines = spec.kernel_rule(dtypes, attrs)
-        arch = nvrtc.target_arch(launch.compute_capability())
+        arch = nvrtc.target_arch(cuda.current_device().arch)
         ptx = nvrtc.compile_kernel(spec.source, defines, arch, "ptx")
         rule = spec.launch_rule([tuple(d.shape_expr) for d in descs], dtypes, attrs, _SymOps(trtp))
         params = trtp.KernelLaunchParams()

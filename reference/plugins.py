@@ -74,25 +74,52 @@ def interpret(metadata: str, inputs) -> list:
 # ---------------------------------------------------------------- the kernels on CUDA torch tensors
 
 
+
+def apply_torch(spec, tensors, attrs: dict, image: str = "cubin"):
+    """Run the kernel on CUDA torch tensors (made contiguous and 16-byte aligned) on torch's current stream."""
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bool": torch.bool}
+    dtype_name = {t: n for n, t in torch_dtype.items()}
+    prepared = []
+    for t in tensors:
+        if not t.is_cuda or t.dtype not in dtype_name:
+            raise ValueError(f"{spec.name}: inputs must be CUDA tensors of {', '.join(torch_dtype)}, got {t.dtype}")
+        t = t.contiguous()
+        if t.data_ptr() % 16:  # vector loads need aligned rows
+            t = t.clone()
+        prepared.append(t)
+    attrs = spec.normalize_attrs(attrs)
+    shapes = [tuple(t.shape) for t in prepared]
+    dtypes = [dtype_name[t.dtype] for t in prepared]
+    spec.check_inputs(shapes, dtypes, attrs)
+    device = prepared[0].device
+    outs = [
+        torch.empty(shape, dtype=torch_dtype[dtype], device=device)
+        for shape, dtype in spec.output_rule(shapes, dtypes, attrs)
+    ]
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _launch.launch_kernel(spec, dtypes, attrs, [t.data_ptr() for t in prepared + outs], shapes, stream, image)
+    return outs
+
+
 def run_masked_softmax(logits: torch.Tensor, key_mask: torch.Tensor, image: str = "cubin") -> torch.Tensor:
-    return _launch.apply_torch(_masked_softmax.SPEC, [logits, key_mask], {}, image)[0]
+    return apply_torch(_masked_softmax.SPEC, [logits, key_mask], {}, image)[0]
 
 
 def run_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
                    image: str = "cubin") -> torch.Tensor:
     """gamma and beta are used as float32."""
     attrs = {"eps": eps, "channels": x.shape[-1]}
-    return _launch.apply_torch(_layer_norm.SPEC, [x, gamma.float(), beta.float()], attrs, image)[0]
+    return apply_torch(_layer_norm.SPEC, [x, gamma.float(), beta.float()], attrs, image)[0]
 
 
 def run_add_bias_transpose(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float,
                            image: str = "cubin") -> torch.Tensor:
     """bias is used as float32."""
     attrs = {"heads": heads, "scale": scale, "channels": x.shape[-1]}
-    return _launch.apply_torch(_add_bias_transpose.SPEC, [x, bias.float()], attrs, image)[0]
+    return apply_torch(_add_bias_transpose.SPEC, [x, bias.float()], attrs, image)[0]
 
 
 def run_mask2pos(mask: torch.Tensor, d: int, fp16: bool = False,
                  image: str = "cubin") -> tuple[torch.Tensor, torch.Tensor]:
-    emb_col, emb_row = _launch.apply_torch(_mask2pos.SPEC, [mask], {"d": d, "fp16": fp16}, image)
+    emb_col, emb_row = apply_torch(_mask2pos.SPEC, [mask], {"d": d, "fp16": fp16}, image)
     return emb_col, emb_row

@@ -11,7 +11,8 @@ those uint8 values. `bilinear_coefficients` builds the fixed-point tables on the
 `pillow_bilinear` is a NumPy implementation of the two passes that equals `Image.resize` bit for bit; the kernel
 uses the same tables, so its output equals the CPU path's.
 
-CUDA is reached through cuda.core; the kernel is compiled (and cached on disk) by plugins.nvrtc.
+CUDA is reached through cuda.core (device, stream, memory) and core.cuda (kernel loading and launch); the kernel
+is compiled (and cached on disk) by plugins.nvrtc.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ class GpuPreprocessor:
     """
 
     def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, device=None, stream=None):
-        from cuda.core import Device, LegacyPinnedMemoryResource, ObjectCode
+        from cuda.core import Device, LegacyPinnedMemoryResource
 
+        from core import cuda
         from plugins.nvrtc import compile_kernel
 
         if max_batch < 1:
@@ -145,7 +147,7 @@ class GpuPreprocessor:
         defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
         # plugins.nvrtc joins its own folder with the source name; an absolute path joins to itself.
         cubin = compile_kernel(str(KERNEL_SOURCE), defines, major * 10 + minor, kind="cubin")
-        self._kernel = ObjectCode.from_cubin(cubin).get_kernel("preprocess_batch")
+        self._kernel = cuda.load_kernel(cubin, "cubin", "preprocess_batch")
         self._pinned_mr = LegacyPinnedMemoryResource()
         self._staging = [None] * max_batch  # per slot: (pinned Buffer, device Buffer, capacity)
         self._copied = [None] * max_batch  # per slot: event after its last copy, before its pinned buffer is reused
@@ -194,7 +196,7 @@ class GpuPreprocessor:
 
     def run(self, images_ptr: int, masks_ptr: int, batch_shape: tuple[int, int, int]) -> None:
         """Queue the kernel for slots 0..B-1 into images (B,3,Hp,Wp) float32 and masks (B,Hp,Wp) bool."""
-        from cuda.core import LaunchConfig, launch
+        from core import cuda
 
         batch, height, width = batch_shape
         if not 1 <= batch <= self.max_batch:
@@ -211,8 +213,8 @@ class GpuPreprocessor:
         self._slots_dev.copy_from(self._slots_host, stream=self.stream)
         self._slots_copied = self.stream.record()
         grid = (-(-width // BLOCK[0]), -(-height // BLOCK[1]), batch)
-        launch(self.stream, LaunchConfig(grid=grid, block=BLOCK), self._kernel,
-               self._slots_dev, np.uint64(images_ptr), np.uint64(masks_ptr), np.int32(height), np.int32(width))
+        cuda.launch(self._kernel, grid, BLOCK, int(self.stream.handle), self._slots_dev, np.uint64(images_ptr),
+                    np.uint64(masks_ptr), np.int32(height), np.int32(width), name="preprocess_batch")
 
 
 def _host_view(buffer, nbytes: int) -> np.ndarray:

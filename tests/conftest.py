@@ -6,13 +6,13 @@ import functools
 
 import pytest
 
-from core.sidecar import gpu_info
+from core import cuda
 
 
 @functools.cache
 def gpu_available() -> bool:
     """An NVIDIA driver answers and has a device 0."""
-    return gpu_info() is not None
+    return cuda.probe() is not None
 
 
 @functools.cache

@@ -386,14 +386,13 @@ def check_build_output(engine: Path, summary: dict, weights_path: Path, backend,
     from importlib import metadata
 
     import weights
-    from core.sidecar import gpu_info
 
     cfg, _ = weights.load(weights_path)
     side = load_sidecar(engine)
     inputs, outputs = expected_io(postprocess)
     assert side == {
         "config": json.loads(cfg.to_json()), "profile": profile, "precision": precision, "plugins": [],
-        "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": gpu_info(),
+        "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": build.gpu_entry(),
         "weights_sha256": weights.file_sha256(weights_path), "inputs": inputs, "outputs": outputs,
         "version_compatible": False, "anchortrt_version": metadata.version("anchortrt"),
     }
@@ -612,14 +611,6 @@ def test_workspace_is_capped_at_the_gpu_memory(gpu_bytes, expected_mib, backend,
     code, out, err = run_main(["--weights", shallow_weights, "-o", tmp_path / "e.plan", *SMALL_PROFILE], capsys)
     assert code == 0, err
     assert stub_build[0].get_memory_pool_limit(backend.trt.MemoryPoolType.WORKSPACE) == expected_mib << 20
-
-
-def test_gpu_total_memory_agrees_with_gpu_info():
-    from core.sidecar import gpu_info
-
-    total = build.gpu_total_memory()
-    assert (total is None) == (gpu_info() is None)
-    assert total is None or total > 1 << 30
 
 
 def test_version_compatible_sets_the_lean_runtime_flags(backend, shallow_weights, tmp_path, capsys, monkeypatch,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 
@@ -30,18 +29,10 @@ def cuda():
 
 
 def compile_kernel(cuda, source: bytes, name: str):
-    """`name` from `source`, compiled by NVRTC to a cubin for this GPU and loaded into the primary context."""
-    from cuda.bindings import driver as cu, nvrtc
-
+    """`name` from `source`, compiled by NVRTC to a cubin for this GPU and loaded (core.cuda's own path)."""
     device = cuda.init()
-    prog = cuda.check(nvrtc.nvrtcCreateProgram(source, f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
-    opts = [f"--gpu-architecture=sm_{device.compute_capability.replace('.', '')}".encode()]
-    cuda.check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "nvrtcCompileProgram")
-    size = cuda.check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-    cubin = b" " * size
-    cuda.check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-    module = cuda.check(cu.cuModuleLoadData(cubin), "cuModuleLoadData")
-    return cuda.check(cu.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
+    cubin = cuda.compile_program(source, f"{name}.cu", [f"--gpu-architecture=sm_{device.arch}"], "cubin", {})
+    return cuda.load_kernel(cubin, "cubin", name)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +41,8 @@ def saxpy(cuda):
 
 
 def launch(cuda, kernel, stream, a, x, y, out, n=N):
-    from cuda.bindings import driver as cu
-
-    args = ((a, x.ptr, y.ptr, out.ptr, n), (ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int))
-    grid = (n + BLOCK - 1) // BLOCK
-    cuda.check(cu.cuLaunchKernel(kernel, grid, 1, 1, BLOCK, 1, 1, 0, stream.handle, args, 0), "cuLaunchKernel")
+    args = (np.float32(a), np.uint64(x.ptr), np.uint64(y.ptr), np.uint64(out.ptr), np.int32(n))
+    cuda.launch(kernel, ((n + BLOCK - 1) // BLOCK, 1, 1), (BLOCK, 1, 1), stream.handle, *args, name="saxpy")
 
 
 def test_device_and_memory_info(cuda):
@@ -273,11 +261,13 @@ class FakeContext:
                 return False
         assert self.memory is not None and self.memory[1] >= 1 << 20  # TensorRT needs it before enqueue
         batch, _, height, width = self.shapes["images"]
+        from core import cuda
+
         a = self.addresses
-        args = ((a["images"], a["masks"], a["pred_logits"], a["pred_boxes"], batch, height, width, Q, C),
-                (ctypes.c_void_p,) * 4 + (ctypes.c_int,) * 5)
-        err, = cu.cuLaunchKernel(self.fake.kernel, 1, 1, 1, 64, 1, 1, 0, stream, args, 0)
-        return err == cu.CUresult.CUDA_SUCCESS
+        args = (*(np.uint64(a[n]) for n in ("images", "masks", "pred_logits", "pred_boxes")),
+                *(np.int32(v) for v in (batch, height, width, Q, C)))
+        cuda.launch(self.fake.kernel, (1, 1, 1), (64, 1, 1), stream, *args, name="fake_detr")  # TensorRT's stream
+        return True
 
 
 @pytest.fixture

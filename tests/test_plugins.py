@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import plugins
+from core import cuda
 from plugins import add_bias_transpose, layer_norm, mask2pos, masked_softmax, nvrtc, trt_glue
 from plugins.spec import IntOps, PluginError, float_literal
 from reference import plugins as ref
@@ -64,7 +65,7 @@ def test_kernels_compile_to_loadable_ptx(spec, arch, fresh_cache):
         assert f".target sm_{arch}".encode() in ptx
         # An R580 (CUDA 13.0) driver loads PTX up to ISA 9.0; newer NVRTC emits newer PTX.
         assert nvrtc.ptx_version(ptx) <= nvrtc.MAX_PTX_VERSION, (
-            f"NVRTC {nvrtc.nvrtc_version()} emits PTX {nvrtc.ptx_version(ptx)}: pin nvidia-cuda-nvrtc==13.0.*"
+            f"NVRTC {cuda.nvrtc_version()} emits PTX {nvrtc.ptx_version(ptx)}: pin nvidia-cuda-nvrtc==13.0.*"
         )
 
 
