@@ -13,6 +13,7 @@ instead of clipping them to white.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -141,17 +142,37 @@ def resize_rgb(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | 
     return rgb
 
 
+_RESIZE_POOL: ThreadPoolExecutor | None = None
+
+
+def _resize_pool() -> ThreadPoolExecutor:
+    """Threads for the resizes of a batch: Pillow releases the GIL while resampling, so a batch's resizes use every
+    core."""
+    global _RESIZE_POOL
+    if _RESIZE_POOL is None:
+        _RESIZE_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="anchortrt-resize")
+    return _RESIZE_POOL
+
+
 def preprocess_batch(
     images: Sequence[Image.Image],
     exif: bool = True,
     min_hw: tuple[int, int] | None = None,
     max_hw: tuple[int, int] | None = None,
+    threads: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """`pad_batch([preprocess_image(i, exif, max_hw) for i in images], min_hw)`, normalising straight into the
-    padded batch (no per-image float array). Also returns each image's (height, width) after resizing."""
+    padded batch (no per-image float array). Also returns each image's (height, width) after resizing.
+
+    With ``threads`` (and more than one image) the resizes run on a shared thread pool, side by side; the result is
+    the same either way."""
     if not images:
         raise ValueError("preprocess_batch needs at least one image")
-    pixels = [np.asarray(resize_rgb(image, exif=exif, max_hw=max_hw), dtype=np.uint8) for image in images]
+
+    def resized(image: Image.Image) -> np.ndarray:
+        return np.asarray(resize_rgb(image, exif=exif, max_hw=max_hw), dtype=np.uint8)
+
+    pixels = list(_resize_pool().map(resized, images)) if threads and len(images) > 1 else list(map(resized, images))
     sizes = [p.shape[:2] for p in pixels]
     height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
     if min_hw is not None:

@@ -219,6 +219,18 @@ def test_preprocess_batch_equals_pad_batch_of_single_images():
         preprocess_batch([])
 
 
+def test_threaded_resizes_give_the_serial_batch_in_input_order():
+    rng = np.random.default_rng(5)
+    # Different sizes, so a result in the wrong slot changes the batch.
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+              for h, w in [(480, 640), (31, 70), (640, 480), (5, 900), (300, 300)]]
+    threaded = preprocess_batch(images, threads=True)
+    serial = preprocess_batch(images, threads=False)
+    assert threaded[2] == serial[2] == [resized_size(*image.size) for image in images]
+    np.testing.assert_array_equal(threaded[0], serial[0])
+    np.testing.assert_array_equal(threaded[1], serial[1])
+
+
 # (in_h, in_w) -> (out_h, out_w): upscales, antialiased downscales, one-pixel sides, extreme aspect ratios,
 # unchanged axes, and sizes on either side of Pillow 13's pass-order rule.
 RESAMPLE_CASES = [((480, 640), (800, 1066)), ((1, 1), (5, 7)), ((1, 9), (1, 3)), ((9, 1), (800, 1)),
