@@ -14,12 +14,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from core.errors import BadInput
+
 BACKBONE_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 ATTENTION_TYPES = ("RCDA", "nn.MultiheadAttention")
 SPATIAL_PRIORS = ("learned", "grid")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A state dict or configuration that does not describe one AnchorDETR architecture."""
 
 

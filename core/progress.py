@@ -18,13 +18,7 @@ import threading
 import time
 from typing import IO, Any, Iterable, Sequence
 
-__all__ = ["ProgressBar", "Spinner", "print_table", "format_bytes", "format_seconds", "fail"]
-
-
-def fail(prog: str, message: Any, code: int) -> int:
-    """One error line on stderr, ``prog: error: message`` (argparse's form); returns the exit code to pass on."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return code
+__all__ = ["ProgressBar", "Spinner", "print_table", "format_bytes", "format_seconds"]
 
 
 def format_seconds(seconds: float) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.scoring import EXIT_ENVIRONMENT, EvalError
+from core.errors import EXIT_ENVIRONMENT
+from eval.scoring import EvalError
 from runtime.postprocess import postprocess
 
 

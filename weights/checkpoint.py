@@ -19,10 +19,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.config import BACKBONE_BLOCKS, AnchorDETRConfig, detect_config
+from core.errors import BadInput
 from weights import naming
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A file that is not a usable official AnchorDETR checkpoint; the message is one line."""
 
 
