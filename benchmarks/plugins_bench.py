@@ -22,6 +22,8 @@ import math
 import sys
 import time
 
+from core.progress import ProgressBar, print_table
+
 # Peak DRAM bandwidth (GB/s, vendor figures) by device-name fragment, most specific first; a GPU not listed is
 # measured against its own device copy (copy_gbps) only.
 PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
@@ -147,12 +149,6 @@ def max_error(torch, a, b) -> float:
     return max(float((x.float() - y.float()).nan_to_num(0).abs().max()) for x, y in zip(a, b))
 
 
-def progress(done: int, total: int, label: str) -> None:
-    filled = int(30 * done / total)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {label[:60]:<60}")
-    sys.stderr.flush()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.plugins_bench",
@@ -182,59 +178,55 @@ def main(argv=None) -> int:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     plan = [(b, d) for b in args.batch for d in args.dtype]
     total = len(plan) * 6
-    results, failures, done = [], 0, 0
-    for batch, dname in plan:
-        for name, make, ours, eager, nbytes in cases(torch, batch, dtypes[dname]):
-            progress(done, total, f"{name} b{batch} {dname}")
-            row = {"case": name, "batch": batch, "dtype": dname, "bytes": nbytes}
-            try:
-                copies = max(2, math.ceil(3 * L2_BYTES / nbytes))
-                inputs = [make() for _ in range(min(copies, args.iters))]
-                row["max_abs_diff_vs_eager"] = max_error(torch, ours(*inputs[0]), eager(*inputs[0]))
-                row["ours_gpu_us"] = gpu_time_us(torch, ours, inputs, args.iters, args.replays)
-                row["ours_wall_us"] = wall_time_us(torch, ours, inputs, args.iters)
-                row["eager_gpu_us"] = gpu_time_us(torch, eager, inputs, args.iters, args.replays)
-                row["eager_wall_us"] = wall_time_us(torch, eager, inputs, args.iters)
-                sources = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),) for _ in inputs]
-                row["copy_gpu_us"] = gpu_time_us(torch, lambda src: src.clone(), sources, args.iters, args.replays)
-                if batch in args.compile_batch and time.perf_counter() - began < args.time_budget:
-                    compiled = torch.compile(eager, dynamic=False)
-                    row["compile_gpu_us"] = gpu_time_us(torch, compiled, inputs, args.iters, args.replays)
-                row.update(derived(row, hbm_gbps))
-            except Exception as exc:  # one failing case must not lose the others
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                failures += 1
-            results.append(row)
-            done += 1
-            if args.out:  # written after every case so that a timeout keeps what was measured
-                with open(args.out, "w") as f:
-                    json.dump({"device": device, "torch": torch.__version__, "hbm_gbps": hbm_gbps,
-                               "iters": args.iters, "replays": args.replays, "results": results}, f, indent=1)
-    progress(done, total, "done")
-    sys.stderr.write("\n")
-    print_table(device, results)
+    results, failures = [], 0
+    with ProgressBar(total, "plugins") as bar:
+        for batch, dname in plan:
+            for name, make, ours, eager, nbytes in cases(torch, batch, dtypes[dname]):
+                bar.set(bar.done, status=f"{name} b{batch} {dname}")
+                row = {"case": name, "batch": batch, "dtype": dname, "bytes": nbytes}
+                try:
+                    copies = max(2, math.ceil(3 * L2_BYTES / nbytes))
+                    inputs = [make() for _ in range(min(copies, args.iters))]
+                    row["max_abs_diff_vs_eager"] = max_error(torch, ours(*inputs[0]), eager(*inputs[0]))
+                    row["ours_gpu_us"] = gpu_time_us(torch, ours, inputs, args.iters, args.replays)
+                    row["ours_wall_us"] = wall_time_us(torch, ours, inputs, args.iters)
+                    row["eager_gpu_us"] = gpu_time_us(torch, eager, inputs, args.iters, args.replays)
+                    row["eager_wall_us"] = wall_time_us(torch, eager, inputs, args.iters)
+                    sources = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),) for _ in inputs]
+                    row["copy_gpu_us"] = gpu_time_us(torch, lambda src: src.clone(), sources, args.iters, args.replays)
+                    if batch in args.compile_batch and time.perf_counter() - began < args.time_budget:
+                        compiled = torch.compile(eager, dynamic=False)
+                        row["compile_gpu_us"] = gpu_time_us(torch, compiled, inputs, args.iters, args.replays)
+                    row.update(derived(row, hbm_gbps))
+                except Exception as exc:  # one failing case must not lose the others
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                    failures += 1
+                results.append(row)
+                bar.update(1)
+                if args.out:  # written after every case so that a timeout keeps what was measured
+                    with open(args.out, "w") as f:
+                        json.dump({"device": device, "torch": torch.__version__, "hbm_gbps": hbm_gbps,
+                                   "iters": args.iters, "replays": args.replays, "results": results}, f, indent=1)
+    print_results(device, results)
     return 1 if failures else 0
 
 
-def print_table(device: str, results) -> None:
+def print_results(device: str, results) -> None:
     def fmt(row, key, spec):
         return format(row[key], spec) if key in row else "-"
 
     print(f"device: {device}; times in us per call (GPU = CUDA-graph replay, wall = Python loop)")
-    header = (f"{'case':34} {'B':>2} {'dtype':5} {'ours GPU':>9} {'ours wall':>9} {'eager GPU':>9} {'eager wall':>10} "
-              f"{'compile':>8} {'GB/s':>7} {'%HBM':>5} {'copy GB/s':>9} {'x eager':>7} {'x compile':>9}")
-    print(header)
-    print("-" * len(header))
+    rows = []
     for r in results:
         if "error" in r:
-            print(f"{r['case']:34} {r['batch']:>2} {r['dtype']:5} ERROR {r['error'][:80]}")
+            rows.append([r["case"], r["batch"], r["dtype"], "ERROR " + r["error"][:80]])
             continue
-        print(f"{r['case']:34} {r['batch']:>2} {r['dtype']:5} {fmt(r, 'ours_gpu_us', '9.2f')} "
-              f"{fmt(r, 'ours_wall_us', '9.2f')} {fmt(r, 'eager_gpu_us', '9.2f')} {fmt(r, 'eager_wall_us', '10.2f')} "
-              f"{fmt(r, 'compile_gpu_us', '8.2f')} {fmt(r, 'ours_gbps', '7.0f')} "
-              f"{fmt(r, 'ours_hbm_fraction', '5.0%')} {fmt(r, 'copy_gbps', '9.0f')} "
-              f"{fmt(r, 'speedup_vs_eager_gpu', '7.2f')} "
-              f"{fmt(r, 'speedup_vs_compile_gpu', '9.2f')}")
+        rows.append([r["case"], r["batch"], r["dtype"], fmt(r, "ours_gpu_us", ".2f"), fmt(r, "ours_wall_us", ".2f"),
+                     fmt(r, "eager_gpu_us", ".2f"), fmt(r, "eager_wall_us", ".2f"), fmt(r, "compile_gpu_us", ".2f"),
+                     fmt(r, "ours_gbps", ".0f"), fmt(r, "ours_hbm_fraction", ".0%"), fmt(r, "copy_gbps", ".0f"),
+                     fmt(r, "speedup_vs_eager_gpu", ".2f"), fmt(r, "speedup_vs_compile_gpu", ".2f")])
+    print_table(rows, ["case", "B", "dtype", "ours GPU", "ours wall", "eager GPU", "eager wall", "compile", "GB/s",
+                       "%HBM", "copy GB/s", "x eager", "x compile"])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
 
+from core.errors import Unavailable
+
 BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx", "tensorrt-lean": "tensorrt_lean"}
 BUILDERS = ("tensorrt", "tensorrt-rtx")  # the lean runtime has no Builder
 NVIDIA_INDEX = "https://pypi.nvidia.com"
@@ -30,7 +32,7 @@ PLUGINS_MIN_TRT_OLD_NUMPY = (10, 9)
 NUMPY_BREAKS_OLD_PLUGINS = (2, 4)
 
 
-class BackendError(RuntimeError):
+class BackendError(Unavailable, RuntimeError):
     """No usable TensorRT, or a feature the chosen backend does not have (command lines exit 3)."""
 
 

@@ -1,12 +1,18 @@
-"""What the runtime's command-line tools share: the parser layout and the one-line handling of expected errors."""
+"""Conventions every command-line tool shares: the parser layout, argument types and the one error line.
+
+An error is printed exactly as argparse prints its own, ``prog: error: message`` with the parser's ``prog``,
+so a bad option and a missing file read alike; ``guarded`` maps an expected failure (core.errors) to its exit
+code. Argument types raise ``argparse.ArgumentTypeError``, which argparse reports the same way with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-from core.errors import AnchorRuntimeError
+from core.errors import AnchorError
 
 
 def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -16,21 +22,94 @@ def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
     )
 
 
-def probability(text: str) -> float:
-    """An argparse type for scores and thresholds: a number in [0, 1]."""
+def fail(prog: str, message: Any, code: int) -> int:
+    """One error line on stderr, ``prog: error: message``; returns ``code`` for the caller to exit with."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def guarded(prog: str, run: Callable[..., int], *args: Any) -> int:
+    """run(*args)'s exit code; an expected failure becomes one error line on stderr and its class's exit code."""
     try:
-        value = float(text)
+        return run(*args)
+    except AnchorError as exc:
+        return fail(prog, exc, exc.exit_code)
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _bad(text: str, expected: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (a batch, a count, MiB)."""
+    try:
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0 <= value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1 (scores are probabilities), got {text}")
+        raise _bad(text, "a positive integer") from None
+    if value < 1:
+        raise _bad(text, "a positive integer")
     return value
 
 
-def guarded(run: Callable[..., int], *args) -> int:
-    """run(*args)'s exit code; an expected failure becomes one `error:` line on stderr and its own exit code."""
+def positive_float(text: str) -> float:
+    """A positive finite number (a tolerance: <= 0 would fail everything, nan or inf pass anything)."""
     try:
-        return run(*args)
-    except AnchorRuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        value = float(text)
+    except ValueError:
+        raise _bad(text, "a positive finite number, e.g. 1e-3") from None
+    if not (math.isfinite(value) and value > 0):
+        raise _bad(text, "a positive finite number, e.g. 1e-3")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]: a score or a threshold."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _bad(text, "a number from 0 to 1") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise _bad(text, "a number from 0 to 1 (scores are probabilities)")
+    return value
+
+
+def int_list(text: str, expected: str = "comma-separated positive integers, e.g. 1,4") -> list[int]:
+    """Comma-separated positive integers: ``1,4``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise _bad(text, expected) from None
+    if min(values) < 1:
+        raise _bad(text, expected)
+    return values
+
+
+def min_opt_max(text: str) -> tuple[int, int, int]:
+    """``MIN,OPT,MAX`` positive integers (their order is for the caller to check, with a better message)."""
+    expected = "MIN,OPT,MAX, e.g. 1,1,8"
+    values = int_list(text, expected)
+    if len(values) != 3:
+        raise _bad(text, expected)
+    return values[0], values[1], values[2]
+
+
+def hw(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` in pixels, both positive: ``800x800``."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise _bad(text, "HEIGHTxWIDTH, e.g. 800x800") from None
+    if min(height, width) < 1:
+        raise _bad(text, "HEIGHTxWIDTH with positive sides, e.g. 800x800")
+    return height, width
+
+
+def hw_list(text: str) -> list[tuple[int, int]]:
+    """Comma-separated ``HxW``: ``800x800,1344x1344``."""
+    try:
+        return [hw(item) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise _bad(text, "HxW[,HxW...], e.g. 800x800,1344x1344") from None

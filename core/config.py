@@ -11,6 +11,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from core.errors import BadInput
+
 BACKBONE_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 ATTENTION_TYPES = ("RCDA", "nn.MultiheadAttention")
 SPATIAL_PRIORS = ("learned", "grid")
@@ -26,7 +28,7 @@ OFFICIAL_ARGS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A state dict or configuration that does not describe one AnchorDETR architecture."""
 
 

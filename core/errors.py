@@ -1,21 +1,42 @@
-"""Expected failures of the runtime, each with the exit code its command-line tools use."""
+"""Exit codes of every command-line tool, and the expected failures that carry them.
+
+An exception derived from ``AnchorError`` is a failure we foresaw: its message is one line that names the problem
+and the fix, and ``core.cli.guarded`` turns it into ``prog: error: message`` and the exit code of its class.
+Errors of other layers (weights, netdef, ...) derive from ``BadInput``/``Unavailable``/``Failed`` as well, so no
+command needs its own table of which exception means which code.
+"""
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work ran but did not succeed: a build TensorRT refused, blocks that differ, skipped images
+EXIT_BAD_INPUT = 2  # something the user gave is wrong (argparse exits 2 on bad arguments too)
+EXIT_ENVIRONMENT = 3  # the machine lacks something: GPU, TensorRT, PyTorch
 
-class AnchorRuntimeError(Exception):
+
+class AnchorError(Exception):
     """An expected failure with a one-line message that names the problem and the fix."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
-class BadInput(AnchorRuntimeError):
+# The runtime has always raised and caught this name (runtime/runner.py); it is the same class.
+AnchorRuntimeError = AnchorError
+
+
+class BadInput(AnchorError):
     """Something the user gave is wrong: a missing engine or sidecar, mismatched weights, an image too large."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
-class Unavailable(AnchorRuntimeError):
-    """The machine cannot run the engine: no GPU, no TensorRT, another TensorRT version or GPU."""
+class Unavailable(AnchorError):
+    """The machine cannot do the work: no GPU, no TensorRT (or not one that can), no PyTorch."""
 
-    exit_code = 3
+    exit_code = EXIT_ENVIRONMENT
+
+
+class Failed(AnchorError):
+    """The input was fine but the work did not succeed (TensorRT refused to build, the interpreter gave up)."""
+
+    exit_code = EXIT_FAILED

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from core.backend import version_tuple
+from core.errors import BadInput
 
 SIDECAR_KEYS = (
     "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "version_compatible",
@@ -41,15 +42,15 @@ MIN_SIDE = 32  # one feature-map pixel at the C5 stride; smaller images have no 
 REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
 
 
-class SidecarError(ValueError):
+class SidecarError(BadInput, ValueError):
     """A sidecar that is missing or does not match this machine, TensorRT or weights."""
 
 
-class OutputPathError(OSError):
+class OutputPathError(BadInput, OSError):
     """A path we were asked to write that is not a regular file or a new file in a writable folder."""
 
 
-class ProfileError(ValueError):
+class ProfileError(BadInput, ValueError):
     """An optimization profile that TensorRT would reject or that our network cannot take."""
 
 

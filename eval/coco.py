@@ -27,6 +27,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Sequence
 
+from core import cli
+from core.cli import positive_int
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
 from core.sidecar import OutputPathError, check_output_path, write_atomic
@@ -242,23 +244,8 @@ def score_file(args) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.coco",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m eval.coco", __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:]))
     run = parser.add_argument_group("evaluate models on a COCO folder")
     run.add_argument("--coco-root", metavar="DIR", help="folder with val2017/ and annotations/instances_val2017.json")
     run.add_argument("--engine", metavar="E.plan", help="TensorRT engine built by `python -m netdef.build`")
@@ -292,11 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("scoring a results file needs both --annotations and --results")
     else:
         parser.error("give --coco-root with a model, or --annotations with --results (see --help)")
-    try:
-        return run_dataset(args) if args.coco_root else score_file(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return cli.guarded(parser.prog, run_dataset if args.coco_root else score_file, args)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from core.errors import EXIT_BAD_INPUT, AnchorError
+
 # The order of COCOeval.stats for iouType "bbox".
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
-EXIT_BAD_INPUT = 2
-EXIT_ENVIRONMENT = 3
 
-
-class EvalError(Exception):
-    """Expected failure with a one-line message; `exit_code` is what the CLI returns."""
+class EvalError(AnchorError):
+    """Expected failure with a one-line message; `exit_code` (bad input unless given) is what the CLI returns."""
 
     def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
         super().__init__(message)

@@ -8,7 +8,6 @@ workspace limit, progress monitor and (full TensorRT only) timing cache. ``main`
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import threading
@@ -19,9 +18,11 @@ from typing import Any, Sequence
 
 from core import cuda
 from core.backend import BACKENDS, Backend, BackendError, get_backend
-from core.progress import ProgressBar, Spinner, fail, format_bytes, format_seconds, print_table
+from core import cli
+from core.errors import BadInput, Failed
+from core.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
 from core.sidecar import (
-    OutputPathError, Profile, ProfileError, SidecarError, check_output_path, default_engine_path,
+    Profile, ProfileError, check_output_path, default_engine_path,
     sidecar_path, write_atomic, write_sidecar,
 )
 
@@ -40,7 +41,7 @@ MISSING_WEIGHTS = (
 MAX_ACTIVATION_ELEMENTS = 2**31 - 1
 
 
-class BuildError(RuntimeError):
+class BuildError(Failed, RuntimeError):
     """TensorRT refused to build the network; the message carries TensorRT's own errors."""
 
 
@@ -321,22 +322,6 @@ def anchortrt_version() -> str:
 # ---------------------------------------------------------------- command line
 
 
-def _hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 800x800") from None
-    return h, w
-
-
-def _batch(text: str) -> tuple[int, int, int]:
-    try:
-        lo, opt, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,OPT,MAX, e.g. 1,1,8") from None
-    return lo, opt, hi
-
-
 def _plugins(text: str) -> frozenset[str]:
     try:
         return parse_plugins(text)
@@ -377,10 +362,7 @@ exit codes: 0 built, 1 TensorRT failed to build, 2 bad input, 3 no usable Tensor
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m netdef.build", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("python -m netdef.build", DESCRIPTION, EPILOG)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                    help=f"weights file from `python -m weights.extract` (default: {DEFAULT_WEIGHTS})")
     precision = p.add_mutually_exclusive_group()
@@ -395,9 +377,9 @@ def _parser() -> argparse.ArgumentParser:
     for which, meaning in (("min", "smallest image the engine accepts"), ("opt", "image size TensorRT tunes for"),
                            ("max", "largest image the engine accepts")):
         _, h, w = getattr(default, which)
-        p.add_argument(f"--{which}", type=_hw, default=f"{h}x{w}", metavar="HxW",
+        p.add_argument(f"--{which}", type=cli.hw, default=f"{h}x{w}", metavar="HxW",
                        help=f"{meaning}, height x width (default: %(default)s)")
-    p.add_argument("--batch", type=_batch, default=",".join(str(s[0]) for s in (default.min, default.opt, default.max)),
+    p.add_argument("--batch", type=cli.min_opt_max, default=",".join(str(s[0]) for s in (default.min, default.opt, default.max)),
                    metavar="MIN,OPT,MAX", help="batch range (default: %(default)s)")
     p.add_argument("--backend", choices=list(BACKENDS),
                    help="TensorRT flavour (default: whichever is installed, full TensorRT first)")
@@ -410,7 +392,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, metavar="PATH",
                    help="tactic timing cache reused across builds (default: ENGINE.timing.cache; "
                         "full TensorRT only, TensorRT-RTX has none)")
-    p.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
+    p.add_argument("--workspace", type=cli.positive_int, default=DEFAULT_WORKSPACE_MIB, metavar="MiB",
                    help="memory pool TensorRT may use beyond the weights (default: %(default)s MiB, capped at the GPU's "
                         "memory; FP32 at 8x1344x1344 needs more than 8 GiB)")
     p.add_argument("--no-fold-constants", dest="fold_constants", action="store_false",
@@ -444,57 +426,46 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
     ], headers=("build", "value"))
 
 
-_fail = functools.partial(fail, "netdef.build")
 PROFILE_WARNING = ("TensorRT does not take the optimization profile as given ({}): fix --min/--opt/--max HxW and "
                    "--batch MIN,OPT,MAX; no engine written")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    return cli.guarded(p.prog, run, p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The build; an expected failure raises (core.errors) with its exit code, before anything is written."""
     try:
         profile = Profile(
             min=(args.batch[0], *args.min), opt=(args.batch[1], *args.opt), max=(args.batch[2], *args.max)
         ).validate()
     except ProfileError as e:
-        return _fail(f"{e} (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)", 2)
-    if args.workspace < 1:
-        return _fail(f"--workspace {args.workspace} MiB must be positive", 2)
+        raise BadInput(f"{e} (fix --min/--opt/--max HxW and --batch MIN,OPT,MAX)") from None
     if args.version_compatible and args.plugins:
-        return _fail("--version-compatible with --plugins is untested (ahead-of-time plugin layers in a "
-                     "version-compatible plan): build with --plugins none, or without --version-compatible", 2)
+        raise BadInput("--version-compatible with --plugins is untested (ahead-of-time plugin layers in a "
+                       "version-compatible plan): build with --plugins none, or without --version-compatible")
     if not args.weights.is_file():
-        return _fail(MISSING_WEIGHTS.format(path=args.weights), 2)
-    try:
-        backend = get_backend(args.backend)
-        check_plugins(backend, args.plugins)
-        if args.version_compatible:
-            check_version_compatible(backend)
-    except BackendError as e:
-        return _fail(e, 3)
+        raise BadInput(MISSING_WEIGHTS.format(path=args.weights))
+    backend = get_backend(args.backend)
+    check_plugins(backend, args.plugins)
+    if args.version_compatible:
+        check_version_compatible(backend)
 
     import weights
-    from core.config import ConfigError
 
-    try:
-        cfg, tensors = weights.load(args.weights)
-    except (weights.WeightsError, ConfigError) as e:
-        return _fail(e, 2)
-    try:
-        check_activation_size(cfg, profile)
-    except ProfileError as e:
-        return _fail(e, 2)
+    cfg, tensors = weights.load(args.weights)
+    check_activation_size(cfg, profile)
     precision = "fp16" if args.fp16 else "tf32" if args.tf32 else "fp32"
     output = args.output or default_engine_path(cfg.variant, precision)
     timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
     # Every path we will write, checked before the build; folders are made only when the files are written.
-    try:
-        side = sidecar_path(output)
-        check_output_path(output, "engine")
-        check_output_path(side, "sidecar")
-        if backend.name == "tensorrt":
-            check_output_path(timing_cache, "timing cache")
-    except (SidecarError, OutputPathError) as e:
-        return _fail(e, 2)
+    side = sidecar_path(output)
+    check_output_path(output, "engine")
+    check_output_path(side, "sidecar")
+    if backend.name == "tensorrt":
+        check_output_path(timing_cache, "timing cache")
 
     trt = backend.trt
     logger = make_logger(trt, verbose=args.verbose)
@@ -511,26 +482,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile=profile, fold_constants=args.fold_constants, workspace_mib=workspace_limit_mib(args.workspace),
                 logger=logger, monitor=monitor, timing_cache=timing_cache,
             )
-    except (NetworkConfigError, ProfileError) as e:
-        return _fail(e, 2)
-    except BackendError as e:
-        return _fail(e, 3)
+    except NetworkConfigError as e:
+        raise BadInput(str(e)) from None
     if profile_warnings(logger):
-        return _fail(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))), 2)
+        raise BadInput(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))))
     start = time.monotonic()
-    try:
-        if bar is not None:
-            with bar:
-                plan = build_serialized(builder, network, config, logger)
-        else:
-            with Spinner("building engine"):
-                plan = build_serialized(builder, network, config, logger)
-    except BuildError as e:
-        return _fail(e, 1)
+    with bar if bar is not None else Spinner("building engine"):
+        plan = build_serialized(builder, network, config, logger)
     build_seconds = time.monotonic() - start
     del keepalive  # the plan holds its own copy of the weights now
     if profile_warnings(logger):
-        return _fail(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))), 2)
+        raise BadInput(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))))
 
     inputs, outputs = describe_io(trt, network)
     sidecar = {
@@ -554,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backend.name == "tensorrt":
             save_timing_cache(config, timing_cache)
     except OSError as e:
-        return _fail(f"cannot write the engine: {e}", 2)
+        raise BadInput(f"cannot write the engine: {e}") from None
 
     summary = {
         "engine": str(output),

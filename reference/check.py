@@ -10,16 +10,17 @@ sides see the same padded batch of random images of different sizes; every block
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from core.backend import BUILDERS, BackendError, get_backend
-from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, _hw, create_network
-from core.progress import Spinner, fail, print_table
+from core import cli
+from core.backend import BUILDERS, get_backend
+from core.errors import BadInput, Failed, Unavailable
+from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, create_network
+from core.progress import Spinner, print_table
 from core.sidecar import MIN_SIDE, Profile
 
 # Tolerances on the block's relative error (max |net - ref| / max |ref|). FP32: both sides compute in float32
@@ -160,64 +161,47 @@ CUDA for --device cuda).
 """
 
 
-def _tolerance(text: str) -> float:
-    """A positive finite float: a tolerance <= 0 fails every block, NaN or inf passes any."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 1e-3") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number, e.g. 1e-3")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reference.check", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m reference.check", DESCRIPTION, EPILOG)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"weights file (default: {DEFAULT_WEIGHTS})")
     p.add_argument("--fp16", action="store_true", help="check the FP16 network (against the FP32 reference)")
-    p.add_argument("--size", type=_hw, default="320x480", metavar="HxW",
+    p.add_argument("--size", type=cli.hw, default="320x480", metavar="HxW",
                    help="padded batch size; the other images are smaller (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=2, help="images in the batch (default: %(default)s)")
+    p.add_argument("--batch", type=cli.positive_int, default=2, help="images in the batch (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default: cpu)")
     p.add_argument("--backend", choices=BUILDERS,
                    help="TensorRT flavour that defines the network (default: the first that can build here)")
     p.add_argument("--seed", type=int, default=0, help="random images seed (default: %(default)s)")
-    p.add_argument("--tol", type=_tolerance, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
+    p.add_argument("--tol", type=cli.positive_float, help="relative error tolerance (default: 1e-3 FP32, 3e-2 FP16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of a table")
     return p
 
 
-_fail = functools.partial(fail, "reference.check")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.batch < 1:
-        return _fail(f"--batch {args.batch} must be at least 1", 2)
+    p = _parser()
+    return cli.guarded(p.prog, run, p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if min(args.size) < MIN_SIDE:
-        return _fail(f"--size {args.size[0]}x{args.size[1]} is below {MIN_SIDE}x{MIN_SIDE}, the smallest image with a feature map", 2)
+        raise BadInput(f"--size {args.size[0]}x{args.size[1]} is below {MIN_SIDE}x{MIN_SIDE}, the smallest image with a feature map")
     if not args.weights.is_file():
-        return _fail(MISSING_WEIGHTS.format(path=args.weights), 2)
+        raise BadInput(MISSING_WEIGHTS.format(path=args.weights))
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            return _fail("--device cuda, but PyTorch sees no CUDA device: use --device cpu", 3)
-    import weights
-    from core.config import ConfigError
+            raise Unavailable("--device cuda, but PyTorch sees no CUDA device: use --device cpu")
     from reference.interpret import InterpretError
     from netdef.network import NetworkConfigError
 
     try:
         report = run_check(args.weights, fp16=args.fp16, size=args.size, batch=args.batch, device=args.device,
                            backend_name=args.backend, seed=args.seed, tol=args.tol)
-    except BackendError as e:
-        return _fail(e, 3)
-    except (weights.WeightsError, ConfigError, NetworkConfigError) as e:
-        return _fail(e, 2)
+    except NetworkConfigError as e:
+        raise BadInput(str(e)) from None
     except InterpretError as e:  # a layer the interpreter cannot evaluate: no verdict on parity
-        return _fail(e, 1)
+        raise Failed(str(e)) from None
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -20,7 +20,7 @@ import numpy as np
 
 from core.progress import ProgressBar, format_seconds, print_table
 from core.sidecar import OutputPathError, check_output_path, write_atomic
-from core.cli import guarded, parser
+from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorRuntimeError, BadInput, Unavailable
 
 TORCH_MODES = {
@@ -45,26 +45,6 @@ pipeline rows (--pipeline DIR or synthetic:N, N deterministic 640x480 JPEGs in a
 files to detections, busy ms per image of each stage and the process's CPU ms per image, after one untimed batch.
 exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT)
 """
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    try:
-        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise BadInput(f"--shapes {text!r}: expected HxW[,HxW...], e.g. 800x800,1344x1344")
-    return shapes  # type: ignore[return-value]
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        batches = [int(v) for v in text.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise BadInput(f"--batch {text!r}: expected positive integers, e.g. 1,4")
-    return batches
 
 
 def stats(samples: Sequence[float]) -> dict[str, float] | None:
@@ -251,7 +231,7 @@ def pipeline_row(name: str, detector, paths: Sequence[Path], batch: int, args: a
 
 
 def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[dict]:
-    batches = parse_batches(args.batch)
+    batches = args.batch
     if args.engine is not None:
         from runtime.runner import EngineRunner
 
@@ -315,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--engine", type=Path, help="engine to measure (default: engines/anchor_detr_r50_dc5_fp16.plan "
                    "unless only --torch-weights is given)")
-    p.add_argument("--shapes", default="800x800,1344x1344", help="input HxW list (default 800x800,1344x1344)")
-    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
-    p.add_argument("--iters", type=int, default=50, help="timed iterations per row (default 50)")
+    p.add_argument("--shapes", type=hw_list, default="800x800,1344x1344", metavar="HxW,...",
+                   help="input shapes (default 800x800,1344x1344)")
+    p.add_argument("--batch", type=int_list, default="1,4", metavar="B,...", help="batch sizes (default 1,4)")
+    p.add_argument("--iters", type=positive_int, default=50, help="timed iterations per row (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed iterations first (default 10)")
     p.add_argument("--graphs", action="store_true", help="also measure with CUDA graphs (one capture per shape)")
     p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
@@ -328,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", metavar="DIR|synthetic:N",
                    help="measure files -> detections through runtime.pipeline on a folder's images or N synthetic "
                    "640x480 JPEGs, with --engine and/or --torch-weights (rows per --batch)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="--pipeline: decoding threads (default: up to 4)")
-    p.add_argument("--in-flight", type=int, default=2, help="--pipeline: batches in flight (default 2)")
+    p.add_argument("--in-flight", type=positive_int, default=2, help="--pipeline: batches in flight (default 2)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
                    help="--pipeline: preprocessing on the CPU (default), the GPU kernel (opt-in: not yet run on a "
                    "GPU by this project), or auto (GPU when available)")
@@ -341,13 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from runtime.runner import DEFAULT_ENGINE, read_sidecar
 
-    configs = [(b, hw) for b in parse_batches(args.batch) for hw in parse_shapes(args.shapes)]
+    configs = [(b, hw) for b in args.batch for hw in args.shapes]
     args.torch_modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     unknown = [m for m in args.torch_modes if m not in TORCH_MODES]
     if unknown or not args.torch_modes:
         raise BadInput(f"--torch-modes {unknown or args.torch_modes}: choose from {', '.join(TORCH_MODES)}")
-    if args.iters < 1 or args.warmup < 0:
-        raise BadInput("--iters must be at least 1 and --warmup at least 0")
+    if args.warmup < 0:
+        raise BadInput(f"--warmup {args.warmup} must be at least 0")
     if args.json is not None:
         try:
             check_output_path(args.json, "--json")
@@ -404,7 +385,8 @@ def run_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return guarded(run, build_parser().parse_args(argv), argv)
+    p = build_parser()
+    return guarded(p.prog, run, p.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ import numpy as np
 from core.progress import ProgressBar, print_table
 from core.sidecar import OutputPathError, check_output_path, write_atomic
 from runtime.coco_names import label_name
-from core.cli import guarded, parser, probability
-from core.errors import BadInput
+from core.cli import guarded, parser, positive_int, probability
+from core.errors import EXIT_FAILED, BadInput
 from runtime.preprocess import ImageError
-
-EXIT_PARTIAL = 1
 
 EPILOG = """\
 examples:
@@ -50,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"engine file; its sidecar <engine>.json must be beside it (default: {DEFAULT_ENGINE})")
     p.add_argument("--threshold", type=probability, default=0.5,
                    help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
-    p.add_argument("--batch", type=int, default=None, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=None, metavar="N",
                    help="images per engine call (default: the profile's largest batch)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write annotated copies of the images here")
     p.add_argument("--json", type=Path, metavar="FILE",
@@ -58,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "name if numeric (000000397133.jpg -> 397133), else the image's position in the list")
     p.add_argument("--weights", type=Path, metavar="W.safetensors",
                    help="refuse the engine unless it was built from these weights (sha256 in the sidecar)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
                    help="threads decoding images ahead of the engine (default: up to 4)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
                    help="where images are resized and normalised: the CPU (default), the GPU kernel writing into "
@@ -129,10 +127,6 @@ def _readable(path: Path) -> bool:
 def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Path | None]], list[str]]:
     """Everything that needs no GPU, before it is opened. Returns (index, image, annotated copy or None) of each
     image that can be read, and the names of those that cannot (reported and skipped)."""
-    if args.batch is not None and args.batch < 1:
-        raise BadInput(f"--batch {args.batch}: must be at least 1")
-    if args.workers < 1:
-        raise BadInput(f"--workers {args.workers}: must be at least 1")
     if args.weights is not None and not args.weights.is_file():
         raise BadInput(f"--weights {args.weights} not found: name the weights file the engine was built from")
     readable = [(i, path) for i, path in enumerate(args.images) if _readable(path)]
@@ -187,11 +181,12 @@ def run(args: argparse.Namespace) -> int:
     done = len(args.images) - len(failed)
     print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
           + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
-    return EXIT_PARTIAL if failed else 0
+    return EXIT_FAILED if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return guarded(run, build_parser().parse_args(argv))
+    p = build_parser()
+    return guarded(p.prog, run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -307,19 +307,19 @@ def test_missing_weights_says_how_to_make_them(tmp_path, capsys):
     (["--min", "800x800", "--opt", "640x640"], "height needs min <= opt <= max"),
     (["--batch", "2,1,8"], "batch needs min <= opt <= max"),
     (["--min", "16x512"], "below 32x32"),
-    (["--workspace", "0"], "--workspace 0 MiB must be positive"),
 ])
 def test_bad_profile_is_exit_2_with_one_line(argv, message, tmp_path, capsys):
     code, out, err = run_main(argv + ["--weights", tmp_path / "missing"], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("argv", [["--min", "800"], ["--batch", "1,8"], ["--plugins", "foo"]])
+@pytest.mark.parametrize("argv", [["--min", "800"], ["--min", "0x800"], ["--batch", "1,8"], ["--plugins", "foo"],
+                                  ["--workspace", "0"]])
 def test_malformed_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert "error: argument" in capsys.readouterr().err
+    assert "python -m netdef.build: error: argument" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cli", ["netdef.build", "reference.check"])
@@ -334,7 +334,7 @@ def test_unavailable_backend_is_exit_3_naming_the_extra(cli, tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
     code, out, err = run_cli(importlib.import_module(cli).main, ["--weights", weights, "--backend", "tensorrt"], capsys)
-    assert code == 3 and err.startswith(f"{cli}: error:") and "pip install 'anchortrt[trt]'" in err
+    assert code == 3 and err.startswith(f"python -m {cli}: error:") and "pip install 'anchortrt[trt]'" in err
 
 
 def test_plugins_without_plugin_layers_is_exit_3(backend, tmp_path, capsys):
@@ -447,7 +447,7 @@ def test_unwritable_output_paths_are_exit_2_before_building(what, shallow_weight
         full_trt_named(backend, monkeypatch)
     before = sorted(tmp_path.rglob("*"))
     code, out, err = run_main(["--weights", shallow_weights, "-o", engine, *SMALL_PROFILE], capsys)
-    assert code == 2 and err.startswith(f"netdef.build: error: {what} {blocked} is a folder") and err.count("\n") == 1
+    assert code == 2 and err.startswith(f"python -m netdef.build: error: {what} {blocked} is a folder") and err.count("\n") == 1
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -493,7 +493,7 @@ def test_profile_warnings_fail_the_build_with_exit_2(shallow_weights, tmp_path, 
     monkeypatch.setattr(build, "build_serialized", lambda *a: pytest.fail("built despite the profile warning"))
     code, out, err = run_main(["--weights", shallow_weights, "-o", tmp_path / "e.plan", *SMALL_PROFILE], capsys)
     last = err.splitlines()[-1]
-    assert code == 2 and err.count("netdef.build: error:") == 1 and last.startswith("netdef.build: error:")
+    assert code == 2 and err.count("python -m netdef.build: error:") == 1 and last.startswith("python -m netdef.build: error:")
     assert "not self-consistent (stand-in)" in last and "fix --min/--opt/--max" in last
     assert list(tmp_path.iterdir()) == []
 
@@ -690,7 +690,7 @@ def test_full_tensorrt_without_a_builder_is_exit_3_with_its_reason(backend, shal
                                                                    no_build):
     why = _full_trt_cannot_build(monkeypatch)
     code, out, err = run_main(["--weights", shallow_weights, "--backend", "tensorrt"], capsys)
-    assert code == 3 and err.count("\n") == 1 and why in err and err.startswith("netdef.build: error:")
+    assert code == 3 and err.count("\n") == 1 and why in err and err.startswith("python -m netdef.build: error:")
 
 
 def test_auto_selection_falls_back_to_rtx_when_full_tensorrt_cannot_build(backend, monkeypatch):

@@ -59,11 +59,12 @@ def run_main(argv, capsys):
 def test_cli_input_errors(tmp_path, capsys):
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors"], capsys)
     assert code == 2 and "python -m weights.extract --random-init r50_dc5" in err and err.count("\n") == 1
-    assert err.startswith("reference.check: error: ")  # argparse's form, as every CLI of ours
+    assert err.startswith("python -m reference.check: error: ")  # argparse's form, as every CLI of ours
     code, out, err = run_main(["--weights", tmp_path / "none.safetensors", "--size", "16x64"], capsys)
     assert code == 2 and "--size 16x64 is below 32x32" in err
-    code, out, err = run_main(["--batch", "0"], capsys)
-    assert code == 2 and "--batch 0" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--batch", "0"])
+    assert exc.value.code == 2 and "argument --batch: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tol", ["-1", "0", "nan", "inf", "tiny"])
@@ -72,7 +73,7 @@ def test_tolerance_must_be_positive_and_finite(tol, tmp_path, capsys):
         main(["--tol", tol])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "argument --tol: " in err, err
-    assert ("is not a number" if tol == "tiny" else "must be a positive finite number") in err
+    assert f"expected a positive finite number, e.g. 1e-3, got '{tol}'" in err
     # A good tolerance passes argument parsing: the next check (the weights file) answers.
     code, _, err = run_main(["--tol", "2e-4", "--weights", tmp_path / "none.safetensors"], capsys)
     assert code == 2 and "none.safetensors" in err
@@ -89,7 +90,7 @@ def test_no_backend_that_can_build_is_exit_3(backend, tmp_path, capsys, monkeypa
     weights.write_bytes(b"")  # never read: the backend is chosen first
     code, out, err = run_main(["--weights", weights] + (["--backend", backend] if backend else []), capsys)
     assert code == 3 and out == "" and err.count("\n") == 1, err
-    assert err.startswith("reference.check: error: no TensorRT backend can build here: ")
+    assert err.startswith("python -m reference.check: error: no TensorRT backend can build here: ")
     assert all(f"{name} 0.0 cannot create a builder" in err for name in ([backend] if backend else ["tensorrt", "tensorrt-rtx"]))
 
 

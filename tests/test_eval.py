@@ -251,7 +251,7 @@ def bad_input(capsys, *argv) -> str:
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("python -m eval.coco: error: "), err
     assert "Traceback" not in err
     return lines[0]
 
@@ -469,7 +469,7 @@ def test_engine_without_gpu_is_an_environment_error(tmp_path, capsys, random_wei
     root = tmp_path / "coco"
     write_coco(root, TINY_OBJECTS, TINY_IMAGES)
     code, out, err = run_cli(capsys, "--coco-root", root, "--engine", engine, "--results-dir", tmp_path / "r")
-    assert code == 3 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert code == 3 and err.startswith("python -m eval.coco: error: ") and len(err.strip().splitlines()) == 1, err
     assert "GPU" in err and "Traceback" not in err
     # Weights other than the engine's (a copy with one byte changed) are refused before any GPU is touched:
     # side by side compares one model in two implementations.

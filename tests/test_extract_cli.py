@@ -63,7 +63,7 @@ def assert_refused(rc, err, folder, message):
     """Exit 2, exactly one `prog: error: message` line naming the problem, and nothing new (no output, no temp file) in `folder`."""
     assert rc == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("weights.extract: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("python -m weights.extract: error: "), err
     assert message in lines[0], lines[0]
     assert not [f for f in os.listdir(folder) if f.endswith((".safetensors", ".tmp"))]
 
@@ -337,7 +337,7 @@ def test_missing_torch_is_exit_3(tmp_path):
     proc = subprocess.run([sys.executable, "-c", hide_torch + WITHOUT_TORCH, "--random-init", "r50_c5", "-o",
                            str(tmp_path / "w.safetensors")], capture_output=True, text=True, check=False)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stderr == "weights.extract: error: torch is not installed: pip install torch\n"
+    assert proc.stderr == "python -m weights.extract: error: torch is not installed: pip install torch\n"
     assert not os.listdir(tmp_path)
 
 

@@ -343,8 +343,10 @@ def test_infer_cli_goes_through_the_pipeline_and_closes_it_before_the_runner(fil
     assert infer.main([*map(str, files), "--batch", "2"]) == 2
     assert detector.closed and detector.threads_at_close == []  # no pipeline thread still using the runner
     capsys.readouterr()
-    assert infer.main([str(files[0]), "--workers", "0"]) == 2
-    assert "--workers 0: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        infer.main([str(files[0]), "--workers", "0"])
+    assert exit_.value.code == 2
+    assert "argument --workers: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_infer_cli_gpu_preprocessing_needs_an_engine_runner(files, monkeypatch, capsys):
@@ -353,7 +355,7 @@ def test_infer_cli_gpu_preprocessing_needs_an_engine_runner(files, monkeypatch, 
     monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
     assert infer.main([str(files[0]), "--preprocess", "gpu"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU preprocessing "
+    assert err == ["python -m runtime.infer: error: GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU preprocessing "
                    "(gpu_preprocess=False, --preprocess cpu)"]
 
 

@@ -133,7 +133,7 @@ def test_infer_cli_missing_engine_is_one_line(images_dir, capsys):
     code = infer.main([str(images_dir / "gray.jpg"), "--engine", str(images_dir / "none.plan")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("error: engine") and "none.plan not found" in err[0]
+    assert err[0].startswith("python -m runtime.infer: error: engine") and "none.plan not found" in err[0]
 
 
 def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
@@ -154,7 +154,7 @@ def test_infer_cli_without_gpu_is_one_line(images_dir, capsys):
     })
     code = infer.main([str(images_dir / "gray.jpg"), "--engine", str(engine)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 3 and len(err) == 1 and err[0].startswith("error: no NVIDIA driver")
+    assert code == 3 and len(err) == 1 and err[0].startswith("python -m runtime.infer: error: no NVIDIA driver")
 
 
 @pytest.fixture
@@ -172,9 +172,9 @@ def gpu_probes(monkeypatch):
     return calls
 
 
-def one_error_line(capsys):
+def one_error_line(capsys, prog="python -m runtime.infer"):
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
     return err[0]
 
 
@@ -203,7 +203,6 @@ def test_infer_cli_bad_destinations_before_the_gpu(images_dir, capsys, gpu_probe
         (["--json", str(images_dir)], "--json .* is a folder: name a regular file"),
         (["--out", str(images_dir / "file")], "--out .*file/gray.jpg: .*file is not a folder"),
         (["--out", str(images_dir / "out")], "--out .*out/gray.jpg is a folder"),
-        (["--batch", "0"], "--batch 0: must be at least 1"),
         (["--weights", str(images_dir / "none.safetensors")], "--weights .*none.safetensors not found"),
     ]
     for extra, pattern in cases:
@@ -213,13 +212,21 @@ def test_infer_cli_bad_destinations_before_the_gpu(images_dir, capsys, gpu_probe
     assert sorted(images_dir.rglob("*")) == sorted(before + [images_dir / "model.plan", images_dir / "model.json"])
 
 
+def test_infer_cli_batch_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        infer.main(["x.jpg", "--batch", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m runtime.infer: error: argument --batch: expected a positive integer, got '0'")
+
+
 def test_infer_cli_no_readable_image_is_bad_input_before_the_gpu(images_dir, capsys, gpu_probes):
     engine = write_engine(images_dir)
     assert infer.main([str(images_dir / "a.jpg"), str(images_dir), "--engine", str(engine),
                        "--out", str(images_dir / "annotated")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[:2] == [f"skipped: {images_dir / 'a.jpg'}: no such file", f"skipped: {images_dir}: not a readable file"]
-    assert err[2:] == ["error: none of the 2 image file(s) can be read: name existing image files"]
+    assert err[2:] == ["python -m runtime.infer: error: none of the 2 image file(s) can be read: name existing image files"]
     assert not gpu_probes and not (images_dir / "annotated").exists()
 
 
@@ -252,27 +259,31 @@ def test_infer_cli_out_folder_made_only_with_its_first_image(images_dir, monkeyp
 
 
 def test_bench_cli_bad_arguments(tmp_path, capsys):
-    assert bench.main(["--shapes", "800by800", "--engine", str(tmp_path / "e.plan")]) == 2
-    assert "--shapes '800by800'" in capsys.readouterr().err
-    assert bench.main(["--batch", "0", "--engine", str(tmp_path / "e.plan")]) == 2
+    for bad, message in ((["--shapes", "800by800"], "argument --shapes: expected HxW[,HxW...], e.g. 800x800,1344x1344, "
+                          "got '800by800'"), (["--batch", "0"], "argument --batch: expected comma-separated positive "
+                          "integers, e.g. 1,4, got '0'")):
+        with pytest.raises(SystemExit) as info:  # argparse's own exit: usage line, then the error line
+            bench.main([*bad, "--engine", str(tmp_path / "e.plan")])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m runtime.bench: error: {message}"
     assert bench.main(["--torch-modes", "fp8", "--torch-weights", str(tmp_path / "w")]) == 2
     capsys.readouterr()
     assert bench.main(["--engine", str(tmp_path / "e.plan"), "--shapes", "800x800"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: engine {tmp_path / 'e.plan'} not found: build one with `python -m netdef.build --fp16` "
-                   "or pass --engine"]
+    assert err == [f"python -m runtime.bench: error: engine {tmp_path / 'e.plan'} not found: build one with "
+                   "`python -m netdef.build --fp16` or pass --engine"]
 
 
 def test_bench_checks_the_engine_files_before_the_gpu(tmp_path, capsys, gpu_probes):
     engine = write_engine(tmp_path)
     engine.with_suffix(".json").rename(tmp_path / "elsewhere.json")
     assert bench.main(["--engine", str(engine)]) == 2
-    assert re.search(r"no sidecar .*model.json next to the engine", one_error_line(capsys))
+    assert re.search(r"no sidecar .*model.json next to the engine", one_error_line(capsys, "python -m runtime.bench"))
     engine = write_engine(tmp_path)
     assert bench.main(["--engine", str(engine), "--shapes", "800x2000", "--batch", "1"]) == 2
-    assert "batch 1 of 800x2000 is outside the engine profile" in one_error_line(capsys)
+    assert "batch 1 of 800x2000 is outside the engine profile" in one_error_line(capsys, "python -m runtime.bench")
     assert bench.main(["--engine", str(engine), "--json", str(tmp_path)]) == 2
-    assert "is a folder" in one_error_line(capsys)
+    assert "is a folder" in one_error_line(capsys, "python -m runtime.bench")
     assert not gpu_probes
     # the same engine within its profile gets as far as the GPU
     assert bench.main(["--engine", str(engine), "--shapes", "800x800", "--batch", "1"]) == 3 and gpu_probes
@@ -304,5 +315,6 @@ def test_infer_cli_unwritable_json_is_one_line(images_dir, monkeypatch, capsys):
     target = images_dir / "results.json"
     target.mkdir()  # a folder where the file should go: refused before the detector is opened
     assert infer.main([str(images_dir / "gray.jpg"), "--json", str(target)]) == 2
-    assert one_error_line(capsys) == f"error: --json {target} is a folder: name a regular file or a new path"
+    assert one_error_line(capsys) == (f"python -m runtime.infer: error: --json {target} is a folder: name a regular "
+                                      "file or a new path")
     assert not detector.calls

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.config import AnchorDETRConfig, ConfigError
+from core.errors import BadInput
 from core.sidecar import replace_atomically
 from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
@@ -36,7 +37,7 @@ FORMAT = "anchortrt-weights"
 FORMAT_VERSION = "1"
 
 
-class WeightsError(ValueError):
+class WeightsError(BadInput, ValueError):
     """A weights file that cannot be used; the message is one line naming the problem and the fix."""
 
 

@@ -19,11 +19,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.config import BACKBONE_BLOCKS, OFFICIAL_ARGS, AnchorDETRConfig
+from core.errors import BadInput
 from weights import naming
 from weights.inspect import detect_config
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A file that is not a usable official AnchorDETR checkpoint; the message is one line."""
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -22,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from core.config import VARIANTS, AnchorDETRConfig, ConfigError
-from core.progress import Spinner, fail, format_bytes, format_seconds, print_table
-from core.sidecar import OutputPathError, check_output_path
-from weights import WeightsError, default_weights_path, file_sha256, naming, save
+from core import cli
+from core.config import VARIANTS, AnchorDETRConfig
+from core.errors import BadInput, Unavailable
+from core.progress import Spinner, format_bytes, format_seconds, print_table
+from core.sidecar import check_output_path
+from weights import default_weights_path, file_sha256, naming, save
 from weights.checkpoint import CheckpointError, check_checkpoint_file, configure, read_checkpoint
 
 EPILOG = f"""\
@@ -41,16 +42,11 @@ The file is reproducible: the same checkpoint (contents and file name) and optio
 """
 
 
-class _BadInput(Exception):
-    """Exit code 2 with this one-line message."""
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m weights.extract",
-        description="Convert an official AnchorDETR checkpoint (.pth) to an anchortrt weights file (.safetensors).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.parser(
+        "python -m weights.extract",
+        "Convert an official AnchorDETR checkpoint (.pth) to an anchortrt weights file (.safetensors).",
+        EPILOG,
     )
     p.add_argument("checkpoint", nargs="?", help="official checkpoint, e.g. AnchorDETR_r50_dc5.pth")
     p.add_argument("-o", "--output", help="weights file to write; missing folders are made (default: "
@@ -77,7 +73,7 @@ def _check_output(output: str | os.PathLike, checkpoint: str | None) -> Path:
     would replace it), an unwritable folder, the checkpoint itself."""
     path = check_output_path(output, "output")
     if checkpoint and path.exists() and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
-        raise _BadInput(f"output {path} is the checkpoint itself: choose another -o")
+        raise BadInput(f"output {path} is the checkpoint itself: choose another -o")
     return path
 
 
@@ -111,8 +107,8 @@ def extract(
     output: Path | None, checkpoint: str | None = None, variant: str | None = None,
     random_init: str | None = None, seed: int = 0,
 ) -> dict[str, Any]:
-    """Write the weights file to `output` as returned by _check_inputs; returns the summary. Raises _BadInput (or
-    CheckpointError/ConfigError/WeightsError/OutputPathError)."""
+    """Write the weights file to `output` as returned by _check_inputs; returns the summary. Raises
+    BadInput (CheckpointError, ConfigError, WeightsError and OutputPathError are kinds of it)."""
     start = time.monotonic()
     if random_init:
         cfg = AnchorDETRConfig.from_variant(random_init)
@@ -137,7 +133,7 @@ def extract(
         try:
             save(output, cfg, tensors, source=source, source_sha256=source_sha256)
         except OSError as exc:
-            raise _BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
+            raise BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
     return {
         "output": str(output),
         "variant": cfg.variant,
@@ -152,28 +148,22 @@ def extract(
     }
 
 
-_fail = functools.partial(fail, "weights.extract")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    opts = parser.parse_args(argv)
+    return cli.guarded(parser.prog, run, parser, parser.parse_args(argv))
+
+
+def run(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> int:
     if bool(opts.checkpoint) == bool(opts.random_init):
         parser.error("give either a CHECKPOINT or --random-init VARIANT")
     if opts.random_init and opts.variant:
         parser.error("--variant is for checkpoints; with --random-init the variant is its argument")
-    try:
-        output = _check_inputs(opts.output, opts.checkpoint, opts.variant, opts.random_init)
-    except (_BadInput, CheckpointError, ConfigError, OutputPathError) as exc:
-        return _fail(exc, 2)
+    output = _check_inputs(opts.output, opts.checkpoint, opts.variant, opts.random_init)
     try:
         import torch  # noqa: F401  (reading checkpoints and random weights need it)
     except ImportError:
-        return _fail("torch is not installed: pip install torch", 3)
-    try:
-        summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
-    except (_BadInput, CheckpointError, ConfigError, WeightsError, OutputPathError) as exc:
-        return _fail(exc, 2)
+        raise Unavailable("torch is not installed: pip install torch") from None
+    summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
     if opts.json:
         print(json.dumps(summary, indent=2))
     else:
