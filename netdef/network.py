@@ -96,97 +96,13 @@ class Model:
         return self.net.layer_norm(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"), name)
 
 
-# ====================================================================== entry point
-def define_network(trt, network, cfg: AnchorDETRConfig, tensors: Mapping[str, Any], *, fp16: bool = False,
-                   plugins=frozenset(), postprocess: bool = False, fold_constants: bool = True) -> list:
-    """Add AnchorDETR to ``network``: inputs ``images`` (B,3,H,W) float32 and ``masks`` (B,H,W) bool
-    (True = padding); outputs ``pred_logits`` (B,Q,91) and ``pred_boxes`` (B,Q,4) float32, plus with
-    ``postprocess`` ``scores`` (B,100) float32, ``labels`` (B,100) int32 and ``boxes`` (B,100,4)
-    float32 (x0,y0,x1,y1 normalised). Returns the numpy arrays TensorRT references (keep them
-    alive until the engine is built)."""
-    plugins = frozenset(plugins)
-    check_supported(trt, cfg, plugins)
-    net = Net(trt, network, fp16=fp16, fold_constants=fold_constants)
-    m = Model(net, cfg, tensors, plugins)
-    dims = {0: "batch", 2: "height", 3: "width"}
-    images = net.input("images", trt.float32, (-1, 3, -1, -1), dims)
-    masks = net.input("masks", trt.bool, (-1, -1, -1), {0: "batch", 1: "height", 2: "width"})
-    logits, boxes = anchor_detr(m, images, masks)
-    net.output(logits, "pred_logits")
-    net.output(boxes, "pred_boxes")
-    if postprocess:
-        scores, labels, xyxy = topk_postprocess(m, logits, boxes)
-        net.output(scores, "scores")
-        net.output(labels, "labels")
-        net.output(xyxy, "boxes")
-    return net.keepalive
-
-
-def backend_of(trt) -> Backend:
-    """The Backend of a TensorRT module (the network code is handed the module, not the Backend)."""
-    return Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
-
-
-def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None:
-    if cfg.num_feature_levels != 1:
-        raise NetworkConfigError(
-            f"variant {cfg.variant}: {cfg.num_feature_levels} feature levels are not supported by the "
-            "TensorRT network (only 1); the PyTorch reference reference.torch_model supports it"
-        )
-    unknown = sorted(set(plugins) - set(PLUGINS))
-    if unknown:
-        raise NetworkConfigError(f"unknown plugins {unknown}: choose from {', '.join(PLUGINS)}")
-    problem = backend_of(trt).plugin_problem() if plugins else None
-    if problem:
-        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
-    if plugins and cfg.attention_type != "RCDA":
-        raise NetworkConfigError(f"variant {cfg.variant}: plugins are written for RCDA attention only")
-
-
-# ====================================================================== AnchorDETR.forward
-def anchor_detr(m: Model, images, masks):
-    net = m.net
-    x = net.to_compute(images, "images.cast")
-    feature = net.rename(backbone(m, x), "backbone")
-    mask = feature_mask(m, masks, feature)
-    src = net.rename(input_proj(m, feature), "input_proj")
-    return transformer(m, src, mask)
-
-
-# ====================================================================== backbone (torchvision ResNet)
-def backbone(m: Model, x):
-    """ResNet body up to layer4; every BatchNorm is already folded into the conv before it."""
-    net, p = m.net, "backbone.body"
-    x = net.conv2d(x, m.w(f"{p}.conv1.weight"), m.w(f"{p}.conv1.bias"), f"{p}.conv1", stride=2, padding=3)
-    x = net.relu(x, f"{p}.relu")
-    x = net.max_pool2d(x, 3, 2, 1, f"{p}.maxpool")
-    dilation = 1
-    for layer, (blocks, stride) in enumerate(zip(BACKBONE_BLOCKS[m.cfg.backbone], (1, 2, 2, 2)), 1):
-        previous = dilation
-        if layer == 4 and m.cfg.dilation:
-            # DC5 (replace_stride_with_dilation): layer4 keeps the resolution; its first block
-            # keeps the previous dilation, the others use dilation 2.
-            dilation, stride = dilation * 2, 1
-        for i in range(blocks):
-            x = bottleneck(m, x, f"{p}.layer{layer}.{i}", stride if i == 0 else 1,
-                           previous if i == 0 else dilation, downsample=i == 0)
-    return x
-
-
-def bottleneck(m: Model, x, p: str, stride: int, dilation: int, downsample: bool):
-    net = m.net
-    identity = x
-    out = net.conv2d(x, m.w(f"{p}.conv1.weight"), m.w(f"{p}.conv1.bias"), f"{p}.conv1")
-    out = net.relu(out, f"{p}.relu1")
-    out = net.conv2d(out, m.w(f"{p}.conv2.weight"), m.w(f"{p}.conv2.bias"), f"{p}.conv2",
-                     stride=stride, padding=dilation, dilation=dilation)
-    out = net.relu(out, f"{p}.relu2")
-    out = net.conv2d(out, m.w(f"{p}.conv3.weight"), m.w(f"{p}.conv3.bias"), f"{p}.conv3")
-    if downsample:
-        identity = net.conv2d(x, m.w(f"{p}.downsample.0.weight"), m.w(f"{p}.downsample.0.bias"),
-                              f"{p}.downsample.0", stride=stride)
-    out = net.add(out, identity, f"{p}.residual")
-    return net.relu(out, f"{p}.relu3")
+# ================================ Reference functions (reference.torch_model's module-level functions)
+def inverse_sigmoid(m: Model, x):
+    net, p = m.net, "transformer.inverse_sigmoid"
+    x = net.clamp(x, 0.0, 1.0, f"{p}.clamp")
+    x1 = net.clamp(x, INVERSE_SIGMOID_EPS, 1.0, f"{p}.x1")
+    x2 = net.clamp(net.sub(1.0, x, f"{p}.one_minus"), INVERSE_SIGMOID_EPS, 1.0, f"{p}.x2")
+    return net.log(net.div(x1, x2, f"{p}.ratio"), p)
 
 
 def feature_mask(m: Model, masks, feature):
@@ -197,66 +113,6 @@ def feature_mask(m: Model, masks, feature):
     size = net.shape_of(feature, (0, 2, 3), "mask.size")
     small = net.resize_nearest(as_float, size, "mask.interpolate")
     return net.rename(net.cast(small, net.trt.bool, "mask.to_bool"), "mask")
-
-
-def input_proj(m: Model, feature):
-    net, p = m.net, "input_proj.0"
-    x = net.conv2d(feature, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0")
-    return net.group_norm(x, 32, m.w(f"{p}.1.weight"), m.w(f"{p}.1.bias"), f"{p}.1")
-
-
-# ====================================================================== Transformer.forward
-def transformer(m: Model, src, mask):
-    """src (B, C, h, w), mask (B, h, w) -> logits, boxes of the last decoder layer."""
-    net, cfg = m.net, m.cfg
-    keys = key_masks(m, mask)
-    pos = memory_pos(m, mask, keys)
-    # (B, C, h, w) -> (B, h, w, C): the encoder layers' permute, done once for all of them.
-    memory = net.permute(src, (0, 2, 3, 1), "transformer.src")
-    for i in range(cfg.enc_layers):
-        memory = net.rename(encoder_layer(m, i, memory, pos, keys), f"encoder.{i}")
-
-    # Queries: everything here depends on weights only (build-time constants when folding). The
-    # official decoder layers recompute the query positions; they are the same in every layer.
-    reference_points = anchor_points(m)
-    query_pos = query_positions(m, reference_points)
-    tgt = pattern_queries(m)
-    pooled = pooled_keys(m, memory, pos)
-    for i in range(cfg.dec_layers):
-        tgt = net.rename(decoder_layer(m, i, tgt, query_pos, memory, pooled, keys), f"decoder.{i}")
-    # Heads of the last layer only: earlier layers' predictions (aux outputs) are training-only.
-    return heads(m, tgt, reference_points)
-
-
-def key_masks(m: Model, mask) -> dict[str, Any]:
-    """Key padding masks, True = padding. RCDA: the mask's first row masks row logits ("row", (B, w)),
-    its first column column logits ("col", (B, h)); multi-head: every position ("all", (B, h*w)).
-    The "*4" versions are (B, 1, 1, K), to broadcast over heads and queries."""
-    net = m.net
-    if m.cfg.attention_type != "RCDA":
-        flat = net.reshape(mask, (0, -1), "mask.flat")
-        return {"all": flat, "all4": net.unsqueeze(flat, (1, 2), "mask.flat.heads")}
-    row = net.take(mask, 0, 1, "mask.row")
-    col = net.take(mask, 0, 2, "mask.col")
-    return {"row": row, "col": col,
-            "row4": net.unsqueeze(row, (1, 2), "mask.row.heads"), "col4": net.unsqueeze(col, (1, 2), "mask.col.heads")}
-
-
-def memory_pos(m: Model, mask, keys) -> dict[str, Any]:
-    """Position embeddings of the memory: RCDA "row" (B, w, C) and "col" (B, h, C); multi-head "2d"
-    (B, h, w, C)."""
-    net, cfg, t = m.net, m.cfg, "transformer"
-    if "mask2pos" in m.plugins:
-        layer = m.plugin("mask2pos").add_layer(net.trt, net.network, mask, cfg.d_model)
-        emb_col, emb_row = net.plugin(layer, f"{t}.mask2pos")
-    else:
-        pos_col, pos_row = mask2pos(m, mask, keys)
-        if cfg.attention_type != "RCDA":
-            return {"2d": net.rename(posemb2d_grid(m, pos_row, pos_col), "posemb_2d")}
-        emb_row = pos2posemb1d(m, pos_row, f"{t}.posemb_row")
-        emb_col = pos2posemb1d(m, pos_col, f"{t}.posemb_col")
-    return {"row": net.rename(adapt_pos(m, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row"),
-            "col": net.rename(adapt_pos(m, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")}
 
 
 def mask2pos(m: Model, mask, keys):
@@ -299,6 +155,137 @@ def pos2posemb2d(m: Model, pos, name: str):
     return net.concat([y, x], -1, name)
 
 
+def split_heads(m: Model, x, name: str):
+    """(B, L, C) -> (B, heads, L, head_dim)."""
+    return m.net.shuffle(x, name, dims=(0, 0, m.cfg.nheads, m.cfg.head_dim), second=(0, 2, 1, 3))
+
+
+def masked_softmax(m: Model, logits, key_mask, key_mask4, name: str):
+    """Softmax over keys with padded keys at 0 (the official fills -inf; a finite fill keeps a fully
+    padded row finite)."""
+    net = m.net
+    if "masked_softmax" in m.plugins:
+        layer = m.plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
+        return net.plugin(layer, name)[0]
+    # FP16: max, exp and the row sum in float32; the casts fuse into the softmax kernel.
+    x = net.to_float32(logits, f"{name}.to_float32")
+    x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
+    return net.to_compute(net.softmax(x, -1, name), f"{name}.to_half")
+
+
+def rcda_attention(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
+    """multi_head_rcda_forward after the projections.
+
+    q_row, q_col (B|1, heads, Q, head_dim), already scaled; k_row (B, w, C) and k_col (B, h, C) pooled;
+    v (B, h, w, C) without bias. Returns (B, heads, Q, head_dim):
+    out[q] = sum_{y,x} A_col[q,y] A_row[q,x] v[y,x], rows first (T[q,y] = sum_x A_row[q,x] v[y,x], then
+    sum_y A_col[q,y] T[q,y]): T has the short edge h for landscape images, as the official code's
+    efficient path chooses for them.
+    """
+    net, cfg = m.net, m.cfg
+    k_row = split_heads(m, k_row, f"{a}.k_row.heads")
+    k_col = split_heads(m, k_col, f"{a}.k_col.heads")
+    attn_row = masked_softmax(m, net.matmul(q_row, k_row, f"{a}.logits_row", transpose_b=True),
+                              keys["row"], keys["row4"], f"{a}.softmax_row")
+    attn_col = masked_softmax(m, net.matmul(q_col, k_col, f"{a}.logits_col", transpose_b=True),
+                              keys["col"], keys["col4"], f"{a}.softmax_col")
+    # v (B, h, w, C) -> (B, heads, w, h*head_dim)
+    v = net.shuffle(v, f"{a}.v.heads", dims=(0, 0, 0, cfg.nheads, cfg.head_dim), second=(0, 3, 2, 1, 4))
+    v = net.reshape(v, (0, 0, 0, -1), f"{a}.v.flat")
+    per_row = net.matmul(attn_row, v, f"{a}.attend_row")  # (B, heads, Q, h*head_dim)
+    per_row = net.reshape(per_row, (0, 0, 0, -1, cfg.head_dim), f"{a}.attend_row.split")  # (B, heads, Q, h, hd)
+    # Weight the rows: sum over h of A_col (B, heads, Q, h, 1) * T (B, heads, Q, h, hd). As a product and a
+    # sum rather than a batched (1 x h) @ (h x hd) matmul: Myelin then reads T once in place, where the
+    # matmul form made the FP32 build at batch 8 x 1344x1344 ask for 8.7 GB of workspace (T is 4.9 GB).
+    attn_col = net.reshape(attn_col, (0, 0, 0, -1, 1), f"{a}.softmax_col.unsqueeze")
+    return net.sum(net.mul(attn_col, per_row, f"{a}.attend_col.weight"), (3,), f"{a}.attend_col", keep_dims=False)
+
+
+def attention(m: Model, a: str, q, k, v, key_mask=None, key_mask4=None):
+    """Scaled dot-product attention of nn.MultiheadAttention after the projections: q (B|1, heads, Lq, hd)
+    already scaled, k and v (B|1, heads, Lk, hd), v without bias -> out_proj output (B, Lq, C)."""
+    net = m.net
+    logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
+    if key_mask is None:
+        # FP16: softmax statistics in float32 (see masked_softmax).
+        x = net.to_float32(logits, f"{a}.softmax.to_float32")
+        attn = net.to_compute(net.softmax(x, -1, f"{a}.softmax"), f"{a}.softmax.to_half")
+    else:
+        attn = masked_softmax(m, logits, key_mask, key_mask4, f"{a}.softmax")
+    out = net.matmul(attn, v, f"{a}.attend")  # (B, heads, Lq, head_dim)
+    return out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, m.cfg.d_model)))
+
+
+# ================================ Backbone: torchvision's ResNet (Bottleneck, ResNetBody)
+def bottleneck(m: Model, x, p: str, stride: int, dilation: int, downsample: bool):
+    net = m.net
+    identity = x
+    out = net.conv2d(x, m.w(f"{p}.conv1.weight"), m.w(f"{p}.conv1.bias"), f"{p}.conv1")
+    out = net.relu(out, f"{p}.relu1")
+    out = net.conv2d(out, m.w(f"{p}.conv2.weight"), m.w(f"{p}.conv2.bias"), f"{p}.conv2",
+                     stride=stride, padding=dilation, dilation=dilation)
+    out = net.relu(out, f"{p}.relu2")
+    out = net.conv2d(out, m.w(f"{p}.conv3.weight"), m.w(f"{p}.conv3.bias"), f"{p}.conv3")
+    if downsample:
+        identity = net.conv2d(x, m.w(f"{p}.downsample.0.weight"), m.w(f"{p}.downsample.0.bias"),
+                              f"{p}.downsample.0", stride=stride)
+    out = net.add(out, identity, f"{p}.residual")
+    return net.relu(out, f"{p}.relu3")
+
+
+def backbone(m: Model, x):
+    """ResNet body up to layer4; every BatchNorm is already folded into the conv before it."""
+    net, p = m.net, "backbone.body"
+    x = net.conv2d(x, m.w(f"{p}.conv1.weight"), m.w(f"{p}.conv1.bias"), f"{p}.conv1", stride=2, padding=3)
+    x = net.relu(x, f"{p}.relu")
+    x = net.max_pool2d(x, 3, 2, 1, f"{p}.maxpool")
+    dilation = 1
+    for layer, (blocks, stride) in enumerate(zip(BACKBONE_BLOCKS[m.cfg.backbone], (1, 2, 2, 2)), 1):
+        previous = dilation
+        if layer == 4 and m.cfg.dilation:
+            # DC5 (replace_stride_with_dilation): layer4 keeps the resolution; its first block
+            # keeps the previous dilation, the others use dilation 2.
+            dilation, stride = dilation * 2, 1
+        for i in range(blocks):
+            x = bottleneck(m, x, f"{p}.layer{layer}.{i}", stride if i == 0 else 1,
+                           previous if i == 0 else dilation, downsample=i == 0)
+    return x
+
+
+# ================================ Transformer blocks (projections, FFN, adapters, EncoderLayer, DecoderLayer)
+def out_proj(m: Model, a: str, x):
+    """out_proj(attention + v_proj.bias): the value bias moved through the attention (rows sum to 1)."""
+    weight, bias = m.w(f"{a}.out_proj.weight"), m.w(f"{a}.out_proj.bias")
+    return m.net.linear(x, weight, bias + weight @ m.w(f"{a}.v_proj.bias"), f"{a}.out_proj")
+
+
+def add_bias_transpose(m: Model, x, name: str):
+    """(x W^T + b) * scale split into heads (B, heads, Q, head_dim), through the plugin."""
+    net, cfg = m.net, m.cfg
+    scale = cfg.head_dim ** -0.5
+    y = m.linear(x, name, bias=False)
+    if net.is_const(y):
+        return split_heads(m, (y + m.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
+    layer = m.plugin("add_bias_transpose").add_layer(net.trt, net.network, y, m.w(f"{name}.bias"), cfg.nheads, scale)
+    return net.plugin(layer, f"{name}.add_bias_transpose")[0]
+
+
+def add_query_offset(m: Model, heads, offset, name: str):
+    """heads (B, heads, Q, head_dim) + the per-query constant offset (1, Q, C) split into heads.
+
+    Added after the head split, never to the in-projection's output: full TensorRT and TensorRT-RTX fail to
+    build (a segfault, or Myelin's "Arguments to operator* cannot be undefined") when a (1, Q, N) constant is
+    added to a matmul output of that same shape, which is what a static batch of 1 makes of it."""
+    return m.net.add(heads, split_heads(m, offset, f"{name}.offset.heads"), f"{name}.add_offset")
+
+
+def ffn(m: Model, p: str, src):
+    net = m.net
+    x = net.relu(m.linear(src, f"{p}.linear1"), f"{p}.activation")
+    x = m.linear(x, f"{p}.linear2")
+    return m.layer_norm(net.add(src, x, f"{p}.residual"), f"{p}.norm2")
+
+
 def adapt_pos(m: Model, emb, p: str, use: str | None = None):
     """adapt_pos1d / adapt_pos2d: Linear, ReLU, Linear. ``use`` tells apart the layers of one shared
     module applied to several inputs (their names must differ)."""
@@ -308,81 +295,6 @@ def adapt_pos(m: Model, emb, p: str, use: str | None = None):
     x = net.linear(x, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0{tag}")
     x = net.relu(x, f"{p}.1{tag}")
     return net.linear(x, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2{tag}")
-
-
-def posemb2d_grid(m: Model, pos_row, pos_col):
-    """adapt_pos2d(pos2posemb2d(grid)) for the grid point (x = pos_row[j], y = pos_col[i]) at (i, j).
-
-    The first Linear is split by its input halves, W [e_y; e_x] = W_y e_y + W_x e_x, so the (B, h, w, C)
-    embedding grid is never materialised: (B, h, 1, C) + (B, 1, w, C) broadcast.
-    """
-    net, p, half = m.net, "transformer.adapt_pos2d", m.cfg.d_model // 2
-    w0 = m.w(f"{p}.0.weight")
-    e_y = net.to_compute(sine(m, pos_col, half, "transformer.posemb_2d.emb_y"), f"{p}.0[y].input")
-    e_x = net.to_compute(sine(m, pos_row, half, "transformer.posemb_2d.emb_x"), f"{p}.0[x].input")
-    y = net.unsqueeze(net.linear(e_y, w0[:, :half], m.w(f"{p}.0.bias"), f"{p}.0[y]"), (2,), f"{p}.0[y].cols")
-    x = net.unsqueeze(net.linear(e_x, w0[:, half:], None, f"{p}.0[x]"), (1,), f"{p}.0[x].rows")
-    hidden = net.relu(net.add(y, x, f"{p}.0[grid]"), f"{p}.1[grid]")
-    return net.linear(hidden, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2[grid]")
-
-
-def anchor_points(m: Model):
-    """reference_points (1, Q, 2): the learned (or grid) anchors (x, y), repeated for every pattern."""
-    cfg, net = m.cfg, m.net
-    if cfg.spatial_prior == "learned":
-        points = m.w("transformer.position.weight")
-    else:
-        side = round(math.sqrt(cfg.num_position))
-        x = (np.arange(side, dtype=np.float32) + 0.5) / side
-        # torch.meshgrid(x, y) is "ij"-indexed: position k = (x[k // side], y[k % side]).
-        points = np.stack([np.repeat(x, side), np.tile(x, side)], -1).astype(np.float32)
-    points = net.reshape(points, (1, 1, cfg.num_position, 2), "transformer.position")
-    points = net.expand(points, (1, cfg.num_query_pattern, cfg.num_position, 2), "transformer.position.repeat")
-    return net.reshape(points, (1, cfg.num_queries, 2), "transformer.reference_points")
-
-
-def query_positions(m: Model, reference_points) -> dict[str, Any]:
-    """"2d": adapt_pos2d(pos2posemb2d(anchors)); RCDA also "x" and "y": adapt_pos1d of each coordinate."""
-    net, t = m.net, "transformer"
-    out = {"2d": adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")}
-    if m.cfg.attention_type == "RCDA":
-        for j, axis in enumerate("xy"):
-            coord = net.take(reference_points, j, -1, f"{t}.reference_{axis}")
-            out[axis] = adapt_pos(m, pos2posemb1d(m, coord, f"{t}.query_pos_{axis}"), f"{t}.adapt_pos1d",
-                                  f"query_pos_{axis}")
-    return out
-
-
-def pattern_queries(m: Model):
-    """tgt (1, Q, C): the pattern embeddings repeated over the positions, pattern-major."""
-    net, cfg, t = m.net, m.cfg, "transformer.pattern"
-    tgt = net.reshape(m.w(f"{t}.weight"), (1, cfg.num_query_pattern, 1, cfg.d_model), t)
-    tgt = net.expand(tgt, (1, cfg.num_query_pattern, cfg.num_position, cfg.d_model), f"{t}.repeat")
-    tgt = net.reshape(tgt, (1, cfg.num_queries, cfg.d_model), f"{t}.flatten")
-    return net.to_compute(tgt, "transformer.tgt")
-
-
-def pooled_keys(m: Model, memory, pos) -> dict[str, Any]:
-    """The decoder's cross-attention key inputs, the same for every layer. RCDA: the mean over rows
-    (columns) of memory + posemb_row (posemb_col), pooled before projection (the mean commutes with
-    the affine projection); multi-head: memory + posemb_2d over all h*w positions."""
-    net, t = m.net, "transformer.memory"
-    if m.cfg.attention_type != "RCDA":
-        return {"2d": net.reshape(net.add(memory, pos["2d"], f"{t}.key"), (0, -1, m.cfg.d_model), f"{t}.key.flat")}
-    return {"row": net.add(net.mean(memory, (1,), f"{t}.mean_rows", keep_dims=False), pos["row"], f"{t}.key_row"),
-            "col": net.add(net.mean(memory, (2,), f"{t}.mean_cols", keep_dims=False), pos["col"], f"{t}.key_col")}
-
-
-# ====================================================================== TransformerEncoderLayerSpatial
-def encoder_layer(m: Model, i: int, src, pos, keys):
-    """src (B, h, w, C) channels-last throughout."""
-    net, p = m.net, f"transformer.encoder_layers.{i}"
-    if m.cfg.attention_type == "RCDA":
-        src2 = encoder_rcda(m, f"{p}.self_attn", src, pos["row"], pos["col"], keys)
-    else:
-        src2 = encoder_mha(m, f"{p}.self_attn", src, pos["2d"], keys)
-    src = m.layer_norm(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
-    return ffn(m, f"{p}.ffn", src)
 
 
 def encoder_rcda(m: Model, a: str, src, posemb_row, posemb_col, keys):
@@ -438,105 +350,15 @@ def encoder_mha(m: Model, a: str, src, posemb_2d, keys):
     return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")
 
 
-def add_bias_transpose(m: Model, x, name: str):
-    """(x W^T + b) * scale split into heads (B, heads, Q, head_dim), through the plugin."""
-    net, cfg = m.net, m.cfg
-    scale = cfg.head_dim ** -0.5
-    y = m.linear(x, name, bias=False)
-    if net.is_const(y):
-        return split_heads(m, (y + m.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
-    layer = m.plugin("add_bias_transpose").add_layer(net.trt, net.network, y, m.w(f"{name}.bias"), cfg.nheads, scale)
-    return net.plugin(layer, f"{name}.add_bias_transpose")[0]
-
-
-def split_heads(m: Model, x, name: str):
-    """(B, L, C) -> (B, heads, L, head_dim)."""
-    return m.net.shuffle(x, name, dims=(0, 0, m.cfg.nheads, m.cfg.head_dim), second=(0, 2, 1, 3))
-
-
-def out_proj(m: Model, a: str, x):
-    """out_proj(attention + v_proj.bias): the value bias moved through the attention (rows sum to 1)."""
-    weight, bias = m.w(f"{a}.out_proj.weight"), m.w(f"{a}.out_proj.bias")
-    return m.net.linear(x, weight, bias + weight @ m.w(f"{a}.v_proj.bias"), f"{a}.out_proj")
-
-
-def rcda_attention(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
-    """multi_head_rcda_forward after the projections.
-
-    q_row, q_col (B|1, heads, Q, head_dim), already scaled; k_row (B, w, C) and k_col (B, h, C) pooled;
-    v (B, h, w, C) without bias. Returns (B, heads, Q, head_dim):
-    out[q] = sum_{y,x} A_col[q,y] A_row[q,x] v[y,x], rows first (T[q,y] = sum_x A_row[q,x] v[y,x], then
-    sum_y A_col[q,y] T[q,y]): T has the short edge h for landscape images, as the official code's
-    efficient path chooses for them.
-    """
-    net, cfg = m.net, m.cfg
-    k_row = split_heads(m, k_row, f"{a}.k_row.heads")
-    k_col = split_heads(m, k_col, f"{a}.k_col.heads")
-    attn_row = masked_softmax(m, net.matmul(q_row, k_row, f"{a}.logits_row", transpose_b=True),
-                              keys["row"], keys["row4"], f"{a}.softmax_row")
-    attn_col = masked_softmax(m, net.matmul(q_col, k_col, f"{a}.logits_col", transpose_b=True),
-                              keys["col"], keys["col4"], f"{a}.softmax_col")
-    # v (B, h, w, C) -> (B, heads, w, h*head_dim)
-    v = net.shuffle(v, f"{a}.v.heads", dims=(0, 0, 0, cfg.nheads, cfg.head_dim), second=(0, 3, 2, 1, 4))
-    v = net.reshape(v, (0, 0, 0, -1), f"{a}.v.flat")
-    per_row = net.matmul(attn_row, v, f"{a}.attend_row")  # (B, heads, Q, h*head_dim)
-    per_row = net.reshape(per_row, (0, 0, 0, -1, cfg.head_dim), f"{a}.attend_row.split")  # (B, heads, Q, h, hd)
-    # Weight the rows: sum over h of A_col (B, heads, Q, h, 1) * T (B, heads, Q, h, hd). As a product and a
-    # sum rather than a batched (1 x h) @ (h x hd) matmul: Myelin then reads T once in place, where the
-    # matmul form made the FP32 build at batch 8 x 1344x1344 ask for 8.7 GB of workspace (T is 4.9 GB).
-    attn_col = net.reshape(attn_col, (0, 0, 0, -1, 1), f"{a}.softmax_col.unsqueeze")
-    return net.sum(net.mul(attn_col, per_row, f"{a}.attend_col.weight"), (3,), f"{a}.attend_col", keep_dims=False)
-
-
-def attention(m: Model, a: str, q, k, v, key_mask=None, key_mask4=None):
-    """Scaled dot-product attention of nn.MultiheadAttention after the projections: q (B|1, heads, Lq, hd)
-    already scaled, k and v (B|1, heads, Lk, hd), v without bias -> out_proj output (B, Lq, C)."""
-    net = m.net
-    logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
-    if key_mask is None:
-        # FP16: softmax statistics in float32 (see masked_softmax).
-        x = net.to_float32(logits, f"{a}.softmax.to_float32")
-        attn = net.to_compute(net.softmax(x, -1, f"{a}.softmax"), f"{a}.softmax.to_half")
-    else:
-        attn = masked_softmax(m, logits, key_mask, key_mask4, f"{a}.softmax")
-    out = net.matmul(attn, v, f"{a}.attend")  # (B, heads, Lq, head_dim)
-    return out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, m.cfg.d_model)))
-
-
-def masked_softmax(m: Model, logits, key_mask, key_mask4, name: str):
-    """Softmax over keys with padded keys at 0 (the official fills -inf; a finite fill keeps a fully
-    padded row finite)."""
-    net = m.net
-    if "masked_softmax" in m.plugins:
-        layer = m.plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
-        return net.plugin(layer, name)[0]
-    # FP16: max, exp and the row sum in float32; the casts fuse into the softmax kernel.
-    x = net.to_float32(logits, f"{name}.to_float32")
-    x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
-    return net.to_compute(net.softmax(x, -1, name), f"{name}.to_half")
-
-
-def ffn(m: Model, p: str, src):
-    net = m.net
-    x = net.relu(m.linear(src, f"{p}.linear1"), f"{p}.activation")
-    x = m.linear(x, f"{p}.linear2")
-    return m.layer_norm(net.add(src, x, f"{p}.residual"), f"{p}.norm2")
-
-
-# ====================================================================== TransformerDecoderLayer
-def decoder_layer(m: Model, i: int, tgt, query_pos, memory, pooled, keys):
-    net, p = m.net, f"transformer.decoder_layers.{i}"
-    # self attention: q = k = tgt + query_pos, v = tgt
-    tgt2 = self_attention(m, f"{p}.self_attn", tgt, query_pos["2d"])
-    tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
+def encoder_layer(m: Model, i: int, src, pos, keys):
+    """src (B, h, w, C) channels-last throughout."""
+    net, p = m.net, f"transformer.encoder_layers.{i}"
     if m.cfg.attention_type == "RCDA":
-        # q_row = tgt + query_pos_x, q_col = tgt + query_pos_y, k_row = memory + posemb_row,
-        # k_col = memory + posemb_col, v = memory
-        tgt2 = decoder_rcda(m, f"{p}.cross_attn", tgt, query_pos, memory, pooled, keys)
+        src2 = encoder_rcda(m, f"{p}.self_attn", src, pos["row"], pos["col"], keys)
     else:
-        tgt2 = decoder_mha(m, f"{p}.cross_attn", tgt, query_pos["2d"], memory, pooled["2d"], keys)
-    tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
-    return ffn(m, f"{p}.ffn", tgt)
+        src2 = encoder_mha(m, f"{p}.self_attn", src, pos["2d"], keys)
+    src = m.layer_norm(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
+    return ffn(m, f"{p}.ffn", src)
 
 
 def self_attention(m: Model, a: str, tgt, query_pos):
@@ -551,15 +373,6 @@ def self_attention(m: Model, a: str, tgt, query_pos):
     q = add_query_offset(m, q, m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q")
     k = add_query_offset(m, k, m.linear(query_pos, f"{a}.k_proj"), f"{a}.k")
     return attention(m, a, q, k, v)
-
-
-def add_query_offset(m: Model, heads, offset, name: str):
-    """heads (B, heads, Q, head_dim) + the per-query constant offset (1, Q, C) split into heads.
-
-    Added after the head split, never to the in-projection's output: full TensorRT and TensorRT-RTX fail to
-    build (a segfault, or Myelin's "Arguments to operator* cannot be undefined") when a (1, Q, N) constant is
-    added to a matmul output of that same shape, which is what a static batch of 1 makes of it."""
-    return m.net.add(heads, split_heads(m, offset, f"{name}.offset.heads"), f"{name}.add_offset")
 
 
 def decoder_rcda(m: Model, a: str, tgt, query_pos, memory, pooled, keys):
@@ -597,7 +410,116 @@ def decoder_mha(m: Model, a: str, tgt, query_pos, memory, key, keys):
                      keys["all"], keys["all4"])
 
 
-# ====================================================================== heads
+def decoder_layer(m: Model, i: int, tgt, query_pos, memory, pooled, keys):
+    net, p = m.net, f"transformer.decoder_layers.{i}"
+    # self attention: q = k = tgt + query_pos, v = tgt
+    tgt2 = self_attention(m, f"{p}.self_attn", tgt, query_pos["2d"])
+    tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
+    if m.cfg.attention_type == "RCDA":
+        # q_row = tgt + query_pos_x, q_col = tgt + query_pos_y, k_row = memory + posemb_row,
+        # k_col = memory + posemb_col, v = memory
+        tgt2 = decoder_rcda(m, f"{p}.cross_attn", tgt, query_pos, memory, pooled, keys)
+    else:
+        tgt2 = decoder_mha(m, f"{p}.cross_attn", tgt, query_pos["2d"], memory, pooled["2d"], keys)
+    tgt = m.layer_norm(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
+    return ffn(m, f"{p}.ffn", tgt)
+
+
+# ================================ Transformer (anchor_points, memory_pos, query_pos, forward)
+def anchor_points(m: Model):
+    """reference_points (1, Q, 2): the learned (or grid) anchors (x, y), repeated for every pattern."""
+    cfg, net = m.cfg, m.net
+    if cfg.spatial_prior == "learned":
+        points = m.w("transformer.position.weight")
+    else:
+        side = round(math.sqrt(cfg.num_position))
+        x = (np.arange(side, dtype=np.float32) + 0.5) / side
+        # torch.meshgrid(x, y) is "ij"-indexed: position k = (x[k // side], y[k % side]).
+        points = np.stack([np.repeat(x, side), np.tile(x, side)], -1).astype(np.float32)
+    points = net.reshape(points, (1, 1, cfg.num_position, 2), "transformer.position")
+    points = net.expand(points, (1, cfg.num_query_pattern, cfg.num_position, 2), "transformer.position.repeat")
+    return net.reshape(points, (1, cfg.num_queries, 2), "transformer.reference_points")
+
+
+def posemb2d_grid(m: Model, pos_row, pos_col):
+    """adapt_pos2d(pos2posemb2d(grid)) for the grid point (x = pos_row[j], y = pos_col[i]) at (i, j).
+
+    The first Linear is split by its input halves, W [e_y; e_x] = W_y e_y + W_x e_x, so the (B, h, w, C)
+    embedding grid is never materialised: (B, h, 1, C) + (B, 1, w, C) broadcast.
+    """
+    net, p, half = m.net, "transformer.adapt_pos2d", m.cfg.d_model // 2
+    w0 = m.w(f"{p}.0.weight")
+    e_y = net.to_compute(sine(m, pos_col, half, "transformer.posemb_2d.emb_y"), f"{p}.0[y].input")
+    e_x = net.to_compute(sine(m, pos_row, half, "transformer.posemb_2d.emb_x"), f"{p}.0[x].input")
+    y = net.unsqueeze(net.linear(e_y, w0[:, :half], m.w(f"{p}.0.bias"), f"{p}.0[y]"), (2,), f"{p}.0[y].cols")
+    x = net.unsqueeze(net.linear(e_x, w0[:, half:], None, f"{p}.0[x]"), (1,), f"{p}.0[x].rows")
+    hidden = net.relu(net.add(y, x, f"{p}.0[grid]"), f"{p}.1[grid]")
+    return net.linear(hidden, m.w(f"{p}.2.weight"), m.w(f"{p}.2.bias"), f"{p}.2[grid]")
+
+
+def memory_pos(m: Model, mask, keys) -> dict[str, Any]:
+    """Position embeddings of the memory: RCDA "row" (B, w, C) and "col" (B, h, C); multi-head "2d"
+    (B, h, w, C)."""
+    net, cfg, t = m.net, m.cfg, "transformer"
+    if "mask2pos" in m.plugins:
+        layer = m.plugin("mask2pos").add_layer(net.trt, net.network, mask, cfg.d_model)
+        emb_col, emb_row = net.plugin(layer, f"{t}.mask2pos")
+    else:
+        pos_col, pos_row = mask2pos(m, mask, keys)
+        if cfg.attention_type != "RCDA":
+            return {"2d": net.rename(posemb2d_grid(m, pos_row, pos_col), "posemb_2d")}
+        emb_row = pos2posemb1d(m, pos_row, f"{t}.posemb_row")
+        emb_col = pos2posemb1d(m, pos_col, f"{t}.posemb_col")
+    return {"row": net.rename(adapt_pos(m, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row"),
+            "col": net.rename(adapt_pos(m, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")}
+
+
+def query_positions(m: Model, reference_points) -> dict[str, Any]:
+    """"2d": adapt_pos2d(pos2posemb2d(anchors)); RCDA also "x" and "y": adapt_pos1d of each coordinate."""
+    net, t = m.net, "transformer"
+    out = {"2d": adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")}
+    if m.cfg.attention_type == "RCDA":
+        for j, axis in enumerate("xy"):
+            coord = net.take(reference_points, j, -1, f"{t}.reference_{axis}")
+            out[axis] = adapt_pos(m, pos2posemb1d(m, coord, f"{t}.query_pos_{axis}"), f"{t}.adapt_pos1d",
+                                  f"query_pos_{axis}")
+    return out
+
+
+def key_masks(m: Model, mask) -> dict[str, Any]:
+    """Key padding masks, True = padding. RCDA: the mask's first row masks row logits ("row", (B, w)),
+    its first column column logits ("col", (B, h)); multi-head: every position ("all", (B, h*w)).
+    The "*4" versions are (B, 1, 1, K), to broadcast over heads and queries."""
+    net = m.net
+    if m.cfg.attention_type != "RCDA":
+        flat = net.reshape(mask, (0, -1), "mask.flat")
+        return {"all": flat, "all4": net.unsqueeze(flat, (1, 2), "mask.flat.heads")}
+    row = net.take(mask, 0, 1, "mask.row")
+    col = net.take(mask, 0, 2, "mask.col")
+    return {"row": row, "col": col,
+            "row4": net.unsqueeze(row, (1, 2), "mask.row.heads"), "col4": net.unsqueeze(col, (1, 2), "mask.col.heads")}
+
+
+def pattern_queries(m: Model):
+    """tgt (1, Q, C): the pattern embeddings repeated over the positions, pattern-major."""
+    net, cfg, t = m.net, m.cfg, "transformer.pattern"
+    tgt = net.reshape(m.w(f"{t}.weight"), (1, cfg.num_query_pattern, 1, cfg.d_model), t)
+    tgt = net.expand(tgt, (1, cfg.num_query_pattern, cfg.num_position, cfg.d_model), f"{t}.repeat")
+    tgt = net.reshape(tgt, (1, cfg.num_queries, cfg.d_model), f"{t}.flatten")
+    return net.to_compute(tgt, "transformer.tgt")
+
+
+def pooled_keys(m: Model, memory, pos) -> dict[str, Any]:
+    """The decoder's cross-attention key inputs, the same for every layer. RCDA: the mean over rows
+    (columns) of memory + posemb_row (posemb_col), pooled before projection (the mean commutes with
+    the affine projection); multi-head: memory + posemb_2d over all h*w positions."""
+    net, t = m.net, "transformer.memory"
+    if m.cfg.attention_type != "RCDA":
+        return {"2d": net.reshape(net.add(memory, pos["2d"], f"{t}.key"), (0, -1, m.cfg.d_model), f"{t}.key.flat")}
+    return {"row": net.add(net.mean(memory, (1,), f"{t}.mean_rows", keep_dims=False), pos["row"], f"{t}.key_row"),
+            "col": net.add(net.mean(memory, (2,), f"{t}.mean_cols", keep_dims=False), pos["col"], f"{t}.key_col")}
+
+
 def heads(m: Model, tgt, reference_points):
     """class_embed and bbox_embed of the last layer; boxes = sigmoid(delta + [inverse_sigmoid(anchor), 0, 0])."""
     net, t = m.net, "transformer"
@@ -616,15 +538,45 @@ def heads(m: Model, tgt, reference_points):
     return net.to_float32(logits, f"{t}.class_embed.to_float32"), boxes
 
 
-def inverse_sigmoid(m: Model, x):
-    net, p = m.net, "transformer.inverse_sigmoid"
-    x = net.clamp(x, 0.0, 1.0, f"{p}.clamp")
-    x1 = net.clamp(x, INVERSE_SIGMOID_EPS, 1.0, f"{p}.x1")
-    x2 = net.clamp(net.sub(1.0, x, f"{p}.one_minus"), INVERSE_SIGMOID_EPS, 1.0, f"{p}.x2")
-    return net.log(net.div(x1, x2, f"{p}.ratio"), p)
+def transformer(m: Model, src, mask):
+    """src (B, C, h, w), mask (B, h, w) -> logits, boxes of the last decoder layer."""
+    net, cfg = m.net, m.cfg
+    keys = key_masks(m, mask)
+    pos = memory_pos(m, mask, keys)
+    # (B, C, h, w) -> (B, h, w, C): the encoder layers' permute, done once for all of them.
+    memory = net.permute(src, (0, 2, 3, 1), "transformer.src")
+    for i in range(cfg.enc_layers):
+        memory = net.rename(encoder_layer(m, i, memory, pos, keys), f"encoder.{i}")
+
+    # Queries: everything here depends on weights only (build-time constants when folding). The
+    # official decoder layers recompute the query positions; they are the same in every layer.
+    reference_points = anchor_points(m)
+    query_pos = query_positions(m, reference_points)
+    tgt = pattern_queries(m)
+    pooled = pooled_keys(m, memory, pos)
+    for i in range(cfg.dec_layers):
+        tgt = net.rename(decoder_layer(m, i, tgt, query_pos, memory, pooled, keys), f"decoder.{i}")
+    # Heads of the last layer only: earlier layers' predictions (aux outputs) are training-only.
+    return heads(m, tgt, reference_points)
 
 
-# ====================================================================== PostProcess
+# ================================ The detector (AnchorDETR: input_proj, forward)
+def input_proj(m: Model, feature):
+    net, p = m.net, "input_proj.0"
+    x = net.conv2d(feature, m.w(f"{p}.0.weight"), m.w(f"{p}.0.bias"), f"{p}.0")
+    return net.group_norm(x, 32, m.w(f"{p}.1.weight"), m.w(f"{p}.1.bias"), f"{p}.1")
+
+
+def anchor_detr(m: Model, images, masks):
+    net = m.net
+    x = net.to_compute(images, "images.cast")
+    feature = net.rename(backbone(m, x), "backbone")
+    mask = feature_mask(m, masks, feature)
+    src = net.rename(input_proj(m, feature), "input_proj")
+    return transformer(m, src, mask)
+
+
+# ================================ PostProcess and the entry point
 def topk_postprocess(m: Model, logits, boxes):
     """Top-100 over sigmoid(logits) flattened (query, class) per image, as the official PostProcess.
 
@@ -640,3 +592,49 @@ def topk_postprocess(m: Model, logits, boxes):
     # (cx, cy, w, h) -> (cx - w/2, cy - h/2, cx + w/2, cy + h/2) as one small matmul.
     to_xyxy = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]], np.float32)
     return scores, labels, net.matmul(picked, to_xyxy, f"{p}.xyxy")
+
+
+def define_network(trt, network, cfg: AnchorDETRConfig, tensors: Mapping[str, Any], *, fp16: bool = False,
+                   plugins=frozenset(), postprocess: bool = False, fold_constants: bool = True) -> list:
+    """Add AnchorDETR to ``network``: inputs ``images`` (B,3,H,W) float32 and ``masks`` (B,H,W) bool
+    (True = padding); outputs ``pred_logits`` (B,Q,91) and ``pred_boxes`` (B,Q,4) float32, plus with
+    ``postprocess`` ``scores`` (B,100) float32, ``labels`` (B,100) int32 and ``boxes`` (B,100,4)
+    float32 (x0,y0,x1,y1 normalised). Returns the numpy arrays TensorRT references (keep them
+    alive until the engine is built)."""
+    plugins = frozenset(plugins)
+    check_supported(trt, cfg, plugins)
+    net = Net(trt, network, fp16=fp16, fold_constants=fold_constants)
+    m = Model(net, cfg, tensors, plugins)
+    dims = {0: "batch", 2: "height", 3: "width"}
+    images = net.input("images", trt.float32, (-1, 3, -1, -1), dims)
+    masks = net.input("masks", trt.bool, (-1, -1, -1), {0: "batch", 1: "height", 2: "width"})
+    logits, boxes = anchor_detr(m, images, masks)
+    net.output(logits, "pred_logits")
+    net.output(boxes, "pred_boxes")
+    if postprocess:
+        scores, labels, xyxy = topk_postprocess(m, logits, boxes)
+        net.output(scores, "scores")
+        net.output(labels, "labels")
+        net.output(xyxy, "boxes")
+    return net.keepalive
+
+
+def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None:
+    if cfg.num_feature_levels != 1:
+        raise NetworkConfigError(
+            f"variant {cfg.variant}: {cfg.num_feature_levels} feature levels are not supported by the "
+            "TensorRT network (only 1); the PyTorch reference reference.torch_model supports it"
+        )
+    unknown = sorted(set(plugins) - set(PLUGINS))
+    if unknown:
+        raise NetworkConfigError(f"unknown plugins {unknown}: choose from {', '.join(PLUGINS)}")
+    problem = backend_of(trt).plugin_problem() if plugins else None
+    if problem:
+        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
+    if plugins and cfg.attention_type != "RCDA":
+        raise NetworkConfigError(f"variant {cfg.variant}: plugins are written for RCDA attention only")
+
+
+def backend_of(trt) -> Backend:
+    """The Backend of a TensorRT module (the network code is handed the module, not the Backend)."""
+    return Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
