@@ -11,8 +11,8 @@ key               layout         what
 backbone          (B,2048,h,w)   ResNet layer4 output
 mask              (B,h,w) bool   padding mask at feature resolution, True = padding
 input_proj        (B,256,h,w)    Conv1x1 + GroupNorm
-posemb_row        (B,w,256)      adapt_pos1d(sine(pos_row))
-posemb_col        (B,h,256)      adapt_pos1d(sine(pos_col))
+posemb_row        (B,w,256)      adapt_pos1d(_sine(pos_row))
+posemb_col        (B,h,256)      adapt_pos1d(_sine(pos_col))
 encoder.{i}       (B,h,w,256)    after encoder layer i (the encoder works channels-last)
 decoder.{i}       (B,Q,256)      after decoder layer i
 ================  =============  ==============================================================
@@ -129,7 +129,7 @@ def mask2pos(m: Model, mask, keys):
     return out[0], out[1]
 
 
-def sine(m: Model, pos, num_feats: int, name: str):
+def _sine(m: Model, pos, num_feats: int, name: str):
     """The sine embedding of positions (...,) -> (..., num_feats), float32 (a position needs more than
     fp16's 11 bits: 2*pi*p reaches the top frequency's period)."""
     net = m.net
@@ -144,50 +144,56 @@ def sine(m: Model, pos, num_feats: int, name: str):
 
 
 def pos2posemb1d(m: Model, pos, name: str):
-    return sine(m, pos, m.cfg.d_model, name)
+    return _sine(m, pos, m.cfg.d_model, name)
 
 
 def pos2posemb2d(m: Model, pos, name: str):
     """Points (..., 2) as (x, y) -> the y embedding then the x embedding, d_model/2 features each."""
     net, half = m.net, m.cfg.d_model // 2
-    x = sine(m, net.take(pos, 0, -1, f"{name}.x"), half, f"{name}.emb_x")
-    y = sine(m, net.take(pos, 1, -1, f"{name}.y"), half, f"{name}.emb_y")
+    x = _sine(m, net.take(pos, 0, -1, f"{name}.x"), half, f"{name}.emb_x")
+    y = _sine(m, net.take(pos, 1, -1, f"{name}.y"), half, f"{name}.emb_y")
     return net.concat([y, x], -1, name)
 
 
-def split_heads(m: Model, x, name: str):
+def _heads(m: Model, x, name: str):
     """(B, L, C) -> (B, heads, L, head_dim)."""
     return m.net.shuffle(x, name, dims=(0, 0, m.cfg.nheads, m.cfg.head_dim), second=(0, 2, 1, 3))
 
 
-def masked_softmax(m: Model, logits, key_mask, key_mask4, name: str):
-    """Softmax over keys with padded keys at 0 (the official fills -inf; a finite fill keeps a fully
-    padded row finite)."""
+def _merge_heads(m: Model, x, name: str):
+    """(B, heads, L, head_dim) -> (B, L, C)."""
+    return m.net.shuffle(x, name, first=(0, 2, 1, 3), dims=(0, 0, m.cfg.d_model))
+
+
+def _masked_softmax(m: Model, logits, key_mask, key_mask4, name: str):
+    """Softmax over keys with padded keys (key_mask True) at 0, or over all keys without a mask (the
+    official fills -inf; a finite fill keeps a fully padded row finite)."""
     net = m.net
-    if "masked_softmax" in m.plugins:
+    if key_mask is not None and "masked_softmax" in m.plugins:
         layer = m.plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
         return net.plugin(layer, name)[0]
     # FP16: max, exp and the row sum in float32; the casts fuse into the softmax kernel.
     x = net.to_float32(logits, f"{name}.to_float32")
-    x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
+    if key_mask is not None:
+        x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
     return net.to_compute(net.softmax(x, -1, name), f"{name}.to_half")
 
 
-def rcda_attention(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
+def rcda(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
     """multi_head_rcda_forward after the projections.
 
     q_row, q_col (B|1, heads, Q, head_dim), already scaled; k_row (B, w, C) and k_col (B, h, C) pooled;
-    v (B, h, w, C) without bias. Returns (B, heads, Q, head_dim):
+    v (B, h, w, C) without bias. Returns (B, Q, C), before out_proj:
     out[q] = sum_{y,x} A_col[q,y] A_row[q,x] v[y,x], rows first (T[q,y] = sum_x A_row[q,x] v[y,x], then
     sum_y A_col[q,y] T[q,y]): T has the short edge h for landscape images, as the official code's
     efficient path chooses for them.
     """
     net, cfg = m.net, m.cfg
-    k_row = split_heads(m, k_row, f"{a}.k_row.heads")
-    k_col = split_heads(m, k_col, f"{a}.k_col.heads")
-    attn_row = masked_softmax(m, net.matmul(q_row, k_row, f"{a}.logits_row", transpose_b=True),
+    k_row = _heads(m, k_row, f"{a}.k_row.heads")
+    k_col = _heads(m, k_col, f"{a}.k_col.heads")
+    attn_row = _masked_softmax(m, net.matmul(q_row, k_row, f"{a}.logits_row", transpose_b=True),
                               keys["row"], keys["row4"], f"{a}.softmax_row")
-    attn_col = masked_softmax(m, net.matmul(q_col, k_col, f"{a}.logits_col", transpose_b=True),
+    attn_col = _masked_softmax(m, net.matmul(q_col, k_col, f"{a}.logits_col", transpose_b=True),
                               keys["col"], keys["col4"], f"{a}.softmax_col")
     # v (B, h, w, C) -> (B, heads, w, h*head_dim)
     v = net.shuffle(v, f"{a}.v.heads", dims=(0, 0, 0, cfg.nheads, cfg.head_dim), second=(0, 3, 2, 1, 4))
@@ -198,22 +204,17 @@ def rcda_attention(m: Model, a: str, q_row, q_col, k_row, k_col, v, keys):
     # sum rather than a batched (1 x h) @ (h x hd) matmul: Myelin then reads T once in place, where the
     # matmul form made the FP32 build at batch 8 x 1344x1344 ask for 8.7 GB of workspace (T is 4.9 GB).
     attn_col = net.reshape(attn_col, (0, 0, 0, -1, 1), f"{a}.softmax_col.unsqueeze")
-    return net.sum(net.mul(attn_col, per_row, f"{a}.attend_col.weight"), (3,), f"{a}.attend_col", keep_dims=False)
+    out = net.sum(net.mul(attn_col, per_row, f"{a}.attend_col.weight"), (3,), f"{a}.attend_col", keep_dims=False)
+    return _merge_heads(m, out, f"{a}.merge_heads")
 
 
-def attention(m: Model, a: str, q, k, v, key_mask=None, key_mask4=None):
+def multihead_attention(m: Model, a: str, q, k, v, key_mask=None, key_mask4=None):
     """Scaled dot-product attention of nn.MultiheadAttention after the projections: q (B|1, heads, Lq, hd)
-    already scaled, k and v (B|1, heads, Lk, hd), v without bias -> out_proj output (B, Lq, C)."""
+    already scaled, k and v (B|1, heads, Lk, hd), v without bias -> (B, Lq, C), before out_proj."""
     net = m.net
     logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
-    if key_mask is None:
-        # FP16: softmax statistics in float32 (see masked_softmax).
-        x = net.to_float32(logits, f"{a}.softmax.to_float32")
-        attn = net.to_compute(net.softmax(x, -1, f"{a}.softmax"), f"{a}.softmax.to_half")
-    else:
-        attn = masked_softmax(m, logits, key_mask, key_mask4, f"{a}.softmax")
-    out = net.matmul(attn, v, f"{a}.attend")  # (B, heads, Lq, head_dim)
-    return out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, m.cfg.d_model)))
+    attn = _masked_softmax(m, logits, key_mask, key_mask4, f"{a}.softmax")
+    return _merge_heads(m, net.matmul(attn, v, f"{a}.attend"), f"{a}.merge_heads")
 
 
 # ================================ Backbone: torchvision's ResNet (Bottleneck, ResNetBody)
@@ -265,7 +266,7 @@ def add_bias_transpose(m: Model, x, name: str):
     scale = cfg.head_dim ** -0.5
     y = m.linear(x, name, bias=False)
     if net.is_const(y):
-        return split_heads(m, (y + m.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
+        return _heads(m, (y + m.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
     layer = m.plugin("add_bias_transpose").add_layer(net.trt, net.network, y, m.w(f"{name}.bias"), cfg.nheads, scale)
     return net.plugin(layer, f"{name}.add_bias_transpose")[0]
 
@@ -276,7 +277,7 @@ def add_query_offset(m: Model, heads, offset, name: str):
     Added after the head split, never to the in-projection's output: full TensorRT and TensorRT-RTX fail to
     build (a segfault, or Myelin's "Arguments to operator* cannot be undefined") when a (1, Q, N) constant is
     added to a matmul output of that same shape, which is what a static batch of 1 makes of it."""
-    return m.net.add(heads, split_heads(m, offset, f"{name}.offset.heads"), f"{name}.add_offset")
+    return m.net.add(heads, _heads(m, offset, f"{name}.offset.heads"), f"{name}.add_offset")
 
 
 def ffn(m: Model, p: str, src):
@@ -284,6 +285,15 @@ def ffn(m: Model, p: str, src):
     x = net.relu(m.linear(src, f"{p}.linear1"), f"{p}.activation")
     x = m.linear(x, f"{p}.linear2")
     return m.layer_norm(net.add(src, x, f"{p}.residual"), f"{p}.norm2")
+
+
+def mlp(m: Model, x, p: str, num_layers: int):
+    """MLP: Linear layers with ReLU between them."""
+    for j in range(num_layers):
+        x = m.linear(x, f"{p}.layers.{j}")
+        if j < num_layers - 1:
+            x = m.net.relu(x, f"{p}.relu{j}")
+    return x
 
 
 def adapt_pos(m: Model, emb, p: str, use: str | None = None):
@@ -323,15 +333,14 @@ def encoder_rcda(m: Model, a: str, src, posemb_row, posemb_col, keys):
                         net.unsqueeze(m.linear(posemb_col, f"{a}.q_col_proj", s), (2,), f"{a}.q_col_proj.cols"),
                         f"{a}.q_col")
         v = net.take(proj, 2, 3, f"{a}.in_proj.v")
-        q_row = split_heads(m, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
-        q_col = split_heads(m, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
+        q_row = _heads(m, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
+        q_col = _heads(m, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
     # Keys pooled before projection (mean and an affine map commute).
     k_row = m.linear(net.add(net.mean(src, (1,), f"{a}.mean_rows", keep_dims=False), posemb_row, f"{a}.key_row"),
                      f"{a}.k_row_proj")
     k_col = m.linear(net.add(net.mean(src, (2,), f"{a}.mean_cols", keep_dims=False), posemb_col, f"{a}.key_col"),
                      f"{a}.k_col_proj")
-    out = rcda_attention(m, a, q_row, q_col, k_row, k_col, v, keys)
-    out = out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c)))
+    out = out_proj(m, a, rcda(m, a, q_row, q_col, k_row, k_col, v, keys))
     return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")  # (B, h*w, C) -> (B, h, w, C)
 
 
@@ -345,8 +354,9 @@ def encoder_mha(m: Model, a: str, src, posemb_2d, keys):
     bias = np.concatenate([m.w(f"{a}.q_proj.bias") * s, m.w(f"{a}.k_proj.bias")])
     qk = net.shuffle(net.linear(query, weight, bias, f"{a}.in_proj"), f"{a}.heads",
                      dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-    v = split_heads(m, m.linear(flat, f"{a}.v_proj", bias=False), f"{a}.v.heads")
-    out = attention(m, a, net.take(qk, 0, 0, f"{a}.q"), net.take(qk, 1, 0, f"{a}.k"), v, keys["all"], keys["all4"])
+    v = _heads(m, m.linear(flat, f"{a}.v_proj", bias=False), f"{a}.v.heads")
+    q, k = net.take(qk, 0, 0, f"{a}.q"), net.take(qk, 1, 0, f"{a}.k")
+    out = out_proj(m, a, multihead_attention(m, a, q, k, v, keys["all"], keys["all4"]))
     return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")
 
 
@@ -372,7 +382,7 @@ def self_attention(m: Model, a: str, tgt, query_pos):
     q, k, v = (net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv"))
     q = add_query_offset(m, q, m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q")
     k = add_query_offset(m, k, m.linear(query_pos, f"{a}.k_proj"), f"{a}.k")
-    return attention(m, a, q, k, v)
+    return out_proj(m, a, multihead_attention(m, a, q, k, v))
 
 
 def decoder_rcda(m: Model, a: str, tgt, query_pos, memory, pooled, keys):
@@ -393,8 +403,7 @@ def decoder_rcda(m: Model, a: str, tgt, query_pos, memory, pooled, keys):
     k_row = m.linear(pooled["row"], f"{a}.k_row_proj")
     k_col = m.linear(pooled["col"], f"{a}.k_col_proj")
     v = m.linear(memory, f"{a}.v_proj", bias=False)
-    out = rcda_attention(m, a, q_row, q_col, k_row, k_col, v, keys)
-    return out_proj(m, a, net.shuffle(out, f"{a}.merge_heads", first=(0, 2, 1, 3), dims=(0, 0, c)))
+    return out_proj(m, a, rcda(m, a, q_row, q_col, k_row, k_col, v, keys))
 
 
 def decoder_mha(m: Model, a: str, tgt, query_pos, memory, key, keys):
@@ -402,12 +411,12 @@ def decoder_mha(m: Model, a: str, tgt, query_pos, memory, key, keys):
     net, cfg = m.net, m.cfg
     c, s = cfg.d_model, cfg.head_dim ** -0.5
     # W_q (tgt + pos) + b = W_q tgt + (W_q pos + b): the position term is a constant.
-    q = split_heads(m, net.linear(tgt, m.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"), f"{a}.q.heads")
+    q = _heads(m, net.linear(tgt, m.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"), f"{a}.q.heads")
     q = add_query_offset(m, q, m.linear(query_pos, f"{a}.q_proj", s), f"{a}.q")
     k = m.linear(key, f"{a}.k_proj")
     v = m.linear(net.reshape(memory, (0, -1, c), f"{a}.memory.flat"), f"{a}.v_proj", bias=False)
-    return attention(m, a, q, split_heads(m, k, f"{a}.k.heads"), split_heads(m, v, f"{a}.v.heads"),
-                     keys["all"], keys["all4"])
+    return out_proj(m, a, multihead_attention(m, a, q, _heads(m, k, f"{a}.k.heads"), _heads(m, v, f"{a}.v.heads"),
+                                              keys["all"], keys["all4"]))
 
 
 def decoder_layer(m: Model, i: int, tgt, query_pos, memory, pooled, keys):
@@ -449,8 +458,8 @@ def posemb2d_grid(m: Model, pos_row, pos_col):
     """
     net, p, half = m.net, "transformer.adapt_pos2d", m.cfg.d_model // 2
     w0 = m.w(f"{p}.0.weight")
-    e_y = net.to_compute(sine(m, pos_col, half, "transformer.posemb_2d.emb_y"), f"{p}.0[y].input")
-    e_x = net.to_compute(sine(m, pos_row, half, "transformer.posemb_2d.emb_x"), f"{p}.0[x].input")
+    e_y = net.to_compute(_sine(m, pos_col, half, "transformer.posemb_2d.emb_y"), f"{p}.0[y].input")
+    e_x = net.to_compute(_sine(m, pos_row, half, "transformer.posemb_2d.emb_x"), f"{p}.0[x].input")
     y = net.unsqueeze(net.linear(e_y, w0[:, :half], m.w(f"{p}.0.bias"), f"{p}.0[y]"), (2,), f"{p}.0[y].cols")
     x = net.unsqueeze(net.linear(e_x, w0[:, half:], None, f"{p}.0[x]"), (1,), f"{p}.0[x].rows")
     hidden = net.relu(net.add(y, x, f"{p}.0[grid]"), f"{p}.1[grid]")
@@ -474,7 +483,7 @@ def memory_pos(m: Model, mask, keys) -> dict[str, Any]:
             "col": net.rename(adapt_pos(m, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")}
 
 
-def query_positions(m: Model, reference_points) -> dict[str, Any]:
+def query_pos(m: Model, reference_points) -> dict[str, Any]:
     """"2d": adapt_pos2d(pos2posemb2d(anchors)); RCDA also "x" and "y": adapt_pos1d of each coordinate."""
     net, t = m.net, "transformer"
     out = {"2d": adapt_pos(m, pos2posemb2d(m, reference_points, f"{t}.query_pos"), f"{t}.adapt_pos2d")}
@@ -520,15 +529,11 @@ def pooled_keys(m: Model, memory, pos) -> dict[str, Any]:
             "col": net.add(net.mean(memory, (2,), f"{t}.mean_cols", keep_dims=False), pos["col"], f"{t}.key_col")}
 
 
-def heads(m: Model, tgt, reference_points):
+def prediction_heads(m: Model, tgt, reference_points):
     """class_embed and bbox_embed of the last layer; boxes = sigmoid(delta + [inverse_sigmoid(anchor), 0, 0])."""
     net, t = m.net, "transformer"
     logits = m.linear(tgt, f"{t}.class_embed")
-    x = tgt
-    for j in range(3):
-        x = m.linear(x, f"{t}.bbox_embed.layers.{j}")
-        if j < 2:
-            x = net.relu(x, f"{t}.bbox_embed.relu{j}")
+    x = mlp(m, tgt, f"{t}.bbox_embed", 3)
     # FP16: the box refinement runs in float32 (inverse_sigmoid of anchors near 0/1 is steep).
     delta = net.to_float32(x, f"{t}.bbox_embed.to_float32")
     anchor = inverse_sigmoid(m, reference_points)
@@ -551,13 +556,13 @@ def transformer(m: Model, src, mask):
     # Queries: everything here depends on weights only (build-time constants when folding). The
     # official decoder layers recompute the query positions; they are the same in every layer.
     reference_points = anchor_points(m)
-    query_pos = query_positions(m, reference_points)
+    queries_pos = query_pos(m, reference_points)
     tgt = pattern_queries(m)
     pooled = pooled_keys(m, memory, pos)
     for i in range(cfg.dec_layers):
-        tgt = net.rename(decoder_layer(m, i, tgt, query_pos, memory, pooled, keys), f"decoder.{i}")
+        tgt = net.rename(decoder_layer(m, i, tgt, queries_pos, memory, pooled, keys), f"decoder.{i}")
     # Heads of the last layer only: earlier layers' predictions (aux outputs) are training-only.
-    return heads(m, tgt, reference_points)
+    return prediction_heads(m, tgt, reference_points)
 
 
 # ================================ The detector (AnchorDETR: input_proj, forward)

@@ -156,14 +156,14 @@ def block_case(block: str, cfg: AnchorDETRConfig, model, ref) -> tuple[dict, obj
                .expand(batch, -1, -1) if i == 0 else ref[f"decoder.{i - 1}"])
 
         def body(m, t):
-            query_pos = N.query_positions(m, N.anchor_points(m))
+            query_pos = N.query_pos(m, N.anchor_points(m))
             pooled = N.pooled_keys(m, t["memory"], pos_of(t))
             return {block: N.decoder_layer(m, i, t["tgt"], query_pos, t["memory"], pooled, N.key_masks(m, t["mask"]))}
         return {"tgt": tgt.contiguous(), "memory": ref[last_enc], **pos_inputs}, body, {block: ref[block]}
     assert block == "heads"
 
     def body(m, t):
-        logits, boxes = N.heads(m, t["tgt"], N.anchor_points(m))
+        logits, boxes = N.prediction_heads(m, t["tgt"], N.anchor_points(m))
         return {"pred_logits": logits, "pred_boxes": boxes}
     return {"tgt": ref[last_dec]}, body, {k: ref[k] for k in ("pred_logits", "pred_boxes")}
 
@@ -284,7 +284,7 @@ def _native_plugins(trt, cfg, monkeypatch):
     def masked_softmax(trt_, network, logits, key_mask):
         net, p = fake_net(network, logits)
         m = N.Model(net, cfg, {})
-        N.masked_softmax(m, logits, key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4"), f"{p}.softmax")
+        N._masked_softmax(m, logits, key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4"), f"{p}.softmax")
         return last_layer(network)
 
     def layer_norm(trt_, network, x, gamma, beta, eps):
