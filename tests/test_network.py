@@ -23,7 +23,7 @@ from core.backend import BackendError, get_backend
 from netdef.build import _creation_flags
 from core.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
-from netdef.network import Model, NetworkConfigError, backend_of, define_network, _masked_softmax
+from netdef.network import BuildContext, NetworkConfigError, _masked_softmax, backend_of, define_network
 
 
 
@@ -337,10 +337,10 @@ def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
 
     trt = rtx.trt
     _, network, net = _bare_net(rtx, fp16)
-    m = Model(net, small_config(), {})
+    ctx = BuildContext(net, small_config(), {})
     logits = net.to_compute(net.input("logits", trt.float32, (2, 1, 2, 4)), "logits.cast")
     key_mask = net.input("key_mask", trt.bool, (2, 4))
-    attn = _masked_softmax(m, logits, key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4"), "softmax")
+    attn = _masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4"), "softmax")
     net.output(net.to_float32(attn, "softmax.out"), "attn")
     values = torch.tensor([[[[1.0, 2.0, 30.0, -4.0], [0.5, 0.5, 0.5, 0.5]]]]).repeat(2, 1, 1, 1)
     mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
