@@ -38,9 +38,8 @@ around softmax and normalisation (fused into those kernels), and head split/merg
 
 from __future__ import annotations
 
-import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,8 +47,9 @@ import numpy as np
 from core.backend import Backend, BackendError
 from core.config import BACKBONE_BLOCKS, AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net
+from plugins import NAMES as PLUGINS
+from plugins import get as get_plugin
 
-PLUGINS = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")
 NUM_TOPK = 100
 INVERSE_SIGMOID_EPS = 1e-5
 
@@ -68,7 +68,6 @@ class BuildContext:
     cfg: AnchorDETRConfig
     tensors: Mapping[str, Any]
     plugins: frozenset[str] = frozenset()
-    _modules: dict[str, Any] = field(default_factory=dict)
 
     def w(self, key: str) -> np.ndarray:
         if key not in self.tensors:
@@ -83,19 +82,29 @@ class BuildContext:
         b = self.w(f"{name}.bias") * scale if bias else None
         return self.net.linear(x, self.w(f"{name}.weight") * scale, b, name)
 
-    def plugin(self, name: str):
-        if name not in self._modules:
-            self._modules[name] = importlib.import_module(f"plugins.{name}")
-        return self._modules[name]
+    def layer_norm_module(self, x, name: str):
+        """The PyTorch LayerNorm called ``name`` (eps 1e-5)."""
+        return self.op("layer_norm", _layer_norm_plugin, _layer_norm_native, x, name)
 
-    def layer_norm(self, x, name: str):
-        if "layer_norm" in self.plugins and not (self.net.fold and self.net.is_const(x)):
-            layer = self.plugin("layer_norm").add_layer(
-                self.net.trt, self.net.network, self.net.tensor(x, f"{name}.input", self.net.dtype),
-                self.w(f"{name}.weight"), self.w(f"{name}.bias"), 1e-5,
-            )
-            return self.net.plugin(layer, name)[0]
-        return self.net.layer_norm(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"), name)
+    def op(self, plugin_name: str, plugin, native, *args):
+        """``plugin(self, *args)`` where plugin ``plugin_name`` is enabled, else ``native(self, *args)``: the
+        one place a plugin-or-native choice is made. Blocks call the op, never test ``self.plugins``."""
+        if plugin_name not in PLUGINS:
+            raise ValueError(f"no plugin {plugin_name!r}: choose from {', '.join(PLUGINS)}")
+        return (plugin if plugin_name in self.plugins else native)(self, *args)
+
+
+def _layer_norm_native(ctx: BuildContext, x, name: str):
+    return ctx.net.layer_norm(x, ctx.w(f"{name}.weight"), ctx.w(f"{name}.bias"), name)
+
+
+def _layer_norm_plugin(ctx: BuildContext, x, name: str):
+    net = ctx.net
+    if net.fold and net.is_const(x):  # a constant folds in numpy, as every verb's does: no layer
+        return _layer_norm_native(ctx, x, name)
+    layer = get_plugin("layer_norm").add_layer(net.trt, net.network, net.tensor(x, f"{name}.input", net.dtype),
+                                               ctx.w(f"{name}.weight"), ctx.w(f"{name}.bias"), 1e-5)
+    return net.plugin(layer, name)[0]
 
 
 # ================================ Reference functions (reference.torch_model's module-level functions)
@@ -149,6 +158,24 @@ def pos2posemb1d(ctx: BuildContext, pos, name: str):
     return _sine(ctx, pos, ctx.cfg.d_model, name)
 
 
+def mask2posemb1d(ctx: BuildContext, mask, keys):
+    """pos2posemb1d(mask2pos(mask)): emb_col (B, h, C) and emb_row (B, w, C), float32."""
+    return ctx.op("mask2pos", _mask2posemb1d_plugin, _mask2posemb1d_native, mask, keys)
+
+
+def _mask2posemb1d_native(ctx: BuildContext, mask, keys):
+    pos_col, pos_row = mask2pos(ctx, mask, keys)
+    emb_row = pos2posemb1d(ctx, pos_row, "transformer.posemb_row")
+    return pos2posemb1d(ctx, pos_col, "transformer.posemb_col"), emb_row
+
+
+def _mask2posemb1d_plugin(ctx: BuildContext, mask, keys):
+    net = ctx.net
+    layer = get_plugin("mask2pos").add_layer(net.trt, net.network, mask, ctx.cfg.d_model)
+    emb_col, emb_row = net.plugin(layer, "transformer.mask2pos")
+    return emb_col, emb_row
+
+
 def pos2posemb2d(ctx: BuildContext, pos, name: str):
     """Points (..., 2) as (x, y) -> the y embedding then the x embedding, d_model/2 features each."""
     net, half = ctx.net, ctx.cfg.d_model // 2
@@ -170,15 +197,25 @@ def _merge_heads(ctx: BuildContext, x, name: str):
 def _masked_softmax(ctx: BuildContext, logits, key_mask, key_mask4, name: str):
     """Softmax over keys with padded keys (key_mask True) at 0, or over all keys without a mask (the
     official fills -inf; a finite fill keeps a fully padded row finite)."""
+    if key_mask is None:  # the plugin needs a mask
+        return _masked_softmax_native(ctx, logits, None, None, name)
+    return ctx.op("masked_softmax", _masked_softmax_plugin, _masked_softmax_native, logits, key_mask, key_mask4, name)
+
+
+def _masked_softmax_native(ctx: BuildContext, logits, key_mask, key_mask4, name: str):
+    """key_mask4 is key_mask as (B, 1, 1, K)."""
     net = ctx.net
-    if key_mask is not None and "masked_softmax" in ctx.plugins:
-        layer = ctx.plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
-        return net.plugin(layer, name)[0]
     # FP16: max, exp and the row sum in float32; the casts fuse into the softmax kernel.
     x = net.to_float32(logits, f"{name}.to_float32")
-    if key_mask is not None:
+    if key_mask4 is not None:
         x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
     return net.to_compute(net.softmax(x, -1, name), f"{name}.to_half")
+
+
+def _masked_softmax_plugin(ctx: BuildContext, logits, key_mask, key_mask4, name: str):
+    net = ctx.net
+    layer = get_plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
+    return net.plugin(layer, name)[0]
 
 
 def rcda(ctx: BuildContext, a: str, q_row, q_col, k_row, k_col, v, keys):
@@ -263,13 +300,15 @@ def out_proj(ctx: BuildContext, a: str, x):
 
 
 def add_bias_transpose(ctx: BuildContext, x, name: str):
-    """(x W^T + b) * scale split into heads (B, heads, Q, head_dim), through the plugin."""
+    """(x W^T + b) * scale split into heads (B, heads, Q, head_dim), through the plugin (a constant ``x`` folds in
+    numpy, as every verb's does)."""
     net, cfg = ctx.net, ctx.cfg
     scale = cfg.head_dim ** -0.5
     y = ctx.linear_module(x, name, bias=False)
     if net.is_const(y):
         return _heads(ctx, (y + ctx.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
-    layer = ctx.plugin("add_bias_transpose").add_layer(net.trt, net.network, y, ctx.w(f"{name}.bias"), cfg.nheads, scale)
+    layer = get_plugin("add_bias_transpose").add_layer(net.trt, net.network, y, ctx.w(f"{name}.bias"), cfg.nheads,
+                                                       scale)
     return net.plugin(layer, f"{name}.add_bias_transpose")[0]
 
 
@@ -286,7 +325,7 @@ def ffn(ctx: BuildContext, p: str, src):
     net = ctx.net
     x = net.relu(ctx.linear_module(src, f"{p}.linear1"), f"{p}.activation")
     x = ctx.linear_module(x, f"{p}.linear2")
-    return ctx.layer_norm(net.add(src, x, f"{p}.residual"), f"{p}.norm2")
+    return ctx.layer_norm_module(net.add(src, x, f"{p}.residual"), f"{p}.norm2")
 
 
 def mlp(ctx: BuildContext, x, p: str, num_layers: int):
@@ -309,34 +348,45 @@ def adapt_pos(ctx: BuildContext, emb, p: str, use: str | None = None):
     return net.linear(x, ctx.w(f"{p}.2.weight"), ctx.w(f"{p}.2.bias"), f"{p}.2{tag}")
 
 
+def _encoder_rcda_in_proj(ctx: BuildContext, a: str, src, posemb_row, posemb_col):
+    """q_row, q_col in heads and v (B, h, w, C) without bias, natively.
+
+    One matmul for the three projections that read src: W_qr (src + p) + b = W_qr src + (W_qr p + b), and the
+    position term is projected at (B, w, C) / (B, h, C) instead of (B, h, w, C)."""
+    net, c, s = ctx.net, ctx.cfg.d_model, ctx.cfg.head_dim ** -0.5
+    weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s,
+                             ctx.w(f"{a}.v_proj.weight")])
+    proj = net.reshape(net.linear(src, weight, None, f"{a}.in_proj"), (0, 0, 0, 3, c), f"{a}.in_proj.split")
+    q_row = net.add(net.take(proj, 0, 3, f"{a}.in_proj.q_row"),
+                    net.unsqueeze(ctx.linear_module(posemb_row, f"{a}.q_row_proj", s), (1,), f"{a}.q_row_proj.rows"),
+                    f"{a}.q_row")
+    q_col = net.add(net.take(proj, 1, 3, f"{a}.in_proj.q_col"),
+                    net.unsqueeze(ctx.linear_module(posemb_col, f"{a}.q_col_proj", s), (2,), f"{a}.q_col_proj.cols"),
+                    f"{a}.q_col")
+    v = net.take(proj, 2, 3, f"{a}.in_proj.v")
+    q_row = _heads(ctx, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
+    q_col = _heads(ctx, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
+    return q_row, q_col, v
+
+
+def _encoder_rcda_in_proj_plugin(ctx: BuildContext, a: str, src, posemb_row, posemb_col):
+    """The same through add_bias_transpose: the plugin adds the bias and scales, so positions are added first."""
+    net, c = ctx.net, ctx.cfg.d_model
+    query_row = net.add(src, net.unsqueeze(posemb_row, (1,), f"{a}.posemb_row"), f"{a}.query_row")
+    flat_row = net.reshape(query_row, (0, -1, c), f"{a}.query_row.flat")
+    query_col = net.add(src, net.unsqueeze(posemb_col, (2,), f"{a}.posemb_col"), f"{a}.query_col")
+    flat_col = net.reshape(query_col, (0, -1, c), f"{a}.query_col.flat")
+    q_row = add_bias_transpose(ctx, flat_row, f"{a}.q_row_proj")
+    q_col = add_bias_transpose(ctx, flat_col, f"{a}.q_col_proj")
+    return q_row, q_col, ctx.linear_module(src, f"{a}.v_proj", bias=False)
+
+
 def encoder_rcda(ctx: BuildContext, a: str, src, posemb_row, posemb_col, keys):
     """self_attn(q_row = src + posemb_row, q_col = src + posemb_col, k_row = src + posemb_row,
     k_col = src + posemb_col, v = src) with posemb_row broadcast over h and posemb_col over w."""
-    net, cfg = ctx.net, ctx.cfg
-    c, s = cfg.d_model, cfg.head_dim ** -0.5
-    if "add_bias_transpose" in ctx.plugins:
-        flat_row = net.reshape(net.add(src, net.unsqueeze(posemb_row, (1,), f"{a}.posemb_row"), f"{a}.query_row"),
-                               (0, -1, c), f"{a}.query_row.flat")
-        flat_col = net.reshape(net.add(src, net.unsqueeze(posemb_col, (2,), f"{a}.posemb_col"), f"{a}.query_col"),
-                               (0, -1, c), f"{a}.query_col.flat")
-        q_row = add_bias_transpose(ctx, flat_row, f"{a}.q_row_proj")
-        q_col = add_bias_transpose(ctx, flat_col, f"{a}.q_col_proj")
-        v = ctx.linear_module(src, f"{a}.v_proj", bias=False)
-    else:
-        # One matmul for the three projections that read src: W_qr (src + p) + b = W_qr src + (W_qr p + b),
-        # and the position term is projected at (B, w, C) / (B, h, C) instead of (B, h, w, C).
-        weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s,
-                                 ctx.w(f"{a}.v_proj.weight")])
-        proj = net.reshape(net.linear(src, weight, None, f"{a}.in_proj"), (0, 0, 0, 3, c), f"{a}.in_proj.split")
-        q_row = net.add(net.take(proj, 0, 3, f"{a}.in_proj.q_row"),
-                        net.unsqueeze(ctx.linear_module(posemb_row, f"{a}.q_row_proj", s), (1,), f"{a}.q_row_proj.rows"),
-                        f"{a}.q_row")
-        q_col = net.add(net.take(proj, 1, 3, f"{a}.in_proj.q_col"),
-                        net.unsqueeze(ctx.linear_module(posemb_col, f"{a}.q_col_proj", s), (2,), f"{a}.q_col_proj.cols"),
-                        f"{a}.q_col")
-        v = net.take(proj, 2, 3, f"{a}.in_proj.v")
-        q_row = _heads(ctx, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
-        q_col = _heads(ctx, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
+    net = ctx.net
+    q_row, q_col, v = ctx.op("add_bias_transpose", _encoder_rcda_in_proj_plugin, _encoder_rcda_in_proj,
+                             a, src, posemb_row, posemb_col)
     # Keys pooled before projection (mean and an affine map commute).
     key_row = net.add(net.mean(src, (1,), f"{a}.mean_rows", keep_dims=False), posemb_row, f"{a}.key_row")
     k_row = ctx.linear_module(key_row, f"{a}.k_row_proj")
@@ -369,7 +419,7 @@ def encoder_layer(ctx: BuildContext, i: int, src, pos, keys):
         src2 = encoder_rcda(ctx, f"{p}.self_attn", src, pos["row"], pos["col"], keys)
     else:
         src2 = encoder_mha(ctx, f"{p}.self_attn", src, pos["2d"], keys)
-    src = ctx.layer_norm(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
+    src = ctx.layer_norm_module(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
     return ffn(ctx, f"{p}.ffn", src)
 
 
@@ -387,21 +437,30 @@ def self_attention(ctx: BuildContext, a: str, tgt, query_pos):
     return out_proj(ctx, a, multihead_attention(ctx, a, q, k, v))
 
 
-def decoder_rcda(ctx: BuildContext, a: str, tgt, query_pos, memory, pooled, keys):
+def _decoder_rcda_queries(ctx: BuildContext, a: str, tgt, query_pos):
+    """q_row, q_col in heads, natively:
+    [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]."""
     net, cfg = ctx.net, ctx.cfg
-    c, s = cfg.d_model, cfg.head_dim ** -0.5
-    if "add_bias_transpose" in ctx.plugins:
-        q_row = add_bias_transpose(ctx, net.add(tgt, query_pos["x"], f"{a}.query_row"), f"{a}.q_row_proj")
-        q_col = add_bias_transpose(ctx, net.add(tgt, query_pos["y"], f"{a}.query_col"), f"{a}.q_col_proj")
-    else:
-        # [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]
-        weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s])
-        q = net.linear(tgt, weight, None, f"{a}.in_proj")
-        q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-        q_row = add_query_offset(ctx, net.take(q, 0, 0, f"{a}.q_row"), ctx.linear_module(query_pos["x"], f"{a}.q_row_proj", s),
-                                 f"{a}.q_row")
-        q_col = add_query_offset(ctx, net.take(q, 1, 0, f"{a}.q_col"), ctx.linear_module(query_pos["y"], f"{a}.q_col_proj", s),
-                                 f"{a}.q_col")
+    s = cfg.head_dim ** -0.5
+    weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s])
+    q = net.linear(tgt, weight, None, f"{a}.in_proj")
+    q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+    q_row = add_query_offset(ctx, net.take(q, 0, 0, f"{a}.q_row"),
+                             ctx.linear_module(query_pos["x"], f"{a}.q_row_proj", s), f"{a}.q_row")
+    q_col = add_query_offset(ctx, net.take(q, 1, 0, f"{a}.q_col"),
+                             ctx.linear_module(query_pos["y"], f"{a}.q_col_proj", s), f"{a}.q_col")
+    return q_row, q_col
+
+
+def _decoder_rcda_queries_plugin(ctx: BuildContext, a: str, tgt, query_pos):
+    net = ctx.net
+    q_row = add_bias_transpose(ctx, net.add(tgt, query_pos["x"], f"{a}.query_row"), f"{a}.q_row_proj")
+    q_col = add_bias_transpose(ctx, net.add(tgt, query_pos["y"], f"{a}.query_col"), f"{a}.q_col_proj")
+    return q_row, q_col
+
+
+def decoder_rcda(ctx: BuildContext, a: str, tgt, query_pos, memory, pooled, keys):
+    q_row, q_col = ctx.op("add_bias_transpose", _decoder_rcda_queries_plugin, _decoder_rcda_queries, a, tgt, query_pos)
     k_row = ctx.linear_module(pooled["row"], f"{a}.k_row_proj")
     k_col = ctx.linear_module(pooled["col"], f"{a}.k_col_proj")
     v = ctx.linear_module(memory, f"{a}.v_proj", bias=False)
@@ -425,14 +484,14 @@ def decoder_layer(ctx: BuildContext, i: int, tgt, query_pos, memory, pooled, key
     net, p = ctx.net, f"transformer.decoder_layers.{i}"
     # self attention: q = k = tgt + query_pos, v = tgt
     tgt2 = self_attention(ctx, f"{p}.self_attn", tgt, query_pos["2d"])
-    tgt = ctx.layer_norm(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
+    tgt = ctx.layer_norm_module(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
     if ctx.cfg.attention_type == "RCDA":
         # q_row = tgt + query_pos_x, q_col = tgt + query_pos_y, k_row = memory + posemb_row,
         # k_col = memory + posemb_col, v = memory
         tgt2 = decoder_rcda(ctx, f"{p}.cross_attn", tgt, query_pos, memory, pooled, keys)
     else:
         tgt2 = decoder_mha(ctx, f"{p}.cross_attn", tgt, query_pos["2d"], memory, pooled["2d"], keys)
-    tgt = ctx.layer_norm(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
+    tgt = ctx.layer_norm_module(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
     return ffn(ctx, f"{p}.ffn", tgt)
 
 
@@ -471,16 +530,11 @@ def posemb2d_grid(ctx: BuildContext, pos_row, pos_col):
 def memory_pos(ctx: BuildContext, mask, keys) -> dict[str, Any]:
     """Position embeddings of the memory: RCDA "row" (B, w, C) and "col" (B, h, C); multi-head "2d"
     (B, h, w, C)."""
-    net, cfg, t = ctx.net, ctx.cfg, "transformer"
-    if "mask2pos" in ctx.plugins:
-        layer = ctx.plugin("mask2pos").add_layer(net.trt, net.network, mask, cfg.d_model)
-        emb_col, emb_row = net.plugin(layer, f"{t}.mask2pos")
-    else:
+    net, t = ctx.net, "transformer"
+    if ctx.cfg.attention_type != "RCDA":
         pos_col, pos_row = mask2pos(ctx, mask, keys)
-        if cfg.attention_type != "RCDA":
-            return {"2d": net.rename(posemb2d_grid(ctx, pos_row, pos_col), "posemb_2d")}
-        emb_row = pos2posemb1d(ctx, pos_row, f"{t}.posemb_row")
-        emb_col = pos2posemb1d(ctx, pos_col, f"{t}.posemb_col")
+        return {"2d": net.rename(posemb2d_grid(ctx, pos_row, pos_col), "posemb_2d")}
+    emb_col, emb_row = mask2posemb1d(ctx, mask, keys)
     return {"row": net.rename(adapt_pos(ctx, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row"),
             "col": net.rename(adapt_pos(ctx, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")}
 

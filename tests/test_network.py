@@ -370,3 +370,54 @@ def test_group_norm_matches_torch(rtx, v2):
     net.output(y, "y")
     got = interpret_network(network, {"x": x}, trt=trt)["y"]
     torch.testing.assert_close(got, torch.nn.functional.group_norm(x, 32, gamma, beta, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- plugin switch
+def test_build_context_op_is_the_one_plugin_switch(rtx):
+    """ctx.op runs the plugin variant exactly where that plugin is enabled, and refuses a name that is no plugin
+    (a typo would otherwise pick the native variant silently)."""
+    _, _, net = _bare_net(rtx)
+    ctx = BuildContext(net, small_config(), {}, frozenset({"layer_norm"}))
+    plugin, native = (lambda c, x: ("plugin", x)), (lambda c, x: ("native", x))
+    assert ctx.op("layer_norm", plugin, native, 1) == ("plugin", 1)
+    assert ctx.op("masked_softmax", plugin, native, 2) == ("native", 2)
+    with pytest.raises(ValueError, match="no plugin 'layernorm'"):
+        ctx.op("layernorm", plugin, native, 3)
+
+
+# ---------------------------------------------------------------------------------------------- reading order
+# netdef.network function <- what it mirrors in reference.torch_model (a function, class or Class.method).
+MIRRORS = {
+    "inverse_sigmoid": "inverse_sigmoid", "feature_mask": "feature_mask", "mask2pos": "mask2pos", "_sine": "_sine",
+    "pos2posemb1d": "pos2posemb1d", "pos2posemb2d": "pos2posemb2d", "_heads": "_heads",
+    "_merge_heads": "_merge_heads", "_masked_softmax": "_masked_softmax", "rcda": "rcda",
+    "multihead_attention": "multihead_attention", "bottleneck": "Bottleneck", "backbone": "ResNetBody",
+    "out_proj": "_InProj", "ffn": "FFN", "mlp": "MLP", "adapt_pos": "_mlp2", "encoder_layer": "EncoderLayer",
+    "decoder_layer": "DecoderLayer", "anchor_points": "Transformer.anchor_points",
+    "memory_pos": "Transformer.memory_pos", "query_pos": "Transformer.query_pos", "transformer": "Transformer.forward",
+    "input_proj": "AnchorDETR.__init__", "anchor_detr": "AnchorDETR._run",
+}
+
+
+def _definition_order(path) -> list[str]:
+    import ast
+
+    names = []
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        if isinstance(node, ast.ClassDef):
+            names += [f"{node.name}.{n.name}" for n in node.body if isinstance(n, ast.FunctionDef)]
+    return names
+
+
+def test_network_reads_in_the_reference_order():
+    """netdef/network.py defines its blocks in reference/torch_model.py's order and under its names."""
+    import netdef.network
+    import reference
+
+    ours = [n for n in _definition_order(netdef.network.__file__) if n in MIRRORS]
+    theirs = _definition_order(f"{reference.__path__[0]}/torch_model.py")
+    assert sorted(ours) == sorted(MIRRORS), set(MIRRORS) - set(ours)
+    assert all(MIRRORS[n] in theirs for n in ours), [MIRRORS[n] for n in ours if MIRRORS[n] not in theirs]
+    assert ours == sorted(ours, key=lambda n: theirs.index(MIRRORS[n]))

@@ -39,6 +39,7 @@ from core.config import AnchorDETRConfig
 from netdef.functional import Net
 from reference.interpret import interpret_network
 from netdef.network import backend_of
+from plugins import NAMES as PLUGIN_NAMES
 from test_network import builder_tensors, define, official_state_dict, small_config
 
 FP32_BLOCK, FP32_WHOLE, FP32_LOGITS = 2e-5, 1e-4, 1e-3
@@ -314,7 +315,7 @@ def _native_plugins(trt, cfg, monkeypatch):
 def test_plugin_path_wiring(trt, monkeypatch, fp16):
     cfg = small_config()
     _native_plugins(trt, cfg, monkeypatch)
-    check_whole(trt, cfg, PADDED, fp16=fp16, plugins=set(N.PLUGINS))
+    check_whole(trt, cfg, PADDED, fp16=fp16, plugins=set(PLUGIN_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------- full depth
