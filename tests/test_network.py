@@ -421,3 +421,24 @@ def test_network_reads_in_the_reference_order():
     assert sorted(ours) == sorted(MIRRORS), set(MIRRORS) - set(ours)
     assert all(MIRRORS[n] in theirs for n in ours), [MIRRORS[n] for n in ours if MIRRORS[n] not in theirs]
     assert ours == sorted(ours, key=lambda n: theirs.index(MIRRORS[n]))
+
+
+@pytest.mark.parametrize("verb", ["add", "select", "matmul", "concat"])
+def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
+    """What netdef.functional's docstring promises for the verbs that combine tensors."""
+    trt = rtx.trt
+    _, _, net = _bare_net(rtx)
+    x = net.input("x", trt.float32, (2, 3, 3))
+    half = net.cast(x, trt.float16, "x.half")
+    flat = net.reshape(x, (6, 3), "x.flat")
+    cond = net.input("cond", trt.bool, (2, 3, 3))
+    calls = {
+        "add": (lambda b: net.add(x, b, "bad")),
+        "select": (lambda b: net.select(cond, x, b, "bad")),
+        "matmul": (lambda b: net.matmul(x, b, "bad")),
+        "concat": (lambda b: net.concat([x, b], 0, "bad")),
+    }
+    with pytest.raises(NetworkDtypeError):
+        calls[verb](half)
+    with pytest.raises(ValueError, match="rank"):
+        calls[verb](flat)
