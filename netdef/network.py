@@ -1,7 +1,8 @@
 """AnchorDETR as a TensorRT network, one function per PyTorch block.
 
-Read side by side with the official modules (models/backbone.py, anchor_detr.py, transformer.py,
-row_column_decoupled_attention.py): same names, same order. Layers are named after the PyTorch
+Read side by side with the PyTorch reference reference/torch_model.py (and the official modules it
+mirrors): same names, same order (tests/test_network.py checks it); docs/netdef.md has a reading
+guide. Layers are named after the PyTorch
 module or parameter they mirror ("transformer.encoder_layers.3.self_attn.k_row_proj"), and the
 tensors the reference model reports from ``intermediates()`` carry the same keys and layouts:
 
