@@ -6,8 +6,10 @@ Model code composes small verbs (``net.linear``, ``net.layer_norm``, ``net.resha
 
 * names its layer (and the layer's output tensor) after the PyTorch module it mirrors; names are
   checked unique, so a failing layer is found by name;
-* checks dtypes and ranks itself, because a strongly typed network reports a mismatch only when the
-  engine is built, with no hint of where it came from;
+* that combines tensors (the elementwise verbs, ``select``, ``matmul``, ``concat``) checks that
+  their dtypes and ranks agree, because a strongly typed network reports a mismatch only when the
+  engine is built, with no hint of where it came from (weights and constants take the dtype of the
+  tensor they meet; ``cast``, ``to_compute`` and ``to_float32`` are how dtypes change);
 * keeps every numpy array handed to TensorRT alive (``trt.Weights`` does not copy): see ``keepalive``.
 
 Values are TensorRT tensors or numpy arrays. A numpy array is a build-time constant: with

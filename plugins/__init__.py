@@ -6,4 +6,14 @@ engine). This package does not import torch: the PyTorch formulations and the to
 `reference.plugins`. See docs/plugins.md.
 """
 
+import importlib
+from types import ModuleType
+
 NAMES = ("masked_softmax", "layer_norm", "add_bias_transpose", "mask2pos")  # the one list of plugin names
+
+
+def get(name: str) -> ModuleType:
+    """The module of plugin ``name``, imported on first use (a network without plugins never loads them)."""
+    if name not in NAMES:
+        raise KeyError(f"unknown plugin {name!r}: choose from {', '.join(NAMES)}")
+    return importlib.import_module(f"{__name__}.{name}")

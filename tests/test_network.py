@@ -23,7 +23,7 @@ from core.backend import BackendError, get_backend
 from netdef.build import _creation_flags
 from core.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
-from netdef.network import Model, NetworkConfigError, backend_of, define_network, masked_softmax
+from netdef.network import BuildContext, NetworkConfigError, _masked_softmax, backend_of, define_network
 
 
 
@@ -337,10 +337,10 @@ def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
 
     trt = rtx.trt
     _, network, net = _bare_net(rtx, fp16)
-    m = Model(net, small_config(), {})
+    ctx = BuildContext(net, small_config(), {})
     logits = net.to_compute(net.input("logits", trt.float32, (2, 1, 2, 4)), "logits.cast")
     key_mask = net.input("key_mask", trt.bool, (2, 4))
-    attn = masked_softmax(m, logits, key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4"), "softmax")
+    attn = _masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4"), "softmax")
     net.output(net.to_float32(attn, "softmax.out"), "attn")
     values = torch.tensor([[[[1.0, 2.0, 30.0, -4.0], [0.5, 0.5, 0.5, 0.5]]]]).repeat(2, 1, 1, 1)
     mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
@@ -370,3 +370,75 @@ def test_group_norm_matches_torch(rtx, v2):
     net.output(y, "y")
     got = interpret_network(network, {"x": x}, trt=trt)["y"]
     torch.testing.assert_close(got, torch.nn.functional.group_norm(x, 32, gamma, beta, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- plugin switch
+def test_build_context_op_is_the_one_plugin_switch(rtx):
+    """ctx.op runs the plugin variant exactly where that plugin is enabled, and refuses a name that is no plugin
+    (a typo would otherwise pick the native variant silently)."""
+    _, _, net = _bare_net(rtx)
+    ctx = BuildContext(net, small_config(), {}, frozenset({"layer_norm"}))
+    plugin, native = (lambda c, x: ("plugin", x)), (lambda c, x: ("native", x))
+    assert ctx.op("layer_norm", plugin, native, 1) == ("plugin", 1)
+    assert ctx.op("masked_softmax", plugin, native, 2) == ("native", 2)
+    with pytest.raises(ValueError, match="no plugin 'layernorm'"):
+        ctx.op("layernorm", plugin, native, 3)
+
+
+# ---------------------------------------------------------------------------------------------- reading order
+# netdef.network function <- what it mirrors in reference.torch_model (a function, class or Class.method).
+MIRRORS = {
+    "inverse_sigmoid": "inverse_sigmoid", "feature_mask": "feature_mask", "mask2pos": "mask2pos", "_sine": "_sine",
+    "pos2posemb1d": "pos2posemb1d", "pos2posemb2d": "pos2posemb2d", "_heads": "_heads",
+    "_merge_heads": "_merge_heads", "_masked_softmax": "_masked_softmax", "rcda": "rcda",
+    "multihead_attention": "multihead_attention", "bottleneck": "Bottleneck", "backbone": "ResNetBody",
+    "out_proj": "_InProj", "ffn": "FFN", "mlp": "MLP", "adapt_pos": "_mlp2", "encoder_layer": "EncoderLayer",
+    "decoder_layer": "DecoderLayer", "anchor_points": "Transformer.anchor_points",
+    "memory_pos": "Transformer.memory_pos", "query_pos": "Transformer.query_pos", "transformer": "Transformer.forward",
+    "input_proj": "AnchorDETR.__init__", "anchor_detr": "AnchorDETR._run",
+}
+
+
+def _definition_order(path) -> list[str]:
+    import ast
+
+    names = []
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        if isinstance(node, ast.ClassDef):
+            names += [f"{node.name}.{n.name}" for n in node.body if isinstance(n, ast.FunctionDef)]
+    return names
+
+
+def test_network_reads_in_the_reference_order():
+    """netdef/network.py defines its blocks in reference/torch_model.py's order and under its names."""
+    import netdef.network
+    import reference
+
+    ours = [n for n in _definition_order(netdef.network.__file__) if n in MIRRORS]
+    theirs = _definition_order(f"{reference.__path__[0]}/torch_model.py")
+    assert sorted(ours) == sorted(MIRRORS), set(MIRRORS) - set(ours)
+    assert all(MIRRORS[n] in theirs for n in ours), [MIRRORS[n] for n in ours if MIRRORS[n] not in theirs]
+    assert ours == sorted(ours, key=lambda n: theirs.index(MIRRORS[n]))
+
+
+@pytest.mark.parametrize("verb", ["add", "select", "matmul", "concat"])
+def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
+    """What netdef.functional's docstring promises for the verbs that combine tensors."""
+    trt = rtx.trt
+    _, _, net = _bare_net(rtx)
+    x = net.input("x", trt.float32, (2, 3, 3))
+    half = net.cast(x, trt.float16, "x.half")
+    flat = net.reshape(x, (6, 3), "x.flat")
+    cond = net.input("cond", trt.bool, (2, 3, 3))
+    calls = {
+        "add": (lambda b: net.add(x, b, "bad")),
+        "select": (lambda b: net.select(cond, x, b, "bad")),
+        "matmul": (lambda b: net.matmul(x, b, "bad")),
+        "concat": (lambda b: net.concat([x, b], 0, "bad")),
+    }
+    with pytest.raises(NetworkDtypeError):
+        calls[verb](half)
+    with pytest.raises(ValueError, match="rank"):
+        calls[verb](flat)

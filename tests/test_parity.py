@@ -38,7 +38,8 @@ from netdef.build import _creation_flags
 from core.config import AnchorDETRConfig
 from netdef.functional import Net
 from reference.interpret import interpret_network
-from netdef.network import backend_of
+from core.backend import backend_of
+from plugins import NAMES as PLUGIN_NAMES
 from test_network import builder_tensors, define, official_state_dict, small_config
 
 FP32_BLOCK, FP32_WHOLE, FP32_LOGITS = 2e-5, 1e-4, 1e-3
@@ -99,19 +100,19 @@ def check(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: floa
 
 # ---------------------------------------------------------------------------------------------- blocks
 def run_block(trt, cfg, fp16: bool, inputs: dict[str, torch.Tensor], body) -> dict[str, torch.Tensor]:
-    """A sub-network: `inputs` as network inputs (floats cast to the compute dtype), `body(model, tensors)`
+    """A sub-network: `inputs` as network inputs (floats cast to the compute dtype), `body(ctx, tensors)`
     -> named tensors, evaluated by the interpreter; returns float32 (or bool) results."""
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(_creation_flags(backend_of(trt)))
     net = Net(trt, network, fp16=fp16)
-    model = N.Model(net, cfg, builder_tensors(cfg))
+    ctx = N.BuildContext(net, cfg, builder_tensors(cfg))
     tensors = {}
     for name, value in inputs.items():
         if value.dtype == torch.bool:
             tensors[name] = net.input(name, trt.bool, tuple(value.shape))
         else:
             tensors[name] = net.to_compute(net.input(name, trt.float32, tuple(value.shape)), f"{name}.to_compute")
-    for name, tensor in body(model, tensors).items():
+    for name, tensor in body(ctx, tensors).items():
         # Output names apart from the intermediate names the network itself gives.
         net.output(net.to_float32(tensor, f"{name}.to_float32") if tensor.dtype == trt.float16 else tensor, f"out:{name}")
     out = interpret_network(network, inputs, trt=trt)
@@ -129,25 +130,25 @@ def block_case(block: str, cfg: AnchorDETRConfig, model, ref) -> tuple[dict, obj
 
     if block == "backbone":
         images, _ = make_batch(PADDED)
-        return {"images": images}, lambda m, t: {"backbone": N.backbone(m, t["images"])}, {"backbone": ref["backbone"]}
+        return {"images": images}, lambda ctx, t: {"backbone": N.backbone(ctx, t["images"])}, {"backbone": ref["backbone"]}
     if block == "mask":
         _, masks = make_batch(PADDED)
         feature = torch.zeros(masks.shape[0], 1, *ref["mask"].shape[1:])  # only its shape is read
-        return ({"masks": masks, "feature": feature}, lambda m, t: {"mask": N.feature_mask(m, t["masks"], t["feature"])},
+        return ({"masks": masks, "feature": feature}, lambda ctx, t: {"mask": N.feature_mask(ctx, t["masks"], t["feature"])},
                 {"mask": ref["mask"]})
     if block == "input_proj":
-        return ({"backbone": ref["backbone"]}, lambda m, t: {"input_proj": N.input_proj(m, t["backbone"])},
+        return ({"backbone": ref["backbone"]}, lambda ctx, t: {"input_proj": N.input_proj(ctx, t["backbone"])},
                 {"input_proj": ref["input_proj"]})
     if block == "posemb":
-        def body(m, t):
-            pos = N.memory_pos(m, t["mask"], N.key_masks(m, t["mask"]))
+        def body(ctx, t):
+            pos = N.memory_pos(ctx, t["mask"], N.key_masks(ctx, t["mask"]))
             return {"posemb_row": pos["row"], "posemb_col": pos["col"]}
         return {"mask": ref["mask"]}, body, {k: ref[k] for k in ("posemb_row", "posemb_col")}
     if block.startswith("encoder."):
         i = int(block.split(".")[1])
         src = ref["input_proj"].permute(0, 2, 3, 1) if i == 0 else ref[f"encoder.{i - 1}"]
         return ({"src": src, **pos_inputs},
-                lambda m, t: {block: N.encoder_layer(m, i, t["src"], pos_of(t), N.key_masks(m, t["mask"]))},
+                lambda ctx, t: {block: N.encoder_layer(ctx, i, t["src"], pos_of(t), N.key_masks(ctx, t["mask"]))},
                 {block: ref[block]})
     if block.startswith("decoder."):
         i = int(block.split(".")[1])
@@ -155,15 +156,15 @@ def block_case(block: str, cfg: AnchorDETRConfig, model, ref) -> tuple[dict, obj
         tgt = (model.transformer.pattern.weight.detach().repeat_interleave(cfg.num_position, 0)[None]
                .expand(batch, -1, -1) if i == 0 else ref[f"decoder.{i - 1}"])
 
-        def body(m, t):
-            query_pos = N.query_positions(m, N.anchor_points(m))
-            pooled = N.pooled_keys(m, t["memory"], pos_of(t))
-            return {block: N.decoder_layer(m, i, t["tgt"], query_pos, t["memory"], pooled, N.key_masks(m, t["mask"]))}
+        def body(ctx, t):
+            query_pos = N.query_pos(ctx, N.anchor_points(ctx))
+            pooled = N.pooled_keys(ctx, t["memory"], pos_of(t))
+            return {block: N.decoder_layer(ctx, i, t["tgt"], query_pos, t["memory"], pooled, N.key_masks(ctx, t["mask"]))}
         return {"tgt": tgt.contiguous(), "memory": ref[last_enc], **pos_inputs}, body, {block: ref[block]}
     assert block == "heads"
 
-    def body(m, t):
-        logits, boxes = N.heads(m, t["tgt"], N.anchor_points(m))
+    def body(ctx, t):
+        logits, boxes = N.prediction_heads(ctx, t["tgt"], N.anchor_points(ctx))
         return {"pred_logits": logits, "pred_boxes": boxes}
     return {"tgt": ref[last_dec]}, body, {k: ref[k] for k in ("pred_logits", "pred_boxes")}
 
@@ -283,8 +284,8 @@ def _native_plugins(trt, cfg, monkeypatch):
 
     def masked_softmax(trt_, network, logits, key_mask):
         net, p = fake_net(network, logits)
-        m = N.Model(net, cfg, {})
-        N.masked_softmax(m, logits, key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4"), f"{p}.softmax")
+        ctx = N.BuildContext(net, cfg, {})
+        N._masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4"), f"{p}.softmax")
         return last_layer(network)
 
     def layer_norm(trt_, network, x, gamma, beta, eps):
@@ -300,9 +301,9 @@ def _native_plugins(trt, cfg, monkeypatch):
 
     def mask2pos(trt_, network, mask, d):
         net, p = fake_net(network)
-        m = N.Model(net, cfg, {})
-        pos_col, pos_row = N.mask2pos(m, mask, {})
-        return _TwoOutputs(N.pos2posemb1d(m, pos_col, f"{p}.col"), N.pos2posemb1d(m, pos_row, f"{p}.row"))
+        ctx = N.BuildContext(net, cfg, {})
+        pos_col, pos_row = N.mask2pos(ctx, mask, {})
+        return _TwoOutputs(N.pos2posemb1d(ctx, pos_col, f"{p}.col"), N.pos2posemb1d(ctx, pos_row, f"{p}.row"))
 
     monkeypatch.setattr(Backend, "plugin_problem", lambda self, numpy_version=None: None)
     for module, fake in ((plugins.masked_softmax, masked_softmax), (plugins.layer_norm, layer_norm),
@@ -314,7 +315,7 @@ def _native_plugins(trt, cfg, monkeypatch):
 def test_plugin_path_wiring(trt, monkeypatch, fp16):
     cfg = small_config()
     _native_plugins(trt, cfg, monkeypatch)
-    check_whole(trt, cfg, PADDED, fp16=fp16, plugins=set(N.PLUGINS))
+    check_whole(trt, cfg, PADDED, fp16=fp16, plugins=set(PLUGIN_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------- full depth

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from netdef.build import _creation_flags
-from netdef.network import backend_of
+from core.backend import backend_of
 from plugins import add_bias_transpose, layer_norm, mask2pos, masked_softmax
 from reference import plugins as ref
 
