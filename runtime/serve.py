@@ -31,6 +31,7 @@ from netdef.sidecar import MIN_SIDE
 from runtime.cli import guarded, parser
 from runtime.errors import BadInput, Unavailable
 from runtime.preprocess import pad_batch, preprocess_image, to_rgb
+from runtime.runner import Engine, EngineRunner, require_file
 
 MODEL_NAME = "anchor_detr"
 DEFAULT_THRESHOLD = 0.5
@@ -120,8 +121,6 @@ class Model:
 
 def engine_models(path: Path, instances: int) -> list[Model]:
     """One runner (context, stream, buffers) per instance, all on one deserialised engine."""
-    from runtime.runner import Engine, EngineRunner
-
     engine = Engine(path)
     runners: list[EngineRunner] = []
     try:
@@ -150,8 +149,6 @@ def torch_models(weights: Path, device: str | None, instances: int, max_hw: tupl
     from eval.models import TorchReference
     from eval.scoring import EvalError
 
-    if not weights.is_file():
-        raise BadInput(f"--torch-weights {weights} not found: write one with `python -m weights.extract`")
     try:
         reference = TorchReference(weights, device)
     except EvalError as exc:
@@ -268,6 +265,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BadInput("--device applies to --torch-weights only (an engine runs on GPU 0)")
     if args.max_size is not None and args.torch_weights is None:
         raise BadInput("--max-size applies to --torch-weights only (an engine's sizes come from its profile)")
+    if args.engine is not None:
+        require_file(args.engine)
+    elif not args.torch_weights.is_file():
+        raise BadInput(f"--torch-weights {args.torch_weights} not found: write one with `python -m weights.extract`")
 
 
 def _python_library_first() -> None:

@@ -52,6 +52,46 @@ def test_encode_pads_to_one_row_and_counts():
     assert empty["scores"].shape == (1, 1) and empty["count"].tolist() == [[0]]
 
 
+class FakeDetector:
+    """Scores each image by its own mean pixel and records the batches it was given (as an engine would get them)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, images, masks, sizes):
+        self.batches.append((images.shape, masks.copy()))
+        results = []
+        for image, mask, (height, width) in zip(images, masks, sizes):
+            mean = float(image[:, ~mask].mean())
+            results.append({"scores": np.array([0.9, 0.2], np.float32), "labels": np.array([18, 1], np.int64),
+                            "boxes": np.array([[0, 0, width, height], [mean, 0, 1, 1]], np.float32)})
+        return results
+
+
+def test_infer_function_batches_good_rows_and_answers_bad_ones_alone():
+    detector = FakeDetector()
+    model = serve.Model(detector, (32, 32), (64, 96), 3)
+    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), max_batch=3)
+    small = encoded(1, size=(40, 40))  # resized to 64x64 within the 64x96 maximum
+    requests = [
+        {"image": np.array([[encoded(0)]], object)},  # default threshold 0.5
+        {"image": np.array([[b"junk"]], object), "threshold": np.array([[0.1]], np.float32)},
+        {"image": np.array([[small], [encoded(2)]], object), "threshold": np.array([[0.1], [0.5]], np.float32)},
+        {"image": np.array([[encoded(3)]], object), "threshold": np.array([[-0.5]], np.float32)},
+        {"image": np.array([[encoded(4)]], object)},
+    ]
+    answers = infer(requests)
+    assert [a["count"].ravel().tolist() for a in answers] == [[1], [0], [2, 1], [0], [1]]
+    assert answers[1]["error"][0, 0].startswith(b"cannot decode") and answers[3]["error"][0, 0].startswith(b"threshold")
+    assert answers[2]["size"].tolist() == [[40, 40], [64, 96]]
+    assert answers[2]["labels"].dtype == np.int32 and answers[2]["labels"][0].tolist() == [18, 1]
+    np.testing.assert_array_equal(answers[2]["boxes"][0, 0], [0, 0, 40, 40])  # in the image's own pixels
+    # Four good rows in batches of at most 3, each padded to its largest image, the small one masked.
+    assert [shape for shape, _ in detector.batches] == [(3, 3, 64, 96), (1, 3, 64, 96)]
+    masks = detector.batches[0][1]
+    assert not masks[1, :, :64].any() and masks[1, :, 64:].all()
+
+
 def test_serve_without_pytriton_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pytriton", None)
     weights = tmp_path / "w.safetensors"
@@ -66,6 +106,7 @@ def test_serve_bad_arguments_are_exit_2(tmp_path, capsys):
     assert serve.main(["--torch-weights", str(weights), "--http-port", "8001"]) == 2  # same as --grpc-port
     assert serve.main(["--torch-weights", str(weights), "--instances", "0"]) == 2
     assert serve.main(["--engine", str(weights), "--max-size", "64x96"]) == 2
+    assert serve.main(["--engine", str(tmp_path / "missing.plan")]) == 2  # before PyTriton is even looked for
     assert all(line.startswith("error: ") for line in capsys.readouterr().err.strip().splitlines())
 
 
