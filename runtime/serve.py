@@ -182,8 +182,11 @@ class HostPreprocess:
                                        f"{self.max_pixels} pixels (--max-pixels): send a smaller image")
                 image.load()
                 return to_rgb(image, exif=self.exif)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise RequestError(f"cannot decode the image ({exc}): send a complete JPEG, PNG or other image file")
+        except RequestError:
+            raise
+        except Exception as exc:  # anything a damaged file makes a decoder raise is this request's problem alone
+            raise RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG "
+                               "or other image file") from None
 
     def batch(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         # Images the official resize makes larger than the profile are scaled to fit, as runtime.infer does.

@@ -158,7 +158,9 @@ def server(tmp_path_factory):
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    clients = {"http": Client(f"127.0.0.1:{http}"), "grpc": Client(f"127.0.0.1:{grpc}", grpc=True)}
+    # Generous per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards.
+    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
+               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
@@ -315,6 +317,25 @@ def test_client_without_server_is_exit_3(capsys):
     assert client_cli.main(["x.jpg", "--url", f"127.0.0.1:{port}"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no Triton server answers" in err[0]
+
+
+@pytest.mark.slow
+def test_serve_load_levels_count_requests(server, capsys):
+    from benchmarks import serve_load
+
+    row = serve_load.load_level(server["clients"]["http"], encoded(5, fmt="JPEG"), 3, 5, 60)
+    assert row["requests"] == 5 and row["errors"] == 0 and row["rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    bad = serve_load.load_level(server["clients"]["grpc"], b"junk", 2, 3, 60)
+    assert bad["requests"] == 0 and bad["errors"] == 3 and "cannot decode" in capsys.readouterr().err
+
+
+def test_serve_load_and_client_bad_arguments(capsys):
+    from benchmarks import serve_load
+    from runtime import client as client_cli
+
+    assert serve_load.main(["--requests", "0"]) == 2
+    assert client_cli.main(["a.jpg", "--concurrency", "0"]) == 2
+    assert all(line.startswith("error: ") for line in capsys.readouterr().err.strip().splitlines())
 
 
 @pytest.mark.slow
