@@ -38,6 +38,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_TORCH_BATCH = 4
 # Seconds Triton waits for open connections and in-flight requests after Ctrl-C/SIGTERM before it exits.
 EXIT_TIMEOUT_S = 10
+LOAD_ATTEMPTS = 3
 INSTALL_HINT = "pip install -e '.[serve]' (PyTriton needs numpy < 2: see docs/serving.md)"
 LOG = logging.getLogger("runtime.serve")
 
@@ -292,6 +293,26 @@ def _pytriton() -> Any:
     return triton, DynamicBatcher, ModelConfig, Tensor
 
 
+def serve_until_stopped(triton: Any, config: Any, model: dict[str, Any], banner: str) -> None:
+    """Start Triton, load the model and serve until Ctrl-C/SIGTERM. A failed load starts a fresh Triton again:
+    with several instances, PyTriton 0.7's instance start-up handshake sometimes loses a race on a busy machine
+    (`ConnectionRefusedError` in the log) although nothing is wrong with the model."""
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        with triton.Triton(config=config) as server:
+            try:
+                server.bind(**model)
+            except Exception as exc:  # PyTriton and tritonclient raise their own classes for a failed load
+                problem = str(exc).strip().splitlines()[0][:300]
+                if attempt == LOAD_ATTEMPTS:
+                    raise Unavailable(f"Triton could not load {MODEL_NAME} ({problem}): see Triton's log above") from None
+                LOG.warning("loading %s failed (%s); starting Triton again (%d of %d)",
+                            MODEL_NAME, problem, attempt + 1, LOAD_ATTEMPTS)
+                continue
+            print(banner, flush=True)
+            server.serve()
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     triton, DynamicBatcher, ModelConfig, Tensor = _pytriton()
@@ -312,26 +333,25 @@ def run(args: argparse.Namespace) -> int:
             http_address=args.host, http_port=args.http_port, grpc_address=args.host, grpc_port=args.grpc_port,
             metrics_address=args.host, metrics_port=args.metrics_port, exit_timeout_secs=EXIT_TIMEOUT_S,
         )
-        with triton.Triton(config=config) as server:
-            server.bind(
-                model_name=MODEL_NAME,
-                infer_func=functions,
-                inputs=[Tensor(name="image", dtype=bytes, shape=(1,)),
-                        Tensor(name="threshold", dtype=np.float32, shape=(1,), optional=True)],
-                outputs=[Tensor(name="count", dtype=np.int32, shape=(1,)),
-                         Tensor(name="scores", dtype=np.float32, shape=(-1,)),
-                         Tensor(name="labels", dtype=np.int32, shape=(-1,)),
-                         Tensor(name="boxes", dtype=np.float32, shape=(-1, 4)),
-                         Tensor(name="size", dtype=np.int32, shape=(2,)),
-                         Tensor(name="error", dtype=bytes, shape=(1,))],
-                config=ModelConfig(max_batch_size=max_batch,
-                                   batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)),
-                strict=True,
-            )
-            print(f"serving {MODEL_NAME} ({len(models)} instance{'s' * (len(models) != 1)}, batches up to "
+        model = dict(
+            model_name=MODEL_NAME,
+            infer_func=functions,
+            inputs=[Tensor(name="image", dtype=bytes, shape=(1,)),
+                    Tensor(name="threshold", dtype=np.float32, shape=(1,), optional=True)],
+            outputs=[Tensor(name="count", dtype=np.int32, shape=(1,)),
+                     Tensor(name="scores", dtype=np.float32, shape=(-1,)),
+                     Tensor(name="labels", dtype=np.int32, shape=(-1,)),
+                     Tensor(name="boxes", dtype=np.float32, shape=(-1, 4)),
+                     Tensor(name="size", dtype=np.int32, shape=(2,)),
+                     Tensor(name="error", dtype=bytes, shape=(1,))],
+            config=ModelConfig(max_batch_size=max_batch,
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)),
+            strict=True,
+        )
+        banner = (f"serving {MODEL_NAME} ({len(models)} instance{'s' * (len(models) != 1)}, batches up to "
                   f"{max_batch}) on http://{args.host}:{args.http_port}, grpc {args.host}:{args.grpc_port}, "
-                  f"metrics http://{args.host}:{args.metrics_port}/metrics; Ctrl-C or SIGTERM stops", flush=True)
-            server.serve()
+                  f"metrics http://{args.host}:{args.metrics_port}/metrics; Ctrl-C or SIGTERM stops")
+        serve_until_stopped(triton, config, model, banner)
     except KeyboardInterrupt:
         pass  # stopped before serve() was reached
     finally:

@@ -92,6 +92,44 @@ def test_infer_function_batches_good_rows_and_answers_bad_ones_alone():
     assert not masks[1, :, :64].any() and masks[1, :, 64:].all()
 
 
+class FakeTriton:
+    """Stands in for pytriton.triton: each Triton() is one server start; bind fails for the first `failures`."""
+
+    def __init__(self, failures):
+        self.failures, self.starts, self.stops, self.served = failures, 0, 0, 0
+        fake = self
+
+        class Triton:
+            def __init__(self, config):
+                fake.starts += 1
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                fake.stops += 1
+
+            def bind(self, **model):
+                if fake.starts <= fake.failures:
+                    raise RuntimeError("[400] load failed for model 'anchor_detr'\nConnectionRefusedError")
+
+            def serve(self):
+                fake.served += 1
+
+        self.Triton = Triton
+
+
+def test_a_failed_load_starts_triton_again_then_gives_up(capsys):
+    lucky = FakeTriton(failures=serve.LOAD_ATTEMPTS - 1)
+    serve.serve_until_stopped(lucky, None, {}, "serving")
+    assert (lucky.starts, lucky.stops, lucky.served) == (serve.LOAD_ATTEMPTS, serve.LOAD_ATTEMPTS, 1)
+    assert "serving" in capsys.readouterr().out
+    hopeless = FakeTriton(failures=serve.LOAD_ATTEMPTS)
+    with pytest.raises(serve.Unavailable, match="could not load anchor_detr .*load failed"):
+        serve.serve_until_stopped(hopeless, None, {}, "serving")
+    assert hopeless.starts == hopeless.stops == serve.LOAD_ATTEMPTS and hopeless.served == 0
+
+
 def test_serve_without_pytriton_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pytriton", None)
     weights = tmp_path / "w.safetensors"
