@@ -1,0 +1,180 @@
+"""Send images to ``python -m runtime.serve``: ``python -m runtime.client IMG ... [--url localhost:8000] [--grpc]``.
+
+Prints the same table and writes the same COCO results JSON as ``runtime.infer`` (its printing helpers), with
+the detections computed by the server. Needs tritonclient (the `serve` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from core.sidecar import OutputPathError, check_output_path, write_atomic
+from core.cli import guarded, parser
+from core.errors import EXIT_FAILED, BadInput, Unavailable
+from runtime.infer import coco_records, image_id, print_detections
+
+MODEL_NAME = "anchor_detr"
+DEFAULT_URLS = {False: "localhost:8000", True: "localhost:8001"}
+OUTPUTS = ("count", "scores", "labels", "boxes", "size", "error")
+
+EPILOG = """\
+examples:
+  python -m runtime.client photo.jpg                         table of detections (server on localhost:8000)
+  python -m runtime.client val2017/*.jpg --grpc --threshold 0 --json results.json --concurrency 8
+exit codes: 0 all images done, 1 some images failed (unreadable file or refused by the server; the others
+            were processed), 2 bad arguments, 3 no server answering at --url
+"""
+
+
+class RequestFailed(Exception):
+    """The server refused one image (its message names why)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser(
+        "python -m runtime.client",
+        "Detect objects with an AnchorDETR server started by `python -m runtime.serve`: each image file is\n"
+        "sent as it is (the server decodes and preprocesses it); prints a table of detections per image\n"
+        "(COCO label, name, score, box x0 y0 x1 y1 in pixels) and optionally writes COCO results.",
+        EPILOG,
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
+    p.add_argument("--url", help="server address host:port (default localhost:8000, or localhost:8001 with --grpc)")
+    p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write COCO results [{image_id, category_id, bbox [x,y,w,h], score}] (image ids as runtime.infer)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for one answer (default 60)")
+    return p
+
+
+def _module(grpc: bool) -> Any:
+    try:
+        if grpc:
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+    except ImportError as exc:
+        raise Unavailable(f"runtime.client needs tritonclient ({exc}): pip install 'tritonclient[http,grpc]'") from None
+    return module
+
+
+class Client:
+    """Requests to one server; safe to share between threads (each thread gets its own tritonclient client,
+    which is not thread-safe itself)."""
+
+    def __init__(self, url: str | None = None, grpc: bool = False, timeout: float = 60.0, model: str = MODEL_NAME):
+        self.module = _module(grpc)
+        self.url, self.grpc, self.timeout, self.model = url or DEFAULT_URLS[grpc], grpc, timeout, model
+        self._local = threading.local()
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.grpc:
+                client = self.module.InferenceServerClient(self.url)
+            else:
+                client = self.module.InferenceServerClient(self.url, network_timeout=self.timeout,
+                                                            connection_timeout=self.timeout)
+            self._local.client = client
+        return client
+
+    def check_ready(self) -> None:
+        """Unavailable unless a server answers at the URL with the model ready."""
+        try:
+            ready = self._client().is_model_ready(self.model)
+        except Exception as exc:  # refused connections surface as OSError (HTTP) or InferenceServerException (gRPC)
+            raise Unavailable(f"no Triton server answers at {self.url} ({str(exc).splitlines()[0][:200]}): "
+                              "start one with `python -m runtime.serve` or pass --url") from None
+        if not ready:
+            raise Unavailable(f"the server at {self.url} has no ready model {self.model}: is it runtime.serve?")
+
+    def inputs(self, data: bytes, threshold: float | None) -> list[Any]:
+        image = self.module.InferInput("image", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[data]], dtype=object))
+        if threshold is None:
+            return [image]
+        limit = self.module.InferInput("threshold", [1, 1], "FP32")
+        limit.set_data_from_numpy(np.array([[threshold]], dtype=np.float32))
+        return [image, limit]
+
+    def detect(self, data: bytes, threshold: float | None = None) -> dict[str, np.ndarray]:
+        """Detections of one encoded image: scores, labels, boxes (N rows) and size (height, width);
+        RequestFailed with the server's message when it refuses this image."""
+        from tritonclient.utils import InferenceServerException
+
+        kwargs = {"client_timeout": self.timeout} if self.grpc else {}
+        try:
+            result = self._client().infer(self.model, self.inputs(data, threshold), **kwargs)
+        except InferenceServerException as exc:
+            raise RequestFailed(str(exc).splitlines()[0]) from None
+        out = {name: result.as_numpy(name) for name in OUTPUTS}
+        error = out["error"].reshape(-1)[0]
+        if error:
+            raise RequestFailed(error.decode() if isinstance(error, bytes) else str(error))
+        count = int(out["count"].reshape(-1)[0])
+        return {"scores": out["scores"][0, :count], "labels": out["labels"][0, :count],
+                "boxes": out["boxes"][0, :count], "size": out["size"][0]}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise BadInput(f"--concurrency {args.concurrency}: must be at least 1")
+    if args.timeout <= 0:
+        raise BadInput(f"--timeout {args.timeout}: must be more than 0")
+    if args.json is not None:
+        try:
+            check_output_path(args.json, "--json")
+        except OutputPathError as exc:
+            raise BadInput(str(exc)) from None
+    client = Client(args.url, args.grpc, args.timeout)
+    client.check_ready()
+
+    def one(path: Path) -> dict[str, np.ndarray] | str:
+        try:
+            return client.detect(path.read_bytes(), args.threshold)
+        except OSError as exc:
+            return f"{path}: cannot read ({exc.strerror or exc})"
+        except RequestFailed as exc:
+            return f"{path}: refused by the server: {exc}"
+
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        answers = list(pool.map(one, args.images))
+    failed, records, total = [], [], 0
+    for index, (path, found) in enumerate(zip(args.images, answers)):
+        if isinstance(found, str):
+            print(f"skipped: {found}", file=sys.stderr)
+            failed.append(str(path))
+            continue
+        height, width = (int(v) for v in found["size"])
+        print_detections(path, (width, height), found, args.threshold)
+        total += len(found["scores"])
+        records += coco_records(image_id(path, index), found)
+    if args.json is not None:
+        try:
+            write_atomic(args.json, json.dumps(records).encode())
+        except OSError as exc:
+            raise BadInput(f"cannot write {args.json} ({exc.strerror or exc}): choose a writable destination") from None
+    done = len(args.images) - len(failed)
+    print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
+          + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
+    return EXIT_FAILED if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
+    return guarded(p.prog, run, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`python -m runtime.triton`: the model repository for Triton's TensorRT backend, from a fake engine + sidecar."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.sidecar import Profile, write_sidecar
+from runtime import triton
+
+PROFILE = Profile((1, 320, 512), (4, 800, 800), (6, 1344, 1024))
+OUTPUTS = {
+    "pred_logits": {"dtype": "float32", "shape": [-1, 900, 91]},
+    "pred_boxes": {"dtype": "float32", "shape": [-1, 900, 4]},
+    "scores": {"dtype": "float32", "shape": [-1, 100]},
+    "labels": {"dtype": "int32", "shape": [-1, 100]},
+}
+
+
+def fake_engine(folder, profile=PROFILE, backend="tensorrt"):
+    engine = folder / "model.plan"
+    engine.write_bytes(b"not really a plan\0")
+    write_sidecar(engine, {
+        "config": {}, "profile": profile.to_dict(), "precision": "fp16", "plugins": ["msda"], "postprocess": True,
+        "backend": backend, "trt_version": "10.13.0", "gpu": None, "weights_sha256": "0" * 64,
+        "inputs": {"images": {"dtype": "float32", "shape": [-1, 3, -1, -1]},
+                   "masks": {"dtype": "bool", "shape": [-1, -1, -1]}},
+        "outputs": OUTPUTS, "version_compatible": False, "anchortrt_version": "0.1.0",
+    })  # fmt: skip
+    return engine
+
+
+def test_config_parses_as_triton_model_config(tmp_path, capsys):
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    engine = fake_engine(tmp_path)
+    repo = tmp_path / "new" / "repo"
+    assert triton.main(["--engine", str(engine), "-o", str(repo), "--instances", "2", "--max-queue-delay-us", "500"]) == 0
+    model = repo / triton.MODEL_NAME
+    assert (model / "1" / "model.plan").read_bytes() == engine.read_bytes()
+
+    config = text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == triton.MODEL_NAME and config.platform == "tensorrt_plan"
+    assert config.max_batch_size == 6
+    DataType = model_config_pb2.DataType
+    inputs = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in config.input}
+    assert inputs == {"images": ("TYPE_FP32", [3, -1, -1]), "masks": ("TYPE_BOOL", [-1, -1])}
+    outputs = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in config.output}
+    assert outputs == {
+        "pred_logits": ("TYPE_FP32", [900, 91]), "pred_boxes": ("TYPE_FP32", [900, 4]),
+        "scores": ("TYPE_FP32", [100]), "labels": ("TYPE_INT32", [100]),
+    }  # fmt: skip
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    (group,) = config.instance_group
+    assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def test_fixed_size_profile_gives_fixed_dims(tmp_path):
+    text = triton.model_config(
+        {"profile": Profile((1, 800, 800), (1, 800, 800), (2, 800, 800)).to_dict(),
+         "inputs": {"images": {"dtype": "float32"}, "masks": {"dtype": "bool"}}, "outputs": OUTPUTS}  # fmt: skip
+    )
+    assert "dims: [3, 800, 800]" in text and "dims: [800, 800]" in text and "max_batch_size: 2" in text
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("no_sidecar", "no sidecar"),
+        ("rtx", "full TensorRT plans only"),
+        ("min_batch", "batch 1"),
+        ("no_engine", "not found"),
+    ],
+)
+def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, setup, message):
+    engine = fake_engine(tmp_path, profile=Profile((2, 320, 512), (2, 800, 800), (4, 1344, 1344))
+                         if setup == "min_batch" else PROFILE, backend="tensorrt-rtx" if setup == "rtx" else "tensorrt")
+    if setup == "no_sidecar":
+        engine.with_suffix(".json").unlink()
+    if setup == "no_engine":
+        engine = tmp_path / "missing.plan"
+    repo = tmp_path / "repo"
+    assert triton.main(["--engine", str(engine), "-o", str(repo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m runtime.triton: error: ") and message in err[0]
+    assert not repo.exists()
+
+
+def test_unwritable_repository_leaves_nothing(tmp_path, capsys):
+    engine = fake_engine(tmp_path)
+    blocker = tmp_path / "repo"
+    blocker.write_text("a file where the repository folder should be")
+    assert triton.main(["--engine", str(engine), "-o", str(blocker / "sub")]) == 2
+    assert "python -m runtime.triton: error: " in capsys.readouterr().err and blocker.read_text().startswith("a file")
