@@ -71,10 +71,12 @@ def bench_cpu(batch: int, repeat: int) -> dict:
     if not (np.array_equal(ours_batch, ref_batch) and np.array_equal(ours_masks, ref_masks)):
         raise AssertionError("preprocess_batch differs from the plain Pillow + NumPy version")
     resize = best_ms(lambda: [im.resize((1066, 800), Image.Resampling.BILINEAR) for im in images], repeat) / batch
+    serial = best_ms(lambda: preprocess_batch(images, threads=False), repeat) / batch
     ours = best_ms(lambda: preprocess_batch(images), repeat) / batch
     base = best_ms(lambda: plain(images), repeat) / batch
     return {"batch": batch, "resize_ms_per_image": round(resize, 2), "plain_ms_per_image": round(base, 2),
-            "ours_ms_per_image": round(ours, 2), "speedup": round(base / ours, 2)}
+            "ours_one_thread_ms_per_image": round(serial, 2), "ours_ms_per_image": round(ours, 2),
+            "speedup_one_thread": round(base / serial, 2), "speedup": round(base / ours, 2)}
 
 
 def bench_gpu(iterations: int = 500) -> dict:
