@@ -39,7 +39,7 @@ from core.config import AnchorDETRConfig
 from netdef.functional import Net
 from reference.interpret import interpret_network
 from netdef.network import backend_of
-from test_network import builder_tensors, define, official_state_dict, small_config
+from helpers import builder_tensors, define, official_state_dict, small_config
 
 FP32_BLOCK, FP32_WHOLE, FP32_LOGITS = 2e-5, 1e-4, 1e-3
 FP16_BLOCK, FP16_WHOLE = 1.5e-2, 5e-2
