@@ -18,9 +18,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from core.dtypes import element_size
+
 FLOAT_TYPES = ("float32", "float16")
 _SUFFIX = {"float32": "f32", "float16": "f16"}
-_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bool": 1, "int32": 4}
 METADATA_KEY = "anchortrt_plugin"
 
 
@@ -31,10 +32,6 @@ class PluginError(ValueError):
 def suffix(dtype: str) -> str:
     """Kernel-name suffix of a float dtype: every kernel exists as `<name>_f32` and `<name>_f16`."""
     return _SUFFIX[dtype]
-
-
-def element_size(dtype: str) -> int:
-    return _ELEMENT_SIZE[dtype]
 
 
 def float_literal(value: float) -> str:
