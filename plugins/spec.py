@@ -34,6 +34,11 @@ def suffix(dtype: str) -> str:
     return _SUFFIX[dtype]
 
 
+def like_first_input(shapes, dtypes, attrs):
+    """Output rule of a plugin whose one output has its first input's shape and dtype."""
+    return [(shapes[0], dtypes[0])]
+
+
 def float_literal(value: float) -> str:
     """`value` rounded to float32 as an exact C++17 hex literal, so a baked constant equals float32(value)."""
     rounded = struct.unpack("<f", struct.pack("<f", value))[0]
