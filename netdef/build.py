@@ -1,8 +1,9 @@
 """``python -m netdef.build``: AnchorDETR weights -> TensorRT engine plan + JSON sidecar.
 
-``create_network`` is the library entry point (tests, the interpreter check and benchmarks use it): a strongly
-typed network defined by ``netdef.network.define_network``, one optimization profile over ``images``/``masks``,
-workspace limit, progress monitor and (full TensorRT only) timing cache. ``main`` is the command line.
+``create_network`` is the library entry point (``main``, the parity check ``python -m reference.check`` and
+``reference.interpret.evaluate`` use it): a strongly typed network defined by ``netdef.network.define_network``,
+one optimization profile over ``images``/``masks``, workspace limit, progress monitor and (full TensorRT only)
+timing cache. ``main`` is the command line.
 """
 
 from __future__ import annotations

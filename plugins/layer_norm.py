@@ -10,7 +10,9 @@ import numpy as np
 
 from . import launch as _launch
 from . import trt_glue
-from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, prod, same_dim, suffix, vector_width
+from .spec import (
+    FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, like_first_input, prod, same_dim, suffix, vector_width,
+)
 
 ROWS_PER_BLOCK = 8  # one warp per row
 MAX_CHANNELS = 1024  # the row lives in registers: at most 32 values per lane
@@ -23,10 +25,6 @@ def _check(shapes, attrs):
         raise PluginError(f"layer_norm: {channels} channels; the kernel supports 1..{MAX_CHANNELS}")
     if not (same_dim(x[-1], channels) and gamma == (channels,) and beta == (channels,)):
         raise PluginError(f"layer_norm: x {x}, gamma {gamma} and beta {beta} must share {channels} channels")
-
-
-def _outputs(shapes, dtypes, attrs):
-    return [(shapes[0], dtypes[0])]
 
 
 def _kernel(dtypes, attrs):
@@ -47,7 +45,7 @@ SPEC = KernelSpec(
     inputs=(Port("x", FLOAT_TYPES, None), Port("gamma", ("float32",), 1), Port("beta", ("float32",), 1)),
     outputs=("out",),
     attrs=(("eps", float), ("channels", int)),
-    output_rule=_outputs,
+    output_rule=like_first_input,
     kernel_rule=_kernel,
     launch_rule=_launch_rule,
     check_rule=_check,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import launch as _launch
 from . import trt_glue
-from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, same_dim, suffix
+from .spec import FLOAT_TYPES, KernelSpec, Launch, PluginError, Port, like_first_input, same_dim, suffix
 
 # The grid has one warp per row whatever K is; the kernel packs rows of K <= 64 two to a warp (K <= 32: four) and
 # leaves the blocks this frees idle, so that one PTX and one symbolic grid serve every K of a TensorRT profile.
@@ -22,10 +22,6 @@ def _check(shapes, attrs):
     (b, *_, k), (mb, mk) = shapes
     if not (same_dim(b, mb) and same_dim(k, mk)):
         raise PluginError(f"masked_softmax: key_mask {shapes[1]} must be (B, K) of logits {shapes[0]}")
-
-
-def _outputs(shapes, dtypes, attrs):
-    return [(shapes[0], dtypes[0])]
 
 
 def _kernel(dtypes, attrs):
@@ -46,7 +42,7 @@ SPEC = KernelSpec(
     inputs=(Port("logits", FLOAT_TYPES, 4), Port("key_mask", ("bool",), 2)),
     outputs=("probs",),
     attrs=(),
-    output_rule=_outputs,
+    output_rule=like_first_input,
     kernel_rule=_kernel,
     launch_rule=_launch_rule,
     check_rule=_check,

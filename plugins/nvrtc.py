@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 from core import cuda
@@ -25,8 +24,6 @@ from .spec import float_literal
 
 SOURCE_DIR = Path(__file__).resolve().parent
 HEADERS = ("common.cuh",)
-# PTX ISA that a CUDA 13.0 driver (R580) can load: the newest our AOT plugins may embed.
-MAX_PTX_VERSION = (9, 0)
 
 
 def target_arch(compute_capability: int) -> int:
@@ -111,16 +108,3 @@ def _compile_cached(source: str, defines: tuple, arch: int, kind: str) -> bytes:
     except OSError:
         pass  # a read-only cache only costs a recompile next time
     return image
-
-
-def ptx_version(ptx: bytes) -> tuple[int, int]:
-    """The `.version` directive of a PTX module, e.g. (9, 0)."""
-    found = re.search(rb"^\s*\.version\s+(\d+)\.(\d+)", ptx, re.MULTILINE)
-    if not found:
-        raise CompileError("no .version directive in the PTX")
-    return int(found.group(1)), int(found.group(2))
-
-
-def ptx_entries(ptx: bytes) -> list[str]:
-    """Names of the kernels (`.entry`) a PTX module defines."""
-    return [m.decode() for m in re.findall(rb"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)", ptx)]

@@ -18,9 +18,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from core.dtypes import element_size
+
 FLOAT_TYPES = ("float32", "float16")
 _SUFFIX = {"float32": "f32", "float16": "f16"}
-_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bool": 1, "int32": 4}
 METADATA_KEY = "anchortrt_plugin"
 
 
@@ -33,8 +34,9 @@ def suffix(dtype: str) -> str:
     return _SUFFIX[dtype]
 
 
-def element_size(dtype: str) -> int:
-    return _ELEMENT_SIZE[dtype]
+def like_first_input(shapes, dtypes, attrs):
+    """Output rule of a plugin whose one output has its first input's shape and dtype."""
+    return [(shapes[0], dtypes[0])]
 
 
 def float_literal(value: float) -> str:

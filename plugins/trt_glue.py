@@ -23,6 +23,7 @@ import numpy as np
 
 from core import cuda
 from core.backend import BackendError, backend_of
+from core.dtypes import trt_dtype_names
 
 from . import nvrtc
 from .spec import KernelSpec, PluginError
@@ -33,17 +34,13 @@ NAMESPACE = "anchortrt"
 _KEEPALIVE: list[np.ndarray] = []
 
 
-def dtype_names(trt) -> dict:
-    """trt.DataType -> our dtype names."""
-    return {trt.float32: "float32", trt.float16: "float16", trt.bool: "bool", trt.int32: "int32"}
-
-
 def to_trt_dtype(trt, name: str):
-    return {v: k for k, v in dtype_names(trt).items()}[name]
+    return {v: k for k, v in trt_dtype_names(trt).items()}[name]
 
 
 def _dtype_name(trt, dtype) -> str:
-    names = dtype_names(trt)
+    # Names only: which dtypes each input takes is the spec's check (KernelSpec.check_inputs).
+    names = trt_dtype_names(trt)
     if dtype not in names:
         raise PluginError(f"tensor dtype {dtype} is not supported by our plugins (use {', '.join(names.values())})")
     return names[dtype]

@@ -15,6 +15,10 @@ Each layer's result is checked against the shape and dtype TensorRT itself infer
 that are -1 before the engine runs are not checked), so an interpreter rule that disagrees with TensorRT's shape
 inference fails loudly instead of producing a plausible tensor.
 
+The interpreter covers the layer types, operations and modes that ``netdef.network`` defines (at every variant,
+precision, with and without constant folding, postprocessing and plugins); any other layer, operation or mode
+is refused with an error naming the layer and what is unsupported, never guessed.
+
 Entry points: ``interpret_network(network, inputs)`` and ``evaluate(weights_path, images, masks)``.
 """
 
@@ -31,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.dtypes import trt_dtype_names
+from reference.dtypes import TORCH_DTYPES
 from reference.plugins import interpret as interpret_plugin
 
 
@@ -38,29 +44,10 @@ class InterpretError(RuntimeError):
     """A network, input or layer the interpreter cannot evaluate; the message names the layer or tensor."""
 
 
-TORCH_DTYPES = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "UINT8": torch.uint8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-}
-
-
-def torch_dtype(trt_dtype) -> torch.dtype:
-    """The torch dtype for a TensorRT DataType (raises for FP8/INT4/FP4, which the interpreter does not model)."""
-    try:
-        return TORCH_DTYPES[trt_dtype.name]
-    except KeyError:
-        raise InterpretError(f"data type {trt_dtype.name} is not supported by the interpreter") from None
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Layer handlers: one small function per LayerType, registered by the type's name. A handler gets the layer (its
-# class already set to the specific I...Layer, so its attributes are readable), the evaluated inputs (None where an
+# Layer handlers: one small function per LayerType, registered by the type's name, covering the layers, operations
+# and modes that netdef.network defines (anything else is refused by name). A handler gets the layer (its class
+# already set to the specific I...Layer, so its attributes are readable), the evaluated inputs (None where an
 # optional input is unset; floating inputs upcast to float32) and the run context; it returns one tensor per output.
 
 _HANDLERS: dict[str, Callable[..., Any]] = {}
@@ -76,6 +63,19 @@ def _handles(*type_names: str):
 
 def supported_layer_types() -> list[str]:
     return sorted(_HANDLERS)
+
+
+def _unsupported(layer, what: str) -> InterpretError:
+    return InterpretError(f"layer {layer.name!r}: {what} is not supported by the interpreter")
+
+
+def _pick(table: Mapping[str, Any], layer, kind: str, name: str):
+    """table[name], or a refusal naming the layer, the operation and what the interpreter does support."""
+    if name not in table:
+        raise InterpretError(
+            f"layer {layer.name!r}: {kind} {name} is not supported by the interpreter (supported: {', '.join(table)})"
+        )
+    return table[name]
 
 
 def _axes_from_mask(mask: int, rank: int) -> list[int]:
@@ -98,6 +98,12 @@ def _dims(dims) -> list[int] | None:
     return None if dims is None else [int(d) for d in dims]
 
 
+def _no_inputs_after(layer, ins, count: int, what: str) -> None:
+    """Refuse optional inputs (dynamic parameters) that the network never sets."""
+    if any(t is not None for t in ins[count:]):
+        raise _unsupported(layer, what)
+
+
 @_handles("CONSTANT")
 def _constant(ctx, layer, ins):
     array = np.asarray(layer.weights)
@@ -107,7 +113,7 @@ def _constant(ctx, layer, ins):
     return torch.from_numpy(array.reshape(shape).copy()).to(ctx.device)
 
 
-@_handles("IDENTITY", "CAST")
+@_handles("CAST")
 def _cast(ctx, layer, ins):
     # Float -> int truncates (the Cast operator's documented example: 8.9 -> 8); toward zero for negatives is
     # inferred.
@@ -122,16 +128,7 @@ def _shape(ctx, layer, ins):
 _ELEMENTWISE = {
     "SUM": torch.add,
     "PROD": torch.mul,
-    "MAX": torch.maximum,
-    "MIN": torch.minimum,
     "SUB": torch.sub,
-    "POW": torch.pow,
-    "AND": torch.logical_and,
-    "OR": torch.logical_or,
-    "XOR": torch.logical_xor,
-    "EQUAL": torch.eq,
-    "GREATER": torch.gt,
-    "LESS": torch.lt,
     "FLOOR_DIV": lambda a, b: torch.div(a, b, rounding_mode="floor"),
     # Integer DIV truncates toward zero (C semantics; the header only says "divide"): inferred, not documented.
     "DIV": lambda a, b: torch.div(a, b) if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc"),
@@ -141,9 +138,10 @@ _ELEMENTWISE = {
 @_handles("ELEMENTWISE")
 def _elementwise(ctx, layer, ins):
     a, b = ins
+    op = _pick(_ELEMENTWISE, layer, "elementwise operation", layer.op.name)
     ctx.same_dtypes(layer, [0, 1])
     _check_broadcast(layer, [a, b])
-    return _ELEMENTWISE[layer.op.name](a, b)
+    return op(a, b)
 
 
 def _check_broadcast(layer, tensors: Sequence[torch.Tensor]) -> None:
@@ -161,44 +159,27 @@ def _check_broadcast(layer, tensors: Sequence[torch.Tensor]) -> None:
             )
 
 
-_UNARY = {
-    "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt, "RECIP": torch.reciprocal, "ABS": torch.abs,
-    "NEG": torch.neg, "SIN": torch.sin, "COS": torch.cos, "TAN": torch.tan, "SINH": torch.sinh,
-    "COSH": torch.cosh, "ASIN": torch.asin, "ACOS": torch.acos, "ATAN": torch.atan, "ASINH": torch.asinh,
-    "ACOSH": torch.acosh, "ATANH": torch.atanh, "CEIL": torch.ceil, "FLOOR": torch.floor, "ERF": torch.erf,
-    "NOT": torch.logical_not, "SIGN": torch.sign, "ISINF": torch.isinf, "ISNAN": torch.isnan,
-    "ROUND": torch.round,  # both round half to even
-}
+_UNARY = {"LOG": torch.log, "SIN": torch.sin, "COS": torch.cos, "NOT": torch.logical_not}
 
 
 @_handles("UNARY")
 def _unary(ctx, layer, ins):
-    return _UNARY[layer.op.name](ins[0])
+    return _pick(_UNARY, layer, "unary operation", layer.op.name)(ins[0])
 
 
 # Formulas from the ActivationType documentation in NvInfer.h.
 _ACTIVATION = {
     "RELU": lambda x, a, b: torch.relu(x),
     "SIGMOID": lambda x, a, b: torch.sigmoid(x),
-    "TANH": lambda x, a, b: torch.tanh(x),
-    "LEAKY_RELU": lambda x, a, b: torch.where(x >= 0, x, a * x),
-    "ELU": lambda x, a, b: torch.where(x >= 0, x, a * torch.expm1(x)),
-    "SELU": lambda x, a, b: torch.where(x > 0, b * x, b * a * torch.expm1(x)),
-    "SOFTSIGN": lambda x, a, b: x / (1 + x.abs()),
-    "SOFTPLUS": lambda x, a, b: a * torch.log1p(torch.exp(b * x)),
     "CLIP": lambda x, a, b: torch.clamp(x, a, b),
-    "HARD_SIGMOID": lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0),
-    "SCALED_TANH": lambda x, a, b: a * torch.tanh(b * x),
-    "THRESHOLDED_RELU": lambda x, a, b: torch.where(x > a, x, torch.zeros_like(x)),
-    "GELU_ERF": lambda x, a, b: 0.5 * x * (1 + torch.erf(x * math.sqrt(0.5))),
-    "GELU_TANH": lambda x, a, b: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
 }
 
 
 @_handles("ACTIVATION")
 def _activation(ctx, layer, ins):
     # IActivationLayer.type is the ActivationType (it shadows ILayer.type once the class is set).
-    return _ACTIVATION[layer.type.name](ins[0], float(layer.alpha), float(layer.beta))
+    activation = _pick(_ACTIVATION, layer, "activation", layer.type.name)
+    return activation(ins[0], float(layer.alpha), float(layer.beta))
 
 
 @_handles("SOFTMAX")
@@ -209,27 +190,18 @@ def _softmax(ctx, layer, ins):
 
 _REDUCE = {
     "SUM": lambda x, axes, keep: x.sum(axes, keepdim=keep),
-    "MAX": lambda x, axes, keep: x.amax(axes, keepdim=keep),
-    "MIN": lambda x, axes, keep: x.amin(axes, keepdim=keep),
     "AVG": lambda x, axes, keep: x.mean(axes, keepdim=keep),
-    # torch.prod takes one axis at a time; reduce from the last so the remaining indices stay valid.
-    "PROD": lambda x, axes, keep: _prod(x, axes, keep),
 }
-
-
-def _prod(x, axes, keep):
-    for axis in sorted(axes, reverse=True):
-        x = x.prod(axis, keepdim=keep)
-    return x
 
 
 @_handles("REDUCE")
 def _reduce(ctx, layer, ins):
     x = ins[0]
+    reduce = _pick(_REDUCE, layer, "reduce operation", layer.op.name)
     axes = _axes_from_mask(layer.axes, x.dim())
     if not axes:  # an empty axis list would make torch reduce over everything
         return x
-    return _REDUCE[layer.op.name](x, axes, bool(layer.keep_dims))
+    return reduce(x, axes, bool(layer.keep_dims))
 
 
 @_handles("SELECT")
@@ -289,68 +261,33 @@ def _reshape_dims(layer, in_shape, dims: list[int]) -> list[int]:
 @_handles("SLICE")
 def _slice(ctx, layer, ins):
     x = ins[0]
-    ins = list(ins) + [None] * (6 - len(ins))
-
-    def param(index, static):
-        return _ints(ins[index]) if ins[index] is not None else _dims(static)
-
-    start, size, stride = param(1, layer.start), param(2, layer.shape), param(3, layer.stride)
-    axes = param(5, layer.axes)
+    _no_inputs_after(layer, ins, 1, "a slice with dynamic start, size, stride or axes")
+    if layer.mode.name != "STRICT_BOUNDS":
+        raise _unsupported(layer, f"slice mode {layer.mode.name}")
+    start, size, stride, axes = _dims(layer.start), _dims(layer.shape), _dims(layer.stride), _dims(layer.axes)
     axes = list(range(x.dim())) if axes is None else [a % x.dim() for a in axes]
     if not len(start) == len(size) == len(stride) == len(axes):
         raise InterpretError(
             f"slice {layer.name!r}: start {start}, size {size}, stride {stride} must have one entry per axis {axes}"
         )
-    mode = layer.mode.name
-    fill = ins[4] if ins[4] is not None else torch.zeros((), dtype=x.dtype, device=x.device)
     for axis, s, n, step in zip(axes, start, size, stride):
         length = x.shape[axis]
         index = s + step * torch.arange(n, device=x.device)
-        inside = (index >= 0) & (index < length)
-        if mode == "STRICT_BOUNDS" and not bool(inside.all()):
+        if not bool(((index >= 0) & (index < length)).all()):
             raise InterpretError(
                 f"slice {layer.name!r}: axis {axis} reads indices {s}..{s + step * (n - 1)} of a length-{length} "
                 "axis (STRICT_BOUNDS mode)"
             )
-        if mode == "WRAP":
-            index = index % length
-        elif mode == "REFLECT":
-            period = max(2 * (length - 1), 1)
-            index = index % period
-            index = torch.where(index >= length, period - index, index)
-        elif mode not in ("STRICT_BOUNDS", "CLAMP", "FILL"):
-            raise InterpretError(f"slice {layer.name!r}: sample mode {mode} is not supported by the interpreter")
-        x = x.index_select(axis, index.clamp(0, max(length - 1, 0)))
-        if mode == "FILL":
-            shape = [1] * x.dim()
-            shape[axis] = n
-            x = torch.where(inside.reshape(shape), x, fill.to(x.dtype))
+        x = x.index_select(axis, index)
     return x
 
 
 @_handles("GATHER")
 def _gather(ctx, layer, ins):
     data, indices = ins
-    mode, batch_dims = layer.mode.name, int(layer.num_elementwise_dims)
-    if mode == "DEFAULT":
-        return _gather_default(layer, data, indices, layer.axis % data.dim(), batch_dims)
-    if mode == "ELEMENT":
-        axis = layer.axis % data.dim()
-        index, inside = _wrap_indices(indices.long(), data.shape[axis])
-        return torch.gather(data, axis, index).masked_fill(~inside, 0)
-    if mode == "ND":
-        return _gather_nd(data, indices.long(), batch_dims)
-    raise InterpretError(f"gather {layer.name!r}: mode {mode} is not supported by the interpreter")
-
-
-def _wrap_indices(index: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Negative indices count from the end; out-of-bounds reads give zero (IGatherLayer notes)."""
-    index = torch.where(index < 0, index + length, index)
-    inside = (index >= 0) & (index < length)
-    return index.clamp(0, max(length - 1, 0)), inside
-
-
-def _gather_default(layer, data, indices, axis: int, batch_dims: int):
+    if layer.mode.name != "DEFAULT":
+        raise _unsupported(layer, f"gather mode {layer.mode.name}")
+    axis, batch_dims = layer.axis % data.dim(), int(layer.num_elementwise_dims)
     if batch_dims not in (0, 1) or (batch_dims == 1 and axis == 0):
         raise InterpretError(f"gather {layer.name!r}: num_elementwise_dims {batch_dims} with axis {axis}")
     if batch_dims == 0:  # one shared batch of size 1
@@ -360,66 +297,40 @@ def _gather_default(layer, data, indices, axis: int, batch_dims: int):
     data = data.expand(batch, *data.shape[1:])
     indices = indices.expand(batch, *indices.shape[1:])
     before, length, after = data.shape[1:axis], data.shape[axis], data.shape[axis + 1:]
-    index, inside = _wrap_indices(indices.reshape(batch, 1, -1, 1).long(), length)
+    # Negative indices count from the end; out-of-bounds reads give zero (IGatherLayer notes).
+    index = indices.reshape(batch, 1, -1, 1).long()
+    index = torch.where(index < 0, index + length, index)
+    inside = (index >= 0) & (index < length)
+    index = index.clamp(0, max(length - 1, 0))
     flat = data.reshape(batch, math.prod(before), length, math.prod(after))
     picked = torch.gather(flat, 2, index.expand(batch, flat.shape[1], index.shape[2], flat.shape[3]))
     picked = picked.masked_fill(~inside, 0).reshape(batch, *before, *indices.shape[1:], *after)
     return picked.squeeze(0) if batch_dims == 0 else picked
 
 
-def _gather_nd(data, indices, batch_dims: int):
-    depth = indices.shape[-1]
-    batch = math.prod(data.shape[:batch_dims])
-    flat = data.reshape(batch, *data.shape[batch_dims:])
-    index = indices.reshape(batch, -1, depth)
-    inside = torch.ones(index.shape[:2], dtype=torch.bool, device=data.device)
-    picks = [torch.arange(batch, device=data.device)[:, None]]
-    for j in range(depth):
-        wrapped, ok = _wrap_indices(index[..., j], flat.shape[1 + j])
-        picks.append(wrapped)
-        inside &= ok
-    picked = flat[tuple(picks)]  # (batch, points, rest...)
-    picked = picked.masked_fill(~inside.reshape(*inside.shape, *[1] * (picked.dim() - 2)), 0)
-    return picked.reshape(*indices.shape[:-1], *data.shape[batch_dims + depth:])
-
-
 @_handles("MATRIX_MULTIPLY")
 def _matrix_multiply(ctx, layer, ins):
     a, b = ins
     ctx.same_dtypes(layer, [0, 1])
-    op0, op1 = layer.op0.name, layer.op1.name
-    # kVECTOR: input 0 [..., K] acts as [..., 1, K], input 1 [..., K] as [..., K, 1] (MatrixOperation docs).
-    a = a.unsqueeze(-2) if op0 == "VECTOR" else a.transpose(-1, -2) if op0 == "TRANSPOSE" else a
-    b = b.unsqueeze(-1) if op1 == "VECTOR" else b.transpose(-1, -2) if op1 == "TRANSPOSE" else b
+    transpose = {"NONE": False, "TRANSPOSE": True}
+    if _pick(transpose, layer, "matrix operation", layer.op0.name):
+        a = a.transpose(-1, -2)
+    if _pick(transpose, layer, "matrix operation", layer.op1.name):
+        b = b.transpose(-1, -2)
     if a.dim() != b.dim():
         raise InterpretError(
             f"matrix multiply {layer.name!r}: inputs have {a.dim() - 2} and {b.dim() - 2} batch dimensions; "
             "TensorRT needs the same number (broadcast only along length-1 dimensions)"
         )
     _check_broadcast(layer, [a[..., :1, :1], b[..., :1, :1]])
-    y = torch.matmul(a, b)  # [..., M or 1, N or 1]: drop the unit axes that the vectors added
-    if op1 == "VECTOR":
-        y = y.squeeze(-1)
-    if op0 == "VECTOR":
-        y = y.squeeze(-1 if op1 == "VECTOR" else -2)
-    return y
+    return torch.matmul(a, b)
 
 
-def _explicit_padding(layer, spatial: Sequence[int], window: Sequence[int], stride: Sequence[int]):
-    """(pre, post) padding per spatial axis after applying the layer's padding mode."""
-    mode = layer.padding_mode.name
-    pre, post = _dims(layer.pre_padding), _dims(layer.post_padding)
-    if mode == "EXPLICIT_ROUND_DOWN":
-        return pre, post
-    if mode in ("SAME_UPPER", "SAME_LOWER"):
-        pre, post = [], []
-        for size, k, s in zip(spatial, window, stride):
-            total = max((-(-size // s) - 1) * s + k - size, 0)
-            small, large = total // 2, total - total // 2
-            pre.append(small if mode == "SAME_UPPER" else large)
-            post.append(large if mode == "SAME_UPPER" else small)
-        return pre, post
-    raise InterpretError(f"layer {layer.name!r}: padding mode {mode} is not supported by the interpreter")
+def _explicit_padding(layer) -> tuple[list[int], list[int]]:
+    """(pre, post) padding per spatial axis; the network sets it explicitly (no SAME_* padding modes)."""
+    if layer.padding_mode.name != "EXPLICIT_ROUND_DOWN":
+        raise _unsupported(layer, f"padding mode {layer.padding_mode.name}")
+    return _dims(layer.pre_padding), _dims(layer.post_padding)
 
 
 def _pad(x: torch.Tensor, pre: Sequence[int], post: Sequence[int], value: float = 0.0) -> torch.Tensor:
@@ -430,46 +341,29 @@ def _pad(x: torch.Tensor, pre: Sequence[int], post: Sequence[int], value: float 
     return F.pad(x, widths, value=value) if any(widths) else x
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 @_handles("CONVOLUTION")
 def _convolution(ctx, layer, ins):
     x = ins[0]
+    _no_inputs_after(layer, ins, 1, "a convolution with kernel or bias as tensor inputs")
     kernel_size = _dims(layer.kernel_size_nd)
-    nd, groups, maps = len(kernel_size), int(layer.num_groups), int(layer.num_output_maps)
-    kernel = ins[1] if len(ins) > 1 and ins[1] is not None else ctx.weights(layer, layer.kernel)
-    bias = ins[2] if len(ins) > 2 and ins[2] is not None else ctx.weights(layer, layer.bias)
-    kernel = kernel.reshape(maps, x.shape[-nd - 1] // groups, *kernel_size)
-    if nd not in _CONV or x.dim() != nd + 2:
-        raise InterpretError(f"convolution {layer.name!r}: {nd}-D kernel on a rank-{x.dim()} input")
-    stride, dilation = _dims(layer.stride_nd), _dims(layer.dilation_nd)
-    effective = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-    pre, post = _explicit_padding(layer, x.shape[2:], effective, stride)
-    x = _pad(x, pre, post)
-    return _CONV[nd](x, kernel, bias if bias is not None and bias.numel() else None, stride, 0, dilation, groups)
-
-
-_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+    if len(kernel_size) != 2 or x.dim() != 4:
+        raise InterpretError(f"convolution {layer.name!r}: {len(kernel_size)}-D kernel on a rank-{x.dim()} input; "
+                             "the interpreter evaluates 2-D convolutions only")
+    groups, maps = int(layer.num_groups), int(layer.num_output_maps)
+    kernel = ctx.weights(layer, layer.kernel).reshape(maps, x.shape[1] // groups, *kernel_size)
+    bias = ctx.weights(layer, layer.bias)
+    x = _pad(x, *_explicit_padding(layer))
+    return F.conv2d(x, kernel, bias, _dims(layer.stride_nd), 0, _dims(layer.dilation_nd), groups)
 
 
 @_handles("POOLING")
 def _pooling(ctx, layer, ins):
     x = ins[0]
     window, stride = _dims(layer.window_size_nd), _dims(layer.stride_nd)
-    nd, kind = len(window), layer.type.name  # the PoolingType, as for activations
-    pre, post = _explicit_padding(layer, x.shape[-nd:], window, stride)
-    if kind == "MAX":
-        return _MAX_POOL[nd](_pad(x, pre, post, -math.inf), window, stride)
-    if kind != "AVERAGE":
-        raise InterpretError(f"pooling {layer.name!r}: {kind} is not supported by the interpreter")
-    mean = _AVG_POOL[nd](_pad(x, pre, post), window, stride)
-    if not layer.average_count_excludes_padding:
-        return mean
-    # Divide by the number of real (unpadded) elements in each window instead of the window size.
-    ones = _pad(torch.ones_like(x[:1, :1]), pre, post)
-    return mean / _AVG_POOL[nd](ones, window, stride)
+    kind = layer.type.name  # the PoolingType, as for activations
+    if kind != "MAX" or len(window) != 2:
+        raise _unsupported(layer, f"{len(window)}-D {kind} pooling")
+    return F.max_pool2d(_pad(x, *_explicit_padding(layer), -math.inf), window, stride)
 
 
 @_handles("NORMALIZATION")
@@ -499,121 +393,47 @@ def _normalization(ctx, layer, ins):
     return (normed * scale.unsqueeze(2) + bias.unsqueeze(2)).reshape(x.shape)
 
 
+_RESIZE_SETTINGS = ("resize_mode", "coordinate_transformation", "nearest_rounding", "selector_for_single_pixel")
+_NEAREST_ASYMMETRIC_FLOOR = ("NEAREST", "ASYMMETRIC", "FLOOR", "FORMULA")
+
+
 @_handles("RESIZE")
 def _resize(ctx, layer, ins):
+    """Nearest neighbour, asymmetric coordinates rounded down (F.interpolate's 'nearest'), to a shape input:
+    how the network downsamples its padding mask."""
     x = ins[0]
-    if len(ins) > 1 and ins[1] is not None:
-        out_shape = _ints(ins[1])
-    elif layer.scales:
-        out_shape = [math.floor(n * s) for n, s in zip(x.shape, layer.scales)]
-    else:
-        out_shape = _dims(layer.shape)
+    settings = tuple(getattr(layer, s).name for s in _RESIZE_SETTINGS)
+    if settings != _NEAREST_ASYMMETRIC_FLOOR or len(ins) < 2 or ins[1] is None:
+        raise _unsupported(layer, f"resize {dict(zip(_RESIZE_SETTINGS, settings))} without a shape input")
+    out_shape = _ints(ins[1])
     if len(out_shape) != x.dim():
         raise InterpretError(f"resize {layer.name!r}: output shape {out_shape} for a rank-{x.dim()} input")
-    mode = layer.resize_mode.name
-    if mode not in ("NEAREST", "LINEAR"):
-        raise InterpretError(f"resize {layer.name!r}: {mode} interpolation is not supported by the interpreter")
     for axis, (size, out) in enumerate(zip(x.shape, out_shape)):
         if size == out:
-            continue  # every coordinate transformation maps an unresized axis onto itself
-        coord = _source_coordinates(layer, size, out, x.device)
-        if mode == "NEAREST":
-            index = _round_nearest(layer, coord).clamp(0, size - 1)
-            x = x.index_select(axis, index)
-        else:
-            coord = coord.clamp(0, size - 1)
-            low = coord.floor().long()
-            high = (low + 1).clamp(max=size - 1)
-            shape = [1] * x.dim()
-            shape[axis] = out
-            weight = (coord - low).reshape(shape)
-            x = x.index_select(axis, low) * (1 - weight) + x.index_select(axis, high) * weight
+            continue
+        # Input coordinate index * (size / out) in float32 with the ratio rounded first, as PyTorch's nearest
+        # interpolation computes it; whether TensorRT rounds the same way at exact-integer products is not verified.
+        ratio = torch.tensor(size / out, dtype=torch.float32)
+        coord = torch.arange(out, device=x.device, dtype=torch.float32) * ratio
+        x = x.index_select(axis, coord.floor().long().clamp(0, size - 1))
     return x
-
-
-def _source_coordinates(layer, size: int, out: int, device) -> torch.Tensor:
-    """Input coordinate of each output index (ResizeCoordinateTransformation docs), in float32.
-
-    TensorRT documents the formulas, not the arithmetic: float32 with the ratio rounded first is what PyTorch's
-    nearest interpolation does; whether TensorRT rounds the same way at exact-integer products is not verified.
-    """
-    index = torch.arange(out, device=device, dtype=torch.float32)
-    if out == 1 and layer.selector_for_single_pixel.name == "UPPER":
-        return torch.zeros(1, device=device)
-    transform = layer.coordinate_transformation.name
-    if transform == "ALIGN_CORNERS":
-        return index * (float((size - 1) / (out - 1)) if out > 1 else 0.0)
-    ratio = torch.tensor(size / out, dtype=torch.float32)
-    if transform == "ASYMMETRIC":
-        return index * ratio
-    return (index + 0.5) * ratio - 0.5  # HALF_PIXEL
-
-
-def _round_nearest(layer, coord: torch.Tensor) -> torch.Tensor:
-    rounding = layer.nearest_rounding.name
-    rounded = {
-        "FLOOR": torch.floor(coord),
-        "CEIL": torch.ceil(coord),
-        "HALF_UP": torch.floor(coord + 0.5),
-        "HALF_DOWN": torch.ceil(coord - 0.5),
-    }[rounding]
-    return rounded.long()
 
 
 @_handles("TOPK")
 def _topk(ctx, layer, ins):
     x = ins[0]
-    k = _ints(ins[1])[0] if len(ins) > 1 and ins[1] is not None else int(layer.k)
+    _no_inputs_after(layer, ins, 1, "top-k with k as a tensor input")
     axis = _one_axis(layer, layer.axes, x.dim())
     # Ties: neither TensorRT nor torch documents which equal element comes first.
-    values, indices = torch.topk(x, k, dim=axis, largest=layer.op.name == "MAX", sorted=True)
+    values, indices = torch.topk(x, int(layer.k), dim=axis, largest=layer.op.name == "MAX", sorted=True)
     return values, indices
-
-
-@_handles("FILL")
-def _fill(ctx, layer, ins):
-    ins = list(ins) + [None] * (3 - len(ins))
-    if layer.operation.name != "LINSPACE":
-        raise InterpretError(f"fill {layer.name!r}: {layer.operation.name} is not supported by the interpreter")
-    shape = _ints(ins[0]) if ins[0] is not None else _dims(layer.shape)
-    dtype = ctx.out_dtype(layer, 0)
-    work = torch.float32 if dtype.is_floating_point else torch.int64
-    if ins[1] is not None:
-        alpha, delta = ins[1].to(work).reshape(()), ins[2].to(work).reshape(-1)
-    elif len(shape) == 1:
-        alpha = torch.tensor(layer.alpha, dtype=work, device=ctx.device)
-        delta = torch.tensor([layer.beta], dtype=work, device=ctx.device)
-    else:  # a static scalar beta has no documented meaning per axis
-        raise InterpretError(f"fill {layer.name!r}: a rank-{len(shape)} LINSPACE needs a per-axis beta input (2)")
-    out = alpha.expand(shape).clone()
-    for axis, n in enumerate(shape):
-        view = [1] * len(shape)
-        view[axis] = n
-        out = out + (torch.arange(n, device=ctx.device, dtype=work) * delta[axis]).reshape(view)
-    return out
 
 
 @_handles("CUMULATIVE")
 def _cumulative(ctx, layer, ins):
-    x, axis = ins[0], _ints(ins[1])[0] % ins[0].dim()
-    if layer.reverse:
-        x = x.flip(axis)
-    y = x.cumsum(axis)
-    if layer.exclusive:  # shift by one: y[j] sums x[0..j-1]
-        y = torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y.narrow(axis, 0, y.shape[axis] - 1)], axis)
-    return y.flip(axis) if layer.reverse else y
-
-
-@_handles("SQUEEZE")
-def _squeeze(ctx, layer, ins):
-    x = ins[0]
-    if len(ins) > 1 and ins[1] is not None:
-        axes = sorted({a % x.dim() for a in _ints(ins[1])})
-    else:  # no axes input: the dimensions that are statically 1 in the definition (add_squeeze docstring)
-        axes = [i for i, d in enumerate(layer.get_input(0).shape) if d == 1]
-    if any(x.shape[a] != 1 for a in axes):
-        raise InterpretError(f"squeeze {layer.name!r}: axes {axes} of shape {list(x.shape)} are not all 1")
-    return x.reshape([n for i, n in enumerate(x.shape) if i not in axes])
+    if layer.op.name != "SUM" or layer.reverse or layer.exclusive:
+        raise _unsupported(layer, f"cumulative {layer.op.name} (reverse={layer.reverse}, exclusive={layer.exclusive})")
+    return ins[0].cumsum(_ints(ins[1])[0] % ins[0].dim())
 
 
 @_handles("UNSQUEEZE")
@@ -623,53 +443,6 @@ def _unsqueeze(ctx, layer, ins):
     for axis in sorted({a % rank for a in _ints(ins[1])}):
         x = x.unsqueeze(axis)
     return x
-
-
-@_handles("EINSUM")
-def _einsum(ctx, layer, ins):
-    return torch.einsum(layer.equation, *ins)
-
-
-@_handles("ATTENTION_INPUT")
-def _attention(ctx, layer, ins):
-    # The whole IAttention is evaluated here; ATTENTION_OUTPUT only passes the result on.
-    attention = layer.attention
-    q, k, v = ins[:3]
-    mask = ins[3] if len(ins) > 3 else None
-    ctx.same_dtypes(layer, [0, 1, 2] if mask is None or mask.dtype == torch.bool else [0, 1, 2, 3])
-    if any(t is not None for t in ins[4:]) or "PACKED_NHD" in (attention.query_form.name,
-                                                                attention.key_value_form.name):
-        raise InterpretError(
-            f"attention {layer.name!r}: only PADDED_BHND q/k/v with an optional mask are supported by the interpreter"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise InterpretError(f"attention {layer.name!r}: {q.shape[1]} query heads, {k.shape[1]} key/value heads")
-    repeat = q.shape[1] // k.shape[1]  # grouped-query attention shares each key/value head
-    k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
-    causal, softmax = attention.causal_kind.name, attention.norm_op.name == "SOFTMAX"
-    if not softmax and (causal != "NONE" or (mask is not None and mask.dtype == torch.bool)):
-        raise InterpretError(f"attention {layer.name!r}: masking without softmax is not documented by TensorRT")
-    scores = q @ k.transpose(-1, -2)  # no 1/sqrt(d) scaling: the layer leaves that to the caller
-    if causal != "NONE":
-        sq, skv = scores.shape[-2:]
-        offset = skv - sq if causal == "LOWER_RIGHT" else 0
-        rows = torch.arange(sq, device=q.device)[:, None]
-        allowed = torch.arange(skv, device=q.device)[None, :] <= rows + offset
-        scores = scores.masked_fill(~allowed, -math.inf)
-    if mask is not None:
-        if mask.dtype == torch.bool:  # True = may attend
-            scores = scores.masked_fill(~mask, -math.inf)
-        else:
-            scores = scores + mask
-    if softmax:
-        scores = torch.softmax(scores, -1)  # a fully masked row gives NaN here; TensorRT does not define it
-    # The probabilities stay float32 for the second matmul; a fused fp16 kernel may round them to fp16 first.
-    return scores @ v
-
-
-@_handles("ATTENTION_OUTPUT")
-def _attention_output(ctx, layer, ins):
-    return ins[0]
 
 
 @_handles("PLUGIN_V3")
@@ -707,14 +480,21 @@ def _layer_class(trt, type_name: str):
 class _Run:
     """What handlers share: the device, and type helpers that read the layer's declared tensor types."""
 
-    def __init__(self, device):
+    def __init__(self, device, trt):
         self.device = torch.device(device)
+        self._names = trt_dtype_names(trt)
+
+    def torch_dtype(self, trt_dtype) -> torch.dtype:
+        """The torch dtype of a TensorRT DataType (BF16, INT8, FP8, ... are refused: the network uses none)."""
+        if trt_dtype not in self._names:
+            raise InterpretError(f"data type {trt_dtype.name} is not supported by the interpreter")
+        return TORCH_DTYPES[self._names[trt_dtype]]
 
     def out_dtype(self, layer, index: int) -> torch.dtype:
-        return torch_dtype(layer.get_output(index).dtype)
+        return self.torch_dtype(layer.get_output(index).dtype)
 
     def in_dtypes(self, layer) -> list[torch.dtype | None]:
-        return [None if t is None else torch_dtype(t.dtype) for t in _layer_inputs(layer)]
+        return [None if t is None else self.torch_dtype(t.dtype) for t in _layer_inputs(layer)]
 
     def same_dtypes(self, layer, indices: Iterable[int]) -> None:
         """Strongly typed TensorRT rejects mixed input types at build time; say so here, with the layer's name."""
@@ -731,7 +511,7 @@ class _Run:
         if array.size == 0:
             return None
         weights = torch.from_numpy(array.copy())
-        if weights.dtype != torch_dtype(layer.get_input(0).dtype):
+        if weights.dtype != self.torch_dtype(layer.get_input(0).dtype):
             raise InterpretError(
                 f"layer {layer.name!r}: {weights.dtype} weights on a {layer.get_input(0).dtype.name} input; "
                 "TensorRT's strongly typed build rejects this: give the weights the input's dtype"
@@ -753,10 +533,10 @@ def _kind(dtype: torch.dtype) -> str:
     return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "int"
 
 
-def _store(layer, type_name: str, index: int, value: torch.Tensor) -> torch.Tensor:
+def _store(run: _Run, layer, type_name: str, index: int, value: torch.Tensor) -> torch.Tensor:
     """Round `value` to the output's declared dtype and check it against TensorRT's inferred shape."""
     tensor = layer.get_output(index)
-    declared = torch_dtype(tensor.dtype)
+    declared = run.torch_dtype(tensor.dtype)
     if _kind(value.dtype) != _kind(declared):
         raise InterpretError(
             f"layer {layer.name!r} ({type_name}): interpreter produced {value.dtype} for tensor "
@@ -771,7 +551,7 @@ def _store(layer, type_name: str, index: int, value: torch.Tensor) -> torch.Tens
     return value.to(declared)
 
 
-def _bind_inputs(network, inputs: Mapping[str, Any], needed: set[str], device) -> dict[str, torch.Tensor]:
+def _bind_inputs(network, inputs: Mapping[str, Any], needed: set[str], run: _Run) -> dict[str, torch.Tensor]:
     declared = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     unknown = sorted(set(inputs) - set(declared))
     if unknown:
@@ -784,7 +564,7 @@ def _bind_inputs(network, inputs: Mapping[str, Any], needed: set[str], device) -
     for name, value in inputs.items():
         tensor = declared[name]
         value = torch.as_tensor(value)
-        want_dtype = torch_dtype(tensor.dtype)
+        want_dtype = run.torch_dtype(tensor.dtype)
         if value.dtype != want_dtype:
             raise InterpretError(
                 f"input {name!r} has dtype {value.dtype}; the network declares {want_dtype}: convert it first"
@@ -802,7 +582,7 @@ def _bind_inputs(network, inputs: Mapping[str, Any], needed: set[str], device) -
                     raise InterpretError(
                         f"dimension {dim_name!r} is {first[1]} in input {first[0]!r} but {size} in input {name!r}"
                     )
-        values[name] = value.to(device)
+        values[name] = value.to(run.device)
     return values
 
 
@@ -892,14 +672,14 @@ def interpret_network(
     order = graph.schedule(wanted)
     needed_inputs = {n for i in order for n in graph.input_names(i) if n in graph.inputs}
     needed_inputs |= {n for n in wanted if n in graph.inputs}
-    values = _bind_inputs(network, inputs, needed_inputs, device)
+    run = _Run(device, trt)
+    values = _bind_inputs(network, inputs, needed_inputs, run)
     uses: dict[str, int] = {}
     for index in order:
         for name in graph.input_names(index):
             if name is not None:
                 uses[name] = uses.get(name, 0) + 1
     keep = set(wanted)
-    run = _Run(device)
     with torch.no_grad():
         for index in order:
             layer, type_name = graph.layers[index], graph.types[index]
@@ -913,7 +693,7 @@ def interpret_network(
             result = handler(run, layer, [None if n is None else _compute_input(values[n]) for n in names])
             results = result if isinstance(result, (list, tuple)) else (result,)
             for j, value in enumerate(results):
-                values[layer.get_output(j).name] = _store(layer, type_name, j, value)
+                values[layer.get_output(j).name] = _store(run, layer, type_name, j, value)
             for name in names:
                 if name is not None:
                     uses[name] -= 1

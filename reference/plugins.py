@@ -15,6 +15,7 @@ from plugins import layer_norm as _layer_norm
 from plugins import mask2pos as _mask2pos
 from plugins import masked_softmax as _masked_softmax
 from plugins.spec import METADATA_KEY
+from reference.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from reference.torch_model import mask2pos as _positions
 from reference.torch_model import pos2posemb1d
 
@@ -77,23 +78,21 @@ def interpret(metadata: str, inputs) -> list:
 
 def apply_torch(spec, tensors, attrs: dict, image: str = "cubin"):
     """Run the kernel on CUDA torch tensors (made contiguous and 16-byte aligned) on torch's current stream."""
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bool": torch.bool}
-    dtype_name = {t: n for n, t in torch_dtype.items()}
     prepared = []
     for t in tensors:
-        if not t.is_cuda or t.dtype not in dtype_name:
-            raise ValueError(f"{spec.name}: inputs must be CUDA tensors of {', '.join(torch_dtype)}, got {t.dtype}")
+        if not t.is_cuda or t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{spec.name}: inputs must be CUDA tensors of {', '.join(TORCH_DTYPES)}, got {t.dtype}")
         t = t.contiguous()
         if t.data_ptr() % 16:  # vector loads need aligned rows
             t = t.clone()
         prepared.append(t)
     attrs = spec.normalize_attrs(attrs)
     shapes = [tuple(t.shape) for t in prepared]
-    dtypes = [dtype_name[t.dtype] for t in prepared]
+    dtypes = [DTYPE_NAMES[t.dtype] for t in prepared]
     spec.check_inputs(shapes, dtypes, attrs)
     device = prepared[0].device
     outs = [
-        torch.empty(shape, dtype=torch_dtype[dtype], device=device)
+        torch.empty(shape, dtype=TORCH_DTYPES[dtype], device=device)
         for shape, dtype in spec.output_rule(shapes, dtypes, attrs)
     ]
     stream = torch.cuda.current_stream(device).cuda_stream

@@ -131,10 +131,6 @@ class Engine:
         except SidecarError as exc:
             raise Unavailable(f"{self.path}: {exc}") from None
 
-    @property
-    def has_postprocess(self) -> bool:
-        return all(name in self.outputs for name in POSTPROCESS_OUTPUTS)
-
     def close(self) -> None:
         self.trt_engine = None
         self._runtime = None

@@ -27,6 +27,8 @@ from core.sidecar import (
     write_sidecar,
 )
 
+from helpers import SMALL_PROFILE, run_cli, run_main, save_random_weights
+
 
 @pytest.fixture(scope="module")
 def backend():
@@ -284,17 +286,6 @@ def test_rtx_and_gpu_less_engines_skip_the_compute_capability_check():
 # ---------------------------------------------------------------- command line: errors before any build
 
 
-def run_cli(cli_main, argv, capsys):
-    """(exit code, stdout, stderr) of a CLI's main(argv); test_check_cli uses it too."""
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_main(argv, capsys):
-    return run_cli(main, argv, capsys)
-
-
 def test_missing_weights_says_how_to_make_them(tmp_path, capsys):
     code, out, err = run_main(["--weights", tmp_path / "w.safetensors"], capsys)
     assert code == 2 and out == ""
@@ -349,23 +340,12 @@ def test_plugins_without_plugin_layers_is_exit_3(backend, tmp_path, capsys):
 # ---------------------------------------------------------------- command line: whole builds
 
 
-def save_random_weights(path: Path, cfg) -> Path:
-    import weights
-    from weights import naming
-
-    weights.save(path, cfg, naming.to_builder(weights.random_state_dict(cfg, 0), cfg), source="random-init")
-    return path
-
-
 @pytest.fixture(scope="module")
 def shallow_weights(tmp_path_factory, backend):
     from core.config import AnchorDETRConfig
 
     cfg = AnchorDETRConfig(enc_layers=1, dec_layers=1)
     return save_random_weights(tmp_path_factory.mktemp("weights") / "shallow.safetensors", cfg)
-
-
-SMALL_PROFILE = ["--min", "64x64", "--opt", "96x128", "--max", "128x160", "--batch", "1,1,2"]
 
 
 def expected_io(postprocess: bool) -> tuple[dict, dict]:

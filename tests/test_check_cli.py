@@ -12,7 +12,7 @@ import torch
 import reference.check as check
 from core.backend import BackendError, get_backend
 from reference.check import compare, main, padded_batch
-from test_build_cli import run_cli, save_random_weights  # tests/ is on sys.path (rootdir conftest)
+from helpers import run_cli, save_random_weights
 
 
 def test_padded_batch_has_different_sizes_and_a_matching_mask():

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from eval import coco
 from eval.scoring import METRIC_KEYS, EvalError, check_results, evaluate, load_ground_truth, side_by_side_rows
 from runtime.postprocess import postprocess
-from test_build_cli import save_random_weights  # tests/ is on sys.path (rootdir conftest)
+from helpers import save_random_weights
 
 # Category ids with gaps, as COCO's 1..90 has; image ids with gaps too.
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}]

@@ -10,7 +10,6 @@ interpreter infers rather than reads in TensorRT's documentation are marked so.
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np
@@ -97,11 +96,8 @@ def close(got, want, tol=1e-5):
 FLOAT_OPS = {
     "SUM": lambda a, b: a + b,
     "PROD": lambda a, b: a * b,
-    "MAX": lambda a, b: torch.where(a > b, a, b),
-    "MIN": lambda a, b: torch.where(a < b, a, b),
     "SUB": lambda a, b: a - b,
     "DIV": lambda a, b: a / b,
-    "POW": lambda a, b: torch.exp(b * torch.log(a)),
     "FLOOR_DIV": lambda a, b: torch.floor(a / b),
 }
 
@@ -114,27 +110,6 @@ def test_elementwise_float_ops_broadcast(op):
     net.out(net.network.add_elementwise(a, b, EW.__members__[op]), "y")
     va, vb = rand(2, 3, 4).abs() + 0.5, rand(1, 3, 1, seed=1).abs() + 0.25
     close(net.run(a=va, b=vb)["y"], FLOAT_OPS[op](va, vb), tol=1e-5)
-
-
-def test_elementwise_comparisons_give_bool_and_logic_ops():
-    net = Net()
-    a = net.input("a", trt.float32, (4,))
-    b = net.input("b", trt.float32, (4,))
-    p = net.input("p", trt.bool, (4,))
-    q = net.input("q", trt.bool, (4,))
-    for op in ("EQUAL", "GREATER", "LESS"):
-        net.out(net.network.add_elementwise(a, b, EW.__members__[op]), op)
-    for op in ("AND", "OR", "XOR"):
-        net.out(net.network.add_elementwise(p, q, EW.__members__[op]), op)
-    va, vb = torch.tensor([1.0, 2.0, 3.0, -1.0]), torch.tensor([1.0, 3.0, 2.0, -1.0])
-    vp, vq = torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False])
-    got = net.run(a=va, b=vb, p=vp, q=vq)
-    assert got["EQUAL"].tolist() == [True, False, False, True]
-    assert got["GREATER"].tolist() == [False, False, True, False]
-    assert got["LESS"].tolist() == [False, True, False, False]
-    assert got["AND"].tolist() == [True, False, False, False]
-    assert got["OR"].tolist() == [True, True, True, False]
-    assert got["XOR"].tolist() == [False, True, True, False]
 
 
 def test_integer_division():
@@ -163,24 +138,8 @@ def test_mixed_input_types_are_rejected_as_the_strongly_typed_build_would():
 # --------------------------------------------------------------------------------------------- unary, activation
 
 UNARY = {
-    "EXP": (lambda x: x, lambda x: math.e ** x),
     "LOG": (lambda x: x.abs() + 0.1, lambda x: torch.log(x)),
-    "SQRT": (lambda x: x.abs(), lambda x: x ** 0.5),
-    "RECIP": (lambda x: x.abs() + 0.1, lambda x: 1 / x),
-    "ABS": (lambda x: x, lambda x: torch.where(x < 0, -x, x)),
-    "NEG": (lambda x: x, lambda x: 0 - x),
-    "SIN": (lambda x: x, torch.sin), "COS": (lambda x: x, torch.cos), "TAN": (lambda x: x * 0.5, torch.tan),
-    "SINH": (lambda x: x, lambda x: (torch.exp(x) - torch.exp(-x)) / 2),
-    "COSH": (lambda x: x, lambda x: (torch.exp(x) + torch.exp(-x)) / 2),
-    "ASIN": (lambda x: x.clamp(-0.9, 0.9), torch.asin), "ACOS": (lambda x: x.clamp(-0.9, 0.9), torch.acos),
-    "ATAN": (lambda x: x, torch.atan),
-    "ASINH": (lambda x: x, lambda x: torch.log(x + torch.sqrt(x * x + 1))),
-    "ACOSH": (lambda x: x.abs() + 1, lambda x: torch.log(x + torch.sqrt(x * x - 1))),
-    "ATANH": (lambda x: x.clamp(-0.9, 0.9), lambda x: 0.5 * torch.log((1 + x) / (1 - x))),
-    "CEIL": (lambda x: x * 3, lambda x: -torch.floor(-x)),
-    "FLOOR": (lambda x: x * 3, lambda x: x - torch.remainder(x, 1)),
-    "ERF": (lambda x: x, torch.special.erf),
-    "SIGN": (lambda x: torch.cat([x, torch.zeros(1)]), lambda x: (x > 0).float() - (x < 0).float()),
+    "SIN": (lambda x: x, torch.sin), "COS": (lambda x: x, torch.cos),
 }
 
 
@@ -193,35 +152,16 @@ def test_unary_float_ops(op):
     close(net.run(x=x)["y"], reference(x), tol=1e-5)
 
 
-def test_unary_round_half_to_even_and_predicates():
+def test_unary_not():
     net = Net()
-    x = net.input("x", trt.float32, (6,))
-    p = net.input("p", trt.bool, (2,))
-    for op in ("ROUND", "ISINF", "ISNAN"):
-        net.out(net.network.add_unary(x, trt.UnaryOperation.__members__[op]), op)
-    net.out(net.network.add_unary(p, trt.UnaryOperation.NOT), "NOT")
-    got = net.run(x=torch.tensor([0.5, 1.5, 2.5, -0.5, math.inf, math.nan]), p=torch.tensor([True, False]))
-    assert got["ROUND"][:4].tolist() == [0.0, 2.0, 2.0, -0.0]
-    assert got["ISINF"].tolist() == [False] * 4 + [True, False]
-    assert got["ISNAN"].tolist() == [False] * 5 + [True]
-    assert got["NOT"].tolist() == [False, True]
+    net.out(net.network.add_unary(net.input("p", trt.bool, (2,)), trt.UnaryOperation.NOT), "y")
+    assert net.run(p=torch.tensor([True, False]))["y"].tolist() == [False, True]
 
 
 ACTIVATIONS = {  # type: (alpha, beta, reference)
     "RELU": (0.0, 0.0, F.relu),
     "SIGMOID": (0.0, 0.0, lambda x: 1 / (1 + torch.exp(-x))),
-    "TANH": (0.0, 0.0, torch.tanh),
-    "LEAKY_RELU": (0.1, 0.0, lambda x: F.leaky_relu(x, 0.1)),
-    "ELU": (0.7, 0.0, lambda x: F.elu(x, 0.7)),
-    "SELU": (1.6732632423543772, 1.0507009873554805, F.selu),
-    "SOFTSIGN": (0.0, 0.0, F.softsign),
-    "SOFTPLUS": (0.5, 2.0, lambda x: F.softplus(x, beta=2.0)),
     "CLIP": (-0.5, 0.75, lambda x: x.clamp(-0.5, 0.75)),
-    "HARD_SIGMOID": (1 / 6, 0.5, F.hardsigmoid),
-    "SCALED_TANH": (2.0, 0.5, lambda x: 2 * torch.tanh(0.5 * x)),
-    "THRESHOLDED_RELU": (0.3, 0.0, lambda x: x * (x > 0.3)),
-    "GELU_ERF": (0.0, 0.0, F.gelu),
-    "GELU_TANH": (0.0, 0.0, lambda x: F.gelu(x, approximate="tanh")),
 }
 
 
@@ -253,18 +193,6 @@ def test_convolution_groups_stride_dilation_asymmetric_padding_bias():
     assert net.builds(x=((1, 4, 8, 8), (2, 4, 9, 11), (2, 4, 16, 16)))
 
 
-def test_convolution_same_upper_padding_without_bias():
-    w = rand(3, 2, 3, 3, seed=1)
-    net = Net()
-    conv = net.network.add_convolution_nd(net.input("x", trt.float32, (1, 2, 9, 10)), 3, (3, 3),
-                                          trt.Weights(w.numpy()), trt.Weights())
-    conv.stride_nd, conv.padding_mode = (2, 2), trt.PaddingMode.SAME_UPPER
-    net.out(conv, "y")
-    x = rand(1, 2, 9, 10)
-    # output ceil(9/2) x ceil(10/2) = 5x5: total padding 2 (1 before, 1 after) rows, 1 column (after)
-    close(net.run(x=x)["y"], F.conv2d(F.pad(x, (0, 1, 1, 1)), w, stride=2), tol=1e-4)
-
-
 def test_fp16_convolution_rounds_to_half():
     w = rand(4, 3, 3, 3, seed=1).half()
     net = Net()
@@ -288,21 +216,13 @@ def test_fp32_weights_on_fp16_input_are_rejected():
     assert not net.builds()
 
 
-def test_pooling_max_and_average_with_padding():
+def test_max_pooling_with_padding():
     net = Net()
-    x = net.input("x", trt.float32, (1, 2, 7, 8))
-    pool = net.network.add_pooling_nd(x, trt.PoolingType.MAX, (3, 3))
+    pool = net.network.add_pooling_nd(net.input("x", trt.float32, (1, 2, 7, 8)), trt.PoolingType.MAX, (3, 3))
     pool.stride_nd, pool.padding_nd = (2, 2), (1, 1)
     net.out(pool, "max")
-    for name, excludes in (("avg_excl", True), ("avg_incl", False)):
-        avg = net.network.add_pooling_nd(x, trt.PoolingType.AVERAGE, (3, 3))
-        avg.stride_nd, avg.padding_nd, avg.average_count_excludes_padding = (2, 2), (1, 1), excludes
-        net.out(avg, name)
     v = rand(1, 2, 7, 8)
-    got = net.run(x=v)
-    close(got["max"], F.max_pool2d(v, 3, 2, padding=1))
-    close(got["avg_excl"], F.avg_pool2d(v, 3, 2, padding=1, count_include_pad=False))
-    close(got["avg_incl"], F.avg_pool2d(v, 3, 2, padding=1, count_include_pad=True))
+    close(net.run(x=v)["max"], F.max_pool2d(v, 3, 2, padding=1))
 
 
 MATMUL_CASES = {  # (shape a, op a, shape b, op b, reference)
@@ -310,9 +230,6 @@ MATMUL_CASES = {  # (shape a, op a, shape b, op b, reference)
                           lambda a, b: torch.einsum("xyik,yzkj->xzij", a, b)),
     "transpose_a": ((2, 4, 3), "TRANSPOSE", (2, 4, 5), "NONE", lambda a, b: torch.einsum("bki,bkj->bij", a, b)),
     "transpose_b": ((2, 3, 4), "NONE", (1, 5, 4), "TRANSPOSE", lambda a, b: torch.einsum("bik,xjk->bij", a, b)),
-    "vector_matrix": ((2, 4), "VECTOR", (2, 4, 3), "NONE", lambda a, b: torch.einsum("bk,bkj->bj", a, b)),
-    "matrix_vector": ((2, 3, 4), "NONE", (2, 4), "VECTOR", lambda a, b: torch.einsum("bik,bk->bi", a, b)),
-    "vector_vector": ((2, 4), "VECTOR", (2, 4), "VECTOR", lambda a, b: (a * b).sum(-1)),
 }
 
 
@@ -340,8 +257,7 @@ def test_shuffle_transposes_and_reshape_with_placeholder_and_wildcard():
 
 
 def dynamic_shape_network():
-    """x (B,3,H,W) with dynamic B, H, W -> y (B, H*W, 3) by a reshape from shape-tensor arithmetic, and
-    left (B,3,H,W//2) by a slice of dynamic size."""
+    """x (B,3,H,W) with dynamic B, H, W -> y (B, H*W, 3) by a reshape from shape-tensor arithmetic."""
     net = Net()
     x = net.input("x", trt.float32, (-1, 3, -1, -1))
     shape = net.network.add_shape(x).get_output(0)
@@ -351,22 +267,16 @@ def dynamic_shape_network():
     sh.first_transpose = (0, 2, 3, 1)
     sh.set_input(1, net.network.add_concatenation([dim(0), hw, net.i64([3])]).get_output(0))
     net.out(sh, "y")
-    half = net.network.add_elementwise(dim(3), net.i64([2]), EW.FLOOR_DIV).get_output(0)
-    size = net.network.add_concatenation([dim(0), net.i64([3]), dim(2), half]).get_output(0)
-    sl = net.network.add_slice(x, (0, 0, 0, 0), (1, 1, 1, 1), (1, 1, 1, 1))
-    sl.set_input(2, size)
-    net.out(sl, "left")
     return net
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 4, 5), (2, 3, 7, 2)])
-def test_dynamic_reshape_and_slice_from_shape_tensors(shape):
+def test_dynamic_reshape_from_shape_tensors(shape):
     net = dynamic_shape_network()
     x = rand(*shape)
     got = net.run(x=x)
     b, _, h, w = shape
     assert torch.equal(got["y"], x.permute(0, 2, 3, 1).reshape(b, h * w, 3))
-    assert torch.equal(got["left"], x[..., : w // 2])
 
 
 def test_dynamic_shape_network_builds():
@@ -386,22 +296,6 @@ def test_slice_static_stride_and_axes():
     assert torch.equal(got["axes"], v[:, 1:5])
 
 
-@pytest.mark.parametrize("mode,expected", [
-    ("WRAP", [2, 3, 0, 1, 2, 3]),
-    ("CLAMP", [0, 0, 0, 1, 2, 3]),
-    ("REFLECT", [2, 1, 0, 1, 2, 3]),
-    ("FILL", [-5, -5, 0, 1, 2, 3]),
-])
-def test_slice_out_of_bounds_modes(mode, expected):
-    net = Net()
-    sl = net.network.add_slice(net.input("x", trt.float32, (4,)), (-2,), (6,), (1,))
-    sl.mode = trt.SampleMode.__members__[mode]
-    if mode == "FILL":
-        sl.set_input(4, net.const(np.array(-5.0, np.float32)))
-    net.out(sl, "y")
-    assert net.run(x=torch.arange(4.0))["y"].tolist() == expected
-
-
 def test_slice_strict_bounds_rejects_out_of_range():
     net = Net()
     sl = net.network.add_slice(net.input("x", trt.float32, (-1,)), (2,), (3,), (1,))
@@ -410,18 +304,16 @@ def test_slice_strict_bounds_rejects_out_of_range():
     net.rejects("tail.*STRICT_BOUNDS", x=torch.arange(4.0))
 
 
-def test_concatenation_squeeze_unsqueeze():
+def test_concatenation_unsqueeze():
     net = Net()
     a, b = net.input("a", trt.float32, (2, 1, 3)), net.input("b", trt.float32, (2, 2, 3))
     concat = net.network.add_concatenation([a, b])
     concat.axis = 1
     cat = net.out(concat, "cat")
-    net.out(net.network.add_squeeze(a, net.i64([-2])), "squeezed")
     net.out(net.network.add_unsqueeze(cat, net.i64([0, -1])), "unsqueezed")
     va, vb = rand(2, 1, 3), rand(2, 2, 3, seed=1)
     got = net.run(a=va, b=vb)
     assert torch.equal(got["cat"], torch.cat([va, vb], 1))
-    assert torch.equal(got["squeezed"], va[:, 0])
     assert torch.equal(got["unsqueezed"], torch.cat([va, vb], 1)[None, ..., None])
 
 
@@ -440,27 +332,14 @@ def test_gather_default_negative_and_out_of_bounds_indices():
     assert torch.equal(got[:, 1, 1], torch.zeros(2, 3))  # out of bounds reads zero
 
 
-def test_gather_batched_element_and_nd():
+def test_gather_batched():
     net = Net()
     x = net.input("x", trt.float32, (2, 5, 3))
-    idx = net.input("idx", trt.int64, (2, 4))
-    batched = net.network.add_gather(x, idx, 1)
+    batched = net.network.add_gather(x, net.input("idx", trt.int64, (2, 4)), 1)
     batched.num_elementwise_dims = 1
     net.out(batched, "batched")
-    eidx = net.input("eidx", trt.int32, (2, 2, 3))
-    element = net.network.add_gather_v2(x, eidx, trt.GatherMode.ELEMENT)
-    element.axis = 1
-    net.out(element, "element")
-    nidx = net.input("nidx", trt.int32, (4, 2))
-    net.out(net.network.add_gather_v2(x, nidx, trt.GatherMode.ND), "nd")
-    v = rand(2, 5, 3)
-    vi = torch.tensor([[0, 4, 4, 1], [3, 2, 0, 0]])
-    ve = torch.randint(0, 5, (2, 2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    vn = torch.tensor([[0, 1], [1, 4], [1, 0], [0, 3]], dtype=torch.int32)
-    got = net.run(x=v, idx=vi, eidx=ve, nidx=vn)
-    assert torch.equal(got["batched"], torch.stack([v[b][vi[b]] for b in range(2)]))
-    assert torch.equal(got["element"], torch.take_along_dim(v, ve.long(), 1))
-    assert torch.equal(got["nd"], torch.stack([v[i, j] for i, j in vn.tolist()]))
+    v, vi = rand(2, 5, 3), torch.tensor([[0, 4, 4, 1], [3, 2, 0, 0]])
+    assert torch.equal(net.run(x=v, idx=vi)["batched"], torch.stack([v[b][vi[b]] for b in range(2)]))
 
 
 # ----------------------------------------------------------------------------- softmax, normalization, reduce
@@ -509,7 +388,7 @@ def test_group_norm_layer_without_is_v2_is_v1():
                                   get_input=lambda i: types.SimpleNamespace(dtype=trt.float32))
     assert not hasattr(layer, "is_v2")
     x, g, b = rand(2, channels, 3, 4) * 2 + 1, rand(1, groups, 1, 1, seed=1), rand(1, groups, 1, 1, seed=2)
-    got = interpret._HANDLERS["NORMALIZATION"](interpret._Run("cpu"), layer, [x, g, b])
+    got = interpret._HANDLERS["NORMALIZATION"](interpret._Run("cpu", trt), layer, [x, g, b])
     per_channel = lambda t: t.reshape(groups).repeat_interleave(channels // groups)  # noqa: E731
     close(got, F.group_norm(x, groups, per_channel(g), per_channel(b)), tol=1e-5)
 
@@ -518,13 +397,12 @@ def test_group_norm_layer_without_is_v2_is_v1():
 def test_reduce(keep):
     net = Net()
     x = net.input("x", trt.float32, (2, 3, 4))
-    for op in ("SUM", "PROD", "MAX", "MIN", "AVG"):
+    for op in ("SUM", "AVG"):
         net.out(net.network.add_reduce(x, trt.ReduceOperation.__members__[op], 0b101, keep), op)
     v = rand(2, 3, 4)
     got = net.run(x=v)
     flat = v.permute(1, 0, 2).reshape(3, 8)  # the reduced axes 0 and 2 side by side
-    want = {"SUM": flat.sum(1), "PROD": flat.prod(1), "MAX": flat.max(1).values, "MIN": flat.min(1).values,
-            "AVG": flat.mean(1)}
+    want = {"SUM": flat.sum(1), "AVG": flat.mean(1)}
     for op, value in want.items():
         close(got[op], value.reshape(1, 3, 1) if keep else value, tol=1e-5)
 
@@ -569,16 +447,14 @@ def test_fp16_chain_rounds_every_tensor():
     assert not torch.equal(got["y"].float(), x * x + 1e-4)  # fp32 arithmetic would differ
 
 
-def test_shape_identity_and_integer_constants():
+def test_shape_and_integer_constants():
     net = Net()
     x = net.input("x", trt.float32, (-1, 3))
     net.out(net.network.add_shape(x), "shape")
-    net.out(net.network.add_identity(x), "same")
     net.out(net.network.add_elementwise(net.i64([2, 3]), net.i64([5, -1]), EW.SUM), "ints")
     v = rand(4, 3)
     got = net.run(x=v)
     assert got["shape"].dtype == torch.int64 and got["shape"].tolist() == [4, 3]
-    assert torch.equal(got["same"], v)
     assert got["ints"].tolist() == [7, 2]
 
 
@@ -604,7 +480,10 @@ def test_resize_of_a_bool_mask_through_half():
     net = Net()
     m = net.network.add_cast(net.input("m", trt.bool, (2, 1, 21, 30)), trt.float16).get_output(0)
     rs = net.network.add_resize(m)
-    rs.shape = (2, 1, 2, 2)
+    rs.set_input(1, net.i64([2, 1, 2, 2]))
+    rs.resize_mode = trt.InterpolationMode.NEAREST
+    rs.coordinate_transformation = trt.ResizeCoordinateTransformation.ASYMMETRIC
+    rs.nearest_rounding = trt.ResizeRoundMode.FLOOR
     net.out(net.network.add_cast(rs.get_output(0), trt.bool), "y")
     mask = torch.zeros(2, 1, 21, 30, dtype=torch.bool)
     mask[1, :, 10:, 15:] = True  # source rows 0, 10 and columns 0, 15 are sampled
@@ -614,20 +493,7 @@ def test_resize_of_a_bool_mask_through_half():
     assert net.builds()
 
 
-@pytest.mark.parametrize("transform,align", [("HALF_PIXEL", False), ("ALIGN_CORNERS", True)])
-def test_resize_linear(transform, align):
-    net = Net()
-    rs = net.network.add_resize(net.input("x", trt.float32, (1, 2, 5, 7)))
-    rs.scales = [1.0, 1.0, 2.0, 0.5]
-    rs.resize_mode = trt.InterpolationMode.LINEAR
-    rs.coordinate_transformation = trt.ResizeCoordinateTransformation.__members__[transform]
-    net.out(rs, "y")
-    x = rand(1, 2, 5, 7)
-    want = F.interpolate(x, size=(10, 3), mode="bilinear", align_corners=align)
-    close(net.run(x=x)["y"], want, tol=1e-5)
-
-
-# ------------------------------------------------------------------------------------ topk, fill, cumulative
+# ------------------------------------------------------------------------------------------- topk, cumulative
 
 
 def test_topk_max_and_min_with_int32_indices():
@@ -645,108 +511,76 @@ def test_topk_max_and_min_with_int32_indices():
     assert got["min_indices"].tolist() == [[0, 5], [5, 4]]
 
 
-def test_fill_linspace_static_and_dynamic():
-    net = Net()
-    x = net.input("x", trt.float32, (-1, -1))
-    static = net.network.add_fill((4,), trt.FillOperation.LINSPACE, trt.float32)
-    static.alpha, static.beta = 1.5, 0.5
-    net.out(static, "static")
-    dyn = net.network.add_fill((1, 1), trt.FillOperation.LINSPACE, trt.int64)
-    dyn.set_input(0, net.network.add_shape(x).get_output(0))
-    dyn.set_input(1, net.const(np.array(10, np.int64)))
-    dyn.set_input(2, net.i64([100, 1]))
-    net.out(dyn, "grid")
-    got = net.run(x=torch.zeros(2, 3))
-    assert got["static"].tolist() == [1.5, 2.0, 2.5, 3.0]
-    assert got["grid"].dtype == torch.int64 and got["grid"].tolist() == [[10, 11, 12], [110, 111, 112]]
-
-
-@pytest.mark.parametrize("exclusive,reverse", [(False, False), (True, False), (False, True), (True, True)])
-def test_cumulative_sum(exclusive, reverse):
+def test_cumulative_sum():
     net = Net()
     axis = net.const(np.array(1, np.int32))
     net.out(net.network.add_cumulative(net.input("x", trt.float32, (2, 4)), axis, trt.CumulativeOperation.SUM,
-                                       exclusive, reverse), "y")
+                                       False, False), "y")
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
-    n = 4
-    # y[j] sums x over 0..j (forward) or j..n-1 (reverse), without j itself when exclusive (ICumulativeLayer docs)
-    spans = [range(j + exclusive, n) if reverse else range(0, j + 1 - exclusive) for j in range(n)]
-    want = torch.stack([x[:, list(s)].sum(1) for s in spans], 1)
+    # y[j] sums x over 0..j (ICumulativeLayer docs)
+    want = torch.stack([x[:, : j + 1].sum(1) for j in range(4)], 1)
     assert torch.equal(net.run(x=x)["y"], want)
 
 
-# --------------------------------------------------------------------------------------------- attention, einsum
+# ------------------------------------------------------------------------------- what the network never defines
 
 
-def attention_network(dtype, mask_dtype=None, causal="NONE", heads=(4, 2), sq=5, skv=7, d=8, norm="SOFTMAX"):
-    net = Net()
-    q = net.input("q", dtype, (-1, heads[0], sq, d))
-    k = net.input("k", dtype, (-1, heads[1], skv, d))
-    v = net.input("v", dtype, (-1, heads[1], skv, d))
-    att = net.network.add_attention_v2(q, k, v, trt.AttentionNormalizationOp.__members__[norm],
-                                       trt.CausalMaskKind.__members__[causal])
-    att.decomposable = True
-    if mask_dtype is not None:
-        att.mask = net.input("mask", mask_dtype, (-1, 1, 1, skv))
-    net.out(att.get_output(0), "y")
-    return net
+def _elementwise_max(net, x):
+    return net.network.add_elementwise(x, x, EW.MAX)
 
 
-def reference_attention(q, k, v, add_mask):
-    """softmax(q k^T + mask) v on grouped heads, no 1/sqrt(d) scaling (IAttention leaves it to the caller)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, scale=1.0)
+def _unary_exp(net, x):
+    return net.network.add_unary(x, trt.UnaryOperation.EXP)
 
 
-def qkv(batch=2, heads=(4, 2), sq=5, skv=7, d=8):
-    return rand(batch, heads[0], sq, d), rand(batch, heads[1], skv, d, seed=1), rand(batch, heads[1], skv, d, seed=2)
+def _slice_wrap(net, x):
+    sl = net.network.add_slice(x, (0, 0), (2, 4), (1, 1))
+    sl.mode = trt.SampleMode.WRAP
+    return sl
 
 
-def test_attention_bool_key_padding_mask_and_gqa():
-    net = attention_network(trt.float32, trt.bool)
-    q, k, v = qkv()
-    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
-    keep[1, ..., 4:] = False  # True = may attend
-    want = reference_attention(q, k, v, torch.zeros(keep.shape).masked_fill(~keep, -math.inf))
-    close(net.run(q=q, k=k, v=v, mask=keep)["y"], want, tol=1e-5)
+def _gather_element(net, x):
+    return net.network.add_gather_v2(x, net.const(np.zeros((2, 4), np.int32)), trt.GatherMode.ELEMENT)
 
 
-def test_attention_additive_mask_in_fp16():
-    net = attention_network(trt.float16, trt.float16)
-    q, k, v = (t.half() for t in qkv())
-    bias = rand(2, 1, 1, 7, seed=3).half()
-    got = net.run(q=q, k=k, v=v, mask=bias)["y"]
-    assert got.dtype == torch.float16
-    want = reference_attention(q.float(), k.float(), v.float(), bias.float()).half()
-    close(got, want, tol=2e-3)
-    assert net.builds(**{n: ((1, *s), (2, *s), (2, *s)) for n, s in
-                         (("q", (4, 5, 8)), ("k", (2, 7, 8)), ("v", (2, 7, 8)), ("mask", (1, 1, 7)))})
+def _resize_linear(net, x):
+    rs = net.network.add_resize(x)
+    rs.set_input(1, net.i64([2, 8]))
+    rs.resize_mode = trt.InterpolationMode.LINEAR
+    return rs
 
 
-@pytest.mark.parametrize("causal", ["UPPER_LEFT", "LOWER_RIGHT"])
-def test_attention_causal_kinds(causal):
-    net = attention_network(trt.float32, causal=causal)
-    q, k, v = qkv()
-    rows, cols = torch.arange(5)[:, None], torch.arange(7)[None, :]
-    allowed = cols <= rows + (2 if causal == "LOWER_RIGHT" else 0)
-    want = reference_attention(q, k, v, torch.zeros(5, 7).masked_fill(~allowed, -math.inf))
-    close(net.run(q=q, k=k, v=v)["y"], want, tol=1e-5)
+def _cumulative_exclusive(net, x):
+    return net.network.add_cumulative(x, net.const(np.array(1, np.int32)), trt.CumulativeOperation.SUM, True, False)
 
 
-def test_attention_without_normalization():
-    net = attention_network(trt.float32, norm="NONE")
-    q, k, v = qkv()
-    got = net.run(q=q, k=k, v=v)["y"]
-    close(got, torch.einsum("bhqd,bhkd,bhke->bhqe", q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)), 1e-4)
+def _matmul_vector(net, x):
+    return net.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, net.const(np.ones(4, np.float32)),
+                                           trt.MatrixOperation.VECTOR)
 
 
-def test_einsum():
-    net = Net()
-    a, b = net.input("a", trt.float32, (2, 3, 4)), net.input("b", trt.float32, (2, 4, 5))
-    net.out(net.network.add_einsum([a, b], "bij,bjk->bik"), "y")
-    va, vb = rand(2, 3, 4), rand(2, 4, 5, seed=1)
-    close(net.run(a=va, b=vb)["y"], va @ vb, tol=1e-5)
+@pytest.mark.parametrize("make,message", [
+    (_elementwise_max, "elementwise operation MAX is not supported.*supported: SUM, PROD"),
+    (_unary_exp, "unary operation EXP is not supported"),
+    (_slice_wrap, "slice mode WRAP is not supported"),
+    (_gather_element, "gather mode ELEMENT is not supported"),
+    (_resize_linear, "resize .*LINEAR.* is not supported"),
+    (_cumulative_exclusive, "cumulative SUM .*exclusive=True.* is not supported"),
+    (_matmul_vector, "matrix operation VECTOR is not supported"),
+], ids=lambda v: getattr(v, "__name__", "")[1:])
+def test_operations_and_modes_the_network_never_defines_are_refused_by_name(make, message):
+    net = Net(valid=False)
+    net.out(make(net, net.input("x", trt.float32, (2, 4))), "y", layer_name="unused_mode")
+    net.rejects(f"'unused_mode': {message}", x=torch.ones(2, 4))
+
+
+def test_same_padding_convolution_is_refused_by_name():
+    net = Net(valid=False)
+    conv = net.network.add_convolution_nd(net.input("x", trt.float32, (1, 2, 5, 5)), 2, (3, 3),
+                                          trt.Weights(np.ones((2, 2, 3, 3), np.float32)), trt.Weights())
+    conv.padding_mode = trt.PaddingMode.SAME_UPPER
+    net.out(conv, "y", layer_name="same_conv")
+    net.rejects("'same_conv': padding mode SAME_UPPER is not supported", x=torch.ones(1, 2, 5, 5))
 
 
 # ------------------------------------------------------------------------------ plugins, errors, bookkeeping
@@ -760,7 +594,7 @@ def test_plugin_layers_are_evaluated_through_the_reference_map_in_their_declared
     single = types.SimpleNamespace(dtype=trt.float32)
     layer = types.SimpleNamespace(name="ln_plugin", get_input=lambda i: half if i == 0 else single, num_inputs=3,
                                   metadata=layer_norm.SPEC.metadata({"eps": 1e-5, "channels": 4}))
-    run = interpret._Run("cpu")
+    run = interpret._Run("cpu", trt)
     seen = []
     monkeypatch.setitem(ref_plugins.REFERENCES, "layer_norm", lambda ins, attrs: seen.append((ins, attrs)) or [ins[0]])
     x, gamma, beta = torch.randn(2, 4), torch.ones(4), torch.zeros(4)
@@ -787,8 +621,8 @@ def test_only_layers_that_outputs_need_are_evaluated():
     net = Net()
     x = net.input("x", trt.float32, (1, 4, 3, 3))
     net.network.add_lrn(x, 3, 1.0, 0.75, 1.0)  # a dead branch, as TensorRT would prune it
-    net.out(net.network.add_unary(x, trt.UnaryOperation.NEG), "y")
-    assert net.run(x=torch.ones(1, 4, 3, 3))["y"].sum().item() == -36.0
+    net.out(net.network.add_elementwise(x, x, EW.SUM), "y")
+    assert net.run(x=torch.ones(1, 4, 3, 3))["y"].sum().item() == 72.0
 
 
 def test_input_checks():
@@ -814,18 +648,18 @@ def test_input_checks():
 def test_intermediate_outputs_by_name_and_prefix():
     net = Net()
     x = net.input("x", trt.float32, (3,))
-    a = net.network.add_unary(x, trt.UnaryOperation.EXP).get_output(0)
-    a.name = "blk.0.exp"
-    b = net.network.add_unary(a, trt.UnaryOperation.LOG).get_output(0)
-    b.name = "blk.0.log"
+    a = net.network.add_unary(x, trt.UnaryOperation.SIN).get_output(0)
+    a.name = "blk.0.sin"
+    b = net.network.add_unary(a, trt.UnaryOperation.COS).get_output(0)
+    b.name = "blk.0.cos"
     net.out(net.network.add_elementwise(b, x, EW.SUB), "y")
     v = torch.tensor([0.5, 1.0, 2.0])
     got = net.run(x=v, outputs=["blk.0.*"])
-    assert sorted(got) == ["blk.0.exp", "blk.0.log", "y"]
-    assert torch.equal(got["blk.0.exp"], torch.exp(v))
-    with pytest.raises(InterpretError, match="no tensor named 'blk.0.lg'.*blk.0.log"):
-        net.run(x=v, outputs=["blk.0.lg"])
-    lenient = interpret_network(net.network, {"x": v}, outputs=["blk.0.lg"], missing_ok=True)
+    assert sorted(got) == ["blk.0.cos", "blk.0.sin", "y"]
+    assert torch.equal(got["blk.0.sin"], torch.sin(v))
+    with pytest.raises(InterpretError, match="no tensor named 'blk.0.co'.*blk.0.cos"):
+        net.run(x=v, outputs=["blk.0.co"])
+    lenient = interpret_network(net.network, {"x": v}, outputs=["blk.0.co"], missing_ok=True)
     assert sorted(lenient) == ["y"]
 
 
@@ -836,11 +670,13 @@ def test_intermediate_outputs_by_name_and_prefix():
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("this torch build has no CUDA")
-    net = attention_network(trt.float16, trt.bool)
-    q, k, v = (t.half() for t in qkv())
-    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
-    cpu = net.run(q=q, k=k, v=v, mask=mask)["y"]
-    gpu = interpret_network(net.network, {"q": q, "k": k, "v": v, "mask": mask}, device="cuda")["y"]
+    w = rand(4, 3, 3, 3, seed=1).half()
+    net = Net()
+    x = net.network.add_cast(net.input("x", trt.float32, (1, 3, 8, 8)), trt.float16).get_output(0)
+    net.out(net.network.add_convolution_nd(x, 4, (3, 3), trt.Weights(w.numpy()), trt.Weights()), "y")
+    vx = rand(1, 3, 8, 8)
+    cpu = net.run(x=vx)["y"]
+    gpu = interpret_network(net.network, {"x": vx}, device="cuda")["y"]
     assert gpu.device.type == "cuda"
     close(gpu.cpu(), cpu, tol=2e-3)
 

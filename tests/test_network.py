@@ -11,8 +11,6 @@ builds are marked slow.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import time
 
 import numpy as np
@@ -23,8 +21,10 @@ from core.backend import BackendError, get_backend
 from netdef.build import _creation_flags
 from core.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
-from netdef.network import BuildContext, NetworkConfigError, _masked_softmax, backend_of, define_network
+from core.backend import backend_of
+from netdef.network import BuildContext, NetworkConfigError, _masked_softmax
 
+from helpers import builder_tensors, define, small_config
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +33,6 @@ def rtx():
         return get_backend("tensorrt-rtx")
     except BackendError as e:
         pytest.skip(str(e))
-
-
-def small_config(variant: str = "r50_dc5", **changes) -> AnchorDETRConfig:
-    return dataclasses.replace(AnchorDETRConfig.from_variant(variant), enc_layers=2, dec_layers=2, **changes)
-
-
-@functools.cache
-def official_state_dict(cfg: AnchorDETRConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random peaked weights in the official layout (weights.random_state_dict)."""
-    from weights.random_init import random_state_dict
-
-    return random_state_dict(cfg, seed)
-
-
-@functools.cache
-def builder_tensors(cfg: AnchorDETRConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """official_state_dict in builder naming (BN folded, projections sliced), float32 numpy."""
-    from weights.naming import to_builder
-
-    return {k: v.numpy() for k, v in to_builder(official_state_dict(cfg, seed), cfg).items()}
-
-
-def define(trt, cfg: AnchorDETRConfig, tensors=None, **options):
-    """A network definition of AnchorDETR: (builder, network, keepalive), all three to keep referenced."""
-    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
-    network = builder.create_network(_creation_flags(backend_of(trt)))
-    keep = define_network(trt, network, cfg, builder_tensors(cfg) if tensors is None else tensors, **options)
-    return builder, network, keep
 
 
 def layers(network) -> list:

@@ -40,7 +40,7 @@ from netdef.functional import Net
 from reference.interpret import interpret_network
 from core.backend import backend_of
 from plugins import NAMES as PLUGIN_NAMES
-from test_network import builder_tensors, define, official_state_dict, small_config
+from helpers import builder_tensors, define, official_state_dict, small_config
 
 FP32_BLOCK, FP32_WHOLE, FP32_LOGITS = 2e-5, 1e-4, 1e-3
 FP16_BLOCK, FP16_WHOLE = 1.5e-2, 5e-2

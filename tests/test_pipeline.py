@@ -13,7 +13,7 @@ from PIL import Image
 
 from runtime.pipeline import PipelineStats, bounded, detect_stream
 from runtime.preprocess import ImageError
-from test_runtime_cli import NumpyDetector, solid  # tests/ is on sys.path (rootdir conftest)
+from helpers import NumpyDetector, solid
 
 
 def same(found, expected):
@@ -170,7 +170,7 @@ def torch_reference(tmp_path_factory):
     pytest.importorskip("torch")
     from runtime.torch_detector import TorchReference
     from core.config import AnchorDETRConfig
-    from test_build_cli import save_random_weights
+    from helpers import save_random_weights
 
     cfg = AnchorDETRConfig(dilation=False, enc_layers=1, dec_layers=1)  # r50_c5, one layer each: quick on CPU
     path = save_random_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors", cfg)

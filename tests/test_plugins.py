@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -55,17 +56,33 @@ def fresh_cache(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- NVRTC
 
+# PTX ISA that a CUDA 13.0 driver (R580) can load: the newest our AOT plugins may embed.
+MAX_PTX_VERSION = (9, 0)
+
+
+def ptx_version(ptx: bytes) -> tuple[int, int]:
+    """The `.version` directive of a PTX module, e.g. (9, 0)."""
+    found = re.search(rb"^\s*\.version\s+(\d+)\.(\d+)", ptx, re.MULTILINE)
+    assert found, "no .version directive in the PTX"
+    return int(found.group(1)), int(found.group(2))
+
+
+def ptx_entries(ptx: bytes) -> list[str]:
+    """Names of the kernels (`.entry`) a PTX module defines."""
+    return [m.decode() for m in re.findall(rb"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)", ptx)]
+
+
 
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_kernels_compile_to_loadable_ptx(spec, arch, fresh_cache):
     for name, defines in kernel_variants(spec):
         ptx = nvrtc.compile_kernel(spec.source, defines, arch)
-        assert name in nvrtc.ptx_entries(ptx)
+        assert name in ptx_entries(ptx)
         assert f".target sm_{arch}".encode() in ptx
         # An R580 (CUDA 13.0) driver loads PTX up to ISA 9.0; newer NVRTC emits newer PTX.
-        assert nvrtc.ptx_version(ptx) <= nvrtc.MAX_PTX_VERSION, (
-            f"NVRTC {cuda.nvrtc_version()} emits PTX {nvrtc.ptx_version(ptx)}: pin nvidia-cuda-nvrtc==13.0.*"
+        assert ptx_version(ptx) <= MAX_PTX_VERSION, (
+            f"NVRTC {cuda.nvrtc_version()} emits PTX {ptx_version(ptx)}: pin nvidia-cuda-nvrtc==13.0.*"
         )
 
 
@@ -118,7 +135,7 @@ def test_layer_norm_compiles_for_channels_that_do_not_fill_a_warp(channels, dtyp
     attrs = {"eps": 1e-5, "channels": channels}
     name, defines = layer_norm._kernel([dtype], attrs)
     assert channels % defines["VEC"] == 0
-    assert name in nvrtc.ptx_entries(nvrtc.compile_kernel("layer_norm.cu", defines, 90))
+    assert name in ptx_entries(nvrtc.compile_kernel("layer_norm.cu", defines, 90))
 
 
 def test_target_arch_picks_the_newest_supported_not_above_the_device():
@@ -413,10 +430,18 @@ def rtx():
     return trt, network
 
 
-def test_dtype_names_round_trip_on_real_tensorrt_types(rtx):
+def test_dtype_names_agree_with_tensorrt_numpy_and_torch(rtx):
+    """core.dtypes is the one table: its names are TensorRT's numpy types, sizes and torch types agree."""
+    from core.dtypes import DTYPES, element_size, trt_dtype_names
+    from reference.dtypes import TORCH_DTYPES
+
     trt, _ = rtx
-    for dtype, name in trt_glue.dtype_names(trt).items():
+    names = trt_dtype_names(trt)
+    assert sorted(names.values()) == sorted(DTYPES) == sorted(TORCH_DTYPES)
+    for dtype, name in names.items():
+        assert np.dtype(trt.nptype(dtype)).name == name
         assert trt_glue.to_trt_dtype(trt, name) == dtype
+        assert element_size(name) == np.dtype(trt.nptype(dtype)).itemsize == TORCH_DTYPES[name].itemsize
 
 
 def test_add_layer_on_tensorrt_rtx_names_the_backend_and_adds_nothing(rtx):

@@ -1,8 +1,9 @@
 """runtime.infer / runtime.bench command lines and the Detector logic they share, without a GPU.
 
-`NumpyDetector` stands in for the engine: it answers AnchorDETR's I/O from the pixels it receives (the label is
-the brightest channel of the valid region, the box its centre half), so the tests see whether the right pixels
-and masks reached the network and whether the boxes come back in each original image's coordinates.
+`NumpyDetector` (tests/helpers.py) stands in for the engine: it answers AnchorDETR's I/O from the pixels it
+receives (the label is the brightest channel of the valid region, the box its centre half), so the tests see
+whether the right pixels and masks reached the network and whether the boxes come back in each original image's
+coordinates.
 """
 
 from __future__ import annotations
@@ -19,51 +20,9 @@ from PIL import Image
 from core.sidecar import Profile
 from runtime import bench, infer
 from core.errors import BadInput
-from runtime.preprocess import MEAN, STD, ShapeError
-from runtime.runner import Detector
+from runtime.preprocess import ShapeError
 
-LABEL_OF_CHANNEL = (1, 3, 17)  # red -> person, green -> car, blue -> cat
-QUERIES = 10
-
-
-class NumpyDetector(Detector):
-    def __init__(self, profile=Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344)), engine_postprocess=False):
-        self.profile = profile
-        self.engine_postprocess = engine_postprocess
-        self.calls = []
-        self.closed = False
-
-    def infer(self, images, masks):
-        images, masks = self.fit_profile(images, masks)
-        self.calls.append((images.shape, masks.copy()))
-        batch = images.shape[0]
-        logits = np.full((batch, QUERIES, 91), -10.0, dtype=np.float32)
-        boxes = np.tile(np.float32([0.5, 0.5, 0.25, 0.25]), (batch, QUERIES, 1))
-        for b in range(batch):
-            valid = ~masks[b]
-            means = [(images[b, c][valid] * STD[c] + MEAN[c]).mean() for c in range(3)]
-            logits[b, 0, LABEL_OF_CHANNEL[int(np.argmax(means))]] = 4.0
-            boxes[b, 0] = (0.5, 0.5, 0.5, 0.5)
-        if not self.engine_postprocess:
-            return {"pred_logits": logits, "pred_boxes": boxes}
-        scores = 1 / (1 + np.exp(-logits.reshape(batch, -1)))
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :100]
-        cx, cy, w, h = np.moveaxis(np.take_along_axis(boxes, top[..., None] // 91, 1), -1, 0)
-        return {
-            "scores": np.take_along_axis(scores, top, 1).astype(np.float32),
-            "labels": (top % 91).astype(np.int32),
-            "boxes": np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1),
-        }
-
-    def close(self):
-        self.closed = True
-
-
-def solid(width, height, channel):
-    color = [30, 30, 30]
-    color[channel] = 220
-    return Image.new("RGB", (width, height), tuple(color))
-
+from helpers import NumpyDetector, solid
 
 @pytest.mark.parametrize("engine_postprocess", [False, True])
 def test_detect_labels_boxes_and_batches(engine_postprocess):

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from test_build_cli import SMALL_PROFILE, run_main, save_random_weights  # tests/ is on sys.path
+from helpers import SMALL_PROFILE, run_main, save_random_weights
 
 pytestmark = [pytest.mark.trt, pytest.mark.slow]
 
