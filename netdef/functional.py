@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from core.dtypes import DTYPES, trt_dtype_names
+
 # Masked logits: finite, so a fully masked row gives a uniform softmax instead of NaN, and far below
 # any real logit, so exp() of a masked entry is exactly 0 in float32 after max subtraction.
 MASK_FILL = -1e30
@@ -37,9 +39,7 @@ class NetworkDtypeError(TypeError):
 
 
 def _np_dtype(trt, dtype) -> type:
-    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32,
-             trt.int64: np.int64, trt.bool: np.bool_}
-    return table[dtype]
+    return DTYPES[trt_dtype_names(trt)[dtype]].type
 
 
 class Net:
