@@ -23,29 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from core.progress import print_table
-from core.cli import guarded
+from core.cli import guarded, hw, int_list, positive_float, positive_int
 from runtime.client import Client, RequestFailed
 from core.errors import BadInput
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(v) for v in text.split(",")]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of concurrencies >= 1, e.g. 1,4,16,64")
-    return levels
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 640x480") from None
-    if min(width, height) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 1")
-    return width, height
 
 
 def synthetic_jpeg(width: int, height: int) -> bytes:
@@ -102,30 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--image", type=Path, help="image file to send (default: a synthetic JPEG of --size)")
-    source.add_argument("--size", type=_size, default=(640, 480), metavar="WxH",
-                        help="synthetic JPEG size (default 640x480)")
-    p.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 64], metavar="C,...",
+    source.add_argument("--size", type=hw, default=(480, 640), metavar="HxW",
+                        help="synthetic JPEG size, height x width (default 480x640)")
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], metavar="C,...",
                    help="requests in flight, one level each (default 1,4,16,64)")
-    p.add_argument("--requests", type=int, default=128, metavar="N", help="requests per level (default 128)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--requests", type=positive_int, default=128, metavar="N", help="requests per level (default 128)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
                    help="seconds one request may take before it counts as failed (default 600: a deep queue on a "
                    "slow model is measured, not cut off)")
     p.add_argument("--warmup", type=int, default=4, metavar="N", help="untimed requests first (default 4)")
-    p.add_argument("--max-seconds", type=float, default=120.0, metavar="S",
+    p.add_argument("--max-seconds", type=positive_float, default=120.0, metavar="S",
                    help="stop a level after this many seconds (default 120)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.warmup < 0 or args.max_seconds <= 0 or args.timeout <= 0:
-        raise BadInput("--requests must be at least 1, --warmup at least 0, --max-seconds and --timeout more than 0")
+    if args.warmup < 0:
+        raise BadInput(f"--warmup {args.warmup}: must be at least 0")
     if args.image is not None:
         try:
             data = args.image.read_bytes()
         except OSError as exc:
             raise BadInput(f"--image {args.image}: cannot read ({exc.strerror or exc})") from None
     else:
-        data = synthetic_jpeg(*args.size)
+        data = synthetic_jpeg(*args.size[::-1])  # (width, height)
     client = Client(args.url, args.grpc, args.timeout)
     client.check_ready()
     for _ in range(args.warmup):

@@ -31,7 +31,7 @@ from core import cli
 from core.cli import positive_int
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
-from core.sidecar import OutputPathError, check_output_path, write_atomic
+from core.sidecar import check_output_path, write_atomic
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -56,11 +56,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 def check_outputs(*paths: tuple[str, str | Path]) -> None:
     """Refuse, before any work, (option, path) pairs that cannot be written (a folder, an unwritable folder)."""
-    try:
-        for what, path in paths:
-            check_output_path(path, what)
-    except OutputPathError as e:
-        raise EvalError(str(e)) from None
+    for what, path in paths:
+        check_output_path(path, what)  # an OutputPathError is a BadInput
 
 
 def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:

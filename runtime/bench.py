@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from core.progress import ProgressBar, format_seconds, print_table
-from core.sidecar import OutputPathError, check_output_path, write_atomic
+from core.sidecar import check_output_path, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorRuntimeError, BadInput, Unavailable
 
@@ -330,10 +330,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.warmup < 0:
         raise BadInput(f"--warmup {args.warmup} must be at least 0")
     if args.json is not None:
-        try:
-            check_output_path(args.json, "--json")
-        except OutputPathError as exc:
-            raise BadInput(str(exc)) from None
+        check_output_path(args.json, "--json")
     if args.torch_weights is not None and not args.torch_weights.is_file():
         raise BadInput(f"--torch-weights {args.torch_weights} not found")
     if args.engine is None and args.torch_weights is None:

@@ -7,7 +7,6 @@ the detections computed by the server. Needs tritonclient (the `serve` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.sidecar import OutputPathError, check_output_path, write_atomic
-from core.cli import guarded, parser
-from core.errors import EXIT_FAILED, BadInput, Unavailable
-from runtime.infer import coco_records, image_id, print_detections
+from core.sidecar import check_output_path
+from core.cli import guarded, parser, positive_float, positive_int, probability
+from core.errors import Unavailable
+from runtime.infer import coco_records, finish, image_id, print_detections
 
 MODEL_NAME = "anchor_detr"
 DEFAULT_URLS = {False: "localhost:8000", True: "localhost:8001"}
@@ -49,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
     p.add_argument("--url", help="server address host:port (default localhost:8000, or localhost:8001 with --grpc)")
     p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=probability, default=0.5,
                    help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="write COCO results [{image_id, category_id, bbox [x,y,w,h], score}] (image ids as runtime.infer)")
-    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for one answer (default 60)")
+    p.add_argument("--concurrency", type=positive_int, default=4, metavar="N", help="requests in flight at once (default 4)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, metavar="S", help="seconds to wait for one answer (default 60)")
     return p
 
 
@@ -128,15 +127,8 @@ class Client:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.concurrency < 1:
-        raise BadInput(f"--concurrency {args.concurrency}: must be at least 1")
-    if args.timeout <= 0:
-        raise BadInput(f"--timeout {args.timeout}: must be more than 0")
     if args.json is not None:
-        try:
-            check_output_path(args.json, "--json")
-        except OutputPathError as exc:
-            raise BadInput(str(exc)) from None
+        check_output_path(args.json, "--json")
     client = Client(args.url, args.grpc, args.timeout)
     client.check_ready()
 
@@ -160,15 +152,7 @@ def run(args: argparse.Namespace) -> int:
         print_detections(path, (width, height), found, args.threshold)
         total += len(found["scores"])
         records += coco_records(image_id(path, index), found)
-    if args.json is not None:
-        try:
-            write_atomic(args.json, json.dumps(records).encode())
-        except OSError as exc:
-            raise BadInput(f"cannot write {args.json} ({exc.strerror or exc}): choose a writable destination") from None
-    done = len(args.images) - len(failed)
-    print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
-          + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
-    return EXIT_FAILED if failed else 0
+    return finish(args.json, records, len(args.images), failed, total)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

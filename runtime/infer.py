@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from core.progress import ProgressBar, print_table
-from core.sidecar import OutputPathError, check_output_path, write_atomic
+from core.sidecar import check_output_path, write_atomic
 from runtime.coco_names import label_name
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
@@ -117,6 +117,16 @@ def _write(path: Path, write: Callable[[], object]) -> None:
         raise BadInput(f"cannot write {path} ({exc.strerror or exc}): choose a writable destination") from None
 
 
+def finish(json_path: Path | None, records: list[dict], count: int, failed: list[str], total: int) -> int:
+    """Write the COCO results (when asked for) and the closing line; the exit code (1 when images were skipped)."""
+    if json_path is not None:
+        _write(json_path, lambda: write_atomic(json_path, json.dumps(records).encode()))
+    done = count - len(failed)
+    print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
+          + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
+    return EXIT_FAILED if failed else 0
+
+
 def _readable(path: Path) -> bool:
     if path.is_file() and os.access(path, os.R_OK):
         return True
@@ -134,12 +144,9 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
         raise BadInput(f"none of the {len(args.images)} image file(s) can be read: name existing image files")
     used: set[str] = set()
     jobs = [(i, path, args.out / _output_name(path, used) if args.out else None) for i, path in readable]
-    try:
-        for what, target in [("--json", args.json)] + [("--out", t) for *_, t in jobs]:
-            if target is not None:
-                check_output_path(target, what)
-    except OutputPathError as exc:
-        raise BadInput(str(exc)) from None
+    for what, target in [("--json", args.json)] + [("--out", t) for *_, t in jobs]:
+        if target is not None:
+            check_output_path(target, what)  # an OutputPathError is a BadInput
     unreadable = sorted(set(range(len(args.images))) - {i for i, _ in readable})
     return jobs, [str(args.images[i]) for i in unreadable]
 
@@ -176,12 +183,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
     finally:
         runner.close()
-    if args.json is not None:
-        _write(args.json, lambda: write_atomic(args.json, json.dumps(records).encode()))
-    done = len(args.images) - len(failed)
-    print(f"\n{done} image{'s' * (done != 1)} processed, {total} detections"
-          + (f"; {len(failed)} skipped: {', '.join(failed)}" if failed else ""))
-    return EXIT_FAILED if failed else 0
+    return finish(args.json, records, len(args.images), failed, total)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from core.sidecar import MIN_SIDE
-from core.cli import guarded, hw, parser
+from core.cli import guarded, hw, parser, positive_int
 from core.errors import BadInput, Unavailable
 from runtime.preprocess import pad_batch, preprocess_image, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
@@ -85,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--instances", type=int, default=1, metavar="N",
+    p.add_argument("--instances", type=positive_int, default=1, metavar="N",
                    help="model instances (each its own execution context and stream on one shared engine; default 1)")
-    p.add_argument("--max-batch", type=int, metavar="B",
+    p.add_argument("--max-batch", type=positive_int, metavar="B",
                    help=f"largest batch Triton forms (default: the engine profile's maximum; {DEFAULT_TORCH_BATCH} "
                    "for --torch-weights)")
     p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
                    help="how long a request may wait for others to fill a batch, microseconds (default 1000)")
-    p.add_argument("--max-pixels", type=int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
+    p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
                    help="refuse images with more pixels than this before decoding them (default: Pillow's "
                    f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (boxes refer to stored pixels)")
@@ -247,10 +247,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a port number 1-65535")
     if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
         raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
-    for name, least in (("instances", 1), ("max_batch", 1), ("max_queue_delay_us", 0), ("max_pixels", 1)):
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise BadInput(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if args.max_queue_delay_us < 0:
+        raise BadInput(f"--max-queue-delay-us {args.max_queue_delay_us}: must be at least 0")
     if args.device is not None and args.torch_weights is None:
         raise BadInput("--device applies to --torch-weights only (an engine runs on GPU 0)")
     if args.max_size is not None and args.torch_weights is None:

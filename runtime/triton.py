@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.sidecar import OutputPathError, Profile, SidecarError, check_output_path, load_sidecar, write_atomic
-from core.cli import guarded, parser
+from core.cli import guarded, parser, positive_int
 from core.errors import BadInput
 from runtime.runner import require_file
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--engine", type=Path, required=True, help="engine file with its sidecar <engine>.json beside it")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="REPO", help="model repository folder")
-    p.add_argument("--instances", type=int, default=1, metavar="N", help="execution instances per GPU (default 1)")
+    p.add_argument("--instances", type=positive_int, default=1, metavar="N", help="execution instances per GPU (default 1)")
     p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
                    help="how long Triton may hold a request to fill a batch, microseconds (default 1000)")
     return p

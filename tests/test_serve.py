@@ -142,11 +142,13 @@ def test_serve_without_pytriton_is_one_line_exit_3(tmp_path, monkeypatch, capsys
 def test_serve_bad_arguments_are_exit_2(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     assert serve.main(["--torch-weights", str(weights), "--http-port", "8001"]) == 2  # same as --grpc-port
-    assert serve.main(["--torch-weights", str(weights), "--instances", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it while parsing
+        serve.main(["--torch-weights", str(weights), "--instances", "0"])
+    assert exit_.value.code == 2
     assert serve.main(["--engine", str(weights), "--max-size", "64x96"]) == 2
     assert serve.main(["--engine", str(tmp_path / "missing.plan")]) == 2  # before PyTriton is even looked for
-    assert all(line.startswith("python -m runtime.serve: error: ")
-               for line in capsys.readouterr().err.strip().splitlines())
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]  # not argparse's usage
+    assert len(err) == 4 and all(line.startswith("python -m runtime.serve: error: ") for line in err), err
 
 
 # ---- a real server --------------------------------------------------------------------------------------------
@@ -372,11 +374,16 @@ def test_serve_load_and_client_bad_arguments(capsys):
     from benchmarks import serve_load
     from runtime import client as client_cli
 
-    assert serve_load.main(["--requests", "0"]) == 2
-    assert client_cli.main(["a.jpg", "--concurrency", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("python -m benchmarks.serve_load: error: ") and len(err) == 2
-    assert err[1].startswith("python -m runtime.client: error: ")
+    for main, args in ((serve_load.main, ["--requests", "0"]), (client_cli.main, ["a.jpg", "--concurrency", "0"]),
+                       (client_cli.main, ["a.jpg", "--threshold", "1.5"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2
+    assert serve_load.main(["--warmup", "-1"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
+    assert [line.split(": error: ")[0] for line in err] == [
+        "python -m benchmarks.serve_load", "python -m runtime.client", "python -m runtime.client",
+        "python -m benchmarks.serve_load"]
 
 
 @pytest.mark.slow
