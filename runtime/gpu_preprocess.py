@@ -122,6 +122,22 @@ def output_size(in_h: int, in_w: int, max_hw: tuple[int, int] | None) -> tuple[i
     return fit_within(height, width, max_hw) if max_hw is not None else (height, width)
 
 
+def stage(rgb: np.ndarray, max_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int, tuple]:
+    """What one batch slot uploads: the uint8 bytes (pixels, then the x and y tables at 4-byte aligned offsets), the
+    two tables' byte offsets, and the rest of its `Slot` (in_w, out_h, out_w, kx, ky, vertical_first)."""
+    in_h, in_w = rgb.shape[:2]
+    out_h, out_w = output_size(in_h, in_w, max_hw)
+    xtab, ytab = bilinear_coefficients(in_w, out_w), bilinear_coefficients(in_h, out_h)
+    x_at = (rgb.nbytes + 3) & ~3
+    y_at = x_at + xtab.nbytes
+    staged = np.zeros(y_at + ytab.nbytes, dtype=np.uint8)
+    staged[: rgb.nbytes] = np.ascontiguousarray(rgb).reshape(-1)
+    staged[x_at:y_at] = xtab.view(np.uint8).reshape(-1)
+    staged[y_at:] = ytab.view(np.uint8).reshape(-1)
+    fields = (in_w, out_h, out_w, xtab.shape[1] - 2, ytab.shape[1] - 2, vertical_first(in_h, in_w, out_h, out_w))
+    return staged, x_at, y_at, fields
+
+
 class GpuPreprocessor:
     """Device-side evaluation transform for batches of up to `max_batch` images on one CUDA stream.
 
@@ -173,24 +189,16 @@ class GpuPreprocessor:
             raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
             raise ValueError(f"expected a non-empty (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
-        in_h, in_w = rgb.shape[:2]
-        out_h, out_w = output_size(in_h, in_w, self.max_hw)
-        xtab, ytab = bilinear_coefficients(in_w, out_w), bilinear_coefficients(in_h, out_h)
-        # One staging area per slot: pixels, then the two tables at 4-byte aligned offsets.
-        x_at = (rgb.nbytes + 3) & ~3
-        y_at = x_at + xtab.nbytes
-        pinned, dev, _ = self._buffers(slot, y_at + ytab.nbytes)
+        staged, x_at, y_at, fields = stage(rgb, self.max_hw)
+        pinned, dev, _ = self._buffers(slot, staged.nbytes)
         if self._copied[slot] is not None:
             self._copied[slot].sync()  # the previous copy out of this pinned buffer must be done
-        host = _host_view(pinned, y_at + ytab.nbytes)
-        host[: rgb.nbytes] = np.ascontiguousarray(rgb).reshape(-1)
-        host[x_at:y_at] = xtab.view(np.uint8).reshape(-1)
-        host[y_at:] = ytab.view(np.uint8).reshape(-1)
+        _host_view(pinned, staged.nbytes)[:] = staged
         dev.copy_from(pinned, stream=self.stream)
         self._copied[slot] = self.stream.record()
         base = int(dev.handle)
-        self._slots[slot] = (base, base + x_at, base + y_at, in_w, out_h, out_w,
-                             xtab.shape[1] - 2, ytab.shape[1] - 2, vertical_first(in_h, in_w, out_h, out_w))
+        self._slots[slot] = (base, base + x_at, base + y_at, *fields)
+        out_h, out_w = fields[1], fields[2]
         self.sizes[slot] = (out_h, out_w)
         return out_h, out_w
 

@@ -1,0 +1,127 @@
+"""The GPU preprocessing kernel's source, compiled for the CPU and run against the CPU path.
+
+`runtime/preprocess.cu` is plain C++ apart from a few CUDA names. Compiled with g++ behind a small shim
+(thread and block indices as globals, a loop over the grid, IEEE-rounded float division and subtraction as the
+plain operators, no FMA contraction), it runs with the exact `Slot` records and staged bytes that
+`GpuPreprocessor.upload` sends to the device (`runtime.gpu_preprocess.stage`). This proves the kernel's integer
+resample, normalisation, padding, masks and slot indexing against `runtime.preprocess.preprocess_batch` on any
+machine with a C++ compiler; only the CUDA launch and memory transfers are left to the `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from plugins.nvrtc import format_define
+from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, SLOT_DTYPE, stage
+from runtime.preprocess import MEAN, STD, preprocess_batch
+
+CXX = shutil.which("g++") or shutil.which("c++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++) to build the kernel for the CPU")
+
+SHIM = r"""
+#include <algorithm>
+#include <cstddef>
+using std::max;
+using std::min;
+struct Index3 { unsigned x, y, z; };
+static Index3 blockIdx, blockDim, threadIdx;
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __restrict__
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+"""
+
+DRIVER = r"""
+extern "C" void run_grid(const Slot* slots, float* images, bool* masks, int batch, int height, int width) {
+    blockDim = {BLOCK_X, BLOCK_Y, 1};
+    for (unsigned z = 0; z < (unsigned)batch; ++z)
+        for (unsigned by = 0; by < (height + BLOCK_Y - 1) / BLOCK_Y; ++by)
+            for (unsigned bx = 0; bx < (width + BLOCK_X - 1) / BLOCK_X; ++bx)
+                for (unsigned ty = 0; ty < BLOCK_Y; ++ty)
+                    for (unsigned tx = 0; tx < BLOCK_X; ++tx) {
+                        blockIdx = {bx, by, z};
+                        threadIdx = {tx, ty, 0};
+                        preprocess_batch(slots, images, masks, height, width);
+                    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kernel")
+    source = folder / "preprocess_cpu.cpp"
+    source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
+    defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
+    defines |= {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
+    library = folder / "preprocess_cpu.so"
+    subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+                    *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],
+                   check=True, capture_output=True, timeout=120)
+    run = ctypes.CDLL(str(library)).run_grid
+    run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return run
+
+
+def kernel_batch(run, images: list[np.ndarray], height: int, width: int, max_hw=None):
+    """The kernel's (images, masks) for uint8 RGB arrays, through the same staging as GpuPreprocessor.upload."""
+    slots = np.zeros(len(images), dtype=SLOT_DTYPE)
+    staged_all = []
+    for i, rgb in enumerate(images):
+        staged, x_at, y_at, fields = stage(rgb, max_hw)
+        staged_all.append(staged)  # kept alive: the slots hold raw pointers into it
+        base = staged.ctypes.data
+        slots[i] = (base, base + x_at, base + y_at, *fields)
+    out = np.full((len(images), 3, height, width), np.nan, dtype=np.float32)  # the kernel must write every value
+    masks = np.zeros((len(images), height, width), dtype=bool)
+    run(slots.ctypes.data, out.ctypes.data, masks.ctypes.data, len(images), height, width)
+    return out, masks
+
+
+def random_rgb(rng, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# Upscales, antialiased downscales (both pass orders), one-pixel sides and extreme aspect ratios.
+AWKWARD = [(480, 640), (600, 800), (1200, 900), (3000, 2000), (1, 1), (1, 37), (29, 1), (3000, 10), (10, 3000),
+           (2, 900), (1700, 1500), (333, 501)]
+
+
+@pytest.mark.parametrize("size", AWKWARD, ids=[f"{h}x{w}" for h, w in AWKWARD])
+def test_kernel_equals_the_cpu_path(kernel, size):
+    rgb = random_rgb(np.random.default_rng(sum(size)), *size)
+    expected, expected_masks, sizes = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
+    got, masks = kernel_batch(kernel, [rgb], *expected.shape[2:], max_hw=(1344, 1344))
+    differ = np.count_nonzero(got != expected)
+    assert differ == 0, f"{differ} values differ, largest by {np.nanmax(np.abs(got - expected))}"
+    np.testing.assert_array_equal(masks, expected_masks)
+
+
+def test_kernel_batch_slots_padding_and_profile_minimum(kernel):
+    rng = np.random.default_rng(7)
+    images = [random_rgb(rng, h, w) for h, w in [(48, 64), (70, 31), (2, 900), (300, 200)]]
+    expected, expected_masks, _ = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
+                                                   min_hw=(1400, 1344), max_hw=(1344, 1344))
+    got, masks = kernel_batch(kernel, images, *expected.shape[2:], max_hw=(1344, 1344))
+    np.testing.assert_array_equal(got, expected)  # padding is exactly 0.0 and each image sits in its own slot
+    np.testing.assert_array_equal(masks, expected_masks)
+    assert masks[:, -1, -1].all() and not masks[:, 0, 0].any()
+
+
+def test_kernel_on_random_sizes(kernel):
+    rng = np.random.default_rng(11)
+    for _ in range(12):
+        h, w = int(rng.integers(1, 700)), int(rng.integers(1, 700))
+        rgb = random_rgb(rng, h, w)
+        expected, expected_masks, _ = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
+        got, masks = kernel_batch(kernel, [rgb], *expected.shape[2:], max_hw=(1344, 1344))
+        assert np.array_equal(got, expected) and np.array_equal(masks, expected_masks), (h, w)
