@@ -27,7 +27,7 @@ import numpy as np
 
 from core.sidecar import Profile, write_atomic
 from runtime.bench import synthetic_images
-from core.errors import AnchorRuntimeError
+from core.errors import AnchorError
 from runtime.pipeline import PipelineStats, detect_stream
 from runtime.runner import Detector
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
             paths = synthetic_images(Path(folder), args.images)
             summary = measure(detector, paths, args.batch, args.workers, args.in_flight)
-    except AnchorRuntimeError as exc:
+    except AnchorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -78,10 +78,6 @@ class Backend:
                 f"--extra-index-url {NVIDIA_INDEX}, or pip install 'numpy<2.4' with TensorRT >= 10.9, "
                 "or build with --plugins none")
 
-    @property
-    def has_plugins(self) -> bool:
-        return self.plugin_problem() is None
-
 
 def backend_of(trt: ModuleType) -> Backend:
     """The Backend of a TensorRT module (network and plugin code are handed the module, not the Backend)."""

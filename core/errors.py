@@ -20,10 +20,6 @@ class AnchorError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
-# The runtime has always raised and caught this name (runtime/runner.py); it is the same class.
-AnchorRuntimeError = AnchorError
-
-
 class BadInput(AnchorError):
     """Something the user gave is wrong: a missing engine or sidecar, mismatched weights, an image too large."""
 

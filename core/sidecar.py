@@ -229,7 +229,8 @@ def check_sidecar(
     if sidecar["backend"] == "tensorrt" and built_cc and running_cc and built_cc != running_cc:
         gpu = sidecar["gpu"].get("name", "another GPU")
         problems.append(f"engine was built for {gpu} (compute capability {built_cc}), this GPU is {running_cc}")
-    if weights_sha256 is not None:
-        problems += filter(None, [weights_problem(sidecar, weights_sha256)])
+    mismatch = weights_problem(sidecar, weights_sha256) if weights_sha256 is not None else None
+    if mismatch:
+        problems.append(mismatch)
     if problems:
         raise SidecarError("engine does not match: " + "; ".join(problems) + f"; {REBUILD_HINT}")

@@ -166,8 +166,6 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
 
 
 def run_dataset(args) -> int:
-    from core.errors import AnchorRuntimeError
-
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
     from eval.models import EngineModel
@@ -182,8 +180,6 @@ def run_dataset(args) -> int:
     try:
         models = open_models(args)
         results, seconds = run_models(models, image_ids, paths, args.batch, args.workers)
-    except AnchorRuntimeError as e:
-        raise EvalError(str(e), e.exit_code) from None
     finally:
         for model in models:
             model.close()

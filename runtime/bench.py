@@ -21,7 +21,7 @@ import numpy as np
 from core.progress import ProgressBar, format_seconds, print_table
 from core.sidecar import check_output_path, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
-from core.errors import AnchorRuntimeError, BadInput, Unavailable
+from core.errors import AnchorError, BadInput
 
 TORCH_MODES = {
     "fp32": "eager FP32 (TF32 off)",
@@ -127,21 +127,12 @@ def _torch_mode(torch, model, mode: str) -> Callable:
 
 
 def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
-    try:
-        import torch  # lazily: the runtime needs torch only for --torch-weights
-    except ImportError:
-        raise Unavailable("--torch-weights needs PyTorch: pip install torch") from None
-    import weights
-    from reference.torch_model import AnchorDETR
+    from runtime.torch_detector import TorchReference  # imports torch: only for --torch-weights
 
-    device = torch.device(args.torch_device)
+    reference = TorchReference(args.torch_weights, args.torch_device, "--torch-device")
+    torch, model = reference.torch, reference.model
+    device = torch.device(reference.device)
     on_gpu = device.type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise Unavailable("--torch-weights: PyTorch sees no CUDA GPU here; use --torch-device cpu to measure the CPU")
-    try:
-        model = AnchorDETR.from_safetensors(args.torch_weights, device=device).eval()
-    except weights.WeightsError as exc:
-        raise BadInput(f"--torch-weights: {exc}") from None
     # One compiled graph per static shape: keep dynamo from falling back to eager when there are many.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(configs))
     for mode in args.torch_modes:
@@ -241,7 +232,7 @@ def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[
     if args.torch_weights is not None:
         from runtime.torch_detector import TorchReference
 
-        reference = TorchReference(args.torch_weights, args.torch_device)
+        reference = TorchReference(args.torch_weights, args.torch_device, "--torch-device")
         for batch in batches:
             yield pipeline_row(f"torch {reference.device}", reference, paths, batch, args)
 
@@ -280,7 +271,7 @@ def device_name(args: argparse.Namespace) -> str:
 
         device = cuda.init()
         return f"{device.name} (compute capability {device.compute_capability})"
-    except AnchorRuntimeError:
+    except AnchorError:
         return f"CPU ({platform.processor() or platform.machine()})"
 
 

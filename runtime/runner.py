@@ -33,7 +33,7 @@ from core.sidecar import (
     REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar, weights_problem,
 )
 from core import cuda
-from core.errors import AnchorRuntimeError, BadInput, Unavailable
+from core.errors import AnchorError, BadInput, Unavailable
 from runtime.postprocess import from_engine_outputs, postprocess
 from runtime.preprocess import ShapeError, preprocess_batch, to_rgb
 
@@ -359,12 +359,12 @@ class EngineRunner(Detector):
 
     def _enqueue(self, context: Any) -> None:
         if not context.execute_async_v3(self.stream.handle):
-            raise AnchorRuntimeError(f"TensorRT execute_async_v3 failed: {self.engine._logger.last_error}")
+            raise AnchorError(f"TensorRT execute_async_v3 failed: {self.engine._logger.last_error}")
 
     def _capture(self, shape: tuple[int, int, int], context: Any) -> None:
         try:
             graph = cuda.Graph(self.stream, lambda: self._enqueue(context))
-        except AnchorRuntimeError as exc:
+        except AnchorError as exc:
             self.graph_failures[shape] = str(exc)  # the context is dropped; the shape runs on the plain one
             return
         if len(self._graphs) >= self.MAX_GRAPHS:
@@ -378,7 +378,7 @@ class EngineRunner(Detector):
         Sizes below the profile minimum are padded (masked); outputs keep the caller's batch size.
         """
         if self.context is None:
-            raise AnchorRuntimeError("this EngineRunner is closed: create a new one")
+            raise AnchorError("this EngineRunner is closed: create a new one")
         started = time.perf_counter()
         batch = images.shape[0]
         images, masks = self.fit_profile(np.asarray(images), np.asarray(masks))
@@ -402,7 +402,7 @@ class EngineRunner(Detector):
         C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside the profile; the
         outputs keep the first `batch` images (default all B)."""
         if self.context is None:
-            raise AnchorRuntimeError("this EngineRunner is closed: create a new one")
+            raise AnchorError("this EngineRunner is closed: create a new one")
         (min_b, min_h, min_w), (max_b, max_h, max_w) = self.profile.min, self.profile.max
         if not (min_b <= shape[0] <= max_b and min_h <= shape[1] <= max_h and min_w <= shape[2] <= max_w):
             raise ShapeError(f"shape {shape} is outside the engine profile ({self.profile})")

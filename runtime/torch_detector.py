@@ -20,7 +20,8 @@ class TorchReference(Detector):
     # instance to scale large images down, as an engine profile would).
     min_hw = max_hw = max_batch = None
 
-    def __init__(self, weights_path: str | Path, device: str | None = None) -> None:
+    def __init__(self, weights_path: str | Path, device: str | None = None, device_option: str = "--device") -> None:
+        """`device_option`: the command-line option that chose `device`, for the error that names the fix."""
         try:
             import torch
         except ImportError:
@@ -31,7 +32,7 @@ class TorchReference(Detector):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
-            raise Unavailable("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
+            raise Unavailable(f"{device_option} cuda: PyTorch sees no CUDA GPU here; use {device_option} cpu")
         try:
             self.model = AnchorDETR.from_safetensors(weights_path, device=device)
         except weights.WeightsError as e:

@@ -93,7 +93,7 @@ def test_parse_plugins():
 
 def test_plugins_on_a_backend_without_plugin_layers_name_the_backend(backend):
     check_plugins(backend, frozenset())
-    if backend.has_plugins:
+    if backend.plugin_problem() is None:
         check_plugins(backend, frozenset(PLUGIN_NAMES))
     else:
         with pytest.raises(BackendError, match=f"{backend.name} .*has no plugin layers.*--plugins none"):
@@ -329,7 +329,7 @@ def test_unavailable_backend_is_exit_3_naming_the_extra(cli, tmp_path, capsys):
 
 
 def test_plugins_without_plugin_layers_is_exit_3(backend, tmp_path, capsys):
-    if backend.has_plugins:
+    if backend.plugin_problem() is None:
         pytest.skip(f"{backend.name} has plugin layers")
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")

@@ -16,7 +16,7 @@ from PIL import Image
 from core.backend import Backend
 from core.sidecar import SidecarError, check_sidecar, load_sidecar, write_sidecar
 from core import cuda
-from core.errors import AnchorRuntimeError, BadInput, Unavailable
+from core.errors import AnchorError, BadInput, Unavailable
 from runtime.runner import INPUTS, Engine, EngineRunner
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -428,7 +428,7 @@ def test_plain_enqueue_uses_one_context_and_failed_captures_stay_plain(cpu_runne
         assert len(runner.engine.trt_engine.contexts) == 1
 
     def failing(stream, enqueue):
-        raise AnchorRuntimeError("TensorRT execute_async_v3 failed: capture refused")
+        raise AnchorError("TensorRT execute_async_v3 failed: capture refused")
 
     monkeypatch.setattr(cuda, "Graph", failing)
     with cpu_runner(cuda_graphs=True) as runner:
