@@ -68,10 +68,16 @@ def check_activation_size(cfg, profile: Profile) -> None:
         )
 
 
-def profile_warnings(logger) -> list[str]:
-    """TensorRT's warnings about the optimization profile: it corrects or ignores such a profile instead of
-    failing, so the engine would not accept the shapes the sidecar promises."""
-    return [w for w in getattr(logger, "warnings", ()) if "profile" in w.lower() or "not self-consistent" in w]
+PROFILE_WARNING = ("TensorRT does not take the optimization profile as given ({}): fix --min/--opt/--max HxW and "
+                   "--batch MIN,OPT,MAX; no engine written")
+
+
+def check_profile_warnings(logger) -> None:
+    """BadInput when TensorRT warned about the optimization profile: it corrects or ignores such a profile instead
+    of failing, so the engine would not accept the shapes the sidecar promises."""
+    said = [w for w in getattr(logger, "warnings", ()) if "profile" in w.lower() or "not self-consistent" in w]
+    if said:
+        raise BadInput(PROFILE_WARNING.format(" | ".join(said)))
 
 
 def parse_plugins(text: str) -> frozenset[str]:
@@ -427,9 +433,6 @@ def print_summary(summary: dict[str, Any], verbose: bool = False) -> None:
     ], headers=("build", "value"))
 
 
-PROFILE_WARNING = ("TensorRT does not take the optimization profile as given ({}): fix --min/--opt/--max HxW and "
-                   "--batch MIN,OPT,MAX; no engine written")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
@@ -485,15 +488,13 @@ def run(args: argparse.Namespace) -> int:
             )
     except NetworkConfigError as e:
         raise BadInput(str(e)) from None
-    if profile_warnings(logger):
-        raise BadInput(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))))
+    check_profile_warnings(logger)
     start = time.monotonic()
     with bar if bar is not None else Spinner("building engine"):
         plan = build_serialized(builder, network, config, logger)
     build_seconds = time.monotonic() - start
     del keepalive  # the plan holds its own copy of the weights now
-    if profile_warnings(logger):
-        raise BadInput(PROFILE_WARNING.format(" | ".join(profile_warnings(logger))))
+    check_profile_warnings(logger)
 
     inputs, outputs = describe_io(trt, network)
     sidecar = {

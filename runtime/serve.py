@@ -30,7 +30,7 @@ from PIL import Image
 from core.sidecar import MIN_SIDE
 from core.cli import guarded, hw, parser, positive_int
 from core.errors import BadInput, Unavailable
-from runtime.preprocess import pad_batch, preprocess_image, to_rgb
+from runtime.preprocess import preprocess_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
 
 MODEL_NAME = "anchor_detr"
@@ -177,8 +177,8 @@ class HostPreprocess:
 
     def batch(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         # Images the official resize makes larger than the profile are scaled to fit, as runtime.infer does.
-        arrays = [preprocess_image(image, exif=False, max_hw=self.max_hw) for image in images]
-        return pad_batch(arrays, self.min_hw, self.max_hw)
+        batch, masks, _ = preprocess_batch(images, exif=False, min_hw=self.min_hw, max_hw=self.max_hw)
+        return batch, masks
 
 
 def _threshold(request: Any, row: int) -> float:
