@@ -80,38 +80,35 @@ def bench_cpu(batch: int, repeat: int) -> dict:
 
 
 def bench_gpu(iterations: int = 500) -> dict:
-    from cuda.core import Device, EventOptions
-
+    from core import cuda
     from runtime.gpu_preprocess import GpuPreprocessor
 
-    device = Device()
-    device.set_current()
-    gpu = GpuPreprocessor(max_batch=8, max_hw=(1344, 1344), device=device)
+    device = cuda.init()
     arrays = [np.asarray(image) for image in test_images(8)]
-    timing = EventOptions(timing_enabled=True)
     results = {}
-    for batch in (1, 8):
-        for slot in range(batch):
-            gpu.upload(slot, arrays[slot])
-        shape = (batch, 800, 1066)
-        out = device.allocate(batch * 800 * 1066 * 13, stream=gpu.stream)  # 12 bytes of images + 1 of mask per pixel
-        images_ptr, masks_ptr = int(out.handle), int(out.handle) + batch * 800 * 1066 * 12
-        for with_upload in (False, True):
-            def step():
-                if with_upload:
-                    for slot in range(batch):
-                        gpu.upload(slot, arrays[slot])
-                gpu.run(images_ptr, masks_ptr, shape)
+    with GpuPreprocessor(max_batch=8, max_hw=(1344, 1344)) as gpu, cuda.Event() as start, cuda.Event() as end:
+        for batch in (1, 8):
+            for slot in range(batch):
+                gpu.upload(slot, arrays[slot])
+            shape = (batch, 800, 1066)
+            with cuda.DeviceBuffer(batch * 800 * 1066 * 13) as out:  # 12 bytes of images + 1 of mask per pixel
+                images_ptr, masks_ptr = out.ptr, out.ptr + batch * 800 * 1066 * 12
+                for with_upload in (False, True):
+                    def step():
+                        if with_upload:
+                            for slot in range(batch):
+                                gpu.upload(slot, arrays[slot])
+                        gpu.run(images_ptr, masks_ptr, shape)
 
-            for _ in range(20):
-                step()
-            start = gpu.stream.record(options=timing)
-            for _ in range(iterations):
-                step()
-            end = gpu.stream.record(options=timing)
-            end.sync()
-            key = f"batch{batch}_{'upload_and_kernel' if with_upload else 'kernel'}_us_per_image"
-            results[key] = round((end - start) * 1e3 / iterations / batch, 2)
+                    for _ in range(20):
+                        step()
+                    start.record(gpu.stream)
+                    for _ in range(iterations):
+                        step()
+                    end.record(gpu.stream)
+                    end.synchronize()
+                    key = f"batch{batch}_{'upload_and_kernel' if with_upload else 'kernel'}_us_per_image"
+                    results[key] = round(cuda.Event.elapsed_ms(start, end) * 1e3 / iterations / batch, 2)
     results["device"] = device.name
     return results
 

@@ -11,13 +11,12 @@ those uint8 values. `bilinear_coefficients` builds the fixed-point tables on the
 `pillow_bilinear` is a NumPy implementation of the two passes that equals `Image.resize` bit for bit; the kernel
 uses the same tables, so its output equals the CPU path's.
 
-CUDA is reached through cuda.core (device, stream, memory) and core.cuda (kernel loading and launch); the kernel
-is compiled (and cached on disk) by plugins.nvrtc.
+CUDA is reached through core.cuda (device, stream, events, pinned and device memory, kernel loading and launch);
+the kernel is compiled (and cached on disk) by plugins.nvrtc.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -139,48 +138,52 @@ def stage(rgb: np.ndarray, max_hw: tuple[int, int] | None = None) -> tuple[np.nd
 
 
 class GpuPreprocessor:
-    """Device-side evaluation transform for batches of up to `max_batch` images on one CUDA stream.
+    """Device-side evaluation transform for batches of up to `max_batch` images on one CUDA stream (core.cuda).
 
     `upload(slot, rgb)` stages one decoded (H, W, 3) uint8 image and queues its copy; `run(images_ptr, masks_ptr,
     (B, Hp, Wp))` queues the kernel that fills slots 0..B-1 of the float32 images and bool masks buffers (device
-    pointers, C-contiguous). Both only enqueue work on `stream`; synchronise it (or record an event) before the
-    host reads the outputs. `sizes[slot]` is the (height, width) the image was resized to, for post-processing.
+    pointers, C-contiguous). Both only enqueue work on `stream`: give it the stream of the engine runner that reads
+    the buffers and no synchronisation is needed in between; the host synchronises it before reading them.
+    `sizes[slot]` is the (height, width) the image was resized to, for post-processing. Runs on the device current
+    when it is made.
     """
 
-    def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, device=None, stream=None):
-        from cuda.core import Device, LegacyPinnedMemoryResource
-
+    def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, stream=None):
         from core import cuda
         from plugins.nvrtc import compile_kernel
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.device = device if device is not None else Device()
-        self.device.set_current()
-        self.stream = stream if stream is not None else self.device.create_stream()
+        self._cuda = cuda
+        self.device = cuda.current_device()
+        self._own_stream = stream is None
+        self.stream = cuda.Stream() if stream is None else stream
         self.max_batch, self.max_hw = max_batch, max_hw
-        major, minor = self.device.compute_capability
         defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
         # plugins.nvrtc joins its own folder with the source name; an absolute path joins to itself.
-        cubin = compile_kernel(str(KERNEL_SOURCE), defines, major * 10 + minor, kind="cubin")
+        cubin = compile_kernel(str(KERNEL_SOURCE), defines, self.device.arch, kind="cubin")
         self._kernel = cuda.load_kernel(cubin, "cubin", "preprocess_batch")
-        self._pinned_mr = LegacyPinnedMemoryResource()
-        self._staging = [None] * max_batch  # per slot: (pinned Buffer, device Buffer, capacity)
-        self._copied = [None] * max_batch  # per slot: event after its last copy, before its pinned buffer is reused
+        self._staging: list = [None] * max_batch  # per slot: (pinned buffer, device buffer), both uint8
+        # Per slot: an event recorded after its last copy, waited for before its pinned buffer is written again.
+        self._copied = [cuda.Event() for _ in range(max_batch)]
+        self._pending = [False] * max_batch
         self._slots = np.zeros(max_batch, dtype=SLOT_DTYPE)
-        self._slots_host = self._pinned_mr.allocate(self._slots.nbytes)
-        self._slots_dev = self.device.allocate(self._slots.nbytes, stream=self.stream)
-        self._slots_copied = None
+        self._slots_host = cuda.PinnedBuffer(self._slots.nbytes, np.uint8)
+        self._slots_dev = cuda.DeviceBuffer(self._slots.nbytes)
+        self._slots_copied, self._slots_pending = cuda.Event(), False
         self.sizes: list[tuple[int, int] | None] = [None] * max_batch
 
     def _buffers(self, slot: int, nbytes: int):
         held = self._staging[slot]
-        if held is None or held[2] < nbytes:
-            capacity = max(nbytes, 2 * held[2] if held else 0)  # grow geometrically: few reallocations
-            self.stream.sync()  # the old device buffer may still be read by a queued kernel
-            held = (self._pinned_mr.allocate(capacity), self.device.allocate(capacity, stream=self.stream), capacity)
-            self._staging[slot] = held
-            self._copied[slot] = None
+        if held is None or held[0].size < nbytes:
+            capacity = max(nbytes, 2 * held[0].size if held else 0)  # grow geometrically: few reallocations
+            if held is not None:
+                self.stream.synchronize()  # a queued kernel or copy may still use the old buffers
+                for buffer in held:
+                    buffer.close()
+                self._pending[slot] = False
+            held = self._staging[slot] = (self._cuda.PinnedBuffer(capacity, np.uint8),
+                                          self._cuda.DeviceBuffer(capacity))
         return held
 
     def upload(self, slot: int, rgb: np.ndarray) -> tuple[int, int]:
@@ -189,23 +192,22 @@ class GpuPreprocessor:
             raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
             raise ValueError(f"expected a non-empty (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+        self.device.activate()
         staged, x_at, y_at, fields = stage(rgb, self.max_hw)
-        pinned, dev, _ = self._buffers(slot, staged.nbytes)
-        if self._copied[slot] is not None:
-            self._copied[slot].sync()  # the previous copy out of this pinned buffer must be done
-        _host_view(pinned, staged.nbytes)[:] = staged
-        dev.copy_from(pinned, stream=self.stream)
-        self._copied[slot] = self.stream.record()
-        base = int(dev.handle)
-        self._slots[slot] = (base, base + x_at, base + y_at, *fields)
-        out_h, out_w = fields[1], fields[2]
-        self.sizes[slot] = (out_h, out_w)
-        return out_h, out_w
+        pinned, dev = self._buffers(slot, staged.nbytes)
+        if self._pending[slot]:
+            self._copied[slot].synchronize()  # the previous copy out of this pinned buffer must be done
+        host = pinned.view((staged.nbytes,))
+        host[:] = staged
+        dev.upload(host, self.stream)
+        self._copied[slot].record(self.stream)
+        self._pending[slot] = True
+        self._slots[slot] = (dev.ptr, dev.ptr + x_at, dev.ptr + y_at, *fields)
+        self.sizes[slot] = (fields[1], fields[2])
+        return self.sizes[slot]
 
     def run(self, images_ptr: int, masks_ptr: int, batch_shape: tuple[int, int, int]) -> None:
         """Queue the kernel for slots 0..B-1 into images (B,3,Hp,Wp) float32 and masks (B,Hp,Wp) bool."""
-        from core import cuda
-
         batch, height, width = batch_shape
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"batch {batch} is outside 1..{self.max_batch}")
@@ -215,16 +217,33 @@ class GpuPreprocessor:
                 raise ValueError(f"slot {slot} has no uploaded image")
             if size[0] > height or size[1] > width:
                 raise ValueError(f"slot {slot} resizes to {size[0]}x{size[1]}, larger than the batch {height}x{width}")
-        if self._slots_copied is not None:
-            self._slots_copied.sync()
-        _host_view(self._slots_host, self._slots.nbytes)[:] = self._slots.view(np.uint8)
-        self._slots_dev.copy_from(self._slots_host, stream=self.stream)
-        self._slots_copied = self.stream.record()
+        self.device.activate()
+        if self._slots_pending:
+            self._slots_copied.synchronize()
+        host = self._slots_host.view((self._slots.nbytes,))
+        host[:] = self._slots.view(np.uint8)
+        self._slots_dev.upload(host, self.stream)
+        self._slots_copied.record(self.stream)
+        self._slots_pending = True
         grid = (-(-width // BLOCK[0]), -(-height // BLOCK[1]), batch)
-        cuda.launch(self._kernel, grid, BLOCK, int(self.stream.handle), self._slots_dev, np.uint64(images_ptr),
-                    np.uint64(masks_ptr), np.int32(height), np.int32(width), name="preprocess_batch")
+        self._cuda.launch(self._kernel, grid, BLOCK, self.stream.handle, np.uint64(self._slots_dev.ptr),
+                          np.uint64(images_ptr), np.uint64(masks_ptr), np.int32(height), np.int32(width),
+                          name="preprocess_batch")
 
+    def close(self) -> None:
+        """Free the buffers, events and (when it made it) the stream, after the queued work is done."""
+        if self._slots_dev is None:
+            return
+        self.stream.synchronize()
+        held = [b for pair in self._staging if pair is not None for b in pair]
+        for resource in [*held, *self._copied, self._slots_host, self._slots_dev, self._slots_copied]:
+            resource.close()
+        if self._own_stream:
+            self.stream.close()
+        self._staging, self._slots_dev = [None] * self.max_batch, None
 
-def _host_view(buffer, nbytes: int) -> np.ndarray:
-    """A uint8 NumPy view of the first nbytes of a host-accessible (pinned) cuda.core Buffer."""
-    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(buffer.handle)))
+    def __enter__(self) -> "GpuPreprocessor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

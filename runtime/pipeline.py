@@ -252,10 +252,12 @@ class _GpuPath:
 
         self.exif, self.stats = exif, stats
         self.extra: list = []
+        self.pre: dict = {}
         try:
             for _ in range(count - 1):
                 self.extra.append(runner.sibling())
-            self.pre = {id(r): GpuPreprocessor(r.max_batch, r.max_hw) for r in [runner, *self.extra]}
+            for r in [runner, *self.extra]:  # the runner's stream: its engine runs after the kernel, unsynchronised
+                self.pre[id(r)] = GpuPreprocessor(r.max_batch, r.max_hw, stream=r.stream)
         except BaseException:
             self.close()
             raise
@@ -278,7 +280,6 @@ class _GpuPath:
     def _fill(self, chunk: Batch, runner: Any) -> None:
         """Upload the batch's images and run the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
-        pre.device.set_current()
         with self.stats.timed("upload"):
             sizes = [pre.upload(slot, np.asarray(image)) for slot, image in enumerate(chunk.rgb)]
             count = max(len(sizes), runner.profile.min[0])
@@ -288,11 +289,12 @@ class _GpuPath:
             height = max([s[0] for s in sizes] + [runner.min_hw[0]])
             width = max([s[1] for s in sizes] + [runner.min_hw[1]])
             chunk.shape = (count, height, width)
-            pre.run(*runner.input_pointers, chunk.shape)
-            pre.stream.sync()  # the runner's stream reads these buffers next
+            pre.run(*runner.input_pointers, chunk.shape)  # queued on the stream the engine runs on next
         chunk.arrays = (None, None, np.array([(image.height, image.width) for image in chunk.rgb]))
 
     def close(self) -> None:
+        for pre in self.pre.values():
+            pre.close()
         for r in self.extra:
             r.close()
 

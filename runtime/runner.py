@@ -398,9 +398,9 @@ class EngineRunner(Detector):
         return self._device["images"].ptr, self._device["masks"].ptr
 
     def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
-        """Raw outputs for inputs already in `input_pointers` (written and synchronised by the caller), laid out
-        C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside the profile; the
-        outputs keep the first `batch` images (default all B)."""
+        """Raw outputs for inputs already in `input_pointers` (written on this runner's stream, or synchronised by
+        the caller), laid out C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside
+        the profile; the outputs keep the first `batch` images (default all B)."""
         if self.context is None:
             raise AnchorError("this EngineRunner is closed: create a new one")
         (min_b, min_h, min_w), (max_b, max_h, max_w) = self.profile.min, self.profile.max

@@ -17,30 +17,26 @@ AWKWARD = [(480, 640), (1800, 1200), (1, 37), (41, 1), (3000, 10), (10, 3000), (
 
 @pytest.fixture(scope="module")
 def gpu():
-    from cuda.core import Device
-
+    from core import cuda
     from runtime.gpu_preprocess import GpuPreprocessor
 
-    device = Device()
-    device.set_current()
-    return GpuPreprocessor(max_batch=4, max_hw=MAX_HW, device=device)
+    cuda.init()
+    with GpuPreprocessor(max_batch=4, max_hw=MAX_HW) as pre:
+        yield pre
 
 
 def _run(gpu, images, batch_shape):
     """Upload `images` to slots 0.., run the kernel, return (images, masks, sizes) read back to the host."""
-    from cuda.core import LegacyPinnedMemoryResource
-
-    from runtime.gpu_preprocess import _host_view
+    from core import cuda
 
     sizes = [gpu.upload(slot, image) for slot, image in enumerate(images)]
     b, h, w = batch_shape
     nbytes = b * 3 * h * w * 4
-    out = gpu.device.allocate(nbytes + b * h * w, stream=gpu.stream)
-    gpu.run(int(out.handle), int(out.handle) + nbytes, batch_shape)
-    host = LegacyPinnedMemoryResource().allocate(out.size)
-    out.copy_to(host, stream=gpu.stream)
-    gpu.stream.sync()
-    raw = _host_view(host, out.size).copy()
+    with cuda.DeviceBuffer(nbytes + b * h * w) as out, cuda.PinnedBuffer(nbytes + b * h * w, np.uint8) as host:
+        gpu.run(out.ptr, out.ptr + nbytes, batch_shape)
+        out.download(host.array, gpu.stream)
+        gpu.stream.synchronize()
+        raw = host.array.copy()
     return raw[:nbytes].view(np.float32).reshape(b, 3, h, w), raw[nbytes:].view(bool).reshape(b, h, w), sizes
 
 

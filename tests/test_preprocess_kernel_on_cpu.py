@@ -125,3 +125,85 @@ def test_kernel_on_random_sizes(kernel):
         expected, expected_masks, _ = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
         got, masks = kernel_batch(kernel, [rgb], *expected.shape[2:], max_hw=(1344, 1344))
         assert np.array_equal(got, expected) and np.array_equal(masks, expected_masks), (h, w)
+
+
+class _HostMemory:
+    """Host memory standing in for a device or pinned buffer: the kernel built for the CPU reads it directly."""
+
+    def __init__(self, size: int, dtype=np.uint8) -> None:
+        self.array = np.zeros(max(int(size), 1), dtype)[: int(size)]
+        self.size, self.nbytes, self.ptr = int(size), self.array.nbytes, self.array.ctypes.data
+        self.closed = False
+
+    def view(self, shape):
+        return self.array[: int(np.prod(shape))].reshape(shape)
+
+    def upload(self, host: np.ndarray, stream) -> None:
+        assert host.flags.c_contiguous and host.nbytes <= self.nbytes
+        self.array.view(np.uint8)[: host.nbytes] = host.view(np.uint8).reshape(-1)
+
+    def download(self, host: np.ndarray, stream) -> None:
+        host.view(np.uint8).reshape(-1)[:] = self.array.view(np.uint8)[: host.nbytes]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Ordered:
+    """A stream or event: work runs at once on the CPU, so these only record that they were used and closed."""
+
+    handle = 0
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def record(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def host_gpu(kernel, monkeypatch):
+    """core.cuda with host memory for device memory and the CPU build of the kernel for the launch, so that
+    GpuPreprocessor itself (staging, slot records, buffer growth, launch arguments) runs on this machine."""
+    from types import SimpleNamespace
+
+    from core import cuda
+
+    def launch(fn, grid, block, stream, slots, images, masks, height, width, name=""):
+        assert tuple(block) == BLOCK and grid[0] * block[0] >= width and grid[1] * block[1] >= height
+        fn(int(slots), int(images), int(masks), grid[2], int(height), int(width))
+
+    monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(arch=90, activate=lambda: None))
+    monkeypatch.setattr(cuda, "Stream", _Ordered)
+    monkeypatch.setattr(cuda, "Event", _Ordered)
+    monkeypatch.setattr(cuda, "PinnedBuffer", _HostMemory)
+    monkeypatch.setattr(cuda, "DeviceBuffer", _HostMemory)
+    monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel)
+    monkeypatch.setattr(cuda, "launch", launch)
+    monkeypatch.setattr("plugins.nvrtc.compile_kernel", lambda *args, **kwargs: b"")
+
+
+def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
+    from runtime.gpu_preprocess import GpuPreprocessor
+
+    rng = np.random.default_rng(13)
+    small, large = [random_rgb(rng, 48, 64), random_rgb(rng, 70, 31)], [random_rgb(rng, 900, 1300)]
+    with GpuPreprocessor(max_batch=2, max_hw=(1344, 1344)) as pre:
+        for images in (small, large, small[::-1]):  # slot 0 grows its staging for the large image, then is reused
+            expected, expected_masks, sizes = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
+                                                               min_hw=(320, 512), max_hw=(1344, 1344))
+            b, _, h, w = expected.shape
+            out, masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+            out.array[:] = np.nan  # every value must be written
+            assert [pre.upload(slot, a) for slot, a in enumerate(images)] == [tuple(s) for s in sizes]
+            pre.run(out.ptr, masks.ptr, (b, h, w))
+            np.testing.assert_array_equal(out.view((b, 3, h, w)), expected)
+            np.testing.assert_array_equal(masks.view((b, h, w)), expected_masks)
+        staging = [buffer for pair in pre._staging for buffer in pair]
+    assert all(buffer.closed for buffer in staging) and pre.stream.closed
