@@ -79,6 +79,14 @@ class Backend:
                 "or build with --plugins none")
 
 
+def check_plugins(backend: Backend, plugins) -> None:
+    """BackendError naming the requested ``plugins`` and why ``backend`` cannot build them; nothing when it can or
+    when none are requested."""
+    problem = backend.plugin_problem() if plugins else None
+    if problem:
+        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
+
+
 def backend_of(trt: ModuleType) -> Backend:
     """The Backend of a TensorRT module (network and plugin code are handed the module, not the Backend)."""
     return Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)

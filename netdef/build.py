@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core import cuda
-from core.backend import BACKENDS, Backend, BackendError, get_backend
+from core.backend import BACKENDS, Backend, BackendError, check_plugins, get_backend
 from core import cli
 from core.errors import BadInput, Failed
 from core.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
@@ -91,12 +91,6 @@ def parse_plugins(text: str) -> frozenset[str]:
     if unknown:
         raise ValueError(f"unknown plugin(s) {', '.join(unknown)}: choose all, none or from {', '.join(PLUGIN_NAMES)}")
     return names
-
-
-def check_plugins(backend: Backend, plugins: frozenset[str]) -> None:
-    problem = backend.plugin_problem() if plugins else None
-    if problem:
-        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
 
 
 def check_version_compatible(backend: Backend) -> None:

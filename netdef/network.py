@@ -45,7 +45,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.backend import BackendError, backend_of
+from core.backend import backend_of, check_plugins
 from core.config import BACKBONE_BLOCKS, NUM_TOPK, SINE_TEMPERATURE, AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net
 from plugins import NAMES as PLUGINS
@@ -689,9 +689,7 @@ def check_supported(trt, cfg: AnchorDETRConfig, plugins: frozenset[str]) -> None
     unknown = sorted(set(plugins) - set(PLUGINS))
     if unknown:
         raise NetworkConfigError(f"unknown plugins {unknown}: choose from {', '.join(PLUGINS)}")
-    problem = backend_of(trt).plugin_problem() if plugins else None
-    if problem:
-        raise BackendError(f"plugins {', '.join(sorted(plugins))}: {problem}")
+    check_plugins(backend_of(trt), plugins)
     if plugins and cfg.attention_type != "RCDA":
         raise NetworkConfigError(f"variant {cfg.variant}: plugins are written for RCDA attention only")
 
