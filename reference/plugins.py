@@ -9,17 +9,14 @@ import json
 
 import torch
 
-from plugins import add_bias_transpose as _add_bias_transpose
+import plugins
 from plugins import launch as _launch
-from plugins import layer_norm as _layer_norm
-from plugins import mask2pos as _mask2pos
-from plugins import masked_softmax as _masked_softmax
 from plugins.spec import METADATA_KEY
 from reference.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from reference.torch_model import mask2pos as _positions
 from reference.torch_model import pos2posemb1d
 
-SPECS = {m.SPEC.name: m.SPEC for m in (_masked_softmax, _layer_norm, _add_bias_transpose, _mask2pos)}
+SPECS = {name: plugins.get(name).SPEC for name in plugins.NAMES}
 
 
 # ---------------------------------------------------------------- the ops in PyTorch, computed in fp32
@@ -75,7 +72,6 @@ def interpret(metadata: str, inputs) -> list:
 # ---------------------------------------------------------------- the kernels on CUDA torch tensors
 
 
-
 def apply_torch(spec, tensors, attrs: dict, image: str = "cubin"):
     """Run the kernel on CUDA torch tensors (made contiguous and 16-byte aligned) on torch's current stream."""
     prepared = []
@@ -101,24 +97,24 @@ def apply_torch(spec, tensors, attrs: dict, image: str = "cubin"):
 
 
 def run_masked_softmax(logits: torch.Tensor, key_mask: torch.Tensor, image: str = "cubin") -> torch.Tensor:
-    return apply_torch(_masked_softmax.SPEC, [logits, key_mask], {}, image)[0]
+    return apply_torch(SPECS["masked_softmax"], [logits, key_mask], {}, image)[0]
 
 
 def run_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
                    image: str = "cubin") -> torch.Tensor:
     """gamma and beta are used as float32."""
     attrs = {"eps": eps, "channels": x.shape[-1]}
-    return apply_torch(_layer_norm.SPEC, [x, gamma.float(), beta.float()], attrs, image)[0]
+    return apply_torch(SPECS["layer_norm"], [x, gamma.float(), beta.float()], attrs, image)[0]
 
 
 def run_add_bias_transpose(x: torch.Tensor, bias: torch.Tensor, heads: int, scale: float,
                            image: str = "cubin") -> torch.Tensor:
     """bias is used as float32."""
     attrs = {"heads": heads, "scale": scale, "channels": x.shape[-1]}
-    return apply_torch(_add_bias_transpose.SPEC, [x, bias.float()], attrs, image)[0]
+    return apply_torch(SPECS["add_bias_transpose"], [x, bias.float()], attrs, image)[0]
 
 
 def run_mask2pos(mask: torch.Tensor, d: int, fp16: bool = False,
                  image: str = "cubin") -> tuple[torch.Tensor, torch.Tensor]:
-    emb_col, emb_row = apply_torch(_mask2pos.SPEC, [mask], {"d": d, "fp16": fp16}, image)
+    emb_col, emb_row = apply_torch(SPECS["mask2pos"], [mask], {"d": d, "fp16": fp16}, image)
     return emb_col, emb_row
