@@ -150,7 +150,7 @@ class GpuPreprocessor:
 
     def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, stream=None):
         from core import cuda
-        from plugins.nvrtc import compile_kernel
+        from plugins.nvrtc import compile_kernel, target_arch
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -161,7 +161,7 @@ class GpuPreprocessor:
         self.max_batch, self.max_hw = max_batch, max_hw
         defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
         # plugins.nvrtc joins its own folder with the source name; an absolute path joins to itself.
-        cubin = compile_kernel(str(KERNEL_SOURCE), defines, self.device.arch, kind="cubin")
+        cubin = compile_kernel(str(KERNEL_SOURCE), defines, target_arch(self.device.arch), kind="cubin")
         self._kernel = cuda.load_kernel(cubin, "cubin", "preprocess_batch")
         self._staging: list = [None] * max_batch  # per slot: (pinned buffer, device buffer), both uint8
         # Per slot: an event recorded after its last copy, waited for before its pinned buffer is written again.

@@ -187,6 +187,7 @@ def host_gpu(kernel, monkeypatch):
     monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel)
     monkeypatch.setattr(cuda, "launch", launch)
     monkeypatch.setattr("plugins.nvrtc.compile_kernel", lambda *args, **kwargs: b"")
+    monkeypatch.setattr("plugins.nvrtc.target_arch", lambda arch: arch)
 
 
 def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
