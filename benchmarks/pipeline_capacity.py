@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.sidecar import Profile, write_atomic
+from core.cli import guarded, positive_int
+from core.errors import BadInput
+from core.sidecar import Profile, check_output_path, write_atomic
 from runtime.bench import synthetic_images
-from core.errors import AnchorError
 from runtime.pipeline import PipelineStats, detect_stream
 from runtime.runner import Detector
 
@@ -91,25 +92,26 @@ def measure(detector: Detector, paths, batch: int, workers: int, in_flight: int)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_capacity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=64, help="synthetic 640x480 JPEGs (default 64)")
-    p.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decode threads (default <= 4)")
-    p.add_argument("--in-flight", type=int, default=2, help="batches in flight (default 2)")
+    p.add_argument("--images", type=positive_int, default=64, help="synthetic 640x480 JPEGs (default 64)")
+    p.add_argument("--batch", type=positive_int, default=4, help="images per batch (default 4)")
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
+                   help="decode threads (default <= 4)")
+    p.add_argument("--in-flight", type=positive_int, default=2, help="batches in flight (default 2)")
     p.add_argument("--gpu", action="store_true", help="the stand-in also copies to and from the GPU (needs one)")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
-    args = p.parse_args(argv)
-    if min(args.images, args.batch, args.workers, args.in_flight) < 1 or args.batch > PROFILE.max[0]:
-        print(f"error: --images, --workers, --in-flight must be >= 1 and --batch 1..{PROFILE.max[0]}", file=sys.stderr)
-        return 2
-    try:
-        detector = CopyEngine() if args.gpu else NullEngine()
-        with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
-            paths = synthetic_images(Path(folder), args.images)
-            summary = measure(detector, paths, args.batch, args.workers, args.in_flight)
-    except AnchorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(sys.argv[1:] if argv is None else argv),
+    return guarded(p.prog, run, p.parse_args(argv), sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace, argv) -> int:
+    if args.batch > PROFILE.max[0]:
+        raise BadInput(f"the stand-in engine takes --batch 1..{PROFILE.max[0]}, not {args.batch}")
+    if args.out:
+        check_output_path(args.out, "--out")
+    detector = CopyEngine() if args.gpu else NullEngine()
+    with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
+        paths = synthetic_images(Path(folder), args.images)
+        summary = measure(detector, paths, args.batch, args.workers, args.in_flight)
+    report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(argv),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
               "stand_in": "copies to/from the GPU" if args.gpu else "no work", **summary}
     print(json.dumps(report, indent=1))

@@ -18,10 +18,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from core.cli import guarded, positive_int
+from core.sidecar import check_output_path, write_atomic
 from runtime.preprocess import MEAN, STD, pad_batch, preprocess_batch, resized_size
 
 SIZE = (640, 480)  # (width, height): the common COCO landscape image
@@ -114,26 +117,23 @@ def bench_gpu(iterations: int = 500) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--gpu", action="store_true", help="also time the GPU kernel")
-    parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeat < 1:
-        print("error: --batch and --repeat must be at least 1", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--repeat", type=positive_int, default=5)
+    p.add_argument("--gpu", action="store_true", help="also time the GPU kernel")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    return guarded(p.prog, run, p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_path(args.out, "--out")
     results = {"cpu": bench_cpu(args.batch, args.repeat)}
     if args.gpu:
-        try:
-            results["gpu"] = bench_gpu()
-        except ImportError as exc:
-            print(f"error: --gpu needs cuda-core ({exc}): pip install cuda-core", file=sys.stderr)
-            return 3
+        results["gpu"] = bench_gpu()  # core.cuda says so in one line when there is no GPU
     print(json.dumps(results, indent=2))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode())
     return 0
 
 

@@ -208,10 +208,10 @@ def pipeline_files(spec: str, folder: Path | None) -> list[Path]:
 def pipeline_row(name: str, detector, paths: Sequence[Path], batch: int, args: argparse.Namespace) -> dict:
     """Files to detections through runtime.pipeline: one untimed batch first (engine warm-up, first compile), then
     every file, timed."""
-    from runtime.pipeline import PipelineStats, detect_stream
+    from runtime.pipeline import GPU_PREPROCESS, PipelineStats, detect_stream
 
     options = dict(batch=batch, workers=args.workers, in_flight=args.in_flight,
-                   gpu_preprocess={"auto": None, "gpu": True, "cpu": False}[args.preprocess])
+                   gpu_preprocess=GPU_PREPROCESS[args.preprocess])
     for _ in detect_stream(detector, paths[:batch], **options):
         pass
     stats = PipelineStats()
@@ -353,8 +353,6 @@ def run_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from runtime.runner import read_sidecar
 
-    if args.workers < 1 or args.in_flight < 1:
-        raise BadInput("--workers and --in-flight must be at least 1")
     pipeline_files(args.pipeline, None)  # a bad spec or an empty folder is refused before anything is made
     if args.engine is not None:
         read_sidecar(args.engine)

@@ -153,7 +153,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
 
 def run(args: argparse.Namespace) -> int:
     from runtime.draw import draw_detections
-    from runtime.pipeline import detect_stream
+    from runtime.pipeline import GPU_PREPROCESS, detect_stream
 
     jobs, failed = _check_arguments(args)
     weights_sha256 = None
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         found = detect_stream(runner, [path for _, path, _ in jobs], args.threshold, args.batch,
                               exif=not args.no_exif, workers=args.workers, keep_images=True,
-                              gpu_preprocess={"auto": None, "gpu": True, "cpu": False}[args.preprocess])
+                              gpu_preprocess=GPU_PREPROCESS[args.preprocess])
         # closing: the pipeline's threads are done with the runner before it is closed, even after an error
         with closing(found), ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
             for (index, path, target), (_, detections, rgb) in zip(jobs, found):

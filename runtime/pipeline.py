@@ -34,6 +34,8 @@ from runtime.preprocess import ImageError, decode_many, preprocess_batch, to_rgb
 # on the CPU path "engine" includes the copies to and from the device (EngineRunner.infer does them in one call
 # with one synchronisation), and "gpu" is the network alone where the detector times it with CUDA events.
 STAGES = ("decode", "upload", "preprocess", "engine", "gpu", "postprocess")
+# The command lines' --preprocess choices as `gpu_preprocess` values.
+GPU_PREPROCESS = {"auto": None, "gpu": True, "cpu": False}
 
 
 class PipelineStats:
