@@ -69,7 +69,9 @@ def test_plugins_do_not_import_torch():
 
 
 @pytest.mark.parametrize("module", ["runtime.runner", "runtime.infer", "runtime.bench", "runtime.pipeline",
-                                    "runtime.preprocess", "runtime.postprocess", "eval.coco", "weights"])
+                                    "runtime.preprocess", "runtime.postprocess", "runtime.gpu_preprocess",
+                                    "runtime.torch_detector", "runtime.serve", "runtime.client", "runtime.triton",
+                                    "eval.coco", "weights"])
 def test_runtime_imports_without_torch(module):
     # A meta-path entry refusing torch makes `import torch` fail as it would where torch is not installed.
     code = (
