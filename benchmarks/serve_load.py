@@ -1,6 +1,6 @@
-"""Load a running ``runtime.serve`` server: requests/s and p50/p99 latency at several concurrencies.
+"""Load a running ``serve.server`` server: requests/s and p50/p99 latency at several concurrencies.
 
-    python -m runtime.serve --torch-weights W.safetensors --device cpu --max-size 64x96 &
+    python -m serve.server --torch-weights W.safetensors --device cpu --max-size 64x96 &
     python -m benchmarks.serve_load --size 96x64 --concurrency 1,4,16,64 --requests 128
 
 Each level is a closed loop: N threads (one tritonclient client each) send the same encoded image back to back
@@ -24,7 +24,7 @@ import numpy as np
 
 from core.progress import print_table
 from core.cli import guarded, hw, int_list, positive_float, positive_int
-from runtime.client import Client, RequestFailed
+from serve.client import Client, RequestFailed
 from core.errors import BadInput
 
 

@@ -1,4 +1,4 @@
-"""The package layering: imports only go down ``core -> weights, plugins -> netdef -> reference -> runtime -> eval``.
+"""The package layering: imports only go down ``core -> weights, plugins -> netdef -> reference -> runtime -> serve, eval``.
 
 Every import statement counts, function-level ones included (a lazy import is still a dependency). `weights` and
 `plugins` are peers and import neither each other nor anything above `core`.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"core": 0, "weights": 1, "plugins": 1, "netdef": 2, "reference": 3, "runtime": 4, "eval": 5}
+LAYER = {"core": 0, "weights": 1, "plugins": 1, "netdef": 2, "reference": 3, "runtime": 4, "serve": 5, "eval": 5}
 # What core may import beyond the standard library: numpy, and the CUDA and console libraries of the base install.
 CORE_THIRD_PARTY = {"numpy", "cuda", "rich"}
 
@@ -70,7 +70,7 @@ def test_plugins_do_not_import_torch():
 
 @pytest.mark.parametrize("module", ["runtime.runner", "runtime.infer", "runtime.bench", "runtime.pipeline",
                                     "runtime.preprocess", "runtime.postprocess", "runtime.gpu_preprocess",
-                                    "runtime.torch_detector", "runtime.serve", "runtime.client", "runtime.triton",
+                                    "runtime.torch_detector", "serve.server", "serve.client", "serve.triton",
                                     "eval.coco", "weights"])
 def test_runtime_imports_without_torch(module):
     # A meta-path entry refusing torch makes `import torch` fail as it would where torch is not installed.

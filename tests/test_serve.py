@@ -1,6 +1,6 @@
-"""runtime.serve / runtime.client: a real Triton server (PyTriton) serving the PyTorch reference on loopback.
+"""serve.server / serve.client: a real Triton server (PyTriton) serving the PyTorch reference on loopback.
 
-The server tests start `python -m runtime.serve --torch-weights` on random r50_c5 weights with small images and
+The server tests start `python -m serve.server --torch-weights` on random r50_c5 weights with small images and
 compare every answer with a direct reference call (same preprocessing, TorchReference, post-processing).
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import serve
+from serve import server as serve
 
 MAX_SIZE = (64, 96)  # --max-size: images are scaled to fit it, so the CPU forward takes milliseconds
 MAX_PIXELS = 100 * 100
@@ -148,7 +148,7 @@ def test_serve_bad_arguments_are_exit_2(tmp_path, capsys):
     assert serve.main(["--engine", str(weights), "--max-size", "64x96"]) == 2
     assert serve.main(["--engine", str(tmp_path / "missing.plan")]) == 2  # before PyTriton is even looked for
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]  # not argparse's usage
-    assert len(err) == 4 and all(line.startswith("python -m runtime.serve: error: ") for line in err), err
+    assert len(err) == 4 and all(line.startswith("python -m serve.server: error: ") for line in err), err
 
 
 # ---- a real server --------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs PyTriton: pip install -e '.[serve]'")
     pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    from runtime.client import Client
+    from serve.client import Client
 
     folder = tmp_path_factory.mktemp("serve")
     weights = folder / "r50_c5.safetensors"
@@ -193,7 +193,7 @@ def server(tmp_path_factory):
     http, grpc, metrics = _free_ports(3)
     log = open(folder / "server.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve", "--torch-weights", str(weights), "--device", "cpu",
+        [sys.executable, "-m", "serve.server", "--torch-weights", str(weights), "--device", "cpu",
          "--max-size", "x".join(map(str, MAX_SIZE)), "--max-pixels", str(MAX_PIXELS), "--instances", "2",
          "--max-batch", "4", "--max-queue-delay-us", "20000",
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
@@ -279,7 +279,7 @@ def test_zero_detections_answer_with_no_rows(server):
 
 @pytest.mark.slow
 def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference):
-    from runtime.client import RequestFailed
+    from serve.client import RequestFailed
 
     client = server["clients"]["grpc"]
     jpeg = encoded(7, fmt="JPEG")
@@ -327,7 +327,7 @@ def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference)
 
 @pytest.mark.slow
 def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, capsys):
-    from runtime import client as client_cli
+    from serve import client as client_cli
 
     paths = []
     for i in range(2):
@@ -352,7 +352,7 @@ def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, caps
 
 def test_client_without_server_is_exit_3(capsys):
     pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    from runtime import client as client_cli
+    from serve import client as client_cli
 
     (port,) = _free_ports(1)
     assert client_cli.main(["x.jpg", "--url", f"127.0.0.1:{port}"]) == 3
@@ -372,7 +372,7 @@ def test_serve_load_levels_count_requests(server, capsys):
 
 def test_serve_load_and_client_bad_arguments(capsys):
     from benchmarks import serve_load
-    from runtime import client as client_cli
+    from serve import client as client_cli
 
     for main, args in ((serve_load.main, ["--requests", "0"]), (client_cli.main, ["a.jpg", "--concurrency", "0"]),
                        (client_cli.main, ["a.jpg", "--threshold", "1.5"])):
@@ -382,7 +382,7 @@ def test_serve_load_and_client_bad_arguments(capsys):
     assert serve_load.main(["--warmup", "-1"]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
     assert [line.split(": error: ")[0] for line in err] == [
-        "python -m benchmarks.serve_load", "python -m runtime.client", "python -m runtime.client",
+        "python -m benchmarks.serve_load", "python -m serve.client", "python -m serve.client",
         "python -m benchmarks.serve_load"]
 
 

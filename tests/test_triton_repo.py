@@ -1,11 +1,11 @@
-"""`python -m runtime.triton`: the model repository for Triton's TensorRT backend, from a fake engine + sidecar."""
+"""`python -m serve.triton`: the model repository for Triton's TensorRT backend, from a fake engine + sidecar."""
 
 from __future__ import annotations
 
 import pytest
 
 from core.sidecar import Profile, write_sidecar
-from runtime import triton
+from serve import triton
 
 PROFILE = Profile((1, 320, 512), (4, 800, 800), (6, 1344, 1024))
 OUTPUTS = {
@@ -81,7 +81,7 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, setup,
     repo = tmp_path / "repo"
     assert triton.main(["--engine", str(engine), "-o", str(repo)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m runtime.triton: error: ") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("python -m serve.triton: error: ") and message in err[0]
     assert not repo.exists()
 
 
@@ -90,4 +90,4 @@ def test_unwritable_repository_leaves_nothing(tmp_path, capsys):
     blocker = tmp_path / "repo"
     blocker.write_text("a file where the repository folder should be")
     assert triton.main(["--engine", str(engine), "-o", str(blocker / "sub")]) == 2
-    assert "python -m runtime.triton: error: " in capsys.readouterr().err and blocker.read_text().startswith("a file")
+    assert "python -m serve.triton: error: " in capsys.readouterr().err and blocker.read_text().startswith("a file")

@@ -1,4 +1,4 @@
-"""Send images to ``python -m runtime.serve``: ``python -m runtime.client IMG ... [--url localhost:8000] [--grpc]``.
+"""Send images to ``python -m serve.server``: ``python -m serve.client IMG ... [--url localhost:8000] [--grpc]``.
 
 Prints the same table and writes the same COCO results JSON as ``runtime.infer`` (its printing helpers), with
 the detections computed by the server. Needs tritonclient (the `serve` extra).
@@ -26,8 +26,8 @@ OUTPUTS = ("count", "scores", "labels", "boxes", "size", "error")
 
 EPILOG = """\
 examples:
-  python -m runtime.client photo.jpg                         table of detections (server on localhost:8000)
-  python -m runtime.client val2017/*.jpg --grpc --threshold 0 --json results.json --concurrency 8
+  python -m serve.client photo.jpg                         table of detections (server on localhost:8000)
+  python -m serve.client val2017/*.jpg --grpc --threshold 0 --json results.json --concurrency 8
 exit codes: 0 all images done, 1 some images failed (unreadable file or refused by the server; the others
             were processed), 2 bad arguments, 3 no server answering at --url
 """
@@ -39,8 +39,8 @@ class RequestFailed(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
-        "python -m runtime.client",
-        "Detect objects with an AnchorDETR server started by `python -m runtime.serve`: each image file is\n"
+        "python -m serve.client",
+        "Detect objects with an AnchorDETR server started by `python -m serve.server`: each image file is\n"
         "sent as it is (the server decodes and preprocesses it); prints a table of detections per image\n"
         "(COCO label, name, score, box x0 y0 x1 y1 in pixels) and optionally writes COCO results.",
         EPILOG,
@@ -64,7 +64,7 @@ def _module(grpc: bool) -> Any:
         else:
             import tritonclient.http as module
     except ImportError as exc:
-        raise Unavailable(f"runtime.client needs tritonclient ({exc}): pip install 'tritonclient[http,grpc]'") from None
+        raise Unavailable(f"serve.client needs tritonclient ({exc}): pip install 'tritonclient[http,grpc]'") from None
     return module
 
 
@@ -94,9 +94,9 @@ class Client:
             ready = self._client().is_model_ready(self.model)
         except Exception as exc:  # refused connections surface as OSError (HTTP) or InferenceServerException (gRPC)
             raise Unavailable(f"no Triton server answers at {self.url} ({str(exc).splitlines()[0][:200]}): "
-                              "start one with `python -m runtime.serve` or pass --url") from None
+                              "start one with `python -m serve.server` or pass --url") from None
         if not ready:
-            raise Unavailable(f"the server at {self.url} has no ready model {self.model}: is it runtime.serve?")
+            raise Unavailable(f"the server at {self.url} has no ready model {self.model}: is it serve.server?")
 
     def inputs(self, data: bytes, threshold: float | None) -> list[Any]:
         image = self.module.InferInput("image", [1, 1], "BYTES")

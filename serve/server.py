@@ -1,4 +1,4 @@
-"""Serve AnchorDETR over HTTP and gRPC with Triton Inference Server (PyTriton): ``python -m runtime.serve``.
+"""Serve AnchorDETR over HTTP and gRPC with Triton Inference Server (PyTriton): ``python -m serve.server``.
 
 A real Triton server, started in this process by PyTriton, serves model ``anchor_detr``: each request sends an
 encoded image file, the server decodes and preprocesses it, Triton's dynamic batcher groups requests of any
@@ -40,7 +40,7 @@ DEFAULT_TORCH_BATCH = 4
 EXIT_TIMEOUT_S = 10
 LOAD_ATTEMPTS = 3
 INSTALL_HINT = "pip install -e '.[serve]' (PyTriton needs numpy < 2: see docs/serving.md)"
-LOG = logging.getLogger("runtime.serve")
+LOG = logging.getLogger("serve.server")
 
 EPILOG = f"""\
 protocol (model {MODEL_NAME}):
@@ -52,9 +52,9 @@ protocol (model {MODEL_NAME}):
            size       INT32 [2]  height, width of the image as the boxes see it
            error      BYTES [1]  empty, or why this request failed (its count is then 0)
 examples:
-  python -m runtime.serve --engine engines/anchor_detr_r50_dc5_fp16.plan --instances 2
-  python -m runtime.serve --torch-weights weights/anchor_detr_r50_dc5.safetensors --device cpu
-  python -m runtime.client photo.jpg --url localhost:8000
+  python -m serve.server --engine engines/anchor_detr_r50_dc5_fp16.plan --instances 2
+  python -m serve.server --torch-weights weights/anchor_detr_r50_dc5.safetensors --device cpu
+  python -m serve.client photo.jpg --url localhost:8000
 exit codes: 0 stopped by Ctrl-C or SIGTERM, 2 bad input (engine, weights, arguments),
             3 environment (no PyTriton, no GPU, no TensorRT)
 """
@@ -66,7 +66,7 @@ class RequestError(BadInput):
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
-        "python -m runtime.serve",
+        "python -m serve.server",
         "Serve an AnchorDETR engine (or the PyTorch reference) with Triton Inference Server over HTTP and gRPC.\n"
         "Clients send encoded images; decoding, preprocessing, dynamic batching and post-processing happen\n"
         "in the server. Needs the `serve` extra (PyTriton).",
@@ -275,7 +275,7 @@ def _pytriton() -> Any:
         import pytriton.triton as triton
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     except ImportError as exc:
-        raise Unavailable(f"runtime.serve needs PyTriton ({exc}): {INSTALL_HINT}") from None
+        raise Unavailable(f"serve.server needs PyTriton ({exc}): {INSTALL_HINT}") from None
     return triton, DynamicBatcher, ModelConfig, Tensor
 
 

@@ -1,9 +1,9 @@
-"""Export an engine as a Triton model repository: ``python -m runtime.triton --engine E.plan -o REPO/``.
+"""Export an engine as a Triton model repository: ``python -m serve.triton --engine E.plan -o REPO/``.
 
 Writes ``REPO/anchor_detr_trt/1/model.plan`` (a copy of the engine) and ``REPO/anchor_detr_trt/config.pbtxt``
 for Triton's TensorRT backend: the engine's raw inputs and outputs, ``max_batch_size`` and the dims from the
 sidecar's profile, dynamic batching and GPU instances. Pre- and post-processing stay with the client
-(``runtime.preprocess`` / ``runtime.postprocess``); ``runtime.serve`` is the server that does them itself.
+(``runtime.preprocess`` / ``runtime.postprocess``); ``serve.server`` is the server that does them itself.
 
 The AOT plugin layers (``--plugins``) are serialised inside the plan, so Triton needs no plugin library and
 no LD_PRELOAD. The plan only loads in a Triton whose TensorRT is the one that built it (the sidecar's
@@ -32,7 +32,7 @@ TRITON_TYPES = {
 
 EPILOG = """\
 examples:
-  python -m runtime.triton --engine engines/anchor_detr_r50_dc5_fp16.plan -o models/
+  python -m serve.triton --engine engines/anchor_detr_r50_dc5_fp16.plan -o models/
   tritonserver --model-repository models/     (Triton release whose TensorRT built the engine)
 exit codes: 0 written, 2 bad input (engine or sidecar missing, an engine Triton cannot run, bad output folder)
 """
@@ -40,7 +40,7 @@ exit codes: 0 written, 2 bad input (engine or sidecar missing, an engine Triton 
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
-        "python -m runtime.triton",
+        "python -m serve.triton",
         "Write a Triton Inference Server model repository for an engine built by `python -m netdef.build`:\n"
         f"REPO/{MODEL_NAME}/1/model.plan and REPO/{MODEL_NAME}/config.pbtxt for Triton's TensorRT backend.\n"
         "Clients send the engine's raw inputs (`images` (B,3,H,W) float32 normalised, `masks` (B,H,W) bool)\n"
