@@ -6,10 +6,10 @@ launch of `preprocess_batch` (runtime/preprocess.cu) then writes the float32 (B,
 
 The resize is Pillow's BILINEAR resample (libImaging/Resample.c) in the same integer arithmetic: a separable
 triangle filter whose support grows with the downscale factor (antialiasing), weights normalised to sum 1 in
-double precision and rounded to 22-bit fixed point, a horizontal pass rounded to uint8, then a vertical pass on
-those uint8 values. `bilinear_coefficients` builds the fixed-point tables on the host exactly as Pillow does, and
-`pillow_bilinear` is a NumPy implementation of the two passes that equals `Image.resize` bit for bit; the kernel
-uses the same tables, so its output equals the CPU path's.
+double precision and rounded to 22-bit fixed point, and two passes with uint8 rounding in between, in the order
+the installed Pillow runs them (`vertical_first`). `bilinear_coefficients` builds the fixed-point tables on the
+host exactly as Pillow does, and `pillow_bilinear` is a NumPy implementation of the two passes that equals
+`Image.resize` bit for bit; the kernel uses the same tables and order, so its output equals the CPU path's.
 
 CUDA is reached through core.cuda (device, stream, events, pinned and device memory, kernel loading and launch);
 the kernel is compiled (and cached on disk) by plugins.nvrtc.
@@ -18,9 +18,12 @@ the kernel is compiled (and cached on disk) by plugins.nvrtc.
 from __future__ import annotations
 
 import functools
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
+import PIL
 
 from runtime.preprocess import MEAN, STD, fit_within, resized_size
 
@@ -81,24 +84,58 @@ def _pass(pixels: np.ndarray, table: np.ndarray, axis: int) -> np.ndarray:
     return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
-def vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
-    """Whether the installed Pillow runs the vertical pass first for this resize.
+# Pillow's order of the two passes, per release, read from its source: Image.resize (src/PIL/Image.py) and
+# ImagingResampleInner (src/libImaging/Resample.c). The uint8 rounding between the passes makes the order change
+# values; Pillow picks it from the four sizes alone. Each rule: (in_h, in_w, out_h, out_w) -> vertical pass first.
+def _horizontal_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    return False  # 10.0-12.1: ImagingResampleInner runs the horizontal pass, then the vertical one
 
-    Pillow 13 (python-pillow/Pillow#9549) does so when the height shrinks by more than twice as many pixels as
-    the width; earlier versions always run the horizontal pass first. The order changes the uint8 rounding
-    between the passes, so it must follow whichever Pillow the CPU path uses.
-    """
-    return _pillow_reorders() and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+
+def _tall_vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    # 12.2-12.3 (python-pillow/Pillow#9524): Image.resize splits the resize of an image taller than 100 widths
+    # whose height shrinks into two calls, the vertical one first; the C order is still horizontal first.
+    return in_h > 100 * in_w and out_h < in_h
+
+
+def _shrink_vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    # 13.0 (python-pillow/Pillow#9549): ImagingResampleInner runs the vertical pass first when the height loses
+    # more than twice as many pixels as the width; Image.resize no longer splits tall images.
+    return in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
+
+
+PASS_ORDERS = (((10, 0), _horizontal_first), ((12, 2), _tall_vertical_first), ((13, 0), _shrink_vertical_first))
+NEWEST_CHECKED = (13, 0)  # the newest Pillow release line whose source the rules were read from
 
 
 @functools.cache
-def _pillow_reorders() -> bool:
-    # A resize where the two orders round differently, and only Pillow's own output can tell which it used.
-    from PIL import Image
+def pass_order(version: str):
+    """The pass-order rule of Pillow `version` ("12.3.0"): a function (in_h, in_w, out_h, out_w) -> vertical first.
 
-    rgb = np.random.default_rng(0).integers(0, 256, (29, 13, 3), dtype=np.uint8)
-    pillow = np.asarray(Image.fromarray(rgb).resize((10, 10), Image.Resampling.BILINEAR))
-    return np.array_equal(pillow, _resample(rgb, 10, 10, vertical=True))
+    A release newer than NEWEST_CHECKED gets the newest rule, with a RuntimeWarning that says how to check it
+    (Pillow changed the order within the 12 line, so any newer minor release may differ). Releases before 10.0,
+    which pyproject refuses, get the 10.0 rule.
+    """
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"cannot read a Pillow release from the version {version!r}; expected e.g. '12.3.0'")
+    release = (int(match[1]), int(match[2]))
+    rule = next((rule for first, rule in reversed(PASS_ORDERS) if release >= first), PASS_ORDERS[0][1])
+    if release > NEWEST_CHECKED:
+        newest = ".".join(map(str, NEWEST_CHECKED))
+        warnings.warn(f"Pillow {version} is newer than {newest}, the last release whose resize pass order "
+                      f"runtime.gpu_preprocess was checked against; using {newest}'s rule. Check that the GPU path "
+                      "still equals Pillow: python -m benchmarks.pillow_lines --installed", RuntimeWarning,
+                      stacklevel=3)
+    return rule
+
+
+def vertical_first(in_h: int, in_w: int, out_h: int, out_w: int, pillow: str | None = None) -> bool:
+    """Whether Pillow (`pillow`, a version string; default the installed one) resizes this size vertical pass first.
+
+    The one place the order is decided: `pillow_bilinear` and the kernel's `Slot.vertical_first` (`stage`) both
+    read it, so the GPU path follows whichever Pillow the CPU path uses.
+    """
+    return pass_order(PIL.__version__ if pillow is None else pillow)(in_h, in_w, out_h, out_w)
 
 
 def _resample(rgb: np.ndarray, height: int, width: int, vertical: bool) -> np.ndarray:
