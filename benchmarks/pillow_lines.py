@@ -161,7 +161,7 @@ def _versions(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = parser("python -m benchmarks.pillow_lines", __doc__.split("\n\n")[0].replace("\n", " "),
+    p = parser("python -m benchmarks.pillow_lines", __doc__.split("\n\n")[0],
                "examples:\n  python -m benchmarks.pillow_lines\n  python -m benchmarks.pillow_lines --installed\n"
                "exit codes: 0 all equal, 1 some case differs, 2 bad arguments, 3 pip could not install a version")
     p.add_argument("--versions", type=_versions, default=list(VERSIONS),
