@@ -31,7 +31,7 @@ from core import cli
 from core.cli import positive_int
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path, engine_inputs, write_atomic
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -54,10 +54,11 @@ def write_text(path: str | Path, text: str) -> None:
         raise EvalError(f"cannot write {path}: {e.strerror or e}; choose a writable path") from None
 
 
-def check_outputs(*paths: tuple[str, str | Path]) -> None:
-    """Refuse, before any work, (option, path) pairs that cannot be written (a folder, an unwritable folder)."""
+def check_outputs(inputs: Sequence[tuple[str, str | Path | None]], *paths: tuple[str, str | Path]) -> None:
+    """Refuse, before any work, (option, path) pairs that cannot be written (a folder, an unwritable folder) or
+    that are one of the (option, path) ``inputs``."""
     for what, path in paths:
-        check_output_path(path, what)  # an OutputPathError is a BadInput
+        check_output_path(path, what, inputs)  # an OutputPathError is a BadInput
 
 
 def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
@@ -172,7 +173,9 @@ def run_dataset(args) -> int:
     from runtime.torch_detector import TorchReference
 
     names = [EngineModel.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
-    check_outputs(("--json" if args.json else "--results-dir", metrics_path),
+    inputs = [("annotation file", Path(args.coco_root) / ANNOTATIONS), ("--torch-weights", args.torch_weights),
+              *engine_inputs(args.engine)]
+    check_outputs(inputs, ("--json" if args.json else "--results-dir", metrics_path),
                   *(("--results-dir", out_dir / f"{name}_bbox.json") for name in names))
     gt, image_ids, paths = open_coco_root(Path(args.coco_root), args.limit)
 
@@ -219,7 +222,7 @@ def print_summary(metrics: dict[str, dict[str, float]], delta: float | None, ima
 
 def score_file(args) -> int:
     if args.json:
-        check_outputs(("--json", args.json))
+        check_outputs([("--annotations", args.annotations), ("--results", args.results)], ("--json", args.json))
     gt = load_ground_truth(args.annotations)
     results = check_results(gt, read_json(args.results, "results file"), f"results file {args.results}")
     known = set(gt.getCatIds())

@@ -460,10 +460,10 @@ def run(args: argparse.Namespace) -> int:
     timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
     # Every path we will write, checked before the build; folders are made only when the files are written.
     side = sidecar_path(output)
-    check_output_path(output, "engine")
-    check_output_path(side, "sidecar")
+    check_output_path(output, "engine", [("--weights", args.weights)])
+    check_output_path(side, "sidecar", [("--weights", args.weights)])
     if backend.name == "tensorrt":
-        check_output_path(timing_cache, "timing cache")
+        check_output_path(timing_cache, "timing cache", [("--weights", args.weights)])
 
     trt = backend.trt
     logger = make_logger(trt, verbose=args.verbose)

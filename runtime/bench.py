@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from core.progress import ProgressBar, format_seconds, print_table
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path, engine_inputs, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
 
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.warmup < 0:
         raise BadInput(f"--warmup {args.warmup} must be at least 0")
     if args.json is not None:
-        check_output_path(args.json, "--json")
+        check_output_path(args.json, "--json", [("--torch-weights", args.torch_weights), *engine_inputs(args.engine)])
     if args.torch_weights is not None and not args.torch_weights.is_file():
         raise BadInput(f"--torch-weights {args.torch_weights} not found")
     if args.engine is None and args.torch_weights is None:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from core.progress import ProgressBar, print_table
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path, engine_inputs, write_atomic
 from runtime.coco_names import label_name
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
@@ -144,9 +144,10 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
         raise BadInput(f"none of the {len(args.images)} image file(s) can be read: name existing image files")
     used: set[str] = set()
     jobs = [(i, path, args.out / _output_name(path, used) if args.out else None) for i, path in readable]
+    inputs = [("image", path) for path in args.images] + [("--weights", args.weights), *engine_inputs(args.engine)]
     for what, target in [("--json", args.json)] + [("--out", t) for *_, t in jobs]:
         if target is not None:
-            check_output_path(target, what)  # an OutputPathError is a BadInput
+            check_output_path(target, what, inputs)  # an OutputPathError is a BadInput
     unreadable = sorted(set(range(len(args.images))) - {i for i, _ in readable})
     return jobs, [str(args.images[i]) for i in unreadable]
 

@@ -431,6 +431,27 @@ def test_unwritable_output_paths_are_exit_2_before_building(what, shallow_weight
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("what", ["engine", "sidecar", "timing cache"])
+def test_outputs_that_are_the_weights_are_exit_2_before_building(what, shallow_weights, backend, tmp_path, capsys,
+                                                                monkeypatch, no_build):
+    """-o W.safetensors (or a link to it, or a sidecar or timing cache that lands on it) would replace the weights."""
+    link = tmp_path / "w.safetensors"
+    link.symlink_to(shallow_weights)
+    before = shallow_weights.read_bytes()
+    if what == "timing cache":
+        full_trt_named(backend, monkeypatch)
+        extra = ["-o", tmp_path / "e.plan", "--timing-cache", link]
+    else:
+        extra = ["-o", link.with_suffix(".plan") if what == "sidecar" else link]
+        if what == "sidecar":
+            (tmp_path / "w.json").symlink_to(shallow_weights)  # where the sidecar of w.plan goes
+    code, out, err = run_main(["--weights", shallow_weights, *extra, *SMALL_PROFILE], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"python -m netdef.build: error: {what} ") and "is the --weights" in err
+    assert shallow_weights.read_bytes() == before
+    assert not list(tmp_path.glob("*.plan"))
+
+
 def test_output_under_a_file_is_exit_2_before_building(shallow_weights, tmp_path, capsys, no_build):
     blocker = tmp_path / "engines"
     blocker.write_text("a file where the engine folder should be")

@@ -90,3 +90,40 @@ def test_argument_types_refuse_with_what_they_expected(parse, text, expected):
     with pytest.raises(argparse.ArgumentTypeError) as info:
         parse(text)
     assert expected in str(info.value) and repr(text) in str(info.value)
+
+
+# ---------------------------------------------------------------- outputs never replace inputs
+
+
+def test_an_output_that_is_an_input_is_refused_by_name_link_or_inode(tmp_path):
+    from core.sidecar import OutputPathError, check_output_path
+
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(b"jpeg")
+    (tmp_path / "sym.jpg").symlink_to(source)
+    (tmp_path / "hard.jpg").hardlink_to(source)
+    (tmp_path / "sub").mkdir()
+    inputs = [("--weights", None), ("image", source)]
+    for target in (source, tmp_path / "sym.jpg", tmp_path / "hard.jpg", tmp_path / "sub" / ".." / "photo.jpg"):
+        with pytest.raises(OutputPathError, match=r"--json .* is the image .*photo.jpg.*would destroy that input"):
+            check_output_path(target, "--json", inputs)
+    # The input named through a link is still the same file.
+    with pytest.raises(OutputPathError, match="is the image"):
+        check_output_path(source, "--json", [("image", tmp_path / "sym.jpg")])
+    other = tmp_path / "other.jpg"
+    other.write_bytes(b"jpeg")  # equal bytes, another file: fine
+    assert check_output_path(other, "--json", inputs) == other
+    assert check_output_path(tmp_path / "new.json", "--json", inputs) == tmp_path / "new.json"
+    assert source.read_bytes() == b"jpeg"
+
+
+def test_serve_client_json_over_an_image_is_refused_before_connecting(tmp_path, capsys):
+    from serve import client
+
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"jpeg")
+    # No server listens on port 9: reaching it would be exit 3, not 2.
+    assert client.main([str(image), "--json", str(image), "--url", "127.0.0.1:9"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--json {image} is the image {image}" in err[0], err
+    assert image.read_bytes() == b"jpeg"

@@ -369,6 +369,27 @@ def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
                                                          "--results", tmp_path / "none.json", "--json", tmp_path))
 
 
+def test_cli_outputs_that_are_inputs_are_refused(tmp_path, capsys):
+    """The metrics must not replace the results, the annotations or the engine they come from."""
+    ann, res = tmp_path / "ann.json", tmp_path / "res.json"
+    ann.write_text("{}")
+    res.write_text("[]")
+    (tmp_path / "res_link.json").symlink_to(res)
+    for target, label in [(res, "--results"), (ann, "--annotations"), (tmp_path / "res_link.json", "--results")]:
+        line = bad_input(capsys, "--annotations", ann, "--results", res, "--json", target)
+        assert f"--json {target} is the {label} " in line and "would destroy that input" in line
+    root = tmp_path / "coco"
+    write_coco(root)
+    engine = tmp_path / "e.plan"
+    engine.write_bytes(b"plan")
+    line = bad_input(capsys, "--coco-root", root, "--engine", engine, "--json", engine)
+    assert f"--json {engine} is the --engine" in line
+    line = bad_input(capsys, "--coco-root", root, "--engine", engine, "--json", root / "annotations" /
+                     "instances_val2017.json")
+    assert "is the annotation file" in line
+    assert (ann.read_text(), res.read_text(), engine.read_bytes()) == ("{}", "[]", b"plan")
+
+
 # ----------------------------------------------------------------------------------------------
 # The PyTorch reference on a tiny set, random weights
 # ----------------------------------------------------------------------------------------------

@@ -273,7 +273,10 @@ def test_output_paths(ckpt, tmp_path, capsys):
     rc, _, err = run([ckpt, "-o", tmp_path], capsys)
     assert_refused(rc, err, tmp_path, "is a folder")
     rc, _, err = run([ckpt, "-o", ckpt], capsys)
-    assert_refused(rc, err, tmp_path, "is the checkpoint itself")
+    assert_refused(rc, err, tmp_path, "is the checkpoint")
+    os.link(ckpt, tmp_path / "hard.pth")  # another name of the same file
+    rc, _, err = run([ckpt, "-o", tmp_path / "hard.pth"], capsys)
+    assert_refused(rc, err, tmp_path, "(the same file): writing it would destroy that input")
     # /proc takes no new files, even from root (for whom permission bits do not count).
     rc, _, err = run([ckpt, "-o", "/proc/anchortrt.safetensors"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1

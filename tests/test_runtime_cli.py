@@ -171,6 +171,29 @@ def test_infer_cli_bad_destinations_before_the_gpu(images_dir, capsys, gpu_probe
     assert sorted(images_dir.rglob("*")) == sorted(before + [images_dir / "model.plan", images_dir / "model.json"])
 
 
+def test_infer_cli_never_writes_over_an_input(images_dir, capsys, gpu_probes):
+    """--json or an annotated copy that is an input image (by name, symlink or hard link) or the engine: exit 2
+    before the GPU, and every input keeps its bytes."""
+    image = images_dir / "gray.jpg"
+    engine = write_engine(images_dir)
+    (images_dir / "link.jpg").symlink_to(image)
+    (images_dir / "hard.json").hardlink_to(image)
+    before = {p: p.read_bytes() for p in images_dir.iterdir() if p.is_file()}
+    cases = [
+        (["--json", str(image)], "--json .*gray.jpg is the image .*gray.jpg: writing it would destroy"),
+        (["--json", str(images_dir / "link.jpg")], "--json .*link.jpg is the image .*gray.jpg \\(the same file\\)"),
+        (["--json", str(images_dir / "hard.json")], "--json .*hard.json is the image .*gray.jpg \\(the same file\\)"),
+        (["--json", str(engine)], "--json .*model.plan is the --engine"),
+        (["--json", str(images_dir / "model.json")], "--json .*model.json is the sidecar of --engine"),
+        (["--out", str(images_dir)], "--out .*gray.jpg is the image"),  # photo.jpg --out . in its own folder
+    ]
+    for extra, pattern in cases:
+        assert infer.main([str(image), "--engine", str(engine), *extra]) == 2, extra
+        assert re.search(pattern, one_error_line(capsys)), extra
+    assert not gpu_probes
+    assert {p: p.read_bytes() for p in images_dir.iterdir() if p.is_file()} == before
+
+
 def test_infer_cli_batch_must_be_positive(capsys):
     with pytest.raises(SystemExit) as info:
         infer.main(["x.jpg", "--batch", "0"])
@@ -243,6 +266,8 @@ def test_bench_checks_the_engine_files_before_the_gpu(tmp_path, capsys, gpu_prob
     assert "batch 1 of 800x2000 is outside the engine profile" in one_error_line(capsys, "python -m runtime.bench")
     assert bench.main(["--engine", str(engine), "--json", str(tmp_path)]) == 2
     assert "is a folder" in one_error_line(capsys, "python -m runtime.bench")
+    assert bench.main(["--engine", str(engine), "--json", str(engine.with_suffix(".json"))]) == 2
+    assert "is the sidecar of --engine" in one_error_line(capsys, "python -m runtime.bench")
     assert not gpu_probes
     # the same engine within its profile gets as far as the GPU
     assert bench.main(["--engine", str(engine), "--shapes", "800x800", "--batch", "1"]) == 3 and gpu_probes

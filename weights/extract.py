@@ -71,10 +71,7 @@ def _step(desc: str) -> Iterator[None]:
 def _check_output(output: str | os.PathLike, checkpoint: str | None) -> Path:
     """The output path if we may write it; refused before any work: a folder, device or pipe (the final rename
     would replace it), an unwritable folder, the checkpoint itself."""
-    path = check_output_path(output, "output")
-    if checkpoint and path.exists() and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
-        raise BadInput(f"output {path} is the checkpoint itself: choose another -o")
-    return path
+    return check_output_path(output, "output", [("checkpoint", checkpoint)])
 
 
 def _check_inputs(
