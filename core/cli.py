@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
-from core.errors import AnchorError
+from core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AnchorError, Terminated
 
 
 def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -28,12 +30,31 @@ def fail(prog: str, message: Any, code: int) -> int:
     return code
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def guarded(prog: str, run: Callable[..., int], *args: Any) -> int:
-    """run(*args)'s exit code; an expected failure becomes one error line on stderr and its class's exit code."""
+    """run(*args)'s exit code; an expected failure becomes one error line on stderr and its class's exit code.
+
+    Ctrl-C and SIGTERM become one line, ``prog: interrupted``, and exit 130 (143 for SIGTERM) once the
+    KeyboardInterrupt has unwound ``run``: our writes are atomic (core.sidecar.replace_atomically) and temporary
+    folders are context managers, so nothing is left half-written. SIGTERM takes that path only where nothing
+    else handles it (a server that installs its own handler inside ``run`` keeps it)."""
+    restore = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        restore = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(*args)
     except AnchorError as exc:
         return fail(prog, exc, exc.exit_code)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{prog}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
 
 
 # ---------------------------------------------------------------- argument types

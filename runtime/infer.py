@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from core.progress import ProgressBar, print_table
-from core.sidecar import check_output_path, engine_inputs, write_atomic
+from core.sidecar import check_output_path, engine_inputs, replace_atomically, write_atomic
 from runtime.coco_names import label_name
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
@@ -180,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
                     total += len(detections["scores"])
                     records += coco_records(image_id(path, index), detections)
                     if target is not None:
-                        _write(target, lambda: draw_detections(rgb, detections).save(target, quality=92))
+                        drawn = draw_detections(rgb, detections)  # written whole or not at all, even on Ctrl-C
+                        _write(target, lambda: replace_atomically(
+                            target, lambda tmp: drawn.save(tmp, format="JPEG", quality=92)))
                 bar.update(1)
     finally:
         runner.close()

@@ -127,3 +127,46 @@ def test_serve_client_json_over_an_image_is_refused_before_connecting(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--json {image} is the image {image}" in err[0], err
     assert image.read_bytes() == b"jpeg"
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+def test_guarded_turns_ctrl_c_and_sigterm_into_one_line(capsys):
+    import signal
+
+    from core.errors import Terminated
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def terminated():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM takes the KeyboardInterrupt path
+        raise Terminated
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert cli.guarded("python -m tool", interrupted) == 130
+    assert capsys.readouterr().err == "python -m tool: interrupted\n"
+    assert cli.guarded("python -m tool", terminated) == 143
+    assert capsys.readouterr().err == "python -m tool: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+
+
+@pytest.mark.parametrize("module, function, argv", [
+    ("weights.extract", "run", ["--random-init", "r50_c5", "-o", "{tmp}/w.safetensors"]),
+    ("reference.check", "run", ["--weights", "{tmp}/w.safetensors"]),
+    ("runtime.bench", "run", ["--engine", "{tmp}/e.plan"]),
+    ("runtime.infer", "run", ["{tmp}/x.jpg"]),
+    ("eval.coco", "score_file", ["--annotations", "{tmp}/a.json", "--results", "{tmp}/r.json"]),
+    ("serve.client", "run", ["{tmp}/x.jpg"]),
+    ("netdef.build", "run", ["--weights", "{tmp}/w.safetensors"]),
+])
+def test_ctrl_c_in_every_command_is_one_line_and_exit_130(module, function, argv, tmp_path, capsys, monkeypatch):
+    mod = importlib.import_module(module)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, function, interrupted)
+    assert mod.main([a.format(tmp=tmp_path) for a in argv]) == 130
+    assert capsys.readouterr().err == f"python -m {module}: interrupted\n"

@@ -302,3 +302,47 @@ def test_infer_cli_unwritable_json_is_one_line(images_dir, monkeypatch, capsys):
     assert one_error_line(capsys) == (f"python -m runtime.infer: error: --json {target} is a folder: name a regular "
                                       "file or a new path")
     assert not detector.calls
+
+
+def test_bench_synthetic_is_bounded_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    assert bench.main(["--pipeline", f"synthetic:{bench.MAX_SYNTHETIC + 1}", "--torch-weights", str(weights),
+                       "--torch-device", "cpu"]) == 2
+    line = one_error_line(capsys, "python -m runtime.bench")
+    assert f"at most synthetic:{bench.MAX_SYNTHETIC}" in line and "--pipeline DIR" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_bench_torch_device_is_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--torch-weights", "w.safetensors", "--torch-device", "tpu"])
+    assert info.value.code == 2
+    assert "argument --torch-device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum, code, line", [(2, 130, "interrupted"), (15, 143, "terminated (SIGTERM)")])
+def test_bench_synthetic_folder_is_removed_on_ctrl_c_and_sigterm(signum, code, line, tmp_path):
+    """Signalled while it writes its JPEGs (progress on stderr), bench removes the folder and says so in one line."""
+    import os
+    import time
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")  # never opened: the signal comes while the images are written
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime.bench", "--pipeline", "synthetic:5000", "--torch-weights", str(weights),
+         "--torch-device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("anchortrt-bench-*/*.jpg")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(scratch.glob("anchortrt-bench-*/*.jpg")), "no synthetic image written within 60 s"
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"python -m runtime.bench: {line}" and "Traceback" not in err
+    assert "writing synthetic images" in err  # the progress line
+    assert list(scratch.iterdir()) == []
