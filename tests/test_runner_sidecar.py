@@ -435,3 +435,15 @@ def test_plain_enqueue_uses_one_context_and_failed_captures_stay_plain(cpu_runne
         assert [run_shape(runner, *A), run_shape(runner, *A)] == [False, False]
         assert "capture refused" in runner.graph_failures[A] and not runner._graphs
         assert runner.context.runs == [A]  # the first run was on the context that failed to capture
+
+
+def test_failed_shape_inference_is_one_line_not_a_runtime_error(cpu_runner, monkeypatch):
+    from core.errors import BadInput
+
+    def refuse(self):
+        raise RuntimeError("IExecutionContext::inferShapes: error")  # what the bindings raise
+
+    monkeypatch.setattr(RecordingContext, "infer_shapes", refuse)
+    with pytest.raises(BadInput, match=r"cannot infer output shapes for batch \d+ of \d+x\d+ "
+                                       r"\(IExecutionContext::inferShapes: error\)"):
+        cpu_runner()  # the runner sizes its buffers for the profile's largest shape when it opens
