@@ -220,6 +220,13 @@ def weights_problem(sidecar: Mapping[str, Any], weights_sha256: str) -> str | No
             f"the named weights are {weights_sha256[:12]}...")
 
 
+def same_release(a: str, b: str) -> bool:
+    """Whether two TensorRT versions are one release: their numbers, not packaging suffixes (10.13.3.9.post1 is a
+    re-upload of 10.13.3.9 with an identical tensorrt.so, and an engine built by one loads in the other)."""
+    ra, rb = version_tuple(a), version_tuple(b)
+    return ra == rb if ra and rb else a == b
+
+
 def check_sidecar(
     sidecar: Mapping[str, Any],
     *,
@@ -252,7 +259,7 @@ def check_sidecar(
         if running[:1] != built[:1] or running < built:
             problems.append(f"engine was built by TensorRT {built_version} with --version-compatible, which runs on "
                             f"TensorRT {built[0]}.x from {built_version} on; this is TensorRT {trt_version}")
-    elif trt_version != built_version:
+    elif not same_release(trt_version, built_version):
         problems.append(f"engine was built by TensorRT {built_version}, this is TensorRT {trt_version}")
     built_cc = (sidecar.get("gpu") or {}).get("compute_capability")
     running_cc = _cc_string(compute_capability)
