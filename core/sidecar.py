@@ -20,6 +20,7 @@ Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
     weights_sha256    sha256 of the weights file
     inputs, outputs   {name: {"dtype": "float32", "shape": [-1, 3, -1, -1]}}
     anchortrt_version version of this package
+    random_init       true when the engine embeds random weights (weights.extract --random-init); absent otherwise
 """
 
 from __future__ import annotations
@@ -183,7 +184,10 @@ def write_sidecar(engine_path: str | os.PathLike, sidecar: Mapping[str, Any]) ->
     if missing:
         raise SidecarError(f"sidecar is missing {missing}")
     path = sidecar_path(engine_path)
-    write_atomic(path, (json.dumps({k: sidecar[k] for k in SIDECAR_KEYS}, indent=2) + "\n").encode())
+    fields = {k: sidecar[k] for k in SIDECAR_KEYS}
+    if sidecar.get("random_init"):  # optional: engines of real weights keep the fields they always had
+        fields["random_init"] = True
+    write_atomic(path, (json.dumps(fields, indent=2) + "\n").encode())
     return path
 
 

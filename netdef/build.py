@@ -501,6 +501,7 @@ def run(args: argparse.Namespace) -> int:
         "trt_version": backend.version,
         "gpu": gpu_entry(),
         "weights_sha256": weights.file_sha256(args.weights),
+        "random_init": weights.is_random_init(args.weights),
         "inputs": inputs,
         "outputs": outputs,
         "version_compatible": args.version_compatible,

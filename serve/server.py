@@ -30,6 +30,7 @@ from PIL import Image
 from core.sidecar import MIN_SIDE
 from core.cli import guarded, hw, parser, positive_int
 from core.errors import BadInput, Unavailable
+from runtime.infer import warn_random_weights
 from runtime.preprocess import preprocess_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
 
@@ -307,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         models = torch_models(args.torch_weights, args.device, args.instances, args.max_size)
     try:
+        warn_random_weights(args.torch_weights, args.engine)
         profile_batch = models[0].max_batch
         max_batch = args.max_batch or profile_batch or DEFAULT_TORCH_BATCH
         if profile_batch is not None and max_batch > profile_batch:

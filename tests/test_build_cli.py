@@ -482,6 +482,21 @@ def test_profile_beyond_int32_indexing_is_exit_2_before_building(shallow_weights
     assert build.largest_activation(AnchorDETRConfig(), Profile())[0] < build.MAX_ACTIVATION_ELEMENTS
 
 
+def test_an_engine_of_random_weights_says_so_in_its_sidecar(shallow_weights, tmp_path, capsys, monkeypatch):
+    """weights.extract --random-init marks the weights; the engine's sidecar carries the mark for the runtime."""
+    import weights
+
+    cfg, tensors = weights.load(shallow_weights)
+    marked = tmp_path / "random.safetensors"
+    weights.save(marked, cfg, tensors, source="random-init", random_init=True)
+    monkeypatch.setattr(build, "build_serialized", lambda *a: memoryview(b"plan"))  # the sidecar is the point
+    for source, flag in ((marked, True), (shallow_weights, None)):
+        engine = tmp_path / f"{source.stem}.plan"
+        code, out, err = run_main(["--weights", source, "-o", engine, *SMALL_PROFILE], capsys)
+        assert code == 0, err
+        assert json.loads(engine.with_suffix(".json").read_text()).get("random_init") is flag
+
+
 def test_profile_warnings_fail_the_build_with_exit_2(shallow_weights, tmp_path, capsys, monkeypatch):
     real = build.create_network
 

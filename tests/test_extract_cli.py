@@ -79,6 +79,7 @@ def test_extracts_an_official_checkpoint(ckpt, sd, tmp_path, capsys):
     assert set(tensors) == set(expected)
     assert all(np.array_equal(tensors[k], v.numpy()) for k, v in expected.items())
     meta = weights.read_metadata(out)
+    assert not weights.is_random_init(out)
     assert meta["source"] == "AnchorDETR_r50_c5.pth"
     assert meta["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert AnchorDETRConfig.from_json(meta["config"]) == CFG
@@ -136,6 +137,7 @@ def test_random_init_writes_a_valid_file(tmp_path, capsys):
     assert rc == 0, err
     cfg, tensors = weights.load(out)
     assert cfg == CFG and weights.read_metadata(out)["source"] == "random-init r50_c5 seed 1"
+    assert weights.is_random_init(out)  # the runtime warns that its detections mean nothing
     expected = naming.to_builder(random_state_dict(CFG, 1), CFG)
     assert all(np.array_equal(tensors[k], v.numpy()) for k, v in expected.items())
 

@@ -346,3 +346,84 @@ def test_bench_synthetic_folder_is_removed_on_ctrl_c_and_sigterm(signum, code, l
     assert err.strip().splitlines()[-1] == f"python -m runtime.bench: {line}" and "Traceback" not in err
     assert "writing synthetic images" in err  # the progress line
     assert list(scratch.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the PyTorch reference and random weights
+
+
+@pytest.fixture(scope="module")
+def tiny_random_weights(tmp_path_factory):
+    """A C5 model of one encoder and one decoder layer with random weights, marked so as weights.extract marks them."""
+    pytest.importorskip("torch")
+    import weights
+    from core.config import AnchorDETRConfig
+    from weights import naming
+
+    cfg = AnchorDETRConfig(dilation=False, enc_layers=1, dec_layers=1)
+    path = tmp_path_factory.mktemp("torch") / "tiny.safetensors"
+    weights.save(path, cfg, naming.to_builder(weights.random_state_dict(cfg, 0), cfg), source="random-init",
+                 random_init=True)
+    return path
+
+
+def test_infer_cli_runs_the_torch_reference_on_the_cpu(tiny_random_weights, tmp_path, capsys, gpu_probes):
+    """--torch-weights --device cpu: the same table, JSON and annotated image, no GPU probe, and one warning line
+    that the weights are random."""
+    image = tmp_path / "000000000007.jpg"
+    solid(400, 40, 0).save(image)  # elongated: the evaluation resize stays small (40x400 -> 133x1333)
+    out, results = tmp_path / "annotated", tmp_path / "r.json"
+    code = infer.main([str(image), "--torch-weights", str(tiny_random_weights), "--device", "cpu", "--threshold", "0",
+                       "--out", str(out), "--json", str(results)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "000000000007.jpg  400x40  100 detections (score >= 0)" in captured.out
+    assert "1 image processed, 100 detections" in captured.out
+    records = json.loads(results.read_text())
+    assert len(records) == 100 and {r["image_id"] for r in records} == {7}
+    assert Image.open(out / "000000000007.jpg").size == (400, 40)
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --torch-weights {tiny_random_weights} holds random weights (weights.extract "
+                        "--random-init): its detections mean nothing; extract an official checkpoint for real ones"]
+    assert not gpu_probes
+
+
+def test_infer_cli_torch_arguments_are_checked_first(tmp_path, capsys, gpu_probes, monkeypatch):
+    monkeypatch.setattr(infer, "open_reference", lambda *a: pytest.fail("opened the reference"))
+    image = tmp_path / "x.jpg"
+    solid(64, 48, 0).save(image)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    cases = [
+        (["--torch-weights", str(tmp_path / "none.safetensors")], "--torch-weights .*none.safetensors not found: make "
+                                                                  "it with `python -m weights.extract`"),
+        (["--torch-weights", str(weights), "--engine", "e.plan"], "--engine is for engines; --torch-weights runs"),
+        (["--torch-weights", str(weights), "--weights", str(weights)], "--weights is for engines"),
+        (["--torch-weights", str(weights), "--preprocess", "gpu"], "with --torch-weights use --preprocess cpu"),
+        (["--device", "cpu"], "--device applies to --torch-weights only"),
+        (["--torch-weights", str(weights), "--json", str(weights)], "--json .*w.safetensors is the --torch-weights"),
+    ]
+    for extra, pattern in cases:
+        assert infer.main([str(image), *extra]) == 2, extra
+        assert re.search(pattern, one_error_line(capsys)), extra
+    assert not gpu_probes
+    with pytest.raises(SystemExit):
+        infer.main([str(image), "--torch-weights", str(weights), "--device", "tpu"])
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_random_weights_warning_reads_the_weights_or_the_engine_sidecar(tiny_random_weights, tmp_path, capsys):
+    import weights
+    from core.sidecar import load_sidecar, write_sidecar
+
+    cfg, tensors = weights.load(tiny_random_weights)
+    real = tmp_path / "real.safetensors"
+    weights.save(real, cfg, tensors, source="AnchorDETR_r50_c5.pth", source_sha256="ab" * 32)
+    assert weights.is_random_init(tiny_random_weights) and not weights.is_random_init(real)
+    assert "random_init" not in weights.read_metadata(real)  # a checkpoint's file keeps its old metadata
+    engine = write_engine(tmp_path)
+    assert "random_init" not in load_sidecar(engine)
+    assert not infer.warn_random_weights(real) and not infer.warn_random_weights(engine=engine)
+    assert capsys.readouterr().err == ""
+    write_sidecar(engine, dict(load_sidecar(engine), random_init=True))
+    assert infer.warn_random_weights(engine=engine)
+    assert capsys.readouterr().err.startswith(f"warning: engine {engine} holds random weights")

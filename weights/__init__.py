@@ -8,7 +8,8 @@
 - ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
 
 Metadata (all strings): ``format="anchortrt-weights"``, ``format_version="1"``, ``config`` (cfg.to_json()),
-``source`` (checkpoint file name or a random-init description), ``source_sha256``. Importing this package
+``source`` (checkpoint file name or a random-init description), ``source_sha256``, and ``random_init="true"`` in
+files of random weights (``is_random_init``: the runtime warns that their detections mean nothing). Importing this package
 needs numpy and safetensors only: the runtime loads weights without torch.
 """
 
@@ -30,11 +31,12 @@ from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
-    "official_shapes", "builder_shapes", "random_state_dict",
+    "official_shapes", "builder_shapes", "random_state_dict", "is_random_init",
 ]
 
 FORMAT = "anchortrt-weights"
 FORMAT_VERSION = "1"
+RANDOM_INIT = "random_init"  # metadata key, "true" in a file of random weights
 
 
 class WeightsError(BadInput, ValueError):
@@ -82,8 +84,10 @@ def save(
     tensors: Mapping[str, Any],
     source: str = "",
     source_sha256: str = "",
+    random_init: bool = False,
 ) -> None:
-    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all."""
+    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all. ``random_init``:
+    the tensors are random (weights.extract --random-init), recorded in the metadata."""
     path = os.fspath(path)
     problems = compare_keys(tensors, builder_shapes(cfg))
     if problems:
@@ -93,6 +97,8 @@ def save(
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
         "source": source, "source_sha256": source_sha256,
     }
+    if random_init:  # only then: a checkpoint's file keeps the bytes it always had
+        metadata[RANDOM_INIT] = "true"
     replace_atomically(path, lambda tmp: _write_safetensors(tmp, arrays, metadata))
 
 
@@ -116,6 +122,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             f"{FORMAT_VERSION}: extract it again with this version's `python -m weights.extract`"
         )
     return meta
+
+
+def is_random_init(path: str | os.PathLike) -> bool:
+    """Whether the weights file holds random weights (written by ``weights.extract --random-init``)."""
+    return read_metadata(path).get(RANDOM_INIT) == "true"
 
 
 def load(path: str | os.PathLike) -> tuple[AnchorDETRConfig, dict[str, np.ndarray]]:

@@ -128,7 +128,7 @@ def extract(
         tensors = naming.to_builder(sd, cfg)
     with _step(f"writing {output}"):
         try:
-            save(output, cfg, tensors, source=source, source_sha256=source_sha256)
+            save(output, cfg, tensors, source=source, source_sha256=source_sha256, random_init=bool(random_init))
         except OSError as exc:
             raise BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
     return {
