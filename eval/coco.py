@@ -86,12 +86,10 @@ def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
 
 
 def open_models(args) -> list:
-    from weights import file_sha256
+    from weights import file_sha256, require_weights_file
 
-    if args.torch_weights and not Path(args.torch_weights).is_file():
-        raise EvalError(
-            f"--torch-weights {args.torch_weights} does not exist: make it with `python -m weights.extract`"
-        )
+    if args.torch_weights:
+        require_weights_file(args.torch_weights, "--torch-weights")
     models = []
     try:
         if args.engine:

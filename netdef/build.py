@@ -31,10 +31,6 @@ from plugins import NAMES as PLUGIN_NAMES
 DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")
 # FP32 R50-DC5 at the default maximum (8x1344x1344) asks TensorRT-RTX for 8.2 GiB at build time; leave room.
 DEFAULT_WORKSPACE_MIB = 16384
-MISSING_WEIGHTS = (
-    "weights file {path} not found: extract a checkpoint with `python -m weights.extract CKPT.pth -o {path}` "
-    "or make random-init weights with `python -m weights.extract --random-init r50_dc5 -o {path}`"
-)
 
 
 # TensorRT indexes a tensor's elements with int32 (NVIDIA documents 2^31-1 elements as the limit for most layers);
@@ -444,14 +440,13 @@ def run(args: argparse.Namespace) -> int:
     if args.version_compatible and args.plugins:
         raise BadInput("--version-compatible with --plugins is untested (ahead-of-time plugin layers in a "
                        "version-compatible plan): build with --plugins none, or without --version-compatible")
-    if not args.weights.is_file():
-        raise BadInput(MISSING_WEIGHTS.format(path=args.weights))
+    import weights
+
+    weights.require_weights_file(args.weights)
     backend = get_backend(args.backend)
     check_plugins(backend, args.plugins)
     if args.version_compatible:
         check_version_compatible(backend)
-
-    import weights
 
     cfg, tensors = weights.load(args.weights)
     check_activation_size(cfg, profile)

@@ -20,9 +20,10 @@ from typing import Any, Sequence
 from core import cli
 from core.backend import BUILDERS, get_backend
 from core.errors import BadInput, Failed, Unavailable
-from netdef.build import DEFAULT_WEIGHTS, MAX_ACTIVATION_ELEMENTS, MISSING_WEIGHTS, create_network, largest_activation
+from netdef.build import DEFAULT_WEIGHTS, MAX_ACTIVATION_ELEMENTS, create_network, largest_activation
 from core.progress import Spinner, format_bytes, print_table
 from core.sidecar import MIN_SIDE, Profile
+from weights import require_weights_file
 
 # Tolerances on the block's relative error (max |net - ref| / max |ref|). FP32: both sides compute in float32
 # with different summation orders; 1e-3 leaves room for the deep backbone's accumulated rounding. FP16: fp16
@@ -214,8 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if min(args.size) < MIN_SIDE:
         raise BadInput(f"--size {args.size[0]}x{args.size[1]} is below {MIN_SIDE}x{MIN_SIDE}, the smallest image with a feature map")
-    if not args.weights.is_file():
-        raise BadInput(MISSING_WEIGHTS.format(path=args.weights))
+    require_weights_file(args.weights)
     if args.device == "cuda":
         import torch
 

@@ -22,6 +22,7 @@ from core.progress import ProgressBar, format_bytes, format_seconds, print_table
 from core.sidecar import check_output_path, engine_inputs, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
+from weights import require_weights_file
 
 TORCH_MODES = {
     "fp32": "eager FP32 (TF32 off)",
@@ -336,8 +337,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BadInput(f"--warmup {args.warmup} must be at least 0")
     if args.json is not None:
         check_output_path(args.json, "--json", [("--torch-weights", args.torch_weights), *engine_inputs(args.engine)])
-    if args.torch_weights is not None and not args.torch_weights.is_file():
-        raise BadInput(f"--torch-weights {args.torch_weights} not found")
+    if args.torch_weights is not None:
+        require_weights_file(args.torch_weights, "--torch-weights")
     if args.engine is None and args.torch_weights is None:
         args.engine = DEFAULT_ENGINE
     if args.pipeline is not None:

@@ -19,6 +19,7 @@ from runtime.coco_names import label_name
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
 from runtime.preprocess import ImageError
+from weights import require_weights_file
 
 EPILOG = """\
 examples:
@@ -177,16 +178,15 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
                                "give one or the other")
         if args.preprocess == "gpu":
             raise BadInput("--preprocess gpu writes into an engine's inputs; with --torch-weights use --preprocess cpu")
-        if not args.torch_weights.is_file():
-            raise BadInput(f"--torch-weights {args.torch_weights} not found: make it with `python -m weights.extract`")
+        require_weights_file(args.torch_weights, "--torch-weights")
     elif args.device is not None:
         raise BadInput("--device applies to --torch-weights only (an engine runs on GPU 0)")
     else:
         from runtime.runner import DEFAULT_ENGINE
 
         args.engine = args.engine or DEFAULT_ENGINE
-    if args.weights is not None and not args.weights.is_file():
-        raise BadInput(f"--weights {args.weights} not found: name the weights file the engine was built from")
+    if args.weights is not None:
+        require_weights_file(args.weights, fix="name the weights file the engine was built from")
     readable = [(i, path) for i, path in enumerate(args.images) if _readable(path)]
     if not readable:
         raise BadInput(f"none of the {len(args.images)} image file(s) can be read: name existing image files")

@@ -294,6 +294,14 @@ def test_missing_weights_says_how_to_make_them(tmp_path, capsys):
     assert "python -m weights.extract --random-init r50_dc5 -o" in err
 
 
+def test_a_folder_as_weights_says_it_is_a_folder(tmp_path, capsys):
+    """Not "not found, extract ... -o FOLDER", which would fail again: what is there, and what is expected."""
+    code, out, err = run_main(["--weights", tmp_path], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--weights {tmp_path} is a folder, not a weights file: name the .safetensors file" in err
+    assert "not found" not in err and f"-o {tmp_path}" not in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--min", "800x800", "--opt", "640x640"], "height needs min <= opt <= max"),
     (["--batch", "2,1,8"], "batch needs min <= opt <= max"),

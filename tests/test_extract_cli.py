@@ -200,8 +200,8 @@ def test_checkpoint_of_another_model_names_keys(sd, tmp_path, capsys):
     rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
     assert_refused(
         rc, err, tmp_path,
-        "not an official r50_c5 state dict: 1 missing keys: transformer.adapt_pos2d.0.bias; "
-        "1 unexpected keys: transformer.query_scale.weight",
+        "not an official r50_c5 state dict: 1 missing key: transformer.adapt_pos2d.0.bias; "
+        "1 unexpected key: transformer.query_scale.weight",
     )
 
 

@@ -394,8 +394,9 @@ def test_infer_cli_torch_arguments_are_checked_first(tmp_path, capsys, gpu_probe
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"x")
     cases = [
-        (["--torch-weights", str(tmp_path / "none.safetensors")], "--torch-weights .*none.safetensors not found: make "
-                                                                  "it with `python -m weights.extract`"),
+        (["--torch-weights", str(tmp_path / "none.safetensors")], "--torch-weights .*none.safetensors not found: "
+                                                                  "extract a checkpoint with `python -m weights.extract"),
+        (["--torch-weights", str(tmp_path)], "--torch-weights .* is a folder, not a weights file"),
         (["--torch-weights", str(weights), "--engine", "e.plan"], "--engine is for engines; --torch-weights runs"),
         (["--torch-weights", str(weights), "--weights", str(weights)], "--weights is for engines"),
         (["--torch-weights", str(weights), "--preprocess", "gpu"], "with --torch-weights use --preprocess cpu"),

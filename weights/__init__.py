@@ -31,7 +31,7 @@ from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
-    "official_shapes", "builder_shapes", "random_state_dict", "is_random_init",
+    "official_shapes", "builder_shapes", "random_state_dict", "is_random_init", "require_weights_file",
 ]
 
 FORMAT = "anchortrt-weights"
@@ -46,6 +46,20 @@ class WeightsError(BadInput, ValueError):
 def default_weights_path(variant: str) -> Path:
     """``weights/anchor_detr_<variant>.safetensors``, relative to the repository root (the README's layout)."""
     return Path("weights") / f"anchor_detr_{variant}.safetensors"
+
+
+def require_weights_file(path: str | os.PathLike, option: str = "--weights", fix: str | None = None) -> Path:
+    """``path`` if it is a file; else WeightsError naming what is there (a folder, nothing) and the fix: for a
+    missing file ``fix``, by default how to make one with weights.extract."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise WeightsError(f"{option} {path} is a folder, not a weights file: name the .safetensors file that "
+                           f"`python -m weights.extract` wrote, e.g. {path / default_weights_path('r50_dc5').name}")
+    fix = fix or (f"extract a checkpoint with `python -m weights.extract CKPT.pth -o {path}` or make random-init "
+                  f"weights with `python -m weights.extract --random-init r50_dc5 -o {path}`")
+    raise WeightsError(f"{option} {path} not found: {fix}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -106,9 +120,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of one of our files, checked for format and version."""
     from safetensors import SafetensorError, safe_open
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file {path} does not exist: run `python -m weights.extract` to make it")
+    path = os.fspath(require_weights_file(path, "weights file"))
     try:
         with safe_open(path, framework="np") as f:
             meta = f.metadata() or {}
