@@ -97,21 +97,29 @@ def probability(text: str) -> float:
     return value
 
 
-def int_list(text: str, expected: str = "comma-separated positive integers, e.g. 1,4") -> list[int]:
-    """Comma-separated positive integers: ``1,4``."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise _bad(text, expected) from None
-    if min(values) < 1:
-        raise _bad(text, expected)
+def int_list(text: str, expected: str = "comma-separated positive integers, e.g. 1,4",
+             names: tuple[str, ...] = ()) -> list[int]:
+    """Comma-separated positive integers: ``1,4``. A refusal of several names the one that is wrong (by its
+    ``names`` entry, e.g. MIN, when given)."""
+    items = text.split(",")
+    values = []
+    for i, item in enumerate(items):
+        try:
+            value = int(item)
+        except ValueError:
+            value = 0
+        if value < 1:
+            which = f"{names[i]} " if i < len(names) else ""
+            detail = f": {which}{item.strip()!r} is not a positive integer" if len(items) > 1 else ""
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}{detail}")
+        values.append(value)
     return values
 
 
 def min_opt_max(text: str) -> tuple[int, int, int]:
     """``MIN,OPT,MAX`` positive integers (their order is for the caller to check, with a better message)."""
     expected = "MIN,OPT,MAX, e.g. 1,1,8"
-    values = int_list(text, expected)
+    values = int_list(text, expected, ("MIN", "OPT", "MAX"))
     if len(values) != 3:
         raise _bad(text, expected)
     return values[0], values[1], values[2]

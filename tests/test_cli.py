@@ -77,6 +77,17 @@ def test_argument_types_accept(parse, text, value):
     assert parse(text) == value
 
 
+@pytest.mark.parametrize("parse, text, detail", [
+    (cli.min_opt_max, "0,1,8", "got '0,1,8': MIN '0' is not a positive integer"),
+    (cli.min_opt_max, "1,x,8", "got '1,x,8': OPT 'x' is not a positive integer"),
+    (cli.int_list, "1,4,-2", "got '1,4,-2': '-2' is not a positive integer"),
+])
+def test_list_refusals_name_the_number_that_is_wrong(parse, text, detail):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value).endswith(detail), str(info.value)
+
+
 @pytest.mark.parametrize("parse, text, expected", [
     (cli.hw, "800", "HEIGHTxWIDTH"), (cli.hw, "0x800", "positive sides"), (cli.hw, "8x8x8", "HEIGHTxWIDTH"),
     (cli.hw_list, "800x800,big", "HxW[,HxW...]"), (cli.int_list, "1,x", "positive integers"),
