@@ -187,7 +187,7 @@ rel err is the block's max |network - reference| divided by its max |reference|,
 blocks of any scale; the default is 1e-3 for FP32 and 3e-2 for FP16 (against the FP32 reference).
 
 exit codes: 0 all blocks match, 1 a block differs, 2 bad input, 3 no TensorRT backend that can build here (or no
-CUDA for --device cuda).
+CUDA for --device cuda), 130 interrupted (Ctrl-C; 143 for SIGTERM).
 """
 
 

@@ -44,7 +44,8 @@ torch modes (--torch-modes):
 """ + "".join(f"  {k:20} {v}\n" for k, v in TORCH_MODES.items()) + """\
 pipeline rows (--pipeline DIR or synthetic:N, N deterministic 640x480 JPEGs in a temporary folder): images/s from
 files to detections, busy ms per image of each stage and the process's CPU ms per image, after one untimed batch.
-exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT)
+exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT),
+            130 interrupted (Ctrl-C; 143 for SIGTERM): synthetic images removed, --json holds the finished rows
 """
 
 

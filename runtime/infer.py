@@ -31,7 +31,8 @@ examples:
                                                              the PyTorch reference: no GPU, no TensorRT
 exit codes: 0 all images done, 1 some images could not be read (the others were processed),
             2 bad input (engine or sidecar missing, weights mismatch, bad arguments),
-            3 environment (no GPU, no TensorRT, engine built for another TensorRT or GPU, no PyTorch)
+            3 environment (no GPU, no TensorRT, engine built for another TensorRT or GPU, no PyTorch),
+            130 interrupted (Ctrl-C; 143 for SIGTERM): nothing is left half-written
 """
 
 
