@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
-from core.errors import AnchorError
+from core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AnchorError, Terminated
 
 
 def parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -28,12 +30,31 @@ def fail(prog: str, message: Any, code: int) -> int:
     return code
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def guarded(prog: str, run: Callable[..., int], *args: Any) -> int:
-    """run(*args)'s exit code; an expected failure becomes one error line on stderr and its class's exit code."""
+    """run(*args)'s exit code; an expected failure becomes one error line on stderr and its class's exit code.
+
+    Ctrl-C and SIGTERM become one line, ``prog: interrupted``, and exit 130 (143 for SIGTERM) once the
+    KeyboardInterrupt has unwound ``run``: our writes are atomic (core.sidecar.replace_atomically) and temporary
+    folders are context managers, so nothing is left half-written. SIGTERM takes that path only where nothing
+    else handles it (a server that installs its own handler inside ``run`` keeps it)."""
+    restore = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        restore = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(*args)
     except AnchorError as exc:
         return fail(prog, exc, exc.exit_code)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{prog}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
 
 
 # ---------------------------------------------------------------- argument types
@@ -76,21 +97,29 @@ def probability(text: str) -> float:
     return value
 
 
-def int_list(text: str, expected: str = "comma-separated positive integers, e.g. 1,4") -> list[int]:
-    """Comma-separated positive integers: ``1,4``."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise _bad(text, expected) from None
-    if min(values) < 1:
-        raise _bad(text, expected)
+def int_list(text: str, expected: str = "comma-separated positive integers, e.g. 1,4",
+             names: tuple[str, ...] = ()) -> list[int]:
+    """Comma-separated positive integers: ``1,4``. A refusal of several names the one that is wrong (by its
+    ``names`` entry, e.g. MIN, when given)."""
+    items = text.split(",")
+    values = []
+    for i, item in enumerate(items):
+        try:
+            value = int(item)
+        except ValueError:
+            value = 0
+        if value < 1:
+            which = f"{names[i]} " if i < len(names) else ""
+            detail = f": {which}{item.strip()!r} is not a positive integer" if len(items) > 1 else ""
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}{detail}")
+        values.append(value)
     return values
 
 
 def min_opt_max(text: str) -> tuple[int, int, int]:
     """``MIN,OPT,MAX`` positive integers (their order is for the caller to check, with a better message)."""
     expected = "MIN,OPT,MAX, e.g. 1,1,8"
-    values = int_list(text, expected)
+    values = int_list(text, expected, ("MIN", "OPT", "MAX"))
     if len(values) != 3:
         raise _bad(text, expected)
     return values[0], values[1], values[2]

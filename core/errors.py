@@ -12,6 +12,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the work ran but did not succeed: a build TensorRT refused, blocks that differ, skipped images
 EXIT_BAD_INPUT = 2  # something the user gave is wrong (argparse exits 2 on bad arguments too)
 EXIT_ENVIRONMENT = 3  # the machine lacks something: GPU, TensorRT, PyTorch
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it); SIGTERM gives 143 (128 + SIGTERM)
+EXIT_TERMINATED = 143
 
 
 class AnchorError(Exception):
@@ -36,3 +38,8 @@ class Failed(AnchorError):
     """The input was fine but the work did not succeed (TensorRT refused to build, the interpreter gave up)."""
 
     exit_code = EXIT_FAILED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same ``finally`` blocks and
+    context managers remove temporary and partial files (``core.cli.guarded`` installs it)."""

@@ -20,6 +20,7 @@ Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
     weights_sha256    sha256 of the weights file
     inputs, outputs   {name: {"dtype": "float32", "shape": [-1, 3, -1, -1]}}
     anchortrt_version version of this package
+    random_init       true when the engine embeds random weights (weights.extract --random-init); absent otherwise
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from core.backend import version_tuple
 from core.errors import BadInput
@@ -102,11 +103,34 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return engine_path.with_suffix(".json")
 
 
-def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same resolved path, or through a hard link the same inode."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:  # one does not exist (yet): not a file we would destroy
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_output_path(
+    path: str | os.PathLike, what: str = "output",
+    inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+) -> Path:
     """``path`` if we may write a file there: an existing regular file (replaced) or a new name whose nearest
     existing folder is writable (folders are made only when the file is written). Anything else, such as a
-    folder, a device or a pipe, is refused before any work starts; the rename would silently replace it."""
+    folder, a device or a pipe, is refused before any work starts; the rename would silently replace it.
+
+    ``inputs``: (label, path) of every file the command reads, e.g. ("image", "photo.jpg"). An output that is
+    one of them, by name, symbolic link or hard link, is refused: writing it would destroy the input."""
     path = Path(path)
+    for label, source in inputs:
+        if source is not None and same_file(path, source):
+            how = "" if os.path.abspath(path) == os.path.abspath(source) else " (the same file)"
+            raise OutputPathError(f"{what} {path} is the {label} {source}{how}: writing it would destroy that "
+                                  "input; choose another path")
     if path.exists() or path.is_symlink():
         target = path.resolve()
         if not target.is_file():
@@ -124,6 +148,13 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what} {path}: folder {folder} is not writable: name another path")
     return path
+
+
+def engine_inputs(engine: str | os.PathLike | None, what: str = "--engine") -> list[tuple[str, Path | None]]:
+    """The files an engine is read from, as ``check_output_path``'s ``inputs``: the plan and its sidecar."""
+    if engine is None:
+        return []
+    return [(what, Path(engine)), (f"sidecar of {what}", Path(engine).with_suffix(".json"))]
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -153,7 +184,10 @@ def write_sidecar(engine_path: str | os.PathLike, sidecar: Mapping[str, Any]) ->
     if missing:
         raise SidecarError(f"sidecar is missing {missing}")
     path = sidecar_path(engine_path)
-    write_atomic(path, (json.dumps({k: sidecar[k] for k in SIDECAR_KEYS}, indent=2) + "\n").encode())
+    fields = {k: sidecar[k] for k in SIDECAR_KEYS}
+    if sidecar.get("random_init"):  # optional: engines of real weights keep the fields they always had
+        fields["random_init"] = True
+    write_atomic(path, (json.dumps(fields, indent=2) + "\n").encode())
     return path
 
 
@@ -190,6 +224,13 @@ def weights_problem(sidecar: Mapping[str, Any], weights_sha256: str) -> str | No
             f"the named weights are {weights_sha256[:12]}...")
 
 
+def same_release(a: str, b: str) -> bool:
+    """Whether two TensorRT versions are one release: their numbers, not packaging suffixes (10.13.3.9.post1 is a
+    re-upload of 10.13.3.9 with an identical tensorrt.so, and an engine built by one loads in the other)."""
+    ra, rb = version_tuple(a), version_tuple(b)
+    return ra == rb if ra and rb else a == b
+
+
 def check_sidecar(
     sidecar: Mapping[str, Any],
     *,
@@ -222,7 +263,7 @@ def check_sidecar(
         if running[:1] != built[:1] or running < built:
             problems.append(f"engine was built by TensorRT {built_version} with --version-compatible, which runs on "
                             f"TensorRT {built[0]}.x from {built_version} on; this is TensorRT {trt_version}")
-    elif trt_version != built_version:
+    elif not same_release(trt_version, built_version):
         problems.append(f"engine was built by TensorRT {built_version}, this is TensorRT {trt_version}")
     built_cc = (sidecar.get("gpu") or {}).get("compute_capability")
     running_cc = _cc_string(compute_capability)

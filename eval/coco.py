@@ -13,7 +13,11 @@ Score an existing results file instead (the numbers pycocotools gives, unrounded
 
     python -m eval.coco --annotations ANN.json --results RES.json [--json METRICS]
 
-Exit codes: 0 ok, 2 bad input or usage, 3 environment (no GPU, no TensorRT, no PyTorch).
+An image that cannot be read is reported, left out, and listed under "skipped" in the metrics JSON: the mAP
+covers the others and the run is partial (exit 1).
+
+Exit codes: 0 ok, 1 partial (some images could not be read), 2 bad input or usage, 3 environment (no GPU, no
+TensorRT, no PyTorch), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Sequence
 
 from core import cli
 from core.cli import positive_int
+from core.errors import EXIT_FAILED
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path, engine_inputs, write_atomic
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -54,10 +59,11 @@ def write_text(path: str | Path, text: str) -> None:
         raise EvalError(f"cannot write {path}: {e.strerror or e}; choose a writable path") from None
 
 
-def check_outputs(*paths: tuple[str, str | Path]) -> None:
-    """Refuse, before any work, (option, path) pairs that cannot be written (a folder, an unwritable folder)."""
+def check_outputs(inputs: Sequence[tuple[str, str | Path | None]], *paths: tuple[str, str | Path]) -> None:
+    """Refuse, before any work, (option, path) pairs that cannot be written (a folder, an unwritable folder) or
+    that are one of the (option, path) ``inputs``."""
     for what, path in paths:
-        check_output_path(path, what)  # an OutputPathError is a BadInput
+        check_output_path(path, what, inputs)  # an OutputPathError is a BadInput
 
 
 def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
@@ -80,12 +86,10 @@ def image_files(gt, image_dir: Path, image_ids: Sequence[int]) -> list[Path]:
 
 
 def open_models(args) -> list:
-    from weights import file_sha256
+    from weights import file_sha256, require_weights_file
 
-    if args.torch_weights and not Path(args.torch_weights).is_file():
-        raise EvalError(
-            f"--torch-weights {args.torch_weights} does not exist: make it with `python -m weights.extract`"
-        )
+    if args.torch_weights:
+        require_weights_file(args.torch_weights, "--torch-weights")
     models = []
     try:
         if args.engine:
@@ -131,7 +135,8 @@ def open_coco_root(root: Path, limit: int | None):
 
 
 def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path], batch: int, workers: int):
-    """COCO results of every model over the images, and each model's seconds (inference, copies, postprocess).
+    """COCO results of every model over the images, each model's seconds (inference, copies, postprocess), the
+    ids of the images evaluated and the files that could not be read (reported on stderr as they come, skipped).
 
     Each batch is read (on `workers` threads), resized and padded once, ahead of the models (runtime.pipeline),
     and given to every model.
@@ -146,23 +151,29 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     prepared = bounded(decoded_batches(paths, batch, workers, stats), [cpu_preprocess(min_hw, max_hw, False, stats)])
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
-    done = 0
+    done, evaluated, skipped = 0, [], []
     # closing: the pipeline's threads stop before the caller closes the models, even after an error
     with closing(prepared), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
         for chunk in prepared:
-            unreadable = [image for image in chunk.images if isinstance(image, ImageError)]
-            if unreadable:
-                raise unreadable[0]  # a gap would skew the mAP
-            images, masks, sizes = chunk.arrays
             ids = image_ids[done : done + len(chunk.keys)]
             done += len(ids)
-            for model in models:
-                start = time.perf_counter()
-                detections = model(images, masks, sizes)
-                seconds[model.name] += time.perf_counter() - start
-                results[model.name].extend(coco_results(ids, detections))
-            bar.update(len(ids), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
-    return results, seconds
+            for key, image in zip(chunk.keys, chunk.images):
+                if isinstance(image, ImageError):
+                    print(f"skipped: {image}", file=sys.stderr)
+                    skipped.append(str(key))
+            ids = [ids[i] for i in chunk.readable]  # the mAP covers these only: a skipped image has no detections
+            evaluated += ids
+            if chunk.arrays is not None:
+                images, masks, sizes = chunk.arrays
+                for model in models:
+                    start = time.perf_counter()
+                    detections = model(images, masks, sizes)
+                    seconds[model.name] += time.perf_counter() - start
+                    results[model.name].extend(coco_results(ids, detections))
+            bar.update(len(chunk.keys), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
+    if not evaluated:
+        raise EvalError(f"none of the {len(image_ids)} images could be read (first: {skipped[0]}): check the files")
+    return results, seconds, evaluated, skipped
 
 
 def run_dataset(args) -> int:
@@ -172,14 +183,16 @@ def run_dataset(args) -> int:
     from runtime.torch_detector import TorchReference
 
     names = [EngineModel.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
-    check_outputs(("--json" if args.json else "--results-dir", metrics_path),
+    inputs = [("annotation file", Path(args.coco_root) / ANNOTATIONS), ("--torch-weights", args.torch_weights),
+              *engine_inputs(args.engine)]
+    check_outputs(inputs, ("--json" if args.json else "--results-dir", metrics_path),
                   *(("--results-dir", out_dir / f"{name}_bbox.json") for name in names))
     gt, image_ids, paths = open_coco_root(Path(args.coco_root), args.limit)
 
     models = []
     try:
         models = open_models(args)
-        results, seconds = run_models(models, image_ids, paths, args.batch, args.workers)
+        results, seconds, image_ids, skipped = run_models(models, image_ids, paths, args.batch, args.workers)
     finally:
         for model in models:
             model.close()
@@ -195,9 +208,14 @@ def run_dataset(args) -> int:
     delta = metrics["engine"]["AP"] - metrics["torch"]["AP"] if len(metrics) == 2 else None
     rates = {name: len(image_ids) / s for name, s in seconds.items()}
     print_summary(metrics, delta, rates)
-    report = {**metrics, "delta_AP": delta, "images": len(image_ids), "images_per_s": rates}
+    # skipped: unreadable files, left out of the mAP; a run that skipped any is partial (exit 1)
+    report = {**metrics, "delta_AP": delta, "images": len(image_ids), "images_per_s": rates, "skipped": skipped}
     write_text(metrics_path, json.dumps(report, indent=2) + "\n")
     print(f"\nmetrics: {metrics_path}")
+    if skipped:
+        print(f"partial: {len(skipped)} of {len(image_ids) + len(skipped)} images could not be read and are not in "
+              f"the mAP: {', '.join(skipped)}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -219,7 +237,7 @@ def print_summary(metrics: dict[str, dict[str, float]], delta: float | None, ima
 
 def score_file(args) -> int:
     if args.json:
-        check_outputs(("--json", args.json))
+        check_outputs([("--annotations", args.annotations), ("--results", args.results)], ("--json", args.json))
     gt = load_ground_truth(args.annotations)
     results = check_results(gt, read_json(args.results, "results file"), f"results file {args.results}")
     known = set(gt.getCatIds())

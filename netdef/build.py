@@ -31,10 +31,6 @@ from plugins import NAMES as PLUGIN_NAMES
 DEFAULT_WEIGHTS = Path("weights/anchor_detr_r50_dc5.safetensors")
 # FP32 R50-DC5 at the default maximum (8x1344x1344) asks TensorRT-RTX for 8.2 GiB at build time; leave room.
 DEFAULT_WORKSPACE_MIB = 16384
-MISSING_WEIGHTS = (
-    "weights file {path} not found: extract a checkpoint with `python -m weights.extract CKPT.pth -o {path}` "
-    "or make random-init weights with `python -m weights.extract --random-init r50_dc5 -o {path}`"
-)
 
 
 # TensorRT indexes a tensor's elements with int32 (NVIDIA documents 2^31-1 elements as the limit for most layers);
@@ -444,14 +440,13 @@ def run(args: argparse.Namespace) -> int:
     if args.version_compatible and args.plugins:
         raise BadInput("--version-compatible with --plugins is untested (ahead-of-time plugin layers in a "
                        "version-compatible plan): build with --plugins none, or without --version-compatible")
-    if not args.weights.is_file():
-        raise BadInput(MISSING_WEIGHTS.format(path=args.weights))
+    import weights
+
+    weights.require_weights_file(args.weights)
     backend = get_backend(args.backend)
     check_plugins(backend, args.plugins)
     if args.version_compatible:
         check_version_compatible(backend)
-
-    import weights
 
     cfg, tensors = weights.load(args.weights)
     check_activation_size(cfg, profile)
@@ -460,10 +455,10 @@ def run(args: argparse.Namespace) -> int:
     timing_cache = args.timing_cache or output.with_suffix(".timing.cache")
     # Every path we will write, checked before the build; folders are made only when the files are written.
     side = sidecar_path(output)
-    check_output_path(output, "engine")
-    check_output_path(side, "sidecar")
+    check_output_path(output, "engine", [("--weights", args.weights)])
+    check_output_path(side, "sidecar", [("--weights", args.weights)])
     if backend.name == "tensorrt":
-        check_output_path(timing_cache, "timing cache")
+        check_output_path(timing_cache, "timing cache", [("--weights", args.weights)])
 
     trt = backend.trt
     logger = make_logger(trt, verbose=args.verbose)
@@ -501,6 +496,7 @@ def run(args: argparse.Namespace) -> int:
         "trt_version": backend.version,
         "gpu": gpu_entry(),
         "weights_sha256": weights.file_sha256(args.weights),
+        "random_init": weights.is_random_init(args.weights),
         "inputs": inputs,
         "outputs": outputs,
         "version_compatible": args.version_compatible,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,9 +20,10 @@ from typing import Any, Sequence
 from core import cli
 from core.backend import BUILDERS, get_backend
 from core.errors import BadInput, Failed, Unavailable
-from netdef.build import DEFAULT_WEIGHTS, MISSING_WEIGHTS, create_network
-from core.progress import Spinner, print_table
+from netdef.build import DEFAULT_WEIGHTS, MAX_ACTIVATION_ELEMENTS, create_network, largest_activation
+from core.progress import Spinner, format_bytes, print_table
 from core.sidecar import MIN_SIDE, Profile
+from weights import require_weights_file
 
 # Tolerances on the block's relative error (max |net - ref| / max |ref|). FP32: both sides compute in float32
 # with different summation orders; 1e-3 leaves room for the deep backbone's accumulated rounding. FP16: fp16
@@ -74,6 +76,33 @@ def compare(name: str, got, ref, tol: float) -> dict[str, Any]:
     return row
 
 
+# Both sides hold the input and output of the largest block at once, and the interpreter keeps what later
+# layers still read: four copies of the largest activation is the least either needs.
+ACTIVATION_COPIES = 4
+
+
+def check_size(cfg, batch: int, size: tuple[int, int], device: str) -> None:
+    """Refuse, before anything is allocated, a batch whose largest activation TensorRT cannot index (int32) or that
+    cannot fit in the memory of ``device``."""
+    import torch
+
+    shape = (batch, *size)
+    elements, what = largest_activation(cfg, Profile(shape, shape, shape))
+    fix = "lower --size or --batch"
+    if elements > MAX_ACTIVATION_ELEMENTS:
+        raise BadInput(f"--size {size[0]}x{size[1]} with --batch {batch} makes the {what} {elements:,} elements, above "
+                       f"the {MAX_ACTIVATION_ELEMENTS:,} that TensorRT's int32 element indexing allows: {fix}")
+    if device == "cuda":
+        memory, where = torch.cuda.get_device_properties(0).total_memory, "the GPU's"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    need = ACTIVATION_COPIES * 4 * elements  # float32
+    if need > memory:
+        raise BadInput(f"--size {size[0]}x{size[1]} with --batch {batch} needs at least {format_bytes(need)} "
+                       f"({ACTIVATION_COPIES} float32 copies of the {what}), more than {where} "
+                       f"{format_bytes(memory)}: {fix}")
+
+
 def run_check(weights_path: Path, *, fp16: bool, size: tuple[int, int], batch: int, device: str,
               backend_name: str | None = None, seed: int = 0, tol: float | None = None) -> dict[str, Any]:
     """Build the network, evaluate it and the reference on one padded batch; the report as a dict."""
@@ -85,6 +114,7 @@ def run_check(weights_path: Path, *, fp16: bool, size: tuple[int, int], batch: i
 
     backend = get_backend(backend_name)
     cfg, tensors = weights.load(weights_path)
+    check_size(cfg, batch, size, device)
     # CUDA convolutions default to TF32 (10-bit mantissa): both sides would round alike-but-not-equal, and
     # the FP32 tolerance is meant for FP32 arithmetic.
     torch.backends.cudnn.allow_tf32 = False
@@ -157,7 +187,7 @@ rel err is the block's max |network - reference| divided by its max |reference|,
 blocks of any scale; the default is 1e-3 for FP32 and 3e-2 for FP16 (against the FP32 reference).
 
 exit codes: 0 all blocks match, 1 a block differs, 2 bad input, 3 no TensorRT backend that can build here (or no
-CUDA for --device cuda).
+CUDA for --device cuda), 130 interrupted (Ctrl-C; 143 for SIGTERM).
 """
 
 
@@ -185,8 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if min(args.size) < MIN_SIDE:
         raise BadInput(f"--size {args.size[0]}x{args.size[1]} is below {MIN_SIDE}x{MIN_SIDE}, the smallest image with a feature map")
-    if not args.weights.is_file():
-        raise BadInput(MISSING_WEIGHTS.format(path=args.weights))
+    require_weights_file(args.weights)
     if args.device == "cuda":
         import torch
 

@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from core.progress import ProgressBar, format_seconds, print_table
-from core.sidecar import check_output_path, write_atomic
+from core.progress import ProgressBar, format_bytes, format_seconds, print_table
+from core.sidecar import check_output_path, engine_inputs, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
+from weights import require_weights_file
 
 TORCH_MODES = {
     "fp32": "eager FP32 (TF32 off)",
@@ -43,7 +44,8 @@ torch modes (--torch-modes):
 """ + "".join(f"  {k:20} {v}\n" for k, v in TORCH_MODES.items()) + """\
 pipeline rows (--pipeline DIR or synthetic:N, N deterministic 640x480 JPEGs in a temporary folder): images/s from
 files to detections, busy ms per image of each stage and the process's CPU ms per image, after one untimed batch.
-exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT)
+exit codes: 0 ok, 2 bad input (engine missing, shape outside the profile), 3 environment (no GPU, no TensorRT),
+            130 interrupted (Ctrl-C; 143 for SIGTERM): synthetic images removed, --json holds the finished rows
 """
 
 
@@ -170,12 +172,17 @@ def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator
                            first_call_s=first_s, torch_version=torch.__version__)
 
 
+# synthetic:N writes N 640x480 JPEGs of about 90 KB to a temporary folder: enough for any steady-state rate, and
+# bounded so that a typo cannot fill the disk.
+MAX_SYNTHETIC = 10_000
+SYNTHETIC_BYTES = 90_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (640, 480),
+                     written: Callable[[int], object] = lambda n: None) -> list[Path]:
     """`count` deterministic JPEGs of `size` (width, height) in `folder`: smooth colour fields with noise, so they
-    compress and decode like photographs rather than like flat colour or pure noise."""
+    compress and decode like photographs rather than like flat colour or pure noise. ``written(1)`` after each."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -186,6 +193,7 @@ def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (640, 480
         path = folder / f"{i:06d}.jpg"
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(path)
+        written(1)
     return paths
 
 
@@ -195,7 +203,14 @@ def pipeline_files(spec: str, folder: Path | None) -> list[Path]:
         count = spec.split(":", 1)[1]
         if not count.isdigit() or int(count) < 1:
             raise BadInput(f"--pipeline {spec!r}: expected synthetic:N with N a positive integer, e.g. synthetic:64")
-        return synthetic_images(folder, int(count)) if folder is not None else []
+        if int(count) > MAX_SYNTHETIC:
+            raise BadInput(f"--pipeline {spec}: at most synthetic:{MAX_SYNTHETIC} (about "
+                           f"{format_bytes(MAX_SYNTHETIC * SYNTHETIC_BYTES)} of temporary JPEGs); for more, name a "
+                           "folder of images: --pipeline DIR")
+        if folder is None:
+            return []
+        with ProgressBar(int(count), desc="writing synthetic images", stream=sys.stderr) as bar:
+            return synthetic_images(folder, int(count), written=bar.update)
     root = Path(spec)
     if not root.is_dir():
         raise BadInput(f"--pipeline {spec}: not a folder; name a folder of images or synthetic:N")
@@ -296,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the PyTorch reference (reference.torch_model) with these weights")
     p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
                    help=f"torch modes to measure (default {','.join(TORCH_MODES)})")
-    p.add_argument("--torch-device", default="cuda", help="torch device (default cuda; cpu for a quick check)")
+    p.add_argument("--torch-device", choices=("cuda", "cpu"), default="cuda",
+                   help="torch device (default cuda; cpu for a quick check without a GPU)")
     p.add_argument("--pipeline", metavar="DIR|synthetic:N",
                    help="measure files -> detections through runtime.pipeline on a folder's images or N synthetic "
                    "640x480 JPEGs, with --engine and/or --torch-weights (rows per --batch)")
@@ -321,9 +337,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.warmup < 0:
         raise BadInput(f"--warmup {args.warmup} must be at least 0")
     if args.json is not None:
-        check_output_path(args.json, "--json")
-    if args.torch_weights is not None and not args.torch_weights.is_file():
-        raise BadInput(f"--torch-weights {args.torch_weights} not found")
+        check_output_path(args.json, "--json", [("--torch-weights", args.torch_weights), *engine_inputs(args.engine)])
+    if args.torch_weights is not None:
+        require_weights_file(args.torch_weights, "--torch-weights")
     if args.engine is None and args.torch_weights is None:
         args.engine = DEFAULT_ENGINE
     if args.pipeline is not None:

@@ -1,4 +1,5 @@
-"""Detect objects in images with an AnchorDETR TensorRT engine: ``python -m runtime.infer IMG [IMG ...]``."""
+"""Detect objects in images with an AnchorDETR TensorRT engine: ``python -m runtime.infer IMG [IMG ...]``; or with
+the PyTorch reference model (``--torch-weights W --device cpu|cuda``), through the same table, JSON and drawing."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from core.progress import ProgressBar, print_table
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path, engine_inputs, replace_atomically, write_atomic
 from runtime.coco_names import label_name
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
 from runtime.preprocess import ImageError
+from weights import require_weights_file
 
 EPILOG = """\
 examples:
@@ -25,9 +27,12 @@ examples:
   python -m runtime.infer a.jpg b.png --out annotated/       also draw boxes into annotated/a.jpg, b.jpg
   python -m runtime.infer val2017/*.jpg --threshold 0 --json results.json --no-exif
                                                              all top-100 detections as COCO results
+  python -m runtime.infer photo.jpg --torch-weights W.safetensors --device cpu
+                                                             the PyTorch reference: no GPU, no TensorRT
 exit codes: 0 all images done, 1 some images could not be read (the others were processed),
             2 bad input (engine or sidecar missing, weights mismatch, bad arguments),
-            3 environment (no GPU, no TensorRT, engine built for another TensorRT or GPU)
+            3 environment (no GPU, no TensorRT, engine built for another TensorRT or GPU, no PyTorch),
+            130 interrupted (Ctrl-C; 143 for SIGTERM): nothing is left half-written
 """
 
 
@@ -40,12 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
         "per image (COCO label, name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and\n"
         "a COCO results JSON. Images are resized and normalised as the official evaluation does; any\n"
         "Pillow-readable image works (EXIF orientation applied; grayscale, palette, alpha, CMYK and\n"
-        "16-bit images converted to RGB). Needs an NVIDIA GPU and the TensorRT that built the engine.",
+        "16-bit images converted to RGB). Needs an NVIDIA GPU and the TensorRT that built the engine;\n"
+        "with --torch-weights, the PyTorch reference model runs instead, on the CPU or a GPU.",
         EPILOG,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
-    p.add_argument("--engine", type=Path, default=DEFAULT_ENGINE,
+    p.add_argument("--engine", type=Path,
                    help=f"engine file; its sidecar <engine>.json must be beside it (default: {DEFAULT_ENGINE})")
+    p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
+                   help="run the PyTorch reference model (FP32) with these weights instead of an engine")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="--torch-weights: where the reference runs (default: cuda if PyTorch sees a GPU, else cpu)")
     p.add_argument("--threshold", type=probability, default=0.5,
                    help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
     p.add_argument("--batch", type=positive_int, default=None, metavar="N",
@@ -72,6 +82,31 @@ def open_runner(engine: Path, weights_sha256: str | None):
     from runtime.runner import EngineRunner
 
     return EngineRunner(engine, weights_sha256)
+
+
+def open_reference(weights: Path, device: str | None):
+    """The PyTorch reference as the command's detector (--torch-weights)."""
+    from runtime.torch_detector import TorchReference
+
+    return TorchReference(weights, device)
+
+
+def warn_random_weights(torch_weights: Path | None = None, engine: Path | None = None) -> bool:
+    """One warning line on stderr when the weights (or the weights an engine embeds, per its sidecar) are random
+    (weights.extract --random-init): ~100 confident boxes that mean nothing. For every command that detects
+    (runtime.infer, serve.server); call it once the detector is open (its files are checked). Whether it warned."""
+    from core.sidecar import SidecarError, load_sidecar
+    from weights import WeightsError, is_random_init
+
+    try:
+        random = is_random_init(torch_weights) if torch_weights else bool(load_sidecar(engine).get("random_init"))
+    except (SidecarError, WeightsError):  # the detector refused such files already
+        return False
+    if random:
+        what = f"--torch-weights {torch_weights}" if torch_weights else f"engine {engine}"
+        print(f"warning: {what} holds random weights (weights.extract --random-init): its detections mean nothing; "
+              "extract an official checkpoint for real ones", file=sys.stderr)
+    return random
 
 
 def image_id(path: Path, index: int) -> int:
@@ -137,16 +172,33 @@ def _readable(path: Path) -> bool:
 def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Path | None]], list[str]]:
     """Everything that needs no GPU, before it is opened. Returns (index, image, annotated copy or None) of each
     image that can be read, and the names of those that cannot (reported and skipped)."""
-    if args.weights is not None and not args.weights.is_file():
-        raise BadInput(f"--weights {args.weights} not found: name the weights file the engine was built from")
+    if args.torch_weights is not None:
+        for option in ("engine", "weights"):
+            if getattr(args, option) is not None:
+                raise BadInput(f"--{option} is for engines; --torch-weights runs the PyTorch reference instead: "
+                               "give one or the other")
+        if args.preprocess == "gpu":
+            raise BadInput("--preprocess gpu writes into an engine's inputs; with --torch-weights use --preprocess cpu")
+        require_weights_file(args.torch_weights, "--torch-weights")
+    elif args.device is not None:
+        raise BadInput("--device applies to --torch-weights only (an engine runs on GPU 0)")
+    else:
+        from runtime.runner import DEFAULT_ENGINE
+
+        args.engine = args.engine or DEFAULT_ENGINE
+    if args.weights is not None:
+        require_weights_file(args.weights, fix="name the weights file the engine was built from")
     readable = [(i, path) for i, path in enumerate(args.images) if _readable(path)]
     if not readable:
         raise BadInput(f"none of the {len(args.images)} image file(s) can be read: name existing image files")
     used: set[str] = set()
     jobs = [(i, path, args.out / _output_name(path, used) if args.out else None) for i, path in readable]
+    inputs = [("image", path) for path in args.images] + [("--weights", args.weights),
+                                                          ("--torch-weights", args.torch_weights),
+                                                          *engine_inputs(args.engine)]
     for what, target in [("--json", args.json)] + [("--out", t) for *_, t in jobs]:
         if target is not None:
-            check_output_path(target, what)  # an OutputPathError is a BadInput
+            check_output_path(target, what, inputs)  # an OutputPathError is a BadInput
     unreadable = sorted(set(range(len(args.images))) - {i for i, _ in readable})
     return jobs, [str(args.images[i]) for i in unreadable]
 
@@ -161,10 +213,14 @@ def run(args: argparse.Namespace) -> int:
         from weights import file_sha256
 
         weights_sha256 = file_sha256(args.weights)
-    runner = open_runner(args.engine, weights_sha256)
+    if args.torch_weights is not None:
+        runner = open_reference(args.torch_weights, args.device)
+    else:
+        runner = open_runner(args.engine, weights_sha256)
     records: list[dict] = []
     total = 0
     try:
+        warn_random_weights(args.torch_weights, args.engine)
         found = detect_stream(runner, [path for _, path, _ in jobs], args.threshold, args.batch,
                               exif=not args.no_exif, workers=args.workers, keep_images=True,
                               gpu_preprocess=GPU_PREPROCESS[args.preprocess])
@@ -179,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
                     total += len(detections["scores"])
                     records += coco_records(image_id(path, index), detections)
                     if target is not None:
-                        _write(target, lambda: draw_detections(rgb, detections).save(target, quality=92))
+                        drawn = draw_detections(rgb, detections)  # written whole or not at all, even on Ctrl-C
+                        _write(target, lambda: replace_atomically(
+                            target, lambda tmp: drawn.save(tmp, format="JPEG", quality=92)))
                 bar.update(1)
     finally:
         runner.close()

@@ -17,7 +17,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,6 +38,10 @@ class ImageError(BadInput):
     """An image file that is missing or cannot be decoded."""
 
 
+class TooManyPixels(ImageError):
+    """An image with more pixels than we decode (the check reads only its header)."""
+
+
 class ShapeError(BadInput, ValueError):
     """An image larger than the engine's optimisation profile allows."""
 
@@ -54,15 +58,34 @@ def resized_size(width: int, height: int, short: int = SHORT_SIDE, longest: int 
     return short, int(short * width / height)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file; a missing or broken file is an ImageError naming it."""
+def open_image(source: Any, max_pixels: int, what: str, fix: str) -> Image.Image:
+    """``Image.open(source)``, refused (TooManyPixels) from the header alone when the image has more than
+    ``max_pixels`` pixels: a small file can decode to gigabytes. Pillow itself refuses more than twice its
+    ``MAX_IMAGE_PIXELS`` inside ``open``, before the size can be read; that is said in the same words."""
     try:
-        with Image.open(path) as image:
+        image = Image.open(source)
+    except Image.DecompressionBombError:
+        hard = 2 * Image.MAX_IMAGE_PIXELS
+        over = f"over the limit of {max_pixels:,} pixels" if max_pixels < hard else "which Pillow refuses to decode"
+        raise TooManyPixels(f"{what} has more than {hard:,} pixels, {over}: {fix}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise TooManyPixels(f"{what} is {width}x{height} ({width * height:,} pixels), over the limit of "
+                            f"{max_pixels:,} pixels: {fix}")
+    return image
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file; a missing or broken file, or one over Pillow's decompression-bomb
+    limit (MAX_IMAGE_PIXELS), is an ImageError naming it."""
+    try:
+        with open_image(path, Image.MAX_IMAGE_PIXELS, str(path), "downscale it") as image:
             image.load()
             return image
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{path}: cannot read image ({exc})") from None
 
 

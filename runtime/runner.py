@@ -336,7 +336,11 @@ class EngineRunner(Detector):
             if not context.set_input_shape(name, dims):
                 raise ShapeError(f"TensorRT refused {name} of shape {dims}: {self.engine._logger.last_error}")
         if shape not in self._output_shapes:
-            missing = context.infer_shapes()
+            try:
+                missing = context.infer_shapes()
+            except RuntimeError as exc:  # how the bindings report a failed inference
+                raise ShapeError(f"TensorRT cannot infer output shapes for batch {shape[0]} of {shape[1]}x{shape[2]} "
+                                 f"({exc}): choose another size or rebuild the engine") from None
             if missing:
                 raise BadInput(f"TensorRT cannot infer output shapes, missing {missing}")
             shapes = dict(_input_shapes(*shape))

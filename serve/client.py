@@ -128,7 +128,7 @@ class Client:
 
 def run(args: argparse.Namespace) -> int:
     if args.json is not None:
-        check_output_path(args.json, "--json")
+        check_output_path(args.json, "--json", [("image", path) for path in args.images])
     client = Client(args.url, args.grpc, args.timeout)
     client.check_ready()
 

@@ -30,7 +30,8 @@ from PIL import Image
 from core.sidecar import MIN_SIDE
 from core.cli import guarded, hw, parser, positive_int
 from core.errors import BadInput, Unavailable
-from runtime.preprocess import preprocess_batch, to_rgb
+from runtime.infer import warn_random_weights
+from runtime.preprocess import TooManyPixels, open_image, preprocess_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
 
 MODEL_NAME = "anchor_detr"
@@ -162,15 +163,13 @@ class HostPreprocess:
         if not data:
             raise RequestError("the image input is empty: send the bytes of an image file")
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > self.max_pixels:  # before decoding: a small file can expand to gigabytes
-                    raise RequestError(f"the image is {width}x{height}, over this server's limit of "
-                                       f"{self.max_pixels} pixels (--max-pixels): send a smaller image")
+            # before decoding: a small file can expand to gigabytes
+            with open_image(io.BytesIO(data), self.max_pixels, "the image",
+                            "send a smaller image (--max-pixels sets this server's limit)") as image:
                 image.load()
                 return to_rgb(image, exif=self.exif)
-        except RequestError:
-            raise
+        except TooManyPixels as exc:
+            raise RequestError(str(exc)) from None
         except Exception as exc:  # anything a damaged file makes a decoder raise is this request's problem alone
             raise RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG "
                                "or other image file") from None
@@ -307,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         models = torch_models(args.torch_weights, args.device, args.instances, args.max_size)
     try:
+        warn_random_weights(args.torch_weights, args.engine)
         profile_batch = models[0].max_batch
         max_batch = args.max_batch or profile_batch or DEFAULT_TORCH_BATCH
         if profile_batch is not None and max_batch > profile_batch:

@@ -294,6 +294,14 @@ def test_missing_weights_says_how_to_make_them(tmp_path, capsys):
     assert "python -m weights.extract --random-init r50_dc5 -o" in err
 
 
+def test_a_folder_as_weights_says_it_is_a_folder(tmp_path, capsys):
+    """Not "not found, extract ... -o FOLDER", which would fail again: what is there, and what is expected."""
+    code, out, err = run_main(["--weights", tmp_path], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--weights {tmp_path} is a folder, not a weights file: name the .safetensors file" in err
+    assert "not found" not in err and f"-o {tmp_path}" not in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--min", "800x800", "--opt", "640x640"], "height needs min <= opt <= max"),
     (["--batch", "2,1,8"], "batch needs min <= opt <= max"),
@@ -431,6 +439,27 @@ def test_unwritable_output_paths_are_exit_2_before_building(what, shallow_weight
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("what", ["engine", "sidecar", "timing cache"])
+def test_outputs_that_are_the_weights_are_exit_2_before_building(what, shallow_weights, backend, tmp_path, capsys,
+                                                                monkeypatch, no_build):
+    """-o W.safetensors (or a link to it, or a sidecar or timing cache that lands on it) would replace the weights."""
+    link = tmp_path / "w.safetensors"
+    link.symlink_to(shallow_weights)
+    before = shallow_weights.read_bytes()
+    if what == "timing cache":
+        full_trt_named(backend, monkeypatch)
+        extra = ["-o", tmp_path / "e.plan", "--timing-cache", link]
+    else:
+        extra = ["-o", link.with_suffix(".plan") if what == "sidecar" else link]
+        if what == "sidecar":
+            (tmp_path / "w.json").symlink_to(shallow_weights)  # where the sidecar of w.plan goes
+    code, out, err = run_main(["--weights", shallow_weights, *extra, *SMALL_PROFILE], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"python -m netdef.build: error: {what} ") and "is the --weights" in err
+    assert shallow_weights.read_bytes() == before
+    assert not list(tmp_path.glob("*.plan"))
+
+
 def test_output_under_a_file_is_exit_2_before_building(shallow_weights, tmp_path, capsys, no_build):
     blocker = tmp_path / "engines"
     blocker.write_text("a file where the engine folder should be")
@@ -459,6 +488,21 @@ def test_profile_beyond_int32_indexing_is_exit_2_before_building(shallow_weights
 
     assert build.largest_activation(AnchorDETRConfig(), Profile(max=(16, 640, 640)))[0] < build.MAX_ACTIVATION_ELEMENTS
     assert build.largest_activation(AnchorDETRConfig(), Profile())[0] < build.MAX_ACTIVATION_ELEMENTS
+
+
+def test_an_engine_of_random_weights_says_so_in_its_sidecar(shallow_weights, tmp_path, capsys, monkeypatch):
+    """weights.extract --random-init marks the weights; the engine's sidecar carries the mark for the runtime."""
+    import weights
+
+    cfg, tensors = weights.load(shallow_weights)
+    marked = tmp_path / "random.safetensors"
+    weights.save(marked, cfg, tensors, source="random-init", random_init=True)
+    monkeypatch.setattr(build, "build_serialized", lambda *a: memoryview(b"plan"))  # the sidecar is the point
+    for source, flag in ((marked, True), (shallow_weights, None)):
+        engine = tmp_path / f"{source.stem}.plan"
+        code, out, err = run_main(["--weights", source, "-o", engine, *SMALL_PROFILE], capsys)
+        assert code == 0, err
+        assert json.loads(engine.with_suffix(".json").read_text()).get("random_init") is flag
 
 
 def test_profile_warnings_fail_the_build_with_exit_2(shallow_weights, tmp_path, capsys, monkeypatch):

@@ -124,6 +124,17 @@ def shallow_weights(tmp_path_factory):
     return save_random_weights(tmp_path_factory.mktemp("check") / "shallow.safetensors", cfg)
 
 
+def test_sizes_too_large_are_refused_before_anything_is_allocated(shallow_weights, capsys, monkeypatch):
+    monkeypatch.setattr(check, "padded_batch", lambda *a, **k: pytest.fail("allocated the batch"))
+    code, out, err = run_main(["--weights", shallow_weights, "--size", "100000x100000"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "--size 100000x100000 with --batch 2 makes the " in err and "above the 2,147,483,647" in err
+    assert "lower --size or --batch" in err
+    monkeypatch.setattr(check.os, "sysconf", lambda name: 1 << 10 if name == "SC_PHYS_PAGES" else 4096)  # 4 MiB
+    code, out, err = run_main(["--weights", shallow_weights], capsys)
+    assert code == 2 and "more than this machine's 4.0 MiB: lower --size or --batch" in err, err
+
+
 BLOCKS = ["backbone", "mask", "input_proj", "posemb_row", "posemb_col", "encoder.0", "decoder.0",
           "pred_logits", "pred_boxes"]
 

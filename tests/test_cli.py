@@ -77,6 +77,17 @@ def test_argument_types_accept(parse, text, value):
     assert parse(text) == value
 
 
+@pytest.mark.parametrize("parse, text, detail", [
+    (cli.min_opt_max, "0,1,8", "got '0,1,8': MIN '0' is not a positive integer"),
+    (cli.min_opt_max, "1,x,8", "got '1,x,8': OPT 'x' is not a positive integer"),
+    (cli.int_list, "1,4,-2", "got '1,4,-2': '-2' is not a positive integer"),
+])
+def test_list_refusals_name_the_number_that_is_wrong(parse, text, detail):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value).endswith(detail), str(info.value)
+
+
 @pytest.mark.parametrize("parse, text, expected", [
     (cli.hw, "800", "HEIGHTxWIDTH"), (cli.hw, "0x800", "positive sides"), (cli.hw, "8x8x8", "HEIGHTxWIDTH"),
     (cli.hw_list, "800x800,big", "HxW[,HxW...]"), (cli.int_list, "1,x", "positive integers"),
@@ -90,3 +101,83 @@ def test_argument_types_refuse_with_what_they_expected(parse, text, expected):
     with pytest.raises(argparse.ArgumentTypeError) as info:
         parse(text)
     assert expected in str(info.value) and repr(text) in str(info.value)
+
+
+# ---------------------------------------------------------------- outputs never replace inputs
+
+
+def test_an_output_that_is_an_input_is_refused_by_name_link_or_inode(tmp_path):
+    from core.sidecar import OutputPathError, check_output_path
+
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(b"jpeg")
+    (tmp_path / "sym.jpg").symlink_to(source)
+    (tmp_path / "hard.jpg").hardlink_to(source)
+    (tmp_path / "sub").mkdir()
+    inputs = [("--weights", None), ("image", source)]
+    for target in (source, tmp_path / "sym.jpg", tmp_path / "hard.jpg", tmp_path / "sub" / ".." / "photo.jpg"):
+        with pytest.raises(OutputPathError, match=r"--json .* is the image .*photo.jpg.*would destroy that input"):
+            check_output_path(target, "--json", inputs)
+    # The input named through a link is still the same file.
+    with pytest.raises(OutputPathError, match="is the image"):
+        check_output_path(source, "--json", [("image", tmp_path / "sym.jpg")])
+    other = tmp_path / "other.jpg"
+    other.write_bytes(b"jpeg")  # equal bytes, another file: fine
+    assert check_output_path(other, "--json", inputs) == other
+    assert check_output_path(tmp_path / "new.json", "--json", inputs) == tmp_path / "new.json"
+    assert source.read_bytes() == b"jpeg"
+
+
+def test_serve_client_json_over_an_image_is_refused_before_connecting(tmp_path, capsys):
+    from serve import client
+
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"jpeg")
+    # No server listens on port 9: reaching it would be exit 3, not 2.
+    assert client.main([str(image), "--json", str(image), "--url", "127.0.0.1:9"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--json {image} is the image {image}" in err[0], err
+    assert image.read_bytes() == b"jpeg"
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+def test_guarded_turns_ctrl_c_and_sigterm_into_one_line(capsys):
+    import signal
+
+    from core.errors import Terminated
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def terminated():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM takes the KeyboardInterrupt path
+        raise Terminated
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert cli.guarded("python -m tool", interrupted) == 130
+    assert capsys.readouterr().err == "python -m tool: interrupted\n"
+    assert cli.guarded("python -m tool", terminated) == 143
+    assert capsys.readouterr().err == "python -m tool: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+
+
+@pytest.mark.parametrize("module, function, argv", [
+    ("weights.extract", "run", ["--random-init", "r50_c5", "-o", "{tmp}/w.safetensors"]),
+    ("reference.check", "run", ["--weights", "{tmp}/w.safetensors"]),
+    ("runtime.bench", "run", ["--engine", "{tmp}/e.plan"]),
+    ("runtime.infer", "run", ["{tmp}/x.jpg"]),
+    ("eval.coco", "score_file", ["--annotations", "{tmp}/a.json", "--results", "{tmp}/r.json"]),
+    ("serve.client", "run", ["{tmp}/x.jpg"]),
+    ("netdef.build", "run", ["--weights", "{tmp}/w.safetensors"]),
+])
+def test_ctrl_c_in_every_command_is_one_line_and_exit_130(module, function, argv, tmp_path, capsys, monkeypatch):
+    mod = importlib.import_module(module)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, function, interrupted)
+    assert mod.main([a.format(tmp=tmp_path) for a in argv]) == 130
+    assert capsys.readouterr().err == f"python -m {module}: interrupted\n"

@@ -369,6 +369,70 @@ def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
                                                          "--results", tmp_path / "none.json", "--json", tmp_path))
 
 
+def test_cli_outputs_that_are_inputs_are_refused(tmp_path, capsys):
+    """The metrics must not replace the results, the annotations or the engine they come from."""
+    ann, res = tmp_path / "ann.json", tmp_path / "res.json"
+    ann.write_text("{}")
+    res.write_text("[]")
+    (tmp_path / "res_link.json").symlink_to(res)
+    for target, label in [(res, "--results"), (ann, "--annotations"), (tmp_path / "res_link.json", "--results")]:
+        line = bad_input(capsys, "--annotations", ann, "--results", res, "--json", target)
+        assert f"--json {target} is the {label} " in line and "would destroy that input" in line
+    root = tmp_path / "coco"
+    write_coco(root)
+    engine = tmp_path / "e.plan"
+    engine.write_bytes(b"plan")
+    line = bad_input(capsys, "--coco-root", root, "--engine", engine, "--json", engine)
+    assert f"--json {engine} is the --engine" in line
+    line = bad_input(capsys, "--coco-root", root, "--engine", engine, "--json", root / "annotations" /
+                     "instances_val2017.json")
+    assert "is the annotation file" in line
+    assert (ann.read_text(), res.read_text(), engine.read_bytes()) == ("{}", "[]", b"plan")
+
+
+class BoxPerImage:
+    """Stands in for a model: one person box over each image's top-left quarter, in its own pixels."""
+
+    name, description = "engine", "stand-in"
+    min_hw = max_hw = max_batch = None
+
+    def __init__(self):
+        self.closed = False
+
+    def __call__(self, images, masks, sizes):
+        return [{"scores": np.float32([0.9]), "labels": np.int64([1]), "boxes": np.float32([[0, 0, w / 2, h / 2]])}
+                for h, w in sizes]
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_corrupt_image_is_reported_skipped_and_the_run_is_partial(tmp_path, capsys, monkeypatch):
+    """The images before and after it are evaluated (exit 1, not 2), and the metrics say which file was left out."""
+    root = tmp_path / "coco"
+    write_coco(root)
+    broken = root / "val2017" / "000000000285.jpg"
+    broken.write_bytes(b"not a jpeg")
+    model = BoxPerImage()
+    monkeypatch.setattr(coco, "open_models", lambda args: [model])
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "--coco-root", root, "--engine", tmp_path / "e.plan", "--batch", 2,
+                             "--results-dir", out_dir)
+    assert code == 1, err
+    assert f"skipped: {broken}: cannot read image" in err and "Traceback" not in err
+    assert f"partial: 1 of 4 images could not be read and are not in the mAP: {broken}" in err
+    report = json.loads((out_dir / "metrics.json").read_text())
+    assert report["skipped"] == [str(broken)] and report["images"] == 3
+    results = json.loads((out_dir / "engine_bbox.json").read_text())
+    assert sorted(r["image_id"] for r in results) == [139, 632, 724]  # the batch partner of 285 too
+    assert model.closed
+    for image_id, _, _ in IMAGES:  # every image unreadable: nothing to score, bad input
+        (root / "val2017" / f"{image_id:012d}.jpg").write_bytes(b"junk")
+    code, out, err = run_cli(capsys, "--coco-root", root, "--engine", tmp_path / "e.plan", "--results-dir", out_dir)
+    assert code == 2 and err.count("skipped: ") == 4
+    assert err.strip().splitlines()[-1].startswith("python -m eval.coco: error: none of the 4 images could be read")
+
+
 # ----------------------------------------------------------------------------------------------
 # The PyTorch reference on a tiny set, random weights
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +505,7 @@ def test_torch_reference_on_tiny_set(tmp_path, capsys, random_weights):
     np.testing.assert_allclose(got_xyxy, expected["boxes"], rtol=1e-4, atol=1e-3)
 
     report = json.loads(metrics_path.read_text())
-    assert set(report) == {"torch", "delta_AP", "images", "images_per_s"}
+    assert set(report) == {"torch", "delta_AP", "images", "images_per_s", "skipped"} and report["skipped"] == []
     assert list(report["torch"]) == list(METRIC_KEYS)
     assert report["delta_AP"] is None and report["images"] == 2 and report["images_per_s"]["torch"] > 0
     stats, summary = pycocotools_direct(ann, results)

@@ -79,6 +79,7 @@ def test_extracts_an_official_checkpoint(ckpt, sd, tmp_path, capsys):
     assert set(tensors) == set(expected)
     assert all(np.array_equal(tensors[k], v.numpy()) for k, v in expected.items())
     meta = weights.read_metadata(out)
+    assert not weights.is_random_init(out)
     assert meta["source"] == "AnchorDETR_r50_c5.pth"
     assert meta["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert AnchorDETRConfig.from_json(meta["config"]) == CFG
@@ -136,6 +137,7 @@ def test_random_init_writes_a_valid_file(tmp_path, capsys):
     assert rc == 0, err
     cfg, tensors = weights.load(out)
     assert cfg == CFG and weights.read_metadata(out)["source"] == "random-init r50_c5 seed 1"
+    assert weights.is_random_init(out)  # the runtime warns that its detections mean nothing
     expected = naming.to_builder(random_state_dict(CFG, 1), CFG)
     assert all(np.array_equal(tensors[k], v.numpy()) for k, v in expected.items())
 
@@ -198,8 +200,8 @@ def test_checkpoint_of_another_model_names_keys(sd, tmp_path, capsys):
     rc, _, err = run([path, "-o", tmp_path / "w.safetensors"], capsys)
     assert_refused(
         rc, err, tmp_path,
-        "not an official r50_c5 state dict: 1 missing keys: transformer.adapt_pos2d.0.bias; "
-        "1 unexpected keys: transformer.query_scale.weight",
+        "not an official r50_c5 state dict: 1 missing key: transformer.adapt_pos2d.0.bias; "
+        "1 unexpected key: transformer.query_scale.weight",
     )
 
 
@@ -273,7 +275,10 @@ def test_output_paths(ckpt, tmp_path, capsys):
     rc, _, err = run([ckpt, "-o", tmp_path], capsys)
     assert_refused(rc, err, tmp_path, "is a folder")
     rc, _, err = run([ckpt, "-o", ckpt], capsys)
-    assert_refused(rc, err, tmp_path, "is the checkpoint itself")
+    assert_refused(rc, err, tmp_path, "is the checkpoint")
+    os.link(ckpt, tmp_path / "hard.pth")  # another name of the same file
+    rc, _, err = run([ckpt, "-o", tmp_path / "hard.pth"], capsys)
+    assert_refused(rc, err, tmp_path, "(the same file): writing it would destroy that input")
     # /proc takes no new files, even from root (for whom permission bits do not count).
     rc, _, err = run([ckpt, "-o", "/proc/anchortrt.safetensors"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1

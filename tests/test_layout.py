@@ -86,3 +86,17 @@ def test_runtime_imports_without_torch(module):
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1:]
+
+
+def test_lean_extras_install_the_real_library_from_pypi():
+    """tensorrt-lean-cu13-libs below 10.15.1.29 is a download stub that needs NVIDIA's index: the `lean` and `test`
+    extras, which promise PyPI alone, start at 10.15.1.29."""
+    import re
+    import tomllib
+
+    from core.backend import version_tuple
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("lean", "test"):
+        (floor,) = [re.fullmatch(r"tensorrt-lean-cu13>=([\d.]+)", r)[1] for r in extras[name] if "lean" in r]
+        assert version_tuple(floor) >= (10, 15, 1, 29), (name, floor)

@@ -361,7 +361,6 @@ def test_infer_cli_gpu_preprocessing_needs_an_engine_runner(files, monkeypatch, 
 
 def test_eval_run_models_through_the_pipeline(files, tmp_path):
     from eval import coco
-    from runtime.preprocess import ImageError
 
     class Model:
         name, min_hw, max_hw, max_batch = "fake", None, (96, 128), None
@@ -378,14 +377,16 @@ def test_eval_run_models_through_the_pipeline(files, tmp_path):
             return numpy.results(numpy.infer(images, masks), sizes)
 
     model = Model()
-    results, seconds = coco.run_models([model], list(range(100, 109)), files, batch=4, workers=2)
+    results, seconds, evaluated, skipped = coco.run_models([model], list(range(100, 109)), files, batch=4, workers=2)
+    assert evaluated == list(range(100, 109)) and skipped == []
     assert [s[0] for s in model.shapes] == [4, 4, 1] and seconds["fake"] > 0
     assert sorted({r["image_id"] for r in results["fake"]}) == list(range(100, 109))
     assert [r["image_id"] for r in results["fake"]] == sorted(r["image_id"] for r in results["fake"])
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    with pytest.raises(ImageError, match="broken.jpg: cannot read image"):
-        coco.run_models([Model()], [1, 2], [files[0], broken], batch=1, workers=1)
+    # an unreadable image is skipped (eval.coco reports it and marks the run partial), the others evaluated
+    results, _, evaluated, skipped = coco.run_models([Model()], [1, 2], [files[0], broken], batch=1, workers=1)
+    assert evaluated == [1] and skipped == [str(broken)] and {r["image_id"] for r in results["fake"]} == {1}
     assert pipeline_threads() == []
 
 

@@ -281,3 +281,35 @@ def test_decode_many_keeps_order_and_reports_each_bad_file(tmp_path):
     assert [r.size for r in results if not isinstance(r, ImageError)] == [(i + 1, 3) for i in range(7)]
     with pytest.raises(ValueError, match="workers"):
         next(decode_many(paths, workers=0))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height RGB pixels and holds none: all a decompression bomb needs to be opened."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(10_000, 10_000), (100_000, 100_000)])  # 100 MP and 10 GP
+def test_too_many_pixels_is_one_clear_line_whatever_the_size(width, height, tmp_path):
+    """Pillow warns on the first and refuses the second inside Image.open, before its size can be read: both get
+    the pixel-limit line, from the header alone, in runtime.infer's loader and in the server's decoder."""
+    from runtime.preprocess import TooManyPixels, load_image
+    from serve.server import HostPreprocess, RequestError
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(width, height))
+    with pytest.raises(TooManyPixels) as info:
+        load_image(path)
+    limit = f"over the limit of {Image.MAX_IMAGE_PIXELS:,} pixels: downscale it"
+    assert str(info.value).startswith(str(path)) and str(info.value).endswith(limit), info.value
+    server = HostPreprocess(type("Model", (), {"min_hw": None, "max_hw": None})(), 50_000_000)
+    with pytest.raises(RequestError) as info:
+        server.decode(path.read_bytes())
+    assert str(info.value).endswith("over the limit of 50,000,000 pixels: send a smaller image (--max-pixels sets "
+                                    "this server's limit)"), info.value

@@ -212,6 +212,16 @@ def test_standard_engines_keep_the_exact_version_and_backend():
         check_sidecar(VC_SIDECAR, trt_version="11.4.0.106", compute_capability="8.6", backend="tensorrt-lean")
 
 
+def test_a_packaging_suffix_is_the_same_release():
+    """10.13.3.9.post1 ships 10.13.3.9's tensorrt.so: either loads the other's standard plans; 10.13.3.10 does not."""
+    built = dict(VC_SIDECAR, version_compatible=False, trt_version="10.13.3.9")
+    check_sidecar(built, trt_version="10.13.3.9.post1", compute_capability="9.0", backend="tensorrt")
+    check_sidecar(dict(built, trt_version="10.13.3.9.post1"), trt_version="10.13.3.9", compute_capability="9.0",
+                  backend="tensorrt")
+    with pytest.raises(SidecarError, match=r"built by TensorRT 10\.13\.3\.9, this is TensorRT 10\.13\.3\.10"):
+        check_sidecar(built, trt_version="10.13.3.10", compute_capability="9.0", backend="tensorrt")
+
+
 def test_version_compatible_must_be_a_boolean(tmp_path):
     path = make_engine(tmp_path)
     side = path.with_suffix(".json")
@@ -435,3 +445,15 @@ def test_plain_enqueue_uses_one_context_and_failed_captures_stay_plain(cpu_runne
         assert [run_shape(runner, *A), run_shape(runner, *A)] == [False, False]
         assert "capture refused" in runner.graph_failures[A] and not runner._graphs
         assert runner.context.runs == [A]  # the first run was on the context that failed to capture
+
+
+def test_failed_shape_inference_is_one_line_not_a_runtime_error(cpu_runner, monkeypatch):
+    from core.errors import BadInput
+
+    def refuse(self):
+        raise RuntimeError("IExecutionContext::inferShapes: error")  # what the bindings raise
+
+    monkeypatch.setattr(RecordingContext, "infer_shapes", refuse)
+    with pytest.raises(BadInput, match=r"cannot infer output shapes for batch \d+ of \d+x\d+ "
+                                       r"\(IExecutionContext::inferShapes: error\)"):
+        cpu_runner()  # the runner sizes its buffers for the profile's largest shape when it opens

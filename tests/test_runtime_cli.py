@@ -171,6 +171,29 @@ def test_infer_cli_bad_destinations_before_the_gpu(images_dir, capsys, gpu_probe
     assert sorted(images_dir.rglob("*")) == sorted(before + [images_dir / "model.plan", images_dir / "model.json"])
 
 
+def test_infer_cli_never_writes_over_an_input(images_dir, capsys, gpu_probes):
+    """--json or an annotated copy that is an input image (by name, symlink or hard link) or the engine: exit 2
+    before the GPU, and every input keeps its bytes."""
+    image = images_dir / "gray.jpg"
+    engine = write_engine(images_dir)
+    (images_dir / "link.jpg").symlink_to(image)
+    (images_dir / "hard.json").hardlink_to(image)
+    before = {p: p.read_bytes() for p in images_dir.iterdir() if p.is_file()}
+    cases = [
+        (["--json", str(image)], "--json .*gray.jpg is the image .*gray.jpg: writing it would destroy"),
+        (["--json", str(images_dir / "link.jpg")], "--json .*link.jpg is the image .*gray.jpg \\(the same file\\)"),
+        (["--json", str(images_dir / "hard.json")], "--json .*hard.json is the image .*gray.jpg \\(the same file\\)"),
+        (["--json", str(engine)], "--json .*model.plan is the --engine"),
+        (["--json", str(images_dir / "model.json")], "--json .*model.json is the sidecar of --engine"),
+        (["--out", str(images_dir)], "--out .*gray.jpg is the image"),  # photo.jpg --out . in its own folder
+    ]
+    for extra, pattern in cases:
+        assert infer.main([str(image), "--engine", str(engine), *extra]) == 2, extra
+        assert re.search(pattern, one_error_line(capsys)), extra
+    assert not gpu_probes
+    assert {p: p.read_bytes() for p in images_dir.iterdir() if p.is_file()} == before
+
+
 def test_infer_cli_batch_must_be_positive(capsys):
     with pytest.raises(SystemExit) as info:
         infer.main(["x.jpg", "--batch", "0"])
@@ -243,6 +266,8 @@ def test_bench_checks_the_engine_files_before_the_gpu(tmp_path, capsys, gpu_prob
     assert "batch 1 of 800x2000 is outside the engine profile" in one_error_line(capsys, "python -m runtime.bench")
     assert bench.main(["--engine", str(engine), "--json", str(tmp_path)]) == 2
     assert "is a folder" in one_error_line(capsys, "python -m runtime.bench")
+    assert bench.main(["--engine", str(engine), "--json", str(engine.with_suffix(".json"))]) == 2
+    assert "is the sidecar of --engine" in one_error_line(capsys, "python -m runtime.bench")
     assert not gpu_probes
     # the same engine within its profile gets as far as the GPU
     assert bench.main(["--engine", str(engine), "--shapes", "800x800", "--batch", "1"]) == 3 and gpu_probes
@@ -277,3 +302,129 @@ def test_infer_cli_unwritable_json_is_one_line(images_dir, monkeypatch, capsys):
     assert one_error_line(capsys) == (f"python -m runtime.infer: error: --json {target} is a folder: name a regular "
                                       "file or a new path")
     assert not detector.calls
+
+
+def test_bench_synthetic_is_bounded_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    assert bench.main(["--pipeline", f"synthetic:{bench.MAX_SYNTHETIC + 1}", "--torch-weights", str(weights),
+                       "--torch-device", "cpu"]) == 2
+    line = one_error_line(capsys, "python -m runtime.bench")
+    assert f"at most synthetic:{bench.MAX_SYNTHETIC}" in line and "--pipeline DIR" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_bench_torch_device_is_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--torch-weights", "w.safetensors", "--torch-device", "tpu"])
+    assert info.value.code == 2
+    assert "argument --torch-device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum, code, line", [(2, 130, "interrupted"), (15, 143, "terminated (SIGTERM)")])
+def test_bench_synthetic_folder_is_removed_on_ctrl_c_and_sigterm(signum, code, line, tmp_path):
+    """Signalled while it writes its JPEGs (progress on stderr), bench removes the folder and says so in one line."""
+    import os
+    import time
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")  # never opened: the signal comes while the images are written
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime.bench", "--pipeline", "synthetic:5000", "--torch-weights", str(weights),
+         "--torch-device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("anchortrt-bench-*/*.jpg")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(scratch.glob("anchortrt-bench-*/*.jpg")), "no synthetic image written within 60 s"
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"python -m runtime.bench: {line}" and "Traceback" not in err
+    assert "writing synthetic images" in err  # the progress line
+    assert list(scratch.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the PyTorch reference and random weights
+
+
+@pytest.fixture(scope="module")
+def tiny_random_weights(tmp_path_factory):
+    """A C5 model of one encoder and one decoder layer with random weights, marked so as weights.extract marks them."""
+    pytest.importorskip("torch")
+    import weights
+    from core.config import AnchorDETRConfig
+    from weights import naming
+
+    cfg = AnchorDETRConfig(dilation=False, enc_layers=1, dec_layers=1)
+    path = tmp_path_factory.mktemp("torch") / "tiny.safetensors"
+    weights.save(path, cfg, naming.to_builder(weights.random_state_dict(cfg, 0), cfg), source="random-init",
+                 random_init=True)
+    return path
+
+
+def test_infer_cli_runs_the_torch_reference_on_the_cpu(tiny_random_weights, tmp_path, capsys, gpu_probes):
+    """--torch-weights --device cpu: the same table, JSON and annotated image, no GPU probe, and one warning line
+    that the weights are random."""
+    image = tmp_path / "000000000007.jpg"
+    solid(400, 40, 0).save(image)  # elongated: the evaluation resize stays small (40x400 -> 133x1333)
+    out, results = tmp_path / "annotated", tmp_path / "r.json"
+    code = infer.main([str(image), "--torch-weights", str(tiny_random_weights), "--device", "cpu", "--threshold", "0",
+                       "--out", str(out), "--json", str(results)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "000000000007.jpg  400x40  100 detections (score >= 0)" in captured.out
+    assert "1 image processed, 100 detections" in captured.out
+    records = json.loads(results.read_text())
+    assert len(records) == 100 and {r["image_id"] for r in records} == {7}
+    assert Image.open(out / "000000000007.jpg").size == (400, 40)
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --torch-weights {tiny_random_weights} holds random weights (weights.extract "
+                        "--random-init): its detections mean nothing; extract an official checkpoint for real ones"]
+    assert not gpu_probes
+
+
+def test_infer_cli_torch_arguments_are_checked_first(tmp_path, capsys, gpu_probes, monkeypatch):
+    monkeypatch.setattr(infer, "open_reference", lambda *a: pytest.fail("opened the reference"))
+    image = tmp_path / "x.jpg"
+    solid(64, 48, 0).save(image)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    cases = [
+        (["--torch-weights", str(tmp_path / "none.safetensors")], "--torch-weights .*none.safetensors not found: "
+                                                                  "extract a checkpoint with `python -m weights.extract"),
+        (["--torch-weights", str(tmp_path)], "--torch-weights .* is a folder, not a weights file"),
+        (["--torch-weights", str(weights), "--engine", "e.plan"], "--engine is for engines; --torch-weights runs"),
+        (["--torch-weights", str(weights), "--weights", str(weights)], "--weights is for engines"),
+        (["--torch-weights", str(weights), "--preprocess", "gpu"], "with --torch-weights use --preprocess cpu"),
+        (["--device", "cpu"], "--device applies to --torch-weights only"),
+        (["--torch-weights", str(weights), "--json", str(weights)], "--json .*w.safetensors is the --torch-weights"),
+    ]
+    for extra, pattern in cases:
+        assert infer.main([str(image), *extra]) == 2, extra
+        assert re.search(pattern, one_error_line(capsys)), extra
+    assert not gpu_probes
+    with pytest.raises(SystemExit):
+        infer.main([str(image), "--torch-weights", str(weights), "--device", "tpu"])
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_random_weights_warning_reads_the_weights_or_the_engine_sidecar(tiny_random_weights, tmp_path, capsys):
+    import weights
+    from core.sidecar import load_sidecar, write_sidecar
+
+    cfg, tensors = weights.load(tiny_random_weights)
+    real = tmp_path / "real.safetensors"
+    weights.save(real, cfg, tensors, source="AnchorDETR_r50_c5.pth", source_sha256="ab" * 32)
+    assert weights.is_random_init(tiny_random_weights) and not weights.is_random_init(real)
+    assert "random_init" not in weights.read_metadata(real)  # a checkpoint's file keeps its old metadata
+    engine = write_engine(tmp_path)
+    assert "random_init" not in load_sidecar(engine)
+    assert not infer.warn_random_weights(real) and not infer.warn_random_weights(engine=engine)
+    assert capsys.readouterr().err == ""
+    write_sidecar(engine, dict(load_sidecar(engine), random_init=True))
+    assert infer.warn_random_weights(engine=engine)
+    assert capsys.readouterr().err.startswith(f"warning: engine {engine} holds random weights")

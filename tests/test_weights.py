@@ -207,13 +207,15 @@ def test_load_refuses_files_that_are_not_ours(r50, tmp_path):
     missing = dict(arrays)
     del missing["transformer.pattern.weight"]
     save_file(missing, tmp_path / "short", metadata=good)
-    with pytest.raises(weights.WeightsError, match=r"1 missing keys: transformer\.pattern\.weight"):
+    with pytest.raises(weights.WeightsError, match=r"1 missing key: transformer\.pattern\.weight"):
         weights.load(tmp_path / "short")
     (tmp_path / "junk").write_bytes(os.urandom(1000))
     with pytest.raises(weights.WeightsError, match="not a safetensors file"):
         weights.load(tmp_path / "junk")
-    with pytest.raises(weights.WeightsError, match="does not exist"):
+    with pytest.raises(weights.WeightsError, match="absent.safetensors not found: extract a checkpoint"):
         weights.load(tmp_path / "absent.safetensors")
+    with pytest.raises(weights.WeightsError, match="is a folder, not a weights file"):
+        weights.load(tmp_path)
 
 
 def test_save_is_atomic(r50, tmp_path, monkeypatch):
@@ -231,7 +233,7 @@ def test_save_is_atomic(r50, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         weights.save(path, cfg, built)
     assert os.listdir(tmp_path) == ["w.safetensors"] and path.read_bytes() == b"previous"
-    with pytest.raises(weights.WeightsError, match="do not match a r50_dc5 model: 1 missing keys"):
+    with pytest.raises(weights.WeightsError, match="do not match a r50_dc5 model: 1 missing key:"):
         weights.save(path, cfg, {k: v for k, v in built.items() if k != "transformer.pattern.weight"})
 
 

@@ -8,7 +8,8 @@
 - ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
 
 Metadata (all strings): ``format="anchortrt-weights"``, ``format_version="1"``, ``config`` (cfg.to_json()),
-``source`` (checkpoint file name or a random-init description), ``source_sha256``. Importing this package
+``source`` (checkpoint file name or a random-init description), ``source_sha256``, and ``random_init="true"`` in
+files of random weights (``is_random_init``: the runtime warns that their detections mean nothing). Importing this package
 needs numpy and safetensors only: the runtime loads weights without torch.
 """
 
@@ -30,11 +31,12 @@ from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
-    "official_shapes", "builder_shapes", "random_state_dict",
+    "official_shapes", "builder_shapes", "random_state_dict", "is_random_init", "require_weights_file",
 ]
 
 FORMAT = "anchortrt-weights"
 FORMAT_VERSION = "1"
+RANDOM_INIT = "random_init"  # metadata key, "true" in a file of random weights
 
 
 class WeightsError(BadInput, ValueError):
@@ -44,6 +46,20 @@ class WeightsError(BadInput, ValueError):
 def default_weights_path(variant: str) -> Path:
     """``weights/anchor_detr_<variant>.safetensors``, relative to the repository root (the README's layout)."""
     return Path("weights") / f"anchor_detr_{variant}.safetensors"
+
+
+def require_weights_file(path: str | os.PathLike, option: str = "--weights", fix: str | None = None) -> Path:
+    """``path`` if it is a file; else WeightsError naming what is there (a folder, nothing) and the fix: for a
+    missing file ``fix``, by default how to make one with weights.extract."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise WeightsError(f"{option} {path} is a folder, not a weights file: name the .safetensors file that "
+                           f"`python -m weights.extract` wrote, e.g. {path / default_weights_path('r50_dc5').name}")
+    fix = fix or (f"extract a checkpoint with `python -m weights.extract CKPT.pth -o {path}` or make random-init "
+                  f"weights with `python -m weights.extract --random-init r50_dc5 -o {path}`")
+    raise WeightsError(f"{option} {path} not found: {fix}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -82,8 +98,10 @@ def save(
     tensors: Mapping[str, Any],
     source: str = "",
     source_sha256: str = "",
+    random_init: bool = False,
 ) -> None:
-    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all."""
+    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all. ``random_init``:
+    the tensors are random (weights.extract --random-init), recorded in the metadata."""
     path = os.fspath(path)
     problems = compare_keys(tensors, builder_shapes(cfg))
     if problems:
@@ -93,6 +111,8 @@ def save(
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
         "source": source, "source_sha256": source_sha256,
     }
+    if random_init:  # only then: a checkpoint's file keeps the bytes it always had
+        metadata[RANDOM_INIT] = "true"
     replace_atomically(path, lambda tmp: _write_safetensors(tmp, arrays, metadata))
 
 
@@ -100,9 +120,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of one of our files, checked for format and version."""
     from safetensors import SafetensorError, safe_open
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file {path} does not exist: run `python -m weights.extract` to make it")
+    path = os.fspath(require_weights_file(path, "weights file"))
     try:
         with safe_open(path, framework="np") as f:
             meta = f.metadata() or {}
@@ -116,6 +134,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             f"{FORMAT_VERSION}: extract it again with this version's `python -m weights.extract`"
         )
     return meta
+
+
+def is_random_init(path: str | os.PathLike) -> bool:
+    """Whether the weights file holds random weights (written by ``weights.extract --random-init``)."""
+    return read_metadata(path).get(RANDOM_INIT) == "true"
 
 
 def load(path: str | os.PathLike) -> tuple[AnchorDETRConfig, dict[str, np.ndarray]]:

@@ -175,12 +175,16 @@ def compare_keys(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing {_keys(missing)}: {_listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected {_keys(unexpected)}: {_listing(unexpected)}")
     if wrong:
-        problems.append(f"{len(wrong)} keys with another shape: {_listing(wrong)}")
+        problems.append(f"{len(wrong)} {_keys(wrong)} with another shape: {_listing(wrong)}")
     return problems
+
+
+def _keys(items: list) -> str:
+    return "key" if len(items) == 1 else "keys"
 
 
 def configure(

@@ -6,7 +6,8 @@
 Without -o the file is weights/anchor_detr_<variant>.safetensors. Arguments, the checkpoint's first bytes and the
 output path are checked before torch is imported (a typo is reported at once, not after seconds).
 
-Exit codes: 0 written; 2 bad input or usage (nothing written); 3 environment (torch missing).
+Exit codes: 0 written; 2 bad input or usage (nothing written); 3 environment (torch missing); 130 interrupted
+(Ctrl-C; 143 for SIGTERM; nothing written).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="weights file to write; missing folders are made (default: "
                    f"{default_weights_path('<variant>')}, the variant as detected or given)")
     p.add_argument("--variant", help="configuration of a checkpoint without training args, e.g. r50_dc5")
-    p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint")
+    p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint "
+                   "(marked as random in the metadata: the commands that detect warn that they mean nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
@@ -71,10 +73,7 @@ def _step(desc: str) -> Iterator[None]:
 def _check_output(output: str | os.PathLike, checkpoint: str | None) -> Path:
     """The output path if we may write it; refused before any work: a folder, device or pipe (the final rename
     would replace it), an unwritable folder, the checkpoint itself."""
-    path = check_output_path(output, "output")
-    if checkpoint and path.exists() and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
-        raise BadInput(f"output {path} is the checkpoint itself: choose another -o")
-    return path
+    return check_output_path(output, "output", [("checkpoint", checkpoint)])
 
 
 def _check_inputs(
@@ -131,7 +130,7 @@ def extract(
         tensors = naming.to_builder(sd, cfg)
     with _step(f"writing {output}"):
         try:
-            save(output, cfg, tensors, source=source, source_sha256=source_sha256)
+            save(output, cfg, tensors, source=source, source_sha256=source_sha256, random_init=bool(random_init))
         except OSError as exc:
             raise BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
     return {
