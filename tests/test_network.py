@@ -414,3 +414,22 @@ def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
         calls[verb](half)
     with pytest.raises(ValueError, match="rank"):
         calls[verb](flat)
+
+
+# ---------------------------------------------------------------------------------------------- pinned definitions
+# sha256 of tests/network_dump.py's layer-by-layer dump (names, types, tensors, attributes, weight hashes) of a few
+# shallow networks with random weights: a refactor of netdef/ must leave them unchanged. A deliberate change of the
+# network updates them: `python tests/network_dump.py /tmp/after` prints and writes every case's digest.
+PINNED = {
+    "r50_dc5-fp16-plugins-postprocess": "50a0cc0ebd80415666db1c9626439aec8c689958845e877437abc82ad3efbf5a",
+    "r50_dc5_mha-fp32-native": "7bcb8e56e4c4905b0392236ebeafd638b0fe2672b8939abfd1aa6c816b9fce3e",
+    "r50_c5_grid-fp32-native": "c0833ecdd7217b9b3ecd92d262ebf39247dd6cb025fb5e8b644374c3456ff62b",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_network_definition_is_pinned(rtx, case):
+    import network_dump
+
+    (variant, options), = [(v, o) for name, v, o in network_dump.cases() if name == case]
+    assert network_dump.digest(network_dump.dump_case(rtx.trt, variant, options)) == PINNED[case]
