@@ -49,7 +49,7 @@ class BuildError(Failed, RuntimeError):
 def largest_activation(cfg, profile: Profile) -> tuple[int, str]:
     """(elements, what) of the largest tensor our network materialises at ``profile.max``: the backbone's stride-4
     maps (B x 256 x H/4 x W/4) or the encoder's row-attended values T (B x heads x h*w queries x h x head_dim,
-    netdef.network.rcda), which grows with h^2 w at the feature size h x w = H/stride x W/stride."""
+    netdef.network.row_column_attention), which grows with h^2 w at the feature size h x w = H/stride x W/stride."""
     b, height, width = profile.max
     h, w = -(-height // cfg.stride), -(-width // cfg.stride)
     sizes = [(b * 256 * -(-height // 4) * -(-width // 4), "backbone stride-4 feature map")]

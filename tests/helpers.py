@@ -116,7 +116,8 @@ def native_plugins(trt, cfg, monkeypatch):
     def masked_softmax(trt_, network, logits, key_mask):
         net, p = fake_net(network, logits)
         ctx = N.BuildContext(net, cfg, {})
-        N._masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4"), f"{p}.softmax")
+        N._masked_softmax(ctx, logits, N.KeyMask(key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4")),
+                          f"{p}.softmax")
         return last_layer(network)
 
     def layer_norm(trt_, network, x, gamma, beta, eps):
@@ -133,7 +134,7 @@ def native_plugins(trt, cfg, monkeypatch):
     def mask2pos(trt_, network, mask, d):
         net, p = fake_net(network)
         ctx = N.BuildContext(net, cfg, {})
-        pos_col, pos_row = N.mask2pos(ctx, mask, {})
+        pos_col, pos_row = N.mask2pos(ctx, mask)
         return _TwoOutputs(N.pos2posemb1d(ctx, pos_col, f"{p}.col"), N.pos2posemb1d(ctx, pos_row, f"{p}.row"))
 
     monkeypatch.setattr(Backend, "plugin_problem", lambda self, numpy_version=None: None)

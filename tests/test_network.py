@@ -22,7 +22,7 @@ from netdef.build import _creation_flags
 from core.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
 from core.backend import backend_of
-from netdef.network import BuildContext, NetworkConfigError, _masked_softmax
+from netdef.network import BuildContext, KeyMask, NetworkConfigError, _masked_softmax
 
 from helpers import builder_tensors, define, small_config
 
@@ -312,7 +312,7 @@ def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
     ctx = BuildContext(net, small_config(), {})
     logits = net.to_compute(net.input("logits", trt.float32, (2, 1, 2, 4)), "logits.cast")
     key_mask = net.input("key_mask", trt.bool, (2, 4))
-    attn = _masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4"), "softmax")
+    attn = _masked_softmax(ctx, logits, KeyMask(key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4")), "softmax")
     net.output(net.to_float32(attn, "softmax.out"), "attn")
     values = torch.tensor([[[[1.0, 2.0, 30.0, -4.0], [0.5, 0.5, 0.5, 0.5]]]]).repeat(2, 1, 1, 1)
     mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
@@ -345,16 +345,25 @@ def test_group_norm_matches_torch(rtx, v2):
 
 
 # ---------------------------------------------------------------------------------------------- plugin switch
-def test_build_context_op_is_the_one_plugin_switch(rtx):
-    """ctx.op runs the plugin variant exactly where that plugin is enabled, and refuses a name that is no plugin
-    (a typo would otherwise pick the native variant silently)."""
+def test_build_context_uses_is_the_one_plugin_switch(rtx):
+    """ctx.uses is true exactly where that plugin is enabled, and refuses a name that is no plugin (a typo would
+    otherwise pick the native formulation silently)."""
     _, _, net = _bare_net(rtx)
     ctx = BuildContext(net, small_config(), {}, frozenset({"layer_norm"}))
-    plugin, native = (lambda c, x: ("plugin", x)), (lambda c, x: ("native", x))
-    assert ctx.op("layer_norm", plugin, native, 1) == ("plugin", 1)
-    assert ctx.op("masked_softmax", plugin, native, 2) == ("native", 2)
+    assert ctx.uses("layer_norm") and not ctx.uses("masked_softmax")
     with pytest.raises(ValueError, match="no plugin 'layernorm'"):
-        ctx.op("layernorm", plugin, native, 3)
+        ctx.uses("layernorm")
+
+
+def test_blocks_choose_plugins_only_through_uses():
+    """No block reads ctx.plugins itself, and the plugin layers are added only in netdef/plugin_ops.py."""
+    import inspect
+
+    import netdef.network
+
+    source = inspect.getsource(netdef.network)
+    assert source.count(".plugins") == 1  # BuildContext.uses
+    assert "add_layer" not in source and "get_plugin" not in source
 
 
 # ---------------------------------------------------------------------------------------------- reading order
@@ -362,12 +371,21 @@ def test_build_context_op_is_the_one_plugin_switch(rtx):
 MIRRORS = {
     "inverse_sigmoid": "inverse_sigmoid", "feature_mask": "feature_mask", "mask2pos": "mask2pos", "_sine": "_sine",
     "pos2posemb1d": "pos2posemb1d", "pos2posemb2d": "pos2posemb2d", "_heads": "_heads",
-    "_merge_heads": "_merge_heads", "_masked_softmax": "_masked_softmax", "rcda": "rcda",
-    "multihead_attention": "multihead_attention", "bottleneck": "Bottleneck", "backbone": "ResNetBody",
-    "out_proj": "_InProj", "ffn": "FFN", "mlp": "MLP", "adapt_pos": "_mlp2", "encoder_layer": "EncoderLayer",
+    "_merge_heads": "_merge_heads", "_masked_softmax": "_masked_softmax", "row_column_attention": "rcda",
+    "dot_product_attention": "multihead_attention", "bottleneck": "Bottleneck", "backbone": "ResNetBody",
+    "encoder_rcda": "RCDA.forward", "decoder_rcda": "RCDA.forward", "self_attention": "MultiheadAttention.forward",
+    "encoder_mha": "MultiheadAttention.forward", "decoder_mha": "MultiheadAttention.forward",
+    "ffn": "FFN", "mlp": "MLP", "adapt_pos": "_mlp2", "encoder_layer": "EncoderLayer",
     "decoder_layer": "DecoderLayer", "anchor_points": "Transformer.anchor_points",
     "memory_pos": "Transformer.memory_pos", "query_pos": "Transformer.query_pos", "transformer": "Transformer.forward",
     "input_proj": "AnchorDETR.__init__", "anchor_detr": "AnchorDETR._run",
+}
+# Public definitions of netdef.network that mirror no reference module: the network's own machinery and the steps
+# the reference does inline (each says in its docstring what it computes). Private helpers (_name) are not listed.
+OWN = {
+    "NetworkConfigError", "KeyMask", "KeyMasks", "BuildContext", "BuildContext.w", "BuildContext.linear_module",
+    "BuildContext.layer_norm_module", "BuildContext.uses", "mask2posemb1d", "posemb2d_grid", "key_masks",
+    "pattern_queries", "pooled_keys", "prediction_heads", "topk_postprocess", "define_network", "check_supported",
 }
 
 
@@ -393,6 +411,16 @@ def test_network_reads_in_the_reference_order():
     assert sorted(ours) == sorted(MIRRORS), set(MIRRORS) - set(ours)
     assert all(MIRRORS[n] in theirs for n in ours), [MIRRORS[n] for n in ours if MIRRORS[n] not in theirs]
     assert ours == sorted(ours, key=lambda n: theirs.index(MIRRORS[n]))
+
+
+def test_every_public_definition_mirrors_the_reference_or_is_listed():
+    """The reading-order test covers the file: a new public block is mirrored (MIRRORS) or declared as the
+    network's own (OWN); helpers are private."""
+    import netdef.network
+
+    public = {n for n in _definition_order(netdef.network.__file__) if not n.split(".")[-1].startswith("_")}
+    assert public - set(MIRRORS) - OWN == set()
+    assert OWN - public == set()
 
 
 @pytest.mark.parametrize("verb", ["add", "select", "matmul", "concat"])
