@@ -470,18 +470,13 @@ def run(args: argparse.Namespace) -> int:
     has_monitor = hasattr(trt, "IProgressMonitor")
     bar = ProgressBar(1.0, "building engine", tick=0.5) if has_monitor else None
     monitor = make_progress_monitor(trt, bar) if has_monitor else None
-    from netdef.network import NetworkConfigError
-
-    try:
-        with Spinner(f"defining network ({cfg.variant}, {precision})"):
-            builder, network, config, keepalive = create_network(
-                backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, version_compatible=args.version_compatible,
-                plugins=args.plugins, postprocess=args.postprocess,
-                profile=profile, fold_constants=args.fold_constants, workspace_mib=workspace_limit_mib(args.workspace),
-                logger=logger, monitor=monitor, timing_cache=timing_cache,
-            )
-    except NetworkConfigError as e:
-        raise BadInput(str(e)) from None
+    with Spinner(f"defining network ({cfg.variant}, {precision})"):
+        builder, network, config, keepalive = create_network(
+            backend, cfg, tensors, fp16=args.fp16, tf32=args.tf32, version_compatible=args.version_compatible,
+            plugins=args.plugins, postprocess=args.postprocess,
+            profile=profile, fold_constants=args.fold_constants, workspace_mib=workspace_limit_mib(args.workspace),
+            logger=logger, monitor=monitor, timing_cache=timing_cache,
+        )
     check_profile_warnings(logger)
     start = time.monotonic()
     with bar if bar is not None else Spinner("building engine"):

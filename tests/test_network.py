@@ -461,3 +461,71 @@ def test_network_definition_is_pinned(rtx, case):
 
     (variant, options), = [(v, o) for name, v, o in network_dump.cases() if name == case]
     assert network_dump.digest(network_dump.dump_case(rtx.trt, variant, options)) == PINNED[case]
+
+
+# ---------------------------------------------------------------------------------------------- one error scheme
+def test_network_interpreter_and_plugin_errors_carry_the_exit_codes_of_core_errors(capsys):
+    """NetworkConfigError, InterpretError and PluginError are core.errors classes: core.cli.guarded prints their one
+    line with the documented exit code, and no command re-wraps them."""
+    from core import cli
+    from core.errors import EXIT_BAD_INPUT, EXIT_FAILED
+    from plugins.spec import PluginError
+    from reference.interpret import InterpretError
+
+    def raising(exc):
+        def run():
+            raise exc
+        return run
+
+    for exc, code in ((NetworkConfigError("no tensor 'x'"), EXIT_BAD_INPUT), (PluginError("d=0"), EXIT_BAD_INPUT),
+                      (InterpretError("layer 'y': mode"), EXIT_FAILED)):
+        assert cli.guarded("prog", raising(exc)) == code
+        assert capsys.readouterr().err == f"prog: error: {exc}\n"
+
+
+# ---------------------------------------------------------------------------------------------- the naming funnel
+class _RefusingNetwork:
+    """Stands in for an INetworkDefinition: add_* returns None (a refused layer) or a layer whose attribute
+    setters raise as pybind does on a value TensorRT will not take."""
+
+    def __init__(self, trt, refuse: bool):
+        self.trt, self.refuse = trt, refuse
+
+    def __getattr__(self, name):
+        if not name.startswith("add_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None if self.refuse else _RefusingLayer()
+
+
+class _RefusingLayer:
+    num_outputs = 1
+
+    def __setattr__(self, attribute, value):
+        raise TypeError(f"incompatible value for {attribute}")
+
+    def set_input(self, index, tensor):
+        raise TypeError("incompatible input")
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["refused-layer", "refused-attribute"])
+@pytest.mark.parametrize("verb", ["conv2d", "max_pool2d", "gather", "resize_nearest", "softmax", "concat", "shuffle"])
+def test_layers_with_attributes_fail_through_the_naming_funnel(rtx, verb, refuse):
+    """Verbs that set layer attributes set them in the funnel: a layer TensorRT refuses, or an attribute it refuses,
+    gives the funnel's message naming the layer (not an AttributeError on None)."""
+    trt = rtx.trt
+    _, network, real = _bare_net(rtx)
+    x = real.input("x", trt.float32, (1, 4, 8, 8))
+    net = Net(trt, _RefusingNetwork(trt, refuse))
+    calls = {
+        "conv2d": lambda: net.conv2d(x, np.ones((2, 4, 1, 1), np.float32), None, "bad", stride=2),
+        "max_pool2d": lambda: net.max_pool2d(x, 3, 2, 1, "bad"),
+        "gather": lambda: net.gather(x, x, 1, "bad", batch_dims=1),
+        "resize_nearest": lambda: net.resize_nearest(x, x, "bad"),
+        "softmax": lambda: net.softmax(x, -1, "bad"),
+        "concat": lambda: net.concat([x, x], 1, "bad"),
+        "shuffle": lambda: net.shuffle(x, "bad", first=(0, 2, 3, 1)),
+    }
+    message = r"TensorRT refused layer 'bad'" if refuse else r"TensorRT refused \w+.* (for|of) layer 'bad'"
+    with pytest.raises(ValueError, match=message):
+        calls[verb]()
+    assert "bad" not in net._names  # the name stays free
