@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the work ran but did not succeed: a build TensorRT refused, blocks that differ, skipped images
 EXIT_BAD_INPUT = 2  # something the user gave is wrong (argparse exits 2 on bad arguments too)
 EXIT_ENVIRONMENT = 3  # the machine lacks something: GPU, TensorRT, PyTorch
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 class AnchorError(Exception):
@@ -36,3 +37,7 @@ class Failed(AnchorError):
     """The input was fine but the work did not succeed (TensorRT refused to build, the interpreter gave up)."""
 
     exit_code = EXIT_FAILED
+class Interrupted(AnchorError):
+    """The user interrupted the work (Ctrl-C); what was half done is removed, nothing is written."""
+
+    exit_code = EXIT_INTERRUPTED
