@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,7 @@ def test_monitor_on_a_fake_phase_sequence_is_monotone_and_ends_full():
     monitor.phase_finish("inner")
     monitor.step_complete("outer", 1)
     monitor.phase_start("last", "outer", 2)  # finishes without reporting its steps
+    time.sleep(0.05)  # the long phase without a step: the bar stands still, the summary names it
     monitor.phase_finish("last")
     monitor.phase_finish("outer")  # outer's last step is never reported either
     check_nesting(monitor.events)
@@ -170,6 +172,9 @@ def test_monitor_on_a_fake_phase_sequence_is_monotone_and_ends_full():
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 == bar.done
     assert ("inner" in {s for _, s in seen}) and seen[-1][1] == "done"
     assert monitor.max_depth == 2
+    assert set(monitor.seconds) == {"outer", "inner", "last"}
+    name, seconds = build.slowest_phase(monitor)
+    assert name == "last" and seconds >= 0.05 and sum(monitor.seconds.values()) < 1
 
 
 def test_cancelled_build_is_interrupted_exit_130(backend):
