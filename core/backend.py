@@ -9,8 +9,11 @@ run our plugins".
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 
 from core.errors import Unavailable
@@ -25,10 +28,12 @@ INSTALL_HINT = {
     "tensorrt-lean": "pip install 'anchortrt[lean]'  (the 44 MB lean runtime: runs engines built with "
                      "--version-compatible)",
 }
-# Ahead-of-time `tensorrt.plugin` layers arrived in TensorRT 10.9 (cu13 wheels start at 10.13.2). Until 11.2.1 the
-# plugin package converts attributes with a call that NumPy 2.4 refuses ("only 0-dimensional arrays ...").
+# Ahead-of-time plugin layers arrived in TensorRT 10.9, but the cu13 packages 10.13.2.6 and 10.13.3.9 ship the plugin
+# package only as `tensorrt_bindings.plugin` (no `tensorrt.plugin`, from 10.14.1.48.post1 on), and before 10.16 it
+# keeps a stale IExprBuilder between describe calls. Until 11.2.1 it converts attributes with a call that NumPy 2.4
+# refuses ("only 0-dimensional arrays ...").
 PLUGINS_MIN_TRT = (11, 2, 1)
-PLUGINS_MIN_TRT_OLD_NUMPY = (10, 9)
+PLUGINS_MIN_TRT_OLD_NUMPY = (10, 16)
 NUMPY_BREAKS_OLD_PLUGINS = (2, 4)
 
 
@@ -74,9 +79,9 @@ class Backend:
         if trt_v >= PLUGINS_MIN_TRT_OLD_NUMPY and version_tuple(numpy_version) < NUMPY_BREAKS_OLD_PLUGINS:
             return None
         return (f"plugins need TensorRT >= {'.'.join(map(str, PLUGINS_MIN_TRT))} (this is {self.version}, whose "
-                f"tensorrt.plugin fails on NumPy {numpy_version} >= 2.4): pip install -U 'tensorrt-cu13>=11.2.1' "
-                f"--extra-index-url {NVIDIA_INDEX}, or pip install 'numpy<2.4' with TensorRT >= 10.9, "
-                "or build with --plugins none")
+                f"tensorrt.plugin fails on NumPy {numpy_version} >= 2.4, or is missing or unreliable below 10.16): "
+                f"pip install -U 'tensorrt-cu13>=11.2.1' --extra-index-url {NVIDIA_INDEX}, or pip install "
+                "'numpy<2.4' with TensorRT >= 10.16, or build with --plugins none")
 
 
 def check_plugins(backend: Backend, plugins) -> None:
@@ -138,6 +143,20 @@ def get_backend(name: str | None = None) -> Backend:
             return Backend(candidate, _import(candidate))
         problems.append(problem)
     raise BackendError("no TensorRT backend can build here: " + "; ".join(problems))
+
+
+def lean_library(version: str) -> Path | None:
+    """The lean runtime library (libnvinfer_lean.so) of exactly TensorRT ``version`` where an installed
+    tensorrt-lean-cu*-libs package provides it, else None: what ``Runtime.load_runtime`` needs for a plan built
+    with --exclude-lean-runtime by another version than the installed TensorRT."""
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("-", "_")
+        if not re.fullmatch(r"tensorrt_lean_cu\d+_libs", name) or dist.version != version:
+            continue
+        for file in dist.files or ():
+            if re.fullmatch(r"libnvinfer_lean\.so(\.\d+)*", Path(str(file)).name):
+                return Path(dist.locate_file(file))
+    return None
 
 
 def get_runtime_backend(built_with: str, version_compatible: bool = False) -> Backend:

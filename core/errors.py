@@ -43,3 +43,9 @@ class Failed(AnchorError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same ``finally`` blocks and
     context managers remove temporary and partial files (``core.cli.guarded`` installs it)."""
+
+
+class Interrupted(AnchorError):
+    """The user interrupted the work (Ctrl-C); what was half done is removed, nothing is written."""
+
+    exit_code = EXIT_INTERRUPTED

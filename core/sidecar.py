@@ -10,8 +10,12 @@ Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
     config            AnchorDETRConfig fields (dict)
     profile           {"min": [B, H, W], "opt": [...], "max": [...]}
     precision         "fp32" | "tf32" | "fp16"
-    version_compatible bool: built with VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME (runs on the lean runtime and
-                      later TensorRT of the same major version)
+    version_compatible bool: built with VERSION_COMPATIBLE (lean-runtime operators only)
+    lean_runtime_excluded bool: built with EXCLUDE_LEAN_RUNTIME too. A version-compatible plan without it embeds its
+                      lean runtime and runs on any TensorRT of the builder's major version from the builder's on
+                      (host code allowed); with it, the plan is smaller and runs only on the lean runtime of exactly
+                      the builder's version. Sidecars written before the field existed read as excluded when
+                      version-compatible (the builder always excluded it then).
     plugins           sorted list of plugin names
     postprocess       bool (in-engine top-100)
     backend           "tensorrt" | "tensorrt-rtx"
@@ -37,8 +41,12 @@ from core.errors import BadInput
 
 SIDECAR_KEYS = (
     "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "version_compatible",
-    "gpu", "weights_sha256", "inputs", "outputs", "anchortrt_version",
+    "lean_runtime_excluded", "gpu", "weights_sha256", "inputs", "outputs", "anchortrt_version",
 )
+# Keys a sidecar of an earlier anchortrt may lack, with the value that reads it as that version wrote it.
+SIDECAR_DEFAULTS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "lean_runtime_excluded": lambda data: data.get("version_compatible") is True,
+}
 MIN_SIDE = 32  # one feature-map pixel at the C5 stride; smaller images have no feature map
 REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
 
@@ -88,6 +96,30 @@ class Profile:
 
     def __str__(self) -> str:
         return "  ".join(f"{k} {b}x{h}x{w}" for k, (b, h, w) in zip(("min", "opt", "max"), (self.min, self.opt, self.max)))
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """The sidecar's fields (the module docstring says what each means); ``to_dict`` is what is written."""
+
+    config: dict[str, Any]
+    profile: dict[str, list[int]]
+    precision: str
+    plugins: list[str]
+    postprocess: bool
+    backend: str
+    trt_version: str
+    version_compatible: bool
+    lean_runtime_excluded: bool
+    gpu: dict[str, str] | None
+    weights_sha256: str
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, dict[str, Any]]
+    anchortrt_version: str
+    random_init: bool = False  # optional: written only when true, so engines of real weights keep their fields
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SIDECAR_KEYS} | ({"random_init": True} if self.random_init else {})
 
 
 def default_engine_path(variant: str, precision: str) -> Path:
@@ -179,7 +211,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def write_sidecar(engine_path: str | os.PathLike, sidecar: Mapping[str, Any]) -> Path:
+def write_sidecar(engine_path: str | os.PathLike, sidecar: Sidecar | Mapping[str, Any]) -> Path:
+    if isinstance(sidecar, Sidecar):
+        sidecar = sidecar.to_dict()
+    sidecar = {**{k: default(sidecar) for k, default in SIDECAR_DEFAULTS.items() if k not in sidecar}, **sidecar}
     missing = [k for k in SIDECAR_KEYS if k not in sidecar]
     if missing:
         raise SidecarError(f"sidecar is missing {missing}")
@@ -201,12 +236,15 @@ def load_sidecar(path: str | os.PathLike) -> dict[str, Any]:
         raise SidecarError(f"no sidecar {side} next to the engine: {REBUILD_HINT}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SidecarError(f"sidecar {side} is unreadable ({e}): {REBUILD_HINT}") from None
+    if isinstance(data, dict):
+        for key, default in SIDECAR_DEFAULTS.items():
+            data.setdefault(key, default(data))
     missing = [k for k in SIDECAR_KEYS if k not in data] if isinstance(data, dict) else list(SIDECAR_KEYS)
     if missing:
         raise SidecarError(f"sidecar {side} lacks {', '.join(missing)}: not written by netdef.build; {REBUILD_HINT}")
-    if not isinstance(data["version_compatible"], bool):  # "false" would read as true in the version rule
-        raise SidecarError(f"sidecar {side}: version_compatible is {data['version_compatible']!r}, not true or "
-                           f"false; {REBUILD_HINT}")
+    for key in ("version_compatible", "lean_runtime_excluded"):
+        if not isinstance(data[key], bool):  # "false" would read as true in the version rule
+            raise SidecarError(f"sidecar {side}: {key} is {data[key]!r}, not true or false; {REBUILD_HINT}")
     return data
 
 
@@ -214,6 +252,12 @@ def _cc_string(cc: str | tuple[int, int] | None) -> str | None:
     if cc is None or isinstance(cc, str):
         return cc
     return f"{cc[0]}.{cc[1]}"
+
+
+def lean_install_hint(version: str) -> str:
+    """How to get the lean runtime of exactly ``version`` (what an --exclude-lean-runtime plan needs)."""
+    return (f"pip install 'tensorrt-lean-cu13=={version}' "
+            "(or rebuild with --version-compatible, which embeds the lean runtime in the plan)")
 
 
 def weights_problem(sidecar: Mapping[str, Any], weights_sha256: str) -> str | None:
@@ -243,7 +287,9 @@ def check_sidecar(
 
     - ``trt_version``: the loading TensorRT. A standard plan needs the exact version that built it; a
       version-compatible one loads on the same major version, no older than the builder (TensorRT's engine
-      compatibility rule: built by 11.2, runs on 11.2 and later 11.x).
+      compatibility rule: built by 11.2, runs on 11.2 and later 11.x); one built with --exclude-lean-runtime only on
+      the lean runtime of exactly the builder's version (``IRuntime::loadRuntime``), which the runner loads when the
+      installed TensorRT is another version (``trt_version`` is then the loaded library's).
     - ``compute_capability`` ("9.0" or (9, 0)): the GPU about to run the engine. Full TensorRT tunes kernels for
       the build GPU's architecture; TensorRT-RTX engines compile for the running GPU, so only full TensorRT
       engines are checked.
@@ -258,7 +304,12 @@ def check_sidecar(
                         "ones (built with --version-compatible)")
     elif backend is not None and backend != built_with and not (compatible and backend == "tensorrt-lean"):
         problems.append(f"engine was built with {built_with}, but this runtime uses {backend}")
-    if compatible:
+    if compatible and sidecar.get("lean_runtime_excluded"):
+        if trt_version != built_version:
+            problems.append(f"engine was built by TensorRT {built_version} with --exclude-lean-runtime, which runs "
+                            f"only on the lean runtime of exactly {built_version}; this is TensorRT {trt_version}: "
+                            f"{lean_install_hint(built_version)}")
+    elif compatible:
         built, running = version_tuple(built_version), version_tuple(trt_version)
         if running[:1] != built[:1] or running < built:
             problems.append(f"engine was built by TensorRT {built_version} with --version-compatible, which runs on "

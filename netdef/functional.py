@@ -56,11 +56,24 @@ class Net:
         self._norm_v2 = hasattr(network, "add_normalization_v2")
 
     # ---------------------------------------------------------------- naming, constants, dtypes
-    def _named(self, layer, name: str):
+    def _named(self, layer, name: str, inputs: dict[int, Any] | None = None, **attributes):
+        """The naming funnel every layer passes: ``layer`` (what ``network.add_*`` returned) with its extra
+        ``inputs`` (index -> tensor) and ``attributes`` set, named ``name``, its outputs named after it. A layer
+        TensorRT refused (None) or an attribute it refuses fails here, with the layer's name."""
         if layer is None:
             raise ValueError(f"TensorRT refused layer {name!r} (its error is logged above)")
         if name in self._names:
             raise ValueError(f"layer name {name!r} used twice: every layer needs its own name")
+        for index, tensor in (inputs or {}).items():
+            try:
+                layer.set_input(index, tensor)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"TensorRT refused input {index} of layer {name!r}: {e}") from None
+        for attribute, value in attributes.items():
+            try:
+                setattr(layer, attribute, value)
+            except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+                raise ValueError(f"TensorRT refused {attribute}={value!r} for layer {name!r}: {e}") from None
         self._names.add(name)
         layer.name = name
         for i in range(layer.num_outputs):
@@ -222,9 +235,8 @@ class Net:
             return self._f32(np_fn(np.asarray(self._lift(x))))
         (t,) = self._operands(name, x)
         layer = self.network.add_activation(t, getattr(self.trt.ActivationType, kind))
-        if alpha is not None:
-            layer.alpha, layer.beta = alpha, beta
-        return self._named(layer, name).get_output(0)
+        bounds = {} if alpha is None else {"alpha": alpha, "beta": beta}
+        return self._named(layer, name, **bounds).get_output(0)
 
     def relu(self, x, name: str):
         return self._activation("RELU", x, name, lambda a: np.maximum(a, np.float32(0)))
@@ -309,16 +321,15 @@ class Net:
             self.keepalive.append(b)
             args.append(self.trt.Weights(b))
         layer = self.network.add_convolution_nd(*args)
-        layer.stride_nd = self.trt.Dims((stride, stride))
-        layer.padding_nd = self.trt.Dims((padding, padding))
-        layer.dilation_nd = self.trt.Dims((dilation, dilation))
-        return self._named(layer, name).get_output(0)
+        Dims = self.trt.Dims
+        return self._named(layer, name, stride_nd=Dims((stride, stride)), padding_nd=Dims((padding, padding)),
+                           dilation_nd=Dims((dilation, dilation))).get_output(0)
 
     def max_pool2d(self, x, kernel: int, stride: int, padding: int, name: str):
         layer = self.network.add_pooling_nd(x, self.trt.PoolingType.MAX, self.trt.Dims((kernel, kernel)))
-        layer.stride_nd = self.trt.Dims((stride, stride))
-        layer.padding_nd = self.trt.Dims((padding, padding))
-        return self._named(layer, name).get_output(0)
+        Dims = self.trt.Dims
+        return self._named(layer, name, stride_nd=Dims((stride, stride)),
+                           padding_nd=Dims((padding, padding))).get_output(0)
 
     # ---------------------------------------------------------------- normalisation, softmax
     def _normalization(self, x, scale: np.ndarray, bias: np.ndarray, axes: int, groups: int,
@@ -331,10 +342,7 @@ class Net:
         s = self.tensor(scale, f"{name}.weight", dtype=self.trt.float32)
         b = self.tensor(bias, f"{name}.bias", dtype=self.trt.float32)
         add = self.network.add_normalization_v2 if self._norm_v2 else self.network.add_normalization
-        layer = add(t, s, b, axes)
-        layer.epsilon = eps
-        layer.num_groups = groups
-        y = self._named(layer, name).get_output(0)
+        y = self._named(add(t, s, b, axes), name, epsilon=eps, num_groups=groups).get_output(0)
         return self.cast(y, x.dtype, f"{name}.to_half") if half else y
 
     def layer_norm(self, x, weight: np.ndarray, bias: np.ndarray, name: str, eps: float = 1e-5):
@@ -371,9 +379,8 @@ class Net:
             e = np.exp(a - a.max(axis, keepdims=True))
             return self._f32(e / e.sum(axis, keepdims=True))
         x = self.tensor(x, f"{name}.input")
-        layer = self.network.add_softmax(x)
-        layer.axes = 1 << (axis % len(x.shape))  # the default axis is not the last one
-        return self._named(layer, name).get_output(0)
+        # The default axis is not the last one.
+        return self._named(self.network.add_softmax(x), name, axes=1 << (axis % len(x.shape))).get_output(0)
 
     def reduce(self, x, op: str, axes: Sequence[int], name: str, keep_dims: bool = True):
         axes = [a % self.rank(x) for a in axes]
@@ -426,17 +433,16 @@ class Net:
             a = a.transpose(second) if second is not None else a
             return np.ascontiguousarray(a)
         (t,) = self._operands(name, x)
-        layer = self.network.add_shuffle(t)
+        inputs, attributes = {}, {}
         if first is not None:
-            layer.first_transpose = self.trt.Permutation(list(first))
-        if dims is not None:
-            if isinstance(dims, (list, tuple)):
-                layer.reshape_dims = self.trt.Dims(tuple(dims))
-            else:
-                layer.set_input(1, dims)
+            attributes["first_transpose"] = self.trt.Permutation(list(first))
+        if isinstance(dims, (list, tuple)):
+            attributes["reshape_dims"] = self.trt.Dims(tuple(dims))
+        elif dims is not None:
+            inputs[1] = dims
         if second is not None:
-            layer.second_transpose = self.trt.Permutation(list(second))
-        return self._named(layer, name).get_output(0)
+            attributes["second_transpose"] = self.trt.Permutation(list(second))
+        return self._named(self.network.add_shuffle(t), name, inputs, **attributes).get_output(0)
 
     def reshape(self, x, dims, name: str):
         return self.shuffle(x, name, dims=dims)
@@ -463,8 +469,7 @@ class Net:
         """Default-mode gather; ``batch_dims=1`` pairs the leading axis of x and indices
         (``torch.gather`` style over the batch)."""
         layer = self.network.add_gather(x, indices, axis)
-        layer.num_elementwise_dims = batch_dims
-        return self._named(layer, name).get_output(0)
+        return self._named(layer, name, num_elementwise_dims=batch_dims).get_output(0)
 
     def expand(self, x, shape: Sequence[int], name: str):
         """Broadcast size-1 axes of ``x`` to ``shape`` (static shapes): a stride-0 slice."""
@@ -482,18 +487,15 @@ class Net:
         ts = self._operands(name, *xs)
         self._check_same(name, *ts)
         layer = self.network.add_concatenation(ts)
-        layer.axis = axis % len(ts[0].shape)
-        return self._named(layer, name).get_output(0)
+        return self._named(layer, name, axis=axis % len(ts[0].shape)).get_output(0)
 
     def resize_nearest(self, x, shape, name: str):
         """PyTorch ``F.interpolate(mode="nearest")`` to the int64 ``shape`` tensor: output index i
         reads input index floor(i * in / out)."""
-        layer = self.network.add_resize(x)
-        layer.set_input(1, shape)
-        layer.resize_mode = self.trt.InterpolationMode.NEAREST
-        layer.coordinate_transformation = self.trt.ResizeCoordinateTransformation.ASYMMETRIC
-        layer.nearest_rounding = self.trt.ResizeRoundMode.FLOOR
-        return self._named(layer, name).get_output(0)
+        trt = self.trt
+        return self._named(self.network.add_resize(x), name, {1: shape}, resize_mode=trt.InterpolationMode.NEAREST,
+                           coordinate_transformation=trt.ResizeCoordinateTransformation.ASYMMETRIC,
+                           nearest_rounding=trt.ResizeRoundMode.FLOOR).get_output(0)
 
     def topk(self, x, k: int, axis: int, name: str):
         """Largest ``k`` along ``axis``: (values, int32 indices)."""

@@ -47,15 +47,37 @@ import numpy as np
 
 from core.backend import backend_of, check_plugins
 from core.config import BACKBONE_BLOCKS, NUM_TOPK, SINE_TEMPERATURE, AnchorDETRConfig
+from core.errors import BadInput
+from netdef import plugin_ops
 from netdef.functional import MASK_FILL, Net
 from plugins import NAMES as PLUGINS
-from plugins import get as get_plugin
 
 INVERSE_SIGMOID_EPS = 1e-5
 
 
-class NetworkConfigError(ValueError):
-    """A configuration, weights dict or option this network cannot build."""
+class NetworkConfigError(BadInput, ValueError):
+    """A configuration, weights dict or option this network cannot build (command lines exit 2)."""
+
+
+@dataclass(frozen=True)
+class KeyMask:
+    """The padding mask of one attention's keys, True = padding: ``mask`` (B, K) as the masked_softmax plugin
+    takes it, and ``for_logits`` (B, 1, 1, K), which broadcasts over the heads and queries of (B, heads, Q, K)
+    logits."""
+
+    mask: Any
+    for_logits: Any
+
+
+@dataclass(frozen=True)
+class KeyMasks:
+    """The key masks of the transformer's attentions, taken once from the feature mask. RCDA: ``row`` (K = w),
+    the mask's first row, masks the row logits and ``col`` (K = h), its first column, the column logits;
+    multi-head: ``all`` (K = h*w), every position."""
+
+    row: KeyMask | None = None
+    col: KeyMask | None = None
+    all: KeyMask | None = None
 
 
 @dataclass
@@ -84,27 +106,17 @@ class BuildContext:
 
     def layer_norm_module(self, x, name: str):
         """The PyTorch LayerNorm called ``name`` (eps 1e-5)."""
-        return self.op("layer_norm", _layer_norm_plugin, _layer_norm_native, x, name)
+        if self.uses("layer_norm"):
+            return plugin_ops.layer_norm(self, x, name)
+        return self.net.layer_norm(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"), name)
 
-    def op(self, plugin_name: str, plugin, native, *args):
-        """``plugin(self, *args)`` where plugin ``plugin_name`` is enabled, else ``native(self, *args)``: the
-        one place a plugin-or-native choice is made. Blocks call the op, never test ``self.plugins``."""
+    def uses(self, plugin_name: str) -> bool:
+        """Whether plugin ``plugin_name`` is enabled, the one plugin switch: a block then calls its plugin
+        formulation (netdef.plugin_ops), else composes native layers. A name that is no plugin is refused (a typo
+        would otherwise pick the native formulation silently)."""
         if plugin_name not in PLUGINS:
             raise ValueError(f"no plugin {plugin_name!r}: choose from {', '.join(PLUGINS)}")
-        return (plugin if plugin_name in self.plugins else native)(self, *args)
-
-
-def _layer_norm_native(ctx: BuildContext, x, name: str):
-    return ctx.net.layer_norm(x, ctx.w(f"{name}.weight"), ctx.w(f"{name}.bias"), name)
-
-
-def _layer_norm_plugin(ctx: BuildContext, x, name: str):
-    net = ctx.net
-    if net.fold and net.is_const(x):  # a constant folds in numpy, as every verb's does: no layer
-        return _layer_norm_native(ctx, x, name)
-    layer = get_plugin("layer_norm").add_layer(net.trt, net.network, net.tensor(x, f"{name}.input", net.dtype),
-                                               ctx.w(f"{name}.weight"), ctx.w(f"{name}.bias"), 1e-5)
-    return net.plugin(layer, name)[0]
+        return plugin_name in self.plugins
 
 
 # ================================ Reference functions (reference.torch_model's module-level functions)
@@ -126,12 +138,14 @@ def feature_mask(ctx: BuildContext, masks, feature):
     return net.rename(net.cast(small, net.trt.bool, "mask.to_bool"), "mask")
 
 
-def mask2pos(ctx: BuildContext, mask, keys):
-    """pos_col (B, h), pos_row (B, w): (cumsum of not-mask along the first column / row - 0.5) / last."""
+def mask2pos(ctx: BuildContext, mask, key_masks: KeyMasks | None = None):
+    """pos_col (B, h), pos_row (B, w): (cumsum of not-mask along the first column / row - 0.5) / last. The first
+    column and row are RCDA's key masks where ``key_masks`` has them already."""
     net = ctx.net
     out = []
     for kind, axis in (("col", 2), ("row", 1)):
-        first = keys[kind] if kind in keys else net.take(mask, 0, axis, f"mask2pos.{kind}.first")
+        taken = getattr(key_masks, kind) if key_masks is not None else None
+        first = taken.mask if taken is not None else net.take(mask, 0, axis, f"mask2pos.{kind}.first")
         not_mask = net.cast(net.logical_not(first, f"mask2pos.{kind}.not"), net.trt.float32, f"mask2pos.{kind}.float")
         embed = net.cumsum(not_mask, 1, f"mask2pos.{kind}.cumsum")
         # The last cumsum value is the count of unpadded entries: a sum needs no dynamic slice.
@@ -158,22 +172,13 @@ def pos2posemb1d(ctx: BuildContext, pos, name: str):
     return _sine(ctx, pos, ctx.cfg.d_model, name)
 
 
-def mask2posemb1d(ctx: BuildContext, mask, keys):
+def mask2posemb1d(ctx: BuildContext, mask, key_masks: KeyMasks):
     """pos2posemb1d(mask2pos(mask)): emb_col (B, h, C) and emb_row (B, w, C), float32."""
-    return ctx.op("mask2pos", _mask2posemb1d_plugin, _mask2posemb1d_native, mask, keys)
-
-
-def _mask2posemb1d_native(ctx: BuildContext, mask, keys):
-    pos_col, pos_row = mask2pos(ctx, mask, keys)
+    if ctx.uses("mask2pos"):
+        return plugin_ops.mask2posemb1d(ctx, mask)
+    pos_col, pos_row = mask2pos(ctx, mask, key_masks)
     emb_row = pos2posemb1d(ctx, pos_row, "transformer.posemb_row")
     return pos2posemb1d(ctx, pos_col, "transformer.posemb_col"), emb_row
-
-
-def _mask2posemb1d_plugin(ctx: BuildContext, mask, keys):
-    net = ctx.net
-    layer = get_plugin("mask2pos").add_layer(net.trt, net.network, mask, ctx.cfg.d_model)
-    emb_col, emb_row = net.plugin(layer, "transformer.mask2pos")
-    return emb_col, emb_row
 
 
 def pos2posemb2d(ctx: BuildContext, pos, name: str):
@@ -194,32 +199,22 @@ def _merge_heads(ctx: BuildContext, x, name: str):
     return ctx.net.shuffle(x, name, first=(0, 2, 1, 3), dims=(0, 0, ctx.cfg.d_model))
 
 
-def _masked_softmax(ctx: BuildContext, logits, key_mask, key_mask4, name: str):
-    """Softmax over keys with padded keys (key_mask True) at 0, or over all keys without a mask (the
-    official fills -inf; a finite fill keeps a fully padded row finite)."""
-    if key_mask is None:  # the plugin needs a mask
-        return _masked_softmax_native(ctx, logits, None, None, name)
-    return ctx.op("masked_softmax", _masked_softmax_plugin, _masked_softmax_native, logits, key_mask, key_mask4, name)
-
-
-def _masked_softmax_native(ctx: BuildContext, logits, key_mask, key_mask4, name: str):
-    """key_mask4 is key_mask as (B, 1, 1, K)."""
+def _masked_softmax(ctx: BuildContext, logits, key_mask: KeyMask | None, name: str):
+    """Softmax over keys with padded keys at 0, or over all keys without a mask (the official fills -inf; a
+    finite fill keeps a fully padded row finite)."""
+    if key_mask is not None and ctx.uses("masked_softmax"):  # the plugin needs a mask
+        return plugin_ops.masked_softmax(ctx, logits, key_mask.mask, name)
     net = ctx.net
     # FP16: max, exp and the row sum in float32; the casts fuse into the softmax kernel.
     x = net.to_float32(logits, f"{name}.to_float32")
-    if key_mask4 is not None:
-        x = net.select(key_mask4, np.float32(MASK_FILL), x, f"{name}.masked_fill")
+    if key_mask is not None:
+        x = net.select(key_mask.for_logits, np.float32(MASK_FILL), x, f"{name}.masked_fill")
     return net.to_compute(net.softmax(x, -1, name), f"{name}.to_half")
 
 
-def _masked_softmax_plugin(ctx: BuildContext, logits, key_mask, key_mask4, name: str):
-    net = ctx.net
-    layer = get_plugin("masked_softmax").add_layer(net.trt, net.network, logits, key_mask)
-    return net.plugin(layer, name)[0]
-
-
-def rcda(ctx: BuildContext, a: str, q_row, q_col, k_row, k_col, v, keys):
-    """multi_head_rcda_forward after the projections.
+def row_column_attention(ctx: BuildContext, a: str, q_row, q_col, k_row, k_col, v, key_masks: KeyMasks):
+    """The reference's ``rcda`` on what this network has at hand: scaled queries in heads and keys pooled (and
+    projected) before their head split, where the reference takes the raw projections.
 
     q_row, q_col (B|1, heads, Q, head_dim), already scaled; k_row (B, w, C) and k_col (B, h, C) pooled;
     v (B, h, w, C) without bias. Returns (B, Q, C), before out_proj:
@@ -231,9 +226,9 @@ def rcda(ctx: BuildContext, a: str, q_row, q_col, k_row, k_col, v, keys):
     k_row = _heads(ctx, k_row, f"{a}.k_row.heads")
     k_col = _heads(ctx, k_col, f"{a}.k_col.heads")
     attn_row = _masked_softmax(ctx, net.matmul(q_row, k_row, f"{a}.logits_row", transpose_b=True),
-                              keys["row"], keys["row4"], f"{a}.softmax_row")
+                               key_masks.row, f"{a}.softmax_row")
     attn_col = _masked_softmax(ctx, net.matmul(q_col, k_col, f"{a}.logits_col", transpose_b=True),
-                              keys["col"], keys["col4"], f"{a}.softmax_col")
+                               key_masks.col, f"{a}.softmax_col")
     # v (B, h, w, C) -> (B, heads, w, h*head_dim)
     v = net.shuffle(v, f"{a}.v.heads", dims=(0, 0, 0, cfg.nheads, cfg.head_dim), second=(0, 3, 2, 1, 4))
     v = net.reshape(v, (0, 0, 0, -1), f"{a}.v.flat")
@@ -247,12 +242,12 @@ def rcda(ctx: BuildContext, a: str, q_row, q_col, k_row, k_col, v, keys):
     return _merge_heads(ctx, out, f"{a}.merge_heads")
 
 
-def multihead_attention(ctx: BuildContext, a: str, q, k, v, key_mask=None, key_mask4=None):
-    """Scaled dot-product attention of nn.MultiheadAttention after the projections: q (B|1, heads, Lq, hd)
-    already scaled, k and v (B|1, heads, Lk, hd), v without bias -> (B, Lq, C), before out_proj."""
+def dot_product_attention(ctx: BuildContext, a: str, q, k, v, key_mask: KeyMask | None = None):
+    """The reference's ``multihead_attention`` on heads: q (B|1, heads, Lq, hd) already scaled, k and v
+    (B|1, heads, Lk, hd), v without bias -> (B, Lq, C), before out_proj."""
     net = ctx.net
     logits = net.matmul(q, k, f"{a}.logits", transpose_b=True)
-    attn = _masked_softmax(ctx, logits, key_mask, key_mask4, f"{a}.softmax")
+    attn = _masked_softmax(ctx, logits, key_mask, f"{a}.softmax")
     return _merge_heads(ctx, net.matmul(attn, v, f"{a}.attend"), f"{a}.merge_heads")
 
 
@@ -292,33 +287,116 @@ def backbone(ctx: BuildContext, x):
     return x
 
 
-# ================================ Transformer blocks (projections, FFN, adapters, EncoderLayer, DecoderLayer)
-def out_proj(ctx: BuildContext, a: str, x):
+# ================================ Transformer blocks (RCDA, MultiheadAttention, FFN, MLP, adapters, layers)
+def _out_proj(ctx: BuildContext, a: str, x):
     """out_proj(attention + v_proj.bias): the value bias moved through the attention (rows sum to 1)."""
     weight, bias = ctx.w(f"{a}.out_proj.weight"), ctx.w(f"{a}.out_proj.bias")
     return ctx.net.linear(x, weight, bias + weight @ ctx.w(f"{a}.v_proj.bias"), f"{a}.out_proj")
 
 
-def add_bias_transpose(ctx: BuildContext, x, name: str):
-    """(x W^T + b) * scale split into heads (B, heads, Q, head_dim), through the plugin (a constant ``x`` folds in
-    numpy, as every verb's does)."""
-    net, cfg = ctx.net, ctx.cfg
-    scale = cfg.head_dim ** -0.5
-    y = ctx.linear_module(x, name, bias=False)
-    if net.is_const(y):
-        return _heads(ctx, (y + ctx.w(f"{name}.bias")) * np.float32(scale), f"{name}.heads")
-    layer = get_plugin("add_bias_transpose").add_layer(net.trt, net.network, y, ctx.w(f"{name}.bias"), cfg.nheads,
-                                                       scale)
-    return net.plugin(layer, f"{name}.add_bias_transpose")[0]
-
-
-def add_query_offset(ctx: BuildContext, heads, offset, name: str):
+def _add_query_offset(ctx: BuildContext, heads, offset, name: str):
     """heads (B, heads, Q, head_dim) + the per-query constant offset (1, Q, C) split into heads.
 
     Added after the head split, never to the in-projection's output: full TensorRT and TensorRT-RTX fail to
     build (a segfault, or Myelin's "Arguments to operator* cannot be undefined") when a (1, Q, N) constant is
     added to a matmul output of that same shape, which is what a static batch of 1 makes of it."""
     return ctx.net.add(heads, _heads(ctx, offset, f"{name}.offset.heads"), f"{name}.add_offset")
+
+
+def encoder_rcda(ctx: BuildContext, a: str, src, posemb_row, posemb_col, key_masks: KeyMasks):
+    """self_attn(q_row = src + posemb_row, q_col = src + posemb_col, k_row = src + posemb_row,
+    k_col = src + posemb_col, v = src) with posemb_row broadcast over h and posemb_col over w."""
+    net, c, s = ctx.net, ctx.cfg.d_model, ctx.cfg.head_dim ** -0.5
+    if ctx.uses("add_bias_transpose"):
+        q_row, q_col, v = plugin_ops.encoder_rcda_in_proj(ctx, a, src, posemb_row, posemb_col)
+    else:
+        # One matmul for the three projections that read src: W_qr (src + p) + b = W_qr src + (W_qr p + b), and
+        # the position term is projected at (B, w, C) / (B, h, C) instead of (B, h, w, C).
+        weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s,
+                                 ctx.w(f"{a}.v_proj.weight")])
+        proj = net.reshape(net.linear(src, weight, None, f"{a}.in_proj"), (0, 0, 0, 3, c), f"{a}.in_proj.split")
+        q_row = net.add(net.take(proj, 0, 3, f"{a}.in_proj.q_row"),
+                        net.unsqueeze(ctx.linear_module(posemb_row, f"{a}.q_row_proj", s), (1,),
+                                      f"{a}.q_row_proj.rows"), f"{a}.q_row")
+        q_col = net.add(net.take(proj, 1, 3, f"{a}.in_proj.q_col"),
+                        net.unsqueeze(ctx.linear_module(posemb_col, f"{a}.q_col_proj", s), (2,),
+                                      f"{a}.q_col_proj.cols"), f"{a}.q_col")
+        v = net.take(proj, 2, 3, f"{a}.in_proj.v")
+        q_row = _heads(ctx, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
+        q_col = _heads(ctx, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
+    # Keys pooled before projection (mean and an affine map commute).
+    key_row = net.add(net.mean(src, (1,), f"{a}.mean_rows", keep_dims=False), posemb_row, f"{a}.key_row")
+    k_row = ctx.linear_module(key_row, f"{a}.k_row_proj")
+    key_col = net.add(net.mean(src, (2,), f"{a}.mean_cols", keep_dims=False), posemb_col, f"{a}.key_col")
+    k_col = ctx.linear_module(key_col, f"{a}.k_col_proj")
+    out = _out_proj(ctx, a, row_column_attention(ctx, a, q_row, q_col, k_row, k_col, v, key_masks))
+    return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")  # (B, h*w, C) -> (B, h, w, C)
+
+
+def decoder_rcda(ctx: BuildContext, a: str, tgt, query_pos, memory, pooled, key_masks: KeyMasks):
+    """cross_attn(q_row = tgt + query_pos_x, q_col = tgt + query_pos_y, k_row = memory + posemb_row,
+    k_col = memory + posemb_col, v = memory), the keys pooled once for all layers (``pooled``)."""
+    net, cfg = ctx.net, ctx.cfg
+    if ctx.uses("add_bias_transpose"):
+        q_row, q_col = plugin_ops.decoder_rcda_queries(ctx, a, tgt, query_pos)
+    else:
+        # [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]
+        s = cfg.head_dim ** -0.5
+        weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s])
+        q = net.linear(tgt, weight, None, f"{a}.in_proj")
+        q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+        q_row = _add_query_offset(ctx, net.take(q, 0, 0, f"{a}.q_row"),
+                                  ctx.linear_module(query_pos["x"], f"{a}.q_row_proj", s), f"{a}.q_row")
+        q_col = _add_query_offset(ctx, net.take(q, 1, 0, f"{a}.q_col"),
+                                  ctx.linear_module(query_pos["y"], f"{a}.q_col_proj", s), f"{a}.q_col")
+    k_row = ctx.linear_module(pooled["row"], f"{a}.k_row_proj")
+    k_col = ctx.linear_module(pooled["col"], f"{a}.k_col_proj")
+    v = ctx.linear_module(memory, f"{a}.v_proj", bias=False)
+    return _out_proj(ctx, a, row_column_attention(ctx, a, q_row, q_col, k_row, k_col, v, key_masks))
+
+
+def self_attention(ctx: BuildContext, a: str, tgt, query_pos):
+    """nn.MultiheadAttention(q = k = tgt + query_pos, v = tgt) over the queries, no mask."""
+    net, cfg = ctx.net, ctx.cfg
+    s = cfg.head_dim ** -0.5
+    wq, wk, wv = (ctx.w(f"{a}.{n}_proj.weight") for n in ("q", "k", "v"))
+    # [q | k | v] = tgt [Wq s | Wk | Wv]^T + [(Wq pos + bq) s | Wk pos + bk | 0] (v's bias: out_proj)
+    qkv = net.linear(tgt, np.concatenate([wq * s, wk, wv]), None, f"{a}.in_proj")
+    qkv = net.shuffle(qkv, f"{a}.heads", dims=(0, 0, 3, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+    q, k, v = (net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv"))
+    q = _add_query_offset(ctx, q, ctx.linear_module(query_pos, f"{a}.q_proj", s), f"{a}.q")
+    k = _add_query_offset(ctx, k, ctx.linear_module(query_pos, f"{a}.k_proj"), f"{a}.k")
+    return _out_proj(ctx, a, dot_product_attention(ctx, a, q, k, v))
+
+
+def encoder_mha(ctx: BuildContext, a: str, src, posemb_2d, key_masks: KeyMasks):
+    """self_attn(q = k = src + posemb_2d, v = src) over all h*w positions, padding masked (ablation)."""
+    net, cfg = ctx.net, ctx.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    flat = net.reshape(src, (0, -1, c), f"{a}.src.flat")
+    query = net.reshape(net.add(src, posemb_2d, f"{a}.query"), (0, -1, c), f"{a}.query.flat")
+    weight = np.concatenate([ctx.w(f"{a}.q_proj.weight") * s, ctx.w(f"{a}.k_proj.weight")])
+    bias = np.concatenate([ctx.w(f"{a}.q_proj.bias") * s, ctx.w(f"{a}.k_proj.bias")])
+    qk = net.shuffle(net.linear(query, weight, bias, f"{a}.in_proj"), f"{a}.heads",
+                     dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
+    v = _heads(ctx, ctx.linear_module(flat, f"{a}.v_proj", bias=False), f"{a}.v.heads")
+    q, k = net.take(qk, 0, 0, f"{a}.q"), net.take(qk, 1, 0, f"{a}.k")
+    out = _out_proj(ctx, a, dot_product_attention(ctx, a, q, k, v, key_masks.all))
+    return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")
+
+
+def decoder_mha(ctx: BuildContext, a: str, tgt, query_pos, memory, memory_key, key_masks: KeyMasks):
+    """cross_attn(q = tgt + query_pos, k = memory_key = memory + posemb_2d, v = memory), padding masked
+    (ablation)."""
+    net, cfg = ctx.net, ctx.cfg
+    c, s = cfg.d_model, cfg.head_dim ** -0.5
+    # W_q (tgt + pos) + b = W_q tgt + (W_q pos + b): the position term is a constant.
+    q = _heads(ctx, net.linear(tgt, ctx.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"), f"{a}.q.heads")
+    q = _add_query_offset(ctx, q, ctx.linear_module(query_pos, f"{a}.q_proj", s), f"{a}.q")
+    k = ctx.linear_module(memory_key, f"{a}.k_proj")
+    v = ctx.linear_module(net.reshape(memory, (0, -1, c), f"{a}.memory.flat"), f"{a}.v_proj", bias=False)
+    k, v = _heads(ctx, k, f"{a}.k.heads"), _heads(ctx, v, f"{a}.v.heads")
+    return _out_proj(ctx, a, dot_product_attention(ctx, a, q, k, v, key_masks.all))
 
 
 def ffn(ctx: BuildContext, p: str, src):
@@ -348,149 +426,26 @@ def adapt_pos(ctx: BuildContext, emb, p: str, use: str | None = None):
     return net.linear(x, ctx.w(f"{p}.2.weight"), ctx.w(f"{p}.2.bias"), f"{p}.2{tag}")
 
 
-def _encoder_rcda_in_proj(ctx: BuildContext, a: str, src, posemb_row, posemb_col):
-    """q_row, q_col in heads and v (B, h, w, C) without bias, natively.
-
-    One matmul for the three projections that read src: W_qr (src + p) + b = W_qr src + (W_qr p + b), and the
-    position term is projected at (B, w, C) / (B, h, C) instead of (B, h, w, C)."""
-    net, c, s = ctx.net, ctx.cfg.d_model, ctx.cfg.head_dim ** -0.5
-    weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s,
-                             ctx.w(f"{a}.v_proj.weight")])
-    proj = net.reshape(net.linear(src, weight, None, f"{a}.in_proj"), (0, 0, 0, 3, c), f"{a}.in_proj.split")
-    q_row = net.add(net.take(proj, 0, 3, f"{a}.in_proj.q_row"),
-                    net.unsqueeze(ctx.linear_module(posemb_row, f"{a}.q_row_proj", s), (1,), f"{a}.q_row_proj.rows"),
-                    f"{a}.q_row")
-    q_col = net.add(net.take(proj, 1, 3, f"{a}.in_proj.q_col"),
-                    net.unsqueeze(ctx.linear_module(posemb_col, f"{a}.q_col_proj", s), (2,), f"{a}.q_col_proj.cols"),
-                    f"{a}.q_col")
-    v = net.take(proj, 2, 3, f"{a}.in_proj.v")
-    q_row = _heads(ctx, net.reshape(q_row, (0, -1, c), f"{a}.q_row.flat"), f"{a}.q_row.heads")
-    q_col = _heads(ctx, net.reshape(q_col, (0, -1, c), f"{a}.q_col.flat"), f"{a}.q_col.heads")
-    return q_row, q_col, v
-
-
-def _encoder_rcda_in_proj_plugin(ctx: BuildContext, a: str, src, posemb_row, posemb_col):
-    """The same through add_bias_transpose: the plugin adds the bias and scales, so positions are added first."""
-    net, c = ctx.net, ctx.cfg.d_model
-    query_row = net.add(src, net.unsqueeze(posemb_row, (1,), f"{a}.posemb_row"), f"{a}.query_row")
-    flat_row = net.reshape(query_row, (0, -1, c), f"{a}.query_row.flat")
-    query_col = net.add(src, net.unsqueeze(posemb_col, (2,), f"{a}.posemb_col"), f"{a}.query_col")
-    flat_col = net.reshape(query_col, (0, -1, c), f"{a}.query_col.flat")
-    q_row = add_bias_transpose(ctx, flat_row, f"{a}.q_row_proj")
-    q_col = add_bias_transpose(ctx, flat_col, f"{a}.q_col_proj")
-    return q_row, q_col, ctx.linear_module(src, f"{a}.v_proj", bias=False)
-
-
-def encoder_rcda(ctx: BuildContext, a: str, src, posemb_row, posemb_col, keys):
-    """self_attn(q_row = src + posemb_row, q_col = src + posemb_col, k_row = src + posemb_row,
-    k_col = src + posemb_col, v = src) with posemb_row broadcast over h and posemb_col over w."""
-    net = ctx.net
-    q_row, q_col, v = ctx.op("add_bias_transpose", _encoder_rcda_in_proj_plugin, _encoder_rcda_in_proj,
-                             a, src, posemb_row, posemb_col)
-    # Keys pooled before projection (mean and an affine map commute).
-    key_row = net.add(net.mean(src, (1,), f"{a}.mean_rows", keep_dims=False), posemb_row, f"{a}.key_row")
-    k_row = ctx.linear_module(key_row, f"{a}.k_row_proj")
-    key_col = net.add(net.mean(src, (2,), f"{a}.mean_cols", keep_dims=False), posemb_col, f"{a}.key_col")
-    k_col = ctx.linear_module(key_col, f"{a}.k_col_proj")
-    out = out_proj(ctx, a, rcda(ctx, a, q_row, q_col, k_row, k_col, v, keys))
-    return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")  # (B, h*w, C) -> (B, h, w, C)
-
-
-def encoder_mha(ctx: BuildContext, a: str, src, posemb_2d, keys):
-    """self_attn(q = k = src + posemb_2d, v = src) over all h*w positions, padding masked (ablation)."""
-    net, cfg = ctx.net, ctx.cfg
-    c, s = cfg.d_model, cfg.head_dim ** -0.5
-    flat = net.reshape(src, (0, -1, c), f"{a}.src.flat")
-    query = net.reshape(net.add(src, posemb_2d, f"{a}.query"), (0, -1, c), f"{a}.query.flat")
-    weight = np.concatenate([ctx.w(f"{a}.q_proj.weight") * s, ctx.w(f"{a}.k_proj.weight")])
-    bias = np.concatenate([ctx.w(f"{a}.q_proj.bias") * s, ctx.w(f"{a}.k_proj.bias")])
-    qk = net.shuffle(net.linear(query, weight, bias, f"{a}.in_proj"), f"{a}.heads",
-                     dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-    v = _heads(ctx, ctx.linear_module(flat, f"{a}.v_proj", bias=False), f"{a}.v.heads")
-    q, k = net.take(qk, 0, 0, f"{a}.q"), net.take(qk, 1, 0, f"{a}.k")
-    out = out_proj(ctx, a, multihead_attention(ctx, a, q, k, v, keys["all"], keys["all4"]))
-    return net.reshape(out, net.shape(src, f"{a}.src_shape"), f"{a}.unflatten")
-
-
-def encoder_layer(ctx: BuildContext, i: int, src, pos, keys):
+def encoder_layer(ctx: BuildContext, i: int, src, pos, key_masks: KeyMasks):
     """src (B, h, w, C) channels-last throughout."""
     net, p = ctx.net, f"transformer.encoder_layers.{i}"
     if ctx.cfg.attention_type == "RCDA":
-        src2 = encoder_rcda(ctx, f"{p}.self_attn", src, pos["row"], pos["col"], keys)
+        src2 = encoder_rcda(ctx, f"{p}.self_attn", src, pos["row"], pos["col"], key_masks)
     else:
-        src2 = encoder_mha(ctx, f"{p}.self_attn", src, pos["2d"], keys)
+        src2 = encoder_mha(ctx, f"{p}.self_attn", src, pos["2d"], key_masks)
     src = ctx.layer_norm_module(net.add(src, src2, f"{p}.residual1"), f"{p}.norm1")
     return ffn(ctx, f"{p}.ffn", src)
 
 
-def self_attention(ctx: BuildContext, a: str, tgt, query_pos):
-    """nn.MultiheadAttention(q = k = tgt + query_pos, v = tgt) over the queries, no mask."""
-    net, cfg = ctx.net, ctx.cfg
-    s = cfg.head_dim ** -0.5
-    wq, wk, wv = (ctx.w(f"{a}.{n}_proj.weight") for n in ("q", "k", "v"))
-    # [q | k | v] = tgt [Wq s | Wk | Wv]^T + [(Wq pos + bq) s | Wk pos + bk | 0] (v's bias: out_proj)
-    qkv = net.linear(tgt, np.concatenate([wq * s, wk, wv]), None, f"{a}.in_proj")
-    qkv = net.shuffle(qkv, f"{a}.heads", dims=(0, 0, 3, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-    q, k, v = (net.take(qkv, j, 0, f"{a}.{n}") for j, n in enumerate("qkv"))
-    q = add_query_offset(ctx, q, ctx.linear_module(query_pos, f"{a}.q_proj", s), f"{a}.q")
-    k = add_query_offset(ctx, k, ctx.linear_module(query_pos, f"{a}.k_proj"), f"{a}.k")
-    return out_proj(ctx, a, multihead_attention(ctx, a, q, k, v))
-
-
-def _decoder_rcda_queries(ctx: BuildContext, a: str, tgt, query_pos):
-    """q_row, q_col in heads, natively:
-    [q_row | q_col] = tgt [Wqr s | Wqc s]^T + [(Wqr pos_x + bqr) s | (Wqc pos_y + bqc) s]."""
-    net, cfg = ctx.net, ctx.cfg
-    s = cfg.head_dim ** -0.5
-    weight = np.concatenate([ctx.w(f"{a}.q_row_proj.weight") * s, ctx.w(f"{a}.q_col_proj.weight") * s])
-    q = net.linear(tgt, weight, None, f"{a}.in_proj")
-    q = net.shuffle(q, f"{a}.heads", dims=(0, 0, 2, cfg.nheads, cfg.head_dim), second=(2, 0, 3, 1, 4))
-    q_row = add_query_offset(ctx, net.take(q, 0, 0, f"{a}.q_row"),
-                             ctx.linear_module(query_pos["x"], f"{a}.q_row_proj", s), f"{a}.q_row")
-    q_col = add_query_offset(ctx, net.take(q, 1, 0, f"{a}.q_col"),
-                             ctx.linear_module(query_pos["y"], f"{a}.q_col_proj", s), f"{a}.q_col")
-    return q_row, q_col
-
-
-def _decoder_rcda_queries_plugin(ctx: BuildContext, a: str, tgt, query_pos):
-    net = ctx.net
-    q_row = add_bias_transpose(ctx, net.add(tgt, query_pos["x"], f"{a}.query_row"), f"{a}.q_row_proj")
-    q_col = add_bias_transpose(ctx, net.add(tgt, query_pos["y"], f"{a}.query_col"), f"{a}.q_col_proj")
-    return q_row, q_col
-
-
-def decoder_rcda(ctx: BuildContext, a: str, tgt, query_pos, memory, pooled, keys):
-    q_row, q_col = ctx.op("add_bias_transpose", _decoder_rcda_queries_plugin, _decoder_rcda_queries, a, tgt, query_pos)
-    k_row = ctx.linear_module(pooled["row"], f"{a}.k_row_proj")
-    k_col = ctx.linear_module(pooled["col"], f"{a}.k_col_proj")
-    v = ctx.linear_module(memory, f"{a}.v_proj", bias=False)
-    return out_proj(ctx, a, rcda(ctx, a, q_row, q_col, k_row, k_col, v, keys))
-
-
-def decoder_mha(ctx: BuildContext, a: str, tgt, query_pos, memory, key, keys):
-    """cross_attn(q = tgt + query_pos, k = memory + posemb_2d, v = memory), padding masked (ablation)."""
-    net, cfg = ctx.net, ctx.cfg
-    c, s = cfg.d_model, cfg.head_dim ** -0.5
-    # W_q (tgt + pos) + b = W_q tgt + (W_q pos + b): the position term is a constant.
-    q = _heads(ctx, net.linear(tgt, ctx.w(f"{a}.q_proj.weight") * s, None, f"{a}.q_proj[tgt]"), f"{a}.q.heads")
-    q = add_query_offset(ctx, q, ctx.linear_module(query_pos, f"{a}.q_proj", s), f"{a}.q")
-    k = ctx.linear_module(key, f"{a}.k_proj")
-    v = ctx.linear_module(net.reshape(memory, (0, -1, c), f"{a}.memory.flat"), f"{a}.v_proj", bias=False)
-    k, v = _heads(ctx, k, f"{a}.k.heads"), _heads(ctx, v, f"{a}.v.heads")
-    return out_proj(ctx, a, multihead_attention(ctx, a, q, k, v, keys["all"], keys["all4"]))
-
-
-def decoder_layer(ctx: BuildContext, i: int, tgt, query_pos, memory, pooled, keys):
+def decoder_layer(ctx: BuildContext, i: int, tgt, query_pos, memory, pooled, key_masks: KeyMasks):
     net, p = ctx.net, f"transformer.decoder_layers.{i}"
     # self attention: q = k = tgt + query_pos, v = tgt
     tgt2 = self_attention(ctx, f"{p}.self_attn", tgt, query_pos["2d"])
     tgt = ctx.layer_norm_module(net.add(tgt, tgt2, f"{p}.residual2"), f"{p}.norm2")
     if ctx.cfg.attention_type == "RCDA":
-        # q_row = tgt + query_pos_x, q_col = tgt + query_pos_y, k_row = memory + posemb_row,
-        # k_col = memory + posemb_col, v = memory
-        tgt2 = decoder_rcda(ctx, f"{p}.cross_attn", tgt, query_pos, memory, pooled, keys)
+        tgt2 = decoder_rcda(ctx, f"{p}.cross_attn", tgt, query_pos, memory, pooled, key_masks)
     else:
-        tgt2 = decoder_mha(ctx, f"{p}.cross_attn", tgt, query_pos["2d"], memory, pooled["2d"], keys)
+        tgt2 = decoder_mha(ctx, f"{p}.cross_attn", tgt, query_pos["2d"], memory, pooled["2d"], key_masks)
     tgt = ctx.layer_norm_module(net.add(tgt, tgt2, f"{p}.residual1"), f"{p}.norm1")
     return ffn(ctx, f"{p}.ffn", tgt)
 
@@ -527,14 +482,14 @@ def posemb2d_grid(ctx: BuildContext, pos_row, pos_col):
     return net.linear(hidden, ctx.w(f"{p}.2.weight"), ctx.w(f"{p}.2.bias"), f"{p}.2[grid]")
 
 
-def memory_pos(ctx: BuildContext, mask, keys) -> dict[str, Any]:
+def memory_pos(ctx: BuildContext, mask, key_masks: KeyMasks) -> dict[str, Any]:
     """Position embeddings of the memory: RCDA "row" (B, w, C) and "col" (B, h, C); multi-head "2d"
     (B, h, w, C)."""
     net, t = ctx.net, "transformer"
     if ctx.cfg.attention_type != "RCDA":
-        pos_col, pos_row = mask2pos(ctx, mask, keys)
+        pos_col, pos_row = mask2pos(ctx, mask, key_masks)
         return {"2d": net.rename(posemb2d_grid(ctx, pos_row, pos_col), "posemb_2d")}
-    emb_col, emb_row = mask2posemb1d(ctx, mask, keys)
+    emb_col, emb_row = mask2posemb1d(ctx, mask, key_masks)
     return {"row": net.rename(adapt_pos(ctx, emb_row, f"{t}.adapt_pos1d", "row"), "posemb_row"),
             "col": net.rename(adapt_pos(ctx, emb_col, f"{t}.adapt_pos1d", "col"), "posemb_col")}
 
@@ -551,18 +506,16 @@ def query_pos(ctx: BuildContext, reference_points) -> dict[str, Any]:
     return out
 
 
-def key_masks(ctx: BuildContext, mask) -> dict[str, Any]:
-    """Key padding masks, True = padding. RCDA: the mask's first row masks row logits ("row", (B, w)),
-    its first column column logits ("col", (B, h)); multi-head: every position ("all", (B, h*w)).
-    The "*4" versions are (B, 1, 1, K), to broadcast over heads and queries."""
+def key_masks(ctx: BuildContext, mask) -> KeyMasks:
+    """The key padding masks of every attention over the memory, True = padding (KeyMasks)."""
     net = ctx.net
     if ctx.cfg.attention_type != "RCDA":
         flat = net.reshape(mask, (0, -1), "mask.flat")
-        return {"all": flat, "all4": net.unsqueeze(flat, (1, 2), "mask.flat.heads")}
+        return KeyMasks(all=KeyMask(flat, net.unsqueeze(flat, (1, 2), "mask.flat.heads")))
     row = net.take(mask, 0, 1, "mask.row")
     col = net.take(mask, 0, 2, "mask.col")
-    return {"row": row, "col": col,
-            "row4": net.unsqueeze(row, (1, 2), "mask.row.heads"), "col4": net.unsqueeze(col, (1, 2), "mask.col.heads")}
+    return KeyMasks(row=KeyMask(row, net.unsqueeze(row, (1, 2), "mask.row.heads")),
+                    col=KeyMask(col, net.unsqueeze(col, (1, 2), "mask.col.heads")))
 
 
 def pattern_queries(ctx: BuildContext):
@@ -602,12 +555,12 @@ def prediction_heads(ctx: BuildContext, tgt, reference_points):
 def transformer(ctx: BuildContext, src, mask):
     """src (B, C, h, w), mask (B, h, w) -> logits, boxes of the last decoder layer."""
     net, cfg = ctx.net, ctx.cfg
-    keys = key_masks(ctx, mask)
-    pos = memory_pos(ctx, mask, keys)
+    masks = key_masks(ctx, mask)
+    pos = memory_pos(ctx, mask, masks)
     # (B, C, h, w) -> (B, h, w, C): the encoder layers' permute, done once for all of them.
     memory = net.permute(src, (0, 2, 3, 1), "transformer.src")
     for i in range(cfg.enc_layers):
-        memory = net.rename(encoder_layer(ctx, i, memory, pos, keys), f"encoder.{i}")
+        memory = net.rename(encoder_layer(ctx, i, memory, pos, masks), f"encoder.{i}")
 
     # Queries: everything here depends on weights only (build-time constants when folding). The
     # official decoder layers recompute the query positions; they are the same in every layer.
@@ -616,7 +569,7 @@ def transformer(ctx: BuildContext, src, mask):
     tgt = pattern_queries(ctx)
     pooled = pooled_keys(ctx, memory, pos)
     for i in range(cfg.dec_layers):
-        tgt = net.rename(decoder_layer(ctx, i, tgt, queries_pos, memory, pooled, keys), f"decoder.{i}")
+        tgt = net.rename(decoder_layer(ctx, i, tgt, queries_pos, memory, pooled, masks), f"decoder.{i}")
     # Heads of the last layer only: earlier layers' predictions (aux outputs) are training-only.
     return prediction_heads(ctx, tgt, reference_points)
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from core.dtypes import element_size
+from core.errors import BadInput
 
 FLOAT_TYPES = ("float32", "float16")
 _SUFFIX = {"float32": "f32", "float16": "f16"}
 METADATA_KEY = "anchortrt_plugin"
 
 
-class PluginError(ValueError):
-    """A plugin was given inputs or attributes it cannot take."""
+class PluginError(BadInput, ValueError):
+    """A plugin was given inputs or attributes it cannot take (command lines exit 2)."""
 
 
 def suffix(dtype: str) -> str:

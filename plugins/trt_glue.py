@@ -80,9 +80,20 @@ def add_plugin_layer(trt, network, spec: KernelSpec, tensors, attrs: dict, const
     return layer
 
 
+def plugin_module(trt):
+    """``tensorrt.plugin`` (quickly deployable plugins) of this TensorRT module; BackendError in one line where it has
+    none (the tensorrt-cu13 10.13 packages ship it only as ``tensorrt_bindings.plugin``, which Backend.plugin_problem
+    refuses earlier, below 10.16)."""
+    try:
+        return importlib.import_module(f"{trt.__name__}.plugin")
+    except ImportError as e:
+        raise BackendError(f"{trt.__name__} {getattr(trt, '__version__', '?')} has no {trt.__name__}.plugin module "
+                           f"({e}): install full TensorRT >= 11.2.1, or build with --plugins none") from None
+
+
 def _registered(trt, spec: KernelSpec):
     """tensorrt.plugin with `anchortrt::<spec.name>` registered (once per process)."""
-    trtp = importlib.import_module(f"{trt.__name__}.plugin")
+    trtp = plugin_module(trt)
     namespace = trtp.op.define_or_get(NAMESPACE)
     if not hasattr(namespace, spec.name):
         register_sig, aot_sig = signatures(spec, trtp.TensorDesc, trtp.KernelLaunchParams, trtp.SymIntExprs)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from core import cli
 from core.backend import BUILDERS, get_backend
-from core.errors import BadInput, Failed, Unavailable
+from core.errors import BadInput, Unavailable
 from netdef.build import DEFAULT_WEIGHTS, MAX_ACTIVATION_ELEMENTS, create_network, largest_activation
 from core.progress import Spinner, format_bytes, print_table
 from core.sidecar import MIN_SIDE, Profile
@@ -221,16 +221,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise Unavailable("--device cuda, but PyTorch sees no CUDA device: use --device cpu")
-    from reference.interpret import InterpretError
-    from netdef.network import NetworkConfigError
-
-    try:
-        report = run_check(args.weights, fp16=args.fp16, size=args.size, batch=args.batch, device=args.device,
-                           backend_name=args.backend, seed=args.seed, tol=args.tol)
-    except NetworkConfigError as e:
-        raise BadInput(str(e)) from None
-    except InterpretError as e:  # a layer the interpreter cannot evaluate: no verdict on parity
-        raise Failed(str(e)) from None
+    # A network this config cannot build is BadInput (exit 2); a layer the interpreter cannot evaluate is Failed
+    # (exit 1: no verdict on parity). Both reach core.cli.guarded as they are.
+    report = run_check(args.weights, fp16=args.fp16, size=args.size, batch=args.batch, device=args.device,
+                       backend_name=args.backend, seed=args.seed, tol=args.tol)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -36,12 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from core.dtypes import trt_dtype_names
+from core.errors import Failed
 from reference.dtypes import TORCH_DTYPES
 from reference.plugins import interpret as interpret_plugin
 
 
-class InterpretError(RuntimeError):
-    """A network, input or layer the interpreter cannot evaluate; the message names the layer or tensor."""
+class InterpretError(Failed, RuntimeError):
+    """A network, input or layer the interpreter cannot evaluate; the message names the layer or tensor (command
+    lines exit 1: no verdict on parity)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from core.backend import BackendError, get_runtime_backend
+from core.backend import BackendError, get_runtime_backend, lean_library
 from core.sidecar import (
     REBUILD_HINT, Profile, SidecarError, check_sidecar, default_engine_path, load_sidecar, weights_problem,
 )
@@ -97,12 +97,25 @@ class Engine:
             backend = get_runtime_backend(self.sidecar["backend"], bool(self.sidecar.get("version_compatible")))
         except BackendError as exc:
             raise Unavailable(f"engine {self.path} was built with {self.sidecar['backend']}: {exc}") from None
-        self._check(backend, compute_capability=None)  # before touching the GPU
+        # A plan built with --exclude-lean-runtime runs on the lean runtime of exactly its builder's version: loaded
+        # from the installed tensorrt-lean libs of that version when the installed TensorRT is another one.
+        built = self.sidecar["trt_version"]
+        excluded = self.sidecar["version_compatible"] and self.sidecar["lean_runtime_excluded"]
+        lean = lean_library(built) if excluded and backend.version != built else None
+        version = built if lean else backend.version
+        self._check(backend, compute_capability=None, trt_version=version)  # before touching the GPU
         self.device = cuda.init(device)
-        self._check(backend, compute_capability=self.device.compute_capability)
+        self._check(backend, compute_capability=self.device.compute_capability, trt_version=version)
         self.trt = backend.trt
         self._logger = _capture_logger(self.trt)
         self._runtime = self.trt.Runtime(self._logger)
+        if lean:
+            self._runtime = self._runtime.load_runtime(str(lean))
+            if self._runtime is None:
+                raise Unavailable(f"engine {self.path}: TensorRT could not load the lean runtime {lean}: "
+                                  f"{self._logger.last_error}")
+        elif self.sidecar["version_compatible"]:
+            self._runtime.engine_host_code_allowed = True  # the plan's embedded lean runtime runs
         self.trt_engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.trt_engine is None:
             problem = (f"TensorRT could not load {self.path} on {self.device.name} (compute capability "
@@ -123,10 +136,10 @@ class Engine:
             (int(s[0]), int(s[2]), int(s[3])) for s in self.trt_engine.get_tensor_profile_shape("images", 0)
         ))
 
-    def _check(self, backend: Any, compute_capability: str | None) -> None:
+    def _check(self, backend: Any, compute_capability: str | None, trt_version: str) -> None:
         try:
             check_sidecar(
-                self.sidecar, trt_version=backend.version, compute_capability=compute_capability, backend=backend.name
+                self.sidecar, trt_version=trt_version, compute_capability=compute_capability, backend=backend.name
             )
         except SidecarError as exc:
             raise Unavailable(f"{self.path}: {exc}") from None

@@ -7,7 +7,9 @@ sidecar's profile, dynamic batching and GPU instances. Pre- and post-processing 
 
 The AOT plugin layers (``--plugins``) are serialised inside the plan, so Triton needs no plugin library and
 no LD_PRELOAD. The plan only loads in a Triton whose TensorRT is the one that built it (the sidecar's
-``trt_version``), or a later one of the same major version for a version-compatible engine.
+``trt_version``), or a later one of the same major version for a version-compatible engine (which embeds its lean
+runtime; Triton runs it with ``--backend-config=tensorrt,version-compatible=true``). A plan built with
+--exclude-lean-runtime is refused: Triton never loads a separate lean runtime (it does not call loadRuntime).
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ def export(engine: Path, repo: Path, instances: int = 1, max_queue_delay_us: int
     if sidecar["backend"] != "tensorrt":
         raise BadInput(f"engine {engine} was built with {sidecar['backend']}; Triton's TensorRT backend runs full "
                        "TensorRT plans only: build it with `python -m netdef.build --backend tensorrt`")
+    if sidecar["version_compatible"] and sidecar["lean_runtime_excluded"]:
+        raise BadInput(f"engine {engine} was built with --exclude-lean-runtime, and Triton's TensorRT backend loads "
+                       "only version-compatible plans that embed their lean runtime: rebuild it with "
+                       "`python -m netdef.build --version-compatible`")
     config = model_config(sidecar, instances, max_queue_delay_us)
     model = repo / MODEL_NAME
     created = model / "1"  # the topmost folder this call makes, removed again if writing fails
@@ -132,8 +138,10 @@ def export(engine: Path, repo: Path, instances: int = 1, max_queue_delay_us: int
 
 def run(args: argparse.Namespace) -> int:
     model = export(args.engine, args.output, args.instances, args.max_queue_delay_us)
+    # A version-compatible plan runs its embedded lean runtime, which Triton allows only when told to.
+    vc = " --backend-config=tensorrt,version-compatible=true" if load_sidecar(args.engine)["version_compatible"] else ""
     print(f"wrote {model}/config.pbtxt and {model}/1/model.plan; serve with "
-          f"`tritonserver --model-repository {args.output}`")
+          f"`tritonserver --model-repository {args.output}{vc}`")
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,7 @@ def test_monitor_on_a_fake_phase_sequence_is_monotone_and_ends_full():
     monitor.phase_finish("inner")
     monitor.step_complete("outer", 1)
     monitor.phase_start("last", "outer", 2)  # finishes without reporting its steps
+    time.sleep(0.05)  # the long phase without a step: the bar stands still, the summary names it
     monitor.phase_finish("last")
     monitor.phase_finish("outer")  # outer's last step is never reported either
     check_nesting(monitor.events)
@@ -169,17 +172,21 @@ def test_monitor_on_a_fake_phase_sequence_is_monotone_and_ends_full():
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 == bar.done
     assert ("inner" in {s for _, s in seen}) and seen[-1][1] == "done"
     assert monitor.max_depth == 2
+    assert set(monitor.seconds) == {"outer", "inner", "last"}
+    name, seconds = build.slowest_phase(monitor)
+    assert name == "last" and seconds >= 0.05 and sum(monitor.seconds.values()) < 1
 
 
-def test_cancelled_build_raises_build_error(backend):
+def test_cancelled_build_is_interrupted_exit_130(backend):
     if not hasattr(backend.trt, "IProgressMonitor"):
         pytest.skip(f"{backend.name} {backend.version} has no IProgressMonitor")
     builder, network, config, logger, keep = tiny_network(backend)
     monitor = make_progress_monitor(backend.trt, ProgressBar(1.0, stream=io.StringIO()))
     monitor.cancelled = True  # as after Ctrl-C: the first step_complete answers False
     config.progress_monitor = monitor
-    with pytest.raises(BuildError, match="build cancelled"):
+    with pytest.raises(build.BuildInterrupted, match="build cancelled, nothing written") as info:
         build_serialized(builder, network, config, logger)
+    assert info.value.exit_code == 130
 
 
 def test_failed_build_reports_tensorrt_errors(backend):
@@ -216,10 +223,23 @@ def make_sidecar(**changes):
         "config": {"backbone": "resnet50"}, "profile": Profile().to_dict(), "precision": "fp16", "plugins": [],
         "postprocess": False, "backend": "tensorrt", "trt_version": "10.13.0.35",
         "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "weights_sha256": "ab" * 32,
-        "inputs": {}, "outputs": {}, "version_compatible": False, "anchortrt_version": "0.1.0",
+        "inputs": {}, "outputs": {}, "version_compatible": False, "lean_runtime_excluded": False,
+        "anchortrt_version": "0.1.0",
     }
     side.update(changes)
     return side
+
+
+def test_the_sidecar_dataclass_is_the_sidecars_fields():
+    """core.sidecar.Sidecar owns the fields: one per key, written in SIDECAR_KEYS order; the optional random_init
+    only when true."""
+    import dataclasses
+
+    from core.sidecar import Sidecar
+
+    assert sorted(f.name for f in dataclasses.fields(Sidecar)) == sorted((*SIDECAR_KEYS, "random_init"))
+    assert list(Sidecar(**make_sidecar()).to_dict()) == list(SIDECAR_KEYS)
+    assert list(Sidecar(**make_sidecar(), random_init=True).to_dict()) == [*SIDECAR_KEYS, "random_init"]
 
 
 def test_sidecar_written_atomically_next_to_the_engine_and_loaded_back(tmp_path):
@@ -369,7 +389,7 @@ def expected_io(postprocess: bool) -> tuple[dict, dict]:
 
 
 def check_build_output(engine: Path, summary: dict, weights_path: Path, backend, *, precision: str,
-                       profile: dict, postprocess: bool = False) -> dict:
+                       profile: dict, postprocess: bool = True) -> dict:
     """The engine, its sidecar and the JSON summary agree with what was asked for; returns the sidecar."""
     from importlib import metadata
 
@@ -382,11 +402,13 @@ def check_build_output(engine: Path, summary: dict, weights_path: Path, backend,
         "config": json.loads(cfg.to_json()), "profile": profile, "precision": precision, "plugins": [],
         "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": build.gpu_entry(),
         "weights_sha256": weights.file_sha256(weights_path), "inputs": inputs, "outputs": outputs,
-        "version_compatible": False, "anchortrt_version": metadata.version("anchortrt"),
+        "version_compatible": False, "lean_runtime_excluded": False, "anchortrt_version": metadata.version("anchortrt"),
     }
     assert summary["engine"] == str(engine) and summary["engine_bytes"] == engine.stat().st_size
     assert summary["precision"] == precision and summary["profile"] == profile
     assert summary["layers"] > 200 and summary["build_seconds"] > 0
+    if summary.get("slowest_phase") is not None:  # a backend with a progress monitor names where the time went
+        assert 0 < summary["slowest_phase"]["seconds"] <= summary["build_seconds"]
     # No temporary files and, on TensorRT-RTX, no timing cache (a no-op there).
     expected = {engine.name, engine.with_suffix(".json").name}
     if backend.name == "tensorrt":
@@ -637,26 +659,37 @@ def test_workspace_is_capped_at_the_gpu_memory(gpu_bytes, expected_mib, backend,
     assert stub_build[0].get_memory_pool_limit(backend.trt.MemoryPoolType.WORKSPACE) == expected_mib << 20
 
 
-def test_version_compatible_sets_the_lean_runtime_flags(backend, shallow_weights, tmp_path, capsys, monkeypatch,
-                                                        stub_build):
+@pytest.mark.parametrize("option, excluded", [("--version-compatible", False), ("--exclude-lean-runtime", True)])
+def test_version_compatible_embeds_or_excludes_the_lean_runtime(option, excluded, backend, shallow_weights, tmp_path,
+                                                                capsys, monkeypatch, stub_build):
     full_trt_named(backend, monkeypatch)  # the flags exist in TensorRT-RTX too; only the name is checked
     monkeypatch.setattr(build, "load_timing_cache", lambda config, path: None)
     monkeypatch.setattr(build, "save_timing_cache", lambda config, path: None)
     engine = tmp_path / "vc.plan"
-    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, "--version-compatible", *SMALL_PROFILE],
-                              capsys)
+    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, option, *SMALL_PROFILE], capsys)
     assert code == 0, err
     flags = backend.trt.BuilderFlag
-    assert stub_build[0].get_flag(flags.VERSION_COMPATIBLE) and stub_build[0].get_flag(flags.EXCLUDE_LEAN_RUNTIME)
-    assert load_sidecar(engine)["version_compatible"] is True
-    assert any(line.startswith("version compatible") and "yes" in line for line in out.splitlines())
+    assert stub_build[0].get_flag(flags.VERSION_COMPATIBLE)
+    assert stub_build[0].get_flag(flags.EXCLUDE_LEAN_RUNTIME) is excluded
+    side = load_sidecar(engine)
+    assert side["version_compatible"] is True and side["lean_runtime_excluded"] is excluded
+    row = next(line for line in out.splitlines() if line.startswith("version compatible"))
+    assert row.endswith("yes, lean runtime excluded" if excluded else "yes, lean runtime embedded")
 
 
-def test_version_compatible_needs_full_tensorrt(backend, shallow_weights, capsys, no_build):
+def test_version_compatible_and_exclude_lean_runtime_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version-compatible", "--exclude-lean-runtime"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--version-compatible", "--exclude-lean-runtime"])
+def test_version_compatible_needs_full_tensorrt(option, backend, shallow_weights, capsys, no_build):
     if backend.name == "tensorrt":
         pytest.skip("full TensorRT builds version-compatible plans")
-    code, out, err = run_main(["--weights", shallow_weights, "--version-compatible"], capsys)
+    code, out, err = run_main(["--weights", shallow_weights, option], capsys)
     assert code == 3 and err.count("\n") == 1 and f"this is {backend.name}" in err and "--backend tensorrt" in err
+    assert err.split("error: ")[1].startswith(option)
 
 
 def test_version_compatible_without_the_flags_is_a_backend_error():
@@ -677,6 +710,8 @@ def test_version_compatible_with_plugins_is_refused(shallow_weights, capsys, no_
 @pytest.mark.parametrize("trt_version, numpy_version, fine", [
     ("11.4.0.106", "2.4.6", True), ("10.16.1.11", "2.3.5", True), ("10.16.1.11", "2.4.6", False),
     ("10.8.0", "1.26.4", False),
+    # tensorrt-cu13 10.13.x has no tensorrt.plugin (only tensorrt_bindings.plugin): refused, not a traceback
+    ("10.13.3.9", "2.3.5", False), ("10.14.1.48.post1", "2.3.5", False),
 ])
 def test_old_tensorrt_plugins_error_names_the_version_and_the_fix(trt_version, numpy_version, fine, monkeypatch):
     import types
@@ -728,3 +763,87 @@ def _import_rtx():
     from core.backend import _import
 
     return _import("tensorrt-rtx")
+
+
+# ---------------------------------------------------------------- Ctrl-C, NaN weights, raw outputs
+
+
+def test_ctrl_c_during_the_build_cancels_it_through_the_monitor_and_writes_nothing(shallow_weights, backend, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """SIGINT while TensorRT builds: no KeyboardInterrupt inside a TensorRT callback (which TensorRT swallows), the
+    monitor's next step_complete answers False, exit 130 and no file."""
+    import os
+    import signal
+
+    if not hasattr(backend.trt, "IProgressMonitor"):
+        pytest.skip(f"{backend.name} {backend.version} has no IProgressMonitor")
+    answers = []
+
+    def interrupted_build(builder, network, config, logger=None):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode, as inside a TensorRT callback
+        answers.append(config.progress_monitor.step_complete("Building engine", 0))
+        return memoryview(b"a plan TensorRT finished anyway")
+
+    monkeypatch.setattr(build, "build_serialized", interrupted_build)
+    engine = tmp_path / "out" / "e.plan"
+    previous = signal.getsignal(signal.SIGINT)
+    code, out, err = run_main(["--weights", shallow_weights, "-o", engine, *SMALL_PROFILE], capsys)
+    assert code == 130 and answers == [False]
+    assert err.strip().splitlines()[-1] == "python -m netdef.build: error: interrupted: build cancelled, nothing written"
+    assert not engine.parent.exists() and out == ""
+    assert signal.getsignal(signal.SIGINT) is previous  # Ctrl-C is a KeyboardInterrupt again after the build
+
+
+@pytest.mark.slow
+def test_sigint_to_a_real_build_exits_130_and_leaves_nothing(shallow_weights, backend, tmp_path):
+    """The real thing: a TensorRT build in a subprocess, SIGINT once the build has started."""
+    import os
+    import signal
+    import subprocess
+
+    if not hasattr(backend.trt, "IProgressMonitor"):
+        pytest.skip(f"{backend.name} {backend.version} has no IProgressMonitor")
+    engine = tmp_path / "e.plan"
+    proc = subprocess.Popen([sys.executable, "-m", "netdef.build", "--weights", str(shallow_weights), "-o", str(engine),
+                             "--backend", backend.name, *SMALL_PROFILE], stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "building engine" in line:
+            break
+    os.kill(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(lines) + rest
+    assert "interrupted: build cancelled, nothing written" in rest and "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_or_infinite_weights_are_exit_2_naming_the_tensor(shallow_weights, tmp_path, capsys, no_build):
+    import weights
+
+    cfg, tensors = weights.load(shallow_weights)
+    name = "transformer.decoder_layers.0.ffn.linear1.weight"
+    for value in (np.nan, np.inf):
+        bad = dict(tensors)
+        bad[name] = tensors[name].copy()
+        bad[name][3, 5] = value
+        path = tmp_path / "bad.safetensors"
+        weights.save(path, cfg, bad, source="test")
+        code, out, err = run_main(["--weights", path, "-o", tmp_path / "e.plan", *SMALL_PROFILE], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"tensor {name!r} has 1 NaN or infinite values" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_top_100_is_in_the_engine_by_default_and_raw_outputs_leave_it_out(shallow_weights, backend, tmp_path, capsys,
+                                                                         stub_build):
+    for extra, postprocess in (([], True), (["--raw-outputs"], False)):
+        engine = tmp_path / f"e{postprocess}.plan"
+        code, out, err = run_main(["--weights", shallow_weights, "-o", engine, *extra, *SMALL_PROFILE], capsys)
+        assert code == 0, err
+        side = load_sidecar(engine)
+        assert side["postprocess"] is postprocess and side["outputs"] == expected_io(postprocess)[1]
+    with pytest.raises(SystemExit) as e:
+        main(["--postprocess", "--raw-outputs"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from netdef.build import _creation_flags
 from core.config import AnchorDETRConfig
 from netdef.functional import MASK_FILL, Net, NetworkDtypeError
 from core.backend import backend_of
-from netdef.network import BuildContext, NetworkConfigError, _masked_softmax
+from netdef.network import BuildContext, KeyMask, NetworkConfigError, _masked_softmax
 
 from helpers import builder_tensors, define, small_config
 
@@ -312,7 +312,7 @@ def test_masked_softmax_is_finite_on_fully_padded_rows(rtx, fp16):
     ctx = BuildContext(net, small_config(), {})
     logits = net.to_compute(net.input("logits", trt.float32, (2, 1, 2, 4)), "logits.cast")
     key_mask = net.input("key_mask", trt.bool, (2, 4))
-    attn = _masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4"), "softmax")
+    attn = _masked_softmax(ctx, logits, KeyMask(key_mask, net.unsqueeze(key_mask, (1, 2), "key_mask4")), "softmax")
     net.output(net.to_float32(attn, "softmax.out"), "attn")
     values = torch.tensor([[[[1.0, 2.0, 30.0, -4.0], [0.5, 0.5, 0.5, 0.5]]]]).repeat(2, 1, 1, 1)
     mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
@@ -345,16 +345,25 @@ def test_group_norm_matches_torch(rtx, v2):
 
 
 # ---------------------------------------------------------------------------------------------- plugin switch
-def test_build_context_op_is_the_one_plugin_switch(rtx):
-    """ctx.op runs the plugin variant exactly where that plugin is enabled, and refuses a name that is no plugin
-    (a typo would otherwise pick the native variant silently)."""
+def test_build_context_uses_is_the_one_plugin_switch(rtx):
+    """ctx.uses is true exactly where that plugin is enabled, and refuses a name that is no plugin (a typo would
+    otherwise pick the native formulation silently)."""
     _, _, net = _bare_net(rtx)
     ctx = BuildContext(net, small_config(), {}, frozenset({"layer_norm"}))
-    plugin, native = (lambda c, x: ("plugin", x)), (lambda c, x: ("native", x))
-    assert ctx.op("layer_norm", plugin, native, 1) == ("plugin", 1)
-    assert ctx.op("masked_softmax", plugin, native, 2) == ("native", 2)
+    assert ctx.uses("layer_norm") and not ctx.uses("masked_softmax")
     with pytest.raises(ValueError, match="no plugin 'layernorm'"):
-        ctx.op("layernorm", plugin, native, 3)
+        ctx.uses("layernorm")
+
+
+def test_blocks_choose_plugins_only_through_uses():
+    """No block reads ctx.plugins itself, and the plugin layers are added only in netdef/plugin_ops.py."""
+    import inspect
+
+    import netdef.network
+
+    source = inspect.getsource(netdef.network)
+    assert source.count(".plugins") == 1  # BuildContext.uses
+    assert "add_layer" not in source and "get_plugin" not in source
 
 
 # ---------------------------------------------------------------------------------------------- reading order
@@ -362,12 +371,21 @@ def test_build_context_op_is_the_one_plugin_switch(rtx):
 MIRRORS = {
     "inverse_sigmoid": "inverse_sigmoid", "feature_mask": "feature_mask", "mask2pos": "mask2pos", "_sine": "_sine",
     "pos2posemb1d": "pos2posemb1d", "pos2posemb2d": "pos2posemb2d", "_heads": "_heads",
-    "_merge_heads": "_merge_heads", "_masked_softmax": "_masked_softmax", "rcda": "rcda",
-    "multihead_attention": "multihead_attention", "bottleneck": "Bottleneck", "backbone": "ResNetBody",
-    "out_proj": "_InProj", "ffn": "FFN", "mlp": "MLP", "adapt_pos": "_mlp2", "encoder_layer": "EncoderLayer",
+    "_merge_heads": "_merge_heads", "_masked_softmax": "_masked_softmax", "row_column_attention": "rcda",
+    "dot_product_attention": "multihead_attention", "bottleneck": "Bottleneck", "backbone": "ResNetBody",
+    "encoder_rcda": "RCDA.forward", "decoder_rcda": "RCDA.forward", "self_attention": "MultiheadAttention.forward",
+    "encoder_mha": "MultiheadAttention.forward", "decoder_mha": "MultiheadAttention.forward",
+    "ffn": "FFN", "mlp": "MLP", "adapt_pos": "_mlp2", "encoder_layer": "EncoderLayer",
     "decoder_layer": "DecoderLayer", "anchor_points": "Transformer.anchor_points",
     "memory_pos": "Transformer.memory_pos", "query_pos": "Transformer.query_pos", "transformer": "Transformer.forward",
     "input_proj": "AnchorDETR.__init__", "anchor_detr": "AnchorDETR._run",
+}
+# Public definitions of netdef.network that mirror no reference module: the network's own machinery and the steps
+# the reference does inline (each says in its docstring what it computes). Private helpers (_name) are not listed.
+OWN = {
+    "NetworkConfigError", "KeyMask", "KeyMasks", "BuildContext", "BuildContext.w", "BuildContext.linear_module",
+    "BuildContext.layer_norm_module", "BuildContext.uses", "mask2posemb1d", "posemb2d_grid", "key_masks",
+    "pattern_queries", "pooled_keys", "prediction_heads", "topk_postprocess", "define_network", "check_supported",
 }
 
 
@@ -395,6 +413,16 @@ def test_network_reads_in_the_reference_order():
     assert ours == sorted(ours, key=lambda n: theirs.index(MIRRORS[n]))
 
 
+def test_every_public_definition_mirrors_the_reference_or_is_listed():
+    """The reading-order test covers the file: a new public block is mirrored (MIRRORS) or declared as the
+    network's own (OWN); helpers are private."""
+    import netdef.network
+
+    public = {n for n in _definition_order(netdef.network.__file__) if not n.split(".")[-1].startswith("_")}
+    assert public - set(MIRRORS) - OWN == set()
+    assert OWN - public == set()
+
+
 @pytest.mark.parametrize("verb", ["add", "select", "matmul", "concat"])
 def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
     """What netdef.functional's docstring promises for the verbs that combine tensors."""
@@ -414,3 +442,90 @@ def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
         calls[verb](half)
     with pytest.raises(ValueError, match="rank"):
         calls[verb](flat)
+
+
+# ---------------------------------------------------------------------------------------------- pinned definitions
+# sha256 of tests/network_dump.py's layer-by-layer dump (names, types, tensors, attributes, weight hashes) of a few
+# shallow networks with random weights: a refactor of netdef/ must leave them unchanged. A deliberate change of the
+# network updates them: `python tests/network_dump.py /tmp/after` prints and writes every case's digest.
+PINNED = {
+    "r50_dc5-fp16-plugins-postprocess": "50a0cc0ebd80415666db1c9626439aec8c689958845e877437abc82ad3efbf5a",
+    "r50_dc5_mha-fp32-native": "7bcb8e56e4c4905b0392236ebeafd638b0fe2672b8939abfd1aa6c816b9fce3e",
+    "r50_c5_grid-fp32-native": "c0833ecdd7217b9b3ecd92d262ebf39247dd6cb025fb5e8b644374c3456ff62b",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_network_definition_is_pinned(rtx, case):
+    import network_dump
+
+    (variant, options), = [(v, o) for name, v, o in network_dump.cases() if name == case]
+    assert network_dump.digest(network_dump.dump_case(rtx.trt, variant, options)) == PINNED[case]
+
+
+# ---------------------------------------------------------------------------------------------- one error scheme
+def test_network_interpreter_and_plugin_errors_carry_the_exit_codes_of_core_errors(capsys):
+    """NetworkConfigError, InterpretError and PluginError are core.errors classes: core.cli.guarded prints their one
+    line with the documented exit code, and no command re-wraps them."""
+    from core import cli
+    from core.errors import EXIT_BAD_INPUT, EXIT_FAILED
+    from plugins.spec import PluginError
+    from reference.interpret import InterpretError
+
+    def raising(exc):
+        def run():
+            raise exc
+        return run
+
+    for exc, code in ((NetworkConfigError("no tensor 'x'"), EXIT_BAD_INPUT), (PluginError("d=0"), EXIT_BAD_INPUT),
+                      (InterpretError("layer 'y': mode"), EXIT_FAILED)):
+        assert cli.guarded("prog", raising(exc)) == code
+        assert capsys.readouterr().err == f"prog: error: {exc}\n"
+
+
+# ---------------------------------------------------------------------------------------------- the naming funnel
+class _RefusingNetwork:
+    """Stands in for an INetworkDefinition: add_* returns None (a refused layer) or a layer whose attribute
+    setters raise as pybind does on a value TensorRT will not take."""
+
+    def __init__(self, trt, refuse: bool):
+        self.trt, self.refuse = trt, refuse
+
+    def __getattr__(self, name):
+        if not name.startswith("add_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None if self.refuse else _RefusingLayer()
+
+
+class _RefusingLayer:
+    num_outputs = 1
+
+    def __setattr__(self, attribute, value):
+        raise TypeError(f"incompatible value for {attribute}")
+
+    def set_input(self, index, tensor):
+        raise TypeError("incompatible input")
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["refused-layer", "refused-attribute"])
+@pytest.mark.parametrize("verb", ["conv2d", "max_pool2d", "gather", "resize_nearest", "softmax", "concat", "shuffle"])
+def test_layers_with_attributes_fail_through_the_naming_funnel(rtx, verb, refuse):
+    """Verbs that set layer attributes set them in the funnel: a layer TensorRT refuses, or an attribute it refuses,
+    gives the funnel's message naming the layer (not an AttributeError on None)."""
+    trt = rtx.trt
+    _, network, real = _bare_net(rtx)
+    x = real.input("x", trt.float32, (1, 4, 8, 8))
+    net = Net(trt, _RefusingNetwork(trt, refuse))
+    calls = {
+        "conv2d": lambda: net.conv2d(x, np.ones((2, 4, 1, 1), np.float32), None, "bad", stride=2),
+        "max_pool2d": lambda: net.max_pool2d(x, 3, 2, 1, "bad"),
+        "gather": lambda: net.gather(x, x, 1, "bad", batch_dims=1),
+        "resize_nearest": lambda: net.resize_nearest(x, x, "bad"),
+        "softmax": lambda: net.softmax(x, -1, "bad"),
+        "concat": lambda: net.concat([x, x], 1, "bad"),
+        "shuffle": lambda: net.shuffle(x, "bad", first=(0, 2, 3, 1)),
+    }
+    message = r"TensorRT refused layer 'bad'" if refuse else r"TensorRT refused \w+.* (for|of) layer 'bad'"
+    with pytest.raises(ValueError, match=message):
+        calls[verb]()
+    assert "bad" not in net._names  # the name stays free

@@ -40,7 +40,7 @@ from netdef.functional import Net
 from reference.interpret import interpret_network
 from core.backend import backend_of
 from plugins import NAMES as PLUGIN_NAMES
-from helpers import builder_tensors, define, official_state_dict, small_config
+from helpers import builder_tensors, define, native_plugins, official_state_dict, small_config
 
 FP32_BLOCK, FP32_WHOLE, FP32_LOGITS = 2e-5, 1e-4, 1e-3
 FP16_BLOCK, FP16_WHOLE = 1.5e-2, 5e-2
@@ -252,69 +252,10 @@ def test_in_engine_postprocess_is_the_official_top_k(trt):
 
 
 # ---------------------------------------------------------------------------------------------- plugins
-class _TwoOutputs:
-    """Stands in for a two-output plugin layer (mask2pos) built from native layers."""
-
-    num_outputs = 2
-
-    def __init__(self, *outputs):
-        self.outputs, self.name = outputs, ""
-
-    def get_output(self, i):
-        return self.outputs[i]
-
-
-def _native_plugins(trt, cfg, monkeypatch):
-    """Replace each plugin's add_layer by the native sub-graph with the plugin's documented contract, so the
-    plugin path's wiring (which tensors, masks, biases, scales go where) is checked on TensorRT-RTX."""
-    import plugins.add_bias_transpose
-    import plugins.layer_norm
-    import plugins.mask2pos
-    import plugins.masked_softmax
-    from core.backend import Backend
-
-    counter = iter(range(10**6))
-
-    def fake_net(network, like=None):
-        """Verbs on the same network computing in `like`'s dtype; names under a fresh prefix."""
-        return Net(trt, network, fp16=like is not None and like.dtype == trt.float16), f"fake{next(counter)}"
-
-    def last_layer(network):
-        return network.get_layer(network.num_layers - 1)
-
-    def masked_softmax(trt_, network, logits, key_mask):
-        net, p = fake_net(network, logits)
-        ctx = N.BuildContext(net, cfg, {})
-        N._masked_softmax(ctx, logits, key_mask, net.unsqueeze(key_mask, (1, 2), f"{p}.mask4"), f"{p}.softmax")
-        return last_layer(network)
-
-    def layer_norm(trt_, network, x, gamma, beta, eps):
-        net, p = fake_net(network)
-        net.layer_norm(x, gamma, beta, f"{p}.ln", eps)
-        return last_layer(network)
-
-    def add_bias_transpose(trt_, network, x, bias, heads, scale):
-        net, p = fake_net(network)
-        y = net.mul(net.add(x, bias, f"{p}.bias"), np.float32(scale), f"{p}.scale")
-        net.shuffle(y, f"{p}.heads", dims=(0, 0, heads, -1), second=(0, 2, 1, 3))
-        return last_layer(network)
-
-    def mask2pos(trt_, network, mask, d):
-        net, p = fake_net(network)
-        ctx = N.BuildContext(net, cfg, {})
-        pos_col, pos_row = N.mask2pos(ctx, mask, {})
-        return _TwoOutputs(N.pos2posemb1d(ctx, pos_col, f"{p}.col"), N.pos2posemb1d(ctx, pos_row, f"{p}.row"))
-
-    monkeypatch.setattr(Backend, "plugin_problem", lambda self, numpy_version=None: None)
-    for module, fake in ((plugins.masked_softmax, masked_softmax), (plugins.layer_norm, layer_norm),
-                         (plugins.add_bias_transpose, add_bias_transpose), (plugins.mask2pos, mask2pos)):
-        monkeypatch.setattr(module, "add_layer", fake)
-
-
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_plugin_path_wiring(trt, monkeypatch, fp16):
     cfg = small_config()
-    _native_plugins(trt, cfg, monkeypatch)
+    native_plugins(trt, cfg, monkeypatch)
     check_whole(trt, cfg, PADDED, fp16=fp16, plugins=set(PLUGIN_NAMES))
 
 

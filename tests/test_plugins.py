@@ -501,3 +501,20 @@ def test_benchmark_compares_like_with_like_and_takes_the_bandwidth_of_the_device
     assert out["speedup_vs_eager_wall"] == 1.5 and out["speedup_vs_eager_gpu"] == 2.0
     assert out["ours_gbps"] == 200.0 and out["ours_hbm_fraction"] == 0.05
     assert "ours_hbm_fraction" not in derived(row, None)
+
+
+def test_a_tensorrt_without_its_plugin_module_is_one_backend_error(monkeypatch):
+    """tensorrt-cu13 10.13 has `tensorrt_bindings.plugin` but no `tensorrt.plugin`: one line naming the fix, not an
+    ImportError traceback; and Backend.plugin_problem refuses those versions before the glue is reached."""
+    import sys
+    import types
+
+    from core.backend import Backend, BackendError
+
+    fake = types.ModuleType("fake_tensorrt_1013")
+    fake.__version__ = "10.13.3.9"
+    monkeypatch.setitem(sys.modules, "fake_tensorrt_1013", fake)
+    with pytest.raises(BackendError, match=r"fake_tensorrt_1013 10\.13\.3\.9 has no fake_tensorrt_1013\.plugin module"):
+        trt_glue.plugin_module(fake)
+    fake.QuickPluginCreationRequest = object
+    assert "10.16" in Backend("tensorrt", fake).plugin_problem(numpy_version="2.3.5")

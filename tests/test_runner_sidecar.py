@@ -37,7 +37,8 @@ def make_engine(tmp_path, **overrides):
         "config": {}, "profile": {"min": [1, 320, 512], "opt": [1, 800, 800], "max": [4, 1344, 1344]},
         "precision": "fp16", "plugins": [], "postprocess": False, "backend": "tensorrt-rtx",
         "trt_version": rtx_version() if HAS_RTX else "1.7.1.116", "gpu": None, "weights_sha256": "ab" * 32,
-        "inputs": {}, "outputs": {}, "version_compatible": False, "anchortrt_version": "0.1.0",
+        "inputs": {}, "outputs": {}, "version_compatible": False, "lean_runtime_excluded": False,
+        "anchortrt_version": "0.1.0",
     }
     sidecar.update(overrides)
     write_sidecar(path, sidecar)
@@ -172,8 +173,9 @@ def installed(monkeypatch):
     return install
 
 
-VC_SIDECAR = {"backend": "tensorrt", "trt_version": "11.2.1.2", "version_compatible": True, "gpu": H100,
-              "weights_sha256": "ab" * 32}
+VC_SIDECAR = {"backend": "tensorrt", "trt_version": "11.2.1.2", "version_compatible": True,
+              "lean_runtime_excluded": False, "gpu": H100, "weights_sha256": "ab" * 32}
+EXCLUDED_SIDECAR = dict(VC_SIDECAR, lean_runtime_excluded=True)
 
 
 @pytest.mark.parametrize("backend, version, ok", [
@@ -220,6 +222,81 @@ def test_a_packaging_suffix_is_the_same_release():
                   backend="tensorrt")
     with pytest.raises(SidecarError, match=r"built by TensorRT 10\.13\.3\.9, this is TensorRT 10\.13\.3\.10"):
         check_sidecar(built, trt_version="10.13.3.10", compute_capability="9.0", backend="tensorrt")
+
+
+@pytest.mark.parametrize("backend, version, ok", [
+    ("tensorrt-lean", "11.2.1.2", True), ("tensorrt", "11.2.1.2", True), ("tensorrt-lean", "11.4.0.106", False),
+    ("tensorrt", "11.2.1.3", False), ("tensorrt-lean", "11.1.0.106", False),
+])
+def test_excluded_lean_runtime_needs_exactly_the_builders_version(backend, version, ok):
+    """A plan built with --exclude-lean-runtime loads only with the lean runtime of the builder's version
+    (IRuntime::loadRuntime's rule), where an embedded one loads on any later 11.x."""
+    check = lambda: check_sidecar(EXCLUDED_SIDECAR, trt_version=version, compute_capability="9.0", backend=backend)
+    if ok:
+        check()
+    else:
+        with pytest.raises(SidecarError, match=r"--exclude-lean-runtime, which runs only on the lean runtime of "
+                                               r"exactly 11\.2\.1\.2.*pip install 'tensorrt-lean-cu13==11\.2\.1\.2'"):
+            check()
+
+
+def test_sidecars_before_the_lean_runtime_field_read_as_that_builder_wrote_them(tmp_path):
+    """Version-compatible plans of earlier builds always excluded the lean runtime; standard ones have none."""
+    for vc in (True, False):
+        path = make_engine(tmp_path, **dict(VC_SIDECAR, version_compatible=vc))
+        side = path.with_suffix(".json")
+        side.write_text(side.read_text().replace('"lean_runtime_excluded": false,', ""))
+        assert "lean_runtime_excluded" not in side.read_text()
+        assert load_sidecar(path)["lean_runtime_excluded"] is vc
+
+
+class LeanLoadingRuntime(FakeRuntime):
+    """A runtime whose load_runtime returns the runtime of the library it loads (recorded in ``loaded``)."""
+
+    loaded: list = []
+
+    def load_runtime(self, path):
+        LeanLoadingRuntime.loaded.append(path)
+        return FakeRuntime(self.logger)
+
+
+@pytest.mark.parametrize("library", [None, "/site/tensorrt_lean_libs/libnvinfer_lean.so.11"])
+def test_excluded_plan_on_another_tensorrt_loads_the_builders_lean_runtime_or_names_it(
+        tmp_path, monkeypatch, installed, library):
+    installed(tensorrt=None, tensorrt_lean="11.4.0.106")
+    sys.modules["tensorrt_lean"].Runtime = LeanLoadingRuntime
+    LeanLoadingRuntime.loaded = []
+    monkeypatch.setattr("runtime.runner.lean_library", lambda version: library and version == "11.2.1.2" and library)
+    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
+    path = make_engine(tmp_path, **EXCLUDED_SIDECAR)
+    if library:  # loaded through Runtime.load_runtime, then TensorRT (the fake's deserialize) was reached
+        with pytest.raises(BadInput, match=r"TensorRT could not load .*magicTagRead"):
+            Engine(path)
+        assert LeanLoadingRuntime.loaded == [library]
+    else:
+        with pytest.raises(Unavailable, match=r"exactly 11\.2\.1\.2; this is TensorRT 11\.4\.0\.106: "
+                                              r"pip install 'tensorrt-lean-cu13==11\.2\.1\.2'") as info:
+            Engine(path)
+        assert info.value.exit_code == 3 and LeanLoadingRuntime.loaded == []
+
+
+def test_embedded_lean_runtime_plans_load_with_host_code_allowed(tmp_path, monkeypatch, installed):
+    installed(tensorrt="11.4.0.106", tensorrt_lean=None)
+    runtimes = []
+
+    class Recording(FakeRuntime):
+        def __init__(self, logger):
+            super().__init__(logger)
+            runtimes.append(self)
+
+    sys.modules["tensorrt"].Runtime = Recording
+    monkeypatch.setattr(cuda, "init", fake_gpu("9.0"))
+    for sidecar, host_code in ((VC_SIDECAR, True), (dict(VC_SIDECAR, version_compatible=False,
+                                                          trt_version="11.4.0.106"), None)):
+        with pytest.raises(BadInput, match="magicTagRead"):
+            Engine(make_engine(tmp_path, **sidecar))
+        # the plan's embedded lean runtime is host code; a standard plan runs none
+        assert getattr(runtimes[-1], "engine_host_code_allowed", None) is host_code
 
 
 def test_version_compatible_must_be_a_boolean(tmp_path):

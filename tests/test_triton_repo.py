@@ -91,3 +91,19 @@ def test_unwritable_repository_leaves_nothing(tmp_path, capsys):
     blocker.write_text("a file where the repository folder should be")
     assert triton.main(["--engine", str(engine), "-o", str(blocker / "sub")]) == 2
     assert "python -m serve.triton: error: " in capsys.readouterr().err and blocker.read_text().startswith("a file")
+
+
+def test_version_compatible_engines_get_their_backend_config_and_excluded_lean_runtimes_are_refused(tmp_path, capsys):
+    """Triton runs a version-compatible plan's embedded lean runtime only with version-compatible=true, and never
+    loads a separate lean runtime, so an --exclude-lean-runtime plan cannot run there."""
+    import json
+
+    engine = fake_engine(tmp_path)
+    side = engine.with_suffix(".json")
+    data = json.loads(side.read_text())
+    side.write_text(json.dumps(dict(data, version_compatible=True, lean_runtime_excluded=False)))
+    assert triton.main(["--engine", str(engine), "-o", str(tmp_path / "repo")]) == 0
+    assert "--backend-config=tensorrt,version-compatible=true" in capsys.readouterr().out
+    side.write_text(json.dumps(dict(data, version_compatible=True, lean_runtime_excluded=True)))
+    assert triton.main(["--engine", str(engine), "-o", str(tmp_path / "repo2")]) == 2
+    assert "--exclude-lean-runtime" in capsys.readouterr().err and not (tmp_path / "repo2").exists()
