@@ -20,6 +20,7 @@ Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
     weights_sha256    sha256 of the weights file
     inputs, outputs   {name: {"dtype": "float32", "shape": [-1, 3, -1, -1]}}
     anchortrt_version version of this package
+    labels            optional: class names {"<label>": name} (core.labels); absent in sidecars from before names
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SIDECAR_KEYS = (
     "config", "profile", "precision", "plugins", "postprocess", "backend", "trt_version", "version_compatible",
     "gpu", "weights_sha256", "inputs", "outputs", "anchortrt_version",
 )
+OPTIONAL_KEYS = ("labels",)  # written when given; readers fall back to the default (core.labels.of_sidecar)
 MIN_SIDE = 32  # one feature-map pixel at the C5 stride; smaller images have no feature map
 REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
 
@@ -153,7 +155,8 @@ def write_sidecar(engine_path: str | os.PathLike, sidecar: Mapping[str, Any]) ->
     if missing:
         raise SidecarError(f"sidecar is missing {missing}")
     path = sidecar_path(engine_path)
-    write_atomic(path, (json.dumps({k: sidecar[k] for k in SIDECAR_KEYS}, indent=2) + "\n").encode())
+    keys = SIDECAR_KEYS + tuple(k for k in OPTIONAL_KEYS if k in sidecar)
+    write_atomic(path, (json.dumps({k: sidecar[k] for k in keys}, indent=2, ensure_ascii=False) + "\n").encode())
     return path
 
 

@@ -505,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
         "outputs": outputs,
         "version_compatible": args.version_compatible,
         "anchortrt_version": anchortrt_version(),
+        "labels": weights.class_names(args.weights),  # core.labels: the class names
     }
     try:
         write_atomic(output, plan)

@@ -8,7 +8,8 @@
 - ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
 
 Metadata (all strings): ``format="anchortrt-weights"``, ``format_version="1"``, ``config`` (cfg.to_json()),
-``source`` (checkpoint file name or a random-init description), ``source_sha256``. Importing this package
+``source`` (checkpoint file name or a random-init description), ``source_sha256``, ``labels`` (class names,
+core.labels; read them with ``class_names(path)``). Importing this package
 needs numpy and safetensors only: the runtime loads weights without torch.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core import labels
 from core.config import AnchorDETRConfig, ConfigError
 from core.errors import BadInput
 from core.sidecar import replace_atomically
@@ -30,7 +32,7 @@ from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
-    "official_shapes", "builder_shapes", "random_state_dict",
+    "official_shapes", "builder_shapes", "random_state_dict", "class_names",
 ]
 
 FORMAT = "anchortrt-weights"
@@ -82,8 +84,10 @@ def save(
     tensors: Mapping[str, Any],
     source: str = "",
     source_sha256: str = "",
+    names: Mapping[int, str] | None = None,
 ) -> None:
-    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all."""
+    """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all. ``names``: the class
+    names (core.labels; default: COCO's for 91 classes, none otherwise)."""
     path = os.fspath(path)
     problems = compare_keys(tensors, builder_shapes(cfg))
     if problems:
@@ -92,6 +96,7 @@ def save(
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
         "source": source, "source_sha256": source_sha256,
+        labels.KEY: labels.to_json(labels.default_names(cfg.num_classes) if names is None else names),
     }
     replace_atomically(path, lambda tmp: _write_safetensors(tmp, arrays, metadata))
 
@@ -116,6 +121,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             f"{FORMAT_VERSION}: extract it again with this version's `python -m weights.extract`"
         )
     return meta
+
+
+def class_names(path: str | os.PathLike) -> dict[int, str]:
+    """The class names stored in one of our files (the default for its class count in a file from before names)."""
+    meta = read_metadata(path)
+    try:
+        num_classes = AnchorDETRConfig.from_json(meta["config"]).num_classes
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has no valid configuration in its metadata ({exc}): extract it again") from exc
+    return labels.from_stored(meta.get(labels.KEY), num_classes)
 
 
 def load(path: str | os.PathLike) -> tuple[AnchorDETRConfig, dict[str, np.ndarray]]:
