@@ -191,9 +191,11 @@ def _threshold(request: Any, row: int) -> float:
     return value
 
 
-def _encode(rows: list[dict[str, np.ndarray] | str]) -> dict[str, np.ndarray]:
+def _encode(rows: list[dict[str, np.ndarray] | str], class_names: dict[int, str] = class_labels.COCO_CATEGORIES
+            ) -> dict[str, np.ndarray]:
     """One request's outputs: detections padded to the longest row and to at least one (a zero-length axis
-    fails inside PyTriton), with `count` giving each row's real number and `error` its message, if any."""
+    fails inside PyTriton), with `count` giving each row's real number, `names` each label's class name
+    (core.labels) and `error` its message, if any."""
     counts = [0 if isinstance(r, str) else len(r["scores"]) for r in rows]
     sizes = np.zeros((len(rows), 2), np.int32)
     width = max(1, *counts)
@@ -208,7 +210,7 @@ def _encode(rows: list[dict[str, np.ndarray] | str]) -> dict[str, np.ndarray]:
             sizes[i] = row["size"]
         if count:
             scores[i, :count], labels[i, :count], boxes[i, :count] = row["scores"], row["labels"], row["boxes"]
-            names[i, :count] = row["names"]
+            names[i, :count] = [class_labels.label_name(class_names, k).encode() for k in row["labels"]]
     return {"count": np.array(counts, np.int32)[:, None], "scores": scores, "labels": labels, "boxes": boxes,
             "names": names, "size": sizes, "error": errors}
 
@@ -240,11 +242,9 @@ class InferFunction:
             found = self.model.detect(images, masks, sizes)
             for (r, row, _, threshold), detections, size in zip(chunk, found, sizes):
                 keep = detections["scores"] >= threshold
-                kept = detections["labels"][keep].astype(np.int32)
                 rows[r][row] = {"scores": detections["scores"][keep], "boxes": detections["boxes"][keep],
-                                "labels": kept, "size": size,
-                                "names": [class_labels.label_name(self.names, k).encode() for k in kept]}
-        return [_encode(request_rows) for request_rows in rows]
+                                "labels": detections["labels"][keep].astype(np.int32), "size": size}
+        return [_encode(request_rows, self.names) for request_rows in rows]
 
 
 def _check_args(args: argparse.Namespace) -> None:
