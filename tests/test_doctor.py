@@ -193,8 +193,16 @@ def test_top100_row():
     with pytest.raises(Outcome, match="2 labels"):
         doctor.compare_top100(dict(engine, labels=swapped), host_top100(scores, labels, boxes))
     tied = scores.copy()
-    tied[0, 11] = tied[0, 10]  # a tie: either order is the top-100
-    doctor.compare_top100(dict(engine, scores=tied, labels=swapped), host_top100(tied, labels, boxes))
+    tied[0, 11] = tied[0, 10]  # a tie: either order is the top-100, labels and boxes swap together
+    in_order_of_tie = labels.copy(), boxes.copy()
+    for array in in_order_of_tie:
+        array[0, [10, 11]] = array[0, [11, 10]]
+    doctor.compare_top100(dict(engine, scores=tied, labels=in_order_of_tie[0], boxes=in_order_of_tie[1]),
+                          host_top100(tied, labels, boxes))
+    other = labels.copy()
+    other[0, 10] = (labels[0, 10] + 1) % 91
+    with pytest.raises(Outcome, match=r"[12] labels"):  # a tie does not excuse another label
+        doctor.compare_top100(dict(engine, scores=tied, labels=other), host_top100(tied, labels, boxes))
     with pytest.raises(Outcome, match="scores 1.0e-04"):
         doctor.compare_top100(dict(engine, scores=scores + np.float32(1e-4)), host_top100(scores, labels, boxes))
     with pytest.raises(Outcome, match="boxes"):
