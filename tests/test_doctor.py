@@ -293,3 +293,11 @@ def test_doctor_on_this_gpu(small_weights, tmp_path, capsys):
     assert len(ran) >= 17
     assert {name: rows[name]["result"] for name in ran} == {name: PASS for name in ran}, table
     assert rows["latency"]["figures"]["p50_ms"]
+
+
+def test_padded_batches_mask_what_they_pad():
+    images, masks = doctor.padded_batch(3, (64, 96))
+    assert images.shape == (3, 3, 64, 96) and not masks[0].any()
+    for i, (h, w) in enumerate([(64, 96), (53, 75), (45, 59)]):
+        assert not masks[i, :h, :w].any() and masks[i].sum() == 64 * 96 - h * w
+        assert not images[i][:, masks[i]].any() and images[i, :, :h, :w].std() > 0.5
