@@ -29,6 +29,16 @@ def rows_of(report) -> dict[str, dict]:
     return {r["check"]: r for r in report["checks"]}
 
 
+def run_doctor(weights, tmp_path, capsys) -> tuple[str, dict, dict[str, dict]]:
+    """(stdout, the JSON report, its rows by name) of a tiny doctor run that must exit 0."""
+    out = tmp_path / "report.json"
+    code = doctor.main(["--weights", str(weights), *TINY, "--json", str(out)])
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert code == 0 and report["exit_code"] == 0, table
+    return table, report, rows_of(report)
+
+
 # ---------------------------------------------------------------------------------------------- end to end, no GPU
 
 
@@ -38,12 +48,7 @@ def test_doctor_on_tensorrt_rtx_without_a_gpu(small_weights, tmp_path, capsys):
 
     if gpu_available():
         pytest.skip("this test is the machine without a GPU")
-    out = tmp_path / "report.json"
-    code = doctor.main(["--weights", str(small_weights), *TINY, "--json", str(out)])
-    table = capsys.readouterr().out
-    report = json.loads(out.read_text())
-    rows = rows_of(report)
-    assert code == 0 and report["exit_code"] == 0, table
+    table, report, rows = run_doctor(small_weights, tmp_path, capsys)
     for name in ("tensorrt", "weights", "build fp32", "build fp16", "interpreter fp32", "interpreter fp16"):
         assert rows[name]["result"] == PASS, rows[name]
     assert rows["build fp32"]["figures"]["backend"] == "tensorrt-rtx"
@@ -282,12 +287,7 @@ def test_gpu_rows_skip_without_their_engine(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_doctor_on_this_gpu(small_weights, tmp_path, capsys):
-    out = tmp_path / "report.json"
-    code = doctor.main(["--weights", str(small_weights), *TINY, "--json", str(out)])
-    table = capsys.readouterr().out
-    report = json.loads(out.read_text())
-    rows = rows_of(report)
-    assert code == 0 and report["exit_code"] == 0, table
+    table, report, rows = run_doctor(small_weights, tmp_path, capsys)
     assert report["gpu"]["compute_capability"]
     ran = [name for name in rows if name.startswith(GPU_ROWS) or name.startswith(("build", "interpreter"))]
     assert len(ran) >= 17
