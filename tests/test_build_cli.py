@@ -375,6 +375,7 @@ def check_build_output(engine: Path, summary: dict, weights_path: Path, backend,
         "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": build.gpu_entry(),
         "weights_sha256": weights.file_sha256(weights_path), "inputs": inputs, "outputs": outputs,
         "version_compatible": False, "anchortrt_version": metadata.version("anchortrt"),
+        "labels": {str(k): v for k, v in weights.class_names(weights_path).items()},  # core.labels, from the weights
     }
     assert summary["engine"] == str(engine) and summary["engine_bytes"] == engine.stat().st_size
     assert summary["precision"] == precision and summary["profile"] == profile
