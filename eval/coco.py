@@ -52,9 +52,11 @@ def coco_results(image_ids: Sequence[int], detections: Sequence[dict], category_
 
 
 def category_map(names: dict[int, str], gt, what: str) -> dict[int, int] | None:
-    """label -> the annotations' category id of the same class name; None (label = category id) for a model whose
-    labels have no names. EvalError when a category of the annotations is not one of the model's classes: its
-    detections would be missing and the mAP silently low."""
+    """label -> the annotations' category id of the same class name, detections of other labels dropped; None
+    (label = category id, every detection kept, COCOeval ignores the ids it does not list) for a model whose labels
+    have no names or whose labels already are the annotations' ids (a COCO model on COCO). EvalError when a
+    category of the annotations is not one of the model's classes: its detections would be missing and the mAP
+    silently low."""
     if not names:
         return None
     by_name = {cat["name"]: cat["id"] for cat in gt.loadCats(gt.getCatIds())}
@@ -63,7 +65,8 @@ def category_map(names: dict[int, str], gt, what: str) -> dict[int, int] | None:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise EvalError(f"{what} has no class named as the annotations' categories {shown}: extract its weights "
                         "with `python -m weights.extract --names ANNOTATIONS.json` and build again")
-    return {label: by_name[name] for label, name in names.items() if name in by_name}
+    mapping = {label: by_name[name] for label, name in names.items() if name in by_name}
+    return None if all(label == cid for label, cid in mapping.items()) else mapping
 
 
 def model_names(model) -> dict[int, str]:

@@ -260,3 +260,26 @@ def test_names_through_build_infer_and_eval(three_class, tmp_path, capsys, monke
     assert eval.coco.main(["--coco-root", str(root), "--torch-weights", str(three_class), "--device", "cpu",
                            "--results-dir", str(results)]) == 2
     assert "has no class named as the annotations' categories horse" in capsys.readouterr().err
+
+
+def test_eval_maps_labels_to_the_datasets_category_ids_by_name():
+    from eval.coco import category_map
+    from eval.scoring import EvalError
+
+    class Gt:  # pycocotools.COCO's two calls
+        def __init__(self, cats):
+            self.cats = cats
+
+        def getCatIds(self):
+            return [c["id"] for c in self.cats]
+
+        def loadCats(self, ids):
+            return [c for c in self.cats if c["id"] in ids]
+
+    custom = Gt([{"id": 1, "name": "dog"}, {"id": 7, "name": "bird"}, {"id": 9, "name": "cat"}])
+    assert category_map(NAMES, custom, "m") == {0: 9, 1: 1, 2: 7}
+    coco = Gt([{"id": 1, "name": "person"}, {"id": 90, "name": "toothbrush"}])
+    assert category_map(labels.COCO_CATEGORIES, coco, "m") is None  # already the ids: every detection kept
+    assert category_map({}, custom, "m") is None  # numeric labels: label = category id
+    with pytest.raises(EvalError, match="m has no class named as the annotations' categories horse"):
+        category_map(NAMES, Gt([{"id": 3, "name": "horse"}, {"id": 9, "name": "cat"}]), "m")
