@@ -135,16 +135,29 @@ def relative_errors(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray
     return errors
 
 
-def compare_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], tol: float, what: str
-                    ) -> tuple[str, dict[str, Any]]:
-    """(detail, figures) when every output of ``want`` is within ``tol``; Outcome naming those that are not."""
-    errors = relative_errors(got, want)
+def judge(errors: Mapping[str, float], tol: float, what: str) -> tuple[str, dict[str, Any]]:
+    """(detail, figures) when every relative error is within ``tol``; Outcome naming the outputs that are not."""
     detail = ", ".join(f"{k} {e:.1e}" for k, e in errors.items()) + f" (rel err <= {tol:g})"
-    figures = {"rel_err": errors, "tolerance": tol}
+    figures = {"rel_err": dict(errors), "tolerance": tol}
     bad = [k for k, e in errors.items() if not e <= tol]
     if bad:
         raise failed(f"{what}: {', '.join(bad)} beyond tolerance: {detail}", figures)
     return f"{what}: {detail}", figures
+
+
+def compare_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], tol: float, what: str
+                    ) -> tuple[str, dict[str, Any]]:
+    """judge() of every output of ``want``."""
+    return judge(relative_errors(got, want), tol, what)
+
+
+def compare_many(got: Sequence[Mapping], want: Sequence[Mapping], tol: float, what: str) -> tuple[str, dict[str, Any]]:
+    """judge() of the worst error per output over several batches."""
+    worst: dict[str, float] = {}
+    for g, w in zip(got, want, strict=True):
+        for k, e in relative_errors(g, w).items():
+            worst[k] = max(worst.get(k, 0.0), e)
+    return judge(worst, tol, what)
 
 
 def _sorted_rows(labels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -585,16 +598,6 @@ def padded_batch(batch: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarra
     return images, masks
 
 
-def compare_many(got: Sequence[dict], want: Sequence[dict], tol: float, what: str) -> tuple[str, dict[str, Any]]:
-    """compare_outputs over several batches; the worst error per output is reported."""
-    worst: dict[str, float] = {}
-    for g, w in zip(got, want):
-        errors = relative_errors(g, w)
-        worst = {k: max(worst.get(k, 0.0), e) for k, e in errors.items()}
-    return compare_outputs({k: np.full(1, v) for k, v in worst.items()},
-                           {k: np.zeros(1) for k in worst}, tol, what)
-
-
 def awkward_images() -> list[np.ndarray]:
     """Decoded RGB arrays of AWKWARD sizes, smooth gradients plus noise (deterministic)."""
     rng = np.random.default_rng(0)
@@ -699,8 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(rows: Sequence[Row], args: argparse.Namespace, exit_code: int) -> dict[str, Any]:
+    from netdef.build import anchortrt_version
+
     return {
-        "anchortrt_version": _version("anchortrt") or "unknown",
+        "anchortrt_version": anchortrt_version(),
         "python": sys.version.split()[0], "platform": platform.platform(), "cpu_cores": os.cpu_count(),
         "gpu": next((r.figures for r in rows if r.check == "gpu" and r.result == PASS), None),
         "versions": {"tensorrt": next((r.figures for r in rows if r.check == "tensorrt"), {}) or {},
