@@ -320,11 +320,15 @@ def profile_for(shapes: Sequence[tuple[int, int]], batches: Sequence[int]) -> Pr
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[io.StringIO]:
-    """A CLI's own table and error line captured (the doctor prints one table at the end)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        yield out
+def quiet() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """A CLI's stdout (its table or JSON) and stderr (its error line) captured: the doctor prints one table."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
+
+
+def last_line(stream: io.StringIO) -> str:
+    return (stream.getvalue().strip().splitlines() or ["no message"])[-1]
 
 
 class Doctor:
@@ -355,10 +359,10 @@ class Doctor:
         from weights.extract import main as extract
 
         path = self.folder / f"random_{self.args.variant}.safetensors"
-        with quiet() as said:
+        with quiet() as (_, err):
             code = extract(["--random-init", self.args.variant, "-o", str(path)])
         if code:
-            raise failed(f"weights.extract failed: {said.getvalue().strip().splitlines()[-1:]}")
+            raise failed(f"weights.extract exited {code}: " + last_line(err))
         self.weights = path
         return f"random-init {self.args.variant} (no --weights given)", {"path": str(path)}
 
@@ -375,13 +379,11 @@ class Doctor:
         argv = ["--weights", str(self.weights), "--backend", self.backend.name, "--postprocess", "--json",
                 "--min", f"{p.min[1]}x{p.min[2]}", "--opt", f"{p.opt[1]}x{p.opt[2]}", "--max", f"{p.max[1]}x{p.max[2]}",
                 "--batch", f"{p.min[0]},{p.opt[0]},{p.max[0]}", "-o", str(plan), *options]
-        with quiet() as said:
+        with quiet() as (out, err):
             code = build(argv)
-        text = said.getvalue()
         if code:
-            raise failed(f"netdef.build {' '.join(options)} exited {code}: "
-                         + (text.strip().splitlines() or ["no message"])[-1])
-        summary = json.loads(text[text.index("{"):])
+            raise failed(f"{' '.join(['netdef.build', *options])} exited {code}: " + last_line(err))
+        summary = json.loads(out.getvalue())
         self.engines[label] = plan
         return (f"{format_seconds(summary['build_seconds'])}, {format_bytes(summary['engine_bytes'])}, "
                 f"{summary['backend']} {summary['trt_version']}, plugins {','.join(summary['plugins']) or 'none'}"), {

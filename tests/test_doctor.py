@@ -301,3 +301,23 @@ def test_padded_batches_mask_what_they_pad():
     for i, (h, w) in enumerate([(64, 96), (53, 75), (45, 59)]):
         assert not masks[i, :h, :w].any() and masks[i].sum() == 64 * 96 - h * w
         assert not images[i][:, masks[i]].any() and images[i, :, :h, :w].std() > 0.5
+
+
+def test_a_failed_build_fails_its_row_with_the_builds_error(tmp_path, monkeypatch):
+    import sys
+
+    import netdef.build
+
+    def failing_build(argv):
+        print("progress noise")
+        print("python -m netdef.build: error: TensorRT could not build the engine: out of memory", file=sys.stderr)
+        return 1
+
+    monkeypatch.setattr(netdef.build, "main", failing_build)
+    d = fake_doctor(tmp_path)
+    d.backend = SimpleNamespace(name="tensorrt-rtx")
+    row = d.check("build fp32", lambda: d.build("fp32", []))
+    assert row.result == FAIL and row.detail == ("netdef.build exited 1: python -m netdef.build: error: TensorRT could "
+                                                 "not build the engine: out of memory")
+    assert d.check("enqueue + graphs fp32", lambda: d.graphs("fp32")).result == SKIP
+    assert doctor.exit_code(d.rows, False) == 1
