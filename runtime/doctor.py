@@ -744,6 +744,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output_path(args.json, "--json")
     profile_for(args.shapes, args.batches)  # a ProfileError (exit 2) before any work
+    if args.weights is None:
+        from core.config import AnchorDETRConfig
+
+        AnchorDETRConfig.from_variant(args.variant)  # a ConfigError (exit 2) names the variants
     with contextlib.ExitStack() as stack:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)

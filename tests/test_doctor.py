@@ -89,6 +89,8 @@ def test_nothing_could_run_exits_3(monkeypatch, tmp_path, capsys):
     (["--shapes", "800x800"], "--shapes and --batches take two values each"),
     (["--torch-mode", "fast"], "--torch-mode fast: choose from"),
     (["--weights", "missing.safetensors"], "--weights missing.safetensors not found"),
+    (["--variant", "r51_dc5"], "unknown variant 'r51_dc5'"),
+    (["--shapes", "16x16,800x800"], "size 16x16 is below 32x32"),
 ])
 def test_bad_arguments_exit_2_before_any_work(argv, message, capsys):
     assert doctor.main(argv) == 2

@@ -43,9 +43,9 @@ attention input projections pre-sliced, shared heads once) and metadata (format,
 The file is reproducible: the same checkpoint (contents and file name) and options give the same sha256.
 
 class names: stored in the file and carried into the engine's sidecar, so every output names a fine-tuned
-model's own classes. --names FILE is {labels.NAMES_HELP}; ids must lie in 0..num_classes-1, once each
-(exit 2 otherwise). Without it a 91-class checkpoint keeps COCO's names and any other class count gets
-numeric labels.
+model's own classes. --names FILE is one name per line (line k names label k), or a COCO annotations JSON
+(its categories: id -> name); ids must lie in 0..num_classes-1, once each (exit 2 otherwise). Without it a
+91-class checkpoint keeps COCO's names and any other class count gets numeric labels.
 """
 
 
