@@ -104,6 +104,9 @@ def check_names(pairs: list[tuple[int, str]], num_classes: int, where: str = "--
     duplicates = sorted({cid for cid in ids if ids.count(cid) > 1})
     if duplicates:
         problems.append(f"duplicate ids: {', '.join(map(str, duplicates[:8]))}")
+    multiline = sorted(cid for cid, name in pairs if "\n" in name or "\r" in name)
+    if multiline:  # a label file (Triton's labels.txt) has one name per line
+        problems.append(f"names of ids {', '.join(map(str, multiline[:8]))} span several lines")
     if problems:
         raise LabelsError(f"{where} does not fit the model: " + "; ".join(problems)
                           + f" (its labels are 0..{num_classes - 1}): fix the names file")

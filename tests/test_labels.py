@@ -47,6 +47,7 @@ def test_coco_annotations_give_their_category_ids(tmp_path):
     (3, [(1, "a"), (3, "b")], "ids outside 0..2: 3"),
     (3, [(-1, "a")], "ids outside 0..2: -1"),
     (4, [(1, "a"), (1, "b"), (2, "c")], "duplicate ids: 1"),
+    (4, [(1, "two\nlines")], "names of ids 1 span several lines"),
 ])
 def test_names_that_do_not_fit_the_class_count(tmp_path, classes, content, message):
     path = tmp_path / "names"
