@@ -25,6 +25,7 @@ Layout (``<engine stem>.json`` beside ``<engine stem>.plan``)::
     inputs, outputs   {name: {"dtype": "float32", "shape": [-1, 3, -1, -1]}}
     anchortrt_version version of this package
     random_init       true when the engine embeds random weights (weights.extract --random-init); absent otherwise
+    labels            optional: class names {"<label>": name} (core.labels); absent in sidecars from before names
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SIDECAR_KEYS = (
 SIDECAR_DEFAULTS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "lean_runtime_excluded": lambda data: data.get("version_compatible") is True,
 }
+OPTIONAL_KEYS = ("labels",)  # written when given; readers fall back to the default (core.labels.of_sidecar)
 MIN_SIDE = 32  # one feature-map pixel at the C5 stride; smaller images have no feature map
 REBUILD_HINT = "rebuild it with `python -m netdef.build` (see --help)"
 
@@ -116,10 +118,12 @@ class Sidecar:
     inputs: dict[str, dict[str, Any]]
     outputs: dict[str, dict[str, Any]]
     anchortrt_version: str
+    labels: dict[str, str] | None = None  # optional (OPTIONAL_KEYS): class names, core.labels' stored form
     random_init: bool = False  # optional: written only when true, so engines of real weights keep their fields
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in SIDECAR_KEYS} | ({"random_init": True} if self.random_init else {})
+        optional = {k: getattr(self, k) for k in OPTIONAL_KEYS if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in SIDECAR_KEYS} | optional | ({"random_init": True} if self.random_init else {})
 
 
 def default_engine_path(variant: str, precision: str) -> Path:
@@ -219,10 +223,10 @@ def write_sidecar(engine_path: str | os.PathLike, sidecar: Sidecar | Mapping[str
     if missing:
         raise SidecarError(f"sidecar is missing {missing}")
     path = sidecar_path(engine_path)
-    fields = {k: sidecar[k] for k in SIDECAR_KEYS}
+    fields = {k: sidecar[k] for k in SIDECAR_KEYS} | {k: sidecar[k] for k in OPTIONAL_KEYS if k in sidecar}
     if sidecar.get("random_init"):  # optional: engines of real weights keep the fields they always had
         fields["random_init"] = True
-    write_atomic(path, (json.dumps(fields, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(fields, indent=2, ensure_ascii=False) + "\n").encode())
     return path
 
 

@@ -6,7 +6,9 @@ Evaluate models on COCO val2017 (or any COCO-format set laid out the same way):
 
 DIR holds val2017/ and annotations/instances_val2017.json. Every batch is read, resized and padded once
 and fed to each model, so both see identical inputs and share the post-processing: the only difference
-is the model. The model's 91 class ids are COCO category ids (no remapping). Writes a COCO results file
+is the model. Each model's labels are mapped to the annotations' category ids by class name (core.labels: the
+names given to weights.extract --names, COCO's for a 91-class model), so a fine-tuned model scores on its own
+COCO-format dataset; a model without names keeps label = category id. Writes a COCO results file
 per model and a metrics JSON {"engine": {...}, "torch": {...}, "delta_AP": engine AP - torch AP}.
 
 Score an existing results file instead (the numbers pycocotools gives, unrounded):
@@ -44,11 +46,39 @@ IMAGES = Path("val2017")
 SEED_AP = {"engine": 0.43934, "torch": 0.44263}
 
 
-def coco_results(image_ids: Sequence[int], detections: Sequence[dict]) -> list[dict]:
-    """Detections (x0,y0,x1,y1 pixel boxes) of each image as COCO results entries with [x, y, w, h] boxes."""
+def coco_results(image_ids: Sequence[int], detections: Sequence[dict], category_ids: dict[int, int] | None = None
+                 ) -> list[dict]:
+    """Detections (x0,y0,x1,y1 pixel boxes) of each image as COCO results entries with [x, y, w, h] boxes;
+    ``category_ids`` maps labels to the dataset's category ids (category_map)."""
     from runtime.infer import coco_records
 
-    return [record for image_id, det in zip(image_ids, detections) for record in coco_records(int(image_id), det)]
+    return [record for image_id, det in zip(image_ids, detections)
+            for record in coco_records(int(image_id), det, category_ids=category_ids)]
+
+
+def category_map(names: dict[int, str], gt, what: str) -> dict[int, int] | None:
+    """label -> the annotations' category id of the same class name, detections of other labels dropped; None
+    (label = category id, every detection kept, COCOeval ignores the ids it does not list) for a model whose labels
+    have no names or whose labels already are the annotations' ids (a COCO model on COCO). EvalError when a
+    category of the annotations is not one of the model's classes: its detections would be missing and the mAP
+    silently low."""
+    if not names:
+        return None
+    by_name = {cat["name"]: cat["id"] for cat in gt.loadCats(gt.getCatIds())}
+    missing = sorted(set(by_name) - set(names.values()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise EvalError(f"{what} has no class named as the annotations' categories {shown}: extract its weights "
+                        "with `python -m weights.extract --names ANNOTATIONS.json` and build again")
+    mapping = {label: by_name[name] for label, name in names.items() if name in by_name}
+    return None if all(label == cid for label, cid in mapping.items()) else mapping
+
+
+def model_names(model) -> dict[int, str]:
+    """The class names of an opened model: an engine's sidecar, the reference's weights (runtime.infer)."""
+    from runtime.infer import class_names
+
+    return class_names(getattr(model, "runner", model))  # EngineModel wraps its EngineRunner
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -134,9 +164,11 @@ def open_coco_root(root: Path, limit: int | None):
     return gt, image_ids, image_files(gt, image_dir, image_ids)
 
 
-def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path], batch: int, workers: int):
+def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path], batch: int, workers: int,
+               category_ids: dict[str, dict[int, int] | None] | None = None):
     """COCO results of every model over the images, each model's seconds (inference, copies, postprocess), the
-    ids of the images evaluated and the files that could not be read (reported on stderr as they come, skipped).
+    ids of the images evaluated and the files that could not be read (reported on stderr as they come, skipped);
+    ``category_ids``: per model name, its label -> category id map (category_map).
 
     Each batch is read (on `workers` threads), resized and padded once, ahead of the models (runtime.pipeline),
     and given to every model.
@@ -169,7 +201,7 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
                     start = time.perf_counter()
                     detections = model(images, masks, sizes)
                     seconds[model.name] += time.perf_counter() - start
-                    results[model.name].extend(coco_results(ids, detections))
+                    results[model.name].extend(coco_results(ids, detections, (category_ids or {}).get(model.name)))
             bar.update(len(chunk.keys), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
     if not evaluated:
         raise EvalError(f"none of the {len(image_ids)} images could be read (first: {skipped[0]}): check the files")
@@ -192,7 +224,9 @@ def run_dataset(args) -> int:
     models = []
     try:
         models = open_models(args)
-        results, seconds, image_ids, skipped = run_models(models, image_ids, paths, args.batch, args.workers)
+        category_ids = {m.name: category_map(model_names(m), gt, m.description) for m in models}
+        results, seconds, image_ids, skipped = run_models(models, image_ids, paths, args.batch, args.workers,
+                                                          category_ids)
     finally:
         for model in models:
             model.close()

@@ -630,7 +630,8 @@ def make_sidecar(args: argparse.Namespace, backend: Backend, cfg, profile: Profi
         version_compatible=args.version_compatible or args.exclude_lean_runtime,
         lean_runtime_excluded=args.exclude_lean_runtime, gpu=gpu_entry(),
         weights_sha256=weights.file_sha256(args.weights), inputs=inputs, outputs=outputs,
-        anchortrt_version=anchortrt_version(), random_init=weights.is_random_init(args.weights),
+        anchortrt_version=anchortrt_version(), labels={str(k): v for k, v in weights.class_names(args.weights).items()},
+        random_init=weights.is_random_init(args.weights),
     )
 
 

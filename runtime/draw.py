@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from runtime.coco_names import NUM_LABELS, label_name
+from core import labels
 
 
 def label_color(label: int) -> tuple[int, int, int]:
@@ -17,17 +17,17 @@ def label_color(label: int) -> tuple[int, int, int]:
     return int(255 * r), int(255 * g), int(255 * b)
 
 
-def draw_detections(image: Image.Image, detections: dict[str, np.ndarray]) -> Image.Image:
-    """An RGB copy of `image` with each detection's box and "name score" label."""
+def draw_detections(image: Image.Image, detections: dict[str, np.ndarray], names: dict[int, str]) -> Image.Image:
+    """An RGB copy of `image` with each detection's box and "name score" label (``names``: core.labels)."""
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(1, round(max(canvas.size) / 400))
     for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"]):
-        color = label_color(label % NUM_LABELS)
+        color = label_color(label)
         x0, y0, x1, y1 = (float(v) for v in box)
         draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
-        text = f"{label_name(label)} {score:.2f}"
+        text = f"{labels.label_name(names, label)} {score:.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
         lift = bottom - top + 2
         ty = y0 - lift if y0 - lift >= 0 else y0  # above the box unless that leaves the image

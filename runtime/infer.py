@@ -15,7 +15,7 @@ import numpy as np
 
 from core.progress import ProgressBar, print_table
 from core.sidecar import check_output_path, engine_inputs, replace_atomically, write_atomic
-from runtime.coco_names import label_name
+from core import labels
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
 from runtime.preprocess import ImageError
@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "python -m runtime.infer",
         "Run an AnchorDETR engine built by `python -m netdef.build` on images: a table of detections\n"
-        "per image (COCO label, name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and\n"
-        "a COCO results JSON. Images are resized and normalised as the official evaluation does; any\n"
+        "per image (label, class name, score, box x0 y0 x1 y1 in pixels), optionally annotated images and\n"
+        "a COCO results JSON (with each label's category_name). Class names come from the engine's sidecar\n"
+        "(weights.extract --names; COCO's for a 91-class model). Images are resized and normalised as the official evaluation does; any\n"
         "Pillow-readable image works (EXIF orientation applied; grayscale, palette, alpha, CMYK and\n"
         "16-bit images converted to RGB). Needs an NVIDIA GPU and the TensorRT that built the engine;\n"
         "with --torch-weights, the PyTorch reference model runs instead, on the CPU or a GPU.",
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per engine call (default: the profile's largest batch)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write annotated copies of the images here")
     p.add_argument("--json", type=Path, metavar="FILE",
-                   help="write COCO results [{image_id, category_id, bbox [x,y,w,h], score}]; image_id is the file "
+                   help="write COCO results [{image_id, category_id, category_name, bbox [x,y,w,h], score}]; image_id is the file "
                    "name if numeric (000000397133.jpg -> 397133), else the image's position in the list")
     p.add_argument("--weights", type=Path, metavar="W.safetensors",
                    help="refuse the engine unless it was built from these weights (sha256 in the sidecar)")
@@ -109,28 +110,47 @@ def warn_random_weights(torch_weights: Path | None = None, engine: Path | None =
     return random
 
 
+def class_names(detector) -> dict[int, str]:
+    """The class names of what runs (core.labels): an engine's, from its sidecar; the PyTorch reference's, from its
+    weights (its `names`); COCO's for a detector that has neither."""
+    engine = getattr(detector, "engine", None)
+    if engine is not None:
+        return labels.of_sidecar(engine.sidecar)
+    return getattr(detector, "names", None) or labels.default_names(labels.COCO_NUM_CLASSES)
+
+
 def image_id(path: Path, index: int) -> int:
     return int(path.stem) if path.stem.isdigit() else index
 
 
-def coco_records(image_id_: int, detections: dict[str, np.ndarray]) -> list[dict]:
-    return [
-        {
+def coco_records(image_id_: int, detections: dict[str, np.ndarray], names: dict[int, str] | None = None,
+                 category_ids: dict[int, int] | None = None) -> list[dict]:
+    """COCO results entries; ``names`` adds each label's ``category_name`` (pycocotools ignores it), and
+    ``category_ids`` maps labels to a dataset's category ids (eval.coco), dropping labels it lacks."""
+    records = []
+    for score, label, (x0, y0, x1, y1) in zip(detections["scores"], detections["labels"], detections["boxes"]):
+        label = int(label)
+        if category_ids is not None and label not in category_ids:
+            continue
+        record = {
             "image_id": image_id_,
-            "category_id": int(label),
+            "category_id": label if category_ids is None else category_ids[label],
             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
             "score": float(score),
         }
-        for score, label, (x0, y0, x1, y1) in zip(detections["scores"], detections["labels"], detections["boxes"])
-    ]
+        if names is not None:
+            record["category_name"] = labels.label_name(names, label)
+        records.append(record)
+    return records
 
 
-def print_detections(path: Path, size: tuple[int, int], detections: dict[str, np.ndarray], threshold: float) -> None:
+def print_detections(path: Path, size: tuple[int, int], detections: dict[str, np.ndarray], threshold: float,
+                     names: dict[int, str]) -> None:
     count = len(detections["scores"])
     print(f"\n{path}  {size[0]}x{size[1]}  {count} detection{'s' * (count != 1)} (score >= {threshold:g})")
     if count:
         rows = [
-            [int(label), label_name(label), f"{score:.3f}", *(f"{v:.1f}" for v in box)]
+            [int(label), labels.label_name(names, label), f"{score:.3f}", *(f"{v:.1f}" for v in box)]
             for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"])
         ]
         print_table(rows, ["label", "name", "score", "x0", "y0", "x1", "y1"])
@@ -217,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         runner = open_reference(args.torch_weights, args.device)
     else:
         runner = open_runner(args.engine, weights_sha256)
+    names = class_names(runner)
     records: list[dict] = []
     total = 0
     try:
@@ -231,11 +252,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"skipped: {detections}", file=sys.stderr)
                     failed.append(str(path))
                 else:
-                    print_detections(path, rgb.size, detections, args.threshold)
+                    print_detections(path, rgb.size, detections, args.threshold, names)
                     total += len(detections["scores"])
-                    records += coco_records(image_id(path, index), detections)
+                    records += coco_records(image_id(path, index), detections, names)
                     if target is not None:
-                        drawn = draw_detections(rgb, detections)  # written whole or not at all, even on Ctrl-C
+                        drawn = draw_detections(rgb, detections, names)  # written whole or not at all, even on Ctrl-C
                         _write(target, lambda: replace_atomically(
                             target, lambda tmp: drawn.save(tmp, format="JPEG", quality=92)))
                 bar.update(1)

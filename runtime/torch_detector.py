@@ -37,6 +37,7 @@ class TorchReference(Detector):
             self.model = AnchorDETR.from_safetensors(weights_path, device=device)
         except weights.WeightsError as e:
             raise BadInput(f"--torch-weights: {e}") from None
+        self.names = weights.class_names(weights_path)  # runtime.infer.class_names
         self.torch = torch
         self.device = device
         self.description = f"PyTorch reference, FP32 on {device} ({Path(weights_path).name})"

@@ -22,7 +22,7 @@ from runtime.infer import coco_records, finish, image_id, print_detections
 
 MODEL_NAME = "anchor_detr"
 DEFAULT_URLS = {False: "localhost:8000", True: "localhost:8001"}
-OUTPUTS = ("count", "scores", "labels", "boxes", "size", "error")
+OUTPUTS = ("count", "scores", "labels", "boxes", "names", "size", "error")
 
 EPILOG = """\
 examples:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m serve.client",
         "Detect objects with an AnchorDETR server started by `python -m serve.server`: each image file is\n"
         "sent as it is (the server decodes and preprocesses it); prints a table of detections per image\n"
-        "(COCO label, name, score, box x0 y0 x1 y1 in pixels) and optionally writes COCO results.",
+        "(label, class name, score, box x0 y0 x1 y1 in pixels) and optionally writes COCO results.",
         EPILOG,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files")
@@ -108,8 +108,8 @@ class Client:
         return [image, limit]
 
     def detect(self, data: bytes, threshold: float | None = None) -> dict[str, np.ndarray]:
-        """Detections of one encoded image: scores, labels, boxes (N rows) and size (height, width);
-        RequestFailed with the server's message when it refuses this image."""
+        """Detections of one encoded image: scores, labels, boxes, names (N rows; a server from before class
+        names sends none: numbers) and size (height, width); RequestFailed with the server's message when it refuses this image."""
         from tritonclient.utils import InferenceServerException
 
         kwargs = {"client_timeout": self.timeout} if self.grpc else {}
@@ -122,8 +122,11 @@ class Client:
         if error:
             raise RequestFailed(error.decode() if isinstance(error, bytes) else str(error))
         count = int(out["count"].reshape(-1)[0])
-        return {"scores": out["scores"][0, :count], "labels": out["labels"][0, :count],
-                "boxes": out["boxes"][0, :count], "size": out["size"][0]}
+        found = {"scores": out["scores"][0, :count], "labels": out["labels"][0, :count],
+                 "boxes": out["boxes"][0, :count], "size": out["size"][0]}
+        names = out["names"][0, :count] if out["names"] is not None else [str(int(k)) for k in found["labels"]]
+        found["names"] = {int(k): n.decode() if isinstance(n, bytes) else str(n) for k, n in zip(found["labels"], names)}
+        return found
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
             failed.append(str(path))
             continue
         height, width = (int(v) for v in found["size"])
-        print_detections(path, (width, height), found, args.threshold)
+        print_detections(path, (width, height), found, args.threshold, found["names"])
         total += len(found["scores"])
-        records += coco_records(image_id(path, index), found)
+        records += coco_records(image_id(path, index), found, found["names"])
     return finish(args.json, records, len(args.images), failed, total)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from core import labels as class_labels
 from core.sidecar import MIN_SIDE
 from core.cli import guarded, hw, parser, positive_int
 from core.errors import BadInput, Unavailable
@@ -48,7 +49,7 @@ protocol (model {MODEL_NAME}):
   inputs   image      BYTES [1]  the encoded image file (JPEG, PNG, ... anything Pillow reads), one per row
            threshold  FP32  [1]  optional, keep detections scoring at least this (default {DEFAULT_THRESHOLD})
   outputs  count      INT32 [1]  detections in this row (the arrays below have at least one row: use [:count])
-           scores     FP32  [-1]     labels INT32 [-1] (COCO category ids)
+           scores     FP32  [-1]     labels INT32 [-1] (class ids)     names BYTES [-1] (their class names)
            boxes      FP32  [-1,4]   x0,y0,x1,y1 in the image's own pixels (EXIF orientation applied)
            size       INT32 [2]  height, width of the image as the boxes see it
            error      BYTES [1]  empty, or why this request failed (its count is then 0)
@@ -189,14 +190,17 @@ def _threshold(request: Any, row: int) -> float:
     return value
 
 
-def _encode(rows: list[dict[str, np.ndarray] | str]) -> dict[str, np.ndarray]:
+def _encode(rows: list[dict[str, np.ndarray] | str], class_names: dict[int, str] = class_labels.COCO_CATEGORIES
+            ) -> dict[str, np.ndarray]:
     """One request's outputs: detections padded to the longest row and to at least one (a zero-length axis
-    fails inside PyTriton), with `count` giving each row's real number and `error` its message, if any."""
+    fails inside PyTriton), with `count` giving each row's real number, `names` each label's class name
+    (core.labels) and `error` its message, if any."""
     counts = [0 if isinstance(r, str) else len(r["scores"]) for r in rows]
     sizes = np.zeros((len(rows), 2), np.int32)
     width = max(1, *counts)
     scores = np.zeros((len(rows), width), np.float32)
     labels = np.zeros((len(rows), width), np.int32)
+    names = np.full((len(rows), width), b"", object)
     boxes = np.zeros((len(rows), width, 4), np.float32)
     errors = np.empty((len(rows), 1), object)
     for i, (row, count) in enumerate(zip(rows, counts)):
@@ -205,15 +209,17 @@ def _encode(rows: list[dict[str, np.ndarray] | str]) -> dict[str, np.ndarray]:
             sizes[i] = row["size"]
         if count:
             scores[i, :count], labels[i, :count], boxes[i, :count] = row["scores"], row["labels"], row["boxes"]
+            names[i, :count] = [class_labels.label_name(class_names, k).encode() for k in row["labels"]]
     return {"count": np.array(counts, np.int32)[:, None], "scores": scores, "labels": labels, "boxes": boxes,
-            "size": sizes, "error": errors}
+            "names": names, "size": sizes, "error": errors}
 
 
 class InferFunction:
     """One instance's callable: PyTriton hands it the raw requests of one dynamic batch."""
 
-    def __init__(self, model: Model, preprocess: HostPreprocess, max_batch: int):
+    def __init__(self, model: Model, preprocess: HostPreprocess, max_batch: int, names: dict[int, str] | None = None):
         self.model, self.preprocess, self.max_batch = model, preprocess, max_batch
+        self.names = class_labels.default_names(class_labels.COCO_NUM_CLASSES) if names is None else names
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows: list[list[Any]] = []  # per request, per row: detections or an error message
@@ -237,7 +243,7 @@ class InferFunction:
                 keep = detections["scores"] >= threshold
                 rows[r][row] = {"scores": detections["scores"][keep], "boxes": detections["boxes"][keep],
                                 "labels": detections["labels"][keep].astype(np.int32), "size": size}
-        return [_encode(request_rows) for request_rows in rows]
+        return [_encode(request_rows, self.names) for request_rows in rows]
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -298,6 +304,17 @@ def serve_until_stopped(triton: Any, config: Any, model: dict[str, Any], banner:
             return
 
 
+def served_names(args: argparse.Namespace) -> dict[int, str]:
+    """The class names of the served model (core.labels): the engine's sidecar, or the reference's weights."""
+    if args.engine is not None:
+        from core.sidecar import load_sidecar
+
+        return class_labels.of_sidecar(load_sidecar(args.engine))
+    import weights
+
+    return weights.class_names(args.torch_weights)
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     triton, DynamicBatcher, ModelConfig, Tensor = _pytriton()
@@ -311,7 +328,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch = args.max_batch or profile_batch or DEFAULT_TORCH_BATCH
         if profile_batch is not None and max_batch > profile_batch:
             raise BadInput(f"--max-batch {max_batch} exceeds the engine profile's maximum batch {profile_batch}")
-        functions = [InferFunction(m, HostPreprocess(m, args.max_pixels, not args.no_exif), max_batch) for m in models]
+        names = served_names(args)
+        functions = [InferFunction(m, HostPreprocess(m, args.max_pixels, not args.no_exif), max_batch, names)
+                     for m in models]
         _python_library_first()
         # Ctrl-C and SIGTERM take the same path: KeyboardInterrupt, which PyTriton's serve() turns into a clean stop.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -328,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
                      Tensor(name="scores", dtype=np.float32, shape=(-1,)),
                      Tensor(name="labels", dtype=np.int32, shape=(-1,)),
                      Tensor(name="boxes", dtype=np.float32, shape=(-1, 4)),
+                     Tensor(name="names", dtype=bytes, shape=(-1,)),
                      Tensor(name="size", dtype=np.int32, shape=(2,)),
                      Tensor(name="error", dtype=bytes, shape=(1,))],
             config=ModelConfig(max_batch_size=max_batch,

@@ -15,12 +15,14 @@ runtime; Triton runs it with ``--backend-config=tensorrt,version-compatible=true
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.sidecar import OutputPathError, Profile, SidecarError, check_output_path, load_sidecar, write_atomic
+from core import labels
 from core.cli import guarded, parser, positive_int
 from core.errors import BadInput
 from runtime.runner import require_file
@@ -98,6 +100,20 @@ def model_config(sidecar: Mapping[str, Any], instances: int = 1, max_queue_delay
     return "\n".join(lines) + "\n"
 
 
+LABELS_FILE = "labels.txt"
+
+
+def labels_metadata(sidecar: Mapping[str, Any]) -> tuple[str, bytes]:
+    """The engine's class names (core.labels) for Triton users: a config.pbtxt ``parameters`` entry ``labels``
+    holding the names JSON (clients read it with get_model_config), and labels.txt beside config.pbtxt, line k
+    naming label k (its number where it has no name), the layout of Triton's label files."""
+    names = labels.of_sidecar(sidecar)
+    count = int(sidecar["config"].get("num_classes", labels.COCO_NUM_CLASSES))
+    text = "".join(labels.label_name(names, k) + "\n" for k in range(count))
+    value = json.dumps(labels.to_json(names), ensure_ascii=False)  # its escapes are valid in text protobuf
+    return f'parameters {{\n  key: "{labels.KEY}"\n  value: {{ string_value: {value} }}\n}}\n', text.encode()
+
+
 def export(engine: Path, repo: Path, instances: int = 1, max_queue_delay_us: int = 1000) -> Path:
     """Write the model repository; returns the model's folder. Everything is checked before anything is written."""
     require_file(engine)
@@ -116,16 +132,18 @@ def export(engine: Path, repo: Path, instances: int = 1, max_queue_delay_us: int
         raise BadInput(f"engine {engine} was built with --exclude-lean-runtime, and Triton's TensorRT backend loads "
                        "only version-compatible plans that embed their lean runtime: rebuild it with "
                        "`python -m netdef.build --version-compatible`")
-    config = model_config(sidecar, instances, max_queue_delay_us)
+    parameters, labels_text = labels_metadata(sidecar)
+    config = model_config(sidecar, instances, max_queue_delay_us) + parameters
     model = repo / MODEL_NAME
     created = model / "1"  # the topmost folder this call makes, removed again if writing fails
     while not created.parent.exists():
         created = created.parent
     fresh = not created.exists()
     try:
-        for path in (model / "config.pbtxt", model / "1" / "model.plan"):
+        for path in (model / "config.pbtxt", model / "1" / "model.plan", model / LABELS_FILE):
             check_output_path(path, "model repository file")
         write_atomic(model / "1" / "model.plan", engine.read_bytes())
+        write_atomic(model / LABELS_FILE, labels_text)
         write_atomic(model / "config.pbtxt", config.encode())
     except OutputPathError as exc:
         raise BadInput(str(exc)) from None
@@ -140,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     model = export(args.engine, args.output, args.instances, args.max_queue_delay_us)
     # A version-compatible plan runs its embedded lean runtime, which Triton allows only when told to.
     vc = " --backend-config=tensorrt,version-compatible=true" if load_sidecar(args.engine)["version_compatible"] else ""
-    print(f"wrote {model}/config.pbtxt and {model}/1/model.plan; serve with "
+    print(f"wrote {model}/config.pbtxt, {model}/{LABELS_FILE} and {model}/1/model.plan; serve with "
           f"`tritonserver --model-repository {args.output}{vc}`")
     return 0
 

@@ -237,9 +237,10 @@ def test_the_sidecar_dataclass_is_the_sidecars_fields():
 
     from core.sidecar import Sidecar
 
-    assert sorted(f.name for f in dataclasses.fields(Sidecar)) == sorted((*SIDECAR_KEYS, "random_init"))
+    assert sorted(f.name for f in dataclasses.fields(Sidecar)) == sorted((*SIDECAR_KEYS, "labels", "random_init"))
     assert list(Sidecar(**make_sidecar()).to_dict()) == list(SIDECAR_KEYS)
-    assert list(Sidecar(**make_sidecar(), random_init=True).to_dict()) == [*SIDECAR_KEYS, "random_init"]
+    assert list(Sidecar(**make_sidecar(), labels={"0": "cat"}, random_init=True).to_dict()) == [
+        *SIDECAR_KEYS, "labels", "random_init"]
 
 
 def test_sidecar_written_atomically_next_to_the_engine_and_loaded_back(tmp_path):
@@ -403,6 +404,7 @@ def check_build_output(engine: Path, summary: dict, weights_path: Path, backend,
         "postprocess": postprocess, "backend": backend.name, "trt_version": backend.version, "gpu": build.gpu_entry(),
         "weights_sha256": weights.file_sha256(weights_path), "inputs": inputs, "outputs": outputs,
         "version_compatible": False, "lean_runtime_excluded": False, "anchortrt_version": metadata.version("anchortrt"),
+        "labels": {str(k): v for k, v in weights.class_names(weights_path).items()},  # core.labels, from the weights
     }
     assert summary["engine"] == str(engine) and summary["engine_bytes"] == engine.stat().st_size
     assert summary["precision"] == precision and summary["profile"] == profile

@@ -376,3 +376,15 @@ def test_usage_errors_exit_2(argv, tmp_path, capsys):
         main(argv + ["-o", str(tmp_path / "w.safetensors")])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_checkpoint_with_names_from_coco_annotations(ckpt, tmp_path, capsys):
+    """--names with a checkpoint: checked against the class count its tensors give, before anything is written."""
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"categories": [{"id": 1, "name": "person"}, {"id": 91, "name": "unicorn"}]}))
+    out = tmp_path / "w.safetensors"
+    rc, _, err = run(["--names", ann, "-o", out, ckpt], capsys)
+    assert rc == 2 and "ids outside 0..90: 91" in err and not out.exists()
+    ann.write_text(json.dumps({"categories": [{"id": 1, "name": "person"}, {"id": 90, "name": "unicorn"}]}))
+    rc, _, err = run(["--names", ann, "-o", out, ckpt], capsys)
+    assert rc == 0 and err == "" and weights.class_names(out) == {1: "person", 90: "unicorn"}

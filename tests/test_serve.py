@@ -347,6 +347,9 @@ def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, caps
     expected = [reference(p.read_bytes(), 0.2) for p in paths]
     assert len(records) == sum(len(e["scores"]) for e in expected)
     assert {r["image_id"] for r in records} == {1000, 1001}
+    from core.labels import COCO_CATEGORIES, label_name  # the server's names output: a 91-class model's are COCO's
+
+    assert all(r["category_name"] == label_name(COCO_CATEGORIES, r["category_id"]) for r in records)
     assert f"{paths[0]}  96x64  {len(expected[0]['scores'])} detections" in captured.out
 
 

@@ -107,3 +107,22 @@ def test_version_compatible_engines_get_their_backend_config_and_excluded_lean_r
     side.write_text(json.dumps(dict(data, version_compatible=True, lean_runtime_excluded=True)))
     assert triton.main(["--engine", str(engine), "-o", str(tmp_path / "repo2")]) == 2
     assert "--exclude-lean-runtime" in capsys.readouterr().err and not (tmp_path / "repo2").exists()
+
+
+def test_repository_reports_the_class_names(tmp_path):
+    """labels.txt beside config.pbtxt (line k names label k) and the `labels` parameter (core.labels JSON)."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    import json
+
+    from core.sidecar import load_sidecar, write_sidecar
+
+    engine = fake_engine(tmp_path)
+    side = load_sidecar(engine)
+    side["config"]["num_classes"] = 3
+    side["labels"] = {"0": 'a "quoted" cat', "2": "oiseau é"}
+    write_sidecar(engine, side)
+    model = triton.export(engine, tmp_path / "repo")
+    assert (model / triton.LABELS_FILE).read_text(encoding="utf-8").splitlines() == ['a "quoted" cat', "1", "oiseau é"]
+    config = text_format.Parse((model / "config.pbtxt").read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+    assert json.loads(config.parameters["labels"].string_value) == side["labels"]

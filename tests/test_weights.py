@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
+from core import labels
 from core.config import AnchorDETRConfig
 from reference.torch_model import AnchorDETR
 from weights import naming
@@ -163,8 +164,10 @@ def test_save_load_metadata_and_values(r50, tmp_path):
     assert meta == {
         "format": "anchortrt-weights", "format_version": "1", "config": cfg.to_json(),
         "source": "AnchorDETR_r50_dc5.pth", "source_sha256": "ab" * 32,
+        "labels": labels.to_json(labels.COCO_CATEGORIES),  # a 91-class model keeps COCO's names by default
     }
     assert json.loads(meta["config"])["backbone"] == "resnet50"
+    assert weights.class_names(path)[90] == "toothbrush"
     cfg2, tensors = weights.load(path)
     assert cfg2 == cfg and set(tensors) == set(built)
     for k, v in tensors.items():

@@ -8,8 +8,9 @@
 - ``random_state_dict(cfg, seed)``: an official-layout state dict with peaked random weights (needs torch).
 
 Metadata (all strings): ``format="anchortrt-weights"``, ``format_version="1"``, ``config`` (cfg.to_json()),
-``source`` (checkpoint file name or a random-init description), ``source_sha256``, and ``random_init="true"`` in
-files of random weights (``is_random_init``: the runtime warns that their detections mean nothing). Importing this package
+``source`` (checkpoint file name or a random-init description), ``source_sha256``, ``labels`` (class names,
+core.labels; read them with ``class_names(path)``), and ``random_init="true"`` in files of random weights
+(``is_random_init``: the runtime warns that their detections mean nothing). Importing this package
 needs numpy and safetensors only: the runtime loads weights without torch.
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core import labels
 from core.config import AnchorDETRConfig, ConfigError
 from core.errors import BadInput
 from core.sidecar import replace_atomically
@@ -31,7 +33,7 @@ from weights.checkpoint import builder_shapes, compare_keys, official_shapes
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "WeightsError", "load", "save", "file_sha256", "default_weights_path",
-    "official_shapes", "builder_shapes", "random_state_dict", "is_random_init", "require_weights_file",
+    "official_shapes", "builder_shapes", "random_state_dict", "is_random_init", "require_weights_file", "class_names",
 ]
 
 FORMAT = "anchortrt-weights"
@@ -99,9 +101,11 @@ def save(
     source: str = "",
     source_sha256: str = "",
     random_init: bool = False,
+    names: Mapping[int, str] | None = None,
 ) -> None:
     """Write builder tensors (numpy or torch) as FP32; the file appears complete or not at all. ``random_init``:
-    the tensors are random (weights.extract --random-init), recorded in the metadata."""
+    the tensors are random (weights.extract --random-init), recorded in the metadata. ``names``: the class
+    names (core.labels; default: COCO's for 91 classes, none otherwise)."""
     path = os.fspath(path)
     problems = compare_keys(tensors, builder_shapes(cfg))
     if problems:
@@ -110,6 +114,7 @@ def save(
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
         "source": source, "source_sha256": source_sha256,
+        labels.KEY: labels.to_json(labels.default_names(cfg.num_classes) if names is None else names),
     }
     if random_init:  # only then: a checkpoint's file keeps the bytes it always had
         metadata[RANDOM_INIT] = "true"
@@ -139,6 +144,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def is_random_init(path: str | os.PathLike) -> bool:
     """Whether the weights file holds random weights (written by ``weights.extract --random-init``)."""
     return read_metadata(path).get(RANDOM_INIT) == "true"
+
+
+def class_names(path: str | os.PathLike) -> dict[int, str]:
+    """The class names stored in one of our files (the default for its class count in a file from before names)."""
+    meta = read_metadata(path)
+    try:
+        num_classes = AnchorDETRConfig.from_json(meta["config"]).num_classes
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has no valid configuration in its metadata ({exc}): extract it again") from exc
+    return labels.from_stored(meta.get(labels.KEY), num_classes)
 
 
 def load(path: str | os.PathLike) -> tuple[AnchorDETRConfig, dict[str, np.ndarray]]:

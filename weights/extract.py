@@ -1,7 +1,8 @@
 """Official AnchorDETR checkpoint -> one anchortrt weights file (safetensors).
 
     python -m weights.extract CHECKPOINT.pth [-o OUT.safetensors] [--variant r50_dc5]
-    python -m weights.extract --random-init r50_dc5 [--seed 0] [-o OUT.safetensors]
+    python -m weights.extract --random-init r50_dc5 [--num-classes N] [--seed 0] [-o OUT.safetensors]
+    python -m weights.extract FINETUNED.pth --names classes.txt     (or --names instances_train.json)
 
 Without -o the file is weights/anchor_detr_<variant>.safetensors. Arguments, the checkpoint's first bytes and the
 output path are checked before torch is imported (a typo is reported at once, not after seconds).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from core import cli
+from core import cli, labels
 from core.config import VARIANTS, AnchorDETRConfig
 from core.errors import BadInput, Unavailable
 from core.progress import Spinner, format_bytes, format_seconds, print_table
@@ -40,6 +42,11 @@ scalars): nothing else is unpickled. Its configuration comes from its tensors an
 Written: FP32 tensors named as the TensorRT builder uses them (frozen BN folded into the convolutions,
 attention input projections pre-sliced, shared heads once) and metadata (format, config, source sha256).
 The file is reproducible: the same checkpoint (contents and file name) and options give the same sha256.
+
+class names: stored in the file and carried into the engine's sidecar, so every output names a fine-tuned
+model's own classes. --names FILE is one name per line (line k names label k), or a COCO annotations JSON
+(its categories: id -> name); ids must lie in 0..num_classes-1, once each (exit 2 otherwise). Without it a
+91-class checkpoint keeps COCO's names and any other class count gets numeric labels.
 """
 
 
@@ -56,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", metavar="VARIANT", help="write random weights of this variant instead of a checkpoint "
                    "(marked as random in the metadata: the commands that detect warn that they mean nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument("--num-classes", type=cli.positive_int, metavar="N",
+                   help="class count of --random-init (default 91, COCO's label space)")
+    p.add_argument("--names", metavar="FILE", help=f"class names: {labels.NAMES_HELP}")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
 
@@ -102,15 +112,28 @@ def _verify_shared_heads(sd: Mapping[str, Any]) -> None:
                 )
 
 
+def class_names(pairs: list[tuple[int, str]] | None, num_classes: int) -> dict[int, str]:
+    """The names to store: those of --names, checked against the class count, or the default for it."""
+    return labels.default_names(num_classes) if pairs is None else labels.check_names(pairs, num_classes)
+
+
+def random_config(variant: str, num_classes: int | None) -> AnchorDETRConfig:
+    cfg = AnchorDETRConfig.from_variant(variant)
+    return cfg if num_classes is None else dataclasses.replace(cfg, num_classes=num_classes)
+
+
 def extract(
     output: Path | None, checkpoint: str | None = None, variant: str | None = None,
-    random_init: str | None = None, seed: int = 0,
+    random_init: str | None = None, seed: int = 0, num_classes: int | None = None,
+    names: list[tuple[int, str]] | None = None,
 ) -> dict[str, Any]:
-    """Write the weights file to `output` as returned by _check_inputs; returns the summary. Raises
-    BadInput (CheckpointError, ConfigError, WeightsError and OutputPathError are kinds of it)."""
+    """Write the weights file to `output` as returned by _check_inputs; returns the summary. ``names``: (id, name)
+    pairs of --names (core.labels.read_names_file). Raises BadInput (CheckpointError, ConfigError, WeightsError,
+    LabelsError and OutputPathError are kinds of it)."""
     start = time.monotonic()
     if random_init:
-        cfg = AnchorDETRConfig.from_variant(random_init)
+        cfg = random_config(random_init, num_classes)
+        stored = class_names(names, cfg.num_classes)
         from weights.random_init import random_state_dict
 
         with _step(f"random {cfg.variant} weights (seed {seed})"):
@@ -120,6 +143,7 @@ def extract(
         with _step(f"reading {os.path.basename(checkpoint)}"):
             sd, args = read_checkpoint(checkpoint)
         cfg = configure(sd, args, variant)
+        stored = class_names(names, cfg.num_classes)  # before the output is touched: a misfit writes nothing
         if output is None:
             output = _check_output(default_weights_path(cfg.variant), checkpoint)
         with _step("hashing the checkpoint"):
@@ -130,7 +154,8 @@ def extract(
         tensors = naming.to_builder(sd, cfg)
     with _step(f"writing {output}"):
         try:
-            save(output, cfg, tensors, source=source, source_sha256=source_sha256, random_init=bool(random_init))
+            save(output, cfg, tensors, source=source, source_sha256=source_sha256, random_init=bool(random_init),
+                 names=stored)
         except OSError as exc:
             raise BadInput(f"cannot write {output} ({exc.strerror or exc}): check the path and free space") from exc
     return {
@@ -144,6 +169,8 @@ def extract(
         "sha256": file_sha256(output),
         "source": source,
         "source_sha256": source_sha256,
+        "num_classes": cfg.num_classes,
+        "labels": {str(k): v for k, v in stored.items()},
     }
 
 
@@ -157,12 +184,21 @@ def run(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> int:
         parser.error("give either a CHECKPOINT or --random-init VARIANT")
     if opts.random_init and opts.variant:
         parser.error("--variant is for checkpoints; with --random-init the variant is its argument")
+    if opts.num_classes is not None and not opts.random_init:
+        parser.error("--num-classes is for --random-init; a checkpoint's class count comes from its tensors")
+    names = labels.read_names_file(opts.names) if opts.names else None
+    if names is not None and opts.random_init:  # the class count is known: refuse a misfit before any work
+        class_names(names, random_config(opts.random_init, opts.num_classes).num_classes)
     output = _check_inputs(opts.output, opts.checkpoint, opts.variant, opts.random_init)
     try:
         import torch  # noqa: F401  (reading checkpoints and random weights need it)
     except ImportError:
         raise Unavailable("torch is not installed: pip install torch") from None
-    summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed)
+    summary = extract(output, opts.checkpoint, opts.variant, opts.random_init, opts.seed, opts.num_classes, names)
+    classes = summary["num_classes"]
+    if names is None and classes != labels.COCO_NUM_CLASSES:
+        print(f"hint: {classes} classes and no --names, so labels are numbers 0..{classes - 1}: name them with "
+              f"--names FILE ({labels.NAMES_HELP})", file=sys.stderr)
     if opts.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -171,6 +207,7 @@ def run(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> int:
             ("variant", summary["variant"]),
             ("source", summary["source"]),
             ("tensors", summary["tensors"]),
+            ("classes", f"{classes}, {labels.describe(labels.from_stored(summary['labels'], classes), classes)}"),
             ("parameters", f"{summary['parameters']:,}"),
             ("size", format_bytes(summary["bytes"])),
             ("time", format_seconds(summary["seconds"])),
