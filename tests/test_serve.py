@@ -7,6 +7,7 @@ compare every answer with a direct reference call (same preprocessing, TorchRefe
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import signal
@@ -341,7 +342,6 @@ def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, caps
     code = client_cli.main([*map(str, paths + [broken]), "--url", url, "--threshold", "0.2", "--json", str(out)])
     captured = capsys.readouterr()
     assert code == 1 and "broken.jpg: refused by the server: cannot decode" in captured.err
-    import json
 
     records = json.loads(out.read_text())
     expected = [reference(p.read_bytes(), 0.2) for p in paths]
@@ -357,7 +357,76 @@ def test_client_without_server_is_exit_3(capsys):
     (port,) = _free_ports(1)
     assert client_cli.main(["x.jpg", "--url", f"127.0.0.1:{port}"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no Triton server answers" in err[0]
+    assert len(err) == 1 and "no AnchorDETR server answers" in err[0]
+
+
+class FakeTritonClient:
+    """Stands in for tritonclient's client of a server that answers `answers` images and then goes away: the
+    request in flight sees its connection closed, later ones are refused, as when serve.server is killed."""
+
+    def __init__(self, answers, failure=None):
+        from geventhttpclient.response import HTTPConnectionClosed
+
+        self.answers, self.calls = answers, 0
+        self.failures = [failure] if failure else [HTTPConnectionClosed("connection closed."),
+                                                   ConnectionRefusedError(111, "Connection refused")]
+
+    def is_model_ready(self, model):
+        return True
+
+    def get_model_metadata(self, model):
+        return {"name": model, "inputs": [{"name": "image"}, {"name": "threshold"}]}
+
+    def infer(self, model, inputs, **kwargs):
+        self.calls += 1
+        if self.calls > self.answers:
+            raise self.failures[min(self.calls - self.answers, len(self.failures)) - 1]
+        found = serve._encode([{"scores": np.array([0.9], np.float32), "labels": np.array([18], np.int32),
+                                "boxes": np.array([[1, 2, 30, 40]], np.float32), "size": np.array([64, 96])}])
+        return type("Result", (), {"as_numpy": lambda self, name: found[name]})()
+
+
+@pytest.mark.parametrize("answers", [5, 0])
+def test_client_keeps_finished_work_when_the_server_goes_away(tmp_path, monkeypatch, capsys, answers):
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    from serve import client as client_cli
+
+    fake = FakeTritonClient(answers)
+    monkeypatch.setattr(client_cli.Client, "_client", lambda self: fake)
+    paths = []
+    for i in range(10):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(b"png")
+    out = tmp_path / "results.json"
+    code = client_cli.main([*map(str, paths), "--concurrency", "1", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if answers == 0:  # connected, then gone before any answer: as good as no server
+        assert code == 3 and not out.exists()
+        assert captured.err.strip().splitlines()[-1].startswith(
+            "python -m serve.client: error: the server went away before answering any image: no answer from")
+        return
+    assert code == 1
+    assert {r["image_id"] for r in json.loads(out.read_text())} == set(range(answers))
+    assert captured.out.count("1 detection (score >= 0.5)") == answers
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
+    assert skipped[0] == f"skipped: {paths[answers]}: no answer from the server at localhost:8000 (connection closed.)"
+    assert len(skipped) == 10 - answers and all("no answer from the server" in line for line in skipped)
+    assert "10/10  images" in captured.err  # the progress bar, on stderr
+
+
+def test_client_timeout_says_the_server_did_not_answer(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    from serve import client as client_cli
+
+    fake = FakeTritonClient(0, failure=TimeoutError("timed out"))
+    monkeypatch.setattr(client_cli.Client, "_client", lambda self: fake)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    assert client_cli.main([str(image), "--timeout", "0.001"]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped: {image}: the server at localhost:8000 did not answer within --timeout 0.001 s" in err
+    assert "cannot read" not in err
 
 
 @pytest.mark.slow
