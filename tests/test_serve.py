@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,45 @@ def test_infer_function_batches_good_rows_and_answers_bad_ones_alone():
     assert not masks[1, :, :64].any() and masks[1, :, 64:].all()
 
 
+def test_a_request_without_image_fails_alone_with_one_line():
+    detector = FakeDetector()
+    model = serve.Model(detector, (32, 32), (64, 96), 4)
+    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), max_batch=4)
+    # Triton lets this through: it only checks that a request has between 1 and 2 of the model's inputs.
+    answers = infer([{"threshold": np.array([[0.1]], np.float32)}, {"image": np.array([[encoded(0)]], object)}])
+    assert [a["count"].ravel().tolist() for a in answers] == [[0], [1]]
+    error = answers[0]["error"][0, 0].decode()
+    assert "no `image` input" in error and "\n" not in error and "Traceback" not in error
+
+
+def test_a_closed_admission_answers_at_once_without_the_model():
+    detector = FakeDetector()
+    model = serve.Model(detector, (32, 32), (64, 96), 4)
+    admission = serve.Admission()
+    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), 4, admission)
+    assert admission.wait_idle(0)
+    admission.close()
+    (answer,) = infer([{"image": np.array([[encoded(0)], [encoded(1)]], object)}])
+    assert answer["count"].ravel().tolist() == [0, 0] and detector.batches == []
+    assert all(e.decode() == serve.SHUTTING_DOWN for e in answer["error"][:, 0])
+
+
+@pytest.mark.parametrize("option", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_exit_3_before_anything_loads(tmp_path, capsys, option):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the ports are checked first
+    http, grpc, metrics = _free_ports(3)
+    ports = {"--http-port": http, "--grpc-port": grpc, "--metrics-port": metrics}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[option]))
+        taken.listen()
+        args = [str(a) for item in ports.items() for a in item]
+        assert serve.main(["--torch-weights", str(weights), *args]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m serve.server: error: {option} {ports[option]} is already in use on 127.0.0.1: "
+                   f"stop the server listening there or pass another {option}"]
+
+
 class FakeTriton:
     """Stands in for pytriton.triton: each Triton() is one server start; bind fails for the first `failures`."""
 
@@ -121,13 +161,17 @@ class FakeTriton:
 
 
 def test_a_failed_load_starts_triton_again_then_gives_up(capsys):
+    def until_stopped(server):
+        server.serve()
+        return 7
+
     lucky = FakeTriton(failures=serve.LOAD_ATTEMPTS - 1)
-    serve.serve_until_stopped(lucky, None, {}, "serving")
+    assert serve.serve_until_stopped(lucky, None, {}, "serving", until_stopped) == 7
     assert (lucky.starts, lucky.stops, lucky.served) == (serve.LOAD_ATTEMPTS, serve.LOAD_ATTEMPTS, 1)
     assert "serving" in capsys.readouterr().out
     hopeless = FakeTriton(failures=serve.LOAD_ATTEMPTS)
     with pytest.raises(serve.Unavailable, match="could not load anchor_detr .*load failed"):
-        serve.serve_until_stopped(hopeless, None, {}, "serving")
+        serve.serve_until_stopped(hopeless, None, {}, "serving", until_stopped)
     assert hopeless.starts == hopeless.stops == serve.LOAD_ATTEMPTS and hopeless.served == 0
 
 
@@ -180,25 +224,21 @@ def _session_processes(sid: int) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("pytriton", reason="needs PyTriton: pip install -e '.[serve]'")
-    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+def _start_server(folder, weights, *options):
+    """`python -m serve.server` in a session of its own, its temporary files and PyTriton's workspace inside
+    `folder` (TMPDIR, XDG_CACHE_HOME), once it serves: (process, log, clients, ports)."""
     from serve.client import Client
 
-    folder = tmp_path_factory.mktemp("serve")
-    weights = folder / "r50_c5.safetensors"
-    subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "-o", str(weights)],
-                   check=True, capture_output=True, timeout=120)
     http, grpc, metrics = _free_ports(3)
+    for name in ("tmp", "cache"):
+        (folder / name).mkdir()
     log = open(folder / "server.log", "w+")
+    env = dict(os.environ, TMPDIR=str(folder / "tmp"), XDG_CACHE_HOME=str(folder / "cache"))
     process = subprocess.Popen(
         [sys.executable, "-m", "serve.server", "--torch-weights", str(weights), "--device", "cpu",
-         "--max-size", "x".join(map(str, MAX_SIZE)), "--max-pixels", str(MAX_PIXELS), "--instances", "2",
-         "--max-batch", "4", "--max-queue-delay-us", "20000",
+         "--max-size", "x".join(map(str, MAX_SIZE)), "--max-pixels", str(MAX_PIXELS), *options,
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
     # Generous per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards.
     clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
@@ -210,11 +250,25 @@ def server(tmp_path_factory):
             break
         except Exception:
             if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 log.seek(0)
                 pytest.fail(f"server did not become ready:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-    yield {"process": process, "weights": weights, "clients": clients, "log": log}
+    return process, log, clients, {"http": http, "grpc": grpc, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("pytriton", reason="needs PyTriton: pip install -e '.[serve]'")
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    folder = tmp_path_factory.mktemp("serve")
+    weights = folder / "r50_c5.safetensors"
+    subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "-o", str(weights)],
+                   check=True, capture_output=True, timeout=120)
+    process, log, clients, ports = _start_server(folder, weights, "--instances", "2", "--max-batch", "4",
+                                                 "--max-queue-delay-us", "20000", "--drain-timeout", "60")
+    yield {"process": process, "weights": weights, "clients": clients, "log": log, "ports": ports, "folder": folder}
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)  # only if the shutdown test did not run or failed
         process.wait()
@@ -322,6 +376,11 @@ def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference)
     for inputs in ([as_float], [two]):
         with pytest.raises(InferenceServerException):
             client._client().infer(serve.MODEL_NAME, inputs)
+    # Without `image` (Triton only counts inputs, so it reaches the model): that request's own one-line error.
+    threshold_only = module.InferInput("threshold", [1, 1], "FP32")
+    threshold_only.set_data_from_numpy(np.array([[0.5]], np.float32))
+    error = client._client().infer(serve.MODEL_NAME, [threshold_only]).as_numpy("error")[0, 0].decode()
+    assert error.startswith("the request has no `image` input") and "\n" not in error
     client.check_ready()
     assert_same(client.detect(jpeg), reference(jpeg))
 
@@ -348,6 +407,18 @@ def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, caps
     assert len(records) == sum(len(e["scores"]) for e in expected)
     assert {r["image_id"] for r in records} == {1000, 1001}
     assert f"{paths[0]}  96x64  {len(expected[0]['scores'])} detections" in captured.out
+
+
+@pytest.mark.slow
+def test_client_pointed_at_the_metrics_port_is_exit_3(server, tmp_path, capsys):
+    from serve import client as client_cli
+
+    image = tmp_path / "a.png"
+    image.write_bytes(encoded(1))
+    # Triton's metrics port answers every GET (model readiness included) with an empty 200.
+    assert client_cli.main([str(image), "--url", f"127.0.0.1:{server['ports']['metrics']}"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no AnchorDETR server answers" in err[0] and "pass --url with its HTTP port" in err[0]
 
 
 def test_client_without_server_is_exit_3(capsys):
@@ -455,17 +526,87 @@ def test_serve_load_and_client_bad_arguments(capsys):
         "python -m benchmarks.serve_load"]
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [arg.decode() for arg in f.read().split(b"\0") if arg]
+    except OSError:
+        return []
+
+
+def _stop_under_load(process, log, folder, url, tmp_path):
+    """SIGTERM to the server once serve.client, sending 80 images 8 at a time, has its first answer; the server's
+    exit code and time to exit, the client's exit code and output, and the server's log."""
+    images = []
+    for i in range(80):
+        images.append(tmp_path / f"{i}.jpg")
+        images[-1].write_bytes(encoded(i, fmt="JPEG"))
+    before = _session_processes(process.pid)
+    stubs = [pid for pid in before if _cmdline(pid)[:1] and _cmdline(pid)[0].endswith("triton_python_backend_stub")]
+    unpacked = {Path(_cmdline(pid)[1]).parents[1] for pid in stubs}  # Triton's model folders, /tmp/folderXXXXXX
+    assert stubs and len(before) > len(stubs) and all(path.is_dir() for path in unpacked), before
+    out, err = open(tmp_path / "client.out", "w+"), open(tmp_path / "client.err", "w+")
+    client = subprocess.Popen([sys.executable, "-m", "serve.client", *map(str, images), "--url", url,
+                               "--concurrency", "8", "--timeout", "120", "--json", str(tmp_path / "results.json")],
+                              stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while "/80  images" not in (tmp_path / "client.err").read_text():  # the progress bar's first answer
+            assert time.monotonic() < deadline and client.poll() is None, (tmp_path / "client.err").read_text()
+            time.sleep(0.1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+        elapsed = time.monotonic() - started
+        client_code = client.wait(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    deadline = time.monotonic() + 5  # the stubs' own helpers exit with them
+    while any(pid in before for pid in _session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in before if pid in _session_processes(process.pid)] == []
+    assert [path for path in unpacked if path.exists()] == []
+    assert list((folder / "tmp").iterdir()) == [] and list((folder / "cache").rglob("*")) in ([], [folder / "cache" / "pytriton"])
+    log.seek(0)
+    out.seek(0)
+    err.seek(0)
+    return {"code": code, "elapsed": elapsed, "client_code": client_code, "out": out.read(), "err": err.read(),
+            "log": log.read(), "json": json.loads((tmp_path / "results.json").read_text())}
+
+
+def _assert_each_image_answered_or_refused(result):
+    assert result["client_code"] == 1 and "Traceback" not in result["err"], result["err"][-2000:]
+    done = result["out"].count(" detections (score >= ") + result["out"].count(" detection (score >= ")
+    skipped = [line for line in result["err"].splitlines() if line.startswith("skipped: ")]
+    assert done >= 1 and done + len(skipped) == 80
+    assert len({r["image_id"] for r in result["json"]}) <= done  # only finished images, none twice
+
+
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_without_leftovers(server):
-    # Last in this module: it stops the shared server.
-    process = server["process"]
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-    assert time.monotonic() - started < serve.EXIT_TIMEOUT_S + 15
-    deadline = time.monotonic() + 10
-    while _session_processes(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _session_processes(process.pid) == []
-    server["log"].seek(0)
-    assert "Traceback" not in server["log"].read()
+def test_sigterm_under_load_past_drain_timeout_is_forced_exit_1_and_leaves_nothing(server, tmp_path_factory, tmp_path):
+    folder = tmp_path_factory.mktemp("forced")  # short: multiprocessing's socket paths in TMPDIR must stay short
+    process, log, _, ports = _start_server(folder, server["weights"], "--max-batch", "4", "--drain-timeout", "0.1")
+    try:
+        result = _stop_under_load(process, log, folder, f"127.0.0.1:{ports['http']}", tmp_path)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    # A CPU forward of 4 images is far longer than 0.1 s, and one is running when the first answer arrives.
+    assert result["code"] == 1, result["log"][-3000:]
+    assert "--drain-timeout 0.1s ran out" in result["log"] and "Traceback" not in result["log"]
+    assert result["elapsed"] < serve.REFUSE_GRACE_S + serve.STOP_TIMEOUT_S + 10
+    _assert_each_image_answered_or_refused(result)
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_drains_exits_0_and_leaves_nothing(server, tmp_path):
+    # Last in this module: it stops the shared server (--drain-timeout 60).
+    result = _stop_under_load(server["process"], server["log"], server["folder"],
+                              server["clients"]["http"].url, tmp_path)
+    assert result["code"] == 0, result["log"][-3000:]
+    assert "Traceback" not in result["log"] and "Exit timeout expired" not in result["log"]
+    assert result["elapsed"] < 60 + serve.STOP_TIMEOUT_S
+    _assert_each_image_answered_or_refused(result)
+    # Requests in flight at SIGTERM were answered; those sent after it were refused, none cut off.
+    assert "connection closed" not in result["err"]
