@@ -595,6 +595,7 @@ def test_sigterm_under_load_past_drain_timeout_is_forced_exit_1_and_leaves_nothi
     # A CPU forward of 4 images is far longer than 0.1 s, and one is running when the first answer arrives.
     assert result["code"] == 1, result["log"][-3000:]
     assert "--drain-timeout 0.1s ran out" in result["log"] and "Traceback" not in result["log"]
+    print(f"forced stop: {result['elapsed']:.1f} s")
     assert result["elapsed"] < serve.REFUSE_GRACE_S + serve.STOP_TIMEOUT_S + 10
     _assert_each_image_answered_or_refused(result)
 
@@ -606,6 +607,7 @@ def test_sigterm_under_load_drains_exits_0_and_leaves_nothing(server, tmp_path):
                               server["clients"]["http"].url, tmp_path)
     assert result["code"] == 0, result["log"][-3000:]
     assert "Traceback" not in result["log"] and "Exit timeout expired" not in result["log"]
+    print(f"drained stop: {result['elapsed']:.1f} s")
     assert result["elapsed"] < 60 + serve.STOP_TIMEOUT_S
     _assert_each_image_answered_or_refused(result)
     # Requests in flight at SIGTERM were answered; those sent after it were refused, none cut off.
