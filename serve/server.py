@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -394,6 +394,17 @@ def descendants(root: int) -> dict[int, int]:
     return found
 
 
+def _is_stub(pid: int) -> bool:
+    return Path(next(iter(_cmdline(pid)), "")).name == "triton_python_backend_stub"
+
+
+def _unpacked_folders(pids: Iterable[int]) -> set[Path]:
+    """The folders Triton unpacked the model into for these Python backend stubs (``/tmp/folderXXXXXX``, named by
+    the stub's first argument, ``.../1/model.py``). Triton removes them only when it unloads the model cleanly."""
+    models = [Path(_cmdline(pid)[1]) for pid in pids if _is_stub(pid) and len(_cmdline(pid)) > 1]
+    return {model.parents[1] for model in models if model.name == "model.py" and model.parents[1].name.startswith("folder")}
+
+
 def _running(pid: int, start: int) -> bool:
     stat = _stat(pid)
     return stat is not None and stat[1] == start and stat[2] not in "ZX"
@@ -430,6 +441,7 @@ class Shutdown:
         self.admission, self.url, self.drain_timeout = admission, url, drain_timeout
         self.requested = threading.Event()
         self.signal_name = ""
+        self.folders: set[Path] = set()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -439,6 +451,7 @@ class Shutdown:
         """Serve until Ctrl-C or SIGTERM (or until Triton stops on its own), then stop; the exit code."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        self.folders = _unpacked_folders(descendants(os.getpid()))  # while the stubs that name them run
         while not self.requested.wait(0.5):
             if not server.is_alive():
                 LOG.error("Triton stopped on its own: see its log above")
@@ -464,8 +477,7 @@ class Shutdown:
         from pytriton.client.auth import create_auth_headers
 
         deadline = time.monotonic() + self.drain_timeout
-        stubs = {pid: start for pid, start in descendants(os.getpid()).items()
-                 if Path(next(iter(_cmdline(pid)), "")).name == "triton_python_backend_stub"}
+        stubs = {pid: start for pid, start in descendants(os.getpid()).items() if _is_stub(pid)}
         client = http.InferenceServerClient(self.url, connection_timeout=self.drain_timeout,
                                             network_timeout=self.drain_timeout)
         try:
@@ -485,12 +497,10 @@ class Shutdown:
             client.close()
 
     def _stop(self, server: Any, clean: bool) -> int:
-        started = descendants(os.getpid())
         # Our own resource tracker outlives this call on purpose: it unlinks leaked shared memory when we exit.
-        started = {pid: start for pid, start in started.items()
-                   if not any("multiprocessing.resource_tracker" in arg for arg in _cmdline(pid))}
-        folders = {Path(arg).parents[1] for pid in started for arg in _cmdline(pid)[1:2]
-                   if Path(arg).name == "model.py" and Path(arg).parents[1].name.startswith("folder")}
+        ours = {pid for pid in descendants(os.getpid()) if (_stat(pid) or (0,))[0] == os.getpid()
+                and any("multiprocessing.resource_tracker" in arg for arg in _cmdline(pid))}
+        started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in ours}
         workspace = getattr(getattr(server, "_workspace", None), "path", None)
         stopper = threading.Thread(target=server.stop, name="triton-stop", daemon=True)
         stopper.start()
@@ -500,7 +510,7 @@ class Shutdown:
         if killed:
             LOG.warning("killed %d process%s Triton left running: %s", len(killed), "es" * (len(killed) != 1),
                         " ".join(map(str, killed)))
-        for folder in folders | ({Path(workspace)} if workspace and not stopped else set()):
+        for folder in self.folders | ({Path(workspace)} if workspace and not stopped else set()):
             shutil.rmtree(folder, ignore_errors=True)
         code = 0 if clean and stopped else EXIT_FORCED
         LOG.warning("stopped%s", "" if code == 0 else " (forced: exit code 1)")

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,6 +225,30 @@ def _session_processes(sid: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [arg.decode() for arg in f.read().split(b"\0") if arg]
+    except OSError:
+        return []
+
+
+def _unpacked(pids) -> set[Path]:
+    """The model folders (/tmp/folderXXXXXX) Triton unpacked for the Python backend stubs among `pids`."""
+    return {Path(_cmdline(pid)[1]).parents[1] for pid in pids
+            if _cmdline(pid)[:1] and _cmdline(pid)[0].endswith("triton_python_backend_stub")}
+
+
+def _kill_server(process):
+    """SIGKILL to a server whose test failed, and its unpacked model folders removed (nothing else would)."""
+    if process.poll() is None:
+        folders = _unpacked(_session_processes(process.pid))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _start_server(folder, weights, *options):
     """`python -m serve.server` in a session of its own, its temporary files and PyTriton's workspace inside
     `folder` (TMPDIR, XDG_CACHE_HOME), once it serves: (process, log, clients, ports)."""
@@ -250,7 +275,7 @@ def _start_server(folder, weights, *options):
             break
         except Exception:
             if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
+                _kill_server(process)
                 log.seek(0)
                 pytest.fail(f"server did not become ready:\n{log.read()[-3000:]}")
             time.sleep(0.5)
@@ -269,9 +294,7 @@ def server(tmp_path_factory):
     process, log, clients, ports = _start_server(folder, weights, "--instances", "2", "--max-batch", "4",
                                                  "--max-queue-delay-us", "20000", "--drain-timeout", "60")
     yield {"process": process, "weights": weights, "clients": clients, "log": log, "ports": ports, "folder": folder}
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)  # only if the shutdown test did not run or failed
-        process.wait()
+    _kill_server(process)  # only if the shutdown test did not run or failed
 
 
 @pytest.fixture(scope="module")
@@ -526,14 +549,6 @@ def test_serve_load_and_client_bad_arguments(capsys):
         "python -m benchmarks.serve_load"]
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [arg.decode() for arg in f.read().split(b"\0") if arg]
-    except OSError:
-        return []
-
-
 def _stop_under_load(process, log, folder, url, tmp_path):
     """SIGTERM to the server once serve.client, sending 80 images 8 at a time, has its first answer; the server's
     exit code and time to exit, the client's exit code and output, and the server's log."""
@@ -542,9 +557,8 @@ def _stop_under_load(process, log, folder, url, tmp_path):
         images.append(tmp_path / f"{i}.jpg")
         images[-1].write_bytes(encoded(i, fmt="JPEG"))
     before = _session_processes(process.pid)
-    stubs = [pid for pid in before if _cmdline(pid)[:1] and _cmdline(pid)[0].endswith("triton_python_backend_stub")]
-    unpacked = {Path(_cmdline(pid)[1]).parents[1] for pid in stubs}  # Triton's model folders, /tmp/folderXXXXXX
-    assert stubs and len(before) > len(stubs) and all(path.is_dir() for path in unpacked), before
+    unpacked = _unpacked(before)
+    assert unpacked and all(path.is_dir() for path in unpacked), before
     out, err = open(tmp_path / "client.out", "w+"), open(tmp_path / "client.err", "w+")
     client = subprocess.Popen([sys.executable, "-m", "serve.client", *map(str, images), "--url", url,
                                "--concurrency", "8", "--timeout", "120", "--json", str(tmp_path / "results.json")],
@@ -590,8 +604,7 @@ def test_sigterm_under_load_past_drain_timeout_is_forced_exit_1_and_leaves_nothi
     try:
         result = _stop_under_load(process, log, folder, f"127.0.0.1:{ports['http']}", tmp_path)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_server(process)
     # A CPU forward of 4 images is far longer than 0.1 s, and one is running when the first answer arrives.
     assert result["code"] == 1, result["log"][-3000:]
     assert "--drain-timeout 0.1s ran out" in result["log"] and "Traceback" not in result["log"]
