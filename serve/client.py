@@ -33,7 +33,7 @@ examples:
   python -m serve.client val2017/*.jpg --grpc --threshold 0 --json results.json --concurrency 8
 exit codes: 0 all images done, 1 some images failed (unreadable file, refused by the server, no answer
             within --timeout or the server went away; the others are printed and in --json), 2 bad arguments,
-            3 no AnchorDETR server answering at --url (none of the images got an answer)
+            3 no AnchorDETR server answering at --url, or it went away before answering any image
 """
 
 

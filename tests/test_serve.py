@@ -509,18 +509,31 @@ def test_client_keeps_finished_work_when_the_server_goes_away(tmp_path, monkeypa
     assert "10/10  images" in captured.err  # the progress bar, on stderr
 
 
-def test_client_timeout_says_the_server_did_not_answer(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failure, message", [
+    ("timeout", "did not answer within --timeout 0.001 s"),  # HTTP: the socket's own timeout
+    ("StatusCode.DEADLINE_EXCEEDED", "did not answer within --timeout 0.001 s"),  # gRPC
+    ("StatusCode.UNAVAILABLE", "no answer from the server at localhost:8000 ([StatusCode.UNAVAILABLE] Socket closed)"),
+])
+def test_client_says_when_the_server_did_not_answer(tmp_path, monkeypatch, capsys, failure, message):
     pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    from tritonclient.utils import InferenceServerException
+
     from serve import client as client_cli
 
-    fake = FakeTritonClient(0, failure=TimeoutError("timed out"))
+    exc = (TimeoutError("timed out") if failure == "timeout"
+           else InferenceServerException("Socket closed", status=failure))
+    fake = FakeTritonClient(0, failure=exc)
     monkeypatch.setattr(client_cli.Client, "_client", lambda self: fake)
-    image = tmp_path / "a.png"
-    image.write_bytes(b"png")
-    assert client_cli.main([str(image), "--timeout", "0.001"]) == 1
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"png")
+    code = client_cli.main([*map(str, images), "--timeout", "0.001"])
     err = capsys.readouterr().err
-    assert f"skipped: {image}: the server at localhost:8000 did not answer within --timeout 0.001 s" in err
-    assert "cannot read" not in err
+    assert message in err and "cannot read" not in err and "Traceback" not in err
+    if "answer within" in message:  # the server was reached, it was only slow: each image fails on its own
+        assert code == 1 and f"skipped: {images[0]}: the server at localhost:8000 did not answer" in err
+    else:  # gone before any answer: as good as no server
+        assert code == 3 and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
