@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -249,6 +250,12 @@ def _kill_server(process):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _short_folder():
+    """A new folder for a server's TMPDIR and XDG_CACHE_HOME. Short, whatever pytest's base folder is: the
+    multiprocessing and PyTriton sockets made in them must have paths under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix="serve-", dir="/tmp"))
+
+
 def _start_server(folder, weights, *options):
     """`python -m serve.server` in a session of its own, its temporary files and PyTriton's workspace inside
     `folder` (TMPDIR, XDG_CACHE_HOME), once it serves: (process, log, clients, ports)."""
@@ -287,14 +294,18 @@ def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs PyTriton: pip install -e '.[serve]'")
     pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    folder = tmp_path_factory.mktemp("serve")
-    weights = folder / "r50_c5.safetensors"
+    weights = tmp_path_factory.mktemp("serve") / "r50_c5.safetensors"
     subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "-o", str(weights)],
                    check=True, capture_output=True, timeout=120)
-    process, log, clients, ports = _start_server(folder, weights, "--instances", "2", "--max-batch", "4",
-                                                 "--max-queue-delay-us", "20000", "--drain-timeout", "60")
-    yield {"process": process, "weights": weights, "clients": clients, "log": log, "ports": ports, "folder": folder}
-    _kill_server(process)  # only if the shutdown test did not run or failed
+    folder = _short_folder()
+    try:
+        process, log, clients, ports = _start_server(folder, weights, "--instances", "2", "--max-batch", "4",
+                                                     "--max-queue-delay-us", "20000", "--drain-timeout", "60")
+        yield {"process": process, "weights": weights, "clients": clients, "log": log, "ports": ports,
+               "folder": folder}
+        _kill_server(process)  # only if the shutdown test did not run or failed
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -611,13 +622,16 @@ def _assert_each_image_answered_or_refused(result):
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_past_drain_timeout_is_forced_exit_1_and_leaves_nothing(server, tmp_path_factory, tmp_path):
-    folder = tmp_path_factory.mktemp("forced")  # short: multiprocessing's socket paths in TMPDIR must stay short
-    process, log, _, ports = _start_server(folder, server["weights"], "--max-batch", "4", "--drain-timeout", "0.1")
+def test_sigterm_under_load_past_drain_timeout_is_forced_exit_1_and_leaves_nothing(server, tmp_path):
+    folder = _short_folder()
     try:
-        result = _stop_under_load(process, log, folder, f"127.0.0.1:{ports['http']}", tmp_path)
+        process, log, _, ports = _start_server(folder, server["weights"], "--max-batch", "4", "--drain-timeout", "0.1")
+        try:
+            result = _stop_under_load(process, log, folder, f"127.0.0.1:{ports['http']}", tmp_path)
+        finally:
+            _kill_server(process)
     finally:
-        _kill_server(process)
+        shutil.rmtree(folder, ignore_errors=True)
     # A CPU forward of 4 images is far longer than 0.1 s, and one is running when the first answer arrives.
     assert result["code"] == 1, result["log"][-3000:]
     assert "--drain-timeout 0.1s ran out" in result["log"] and "Traceback" not in result["log"]
