@@ -13,24 +13,29 @@ before anything is batched, and a bad one gets its message while the others of i
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import logging
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import sysconfig
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from core import labels as class_labels
 from core.sidecar import MIN_SIDE
-from core.cli import guarded, hw, parser, positive_int
-from core.errors import BadInput, Unavailable
+from core.cli import guarded, hw, parser, positive_float, positive_int
+from core.errors import EXIT_FAILED, BadInput, Unavailable
 from runtime.infer import warn_random_weights
 from runtime.preprocess import TooManyPixels, open_image, preprocess_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
@@ -38,8 +43,16 @@ from runtime.runner import Engine, EngineRunner, require_file
 MODEL_NAME = "anchor_detr"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TORCH_BATCH = 4
-# Seconds Triton waits for open connections and in-flight requests after Ctrl-C/SIGTERM before it exits.
-EXIT_TIMEOUT_S = 10
+DEFAULT_DRAIN_TIMEOUT_S = 5.0
+# Seconds Triton itself waits, once our drain is over, for clients to close their keep-alive connections (they
+# never do on their own; nothing is served on them by then, the model is unloaded).
+EXIT_TIMEOUT_S = 1
+# After --drain-timeout: how long the requests still queued get to be answered with an error, and how long
+# Triton and PyTriton get to stop, before what is left of the process tree is killed.
+REFUSE_GRACE_S = 1.0
+STOP_TIMEOUT_S = 15.0
+EXIT_FORCED = EXIT_FAILED
+SHUTTING_DOWN = "the server is shutting down: send this image to another server or again after it restarts"
 LOAD_ATTEMPTS = 3
 INSTALL_HINT = "pip install -e '.[serve]' (PyTriton needs numpy < 2: see docs/serving.md)"
 LOG = logging.getLogger("serve.server")
@@ -57,8 +70,12 @@ examples:
   python -m serve.server --engine engines/anchor_detr_r50_dc5_fp16.plan --instances 2
   python -m serve.server --torch-weights weights/anchor_detr_r50_dc5.safetensors --device cpu
   python -m serve.client photo.jpg --url localhost:8000
-exit codes: 0 stopped by Ctrl-C or SIGTERM, 2 bad input (engine, weights, arguments),
-            3 environment (no PyTriton, no GPU, no TensorRT)
+stopping: Ctrl-C or SIGTERM stops taking requests, finishes those in flight (--drain-timeout), then stops
+  Triton and every process it started and removes their files
+exit codes: 0 stopped by Ctrl-C or SIGTERM after every request in flight was answered,
+            1 stopped, but --drain-timeout ran out (requests still queued were refused, or still running ones
+              were cut off) or Triton stopped on its own, 2 bad input (engine, weights, arguments),
+            3 environment (no PyTriton, no GPU, no TensorRT, a port already in use)
 """
 
 
@@ -98,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images with more pixels than this before decoding them (default: Pillow's "
                    f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (boxes refer to stored pixels)")
+    p.add_argument("--drain-timeout", type=positive_float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                   help="on Ctrl-C/SIGTERM, seconds to finish the requests in flight before the rest are refused "
+                   f"and the server stops anyway, with exit code 1 (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
     return p
 
 
@@ -214,21 +234,68 @@ def _encode(rows: list[dict[str, np.ndarray] | str], class_names: dict[int, str]
             "names": names, "size": sizes, "error": errors}
 
 
+class Admission:
+    """The model calls running now, and whether new ones are still taken (not once the server stops)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running = 0
+        self._open = True
+
+    def enter(self) -> bool:
+        with self._changed:
+            if self._open:
+                self._running += 1
+            return self._open
+
+    def leave(self) -> None:
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._open = False
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._running == 0, max(0.0, timeout))
+
+
+def _rows(request: Any) -> int:
+    """How many rows a request has (every input of a request has the same batch size)."""
+    return next((len(value) for value in request.values()), 1)
+
+
 class InferFunction:
     """One instance's callable: PyTriton hands it the raw requests of one dynamic batch."""
 
-    def __init__(self, model: Model, preprocess: HostPreprocess, max_batch: int, names: dict[int, str] | None = None):
+    def __init__(self, model: Model, preprocess: HostPreprocess, max_batch: int, admission: Admission | None = None,
+                 names: dict[int, str] | None = None):
         self.model, self.preprocess, self.max_batch = model, preprocess, max_batch
         self.names = class_labels.default_names(class_labels.COCO_NUM_CLASSES) if names is None else names
+        self.admission = admission or Admission()
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        if not self.admission.enter():  # stopping: what is still queued is answered at once
+            return [_encode([SHUTTING_DOWN] * _rows(request)) for request in requests]
+        try:
+            return self._answer(requests)
+        finally:
+            self.admission.leave()
+
+    def _answer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows: list[list[Any]] = []  # per request, per row: detections or an error message
         good: list[tuple[int, int, Image.Image, float]] = []
         for r, request in enumerate(requests):
-            images = request["image"]
-            rows.append([None] * len(images))
-            for row in range(len(images)):
+            rows.append([None] * _rows(request))
+            # Triton only counts a request's inputs, so one that sends `threshold` alone gets this far.
+            images = request["image"] if "image" in request else None
+            for row in range(len(rows[r])):
                 try:
+                    if images is None:
+                        raise RequestError("the request has no `image` input: send the encoded image file as "
+                                           "`image` (BYTES, shape [1, 1])")
                     threshold = _threshold(request, row)
                     good.append((r, row, self.preprocess.decode(bytes(images[row].reshape(-1)[0])), threshold))
                 except RequestError as exc:
@@ -284,10 +351,187 @@ def _pytriton() -> Any:
     return triton, DynamicBatcher, ModelConfig, Tensor
 
 
-def serve_until_stopped(triton: Any, config: Any, model: dict[str, Any], banner: str) -> None:
-    """Start Triton, load the model and serve until Ctrl-C/SIGTERM. A failed load starts a fresh Triton again:
-    with several instances, PyTriton 0.7's instance start-up handshake sometimes loses a race on a busy machine
-    (`ConnectionRefusedError` in the log) although nothing is wrong with the model."""
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Unavailable (exit 3) naming the first option whose port something already listens on: Triton itself would
+    only fail after PyTriton has waited a minute for it. Binds as servers do (SO_REUSEADDR: a port that only
+    has connections closing is free)."""
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise Unavailable(f"{option} {port} is already in use on {host}: stop the server listening "
+                                      f"there or pass another {option}") from None
+                if exc.errno == errno.EACCES:
+                    raise Unavailable(f"{option} {port}: not allowed to listen on it here (ports below 1024 "
+                                      "need privileges): pass a port from 1024 up") from None
+                raise BadInput(f"--host {host}: cannot listen there ({exc.strerror or exc}): pass an address "
+                               "of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+
+
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, start time, state) of a process, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
+    except OSError:
+        return []
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every process below ``root`` now, pid -> start time (a pid is only the same process with the same start)."""
+    table = {int(e): stat for e in os.listdir("/proc") if e.isdigit() and (stat := _stat(int(e))) is not None}
+    found: dict[int, int] = {}
+    parents = [root]
+    while parents:
+        parents = [pid for pid, (ppid, start, _) in table.items() if ppid in parents and pid not in found]
+        found.update({pid: table[pid][1] for pid in parents})
+    return found
+
+
+def _is_stub(pid: int) -> bool:
+    return Path(next(iter(_cmdline(pid)), "")).name == "triton_python_backend_stub"
+
+
+def _unpacked_folders(pids: Iterable[int]) -> set[Path]:
+    """The folders Triton unpacked the model into for these Python backend stubs (``/tmp/folderXXXXXX``, named by
+    the stub's first argument, ``.../1/model.py``). Triton removes them only when it unloads the model cleanly."""
+    models = [Path(_cmdline(pid)[1]) for pid in pids if _is_stub(pid) and len(_cmdline(pid)) > 1]
+    return {model.parents[1] for model in models if model.name == "model.py" and model.parents[1].name.startswith("folder")}
+
+
+def _running(pid: int, start: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[1] == start and stat[2] not in "ZX"
+
+
+def _kill(processes: dict[int, int], wait_s: float = 2.0) -> list[int]:
+    """SIGTERM, then SIGKILL, to those of ``processes`` still running; the pids that had to be stopped."""
+    left = [pid for pid, start in processes.items() if _running(pid, start)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        end = time.monotonic() + wait_s
+        while any(_running(pid, processes[pid]) for pid in left) and time.monotonic() < end:
+            time.sleep(0.05)
+    return left
+
+
+class Shutdown:
+    """How the server stops on Ctrl-C or SIGTERM, within a bounded time.
+
+    1. Triton is told to unload the model: from then on it refuses new requests for it, lets those queued and
+       running finish, and unloads it when none is left (a clean drain).
+    2. If that takes longer than ``drain_timeout``, the requests still queued are answered at once with an error
+       (the Admission closes) and the drain counts as forced.
+    3. PyTriton stops Triton and removes its workspace; then every process the server started that is still
+       running is killed, and the model folders Triton's Python backend unpacked are removed.
+    The exit code is 0 after a clean drain, EXIT_FORCED otherwise.
+    """
+
+    def __init__(self, admission: Admission, url: str, drain_timeout: float):
+        self.admission, self.url, self.drain_timeout = admission, url, drain_timeout
+        self.requested = threading.Event()
+        self.signal_name = ""
+        self.folders: set[Path] = set()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.requested.set()
+
+    def __call__(self, server: Any) -> int:
+        """Serve until Ctrl-C or SIGTERM (or until Triton stops on its own), then stop; the exit code."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.folders = _unpacked_folders(descendants(os.getpid()))  # while the stubs that name them run
+        while not self.requested.wait(0.5):
+            if not server.is_alive():
+                LOG.error("Triton stopped on its own: see its log above")
+                return self._stop(server, clean=False)
+        LOG.warning("%s: taking no new requests, finishing those in flight (up to %gs, --drain-timeout)",
+                    self.signal_name, self.drain_timeout)
+        clean = self._drain(server)
+        return self._stop(server, clean)
+
+    @staticmethod
+    def _unloaded_by(stubs: dict[int, int], deadline: float) -> bool:
+        """Whether the model's Python backend stubs exited before ``deadline``: Triton ends them once the unload
+        is complete, that is when no request for the model is queued or running (the unload request itself
+        returns at once, and PyTriton's models are not in the repository index)."""
+        while any(_running(pid, start) for pid, start in stubs.items()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _drain(self, server: Any) -> bool:
+        import tritonclient.http as http
+        from pytriton.client.auth import create_auth_headers
+
+        deadline = time.monotonic() + self.drain_timeout
+        stubs = {pid: start for pid, start in descendants(os.getpid()).items() if _is_stub(pid)}
+        client = http.InferenceServerClient(self.url, connection_timeout=self.drain_timeout,
+                                            network_timeout=self.drain_timeout)
+        try:
+            # PyTriton guards the model-repository API with a token of its own.
+            client.unload_model(MODEL_NAME, headers=create_auth_headers(server.get_access_token(), "http"))
+            if self._unloaded_by(stubs, deadline):
+                return True
+            LOG.warning("--drain-timeout %gs ran out: refusing the requests still queued", self.drain_timeout)
+            self.admission.close()
+            self._unloaded_by(stubs, time.monotonic() + REFUSE_GRACE_S)
+            return False
+        except Exception as exc:  # Triton gone or not answering: nothing more to drain through it
+            LOG.warning("could not unload %s for the drain (%s)", MODEL_NAME, str(exc).splitlines()[0][:200])
+            self.admission.close()
+            return False
+        finally:
+            client.close()
+
+    def _stop(self, server: Any, clean: bool) -> int:
+        # Our own resource tracker outlives this call on purpose: it unlinks leaked shared memory when we exit.
+        ours = {pid for pid in descendants(os.getpid()) if (_stat(pid) or (0,))[0] == os.getpid()
+                and any("multiprocessing.resource_tracker" in arg for arg in _cmdline(pid))}
+        started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in ours}
+        workspace = getattr(getattr(server, "_workspace", None), "path", None)
+        stopper = threading.Thread(target=server.stop, name="triton-stop", daemon=True)
+        stopper.start()
+        stopper.join(STOP_TIMEOUT_S)
+        stopped = not stopper.is_alive()
+        killed = _kill(started)
+        if killed:
+            LOG.warning("killed %d process%s Triton left running: %s", len(killed), "es" * (len(killed) != 1),
+                        " ".join(map(str, killed)))
+        for folder in self.folders | ({Path(workspace)} if workspace and not stopped else set()):
+            shutil.rmtree(folder, ignore_errors=True)
+        code = 0 if clean and stopped else EXIT_FORCED
+        LOG.warning("stopped%s", "" if code == 0 else " (forced: exit code 1)")
+        if not stopped:  # PyTriton is stuck waiting for a model call: its threads would keep this process alive
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+
+def serve_until_stopped(triton: Any, config: Any, model: dict[str, Any], banner: str,
+                        until_stopped: Callable[[Any], int]) -> int:
+    """Start Triton, load the model and serve until ``until_stopped(server)`` returns its exit code. A failed load
+    starts a fresh Triton again: with several instances, PyTriton 0.7's instance start-up handshake sometimes loses
+    a race on a busy machine (`ConnectionRefusedError` in the log) although nothing is wrong with the model."""
     for attempt in range(1, LOAD_ATTEMPTS + 1):
         with triton.Triton(config=config) as server:
             try:
@@ -300,8 +544,8 @@ def serve_until_stopped(triton: Any, config: Any, model: dict[str, Any], banner:
                             MODEL_NAME, problem, attempt + 1, LOAD_ATTEMPTS)
                 continue
             print(banner, flush=True)
-            server.serve()
-            return
+            return until_stopped(server)
+    raise AssertionError("unreachable")
 
 
 def served_names(args: argparse.Namespace) -> dict[int, str]:
@@ -317,6 +561,8 @@ def served_names(args: argparse.Namespace) -> dict[int, str]:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    check_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                            "--metrics-port": args.metrics_port})
     triton, DynamicBatcher, ModelConfig, Tensor = _pytriton()
     if args.engine is not None:
         models = engine_models(args.engine, args.instances)
@@ -329,10 +575,11 @@ def run(args: argparse.Namespace) -> int:
         if profile_batch is not None and max_batch > profile_batch:
             raise BadInput(f"--max-batch {max_batch} exceeds the engine profile's maximum batch {profile_batch}")
         names = served_names(args)
-        functions = [InferFunction(m, HostPreprocess(m, args.max_pixels, not args.no_exif), max_batch, names)
+        admission = Admission()
+        functions = [InferFunction(m, HostPreprocess(m, args.max_pixels, not args.no_exif), max_batch, admission, names)
                      for m in models]
         _python_library_first()
-        # Ctrl-C and SIGTERM take the same path: KeyboardInterrupt, which PyTriton's serve() turns into a clean stop.
+        # Until the model serves, Ctrl-C and SIGTERM interrupt the start (KeyboardInterrupt); then Shutdown drains.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         config = triton.TritonConfig(
             http_address=args.host, http_port=args.http_port, grpc_address=args.host, grpc_port=args.grpc_port,
@@ -357,13 +604,14 @@ def run(args: argparse.Namespace) -> int:
         banner = (f"serving {MODEL_NAME} ({len(models)} instance{'s' * (len(models) != 1)}, batches up to "
                   f"{max_batch}) on http://{args.host}:{args.http_port}, grpc {args.host}:{args.grpc_port}, "
                   f"metrics http://{args.host}:{args.metrics_port}/metrics; Ctrl-C or SIGTERM stops")
-        serve_until_stopped(triton, config, model, banner)
+        local = "127.0.0.1" if args.host in ("0.0.0.0", "") else "::1" if args.host == "::" else args.host
+        return serve_until_stopped(triton, config, model, banner,
+                                   Shutdown(admission, f"{local}:{args.http_port}", args.drain_timeout))
     except KeyboardInterrupt:
-        pass  # stopped before serve() was reached
+        return 0  # stopped before the model was serving: nothing was in flight
     finally:
         for model in models:
             model.close()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,14 +7,18 @@ compare every answer with a direct reference call (same preprocessing, TorchRefe
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +96,45 @@ def test_infer_function_batches_good_rows_and_answers_bad_ones_alone():
     assert not masks[1, :, :64].any() and masks[1, :, 64:].all()
 
 
+def test_a_request_without_image_fails_alone_with_one_line():
+    detector = FakeDetector()
+    model = serve.Model(detector, (32, 32), (64, 96), 4)
+    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), max_batch=4)
+    # Triton lets this through: it only checks that a request has between 1 and 2 of the model's inputs.
+    answers = infer([{"threshold": np.array([[0.1]], np.float32)}, {"image": np.array([[encoded(0)]], object)}])
+    assert [a["count"].ravel().tolist() for a in answers] == [[0], [1]]
+    error = answers[0]["error"][0, 0].decode()
+    assert "no `image` input" in error and "\n" not in error and "Traceback" not in error
+
+
+def test_a_closed_admission_answers_at_once_without_the_model():
+    detector = FakeDetector()
+    model = serve.Model(detector, (32, 32), (64, 96), 4)
+    admission = serve.Admission()
+    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), 4, admission)
+    assert admission.wait_idle(0)
+    admission.close()
+    (answer,) = infer([{"image": np.array([[encoded(0)], [encoded(1)]], object)}])
+    assert answer["count"].ravel().tolist() == [0, 0] and detector.batches == []
+    assert all(e.decode() == serve.SHUTTING_DOWN for e in answer["error"][:, 0])
+
+
+@pytest.mark.parametrize("option", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_exit_3_before_anything_loads(tmp_path, capsys, option):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the ports are checked first
+    http, grpc, metrics = _free_ports(3)
+    ports = {"--http-port": http, "--grpc-port": grpc, "--metrics-port": metrics}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[option]))
+        taken.listen()
+        args = [str(a) for item in ports.items() for a in item]
+        assert serve.main(["--torch-weights", str(weights), *args]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m serve.server: error: {option} {ports[option]} is already in use on 127.0.0.1: "
+                   f"stop the server listening there or pass another {option}"]
+
+
 class FakeTriton:
     """Stands in for pytriton.triton: each Triton() is one server start; bind fails for the first `failures`."""
 
@@ -120,13 +163,17 @@ class FakeTriton:
 
 
 def test_a_failed_load_starts_triton_again_then_gives_up(capsys):
+    def until_stopped(server):
+        server.serve()
+        return 7
+
     lucky = FakeTriton(failures=serve.LOAD_ATTEMPTS - 1)
-    serve.serve_until_stopped(lucky, None, {}, "serving")
+    assert serve.serve_until_stopped(lucky, None, {}, "serving", until_stopped) == 7
     assert (lucky.starts, lucky.stops, lucky.served) == (serve.LOAD_ATTEMPTS, serve.LOAD_ATTEMPTS, 1)
     assert "serving" in capsys.readouterr().out
     hopeless = FakeTriton(failures=serve.LOAD_ATTEMPTS)
     with pytest.raises(serve.Unavailable, match="could not load anchor_detr .*load failed"):
-        serve.serve_until_stopped(hopeless, None, {}, "serving")
+        serve.serve_until_stopped(hopeless, None, {}, "serving", until_stopped)
     assert hopeless.starts == hopeless.stops == serve.LOAD_ATTEMPTS and hopeless.served == 0
 
 
@@ -179,25 +226,51 @@ def _session_processes(sid: int) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("pytriton", reason="needs PyTriton: pip install -e '.[serve]'")
-    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [arg.decode() for arg in f.read().split(b"\0") if arg]
+    except OSError:
+        return []
+
+
+def _unpacked(pids) -> set[Path]:
+    """The model folders (/tmp/folderXXXXXX) Triton unpacked for the Python backend stubs among `pids`."""
+    return {Path(_cmdline(pid)[1]).parents[1] for pid in pids
+            if _cmdline(pid)[:1] and _cmdline(pid)[0].endswith("triton_python_backend_stub")}
+
+
+def _kill_server(process):
+    """SIGKILL to a server whose test failed, and its unpacked model folders removed (nothing else would)."""
+    if process.poll() is None:
+        folders = _unpacked(_session_processes(process.pid))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _short_folder():
+    """A new folder for a server's TMPDIR and XDG_CACHE_HOME. Short, whatever pytest's base folder is: the
+    multiprocessing and PyTriton sockets made in them must have paths under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix="serve-", dir="/tmp"))
+
+
+def _start_server(folder, weights, *options):
+    """`python -m serve.server` in a session of its own, its temporary files and PyTriton's workspace inside
+    `folder` (TMPDIR, XDG_CACHE_HOME), once it serves: (process, log, clients, ports)."""
     from serve.client import Client
 
-    folder = tmp_path_factory.mktemp("serve")
-    weights = folder / "r50_c5.safetensors"
-    subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "-o", str(weights)],
-                   check=True, capture_output=True, timeout=120)
     http, grpc, metrics = _free_ports(3)
+    for name in ("tmp", "cache"):
+        (folder / name).mkdir()
     log = open(folder / "server.log", "w+")
+    env = dict(os.environ, TMPDIR=str(folder / "tmp"), XDG_CACHE_HOME=str(folder / "cache"))
     process = subprocess.Popen(
         [sys.executable, "-m", "serve.server", "--torch-weights", str(weights), "--device", "cpu",
-         "--max-size", "x".join(map(str, MAX_SIZE)), "--max-pixels", str(MAX_PIXELS), "--instances", "2",
-         "--max-batch", "4", "--max-queue-delay-us", "20000",
+         "--max-size", "x".join(map(str, MAX_SIZE)), "--max-pixels", str(MAX_PIXELS), *options,
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
     # Generous per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards.
     clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
@@ -209,14 +282,30 @@ def server(tmp_path_factory):
             break
         except Exception:
             if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
+                _kill_server(process)
                 log.seek(0)
                 pytest.fail(f"server did not become ready:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-    yield {"process": process, "weights": weights, "clients": clients, "log": log}
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)  # only if the shutdown test did not run or failed
-        process.wait()
+    return process, log, clients, {"http": http, "grpc": grpc, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("pytriton", reason="needs PyTriton: pip install -e '.[serve]'")
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    weights = tmp_path_factory.mktemp("serve") / "r50_c5.safetensors"
+    subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "-o", str(weights)],
+                   check=True, capture_output=True, timeout=120)
+    folder = _short_folder()
+    try:
+        process, log, clients, ports = _start_server(folder, weights, "--instances", "2", "--max-batch", "4",
+                                                     "--max-queue-delay-us", "20000", "--drain-timeout", "60")
+        yield {"process": process, "weights": weights, "clients": clients, "log": log, "ports": ports,
+               "folder": folder}
+        _kill_server(process)  # only if the shutdown test did not run or failed
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +410,11 @@ def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference)
     for inputs in ([as_float], [two]):
         with pytest.raises(InferenceServerException):
             client._client().infer(serve.MODEL_NAME, inputs)
+    # Without `image` (Triton only counts inputs, so it reaches the model): that request's own one-line error.
+    threshold_only = module.InferInput("threshold", [1, 1], "FP32")
+    threshold_only.set_data_from_numpy(np.array([[0.5]], np.float32))
+    error = client._client().infer(serve.MODEL_NAME, [threshold_only]).as_numpy("error")[0, 0].decode()
+    assert error.startswith("the request has no `image` input") and "\n" not in error
     client.check_ready()
     assert_same(client.detect(jpeg), reference(jpeg))
 
@@ -341,7 +435,6 @@ def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, caps
     code = client_cli.main([*map(str, paths + [broken]), "--url", url, "--threshold", "0.2", "--json", str(out)])
     captured = capsys.readouterr()
     assert code == 1 and "broken.jpg: refused by the server: cannot decode" in captured.err
-    import json
 
     records = json.loads(out.read_text())
     expected = [reference(p.read_bytes(), 0.2) for p in paths]
@@ -353,6 +446,18 @@ def test_client_cli_prints_table_and_coco_json(server, reference, tmp_path, caps
     assert f"{paths[0]}  96x64  {len(expected[0]['scores'])} detections" in captured.out
 
 
+@pytest.mark.slow
+def test_client_pointed_at_the_metrics_port_is_exit_3(server, tmp_path, capsys):
+    from serve import client as client_cli
+
+    image = tmp_path / "a.png"
+    image.write_bytes(encoded(1))
+    # Triton's metrics port answers every GET (model readiness included) with an empty 200.
+    assert client_cli.main([str(image), "--url", f"127.0.0.1:{server['ports']['metrics']}"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no AnchorDETR server answers" in err[0] and "pass --url with its HTTP port" in err[0]
+
+
 def test_client_without_server_is_exit_3(capsys):
     pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
     from serve import client as client_cli
@@ -360,7 +465,89 @@ def test_client_without_server_is_exit_3(capsys):
     (port,) = _free_ports(1)
     assert client_cli.main(["x.jpg", "--url", f"127.0.0.1:{port}"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no Triton server answers" in err[0]
+    assert len(err) == 1 and "no AnchorDETR server answers" in err[0]
+
+
+class FakeTritonClient:
+    """Stands in for tritonclient's client of a server that answers `answers` images and then goes away: the
+    request in flight sees its connection closed, later ones are refused, as when serve.server is killed."""
+
+    def __init__(self, answers, failure=None):
+        from geventhttpclient.response import HTTPConnectionClosed
+
+        self.answers, self.calls = answers, 0
+        self.failures = [failure] if failure else [HTTPConnectionClosed("connection closed."),
+                                                   ConnectionRefusedError(111, "Connection refused")]
+
+    def is_model_ready(self, model):
+        return True
+
+    def get_model_metadata(self, model):
+        return {"name": model, "inputs": [{"name": "image"}, {"name": "threshold"}]}
+
+    def infer(self, model, inputs, **kwargs):
+        self.calls += 1
+        if self.calls > self.answers:
+            raise self.failures[min(self.calls - self.answers, len(self.failures)) - 1]
+        found = serve._encode([{"scores": np.array([0.9], np.float32), "labels": np.array([18], np.int32),
+                                "boxes": np.array([[1, 2, 30, 40]], np.float32), "size": np.array([64, 96])}])
+        return type("Result", (), {"as_numpy": lambda self, name: found[name]})()
+
+
+@pytest.mark.parametrize("answers", [5, 0])
+def test_client_keeps_finished_work_when_the_server_goes_away(tmp_path, monkeypatch, capsys, answers):
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    from serve import client as client_cli
+
+    fake = FakeTritonClient(answers)
+    monkeypatch.setattr(client_cli.Client, "_client", lambda self: fake)
+    paths = []
+    for i in range(10):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(b"png")
+    out = tmp_path / "results.json"
+    code = client_cli.main([*map(str, paths), "--concurrency", "1", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if answers == 0:  # connected, then gone before any answer: as good as no server
+        assert code == 3 and not out.exists()
+        assert captured.err.strip().splitlines()[-1].startswith(
+            "python -m serve.client: error: the server went away before answering any image: no answer from")
+        return
+    assert code == 1
+    assert {r["image_id"] for r in json.loads(out.read_text())} == set(range(answers))
+    assert captured.out.count("1 detection (score >= 0.5)") == answers
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
+    assert skipped[0] == f"skipped: {paths[answers]}: no answer from the server at localhost:8000 (connection closed.)"
+    assert len(skipped) == 10 - answers and all("no answer from the server" in line for line in skipped)
+    assert "10/10  images" in captured.err  # the progress bar, on stderr
+
+
+@pytest.mark.parametrize("failure, message", [
+    ("timeout", "did not answer within --timeout 0.001 s"),  # HTTP: the socket's own timeout
+    ("StatusCode.DEADLINE_EXCEEDED", "did not answer within --timeout 0.001 s"),  # gRPC
+    ("StatusCode.UNAVAILABLE", "no answer from the server at localhost:8000 ([StatusCode.UNAVAILABLE] Socket closed)"),
+])
+def test_client_says_when_the_server_did_not_answer(tmp_path, monkeypatch, capsys, failure, message):
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    from tritonclient.utils import InferenceServerException
+
+    from serve import client as client_cli
+
+    exc = (TimeoutError("timed out") if failure == "timeout"
+           else InferenceServerException("Socket closed", status=failure))
+    fake = FakeTritonClient(0, failure=exc)
+    monkeypatch.setattr(client_cli.Client, "_client", lambda self: fake)
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"png")
+    code = client_cli.main([*map(str, images), "--timeout", "0.001"])
+    err = capsys.readouterr().err
+    assert message in err and "cannot read" not in err and "Traceback" not in err
+    if "answer within" in message:  # the server was reached, it was only slow: each image fails on its own
+        assert code == 1 and f"skipped: {images[0]}: the server at localhost:8000 did not answer" in err
+    else:  # gone before any answer: as good as no server
+        assert code == 3 and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -389,17 +576,82 @@ def test_serve_load_and_client_bad_arguments(capsys):
         "python -m benchmarks.serve_load"]
 
 
+def _stop_under_load(process, log, folder, url, tmp_path):
+    """SIGTERM to the server once serve.client, sending 80 images 8 at a time, has its first answer; the server's
+    exit code and time to exit, the client's exit code and output, and the server's log."""
+    images = []
+    for i in range(80):
+        images.append(tmp_path / f"{i}.jpg")
+        images[-1].write_bytes(encoded(i, fmt="JPEG"))
+    before = _session_processes(process.pid)
+    unpacked = _unpacked(before)
+    assert unpacked and all(path.is_dir() for path in unpacked), before
+    out, err = open(tmp_path / "client.out", "w+"), open(tmp_path / "client.err", "w+")
+    client = subprocess.Popen([sys.executable, "-m", "serve.client", *map(str, images), "--url", url,
+                               "--concurrency", "8", "--timeout", "120", "--json", str(tmp_path / "results.json")],
+                              stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while "/80  images" not in (tmp_path / "client.err").read_text():  # the progress bar's first answer
+            assert time.monotonic() < deadline and client.poll() is None, (tmp_path / "client.err").read_text()
+            time.sleep(0.1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+        elapsed = time.monotonic() - started
+        client_code = client.wait(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    deadline = time.monotonic() + 5  # the stubs' own helpers exit with them
+    while any(pid in before for pid in _session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in before if pid in _session_processes(process.pid)] == []
+    assert [path for path in unpacked if path.exists()] == []
+    assert list((folder / "tmp").iterdir()) == [] and list((folder / "cache").rglob("*")) in ([], [folder / "cache" / "pytriton"])
+    log.seek(0)
+    out.seek(0)
+    err.seek(0)
+    return {"code": code, "elapsed": elapsed, "client_code": client_code, "out": out.read(), "err": err.read(),
+            "log": log.read(), "json": json.loads((tmp_path / "results.json").read_text())}
+
+
+def _assert_each_image_answered_or_refused(result):
+    assert result["client_code"] == 1 and "Traceback" not in result["err"], result["err"][-2000:]
+    done = result["out"].count(" detections (score >= ") + result["out"].count(" detection (score >= ")
+    skipped = [line for line in result["err"].splitlines() if line.startswith("skipped: ")]
+    assert done >= 1 and done + len(skipped) == 80
+    assert len({r["image_id"] for r in result["json"]}) <= done  # only finished images, none twice
+
+
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_without_leftovers(server):
-    # Last in this module: it stops the shared server.
-    process = server["process"]
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-    assert time.monotonic() - started < serve.EXIT_TIMEOUT_S + 15
-    deadline = time.monotonic() + 10
-    while _session_processes(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _session_processes(process.pid) == []
-    server["log"].seek(0)
-    assert "Traceback" not in server["log"].read()
+def test_sigterm_under_load_past_drain_timeout_is_forced_exit_1_and_leaves_nothing(server, tmp_path):
+    folder = _short_folder()
+    try:
+        process, log, _, ports = _start_server(folder, server["weights"], "--max-batch", "4", "--drain-timeout", "0.1")
+        try:
+            result = _stop_under_load(process, log, folder, f"127.0.0.1:{ports['http']}", tmp_path)
+        finally:
+            _kill_server(process)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    # A CPU forward of 4 images is far longer than 0.1 s, and one is running when the first answer arrives.
+    assert result["code"] == 1, result["log"][-3000:]
+    assert "--drain-timeout 0.1s ran out" in result["log"] and "Traceback" not in result["log"]
+    print(f"forced stop: {result['elapsed']:.1f} s")
+    assert result["elapsed"] < serve.REFUSE_GRACE_S + serve.STOP_TIMEOUT_S + 10
+    _assert_each_image_answered_or_refused(result)
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_drains_exits_0_and_leaves_nothing(server, tmp_path):
+    # Last in this module: it stops the shared server (--drain-timeout 60).
+    result = _stop_under_load(server["process"], server["log"], server["folder"],
+                              server["clients"]["http"].url, tmp_path)
+    assert result["code"] == 0, result["log"][-3000:]
+    assert "Traceback" not in result["log"] and "Exit timeout expired" not in result["log"]
+    print(f"drained stop: {result['elapsed']:.1f} s")
+    assert result["elapsed"] < 60 + serve.STOP_TIMEOUT_S
+    _assert_each_image_answered_or_refused(result)
+    # Requests in flight at SIGTERM were answered; those sent after it were refused, none cut off.
+    assert "connection closed" not in result["err"]
