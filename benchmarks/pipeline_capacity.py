@@ -30,13 +30,13 @@ from core.errors import BadInput
 from core.sidecar import Profile, check_output_path, write_atomic
 from runtime.bench import synthetic_images
 from runtime.pipeline import PipelineStats, detect_stream
-from runtime.runner import Detector
+from runtime.detector import Detector, ProfileDetector
 
 QUERIES, CLASSES = 900, 91
 PROFILE = Profile((1, 320, 512), (4, 800, 1066), (8, 1344, 1344))
 
 
-class NullEngine(Detector):
+class NullEngine(ProfileDetector):
     """An engine stand-in that does no work: fixed outputs of the right shapes (scores spread so the top-100
     sort has work to do)."""
 

@@ -17,7 +17,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -99,6 +99,16 @@ def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def rgb_images(images: Sequence[Image.Image], exif: bool = True) -> list[Image.Image]:
+    """`to_rgb` of each image."""
+    return [to_rgb(image, exif=exif) for image in images]
+
+
+def original_sizes(images: Sequence[Image.Image]) -> np.ndarray:
+    """(B, 2) int64: the (height, width) of each image, the pixels its boxes are scaled to."""
+    return np.array([(image.height, image.width) for image in images], dtype=np.int64).reshape(-1, 2)
+
+
 def normalize(rgb: Image.Image) -> np.ndarray:
     """8-bit RGB image -> (3,H,W) float32, scaled to [0,1] and standardised with the ImageNet statistics."""
     pixels = np.asarray(rgb, dtype=np.uint8)
@@ -142,15 +152,25 @@ def resize_rgb(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | 
     return rgb
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, a container's cpuset), not the machine's count."""
+    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
+    if count is not None:
+        return count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 _RESIZE_POOL: ThreadPoolExecutor | None = None
 
 
 def _resize_pool() -> ThreadPoolExecutor:
-    """Threads for the resizes of a batch: Pillow releases the GIL while resampling, so a batch's resizes use every
-    core."""
+    """Threads for the resizes of a batch, one per usable core: Pillow releases the GIL while resampling, so a
+    batch's resizes use every core."""
     global _RESIZE_POOL
     if _RESIZE_POOL is None:
-        _RESIZE_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="anchortrt-resize")
+        _RESIZE_POOL = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="anchortrt-resize")
     return _RESIZE_POOL
 
 
@@ -185,20 +205,39 @@ def preprocess_batch(
     return batch, masks, sizes
 
 
-def decode_many(paths: Iterable[str | Path], workers: int = 4) -> Iterator[Image.Image | ImageError]:
-    """`load_image` of each path on `workers` threads (Pillow releases the GIL while decoding), yielded in input
-    order; a file that cannot be read yields its ImageError instead of stopping the others.
+class HostBatch(NamedTuple):
+    """A batch prepared on the host for a detector: what `Detector.__call__` takes."""
+
+    images: np.ndarray  # (B,3,H,W) float32
+    masks: np.ndarray  # (B,H,W) bool, True on padding
+    sizes: np.ndarray  # (B,2) original (height, width) of each image, for the boxes
+
+
+def prepare_batch(rgb: Sequence[Image.Image], min_hw: tuple[int, int] | None = None,
+                  max_hw: tuple[int, int] | None = None) -> HostBatch:
+    """The batch of RGB images (`to_rgb`'s) a detector with these limits takes, and their original sizes."""
+    images, masks, _ = preprocess_batch(rgb, exif=False, min_hw=min_hw, max_hw=max_hw)
+    return HostBatch(images, masks, original_sizes(rgb))
+
+
+def decode_many(paths: Iterable[str | Path], workers: int | None = None,
+                exif: bool | None = None) -> Iterator[Image.Image | ImageError]:
+    """`load_image` of each path on `workers` threads (Pillow releases the GIL while decoding; None: one per
+    usable core), yielded in input order; a file that cannot be read yields its ImageError instead of stopping
+    the others. With `exif` True or False each image is also converted by `to_rgb` on those threads.
 
     At most 2 x workers decoded images wait at a time, so a long list does not fill memory.
     """
+    workers = usable_cpus() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
 
     def decode(path):
         try:
-            return load_image(path)
+            image = load_image(path)
         except ImageError as exc:
             return exc
+        return image if exif is None else to_rgb(image, exif=exif)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()

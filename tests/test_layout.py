@@ -68,7 +68,7 @@ def test_plugins_do_not_import_torch():
     assert not wrong, "plugins/ must not import torch (PyTorch formulations live in reference/): " + ", ".join(wrong)
 
 
-@pytest.mark.parametrize("module", ["runtime.runner", "runtime.infer", "runtime.bench", "runtime.pipeline",
+@pytest.mark.parametrize("module", ["runtime.runner", "runtime.detector", "runtime.infer", "runtime.bench", "runtime.pipeline",
                                     "runtime.preprocess", "runtime.postprocess", "runtime.gpu_preprocess",
                                     "runtime.torch_detector", "serve.server", "serve.client", "serve.triton",
                                     "eval.coco", "weights"])

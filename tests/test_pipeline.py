@@ -199,14 +199,14 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
     stand-in engine that downloads its input buffers and answers as NumpyDetector does."""
     from core.sidecar import Profile
     from core import cuda
-    from runtime.runner import EngineRunner
 
     profile = Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344))
 
-    class StandIn(EngineRunner):
+    class StandIn(NumpyDetector):  # not an EngineRunner: the GPU path takes anything with device input buffers
         def __init__(self, profile):
+            super().__init__(profile)
             cuda.init()
-            self.profile, self.cuda_graphs, self.stream = profile, False, cuda.Stream()
+            self.stream = cuda.Stream()
             b, h, w = profile.max
             self._images, self._masks = cuda.DeviceBuffer(b * 3 * h * w * 4), cuda.DeviceBuffer(b * h * w)
             self.numpy = NumpyDetector(profile)
@@ -235,6 +235,38 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
     expected = NumpyDetector(profile).detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
     same(runner.detect_files(files, threshold=0.3, batch=2, gpu_preprocess=True), expected)
     assert len(runner.siblings) == 1  # in_flight=2: two buffer sets
+
+
+class DeviceStandIn(NumpyDetector):
+    """Has the members of runtime.pipeline.DeviceRunner, without a GPU behind them."""
+
+    stream = None
+    input_pointers = (0, 0)
+
+    def sibling(self):
+        return DeviceStandIn(self.profile)
+
+    def infer_on_device(self, shape, batch=None):
+        raise AssertionError("never reached without a GPU")
+
+
+def test_the_gpu_path_takes_any_device_runner_and_falls_back_without_a_gpu(files, monkeypatch):
+    from core.errors import Unavailable
+    from runtime import gpu_preprocess, pipeline
+
+    def no_gpu(*args, **kwargs):
+        raise Unavailable("no GPU here")
+
+    monkeypatch.setattr(gpu_preprocess, "GpuPreprocessor", no_gpu)
+    detector = DeviceStandIn()
+    assert isinstance(detector, pipeline.DeviceRunner) and not isinstance(NumpyDetector(), pipeline.DeviceRunner)
+    # Required: accepted as a runner (not "needs a TensorRT engine runner"), then refused for the missing GPU.
+    with pytest.raises(Unavailable, match=r"GPU preprocessing is unavailable \(no GPU here\)"):
+        detector.detect_files(files, gpu_preprocess=True)
+    # By default (None): the CPU path, with the same detections as the serial detect.
+    expected = NumpyDetector().detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
+    same(detector.detect_files(files, threshold=0.3, batch=2, gpu_preprocess=None), expected)
+    assert isinstance(pipeline.open_path(detector, None, 2, PipelineStats()), pipeline.CpuPath)
 
 
 def test_bench_synthetic_images_are_deterministic_jpegs(tmp_path):
