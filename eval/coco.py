@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import closing
@@ -32,6 +31,7 @@ from core.cli import positive_int
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
 from core.sidecar import check_output_path, write_atomic
+from runtime.preprocess import usable_cpus
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="coco-results", metavar="DIR",
                      help="where the per-model COCO results files go (default: coco-results)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
-    run.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
-                     help="threads that decode images ahead of the models (default: up to 4)")
+    run.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
+                     help="threads that decode images ahead of the models (default: one per usable core)")
     score = parser.add_argument_group("score an existing results file")
     score.add_argument("--annotations", metavar="ANN.json", help="COCO instances annotation file")
     score.add_argument("--results", metavar="RES.json", help="COCO results file (list of detections)")

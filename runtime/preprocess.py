@@ -42,8 +42,8 @@ class ShapeError(BadInput, ValueError):
     """An image larger than the engine's optimisation profile allows."""
 
 
-def resized_size(width: int, height: int, short: int = SHORT_SIDE, longest: int = MAX_SIDE) -> tuple[int, int]:
-    """(height, width) after the evaluation resize of a width x height image."""
+def resized_hw(height: int, width: int, short: int = SHORT_SIDE, longest: int = MAX_SIDE) -> tuple[int, int]:
+    """(height, width) after the evaluation resize of an image of this (height, width)."""
     lo, hi = min(width, height), max(width, height)
     # Same float expression order as the official rule, so borderline aspect ratios fall the same way.
     if hi / lo * short > longest:
@@ -132,8 +132,15 @@ def fit_within(height: int, width: int, max_hw: tuple[int, int]) -> tuple[int, i
     return max(1, int(height * factor)), max(1, int(width * factor))
 
 
+def output_hw(height: int, width: int, max_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) an image of this (height, width) is resized to: the evaluation resize (`resized_hw`),
+    scaled down to fit `max_hw` when given."""
+    height, width = resized_hw(height, width)
+    return fit_within(height, width, max_hw) if max_hw is not None else (height, width)
+
+
 def preprocess_image(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """The evaluation transform of one image: (3,H,W) float32 with H, W from `resized_size`.
+    """The evaluation transform of one image: (3,H,W) float32 with H, W from `output_hw`.
 
     With max_hw (an engine profile's maximum), an image the official rule would make larger is scaled to fit
     instead: rounding lets the longer side of very elongated images pass 1333 (up to 1333 + aspect/2).
@@ -144,9 +151,7 @@ def preprocess_image(image: Image.Image, exif: bool = True, max_hw: tuple[int, i
 def resize_rgb(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | None = None) -> Image.Image:
     """`to_rgb` then the evaluation resize (Pillow bilinear), before normalisation."""
     rgb = to_rgb(image, exif=exif)
-    height, width = resized_size(*rgb.size)
-    if max_hw is not None:
-        height, width = fit_within(height, width, max_hw)
+    height, width = output_hw(rgb.height, rgb.width, max_hw)
     if (width, height) != rgb.size:
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
     return rgb
@@ -162,16 +167,16 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-_RESIZE_POOL: ThreadPoolExecutor | None = None
+_POOL: ThreadPoolExecutor | None = None
 
 
-def _resize_pool() -> ThreadPoolExecutor:
-    """Threads for the resizes of a batch, one per usable core: Pillow releases the GIL while resampling, so a
-    batch's resizes use every core."""
-    global _RESIZE_POOL
-    if _RESIZE_POOL is None:
-        _RESIZE_POOL = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="anchortrt-resize")
-    return _RESIZE_POOL
+def cpu_pool() -> ThreadPoolExecutor:
+    """The process's threads for per-image CPU work (resizing, normalising), one per usable core: Pillow's resample
+    and NumPy's table lookup release the GIL, so a batch's images are prepared side by side on every core."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="anchortrt-cpu")
+    return _POOL
 
 
 def preprocess_batch(
@@ -184,24 +189,28 @@ def preprocess_batch(
     """`pad_batch([preprocess_image(i, exif, max_hw) for i in images], min_hw)`, normalising straight into the
     padded batch (no per-image float array). Also returns each image's (height, width) after resizing.
 
-    With ``threads`` (and more than one image) the resizes run on a shared thread pool, side by side; the result is
-    the same either way."""
+    With ``threads`` (and more than one image) each image is resized, normalised into its slot and its padding
+    written on `cpu_pool`, side by side; the result is the same either way."""
     if not images:
         raise ValueError("preprocess_batch needs at least one image")
-
-    def resized(image: Image.Image) -> np.ndarray:
-        return np.asarray(resize_rgb(image, exif=exif, max_hw=max_hw), dtype=np.uint8)
-
-    pixels = list(_resize_pool().map(resized, images)) if threads and len(images) > 1 else list(map(resized, images))
-    sizes = [p.shape[:2] for p in pixels]
+    rgb = [to_rgb(image, exif=exif) for image in images]  # the sizes the resize starts from (EXIF-oriented)
+    sizes = [output_hw(image.height, image.width, max_hw) for image in rgb]
     height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
     if min_hw is not None:
         height, width = max(height, min_hw[0]), max(width, min_hw[1])
-    batch = np.zeros((len(images), 3, height, width), dtype=np.float32)
-    masks = np.ones((len(images), height, width), dtype=bool)
-    for i, (p, (h, w)) in enumerate(zip(pixels, sizes)):
-        _normalize_into(p, batch[i, :, :h, :w])
-        masks[i, :h, :w] = False
+    batch = np.empty((len(images), 3, height, width), dtype=np.float32)
+    masks = np.empty((len(images), height, width), dtype=bool)
+
+    def fill(i: int) -> None:
+        (h, w), image = sizes[i], rgb[i]
+        if (w, h) != image.size:
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+        _normalize_into(np.asarray(image, dtype=np.uint8), batch[i, :, :h, :w])
+        batch[i, :, h:], batch[i, :, :h, w:] = 0, 0
+        masks[i, :h, :w], masks[i, h:], masks[i, :h, w:] = False, True, True
+
+    for _ in (cpu_pool().map if threads and len(images) > 1 else map)(fill, range(len(images))):
+        pass
     return batch, masks, sizes
 
 

@@ -269,16 +269,19 @@ def test_the_gpu_path_takes_any_device_runner_and_falls_back_without_a_gpu(files
     assert isinstance(pipeline.open_path(detector, None, 2, PipelineStats()), pipeline.CpuPath)
 
 
-def test_bench_synthetic_images_are_deterministic_jpegs(tmp_path):
-    from runtime import bench
+def test_synthetic_images_are_deterministic_jpegs_shared_by_every_benchmark(tmp_path):
+    from runtime import bench, synthetic
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    first, second = bench.synthetic_images(tmp_path / "a", 3), bench.synthetic_images(tmp_path / "b", 3)
+    first, second = synthetic.synthetic_images(tmp_path / "a", 3), synthetic.synthetic_images(tmp_path / "b", 3)
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert len({p.read_bytes() for p in first}) == 3
     with Image.open(first[0]) as image:
         assert image.format == "JPEG" and image.size == (640, 480)
     assert bench.pipeline_files(str(tmp_path / "a"), None) == first
+    assert [p.read_bytes() for p in first] == list(synthetic.synthetic_jpegs(3))  # the files are the bytes
+    (small,) = synthetic.decoded_images(1, (96, 64))
+    assert small.mode == "RGB" and small.size == (96, 64) and np.asarray(small).std() > 10  # not a flat colour
 
 
 def test_bench_pipeline_rows_from_files_to_detections(tmp_path, files):

@@ -3,7 +3,7 @@
 `runtime/preprocess.cu` is plain C++ apart from a few CUDA names. Compiled with g++ behind a small shim
 (thread and block indices as globals, a loop over the grid, IEEE-rounded float division and subtraction as the
 plain operators, no FMA contraction), it runs with the exact `Slot` records and staged bytes that
-`GpuPreprocessor.upload` sends to the device (`runtime.gpu_preprocess.stage`). This proves the kernel's integer
+`GpuPreprocessor.upload` sends to the device (`runtime.gpu_preprocess.pack_slot`). This proves the kernel's integer
 resample, normalisation, padding, masks and slot indexing against `runtime.preprocess.preprocess_batch` on any
 machine with a C++ compiler; only the CUDA launch and memory transfers are left to the `gpu` tests.
 """
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from plugins.nvrtc import format_define
-from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, SLOT_DTYPE, stage
+from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, SLOT_DTYPE, pack_slot
 from runtime.preprocess import MEAN, STD, preprocess_batch
 
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -77,7 +77,7 @@ def kernel_batch(run, images: list[np.ndarray], height: int, width: int, max_hw=
     slots = np.zeros(len(images), dtype=SLOT_DTYPE)
     staged_all = []
     for i, rgb in enumerate(images):
-        staged, x_at, y_at, fields = stage(rgb, max_hw)
+        staged, x_at, y_at, fields = pack_slot(rgb, max_hw)
         staged_all.append(staged)  # kept alive: the slots hold raw pointers into it
         base = staged.ctypes.data
         slots[i] = (base, base + x_at, base + y_at, *fields)
@@ -186,8 +186,8 @@ def host_gpu(kernel, monkeypatch):
     monkeypatch.setattr(cuda, "DeviceBuffer", _HostMemory)
     monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel)
     monkeypatch.setattr(cuda, "launch", launch)
-    monkeypatch.setattr("plugins.nvrtc.compile_kernel", lambda *args, **kwargs: b"")
-    monkeypatch.setattr("plugins.nvrtc.target_arch", lambda arch: arch)
+    monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
+    monkeypatch.setattr(cuda, "target_arch", lambda arch: arch)
 
 
 def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
@@ -208,3 +208,24 @@ def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
             np.testing.assert_array_equal(masks.view((b, h, w)), expected_masks)
         staging = [buffer for pair in pre._staging for buffer in pair]
     assert all(buffer.closed for buffer in staging) and pre.stream.closed
+
+
+def test_the_kernel_compiles_into_core_cudas_disk_cache(tmp_path, monkeypatch):
+    """NVRTC (no GPU needed) compiles runtime/preprocess.cu to a cubin kept by core.cuda.compile_cached; a later
+    process reads the file instead of compiling (proved with a marked file)."""
+    from core import cuda
+    from runtime import gpu_preprocess
+
+    try:
+        cuda.nvrtc_version()
+    except cuda.CompileError as exc:
+        pytest.skip(f"no NVRTC: {exc}")
+    monkeypatch.setenv("ANCHORTRT_KERNEL_CACHE", str(tmp_path))
+    gpu_preprocess._cubin.cache_clear()
+    cubin = gpu_preprocess._cubin(90)
+    (cached,) = tmp_path.iterdir()
+    assert cubin.startswith(b"\x7fELF") and cached.name.startswith("preprocess-") and cached.read_bytes() == cubin
+    cached.write_bytes(b"from the cache")
+    gpu_preprocess._cubin.cache_clear()
+    assert gpu_preprocess._cubin(90) == b"from the cache"
+    gpu_preprocess._cubin.cache_clear()
