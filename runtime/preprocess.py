@@ -230,7 +230,7 @@ def preprocess_batch(
 
     With ``threads`` (and more than one image) each image is resized, normalised into its slot and its padding
     written on `cpu_pool`, side by side (`PendingBatch`); the result is the same either way."""
-    return PendingBatch([to_rgb(image, exif=exif) for image in images], min_hw, max_hw, threads).result()
+    return PendingBatch(rgb_images(images, exif), min_hw, max_hw, threads).result()
 
 
 class HostBatch(NamedTuple):
