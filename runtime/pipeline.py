@@ -32,7 +32,7 @@ from PIL import Image
 
 from core.errors import BadInput, Unavailable
 from runtime.preprocess import (
-    HostBatch, ImageError, PendingBatch, decode_many, host_batch, original_sizes, to_rgb,
+    HostBatch, ImageError, PendingBatch, cpu_pool, decode_many, host_batch, original_sizes, to_rgb,
 )
 
 # Busy seconds per stage. "decode" includes the conversion to RGB (EXIF orientation). With the GPU path "upload"
@@ -340,11 +340,11 @@ class GpuPath:
     def _fill(self, rgb: Sequence[Image.Image], runner: Any) -> DeviceBatch:
         """Upload the batch's images and queue the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
+        count = max(len(rgb), runner.min_batch)
+        slots = list(rgb) + [rgb[-1]] * (count - len(rgb))  # below the smallest batch: repeat the last image
         with self.stats.timed("upload"):
-            sizes = [pre.upload(slot, np.asarray(image)) for slot, image in enumerate(rgb)]
-            count = max(len(sizes), runner.min_batch)
-            for slot in range(len(sizes), count):  # below the smallest batch: repeat the last image
-                sizes.append(pre.upload(slot, np.asarray(rgb[-1])))
+            # Each slot stages on its own buffers and event, so the slots of a batch stage side by side.
+            sizes = list(cpu_pool().map(lambda job: pre.upload(job[0], np.asarray(job[1])), enumerate(slots)))
         with self.stats.timed("preprocess"):
             height = max([s[0] for s in sizes] + [runner.min_hw[0]])
             width = max([s[1] for s in sizes] + [runner.min_hw[1]])
