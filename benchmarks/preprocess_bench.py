@@ -1,11 +1,15 @@
 """Benchmark preprocessing of 640x480 images (-> 800x1066): the CPU path against a plain Pillow + NumPy version,
 and with --gpu the GPU kernel.
 
-    python -m benchmarks.preprocess_bench [--batch 4] [--repeat 5] [--gpu] [--out preprocess_bench.json]
+    python -m benchmarks.preprocess_bench [--batch 4] [--repeat 5] [--files N] [--gpu] [--out preprocess_bench.json]
 
 CPU: both sides start from decoded images and end with the padded (B,3,H,W) float32 batch and its masks; the
 plain version resizes with Pillow, normalises with NumPy float32 arithmetic ((x / 255 - mean) / std) and pads
 with pad_batch, as runtime.preprocess did before the lookup table. Times are the best of --repeat runs, per image.
+Files (--files N): N synthetic JPEG files to preprocessed images, a plain thread pool (one thread per usable core,
+`load_image` + `preprocess_image` per file) against runtime.pipeline's CPU path with the same decode threads and a
+stand-in engine (benchmarks.pipeline_capacity.NullEngine), which also pads into batches and post-processes:
+images/s, best of --repeat runs each, taken in turns.
 GPU: CUDA-event time of the kernel alone (`GpuPreprocessor.run`, uploads done once), averaged over many
 back-to-back launches, per image, at batch 1 and 8; and the same with each image's upload (pinned staging,
 host-to-device copy) queued before every launch.
@@ -25,33 +29,16 @@ from PIL import Image
 
 from core.cli import guarded, positive_int
 from core.sidecar import check_output_path, write_atomic
-from runtime.preprocess import MEAN, STD, pad_batch, preprocess_batch, resized_size
-
-SIZE = (640, 480)  # (width, height): the common COCO landscape image
-
-
-def test_images(count: int) -> list[Image.Image]:
-    """Decoded JPEGs with image-like content (smooth gradients plus noise), as the loader would give them."""
-    import io
-
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
-    images = []
-    for i in range(count):
-        base = np.stack([x * 255 / SIZE[0], y * 255 / SIZE[1], (x + y + 40 * i) % 256], axis=-1)
-        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=90)
-        buffer.seek(0)
-        images.append(Image.open(buffer).convert("RGB"))
-    return images
-
+from runtime.preprocess import (
+    MEAN, STD, load_image, pad_batch, preprocess_batch, preprocess_image, resized_hw, usable_cpus,
+)
+from runtime.synthetic import decoded_images, synthetic_images
 
 def plain(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """Pillow resize, NumPy float32 normalisation per image, then pad_batch."""
     planes = []
     for image in images:
-        height, width = resized_size(*image.size)
+        height, width = resized_hw(image.height, image.width)
         pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)).astype(np.float32)
         planes.append(np.ascontiguousarray(((pixels / np.float32(255) - MEAN) / STD).transpose(2, 0, 1)))
     return pad_batch(planes)
@@ -68,7 +55,7 @@ def best_ms(fn, repeat: int) -> float:
 
 
 def bench_cpu(batch: int, repeat: int) -> dict:
-    images = test_images(batch)
+    images = decoded_images(batch)
     ours_batch, ours_masks, _ = preprocess_batch(images)
     ref_batch, ref_masks = plain(images)
     if not (np.array_equal(ours_batch, ref_batch) and np.array_equal(ours_masks, ref_masks)):
@@ -82,12 +69,39 @@ def bench_cpu(batch: int, repeat: int) -> dict:
             "speedup_one_thread": round(base / serial, 2), "speedup": round(base / ours, 2)}
 
 
+def bench_files(count: int, batch: int, repeat: int) -> dict:
+    """Files to preprocessed images/s: a plain thread pool and the pipeline's CPU path, in turns."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.pipeline_capacity import NullEngine, measure
+
+    workers = usable_cpus()
+    plain_rates, pipeline_rates = [], []
+    with tempfile.TemporaryDirectory(prefix="anchortrt-preprocess-") as folder, \
+            ThreadPoolExecutor(workers) as pool:
+        paths = synthetic_images(Path(folder), count)
+
+        def one(path: Path) -> np.ndarray:
+            return preprocess_image(load_image(path))
+
+        list(pool.map(one, paths[:batch]))  # warm-up
+        for _ in range(repeat):
+            start = time.perf_counter()
+            list(pool.map(one, paths))
+            plain_rates.append(count / (time.perf_counter() - start))
+            pipeline_rates.append(measure(NullEngine(), paths, batch, workers, 2)["images_per_s"])
+    plain, pipeline = max(plain_rates), max(pipeline_rates)
+    return {"files": count, "batch": batch, "threads": workers, "plain_pool_images_per_s": round(plain, 1),
+            "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}
+
+
 def bench_gpu(iterations: int = 500) -> dict:
     from core import cuda
     from runtime.gpu_preprocess import GpuPreprocessor
 
     device = cuda.init()
-    arrays = [np.asarray(image) for image in test_images(8)]
+    arrays = [np.asarray(image) for image in decoded_images(8)]
     results = {}
     with GpuPreprocessor(max_batch=8, max_hw=(1344, 1344)) as gpu, cuda.Event() as start, cuda.Event() as end:
         for batch in (1, 8):
@@ -120,6 +134,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess_bench", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=positive_int, default=4)
     p.add_argument("--repeat", type=positive_int, default=5)
+    p.add_argument("--files", type=positive_int, metavar="N",
+                   help="also compare files -> preprocessed images: a plain thread pool and the pipeline's CPU path")
     p.add_argument("--gpu", action="store_true", help="also time the GPU kernel")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     return guarded(p.prog, run, p.parse_args(argv))
@@ -129,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out, "--out")
     results = {"cpu": bench_cpu(args.batch, args.repeat)}
+    if args.files:
+        results["files"] = bench_files(args.files, args.batch, args.repeat)
     if args.gpu:
         results["gpu"] = bench_gpu()  # core.cuda says so in one line when there is no GPU
     print(json.dumps(results, indent=2))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import closing
@@ -39,6 +38,8 @@ from core.errors import EXIT_FAILED
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
 from core.sidecar import check_output_path, engine_inputs, write_atomic
+from runtime.infer import class_names
+from runtime.preprocess import usable_cpus
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -72,13 +73,6 @@ def category_map(names: dict[int, str], gt, what: str) -> dict[int, int] | None:
                         "with `python -m weights.extract --names ANNOTATIONS.json` and build again")
     mapping = {label: by_name[name] for label, name in names.items() if name in by_name}
     return None if all(label == cid for label, cid in mapping.items()) else mapping
-
-
-def model_names(model) -> dict[int, str]:
-    """The class names of an opened model: an engine's sidecar, the reference's weights (runtime.infer)."""
-    from runtime.infer import class_names
-
-    return class_names(getattr(model, "runner", model))  # EngineModel wraps its EngineRunner
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -123,11 +117,11 @@ def open_models(args) -> list:
     models = []
     try:
         if args.engine:
-            from eval.models import EngineModel
+            from runtime.runner import EngineRunner
 
             # Side by side only makes sense for one set of weights: the runtime refuses an engine built from others.
             same_weights = file_sha256(args.torch_weights) if args.torch_weights else None
-            models.append(EngineModel(args.engine, same_weights))
+            models.append(EngineRunner(args.engine, same_weights))
         if args.torch_weights:
             from runtime.torch_detector import TorchReference
 
@@ -173,14 +167,14 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     Each batch is read (on `workers` threads), resized and padded once, ahead of the models (runtime.pipeline),
     and given to every model.
     """
-    from runtime.pipeline import PipelineStats, bounded, cpu_preprocess, decoded_batches
+    from runtime.pipeline import CpuPath, PipelineStats, bounded, decoded_batches, preprocess_stage
     from runtime.preprocess import ImageError
 
-    min_hw, max_hw = batch_limits(models)
     batch = min([batch] + [m.max_batch for m in models if m.max_batch is not None])
     stats = PipelineStats()
     # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
-    prepared = bounded(decoded_batches(paths, batch, workers, stats), [cpu_preprocess(min_hw, max_hw, False, stats)])
+    path = CpuPath(None, stats, limits=batch_limits(models))
+    prepared = bounded(decoded_batches(paths, batch, workers, False, stats), [preprocess_stage(path)])
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
     done, evaluated, skipped = 0, [], []
@@ -195,11 +189,11 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
                     skipped.append(str(key))
             ids = [ids[i] for i in chunk.readable]  # the mAP covers these only: a skipped image has no detections
             evaluated += ids
-            if chunk.arrays is not None:
-                images, masks, sizes = chunk.arrays
+            if chunk.work is not None:
+                ready = path.ready(chunk.work)
                 for model in models:
                     start = time.perf_counter()
-                    detections = model(images, masks, sizes)
+                    detections = model(*ready)
                     seconds[model.name] += time.perf_counter() - start
                     results[model.name].extend(coco_results(ids, detections, (category_ids or {}).get(model.name)))
             bar.update(len(chunk.keys), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
@@ -211,10 +205,10 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
 def run_dataset(args) -> int:
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
-    from eval.models import EngineModel
+    from runtime.runner import EngineRunner
     from runtime.torch_detector import TorchReference
 
-    names = [EngineModel.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
+    names = [EngineRunner.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
     inputs = [("annotation file", Path(args.coco_root) / ANNOTATIONS), ("--torch-weights", args.torch_weights),
               *engine_inputs(args.engine)]
     check_outputs(inputs, ("--json" if args.json else "--results-dir", metrics_path),
@@ -224,7 +218,7 @@ def run_dataset(args) -> int:
     models = []
     try:
         models = open_models(args)
-        category_ids = {m.name: category_map(model_names(m), gt, m.description) for m in models}
+        category_ids = {m.name: category_map(class_names(m), gt, m.description) for m in models}
         results, seconds, image_ids, skipped = run_models(models, image_ids, paths, args.batch, args.workers,
                                                           category_ids)
     finally:
@@ -301,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="coco-results", metavar="DIR",
                      help="where the per-model COCO results files go (default: coco-results)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
-    run.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
-                     help="threads that decode images ahead of the models (default: up to 4)")
+    run.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
+                     help="threads that decode images ahead of the models (default: one per usable core)")
     score = parser.add_argument_group("score an existing results file")
     score.add_argument("--annotations", metavar="ANN.json", help="COCO instances annotation file")
     score.add_argument("--results", metavar="RES.json", help="COCO results file (list of detections)")

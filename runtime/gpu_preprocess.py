@@ -12,7 +12,7 @@ host exactly as Pillow does, and `pillow_bilinear` is a NumPy implementation of 
 `Image.resize` bit for bit; the kernel uses the same tables and order, so its output equals the CPU path's.
 
 CUDA is reached through core.cuda (device, stream, events, pinned and device memory, kernel loading and launch);
-the kernel is compiled (and cached on disk) by plugins.nvrtc.
+the kernel is compiled by NVRTC and cached on disk there too (`core.cuda.compile_cached`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from runtime.preprocess import MEAN, STD, fit_within, resized_size
+from runtime.preprocess import MEAN, STD, output_hw
 
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
@@ -152,17 +152,11 @@ def pillow_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resample(rgb, height, width, vertical_first(rgb.shape[0], rgb.shape[1], height, width))
 
 
-def output_size(in_h: int, in_w: int, max_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(height, width) an in_h x in_w image is resized to: the official rule, scaled to fit max_hw (as the CPU path)."""
-    height, width = resized_size(in_w, in_h)
-    return fit_within(height, width, max_hw) if max_hw is not None else (height, width)
-
-
-def stage(rgb: np.ndarray, max_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int, tuple]:
+def pack_slot(rgb: np.ndarray, max_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int, tuple]:
     """What one batch slot uploads: the uint8 bytes (pixels, then the x and y tables at 4-byte aligned offsets), the
     two tables' byte offsets, and the rest of its `Slot` (in_w, out_h, out_w, kx, ky, vertical_first)."""
     in_h, in_w = rgb.shape[:2]
-    out_h, out_w = output_size(in_h, in_w, max_hw)
+    out_h, out_w = output_hw(in_h, in_w, max_hw)  # as the CPU path resizes
     xtab, ytab = bilinear_coefficients(in_w, out_w), bilinear_coefficients(in_h, out_h)
     x_at = (rgb.nbytes + 3) & ~3
     y_at = x_at + xtab.nbytes
@@ -172,6 +166,18 @@ def stage(rgb: np.ndarray, max_hw: tuple[int, int] | None = None) -> tuple[np.nd
     staged[y_at:] = ytab.view(np.uint8).reshape(-1)
     fields = (in_w, out_h, out_w, xtab.shape[1] - 2, ytab.shape[1] - 2, vertical_first(in_h, in_w, out_h, out_w))
     return staged, x_at, y_at, fields
+
+
+@functools.cache
+def _cubin(arch: int) -> bytes:
+    """The kernel for `arch` (e.g. 90), compiled once per process and kept on disk by core.cuda.compile_cached."""
+    from core import cuda
+
+    constants = {f"MEAN{c}": MEAN[c] for c in range(3)} | {f"STD{c}": STD[c] for c in range(3)}
+    # float32 hex literals: the kernel's constants equal the CPU path's exactly
+    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17",
+               *(f"-D{name}={float(value).hex()}f" for name, value in constants.items())]
+    return cuda.compile_cached(KERNEL_SOURCE.read_bytes(), KERNEL_SOURCE.name, options, "cubin")
 
 
 class GpuPreprocessor:
@@ -187,7 +193,6 @@ class GpuPreprocessor:
 
     def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, stream=None):
         from core import cuda
-        from plugins.nvrtc import compile_kernel, target_arch
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -196,10 +201,7 @@ class GpuPreprocessor:
         self._own_stream = stream is None
         self.stream = cuda.Stream() if stream is None else stream
         self.max_batch, self.max_hw = max_batch, max_hw
-        defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
-        # plugins.nvrtc joins its own folder with the source name; an absolute path joins to itself.
-        cubin = compile_kernel(str(KERNEL_SOURCE), defines, target_arch(self.device.arch), kind="cubin")
-        self._kernel = cuda.load_kernel(cubin, "cubin", "preprocess_batch")
+        self._kernel = cuda.load_kernel(_cubin(cuda.target_arch(self.device.arch)), "cubin", "preprocess_batch")
         self._staging: list = [None] * max_batch  # per slot: (pinned buffer, device buffer), both uint8
         # Per slot: an event recorded after its last copy, waited for before its pinned buffer is written again.
         self._copied = [cuda.Event() for _ in range(max_batch)]
@@ -230,7 +232,7 @@ class GpuPreprocessor:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
             raise ValueError(f"expected a non-empty (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
         self.device.activate()
-        staged, x_at, y_at, fields = stage(rgb, self.max_hw)
+        staged, x_at, y_at, fields = pack_slot(rgb, self.max_hw)
         pinned, dev = self._buffers(slot, staged.nbytes)
         if self._pending[slot]:
             self._copied[slot].synchronize()  # the previous copy out of this pinned buffer must be done

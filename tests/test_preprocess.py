@@ -21,7 +21,8 @@ from runtime.preprocess import (
     pad_batch,
     preprocess_batch,
     preprocess_image,
-    resized_size,
+    output_hw,
+    resized_hw,
     to_rgb,
 )
 
@@ -50,24 +51,27 @@ ODD_SIZES = [(640, 480), (480, 640), (333, 501), (1, 1), (799, 801), (800, 1333)
 
 @pytest.mark.parametrize("size", ODD_SIZES)
 def test_size_rule_matches_exact_arithmetic(size):
-    assert resized_size(*size) == exact_size(*size)
+    width, height = size
+    assert resized_hw(height, width) == exact_size(width, height)
 
 
 def test_size_rule_on_many_random_sizes():
     rng = np.random.default_rng(0)
     for width, height in rng.integers(1, 5000, (2000, 2)):
-        assert resized_size(int(width), int(height)) == exact_size(int(width), int(height)), (width, height)
+        assert resized_hw(int(height), int(width)) == exact_size(int(width), int(height)), (width, height)
 
 
 def test_size_rule_known_values():
-    assert resized_size(640, 480) == (800, 1066)  # the common COCO landscape size
-    assert resized_size(480, 640) == (1066, 800)
-    assert resized_size(1000, 400) == (533, 1332)  # capped: round(1333 * 400 / 1000) = 533, int(533 * 2.5)
-    assert resized_size(100, 2000) == (1340, 67)  # the rounding lets the long side pass 1333
+    # (height, width) in, (height, width) out
+    assert resized_hw(480, 640) == (800, 1066)  # the common COCO landscape size
+    assert resized_hw(640, 480) == (1066, 800)
+    assert resized_hw(400, 1000) == (533, 1332)  # capped: round(1333 * 400 / 1000) = 533, int(533 * 2.5)
+    assert resized_hw(2000, 100) == (1340, 67)  # the rounding lets the long side pass 1333
+    assert output_hw(480, 640, (700, 1344)) == (700, 932)  # then scaled to fit a profile maximum
 
 
 def test_size_rule_never_gives_zero():
-    assert resized_size(5000, 1) == (1, 5000)  # the official rule would give a zero height here
+    assert resized_hw(1, 5000) == (1, 5000)  # the official rule would give a zero height here
 
 
 @pytest.mark.parametrize("size", [(96, 128), (131, 97), (256, 320)])
@@ -226,7 +230,7 @@ def test_threaded_resizes_give_the_serial_batch_in_input_order():
               for h, w in [(480, 640), (31, 70), (640, 480), (5, 900), (300, 300)]]
     threaded = preprocess_batch(images, threads=True)
     serial = preprocess_batch(images, threads=False)
-    assert threaded[2] == serial[2] == [resized_size(*image.size) for image in images]
+    assert threaded[2] == serial[2] == [resized_hw(image.height, image.width) for image in images]
     np.testing.assert_array_equal(threaded[0], serial[0])
     np.testing.assert_array_equal(threaded[1], serial[1])
 
@@ -313,3 +317,105 @@ def test_too_many_pixels_is_one_clear_line_whatever_the_size(width, height, tmp_
         server.decode(path.read_bytes())
     assert str(info.value).endswith("over the limit of 50,000,000 pixels: send a smaller image (--max-pixels sets "
                                     "this server's limit)"), info.value
+
+
+# ---------------------------------------------------------------------------------------------- pools sized to the machine
+
+
+@pytest.fixture
+def three_of_sixty_four_cores(monkeypatch):
+    """A process allowed on 3 cores of a 64-core machine (an affinity mask, a container's cpuset)."""
+    import os
+
+    monkeypatch.delattr(os, "process_cpu_count", raising=False)  # Python 3.13+ answers from the mask too
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    return 3
+
+
+def test_usable_cpus_is_the_affinity_mask_not_the_machine(three_of_sixty_four_cores, monkeypatch):
+    import os
+
+    from runtime.preprocess import usable_cpus
+
+    assert usable_cpus() == 3
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 7, raising=False)
+    assert usable_cpus() == 7  # Python 3.13+'s own answer comes first
+    monkeypatch.delattr(os, "process_cpu_count")
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cpus() == 64  # no affinity API (macOS, Windows): the machine's count
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert usable_cpus() == 1
+
+
+def test_the_cpu_pools_and_the_workers_defaults_follow_the_usable_cores(three_of_sixty_four_cores, monkeypatch,
+                                                                        tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks import pipeline_capacity
+    from eval import coco
+    from runtime import bench, infer, preprocess
+
+    monkeypatch.setattr(preprocess, "_POOL", None)
+    pool = preprocess.cpu_pool()
+    assert pool._max_workers == 3 and preprocess.cpu_pool() is pool  # one pool for the process
+    pool.shutdown()
+    sizes = []
+
+    class Recorded(ThreadPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            sizes.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(preprocess, "ThreadPoolExecutor", Recorded)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert [image.size for image in preprocess.decode_many([tmp_path / "a.png"])] == [(8, 8)]
+    assert sizes == [3]  # decoding: one thread per usable core by default
+    for parser in (infer.build_parser(), bench.build_parser(), coco.build_parser()):
+        assert parser.get_default("workers") == 3
+    captured = []
+
+    def run(args, argv):
+        captured.append(args.workers)
+        return 0
+
+    monkeypatch.setattr(pipeline_capacity, "run", run)
+    assert pipeline_capacity.main([]) == 0 and captured == [3]
+
+
+def test_padding_and_masks_are_written_whatever_the_memory_held(monkeypatch):
+    """The batch is allocated without zeroing; every padding value and mask must still be written."""
+    from runtime import preprocess
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(48, 64), (70, 31)]]
+    expected, expected_masks = pad_batch([preprocess_image(image) for image in images], min_hw=(900, 900))
+    empty = np.empty
+    monkeypatch.setattr(preprocess.np, "empty", lambda shape, dtype: np.full(shape, 7, dtype))  # dirty memory
+    batch, masks, _ = preprocess_batch(images, min_hw=(900, 900))
+    monkeypatch.setattr(preprocess.np, "empty", empty)
+    np.testing.assert_array_equal(batch, expected)
+    np.testing.assert_array_equal(masks, expected_masks)
+
+
+def test_a_batch_is_prepared_image_by_image_on_the_pool(monkeypatch):
+    import threading
+
+    from runtime import preprocess
+
+    names = []
+    normalize_into = preprocess._normalize_into
+
+    def recording(pixels, out):
+        names.append(threading.current_thread().name)
+        normalize_into(pixels, out)
+
+    monkeypatch.setattr(preprocess, "_normalize_into", recording)
+    images = [Image.new("RGB", (40 + i, 30), (10 * i, 0, 0)) for i in range(4)]
+    pooled = preprocess_batch(images, threads=True)
+    assert len(names) == 4 and all(name.startswith("anchortrt-cpu") for name in names)  # resize + normalise there
+    names.clear()
+    serial = preprocess_batch(images, threads=False)
+    assert names == [threading.current_thread().name] * 4
+    for a, b in zip(pooled, serial):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -3,7 +3,7 @@
 `runtime/preprocess.cu` is plain C++ apart from a few CUDA names. Compiled with g++ behind a small shim
 (thread and block indices as globals, a loop over the grid, IEEE-rounded float division and subtraction as the
 plain operators, no FMA contraction), it runs with the exact `Slot` records and staged bytes that
-`GpuPreprocessor.upload` sends to the device (`runtime.gpu_preprocess.stage`). This proves the kernel's integer
+`GpuPreprocessor.upload` sends to the device (`runtime.gpu_preprocess.pack_slot`). This proves the kernel's integer
 resample, normalisation, padding, masks and slot indexing against `runtime.preprocess.preprocess_batch` on any
 machine with a C++ compiler; only the CUDA launch and memory transfers are left to the `gpu` tests.
 """
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from plugins.nvrtc import format_define
-from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, SLOT_DTYPE, stage
+from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, SLOT_DTYPE, pack_slot
 from runtime.preprocess import MEAN, STD, preprocess_batch
 
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -77,7 +77,7 @@ def kernel_batch(run, images: list[np.ndarray], height: int, width: int, max_hw=
     slots = np.zeros(len(images), dtype=SLOT_DTYPE)
     staged_all = []
     for i, rgb in enumerate(images):
-        staged, x_at, y_at, fields = stage(rgb, max_hw)
+        staged, x_at, y_at, fields = pack_slot(rgb, max_hw)
         staged_all.append(staged)  # kept alive: the slots hold raw pointers into it
         base = staged.ctypes.data
         slots[i] = (base, base + x_at, base + y_at, *fields)
@@ -186,8 +186,8 @@ def host_gpu(kernel, monkeypatch):
     monkeypatch.setattr(cuda, "DeviceBuffer", _HostMemory)
     monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel)
     monkeypatch.setattr(cuda, "launch", launch)
-    monkeypatch.setattr("plugins.nvrtc.compile_kernel", lambda *args, **kwargs: b"")
-    monkeypatch.setattr("plugins.nvrtc.target_arch", lambda arch: arch)
+    monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
+    monkeypatch.setattr(cuda, "target_arch", lambda arch: arch)
 
 
 def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
@@ -208,3 +208,81 @@ def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
             np.testing.assert_array_equal(masks.view((b, h, w)), expected_masks)
         staging = [buffer for pair in pre._staging for buffer in pair]
     assert all(buffer.closed for buffer in staging) and pre.stream.closed
+
+
+def test_the_kernel_compiles_into_core_cudas_disk_cache(tmp_path, monkeypatch):
+    """NVRTC (no GPU needed) compiles runtime/preprocess.cu to a cubin kept by core.cuda.compile_cached; a later
+    process reads the file instead of compiling (proved with a marked file)."""
+    from core import cuda
+    from runtime import gpu_preprocess
+
+    try:
+        cuda.nvrtc_version()
+    except cuda.CompileError as exc:
+        pytest.skip(f"no NVRTC: {exc}")
+    monkeypatch.setenv("ANCHORTRT_KERNEL_CACHE", str(tmp_path))
+    gpu_preprocess._cubin.cache_clear()
+    cubin = gpu_preprocess._cubin(90)
+    (cached,) = tmp_path.iterdir()
+    assert cubin.startswith(b"\x7fELF") and cached.name.startswith("preprocess-") and cached.read_bytes() == cubin
+    cached.write_bytes(b"from the cache")
+    gpu_preprocess._cubin.cache_clear()
+    assert gpu_preprocess._cubin(90) == b"from the cache"
+    gpu_preprocess._cubin.cache_clear()
+
+
+def test_the_pipelines_gpu_path_through_host_memory_equals_the_cpu_path(host_gpu, tmp_path):
+    """runtime.pipeline's GpuPath end to end on this machine: a DeviceRunner stand-in (not an EngineRunner) whose
+    input buffers are host memory, the slots staged side by side on the CPU pool, the kernel's CPU build writing
+    the buffers, two buffer sets in flight. Its detections equal the CPU path's, and every runner is given back."""
+    from core.sidecar import Profile
+    from helpers import NumpyDetector, solid
+    from runtime import pipeline
+
+    profile = Profile((2, 320, 512), (2, 800, 800), (3, 1344, 1344))  # smallest batch 2: a lone image is repeated
+
+    class HostRunner(NumpyDetector):
+        stream = None
+
+        def __init__(self, profile):
+            super().__init__(profile)
+            b, h, w = profile.max
+            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+            self.runs, self.closed_siblings = [], []
+
+        @property
+        def input_pointers(self):
+            return self._images.ptr, self._masks.ptr
+
+        def sibling(self):
+            self.last_sibling = HostRunner(self.profile)
+            return self.last_sibling
+
+        def infer_on_device(self, shape, batch=None):
+            b, h, w = shape
+            self.runs.append((tuple(shape), batch))
+            return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
+                                                        self._masks.view((b, h, w)).copy()).items()}
+
+        def close(self):
+            self.closed = True
+
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.png")
+        solid(60 + 9 * i, 40 + 7 * (i % 3), i % 3).save(paths[-1])
+    runner = HostRunner(profile)
+    stats = pipeline.PipelineStats()
+    found = list(pipeline.detect_stream(runner, paths, threshold=0.3, batch=3, gpu_preprocess=True, stats=stats))
+    # The CPU path's answer (a profile with the same sizes but a smallest batch of 1: the stand-in's infer does not
+    # cut a repeated image's outputs off again, as EngineRunner.infer does)
+    cpu = NumpyDetector(Profile((1, 320, 512), profile.opt, profile.max))
+    expected = cpu.detect([Image.open(p) for p in paths], threshold=0.3, batch_size=3)
+    assert [f.key for f in found] == paths
+    for got, want in zip(found, expected):
+        for key in want:
+            np.testing.assert_array_equal(got.result[key], want[key])
+    ran = runner.runs + runner.last_sibling.runs
+    assert sorted(batch for _, batch in ran) == [1, 3, 3] and all(shape[0] >= 2 for shape, _ in ran)
+    assert runner.last_sibling.closed  # the extra buffer set is freed; the caller's runner stays open
+    assert not runner.closed and stats.seconds["upload"] > 0 and stats.seconds["engine"] > 0
