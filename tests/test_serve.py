@@ -98,8 +98,7 @@ def test_infer_function_batches_good_rows_and_answers_bad_ones_alone():
 
 def test_a_request_without_image_fails_alone_with_one_line():
     detector = FakeDetector()
-    model = serve.Model(detector, (32, 32), (64, 96), 4)
-    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), max_batch=4)
+    infer = serve.InferFunction(detector, serve.HostPreprocess(detector, MAX_PIXELS), max_batch=4)
     # Triton lets this through: it only checks that a request has between 1 and 2 of the model's inputs.
     answers = infer([{"threshold": np.array([[0.1]], np.float32)}, {"image": np.array([[encoded(0)]], object)}])
     assert [a["count"].ravel().tolist() for a in answers] == [[0], [1]]
@@ -109,9 +108,8 @@ def test_a_request_without_image_fails_alone_with_one_line():
 
 def test_a_closed_admission_answers_at_once_without_the_model():
     detector = FakeDetector()
-    model = serve.Model(detector, (32, 32), (64, 96), 4)
     admission = serve.Admission()
-    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), 4, admission)
+    infer = serve.InferFunction(detector, serve.HostPreprocess(detector, MAX_PIXELS), 4, admission)
     assert admission.wait_idle(0)
     admission.close()
     (answer,) = infer([{"image": np.array([[encoded(0)], [encoded(1)]], object)}])
