@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--engine", type=Path, metavar="E.plan",
-                       help="engine with its sidecar <engine>.json beside it (built with --postprocess for the ensemble)")
+                       help="engine with its sidecar <engine>.json beside it (for the ensemble: built with --postprocess)")
     model.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
                        help="the PyTorch reference in place of the engine (Python backend; no TensorRT needed)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="REPO", help="model repository folder")
@@ -320,7 +320,8 @@ def torch_repository(weights: Path, options: Options = Options(), device: str = 
     gpu = device == "cuda"
     stand_in = _python_model(MODEL_NAME, batch, ENGINE_INPUTS, TOP_K, options, gpu, batching=True)
     files = _ensemble_files(ensemble_configs(batch, (MIN_SIDE, MIN_SIDE), max_hw, options, gpu))
-    files |= {f"{MODEL_NAME}/config.pbtxt": stand_in.encode(), f"{MODEL_NAME}/1/model.py": _model_file("torch_stand_in.py"),
+    files |= {f"{MODEL_NAME}/config.pbtxt": stand_in.encode(),
+              f"{MODEL_NAME}/1/model.py": _model_file("torch_stand_in.py"),
               f"{MODEL_NAME}/1/model.safetensors": weights.read_bytes()}
     return files
 
@@ -357,46 +358,45 @@ def shm_prefix(pid: int | None = None) -> str:
 
 
 def bundled_tritonserver(repo: Path, backends: Path, host: str = "127.0.0.1", http_port: int = 8000,
-                         grpc_port: int = 8001, metrics_port: int = 8002) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) that start the tritonserver of PyTriton's wheel on `repo`, with its Python backend
-    copied into `backends` (a folder the caller removes afterwards) with the stub of this Python version.
+                         grpc_port: int = 8001, metrics_port: int = 8002) -> dict[str, Any]:
+    """`subprocess.Popen` arguments (args, env, cwd) that start the tritonserver of PyTriton's wheel on `repo`, its
+    Python backend copied into `backends` (a folder the caller removes afterwards) with the stub of this Python.
 
-    The stub runs the model files with this interpreter's environment: this Python's libpython first on
-    LD_LIBRARY_PATH (the stub loads it by name and may otherwise pick another build of the same version), this
-    environment's `bin` first on PATH (the stub's Python finds its site-packages from it) and this package's root
-    first on PYTHONPATH (the models import this checkout of it, not another installed copy)."""
+    The stub runs the model files in this interpreter's environment: this Python's libpython first on
+    LD_LIBRARY_PATH (the stub loads it by name and may otherwise pick another build of the same version) and this
+    environment's `bin` first on PATH (the stub's Python finds its site-packages from it). The stub ignores
+    PYTHONPATH, but its sys.path starts with its working folder: the server runs in this package's root folder,
+    so the models import this copy of the package, whatever else is installed."""
     try:
         import pytriton
     except ImportError as exc:
         raise Unavailable(f"--serve needs PyTriton ({exc}): pip install -e '.[serve]'") from None
     dist = Path(pytriton.__file__).resolve().parent / "tritonserver"
-    stub = dist / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise Unavailable(f"PyTriton has no Python-backend stub for Python {sys.version_info.major}."
-                          f"{sys.version_info.minor} ({stub}): use Python 3.11-3.13")
+        raise Unavailable(f"PyTriton has no Python-backend stub for Python {version} ({stub}): use Python 3.11-3.13")
     python = backends / "python"
     python.mkdir(parents=True, exist_ok=True)
     for source in (dist / "backends" / "python" / "libtriton_python.so",
                    dist / "backends" / "python" / "triton_python_backend_utils.py", stub):
         shutil.copy2(source, python / source.name)
-    libs = [sysconfig.get_config_var("LIBDIR") or "", str(dist.parent.parent / "nvidia_pytriton.libs")]
     env = dict(os.environ)
 
     def first(name: str, paths: Sequence[str]) -> None:
         env[name] = os.pathsep.join([p for p in paths if p] + [p for p in env.get(name, "").split(os.pathsep) if p])
 
-    first("LD_LIBRARY_PATH", libs)
+    libs = dist.parent.parent / "nvidia_pytriton.libs"  # the server's own libraries, beside the package
+    first("LD_LIBRARY_PATH", [sysconfig.get_config_var("LIBDIR") or "", str(libs)])
     first("PATH", [str(Path(sys.executable).parent)])
-    first("PYTHONPATH", [str(Path(__file__).resolve().parents[1])])
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ in the repository: it stays as written
-    argv = [str(dist / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory", str(backends),
+    args = [str(dist / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory", str(backends),
             "--http-address", host, "--http-port", str(http_port), "--grpc-address", host,
             "--grpc-port", str(grpc_port), "--metrics-address", host, "--metrics-port", str(metrics_port),
             "--exit-timeout-secs", str(EXIT_TIMEOUT_S),
             # Shared-memory segments named after this process: several servers on one machine stay apart, and
             # anything a crash leaves in /dev/shm says whose it was.
             f"--backend-config=python,shm-region-prefix-name={shm_prefix()}"]
-    return argv, env
+    return {"args": args, "env": env, "cwd": str(Path(__file__).resolve().parents[1])}
 
 
 def _ready(host: str, port: int) -> bool:
@@ -412,8 +412,8 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
     then finishes the requests it has, unloads the models and exits. Its log goes to this process's stderr."""
     backends = Path(tempfile.mkdtemp(prefix="anchortrt-triton-"))
     try:
-        argv, env = bundled_tritonserver(repo, backends, host, http_port, grpc_port, metrics_port)
-        process = subprocess.Popen(argv, env=env, stdout=sys.stderr, stderr=sys.stderr)
+        launch = bundled_tritonserver(repo, backends, host, http_port, grpc_port, metrics_port)
+        process = subprocess.Popen(**launch, stdout=sys.stderr, stderr=sys.stderr)
         stopping: list[int] = []
 
         def stop(signum: int, _frame: Any) -> None:
@@ -443,8 +443,11 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
         shutil.rmtree(backends, ignore_errors=True)
     if stopping and code == 0:
         return 0
-    raise Unavailable(f"tritonserver exited with code {code}" + ("" if stopping else " before it was stopped")
-                      + ": see its log above (a model that failed to load names itself there)")
+    if stopping:
+        raise Unavailable(f"tritonserver did not stop cleanly (exit code {code}): see its log above; \"Exit timeout "
+                          f"expired\" there means clients kept connections open for all of its {EXIT_TIMEOUT_S} s")
+    raise Unavailable(f"tritonserver exited with code {code} before it was stopped: see its log above (a model "
+                      "that failed to load names itself there)")
 
 
 def _check_serve_args(args: argparse.Namespace) -> None:
@@ -460,7 +463,7 @@ def _check_serve_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.torch_weights is None and (args.max_size is not None or args.device != "cpu"):
-        raise BadInput("--device and --max-size apply to --torch-weights only (an engine's sizes come from its profile)")
+        raise BadInput("--device and --max-size apply to --torch-weights only (an engine's sizes are its profile's)")
     if args.gpus and args.torch_weights is not None and args.device == "cpu":
         raise BadInput("--gpus places GPU instances: it needs --engine or --device cuda")
     if args.raw and args.engine is None:

@@ -1,0 +1,178 @@
+"""The ensemble in a real tritonserver: `python -m serve.triton --torch-weights ... --serve` (PyTriton's binary and
+Python backend), answering serve.client as serve.server does.
+
+There is no TensorRT backend here, so the engine step is the PyTorch stand-in (serve/models/torch_stand_in.py, the
+top-100 as an engine built with --postprocess emits it), on random r50_c5 weights with images scaled to fit 64x96
+so a CPU forward is quick. Answers are compared with the detections runtime.infer's pipeline gives for the same
+files with the same reference (`TorchReference.detect_files`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import assert_same_detections, free_ports, session_processes
+
+MAX_SIZE = (64, 96)
+MAX_PIXELS = 200 * 200
+START_TIMEOUT_S = 150
+
+
+def encoded(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("pytriton", reason="needs PyTriton (its tritonserver): pip install -e '.[serve]'")
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
+    from serve.client import Client
+
+    folder = tmp_path_factory.mktemp("ensemble")
+    weights = folder / "r50_c5.safetensors"
+    subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "--seed", "0",
+                    "-o", str(weights)], check=True, capture_output=True, timeout=120)
+    temp = folder / "tmp"  # the server's TMPDIR: empty again after it stops
+    temp.mkdir()
+    http, grpc, metrics = free_ports(3)
+    log = open(folder / "server.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve.triton", "--torch-weights", str(weights), "--device", "cpu",
+         "--max-size", "x".join(map(str, MAX_SIZE)), "--max-pixels", str(MAX_PIXELS), "--max-batch", "4",
+         "--max-queue-delay-us", "50000", "-o", str(folder / "repo"), "--serve",
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(temp)},
+    )
+    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
+               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            clients["http"].check_ready()
+            break
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                log.seek(0)
+                pytest.fail(f"tritonserver did not become ready:\n{log.read()[-4000:]}")
+            time.sleep(0.5)
+    yield {"process": process, "weights": weights, "clients": clients, "log": log, "folder": folder,
+           "temp": temp, "metrics": metrics}
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)  # only if the shutdown test did not run or failed
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory):
+    """Detections of image bytes by runtime.infer's pipeline on the same reference (files, batch 1)."""
+    from runtime.torch_detector import TorchReference
+
+    model = TorchReference(server["weights"], "cpu")
+    model.max_hw = MAX_SIZE  # as the stand-in's profile: scale images to fit, as runtime.infer does for an engine
+    folder = tmp_path_factory.mktemp("images")
+
+    def detect(data: bytes, threshold: float) -> dict[str, np.ndarray]:
+        path = folder / f"{len(list(folder.iterdir()))}.img"
+        path.write_bytes(data)
+        (found,) = model.detect_files([path], threshold, batch=1, workers=1)
+        return found
+
+    yield detect
+    model.close()
+
+
+def test_requests_one_at_a_time_match_runtime_infer(server, reference):
+    client = server["clients"]["http"]
+    # Landscape, portrait (scaled to fit 64 high), and one larger than the profile (scaled down); PNG too.
+    cases = ((1, (96, 64), "JPEG", 0.3), (2, (60, 90), "PNG", None), (3, (180, 120), "JPEG", 0.0))
+    for seed, size, fmt, threshold in cases:
+        data = encoded(seed, size, fmt)
+        answer = client.detect(data, threshold)
+        assert answer["size"].tolist() == [size[1], size[0]]  # boxes refer to the image as sent
+        expected = reference(data, 0.5 if threshold is None else threshold)
+        assert len(answer["scores"]) > 0 or len(expected["scores"]) == 0
+        assert_same_detections(answer, expected)
+        if threshold == 0.0:
+            assert len(answer["scores"]) == 100  # the whole top-100
+
+
+def test_good_and_bad_requests_batched_together(server, reference):
+    from serve.client import RequestFailed
+
+    client = server["clients"]["grpc"]
+    jpeg = encoded(7)
+    bad = {
+        "not an image": (b"this is not an image", 0.5, "cannot decode"),
+        "truncated jpeg": (jpeg[: len(jpeg) // 2], 0.5, "cannot decode"),
+        "empty": (b"", 0.5, "empty"),
+        "threshold above 1": (jpeg, 1.5, "outside [0, 1]"),
+        "too many pixels": (encoded(3, size=(201, 200)), 0.5, "--max-pixels"),
+    }
+    good = [(encoded(100 + i), 0.2 + 0.1 * i) for i in range(4)]  # one size: batching cannot change the padding
+    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
+    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
+
+    def send(job):
+        try:
+            return client.detect(job[1], job[2])
+        except RequestFailed as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for (name, data, threshold, message), answer in zip(jobs, answers):
+        if name == "good":
+            assert isinstance(answer, dict), answer
+            assert_same_detections(answer, reference(data, threshold))
+        else:
+            assert isinstance(answer, str) and message in answer and "anchor_detr" in answer, (name, answer)
+    # The good ones were batched with each other and the bad ones: Triton's statistics say so.
+    stats = server["clients"]["http"]._client().get_inference_statistics("anchor_detr_pre")["model_stats"][0]
+    assert stats["execution_count"] < stats["inference_count"]
+    assert isinstance(client.detect(encoded(9), 0.5), dict)  # still serving
+
+
+def test_metrics_port_answers_prometheus(server):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    assert 'nv_inference_request_success{model="anchor_detr"' in text
+
+
+def test_sigterm_stops_cleanly_without_leftovers(server):
+    # Last in this module: it stops the shared server.
+    from serve.triton import EXIT_TIMEOUT_S, shm_prefix
+
+    process = server["process"]
+    # Triton waits for open HTTP keep-alive connections for up to its exit timeout, which leaves the models none
+    # of it to unload in: a client that is done says so, as a load balancer draining a pod does.
+    for client in server["clients"].values():
+        client._client().close()
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 0
+    assert time.monotonic() - started < EXIT_TIMEOUT_S + 30
+    deadline = time.monotonic() + 10
+    while session_processes(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session_processes(process.pid) == []
+    assert list(server["temp"].iterdir()) == []
+    assert [name for name in os.listdir("/dev/shm") if name.startswith(shm_prefix(process.pid))] == []
+    server["log"].seek(0)
+    log = server["log"].read()
+    assert "Traceback" not in log and "serving anchor_detr" in log
