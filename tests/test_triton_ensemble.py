@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,94 @@ def encoded(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+# ---- the models' work without Triton (serve.models.steps) ------------------------------------------------------
+
+
+def test_preprocess_checks_each_request_and_pads_the_batch_to_its_largest():
+    from runtime.preprocess import preprocess_batch
+    from serve.models.steps import Preprocess, RequestError
+
+    pre = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS)
+    rows = np.array([[encoded(1, (96, 64))], [encoded(2, (60, 90), "PNG")]], dtype=object)
+    images = pre.request(rows, np.array([[0.5], [0.0]], np.float32))
+    assert [im.size for im in images] == [(96, 64), (60, 90)]
+    batch, masks = pre.batch(images)
+    expected, expected_masks, _ = preprocess_batch(images, exif=False, min_hw=(32, 32), max_hw=MAX_SIZE)
+    assert batch.shape == (2, 3, 64, 96) and np.array_equal(batch, expected) and np.array_equal(masks, expected_masks)
+    assert masks[1, :, 42:].all() and not masks[1, :, :42].any()  # the portrait image is 64x42 inside 64x96
+    for image, threshold, message in ((b"", None, "empty"), (b"junk", None, "cannot decode"),
+                                      (encoded(3, (201, 200)), None, "--max-pixels"),
+                                      (encoded(4), np.array([[1.5]], np.float32), "outside [0, 1]")):
+        with pytest.raises(RequestError, match=re.escape(message)):
+            pre.request(np.array([[image]], dtype=object), threshold)
+
+
+def test_answer_scales_to_each_image_thresholds_and_encodes_as_serve_server():
+    from serve.models.steps import RequestError, answer
+
+    scores = np.array([[0.9, 0.6, 0.2], [0.8, 0.1, 0.05]], np.float32)
+    labels = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    boxes = np.tile(np.array([0.1, 0.2, 0.5, 1.0], np.float32), (2, 3, 1))
+    sizes = np.array([[100, 200], [50, 40]], np.int32)
+    out = answer(scores, labels, boxes, sizes, np.array([[0.5], [0.5]], np.float32))
+    assert out["count"].tolist() == [[2], [1]] and out["error"].tolist() == [[b""], [b""]]
+    assert out["size"].tolist() == sizes.tolist() and out["labels"].dtype == np.int32
+    np.testing.assert_allclose(out["boxes"][0, 0], [20, 20, 100, 100])  # x by width 200, y by height 100
+    np.testing.assert_allclose(out["boxes"][1, 0], [4, 10, 20, 50])
+    assert out["labels"][0].tolist() == [1, 2] and out["labels"][1, 0] == 4
+    assert answer(scores, labels, boxes, sizes, None)["count"].tolist() == [[2], [1]]  # default threshold 0.5
+    with pytest.raises(RequestError, match="outside"):
+        answer(scores, labels, boxes, sizes, np.array([[0.5], [np.nan]], np.float32))
+
+
+def test_stand_in_runs_requests_of_one_size_as_one_batch():
+    from core.config import NUM_TOPK
+    from serve.models.steps import EngineStandIn
+
+    class Reference:
+        batches = []
+
+        def infer(self, images, masks):
+            self.batches.append(images.shape)
+            logits = np.zeros((len(images), 300, 91), np.float32)
+            logits[:, 0, 7] = images.mean(axis=(1, 2, 3))  # each image's own best detection
+            return {"pred_logits": logits, "pred_boxes": np.full((len(images), 300, 4), 0.5, np.float32)}
+
+    stand_in = EngineStandIn.__new__(EngineStandIn)
+    stand_in.reference = Reference()
+    requests = [(np.full((1, 3, 64, 96), v, np.float32), np.zeros((1, 64, 96), bool)) for v in (1.0, 2.0)]
+    requests.insert(1, (np.full((2, 3, 32, 48), 3.0, np.float32), np.zeros((2, 32, 48), bool)))
+    answers = stand_in.run_many(requests)
+    assert sorted(Reference.batches) == [(2, 3, 32, 48), (2, 3, 64, 96)]
+    assert [len(a["scores"]) for a in answers] == [1, 2, 1]
+    assert all(a["scores"].shape[1] == NUM_TOPK and a["labels"].dtype == np.int32 for a in answers)
+    top = [float(a["scores"][0, 0]) for a in answers]
+    assert top[0] < top[2] < top[1]  # sigmoid of 1, 2, 3: each answer is its own request's
+    np.testing.assert_allclose(answers[0]["boxes"][0, 0], [0.25, 0.25, 0.75, 0.75])  # relative x0,y0,x1,y1
+
+
+@pytest.mark.gpu
+def test_gpu_preprocess_hands_on_device_tensors_equal_to_the_cpu_path():
+    """The GPU instance's path: our kernel's batch in device memory, exported through DLPack (cuda.core) with the
+    dtypes and shapes Triton's Python backend maps to FP32 and BOOL; its bytes equal the CPU path's."""
+    from cuda.bindings import driver
+
+    from serve.models.steps import Preprocess, rows
+
+    images = [Image.open(io.BytesIO(encoded(seed, size))).convert("RGB") for seed, size in ((1, (96, 64)), (2, (60, 90)))]
+    cpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS).batch(images)
+    gpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS, device_id=0, max_batch=4)
+    batch, masks = gpu.batch(images)
+    for device, host in ((batch, cpu[0]), (masks, cpu[1])):
+        view = rows(device, 1, 2)
+        assert view.__dlpack_device__()[0] == 2  # kDLCUDA
+        assert tuple(view.shape) == host[1:2].shape and view.dtype == host.dtype
+        copy = np.empty_like(host[1:2])
+        (err,) = driver.cuMemcpyDtoH(copy.ctypes.data, view.ptr, copy.nbytes)
+        assert int(err) == 0 and np.array_equal(copy, host[1:2])
+    gpu.close()
 
 
 @pytest.fixture(scope="module")

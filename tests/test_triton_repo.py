@@ -225,3 +225,35 @@ def test_unwritable_repository_leaves_nothing(tmp_path, capsys):
     blocker.write_text("a file where the repository folder should be")
     assert triton.main(["--engine", str(engine), "-o", str(blocker / "sub")]) == 2
     assert "python -m serve.triton: error: " in capsys.readouterr().err and blocker.read_text().startswith("a file")
+
+
+def test_kubernetes_manifest_serves_the_repository_one_pod_per_gpu_node():
+    yaml = pytest.importorskip("yaml", reason="needs PyYAML (in the serve environment, through tritonclient)")
+    root = triton.MODELS_DIR.parents[1]
+    deployment, service = yaml.safe_load_all((root / "deploy" / "anchor-detr-triton.yaml").read_text())
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    (rule,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert rule["topologyKey"] == "kubernetes.io/hostname"
+    assert rule["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = pod["containers"]
+    assert "--model-repository=/models" in container["args"] and container["resources"]["limits"]["nvidia.com/gpu"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["metrics"] == 8002
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    # Triton's exit timeout fits in the grace period, after the preStop pause
+    exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert exit_timeout + int(container["lifecycle"]["preStop"]["exec"]["command"][1]) < pod["terminationGracePeriodSeconds"]
+
+
+def test_dockerfile_installs_every_package_the_python_steps_import():
+    import tomllib
+
+    root = triton.MODELS_DIR.parents[1]
+    copied = {line.split()[1] for line in (root / "deploy" / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ") and line.split()[-1].startswith("/opt/anchortrt")}
+    packages = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.rstrip("*") for p in packages} <= copied and "pyproject.toml" in copied
