@@ -228,7 +228,7 @@ def test_unwritable_repository_leaves_nothing(tmp_path, capsys):
 
 
 def test_kubernetes_manifest_serves_the_repository_one_pod_per_gpu_node():
-    yaml = pytest.importorskip("yaml", reason="needs PyYAML (in the serve environment, through tritonclient)")
+    yaml = pytest.importorskip("yaml", reason="needs PyYAML: pip install -e '.[test]'")
     root = triton.MODELS_DIR.parents[1]
     deployment, service = yaml.safe_load_all((root / "deploy" / "anchor-detr-triton.yaml").read_text())
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
