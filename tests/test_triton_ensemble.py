@@ -102,6 +102,23 @@ def test_stand_in_runs_requests_of_one_size_as_one_batch():
     np.testing.assert_allclose(answers[0]["boxes"][0, 0], [0.25, 0.25, 0.75, 0.75])  # relative x0,y0,x1,y1
 
 
+def dlpack_dtype(capsule) -> tuple[int, int]:
+    """(type code, bits) of a legacy DLPack capsule ("dltensor", what Triton's Python backend reads)."""
+    import ctypes
+
+    class DLTensor(ctypes.Structure):
+        _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+                    ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8),
+                    ("lanes", ctypes.c_uint16)]
+
+    api = ctypes.pythonapi
+    api.PyCapsule_IsValid.argtypes = api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    assert api.PyCapsule_IsValid(capsule, b"dltensor")
+    tensor = DLTensor.from_address(api.PyCapsule_GetPointer(capsule, b"dltensor"))  # DLManagedTensor starts with it
+    return tensor.code, tensor.bits
+
+
 @pytest.mark.gpu
 def test_gpu_preprocess_hands_on_device_tensors_equal_to_the_cpu_path():
     """The GPU instance's path: our kernel's batch in device memory, exported through DLPack (cuda.core) with the
@@ -114,10 +131,11 @@ def test_gpu_preprocess_hands_on_device_tensors_equal_to_the_cpu_path():
     cpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS).batch(images)
     gpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS, device_id=0, max_batch=4)
     batch, masks = gpu.batch(images)
-    for device, host in ((batch, cpu[0]), (masks, cpu[1])):
+    for device, host, code, bits in ((batch, cpu[0], 2, 32), (masks, cpu[1], 6, 8)):  # kDLFloat 32, kDLBool 8
         view = rows(device, 1, 2)
         assert view.__dlpack_device__()[0] == 2  # kDLCUDA
         assert tuple(view.shape) == host[1:2].shape and view.dtype == host.dtype
+        assert dlpack_dtype(view.__dlpack__()) == (code, bits)
         copy = np.empty_like(host[1:2])
         (err,) = driver.cuMemcpyDtoH(copy.ctypes.data, view.ptr, copy.nbytes)
         assert int(err) == 0 and np.array_equal(copy, host[1:2])

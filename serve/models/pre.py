@@ -19,7 +19,8 @@ from serve.models import steps
 def _tensor(name, array):
     if isinstance(array, np.ndarray):
         return pb_utils.Tensor(name, array)
-    return pb_utils.Tensor.from_dlpack(name, array)
+    # The capsule itself: the kernel's stream is already synchronised, so no stream needs handing over.
+    return pb_utils.Tensor.from_dlpack(name, array.__dlpack__())
 
 
 class TritonPythonModel:
