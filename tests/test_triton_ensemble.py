@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,30 @@ def test_gpu_preprocess_hands_on_device_tensors_equal_to_the_cpu_path():
         (err,) = driver.cuMemcpyDtoH(copy.ctypes.data, view.ptr, copy.nbytes)
         assert int(err) == 0 and np.array_equal(copy, host[1:2])
     gpu.close()
+
+
+def test_bundled_tritonserver_runs_the_models_with_this_environment(tmp_path):
+    pytest.importorskip("pytriton", reason="needs PyTriton (its tritonserver): pip install -e '.[serve]'")
+    import sysconfig
+
+    from serve import triton
+
+    launch = triton.bundled_tritonserver(tmp_path / "repo", tmp_path / "backends", http_port=1, grpc_port=2,
+                                         metrics_port=3)
+    python = tmp_path / "backends" / "python"
+    assert sorted(p.name for p in python.iterdir()) == [
+        "libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
+    assert os.access(python / "triton_python_backend_stub", os.X_OK)
+    env = launch["env"]
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == sysconfig.get_config_var("LIBDIR")
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    # The stub ignores PYTHONPATH; its sys.path starts with its working folder: this checkout's root.
+    assert (Path(launch["cwd"]) / "serve" / "models" / "steps.py").is_file()
+    args = launch["args"]
+    assert Path(args[0]).name == "tritonserver" and os.access(args[0], os.X_OK)
+    assert args[args.index("--model-repository") + 1] == str(tmp_path / "repo")
+    assert f"--backend-config=python,shm-region-prefix-name={triton.shm_prefix()}" in args
+    assert [args[args.index(f"--{k}-port") + 1] for k in ("http", "grpc", "metrics")] == ["1", "2", "3"]
 
 
 @pytest.fixture(scope="module")
