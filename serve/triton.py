@@ -24,6 +24,7 @@ Triton's Python gets it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--engine", type=Path, metavar="E.plan",
-                       help="engine with its sidecar <engine>.json beside it (for the ensemble: built with --postprocess)")
+                       help="engine, its sidecar <engine>.json beside it (the ensemble needs --postprocess)")
     model.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
                        help="the PyTorch reference in place of the engine (Python backend; no TensorRT needed)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="REPO", help="model repository folder")
@@ -148,7 +149,9 @@ def _batching(max_queue_delay_us: int) -> str:
 
 
 def _parameters(values: Mapping[str, str]) -> str:
-    return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}' for k, v in values.items())
+    # JSON string quoting is valid protobuf text format: a path with quotes or backslashes stays one string.
+    return "\n".join(f'parameters {{\n  key: {json.dumps(k)}\n  value: {{ string_value: {json.dumps(v)} }}\n}}'
+                     for k, v in values.items())
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,16 @@ class Options:
     execution_env: str | None = None
 
 
+def _engine_hw(profile: Profile) -> tuple[int, int]:
+    """The engine inputs' height and width in Triton's dims: dynamic (-1) unless the profile fixes them."""
+    h, w = ((lo if lo == hi else -1) for lo, hi in zip(profile.min[1:], profile.max[1:]))
+    return h, w
+
+
+def _engine_inputs(h: int = -1, w: int = -1) -> list[str]:
+    return [_io("images", "TYPE_FP32", [3, h, w]), _io("masks", "TYPE_BOOL", [h, w])]
+
+
 def model_config(sidecar: Mapping[str, Any], instances: int = 1, max_queue_delay_us: int = 1000,
                  gpus: Sequence[int] | None = None, max_batch: int | None = None) -> str:
     """config.pbtxt text of the engine step for the engine a sidecar describes (every output of the sidecar)."""
@@ -171,8 +184,7 @@ def model_config(sidecar: Mapping[str, Any], instances: int = 1, max_queue_delay
         # Triton's batcher sends any batch from 1 up; the plan would refuse those below its minimum.
         raise BadInput(f"the engine's profile starts at batch {profile.min[0]}: Triton needs engines that take "
                        "batch 1; rebuild with `python -m netdef.build --batch 1,OPT,MAX`")
-    # Height and width are dynamic unless the profile fixes them.
-    h, w = ((lo if lo == hi else -1) for lo, hi in zip(profile.min[1:], profile.max[1:]))
+    h, w = _engine_hw(profile)
     input_dims = {"images": [3, h, w], "masks": [h, w]}
     inputs = sidecar["inputs"]
     if sorted(inputs) != sorted(input_dims):
@@ -208,7 +220,6 @@ def _python_model(name: str, max_batch: int, inputs: Sequence[str], outputs: Seq
     return "\n".join(lines) + "\n"
 
 
-ENGINE_INPUTS = [_io("images", "TYPE_FP32", [3, -1, -1]), _io("masks", "TYPE_BOOL", [-1, -1])]
 TOP_K = [_io("scores", "TYPE_FP32", [NUM_TOPK]), _io("labels", "TYPE_INT32", [NUM_TOPK]),
          _io("boxes", "TYPE_FP32", [NUM_TOPK, 4])]
 THRESHOLD = _io("threshold", "TYPE_FP32", [1], optional=True)
@@ -224,11 +235,12 @@ def _step(model: str, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> 
 
 
 def ensemble_configs(max_batch: int, min_hw: tuple[int, int], max_hw: tuple[int, int] | None, options: Options,
-                     gpu: bool) -> dict[str, str]:
-    """config.pbtxt text of the ensemble and its two Python-backend steps, by model name."""
+                     gpu: bool, engine_hw: tuple[int, int] = (-1, -1)) -> dict[str, str]:
+    """config.pbtxt text of the ensemble and its two Python-backend steps, by model name. `engine_hw`: the engine
+    inputs' dims (a profile that fixes the size makes the pre step's outputs that size: it pads to the minimum)."""
     pre = _python_model(
         PRE, max_batch, [_io("image", "TYPE_STRING", [1]), THRESHOLD],
-        [*ENGINE_INPUTS, _io("original_size", "TYPE_INT32", [2])], options, gpu, batching=True,
+        [*_engine_inputs(*engine_hw), _io("original_size", "TYPE_INT32", [2])], options, gpu, batching=True,
         parameters={"min_hw": f"{min_hw[0]}x{min_hw[1]}", "max_hw": f"{max_hw[0]}x{max_hw[1]}" if max_hw else "",
                     "max_pixels": str(options.max_pixels), "exif": "true" if options.exif else "false"},
     )
@@ -303,7 +315,8 @@ def engine_repository(engine: Path, options: Options = Options(), raw: bool = Fa
         if missing:
             raise BadInput(f"engine {engine} has no in-engine top-100 (outputs {missing} missing): rebuild it with "
                            "`python -m netdef.build --postprocess`, or write the raw model with --raw")
-        files |= _ensemble_files(ensemble_configs(batch, profile.min[1:], profile.max[1:], options, gpu=True))
+        files |= _ensemble_files(ensemble_configs(batch, profile.min[1:], profile.max[1:], options, gpu=True,
+                                                  engine_hw=_engine_hw(profile)))
     files[f"{MODEL_NAME}/1/model.plan"] = engine.read_bytes()
     return files
 
@@ -318,7 +331,7 @@ def torch_repository(weights: Path, options: Options = Options(), device: str = 
         raise BadInput(f"--max-size {max_hw[0]}x{max_hw[1]}: both sides must be at least {MIN_SIDE}")
     batch = max_batch or DEFAULT_TORCH_BATCH
     gpu = device == "cuda"
-    stand_in = _python_model(MODEL_NAME, batch, ENGINE_INPUTS, TOP_K, options, gpu, batching=True)
+    stand_in = _python_model(MODEL_NAME, batch, _engine_inputs(), TOP_K, options, gpu, batching=True)
     files = _ensemble_files(ensemble_configs(batch, (MIN_SIDE, MIN_SIDE), max_hw, options, gpu))
     files |= {f"{MODEL_NAME}/config.pbtxt": stand_in.encode(),
               f"{MODEL_NAME}/1/model.py": _model_file("torch_stand_in.py"),

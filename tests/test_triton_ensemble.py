@@ -128,7 +128,8 @@ def test_gpu_preprocess_hands_on_device_tensors_equal_to_the_cpu_path():
 
     from serve.models.steps import Preprocess, rows
 
-    images = [Image.open(io.BytesIO(encoded(seed, size))).convert("RGB") for seed, size in ((1, (96, 64)), (2, (60, 90)))]
+    images = [Image.open(io.BytesIO(encoded(seed, size))).convert("RGB")
+              for seed, size in ((1, (96, 64)), (2, (60, 90)))]
     cpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS).batch(images)
     gpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS, device_id=0, max_batch=4)
     batch, masks = gpu.batch(images)

@@ -112,6 +112,22 @@ def test_ensemble_repository_parses_and_its_steps_connect(tmp_path, pb):
         assert (repo / name / "1" / "model.py").read_bytes() == (triton.MODELS_DIR / source).read_bytes()
 
 
+def test_fixed_size_profile_fixes_the_pre_steps_outputs_too(tmp_path, pb):
+    engine = fake_engine(tmp_path, profile=Profile((1, 800, 800), (1, 800, 800), (2, 800, 800)))
+    assert triton.main(["--engine", str(engine), "-o", str(tmp_path / "repo")]) == 0
+    configs = {name: parse(pb, tmp_path / "repo" / name / "config.pbtxt") for name in MODELS}
+    check_wiring(pb, configs)
+    assert tensors(pb, configs[triton.PRE].output)["images"] == ("TYPE_FP32", [3, 800, 800])
+
+
+def test_parameter_values_are_quoted(tmp_path, pb):
+    engine = fake_engine(tmp_path)
+    env = 'C:\\envs\\"anchortrt".tar.gz'
+    assert triton.main(["--engine", str(engine), "-o", str(tmp_path / "repo"), "--execution-env", env]) == 0
+    config = parse(pb, tmp_path / "repo" / triton.POST / "config.pbtxt")
+    assert config.parameters["EXECUTION_ENV_PATH"].string_value == env
+
+
 def test_repository_is_byte_for_byte_reproducible(tmp_path):
     engine = fake_engine(tmp_path)
     for repo in ("a", "b"):
@@ -246,7 +262,8 @@ def test_kubernetes_manifest_serves_the_repository_one_pod_per_gpu_node():
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     # Triton's exit timeout fits in the grace period, after the preStop pause
     exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
-    assert exit_timeout + int(container["lifecycle"]["preStop"]["exec"]["command"][1]) < pod["terminationGracePeriodSeconds"]
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert exit_timeout + pause < pod["terminationGracePeriodSeconds"]
 
 
 def test_dockerfile_installs_every_package_the_python_steps_import():
