@@ -168,6 +168,26 @@ def test_bundled_tritonserver_runs_the_models_with_this_environment(tmp_path):
     assert [args[args.index(f"--{k}-port") + 1] for k in ("http", "grpc", "metrics")] == ["1", "2", "3"]
 
 
+def test_a_model_that_fails_to_load_is_exit_3_and_leaves_nothing(tmp_path):
+    pytest.importorskip("pytriton", reason="needs PyTriton (its tritonserver): pip install -e '.[serve]'")
+    weights = tmp_path / "broken.safetensors"
+    weights.write_bytes(b"not a safetensors file")  # copied as it is; the stand-in fails to load it
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    http, grpc, metrics = free_ports(3)
+    process = subprocess.run(
+        [sys.executable, "-m", "serve.triton", "--torch-weights", str(weights), "-o", str(tmp_path / "repo"), "--serve",
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        capture_output=True, text=True, timeout=START_TIMEOUT_S, start_new_session=True,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    assert process.returncode == 3, process.stderr[-2000:]
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m serve.triton: error: tritonserver exited with code") and "before it was stopped" in last
+    assert "anchor_detr_trt" in process.stderr  # Triton's log names the model that failed
+    assert list(temp.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs PyTriton (its tritonserver): pip install -e '.[serve]'")
