@@ -183,7 +183,8 @@ def test_a_model_that_fails_to_load_is_exit_3_and_leaves_nothing(tmp_path):
     )
     assert process.returncode == 3, process.stderr[-2000:]
     last = process.stderr.strip().splitlines()[-1]
-    assert last.startswith("python -m serve.triton: error: tritonserver exited with code") and "before it was stopped" in last
+    assert last.startswith("python -m serve.triton: error: tritonserver exited with code")
+    assert "before it was stopped" in last
     assert "anchor_detr_trt" in process.stderr  # Triton's log names the model that failed
     assert list(temp.iterdir()) == []
 
