@@ -225,9 +225,20 @@ def server(tmp_path_factory):
             time.sleep(0.5)
     yield {"process": process, "weights": weights, "clients": clients, "log": log, "folder": folder,
            "temp": temp, "metrics": metrics}
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)  # only if the shutdown test did not run or failed
-        process.wait()
+    if process.poll() is None:  # only if the shutdown test did not run or failed
+        for client in clients.values():
+            client._client().close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            from serve.triton import shm_prefix
+
+            for name in os.listdir("/dev/shm"):  # what a killed Python backend leaves
+                if name.startswith(shm_prefix(process.pid)):
+                    os.unlink(os.path.join("/dev/shm", name))
 
 
 @pytest.fixture(scope="module")
