@@ -54,16 +54,16 @@ RESIZES = [(480, 640, 800, 1066), (1, 1, 5, 7), (1, 9, 1, 3), (9, 1, 800, 1), (1
 
 def cases(count: int, seed: int = 0) -> list[tuple[int, int, int, int]]:
     """The fixed cases, then `count` random ones (a third each: small, up to 1500, taller than 100 widths)."""
-    from runtime.gpu_preprocess import output_size
+    from runtime.preprocess import output_hw
 
     rng = np.random.default_rng(seed)
-    out = [(h, w, *output_size(h, w, MAX_HW)) for h, w in TEST_IMAGES] + list(RESIZES)
+    out = [(h, w, *output_hw(h, w, MAX_HW)) for h, w in TEST_IMAGES] + list(RESIZES)
     for i in range(count):
         if i % 3 == 0:
             out.append(tuple(int(v) for v in rng.integers(1, 64, 4)))
         elif i % 3 == 1:
             h, w = (int(v) for v in rng.integers(1, 1500, 2))
-            out.append((h, w, *output_size(h, w, MAX_HW)))
+            out.append((h, w, *output_hw(h, w, MAX_HW)))
         else:
             w = int(rng.integers(1, 12))
             h = int(rng.integers(100 * w + 1, 3000))

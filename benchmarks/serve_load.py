@@ -1,7 +1,11 @@
-"""Load a running ``serve.server`` server: requests/s and p50/p99 latency at several concurrencies.
+"""Load a running server, ``serve.server`` or the ``serve.triton`` ensemble in a tritonserver (same protocol):
+requests/s and p50/p99 latency at several concurrencies.
 
     python -m serve.server --torch-weights W.safetensors --device cpu --max-size 64x96 &
-    python -m benchmarks.serve_load --size 96x64 --concurrency 1,4,16,64 --requests 128
+    python -m serve.triton --torch-weights W.safetensors --device cpu --max-size 64x96 -o /tmp/repo --serve &
+    python -m benchmarks.serve_load --size 64x96 --concurrency 1,4,16,64 --requests 128
+
+Which of the two answers is read from the model's configuration and printed first.
 
 Each level is a closed loop: N threads (one tritonclient client each) send the same encoded image back to back
 until the level's request count is reached or --max-seconds pass. Latency is per request as the client sees it
@@ -26,6 +30,14 @@ from core.cli import guarded, hw, int_list, positive_float, positive_int
 from runtime.synthetic import synthetic_jpegs
 from serve.client import Client, RequestFailed
 from core.errors import BadInput
+
+
+def server_kind(client: Client) -> str:
+    """Which server answers: the ensemble serve.triton writes, or serve.server (PyTriton's Python model)."""
+    config = client._client().get_model_config(client.model)
+    config = config.get("config", config) if isinstance(config, dict) else config.config  # HTTP: dict, gRPC: message
+    platform = config["platform"] if isinstance(config, dict) else config.platform
+    return "serve.triton ensemble" if platform == "ensemble" else "serve.server (PyTriton)"
 
 
 def load_level(client: Client, data: bytes, concurrency: int, requests: int, max_seconds: float) -> dict:
@@ -98,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         data = next(synthetic_jpegs(1, args.size[::-1]))  # (width, height)
     client = Client(args.url, args.grpc, args.timeout)
     client.check_ready()
+    print(f"server: {server_kind(client)} at {client.url}", flush=True)
     for _ in range(args.warmup):
         client.detect(data)
     rows = [load_level(client, data, c, args.requests, args.max_seconds) for c in args.concurrency]

@@ -116,6 +116,18 @@ def int_list(text: str, expected: str = "comma-separated positive integers, e.g.
     return values
 
 
+def gpu_list(text: str) -> list[int]:
+    """Comma-separated GPU indices, from 0, each once: ``0,1``."""
+    expected = "comma-separated GPU indices, e.g. 0,1"
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise _bad(text, expected) from None
+    if min(values) < 0 or len(set(values)) != len(values):
+        raise _bad(text, expected)
+    return values
+
+
 def min_opt_max(text: str) -> tuple[int, int, int]:
     """``MIN,OPT,MAX`` positive integers (their order is for the caller to check, with a better message)."""
     expected = "MIN,OPT,MAX, e.g. 1,1,8"

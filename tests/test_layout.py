@@ -71,7 +71,7 @@ def test_plugins_do_not_import_torch():
 @pytest.mark.parametrize("module", ["runtime.runner", "runtime.detector", "runtime.infer", "runtime.bench", "runtime.pipeline",
                                     "runtime.preprocess", "runtime.postprocess", "runtime.gpu_preprocess", "runtime.synthetic",
                                     "runtime.torch_detector", "runtime.doctor", "serve.server", "serve.client", "serve.triton",
-                                    "eval.coco", "weights"])
+                                    "serve.models.steps", "eval.coco", "weights"])
 def test_runtime_imports_without_torch(module):
     # A meta-path entry refusing torch makes `import torch` fail as it would where torch is not installed.
     code = (

@@ -25,6 +25,8 @@ import pytest
 from PIL import Image
 
 from runtime.detector import Detector, above
+from helpers import assert_same_detections as assert_same, free_ports as _free_ports
+from helpers import session_processes as _session_processes
 from serve import server as serve
 
 MAX_SIZE = (64, 96)  # --max-size: images are scaled to fit it, so the CPU forward takes milliseconds
@@ -199,31 +201,6 @@ def test_serve_bad_arguments_are_exit_2(tmp_path, capsys):
 # ---- a real server --------------------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _session_processes(sid: int) -> list[int]:
-    """Processes still in the server's session (Triton and its Python backend stubs join it)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -318,28 +295,6 @@ def reference(server):
         return above(found, threshold)
 
     return detect
-
-
-def assert_same(answer, expected, score_tol=1e-4, box_tol=1e-2):
-    """Equal up to float rounding. Batched and single-image forwards differ in the last bits, which reorders
-    detections whose scores tie within that (random weights have many) and can swap which of them makes the
-    top-100 cut; so each detection must match a reference one of the same label, score and box, and only
-    those at the cut's score may be without a partner."""
-    assert len(answer["scores"]) == len(expected["scores"])
-    np.testing.assert_allclose(answer["scores"], expected["scores"], rtol=0, atol=score_tol)  # both sorted
-    unused = list(range(len(expected["scores"])))
-    unmatched = []
-    for score, label, box in zip(answer["scores"], answer["labels"], answer["boxes"]):
-        match = next((j for j in unused if expected["labels"][j] == label
-                      and abs(expected["scores"][j] - score) <= score_tol
-                      and np.allclose(expected["boxes"][j], box, rtol=0, atol=box_tol)), None)
-        if match is None:
-            unmatched.append(score)
-        else:
-            unused.remove(match)
-    if unmatched:
-        cut = min(expected["scores"].min(), answer["scores"].min())
-        assert max(unmatched) - cut <= score_tol, f"{len(unmatched)} detections differ from the reference"
 
 
 @pytest.mark.slow
