@@ -163,13 +163,12 @@ def test_sidecar_names_win_and_old_sidecars_fall_back():
 
 
 def test_triton_repository_reports_the_names():
-    from serve.triton import labels_metadata
+    from serve.triton import _parameters, labels_metadata
 
-    side = {"config": {"num_classes": 4}, "labels": {"0": "cat", "2": 'say "hi"'}}
-    parameters, text = labels_metadata(side)
+    parameters, text = labels_metadata({0: "cat", 2: 'say "hi"'}, 4)
     assert text.decode().splitlines() == ["cat", "1", 'say "hi"', "3"]
-    assert parameters.splitlines()[1:3] == ['  key: "labels"', r'  value: { string_value: "{\"0\": \"cat\", \"2\": '
-                                            r'\"say \\\"hi\\\"\"}" }']
+    assert _parameters(parameters).splitlines()[1:3] == [
+        '  key: "labels"', r'  value: { string_value: "{\"0\": \"cat\", \"2\": \"say \\\"hi\\\"\"}" }']
 
 
 def test_server_answers_names_beside_labels():
