@@ -6,9 +6,8 @@ and with --gpu the GPU kernel.
 CPU: both sides start from decoded images and end with the padded (B,3,H,W) float32 batch and its masks; the
 plain version resizes with Pillow, normalises with NumPy float32 arithmetic ((x / 255 - mean) / std) and pads
 with pad_batch, as runtime.preprocess did before the lookup table. Times are the best of --repeat runs, per image.
-GPU: CUDA-event time of the kernel alone (`GpuPreprocessor.run`, uploads done once), averaged over many
-back-to-back launches, per image, at batch 1 and 8; and the same with each image's upload (pinned staging,
-host-to-device copy) queued before every launch.
+GPU (`bench_gpu`): CUDA-event time per image at batch 1 and 8 of the two kernels alone (graph replays), of
+`GpuPreprocessor.run` as the pipeline calls it, and of run with each image's upload before it.
 Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
 """
 
@@ -83,6 +82,9 @@ def bench_cpu(batch: int, repeat: int) -> dict:
 
 
 def bench_gpu(iterations: int = 500) -> dict:
+    """Per image, at batch 1 and 8: the two kernels alone (their launches captured once in a CUDA graph, replayed
+    back to back, CUDA-event time), `run` as the pipeline calls it (slot records, launches; host-bound when the
+    GPU is faster than Python), and each image's upload (pinned copy, host-to-device) queued before every run."""
     from core import cuda
     from runtime.gpu_preprocess import GpuPreprocessor
 
@@ -96,22 +98,22 @@ def bench_gpu(iterations: int = 500) -> dict:
             shape = (batch, 800, 1066)
             with cuda.DeviceBuffer(batch * 800 * 1066 * 13) as out:  # 12 bytes of images + 1 of mask per pixel
                 images_ptr, masks_ptr = out.ptr, out.ptr + batch * 800 * 1066 * 12
-                for with_upload in (False, True):
-                    def step():
-                        if with_upload:
-                            for slot in range(batch):
-                                gpu.upload(slot, arrays[slot])
-                        gpu.run(images_ptr, masks_ptr, shape)
-
-                    for _ in range(20):
-                        step()
-                    start.record(gpu.stream)
-                    for _ in range(iterations):
-                        step()
-                    end.record(gpu.stream)
-                    end.synchronize()
-                    key = f"batch{batch}_{'upload_and_kernel' if with_upload else 'kernel'}_us_per_image"
-                    results[key] = round(cuda.Event.elapsed_ms(start, end) * 1e3 / iterations / batch, 2)
+                gpu.run(images_ptr, masks_ptr, shape)
+                with cuda.Graph(gpu.stream, lambda: gpu._launch(images_ptr, masks_ptr, 800, 1066)) as graph:
+                    steps = {"kernel": lambda: graph.launch(gpu.stream),
+                             "run": lambda: gpu.run(images_ptr, masks_ptr, shape),
+                             "upload_and_run": lambda: ([gpu.upload(slot, arrays[slot]) for slot in range(batch)],
+                                                        gpu.run(images_ptr, masks_ptr, shape))}
+                    for name, step in steps.items():
+                        for _ in range(20):
+                            step()
+                        start.record(gpu.stream)
+                        for _ in range(iterations):
+                            step()
+                        end.record(gpu.stream)
+                        end.synchronize()
+                        key = f"batch{batch}_{name}_us_per_image"
+                        results[key] = round(cuda.Event.elapsed_ms(start, end) * 1e3 / iterations / batch, 2)
     results["device"] = device.name
     return results
 

@@ -123,8 +123,9 @@ def load_codec():
 
 
 class BatchDecoder:
-    """One nvImageCodec decoder on the current CUDA device (or its CPU backend with `device=False`, for tests
-    and machines without a GPU); `decode` is called from one thread at a time.
+    """nvImageCodec decoders on the current CUDA device: the hardware decoder, then the CUDA decoder (or the CPU
+    backend with `device=False`, for tests and machines without a GPU); `decode` is called from one thread at a
+    time.
 
     `codec` is nvImageCodec's module (a stand-in in tests). `pillow_workers` threads decode the files that go to
     Pillow."""
@@ -133,25 +134,26 @@ class BatchDecoder:
         self.codec = codec if codec is not None else load_codec()
         n = self.codec
         self.device = device
-        try:
-            if device:
-                from core import cuda
+        if device:
+            from core import cuda
 
-                self._cuda = cuda
-                index = cuda.current_device().index
-                # The hardware decoder first; the CUDA (hybrid) decoder for what it refuses or where there is none.
-                backends = [n.Backend(n.BackendKind.HW_GPU_ONLY), n.Backend(n.BackendKind.HYBRID_CPU_GPU)]
-                self._decoder = n.Decoder(device_id=index, backends=backends)
-                self.stream = cuda.Stream()
-            else:
-                self._decoder = n.Decoder(device_id=n.NVIMGCODEC_DEVICE_CPU_ONLY,
-                                          backends=[n.Backend(n.BackendKind.CPU_ONLY)])
-                self.stream = None
-        except Unavailable:
-            raise
-        except Exception as exc:
-            raise Unavailable(f"nvImageCodec cannot make a decoder here ({exc}); decode with Pillow "
-                              "(--decode cpu, gpu_decode=False)") from None
+            index = cuda.current_device().index
+            # The hardware decoder first; the CUDA decoder (Huffman on the CPU, the rest on the GPU) for what it
+            # refuses or where the GPU has none. One decoder allowed both would pick per image, not prefer the
+            # hardware (measured: its pixels then differ from Pillow's by up to 3 levels instead of 1).
+            kinds = [n.BackendKind.HW_GPU_ONLY, n.BackendKind.HYBRID_CPU_GPU]
+            self.stream = cuda.Stream()
+        else:
+            index, kinds, self.stream = n.NVIMGCODEC_DEVICE_CPU_ONLY, [n.BackendKind.CPU_ONLY], None
+        self._decoders, problems = [], []
+        for kind in kinds:
+            try:
+                self._decoders.append(n.Decoder(device_id=index, backends=[n.Backend(kind)]))
+            except Exception as exc:  # e.g. no hardware decoder on this GPU
+                problems.append(f"{kind}: {exc}")
+        if not self._decoders:
+            raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(problems)}); decode with "
+                              "Pillow (--decode cpu, gpu_decode=False)")
         self._params = n.DecodeParams(apply_exif_orientation=exif)
         self._pool = ThreadPoolExecutor(max_workers=pillow_workers, thread_name_prefix="anchortrt-pillow")
         self.counts = {"gpu": 0, "pillow": 0, "refused": 0}
@@ -161,18 +163,23 @@ class BatchDecoder:
         names = list(names) if names is not None else [f"image {i}" for i in range(len(items))]
         out: list = list(items)
         gpu = [i for i, item in enumerate(items) if isinstance(item, bytes) and gpu_decodable(item)]
-        if gpu:
+        todo = gpu
+        for decoder in self._decoders:  # each one gets what the ones before it refused
+            if not todo:
+                break
             kwargs = {"cuda_stream": self.stream.handle} if self.stream is not None else {}
-            decoded = self._decoder.decode([items[i] for i in gpu], params=self._params, **kwargs)
+            decoded = decoder.decode([items[i] for i in todo], params=self._params, **kwargs)
             if self.stream is not None:
                 self.stream.synchronize()  # the pixels are complete before any other stream reads them
-            for i, image in zip(gpu, decoded):
+            for i, image in zip(todo, decoded):
                 wrapped = self._wrap(image)
-                out[i] = items[i] if wrapped is None else wrapped  # refused: Pillow decodes it below
+                if wrapped is not None:
+                    out[i] = wrapped
+            todo = [i for i in todo if isinstance(out[i], bytes)]
         pillow = [i for i, item in enumerate(out) if isinstance(item, bytes)]
         self.counts["gpu"] += len(gpu)
         self.counts["pillow"] += len(pillow)
-        self.counts["refused"] += len([i for i in gpu if isinstance(out[i], bytes)])
+        self.counts["refused"] += len(todo)
         for i, image in zip(pillow, self._pool.map(lambda i: _pillow(items[i], names[i]), pillow)):
             out[i] = image
         return out
@@ -198,7 +205,7 @@ class BatchDecoder:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._decoder = None
+        self._decoders = []
         if self.stream is not None:
             self.stream.close()
             self.stream = None
