@@ -3,7 +3,7 @@
     python -m benchmarks.pipeline_capacity [--images 64] [--batch 4] [--workers 4] [--in-flight 2] [--gpu]
                                            [--out capacity.json]
 
-Images: deterministic 640x480 JPEGs (runtime.bench.synthetic_images) in a temporary folder. The stand-in engine
+Images: deterministic 640x480 JPEGs (runtime.synthetic.synthetic_images) in a temporary folder. The stand-in engine
 returns fixed raw outputs of AnchorDETR's shapes (B,900,91) logits and (B,900,4) boxes at once, so the host
 post-processing (top-100 of 900x91 per image) still runs; what remains is decode, preprocess, post-process and
 the pipeline's own overhead: the rate the pipeline can feed an engine at. With --gpu the stand-in also copies the
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -28,15 +27,16 @@ import numpy as np
 from core.cli import guarded, positive_int
 from core.errors import BadInput
 from core.sidecar import Profile, check_output_path, write_atomic
-from runtime.bench import synthetic_images
+from runtime.preprocess import usable_cpus
+from runtime.synthetic import synthetic_images
 from runtime.pipeline import PipelineStats, detect_stream
-from runtime.runner import Detector
+from runtime.detector import Detector, ProfileDetector
 
 QUERIES, CLASSES = 900, 91
 PROFILE = Profile((1, 320, 512), (4, 800, 1066), (8, 1344, 1344))
 
 
-class NullEngine(Detector):
+class NullEngine(ProfileDetector):
     """An engine stand-in that does no work: fixed outputs of the right shapes (scores spread so the top-100
     sort has work to do)."""
 
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_capacity", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=positive_int, default=64, help="synthetic 640x480 JPEGs (default 64)")
     p.add_argument("--batch", type=positive_int, default=4, help="images per batch (default 4)")
-    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                   help="decode threads (default <= 4)")
+    p.add_argument("--workers", type=positive_int, default=usable_cpus(),
+                   help="decode threads (default: one per usable core)")
     p.add_argument("--in-flight", type=positive_int, default=2, help="batches in flight (default 2)")
     p.add_argument("--gpu", action="store_true", help="the stand-in also copies to and from the GPU (needs one)")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, argv) -> int:
         paths = synthetic_images(Path(folder), args.images)
         summary = measure(detector, paths, args.batch, args.workers, args.in_flight)
     report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(argv),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+              "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable CPU cores",
               "stand_in": "copies to/from the GPU" if args.gpu else "no work", **summary}
     print(json.dumps(report, indent=1))
     if args.out:

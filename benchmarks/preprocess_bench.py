@@ -24,33 +24,14 @@ from PIL import Image
 
 from core.cli import guarded, positive_int
 from core.sidecar import check_output_path, write_atomic
-from runtime.preprocess import MEAN, STD, pad_batch, preprocess_batch, resized_size
-
-SIZE = (640, 480)  # (width, height): the common COCO landscape image
-
-
-def test_images(count: int) -> list[Image.Image]:
-    """Decoded JPEGs with image-like content (smooth gradients plus noise), as the loader would give them."""
-    import io
-
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
-    images = []
-    for i in range(count):
-        base = np.stack([x * 255 / SIZE[0], y * 255 / SIZE[1], (x + y + 40 * i) % 256], axis=-1)
-        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=90)
-        buffer.seek(0)
-        images.append(Image.open(buffer).convert("RGB"))
-    return images
-
+from runtime.preprocess import MEAN, STD, pad_batch, preprocess_batch, resized_hw
+from runtime.synthetic import decoded_images
 
 def plain(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """Pillow resize, NumPy float32 normalisation per image, then pad_batch."""
     planes = []
     for image in images:
-        height, width = resized_size(*image.size)
+        height, width = resized_hw(image.height, image.width)
         pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)).astype(np.float32)
         planes.append(np.ascontiguousarray(((pixels / np.float32(255) - MEAN) / STD).transpose(2, 0, 1)))
     return pad_batch(planes)
@@ -67,7 +48,7 @@ def best_ms(fn, repeat: int) -> float:
 
 
 def bench_cpu(batch: int, repeat: int) -> dict:
-    images = test_images(batch)
+    images = decoded_images(batch)
     ours_batch, ours_masks, _ = preprocess_batch(images)
     ref_batch, ref_masks = plain(images)
     if not (np.array_equal(ours_batch, ref_batch) and np.array_equal(ours_masks, ref_masks)):
@@ -89,7 +70,7 @@ def bench_gpu(iterations: int = 500) -> dict:
     from runtime.gpu_preprocess import GpuPreprocessor
 
     device = cuda.init()
-    arrays = [np.asarray(image) for image in test_images(8)]
+    arrays = [np.asarray(image) for image in decoded_images(8)]
     results = {}
     with GpuPreprocessor(max_batch=8, max_hw=(1344, 1344)) as gpu, cuda.Event() as start, cuda.Event() as end:
         for batch in (1, 8):

@@ -13,7 +13,6 @@ Exit codes: 0 ok, 1 some requests failed, 2 bad arguments, 3 no server at --url.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import threading
 import time
@@ -24,18 +23,9 @@ import numpy as np
 
 from core.progress import print_table
 from core.cli import guarded, hw, int_list, positive_float, positive_int
+from runtime.synthetic import synthetic_jpegs
 from serve.client import Client, RequestFailed
 from core.errors import BadInput
-
-
-def synthetic_jpeg(width: int, height: int) -> bytes:
-    """A noise image (the detector's time does not depend on the content)."""
-    from PIL import Image
-
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def load_level(client: Client, data: bytes, concurrency: int, requests: int, max_seconds: float) -> dict:
@@ -105,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise BadInput(f"--image {args.image}: cannot read ({exc.strerror or exc})") from None
     else:
-        data = synthetic_jpeg(*args.size[::-1])  # (width, height)
+        data = next(synthetic_jpegs(1, args.size[::-1]))  # (width, height)
     client = Client(args.url, args.grpc, args.timeout)
     client.check_ready()
     for _ in range(args.warmup):

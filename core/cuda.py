@@ -10,7 +10,8 @@ cuda.core 1.2 lacks, so cuda.bindings is called directly for: the free/total mem
 the total memory of a device (cuDeviceTotalMem); synchronous device memory (cuda.core's public resource is a
 stream-ordered pool that keeps freed memory, which would hide frees from `memory_info`) with copies to and from
 any host address; and NVRTC, because ``Program.compile("ptx")`` first asks the driver its version and so
-fails on machines without a driver, where our plugins' PTX must still compile.
+fails on machines without a driver, where our plugins' PTX must still compile. `compile_cached` keeps what
+NVRTC made on disk, for the plugins (plugins.nvrtc) and the GPU preprocessing kernel alike.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -327,6 +332,51 @@ def compile_program(source: bytes, name: str, options: list[str], kind: str, hea
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return image.rstrip(b"\x00") if kind == "ptx" else image
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: `$ANCHORTRT_KERNEL_CACHE`, else `$XDG_CACHE_HOME/anchortrt/kernels`, else
+    `~/.cache/anchortrt/kernels`."""
+    if os.environ.get("ANCHORTRT_KERNEL_CACHE"):
+        return Path(os.environ["ANCHORTRT_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base, "anchortrt", "kernels")
+
+
+def compile_cached(source: bytes, name: str, options: list[str], kind: str,
+                   headers: dict[str, bytes] | None = None) -> bytes:
+    """`compile_program`, its result kept in `kernel_cache_dir()`: one file per (source, headers, NVRTC version,
+    options, kind) hash, read instead of compiling when it is there. A cache that cannot be written only costs a
+    compile next time."""
+    headers = headers or {}
+    key = hashlib.sha256(json.dumps(
+        [source.hex(), [h.hex() for h in headers.values()], nvrtc_version(), options, kind], sort_keys=True
+    ).encode()).hexdigest()
+    path = kernel_cache_dir() / f"{Path(name).stem}-{key[:32]}.{kind}"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    image = compile_program(source, name, options, kind, headers)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(image)
+        os.replace(tmp, path)  # whole or not at all: another process may be reading it
+    except OSError:
+        pass
+    return image
+
+
+def target_arch(compute_capability: int) -> int:
+    """The newest architecture NVRTC supports that a device of this compute capability (e.g. 90) can run."""
+    usable = [a for a in nvrtc_archs() if a <= compute_capability]
+    if not usable:
+        raise CompileError(
+            f"NVRTC {'.'.join(map(str, nvrtc_version()))} cannot compile for compute capability "
+            f"{compute_capability}: it supports {nvrtc_archs()}"
+        )
+    return max(usable)
 
 
 def load_kernel(image: bytes, kind: str, name: str) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import closing
@@ -32,6 +31,7 @@ from core.cli import positive_int
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
 from core.sidecar import check_output_path, write_atomic
+from runtime.preprocess import usable_cpus
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
 IMAGES = Path("val2017")
@@ -89,11 +89,11 @@ def open_models(args) -> list:
     models = []
     try:
         if args.engine:
-            from eval.models import EngineModel
+            from runtime.runner import EngineRunner
 
             # Side by side only makes sense for one set of weights: the runtime refuses an engine built from others.
             same_weights = file_sha256(args.torch_weights) if args.torch_weights else None
-            models.append(EngineModel(args.engine, same_weights))
+            models.append(EngineRunner(args.engine, same_weights))
         if args.torch_weights:
             from runtime.torch_detector import TorchReference
 
@@ -136,14 +136,14 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     Each batch is read (on `workers` threads), resized and padded once, ahead of the models (runtime.pipeline),
     and given to every model.
     """
-    from runtime.pipeline import PipelineStats, bounded, cpu_preprocess, decoded_batches
+    from runtime.pipeline import CpuPath, PipelineStats, bounded, decoded_batches, preprocess_stage
     from runtime.preprocess import ImageError
 
-    min_hw, max_hw = batch_limits(models)
     batch = min([batch] + [m.max_batch for m in models if m.max_batch is not None])
     stats = PipelineStats()
     # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
-    prepared = bounded(decoded_batches(paths, batch, workers, stats), [cpu_preprocess(min_hw, max_hw, False, stats)])
+    prepare = preprocess_stage(CpuPath(None, stats, limits=batch_limits(models)))
+    prepared = bounded(decoded_batches(paths, batch, workers, False, stats), [prepare])
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
     done = 0
@@ -153,12 +153,11 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
             unreadable = [image for image in chunk.images if isinstance(image, ImageError)]
             if unreadable:
                 raise unreadable[0]  # a gap would skew the mAP
-            images, masks, sizes = chunk.arrays
             ids = image_ids[done : done + len(chunk.keys)]
             done += len(ids)
             for model in models:
                 start = time.perf_counter()
-                detections = model(images, masks, sizes)
+                detections = model(*chunk.work)
                 seconds[model.name] += time.perf_counter() - start
                 results[model.name].extend(coco_results(ids, detections))
             bar.update(len(ids), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
@@ -168,10 +167,10 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
 def run_dataset(args) -> int:
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
-    from eval.models import EngineModel
+    from runtime.runner import EngineRunner
     from runtime.torch_detector import TorchReference
 
-    names = [EngineModel.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
+    names = [EngineRunner.name] * bool(args.engine) + [TorchReference.name] * bool(args.torch_weights)
     check_outputs(("--json" if args.json else "--results-dir", metrics_path),
                   *(("--results-dir", out_dir / f"{name}_bbox.json") for name in names))
     gt, image_ids, paths = open_coco_root(Path(args.coco_root), args.limit)
@@ -249,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="coco-results", metavar="DIR",
                      help="where the per-model COCO results files go (default: coco-results)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
-    run.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
-                     help="threads that decode images ahead of the models (default: up to 4)")
+    run.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
+                     help="threads that decode images ahead of the models (default: one per usable core)")
     score = parser.add_argument_group("score an existing results file")
     score.add_argument("--annotations", metavar="ANN.json", help="COCO instances annotation file")
     score.add_argument("--results", metavar="RES.json", help="COCO results file (list of detections)")

@@ -6,35 +6,23 @@ own launcher loads, so that it does not depend on the driver's PTX JIT. The PTX 
 version (13.0 -> 9.0, 13.5 -> 9.5) and a driver only JIT-compiles PTX up to its own version, hence the pin
 `nvidia-cuda-nvrtc==13.0.*` for the R580 (CUDA 13.0) drivers.
 
-Cache: `$ANCHORTRT_KERNEL_CACHE`, else `$XDG_CACHE_HOME/anchortrt/kernels`, else `~/.cache/anchortrt/kernels`;
-one file per (sources, NVRTC version, options) hash.
+Cache: `core.cuda.compile_cached` (`$ANCHORTRT_KERNEL_CACHE`, else `$XDG_CACHE_HOME/anchortrt/kernels`, else
+`~/.cache/anchortrt/kernels`), one file per (sources, NVRTC version, options) hash; within a process each
+(source, defines, arch, kind) compiles once.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from pathlib import Path
 
 from core import cuda
-from core.cuda import CompileError  # raised here too: NVRTC missing, a kernel rejected, an unsupported GPU
+from core.cuda import CompileError, target_arch  # raised and used here too: NVRTC missing, an unsupported GPU
 from .spec import float_literal
 
 SOURCE_DIR = Path(__file__).resolve().parent
 HEADERS = ("common.cuh",)
-
-
-def target_arch(compute_capability: int) -> int:
-    """The newest architecture NVRTC supports that a device of this compute capability (e.g. 90) can run."""
-    usable = [a for a in cuda.nvrtc_archs() if a <= compute_capability]
-    if not usable:
-        raise CompileError(
-            f"NVRTC {'.'.join(map(str, cuda.nvrtc_version()))} cannot compile for compute capability "
-            f"{compute_capability}: it supports {cuda.nvrtc_archs()}"
-        )
-    return max(usable)
 
 
 @functools.cache
@@ -60,13 +48,6 @@ def include_dirs() -> tuple[str, ...]:
     )
 
 
-def cache_dir() -> Path:
-    if os.environ.get("ANCHORTRT_KERNEL_CACHE"):
-        return Path(os.environ["ANCHORTRT_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base, "anchortrt", "kernels")
-
-
 def format_define(name: str, value) -> str:
     if isinstance(value, bool):
         value = int(value)
@@ -87,24 +68,5 @@ def _compile_cached(source: str, defines: tuple, arch: int, kind: str) -> bytes:
     text = (SOURCE_DIR / source).read_bytes()
     headers = [(SOURCE_DIR / h).read_bytes() for h in HEADERS]
     target = f"--gpu-architecture={'compute' if kind == 'ptx' else 'sm'}_{arch}"
-    options = [target, "--std=c++17", *(format_define(k, v) for k, v in defines)]
-    key = hashlib.sha256(
-        json.dumps(
-            [text.hex(), [h.hex() for h in headers], cuda.nvrtc_version(), options, kind], sort_keys=True
-        ).encode()
-    ).hexdigest()
-    path = cache_dir() / f"{Path(source).stem}-{key[:32]}.{kind}"
-    try:
-        return path.read_bytes()
-    except OSError:
-        pass
-    image = cuda.compile_program(text, source, options + [f"-I{d}" for d in include_dirs()], kind,
-                                 dict(zip(HEADERS, headers)))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(image)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs a recompile next time
-    return image
+    options = [target, "--std=c++17", *(format_define(k, v) for k, v in defines), *(f"-I{d}" for d in include_dirs())]
+    return cuda.compile_cached(text, source, options, kind, dict(zip(HEADERS, headers)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -22,6 +21,8 @@ from core.progress import ProgressBar, format_seconds, print_table
 from core.sidecar import check_output_path, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
+from runtime.preprocess import usable_cpus
+from runtime.synthetic import synthetic_images
 
 TORCH_MODES = {
     "fp32": "eager FP32 (TF32 off)",
@@ -173,22 +174,6 @@ def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
-    """`count` deterministic JPEGs of `size` (width, height) in `folder`: smooth colour fields with noise, so they
-    compress and decode like photographs rather than like flat colour or pure noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size[1], size[0], 3), dtype=np.int16)
-        path = folder / f"{i:06d}.jpg"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
 def pipeline_files(spec: str, folder: Path | None) -> list[Path]:
     """The images a --pipeline run reads: a folder's image files (sorted), or synthetic:N made in `folder`."""
     if spec.startswith("synthetic:"):
@@ -300,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", metavar="DIR|synthetic:N",
                    help="measure files -> detections through runtime.pipeline on a folder's images or N synthetic "
                    "640x480 JPEGs, with --engine and/or --torch-weights (rows per --batch)")
-    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                   help="--pipeline: decoding threads (default: up to 4)")
+    p.add_argument("--workers", type=positive_int, default=usable_cpus(),
+                   help="--pipeline: decoding threads (default: one per usable core)")
     p.add_argument("--in-flight", type=positive_int, default=2, help="--pipeline: batches in flight (default 2)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
                    help="--pipeline: preprocessing on the CPU (default), the GPU kernel (opt-in: not yet run on a "
@@ -357,7 +342,7 @@ def run_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.engine is not None:
         read_sidecar(args.engine)
     report = {"command": "python -m runtime.bench " + " ".join(argv), "device": device_name(args),
-              "cpu_cores": os.cpu_count(), "rows": []}
+              "cpu_cores": usable_cpus(), "rows": []}
     with tempfile.TemporaryDirectory(prefix="anchortrt-bench-") as scratch:
         paths = pipeline_files(args.pipeline, Path(scratch))
         for row in bench_pipeline(args, paths):

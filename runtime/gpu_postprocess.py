@@ -28,7 +28,6 @@ class DeviceTopK:
 
     def __init__(self, max_batch: int, k: int = TOP_K, stream=None) -> None:
         from core import cuda
-        from plugins.nvrtc import compile_kernel, target_arch
 
         if not 1 <= k <= KMAX:
             raise ValueError(f"k must be 1..{KMAX}, got {k}")
@@ -36,7 +35,9 @@ class DeviceTopK:
         self.device = cuda.current_device()
         self._own_stream = stream is None
         self.stream = cuda.Stream() if stream is None else stream
-        cubin = compile_kernel(str(KERNEL_SOURCE), {}, target_arch(self.device.arch), kind="cubin")
+        arch = cuda.target_arch(self.device.arch)
+        cubin = cuda.compile_cached(KERNEL_SOURCE.read_bytes(), KERNEL_SOURCE.name,
+                                    [f"--gpu-architecture=sm_{arch}", "--std=c++17"], "cubin")
         self._kernel = cuda.load_kernel(cubin, "cubin", "top_k")
         self._layout = {"scores": ((k,), np.float32), "labels": ((k,), np.int32), "boxes": ((k, 4), np.float32)}
         self._device, self._host = {}, {}

@@ -15,7 +15,7 @@ uses the same tables, so its output equals the CPU path's. The tables depend onl
 `TableCache` uploads each pair's once and keeps it on the device.
 
 CUDA is reached through core.cuda (device, stream, events, pinned and device memory, kernel loading and launch);
-the kernels are compiled (and cached on disk) by plugins.nvrtc.
+the kernels are compiled by NVRTC and cached on disk there too (`core.cuda.compile_cached`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from runtime.preprocess import MEAN, STD, fit_within, resized_size
+from runtime.preprocess import MEAN, STD, output_hw
 
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
@@ -123,10 +123,16 @@ def pillow_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resample(rgb, height, width, vertical_first(rgb.shape[0], rgb.shape[1], height, width))
 
 
-def output_size(in_h: int, in_w: int, max_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(height, width) an in_h x in_w image is resized to: the official rule, scaled to fit max_hw (as the CPU path)."""
-    height, width = resized_size(in_w, in_h)
-    return fit_within(height, width, max_hw) if max_hw is not None else (height, width)
+@functools.cache
+def _cubin(arch: int) -> bytes:
+    """The kernels for `arch` (e.g. 90), compiled once per process and kept on disk by core.cuda.compile_cached."""
+    from core import cuda
+
+    constants = {f"MEAN{c}": MEAN[c] for c in range(3)} | {f"STD{c}": STD[c] for c in range(3)}
+    # float32 hex literals: the kernel's constants equal the CPU path's exactly
+    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17",
+               *(f"-D{name}={float(value).hex()}f" for name, value in constants.items())]
+    return cuda.compile_cached(KERNEL_SOURCE.read_bytes(), KERNEL_SOURCE.name, options, "cubin")
 
 
 class Plan(NamedTuple):
@@ -150,7 +156,7 @@ class Plan(NamedTuple):
 
 
 def plan(in_h: int, in_w: int, max_hw: tuple[int, int] | None = None) -> Plan:
-    out_h, out_w = output_size(in_h, in_w, max_hw)
+    out_h, out_w = output_hw(in_h, in_w, max_hw)  # as the CPU path resizes
     return Plan(in_h, in_w, out_h, out_w, vertical_first(in_h, in_w, out_h, out_w))
 
 
@@ -207,7 +213,6 @@ class GpuPreprocessor:
 
     def __init__(self, max_batch: int, max_hw: tuple[int, int] | None = None, stream=None):
         from core import cuda
-        from plugins.nvrtc import compile_kernel, target_arch
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -216,9 +221,7 @@ class GpuPreprocessor:
         self._own_stream = stream is None
         self.stream = cuda.Stream() if stream is None else stream
         self.max_batch, self.max_hw = max_batch, max_hw
-        defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
-        # plugins.nvrtc joins its own folder with the source name; an absolute path joins to itself.
-        cubin = compile_kernel(str(KERNEL_SOURCE), defines, target_arch(self.device.arch), kind="cubin")
+        cubin = _cubin(cuda.target_arch(self.device.arch))
         self._first = cuda.load_kernel(cubin, "cubin", "first_pass")
         self._second = cuda.load_kernel(cubin, "cubin", "second_pass")
         self.tables = TableCache(self._device_table, capacity=max(1024, 4 * max_batch),

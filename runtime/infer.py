@@ -17,7 +17,7 @@ from core.sidecar import check_output_path, write_atomic
 from runtime.coco_names import label_name
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
-from runtime.preprocess import ImageError
+from runtime.preprocess import ImageError, usable_cpus
 
 EPILOG = """\
 examples:
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "name if numeric (000000397133.jpg -> 397133), else the image's position in the list")
     p.add_argument("--weights", type=Path, metavar="W.safetensors",
                    help="refuse the engine unless it was built from these weights (sha256 in the sidecar)")
-    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), metavar="N",
-                   help="threads decoding images ahead of the engine (default: up to 4)")
+    p.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
+                   help="threads decoding images ahead of the engine (default: one per usable core)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
                    help="where images are resized and normalised: the CPU (default), the GPU kernel writing into "
                    "the engine's inputs, or auto (the GPU when available). The GPU kernel has not yet been run on "

@@ -5,11 +5,14 @@ on a thread of its own, and the caller receives the results in input order. A se
 the source and given back when the caller receives its result keeps at most `in_flight` items anywhere in between,
 so memory stays bounded however long the input is (the stages' queues need no limit of their own).
 
-`detect_stream` composes it for a `Detector`: batches of decoded images (`decode_many`'s thread pool, which
-decodes up to 2 x workers images ahead), then preprocessing (CPU `preprocess_batch`, or the GPU kernel writing
-straight into an `EngineRunner`'s input buffers), then the engine and post-processing. An image that cannot be
-read becomes an `ImageError` entry of its own; the others go on. Per-stage busy time and the process's CPU time
-are collected in a `PipelineStats`.
+`detect_stream` composes it for a detector (runtime.detector's contract, used here by its methods only, so this
+module imports neither it nor the runner): batches of decoded RGB images (`decode_many`'s thread pool, one thread
+per usable core by default, decoding up to 2 x workers images ahead), then the path's preprocessing, then its
+engine step and post-processing. The path is chosen once: `CpuPath` (`prepare_batch` on the host, whose resizes
+and normalisation run on a pool sized to the machine, then the detector's `infer`) or `GpuPath` (the GPU kernel
+writing straight into the input buffers of a `DeviceRunner`, such as an EngineRunner, then `infer_on_device`).
+An image that cannot be read becomes an `ImageError` entry of its own; the others go on. Per-stage busy time and
+the process's CPU time are collected in a `PipelineStats`.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
 from core.errors import BadInput, Unavailable
-from runtime.preprocess import ImageError, decode_many, preprocess_batch, to_rgb
+from runtime.preprocess import HostBatch, ImageError, decode_many, original_sizes, prepare_batch, to_rgb
 
-# Busy seconds per stage. With the GPU path "upload" is staging the decoded pixels and "preprocess" the kernel;
+# Busy seconds per stage. "decode" includes the conversion to RGB (EXIF orientation). With the GPU path "upload"
+# is staging the decoded pixels and "preprocess" the kernel;
 # on the CPU path "engine" includes the copies to and from the device (EngineRunner.infer does them in one call
 # with one synchronisation), and "gpu" is the network alone where the detector times it with CUDA events.
 STAGES = ("decode", "upload", "preprocess", "engine", "gpu", "postprocess")
@@ -166,28 +170,33 @@ def bounded(source: Iterable, stages: Sequence[Callable], in_flight: int = 2,
 
 @dataclass
 class Batch:
-    """One batch on its way through: keys (paths or indices), decoded images or their errors, then arrays."""
+    """One batch on its way through: keys (paths or positions), decoded RGB images or their errors, the path's
+    prepared work, then the detections."""
 
     keys: list
-    images: list  # PIL images, or the ImageError of each unreadable file
-    rgb: list = field(default_factory=list)  # the readable images, EXIF-oriented RGB
-    arrays: tuple | None = None  # (images (B,3,H,W), masks (B,H,W), original sizes (B,2))
-    runner: Any = None  # GPU path: the runner whose input buffers hold this batch
-    shape: tuple | None = None  # GPU path: the (batch, height, width) the runner runs
+    images: list  # EXIF-oriented RGB images, or the ImageError of each unreadable file
+    sizes: np.ndarray | None = None  # (height, width) of each readable image: what its boxes refer to
+    work: Any = None  # what the path's `prepare` made of the readable images, for its `run`
     results: list = field(default_factory=list)
 
     @property
     def readable(self) -> list[int]:
         return [i for i, image in enumerate(self.images) if not isinstance(image, ImageError)]
 
+    @property
+    def rgb(self) -> list[Image.Image]:
+        return [self.images[i] for i in self.readable]
+
 
 def _is_path(item: Any) -> bool:
     return isinstance(item, (str, Path))
 
 
-def decoded_batches(items: Iterable, batch: int, workers: int, stats: PipelineStats) -> Iterator[Batch]:
-    """Batches of `batch` decoded images: paths are decoded on `workers` threads (keys: the paths), Pillow images
-    are taken as they are (keys: their positions). Give either paths or images."""
+def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool,
+                    stats: PipelineStats) -> Iterator[Batch]:
+    """Batches of `batch` RGB images (EXIF orientation applied when `exif`): paths are decoded and converted by
+    `decode_many` on `workers` threads (None: one per usable core; keys: the paths), Pillow images are converted
+    as they come (keys: their positions). Give either paths or images."""
     items = iter(items)
     first = next(items, None)
     if first is None:
@@ -199,16 +208,16 @@ def decoded_batches(items: Iterable, batch: int, workers: int, stats: PipelineSt
         yield from items
 
     if _is_path(first):
-        paths: deque = deque()  # the paths decode_many has taken and not yet answered, oldest first
+        keys: deque = deque()  # the paths decode_many has taken and not yet answered, oldest first
 
         def recorded() -> Iterator:
             for path in rest():
-                paths.append(path)
+                keys.append(path)
                 yield path
 
-        decoded, key = decode_many(recorded(), workers), paths.popleft
+        decoded, key = decode_many(recorded(), workers, exif), keys.popleft
     else:
-        decoded, key = rest(), itertools.count().__next__
+        decoded, key = (to_rgb(image, exif=exif) for image in rest()), itertools.count().__next__
     try:
         while True:
             chunk = Batch([], [])
@@ -229,30 +238,72 @@ def decoded_batches(items: Iterable, batch: int, workers: int, stats: PipelineSt
             close()
 
 
-def cpu_preprocess(min_hw, max_hw, exif: bool, stats: PipelineStats) -> Callable[[Batch], Batch]:
-    """The stage that resizes, normalises and pads the readable images of a batch on the CPU."""
-
-    def stage(chunk: Batch) -> Batch:
-        with stats.timed("preprocess"):
-            chunk.rgb = [to_rgb(chunk.images[i], exif=exif) for i in chunk.readable]
-            if chunk.rgb:
-                images, masks, _ = preprocess_batch(chunk.rgb, exif=False, min_hw=min_hw, max_hw=max_hw)
-                sizes = np.array([(image.height, image.width) for image in chunk.rgb])
-                chunk.arrays = (images, masks, sizes)
-        return chunk
-
-    return stage
+def _record_gpu_time(stats: PipelineStats, ran: Any) -> None:
+    """The network's own GPU time of the call `ran` just made, where it times one (EngineRunner.last_timing)."""
+    gpu_ms = (getattr(ran, "last_timing", None) or {}).get("gpu_ms")
+    if gpu_ms is not None:
+        stats.add("gpu", gpu_ms / 1000)
 
 
-class _GpuPath:
-    """GPU preprocessing into `in_flight` buffer sets: runners sharing the detector's Engine, each with its own
-    GpuPreprocessor. A batch takes a free runner in the preprocess stage and gives it back after the engine ran,
-    so the kernel never writes buffers the engine is still reading."""
+class CpuPath:
+    """Preprocessing on the host (`prepare_batch`: resize, normalise, pad), then the detector's `infer` on the
+    arrays (for an EngineRunner: the copies to the device, the engine and the copies back, in one call).
 
-    def __init__(self, runner: Any, count: int, exif: bool, stats: PipelineStats) -> None:
+    `limits` (min_hw, max_hw) replaces the detector's: eval.coco prepares one batch for several models."""
+
+    def __init__(self, detector: Any, stats: PipelineStats, limits: tuple | None = None) -> None:
+        self.detector, self.stats = detector, stats
+        self.min_hw, self.max_hw = limits if limits is not None else (detector.min_hw, detector.max_hw)
+
+    def prepare(self, rgb: Sequence[Image.Image]) -> HostBatch:
+        with self.stats.timed("preprocess"):
+            return prepare_batch(rgb, self.min_hw, self.max_hw)
+
+    def run(self, work: HostBatch) -> dict[str, np.ndarray]:
+        outputs = self.detector.infer(work.images, work.masks)
+        _record_gpu_time(self.stats, self.detector)
+        return outputs
+
+    def close(self) -> None:
+        pass
+
+
+@runtime_checkable
+class DeviceRunner(Protocol):
+    """What the GPU path needs of a detector: device input buffers it can write on the detector's stream, more
+    buffer sets of the same kind, and a run of what the buffers hold. `runtime.runner.EngineRunner` is one."""
+
+    stream: Any  # the core.cuda.Stream the runner runs on: the kernel is queued there, ahead of the engine
+
+    @property
+    def input_pointers(self) -> tuple[int, int]:
+        """Device addresses of the (B,3,H,W) float32 images and (B,H,W) bool masks buffers."""
+
+    def sibling(self) -> "DeviceRunner":
+        """Another runner of the same model with buffers of its own."""
+
+    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
+        """Raw outputs of the first `batch` images of what the buffers hold, laid out for `shape` (B, H, W)."""
+
+    def close(self) -> None:
+        """Free the runner."""
+
+
+class DeviceBatch(NamedTuple):
+    runner: Any  # the DeviceRunner whose input buffers hold the batch
+    shape: tuple[int, int, int]  # the (batch, height, width) it runs
+    count: int  # the batch's own images (the rest repeat the last one up to the smallest batch)
+
+
+class GpuPath:
+    """GPU preprocessing into `count` buffer sets: `runner` and siblings of it, each with its own GpuPreprocessor.
+    `prepare` takes a free runner, stages the batch's images and queues the kernel into its input buffers; `run`
+    gives the runner back after the engine ran, so the kernel never writes buffers the engine is still reading."""
+
+    def __init__(self, runner: DeviceRunner, count: int, stats: PipelineStats) -> None:
         from runtime.gpu_preprocess import GpuPreprocessor
 
-        self.exif, self.stats = exif, stats
+        self.stats = stats
         self.extra: list = []
         self.pre: dict = {}
         try:
@@ -267,32 +318,36 @@ class _GpuPath:
         for r in [runner, *self.extra]:
             self.free.put(r)
 
-    def preprocess(self, chunk: Batch) -> Batch:
-        chunk.rgb = [to_rgb(chunk.images[i], exif=self.exif) for i in chunk.readable]
-        if not chunk.rgb:
-            return chunk
-        runner = chunk.runner = self.free.get()
+    def prepare(self, rgb: Sequence[Image.Image]) -> DeviceBatch:
+        runner = self.free.get()
         try:
-            self._fill(chunk, runner)
+            return self._fill(rgb, runner)
         except BaseException:
-            self.free.put(runner)  # the engine stage will not see this batch
+            self.free.put(runner)  # the engine step will not see this batch
             raise
-        return chunk
 
-    def _fill(self, chunk: Batch, runner: Any) -> None:
-        """Upload the batch's images and run the kernel into `runner`'s input buffers."""
+    def _fill(self, rgb: Sequence[Image.Image], runner: Any) -> DeviceBatch:
+        """Upload the batch's images and queue the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
         with self.stats.timed("upload"):
-            sizes = [pre.upload(slot, np.asarray(image)) for slot, image in enumerate(chunk.rgb)]
-            count = max(len(sizes), runner.profile.min[0])
-            for slot in range(len(sizes), count):  # below the profile's smallest batch: repeat the last image
-                sizes.append(pre.upload(slot, np.asarray(chunk.rgb[-1])))
+            sizes = [pre.upload(slot, np.asarray(image)) for slot, image in enumerate(rgb)]
+            count = max(len(sizes), runner.min_batch)
+            for slot in range(len(sizes), count):  # below the smallest batch: repeat the last image
+                sizes.append(pre.upload(slot, np.asarray(rgb[-1])))
         with self.stats.timed("preprocess"):
             height = max([s[0] for s in sizes] + [runner.min_hw[0]])
             width = max([s[1] for s in sizes] + [runner.min_hw[1]])
-            chunk.shape = (count, height, width)
-            pre.run(*runner.input_pointers, chunk.shape)  # queued on the stream the engine runs on next
-        chunk.arrays = (None, None, np.array([(image.height, image.width) for image in chunk.rgb]))
+            shape = (count, height, width)
+            pre.run(*runner.input_pointers, shape)  # queued on the stream the engine runs on next
+        return DeviceBatch(runner, shape, len(rgb))
+
+    def run(self, work: DeviceBatch) -> dict[str, np.ndarray]:
+        try:
+            outputs = work.runner.infer_on_device(work.shape, work.count)
+        finally:
+            self.free.put(work.runner)
+        _record_gpu_time(self.stats, work.runner)
+        return outputs
 
     def close(self) -> None:
         for pre in self.pre.values():
@@ -301,32 +356,44 @@ class _GpuPath:
             r.close()
 
 
-def _gpu_possible(detector: Any, gpu_preprocess: bool | None) -> bool:
-    """Whether to try the GPU path; asking for it (True) with a detector other than an EngineRunner is an error."""
-    from runtime.runner import EngineRunner
-
+def _device_runner(detector: Any, gpu_preprocess: bool | None) -> DeviceRunner | None:
+    """The detector as the GPU path's runner when the GPU path is to be tried, else None; asking for it (True)
+    with a detector that has no device input buffers is an error."""
     if gpu_preprocess is False:
-        return False
-    if not isinstance(detector, EngineRunner):
+        return None
+    if not isinstance(detector, DeviceRunner):
         if gpu_preprocess:
             raise Unavailable("GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU "
                               "preprocessing (gpu_preprocess=False, --preprocess cpu)")
-        return False
-    return True
-
-
-def _gpu_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, exif: bool,
-              stats: PipelineStats) -> _GpuPath | None:
-    """The GPU path when asked for (True: required) or by default (None) when the detector is an EngineRunner and
-    the kernel compiles; else None (the CPU path)."""
-    if not _gpu_possible(detector, gpu_preprocess):
         return None
+    return detector
+
+
+def open_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, stats: PipelineStats) -> CpuPath | GpuPath:
+    """The GPU path when asked for (True: required) or by default (None) when the detector has device input
+    buffers and the kernel compiles; else the CPU path."""
+    runner = _device_runner(detector, gpu_preprocess)
+    if runner is None:
+        return CpuPath(detector, stats)
     try:
-        return _GpuPath(detector, in_flight, exif, stats)
+        return GpuPath(runner, in_flight, stats)
     except Exception as exc:  # no cuda.core, no NVRTC, no memory for a second buffer set: the CPU path will do
         if gpu_preprocess:
             raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None
-        return None
+        return CpuPath(detector, stats)
+
+
+def preprocess_stage(path: CpuPath | GpuPath) -> Callable[[Batch], Batch]:
+    """The stage that hands a batch's readable images to the path's `prepare`."""
+
+    def stage(chunk: Batch) -> Batch:
+        rgb = chunk.rgb
+        if rgb:
+            chunk.sizes = original_sizes(rgb)
+            chunk.work = path.prepare(rgb)
+        return chunk
+
+    return stage
 
 
 class Found(NamedTuple):
@@ -341,68 +408,51 @@ def detect_stream(
     threshold: float = 0.5,
     batch: int | None = None,
     exif: bool = True,
-    workers: int = 4,
+    workers: int | None = None,
     in_flight: int = 2,
     gpu_preprocess: bool | None = False,
     stats: PipelineStats | None = None,
     keep_images: bool = False,
 ) -> Iterator[Found]:
-    """`Found` for each input (paths or Pillow images), in input order, through the overlapped pipeline. Bad
-    arguments are raised here, at the call; the work starts with the first `next`."""
-    if workers < 1 or in_flight < 1:
+    """`Found` for each input (paths or Pillow images), in input order, through the overlapped pipeline.
+    `workers`: decoding threads (default: one per usable core). Bad arguments are raised here, at the call; the
+    work starts with the first `next`."""
+    if (workers is not None and workers < 1) or in_flight < 1:
         raise BadInput(f"workers ({workers}) and in_flight ({in_flight}) must be at least 1")
     stats = stats if stats is not None else PipelineStats()
     batch = detector.batch_size(batch)
-    _gpu_possible(detector, gpu_preprocess)
-    return _detect_stream(detector, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats,
-                          keep_images)
+    _device_runner(detector, gpu_preprocess)
+    batches = decoded_batches(items, batch, workers, exif, stats)
+    return _detect_stream(detector, batches, lambda: open_path(detector, gpu_preprocess, in_flight, stats),
+                          in_flight=in_flight, threshold=threshold, keep_images=keep_images, stats=stats)
 
 
-def _detect_stream(detector, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats,
-                   keep_images) -> Iterator[Found]:
+def _detect_stream(detector: Any, batches: Iterator[Batch], opener: Callable[[], CpuPath | GpuPath], *,
+                   in_flight: int, threshold: float, keep_images: bool, stats: PipelineStats) -> Iterator[Found]:
     with stats.run():
-        gpu = _gpu_path(detector, gpu_preprocess, in_flight, exif, stats)
+        path = opener()
         try:
-            if gpu is not None:
-                preprocess = gpu.preprocess
-            else:
-                preprocess = cpu_preprocess(detector.min_hw, detector.max_hw, exif, stats)
-
             def engine(chunk: Batch) -> Batch:
-                if chunk.arrays is None:
+                if chunk.work is None:
                     return chunk
-                images, masks, sizes = chunk.arrays
-                ran = chunk.runner or detector
                 with stats.timed("engine"):
-                    if gpu is not None:
-                        try:
-                            outputs = ran.infer_on_device(chunk.shape, len(chunk.rgb))
-                        finally:
-                            gpu.free.put(ran)
-                    else:
-                        outputs = detector.infer(images, masks)
-                gpu_ms = (getattr(ran, "last_timing", None) or {}).get("gpu_ms")
-                if gpu_ms is not None:
-                    stats.add("gpu", gpu_ms / 1000)
+                    outputs = path.run(chunk.work)
+                chunk.work = None  # the batch's arrays or buffers are not needed any more
                 with stats.timed("postprocess"):
-                    chunk.results = detector.found(outputs, sizes, threshold)
-                chunk.arrays = None  # the batch's arrays are not needed any more
+                    chunk.results = detector.found(outputs, chunk.sizes, threshold)
                 return chunk
 
-            source = decoded_batches(items, batch, workers, stats)
-            chunks = bounded(source, [preprocess, engine], in_flight, stats)
+            chunks = bounded(batches, [preprocess_stage(path), engine], in_flight, stats)
             with closing(chunks):  # its threads are done before the GPU path's runners close
                 for chunk in chunks:
                     stats.batches += 1
-                    results, rgb = iter(chunk.results), iter(chunk.rgb)
+                    results = iter(chunk.results)
                     for key, image in zip(chunk.keys, chunk.images):
                         stats.images += 1
                         if isinstance(image, ImageError):
                             stats.errors += 1
                             yield Found(key, image, None)
                         else:
-                            shown = next(rgb)
-                            yield Found(key, next(results), shown if keep_images else None)
+                            yield Found(key, next(results), image if keep_images else None)
         finally:
-            if gpu is not None:
-                gpu.close()
+            path.close()

@@ -17,7 +17,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,8 +42,8 @@ class ShapeError(BadInput, ValueError):
     """An image larger than the engine's optimisation profile allows."""
 
 
-def resized_size(width: int, height: int, short: int = SHORT_SIDE, longest: int = MAX_SIDE) -> tuple[int, int]:
-    """(height, width) after the evaluation resize of a width x height image."""
+def resized_hw(height: int, width: int, short: int = SHORT_SIDE, longest: int = MAX_SIDE) -> tuple[int, int]:
+    """(height, width) after the evaluation resize of an image of this (height, width)."""
     lo, hi = min(width, height), max(width, height)
     # Same float expression order as the official rule, so borderline aspect ratios fall the same way.
     if hi / lo * short > longest:
@@ -99,6 +99,16 @@ def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def rgb_images(images: Sequence[Image.Image], exif: bool = True) -> list[Image.Image]:
+    """`to_rgb` of each image."""
+    return [to_rgb(image, exif=exif) for image in images]
+
+
+def original_sizes(images: Sequence[Image.Image]) -> np.ndarray:
+    """(B, 2) int64: the (height, width) of each image, the pixels its boxes are scaled to."""
+    return np.array([(image.height, image.width) for image in images], dtype=np.int64).reshape(-1, 2)
+
+
 def normalize(rgb: Image.Image) -> np.ndarray:
     """8-bit RGB image -> (3,H,W) float32, scaled to [0,1] and standardised with the ImageNet statistics."""
     pixels = np.asarray(rgb, dtype=np.uint8)
@@ -122,8 +132,15 @@ def fit_within(height: int, width: int, max_hw: tuple[int, int]) -> tuple[int, i
     return max(1, int(height * factor)), max(1, int(width * factor))
 
 
+def output_hw(height: int, width: int, max_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) an image of this (height, width) is resized to: the evaluation resize (`resized_hw`),
+    scaled down to fit `max_hw` when given."""
+    height, width = resized_hw(height, width)
+    return fit_within(height, width, max_hw) if max_hw is not None else (height, width)
+
+
 def preprocess_image(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """The evaluation transform of one image: (3,H,W) float32 with H, W from `resized_size`.
+    """The evaluation transform of one image: (3,H,W) float32 with H, W from `output_hw`.
 
     With max_hw (an engine profile's maximum), an image the official rule would make larger is scaled to fit
     instead: rounding lets the longer side of very elongated images pass 1333 (up to 1333 + aspect/2).
@@ -134,24 +151,32 @@ def preprocess_image(image: Image.Image, exif: bool = True, max_hw: tuple[int, i
 def resize_rgb(image: Image.Image, exif: bool = True, max_hw: tuple[int, int] | None = None) -> Image.Image:
     """`to_rgb` then the evaluation resize (Pillow bilinear), before normalisation."""
     rgb = to_rgb(image, exif=exif)
-    height, width = resized_size(*rgb.size)
-    if max_hw is not None:
-        height, width = fit_within(height, width, max_hw)
+    height, width = output_hw(rgb.height, rgb.width, max_hw)
     if (width, height) != rgb.size:
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
     return rgb
 
 
-_RESIZE_POOL: ThreadPoolExecutor | None = None
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, a container's cpuset), not the machine's count."""
+    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
+    if count is not None:
+        return count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
-def _resize_pool() -> ThreadPoolExecutor:
-    """Threads for the resizes of a batch: Pillow releases the GIL while resampling, so a batch's resizes use every
-    core."""
-    global _RESIZE_POOL
-    if _RESIZE_POOL is None:
-        _RESIZE_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="anchortrt-resize")
-    return _RESIZE_POOL
+_POOL: ThreadPoolExecutor | None = None
+
+
+def cpu_pool() -> ThreadPoolExecutor:
+    """The process's threads for per-image CPU work (resizing, normalising), one per usable core: Pillow's resample
+    and NumPy's table lookup release the GIL, so a batch's images are prepared side by side on every core."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="anchortrt-cpu")
+    return _POOL
 
 
 def preprocess_batch(
@@ -164,41 +189,64 @@ def preprocess_batch(
     """`pad_batch([preprocess_image(i, exif, max_hw) for i in images], min_hw)`, normalising straight into the
     padded batch (no per-image float array). Also returns each image's (height, width) after resizing.
 
-    With ``threads`` (and more than one image) the resizes run on a shared thread pool, side by side; the result is
-    the same either way."""
+    With ``threads`` (and more than one image) each image is resized, normalised into its slot and its padding
+    written on `cpu_pool`, side by side; the result is the same either way."""
     if not images:
         raise ValueError("preprocess_batch needs at least one image")
-
-    def resized(image: Image.Image) -> np.ndarray:
-        return np.asarray(resize_rgb(image, exif=exif, max_hw=max_hw), dtype=np.uint8)
-
-    pixels = list(_resize_pool().map(resized, images)) if threads and len(images) > 1 else list(map(resized, images))
-    sizes = [p.shape[:2] for p in pixels]
+    rgb = [to_rgb(image, exif=exif) for image in images]  # the sizes the resize starts from (EXIF-oriented)
+    sizes = [output_hw(image.height, image.width, max_hw) for image in rgb]
     height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
     if min_hw is not None:
         height, width = max(height, min_hw[0]), max(width, min_hw[1])
-    batch = np.zeros((len(images), 3, height, width), dtype=np.float32)
-    masks = np.ones((len(images), height, width), dtype=bool)
-    for i, (p, (h, w)) in enumerate(zip(pixels, sizes)):
-        _normalize_into(p, batch[i, :, :h, :w])
-        masks[i, :h, :w] = False
+    batch = np.empty((len(images), 3, height, width), dtype=np.float32)
+    masks = np.empty((len(images), height, width), dtype=bool)
+
+    def fill(i: int) -> None:
+        (h, w), image = sizes[i], rgb[i]
+        if (w, h) != image.size:
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+        _normalize_into(np.asarray(image, dtype=np.uint8), batch[i, :, :h, :w])
+        batch[i, :, h:], batch[i, :, :h, w:] = 0, 0
+        masks[i, :h, :w], masks[i, h:], masks[i, :h, w:] = False, True, True
+
+    for _ in (cpu_pool().map if threads and len(images) > 1 else map)(fill, range(len(images))):
+        pass
     return batch, masks, sizes
 
 
-def decode_many(paths: Iterable[str | Path], workers: int = 4) -> Iterator[Image.Image | ImageError]:
-    """`load_image` of each path on `workers` threads (Pillow releases the GIL while decoding), yielded in input
-    order; a file that cannot be read yields its ImageError instead of stopping the others.
+class HostBatch(NamedTuple):
+    """A batch prepared on the host for a detector: what `Detector.__call__` takes."""
+
+    images: np.ndarray  # (B,3,H,W) float32
+    masks: np.ndarray  # (B,H,W) bool, True on padding
+    sizes: np.ndarray  # (B,2) original (height, width) of each image, for the boxes
+
+
+def prepare_batch(rgb: Sequence[Image.Image], min_hw: tuple[int, int] | None = None,
+                  max_hw: tuple[int, int] | None = None) -> HostBatch:
+    """The batch of RGB images (`to_rgb`'s) a detector with these limits takes, and their original sizes."""
+    images, masks, _ = preprocess_batch(rgb, exif=False, min_hw=min_hw, max_hw=max_hw)
+    return HostBatch(images, masks, original_sizes(rgb))
+
+
+def decode_many(paths: Iterable[str | Path], workers: int | None = None,
+                exif: bool | None = None) -> Iterator[Image.Image | ImageError]:
+    """`load_image` of each path on `workers` threads (Pillow releases the GIL while decoding; None: one per
+    usable core), yielded in input order; a file that cannot be read yields its ImageError instead of stopping
+    the others. With `exif` True or False each image is also converted by `to_rgb` on those threads.
 
     At most 2 x workers decoded images wait at a time, so a long list does not fill memory.
     """
+    workers = usable_cpus() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
 
     def decode(path):
         try:
-            return load_image(path)
+            image = load_image(path)
         except ImageError as exc:
             return exc
+        return image if exif is None else to_rgb(image, exif=exif)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()

@@ -1,5 +1,9 @@
 """Run an AnchorDETR TensorRT engine with cuda-python: `Engine` (one per file) and `EngineRunner` (one per stream).
 
+An EngineRunner is a `runtime.detector.Detector` (limits from the engine's optimisation profile) and, with its
+device input buffers (`input_pointers`, `sibling`, `infer_on_device`), a `runtime.pipeline.DeviceRunner` that the
+GPU preprocessing path writes into.
+
 Before TensorRT sees the plan, the sidecar written by ``netdef.build`` is checked: the TensorRT version, the GPU's
 compute capability and (when the caller names them) the weights must match, each refused with one line.
 
@@ -19,14 +23,12 @@ they can run concurrently from different threads.
 
 from __future__ import annotations
 
-import abc
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from core.backend import BackendError, get_runtime_backend
 from core.sidecar import (
@@ -34,12 +36,11 @@ from core.sidecar import (
 )
 from core import cuda
 from core.errors import AnchorError, BadInput, Unavailable
-from runtime.postprocess import from_engine_outputs, postprocess
-from runtime.preprocess import ShapeError, preprocess_batch, to_rgb
+from runtime.detector import ProfileDetector
+from runtime.preprocess import ShapeError
 
 DEFAULT_ENGINE = default_engine_path("r50_dc5", "fp16")  # what `python -m netdef.build --fp16` writes
 INPUTS = ("images", "masks")
-POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
 # Architectures TensorRT-RTX 1.7 compiles for (its ComputeCapability enum); Hopper (9.x) is not among them.
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 
@@ -142,117 +143,7 @@ class Engine:
         self.close()
 
 
-class Detector(abc.ABC):
-    """Images in, detections out, for anything with a `profile` and an `infer(images, masks)` of AnchorDETR's I/O."""
-
-    profile: Profile
-
-    @abc.abstractmethod
-    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs (pred_logits/pred_boxes, or scores/labels/boxes) of one batch."""
-
-    @property
-    def min_hw(self) -> tuple[int, int]:
-        return self.profile.min[1:]
-
-    @property
-    def max_hw(self) -> tuple[int, int]:
-        return self.profile.max[1:]
-
-    @property
-    def max_batch(self) -> int:
-        return self.profile.max[0]
-
-    def fit_profile(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pad height/width up to the profile minimum (masked) and the batch up to its minimum (repeated images);
-        a batch or size above the maximum is a ShapeError."""
-        if images.ndim != 4 or images.shape[1] != 3 or masks.shape != (images.shape[0],) + images.shape[2:]:
-            raise BadInput(f"expected images (B,3,H,W) and masks (B,H,W), got {images.shape} and {masks.shape}")
-        batch, _, height, width = images.shape
-        (min_b, min_h, min_w), (max_b, max_h, max_w) = self.profile.min, self.profile.max
-        if batch > max_b or height > max_h or width > max_w:
-            raise ShapeError(
-                f"batch {batch} of {height}x{width} exceeds the engine profile's maximum {max_b} of {max_h}x{max_w} "
-                f"(profile {self.profile}): use a smaller batch or rebuild the engine with a larger maximum"
-            )
-        pad_h, pad_w = max(0, min_h - height), max(0, min_w - width)
-        if pad_h or pad_w:
-            images = np.pad(images, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
-            masks = np.pad(masks, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=True)
-        if batch < min_b:
-            repeat = np.r_[np.arange(batch), np.full(min_b - batch, batch - 1)]
-            images, masks = images[repeat], masks[repeat]
-        return images, masks
-
-    def results(self, outputs: dict[str, np.ndarray], orig_sizes) -> list[dict[str, np.ndarray]]:
-        """Top-100 detections per image from the raw outputs (or from the engine's own post-processing)."""
-        if all(name in outputs for name in POSTPROCESS_OUTPUTS):
-            return from_engine_outputs(outputs["scores"], outputs["labels"], outputs["boxes"], orig_sizes)
-        return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
-
-    def batch_size(self, requested: int | None = None) -> int:
-        """Images per `infer` call: `requested` (default the profile's largest batch), at most that largest."""
-        largest = self.max_batch
-        if requested is not None and requested < 1:
-            raise BadInput(f"batch {requested}: must be at least 1")
-        return min(requested or largest, largest) if largest is not None else (requested or 1)
-
-    def found(self, outputs: dict[str, np.ndarray], orig_sizes, threshold: float) -> list[dict[str, np.ndarray]]:
-        """`results` with only the detections scoring at least `threshold`."""
-        return [{key: value[r["scores"] >= threshold] for key, value in r.items()}
-                for r in self.results(outputs, orig_sizes)]
-
-    def detect(
-        self,
-        images: Sequence[Image.Image],
-        threshold: float = 0.5,
-        batch_size: int | None = None,
-        exif: bool = True,
-    ) -> list[dict[str, np.ndarray]]:
-        """Detections scoring at least `threshold` for each Pillow image, boxes in its (EXIF-oriented) pixels.
-
-        Images go through in batches of `batch_size` (default: the profile's largest batch), each padded to its
-        largest member; images the official resize would make larger than the profile allows are scaled to fit.
-        One batch after another on the calling thread; `iter_detect` overlaps the stages.
-        """
-        batch_size = self.batch_size(batch_size)
-        found = []
-        for start in range(0, len(images), batch_size):
-            rgb = [to_rgb(image, exif=exif) for image in images[start : start + batch_size]]
-            batch, masks, _ = preprocess_batch(rgb, exif=False, min_hw=self.min_hw, max_hw=self.max_hw)
-            sizes = np.array([(image.height, image.width) for image in rgb])
-            found += self.found(self.infer(batch, masks), sizes, threshold)
-        return found
-
-    def iter_detect(
-        self,
-        items: Iterable,
-        threshold: float = 0.5,
-        batch: int | None = None,
-        exif: bool = True,
-        workers: int = 4,
-        in_flight: int = 2,
-        gpu_preprocess: bool | None = False,
-        stats: Any = None,
-    ) -> Iterator[tuple[Any, Any]]:
-        """(path or position, detections or ImageError) for each image file path (or each Pillow image), in input
-        order, with decoding, preprocessing and the engine overlapped and at most `in_flight` batches in memory
-        (runtime.pipeline). `gpu_preprocess`: True = the GPU kernel (EngineRunner only), False = the CPU,
-        None = the GPU when it can. `stats`: a `runtime.pipeline.PipelineStats` to fill with per-stage times.
-        Bad arguments are raised at the call, before any work."""
-        from runtime.pipeline import detect_stream
-
-        found = detect_stream(self, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats)
-        return ((item.key, item.result) for item in found)
-
-    def detect_files(self, paths: Iterable, threshold: float = 0.5, batch: int | None = None, exif: bool = True,
-                     workers: int = 4, in_flight: int = 2, **options: Any) -> list[Any]:
-        """`iter_detect`'s detections (or ImageError for an unreadable file) of each path, as a list in input order."""
-        return [result for _, result in
-                self.iter_detect(paths, threshold, batch, exif, workers, in_flight, **options)]
-
-
-class EngineRunner(Detector):
+class EngineRunner(ProfileDetector):
     """Execution contexts, one stream and one buffer set on an `Engine`; use as a context manager.
 
     Plain enqueue uses one context whose input shape follows the batch. With ``cuda_graphs=True`` every captured
@@ -263,6 +154,7 @@ class EngineRunner(Detector):
     """
 
     MAX_GRAPHS = 8  # shapes with a captured graph and context; each adds a context's host state and a graph
+    name = "engine"
 
     def __init__(
         self,
@@ -290,6 +182,14 @@ class EngineRunner(Detector):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def description(self) -> str:
+        """The engine in one line: file, precision, plugins, backend and GPU."""
+        side = self.engine.sidecar
+        plugins = ",".join(side["plugins"]) or "no plugins"
+        return (f"TensorRT engine {self.engine.path.name}: {side['precision'].upper()}, {plugins}, "
+                f"{side['backend']} {side['trt_version']} on {self.engine.device.name}")
 
     def _allocate(self) -> None:
         self.engine.device.activate()

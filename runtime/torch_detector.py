@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import BadInput, Unavailable
-from runtime.runner import Detector
+from runtime.detector import Detector
 
 
 class TorchReference(Detector):
@@ -16,12 +16,13 @@ class TorchReference(Detector):
     `Detector`, so `detect`, `iter_detect` and `detect_files` run it like an engine."""
 
     name = "torch"
-    # No engine profile: it takes any size and batch the evaluation transform produces (set max_hw on an
-    # instance to scale large images down, as an engine profile would).
-    min_hw = max_hw = max_batch = None
 
-    def __init__(self, weights_path: str | Path, device: str | None = None, device_option: str = "--device") -> None:
-        """`device_option`: the command-line option that chose `device`, for the error that names the fix."""
+    def __init__(self, weights_path: str | Path, device: str | None = None, device_option: str = "--device",
+                 min_hw: tuple[int, int] | None = None, max_hw: tuple[int, int] | None = None) -> None:
+        """`device_option`: the command-line option that chose `device`, for the error that names the fix.
+        No engine profile: it takes any batch and size; `min_hw` pads batches up to a size, `max_hw` scales
+        larger images down to fit, as an engine profile would (None: neither)."""
+        self.min_hw, self.max_hw = min_hw, max_hw
         try:
             import torch
         except ImportError:
@@ -46,9 +47,6 @@ class TorchReference(Detector):
         with torch.inference_mode():
             out = self.model(torch.from_numpy(images).to(self.device), torch.from_numpy(masks).to(self.device))
             return {name: out[name].cpu().numpy() for name in ("pred_logits", "pred_boxes")}
-
-    def __call__(self, images: np.ndarray, masks: np.ndarray, orig_sizes: np.ndarray) -> list[dict]:
-        return self.results(self.infer(images, masks), orig_sizes)
 
     def close(self) -> None:
         del self.model

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,7 +29,8 @@ from PIL import Image
 from core.sidecar import MIN_SIDE
 from core.cli import guarded, hw, parser, positive_int
 from core.errors import BadInput, Unavailable
-from runtime.preprocess import preprocess_batch, to_rgb
+from runtime.detector import Detector, above
+from runtime.preprocess import HostBatch, prepare_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
 
 MODEL_NAME = "anchor_detr"
@@ -99,50 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Model:
-    """What one server instance calls: a padded batch and original sizes in, top-100 detections per image out."""
-
-    detect: Callable[[np.ndarray, np.ndarray, np.ndarray], list[dict[str, np.ndarray]]]
-    min_hw: tuple[int, int] | None  # the engine profile's size range (None: any size)
-    max_hw: tuple[int, int] | None
-    max_batch: int | None
-    close: Callable[[], None] = lambda: None
-
-
-def engine_models(path: Path, instances: int) -> list[Model]:
-    """One runner (context, stream, buffers) per instance, all on one deserialised engine."""
+def engine_models(path: Path, instances: int) -> tuple[list[Detector], Callable[[], None]]:
+    """One runner (context, stream, buffers) per instance, all on one deserialised engine, and what closes them."""
     engine = Engine(path)
     runners: list[EngineRunner] = []
+
+    def close() -> None:
+        for runner in runners:
+            runner.close()
+        engine.close()
+
     try:
         for _ in range(instances):
             runners.append(EngineRunner(engine))
     except BaseException:
-        for runner in runners:
-            runner.close()
-        engine.close()
+        close()
         raise
-
-    def model(runner: EngineRunner, last: bool) -> Model:
-        def close() -> None:
-            runner.close()
-            if last:
-                engine.close()
-
-        return Model(lambda images, masks, sizes: runner.results(runner.infer(images, masks), sizes),
-                     runner.min_hw, runner.max_hw, runner.max_batch, close)
-
-    return [model(runner, i == instances - 1) for i, runner in enumerate(runners)]
+    return runners, close
 
 
-def torch_models(weights: Path, device: str | None, instances: int, max_hw: tuple[int, int] | None) -> list[Model]:
+def torch_models(weights: Path, device: str | None, instances: int,
+                 max_hw: tuple[int, int] | None) -> tuple[list[Detector], Callable[[], None]]:
     """The PyTorch reference, loaded once and shared by the instances (it has no per-call state)."""
     from runtime.torch_detector import TorchReference
 
-    reference = TorchReference(weights, device)
-    close = [reference.close] + [lambda: None] * (instances - 1)
     # Padding to one feature-map pixel keeps very elongated images (scaled to a side below it) valid.
-    return [Model(reference, (MIN_SIDE, MIN_SIDE), max_hw, None, close[i]) for i in range(instances)]
+    reference = TorchReference(weights, device, min_hw=(MIN_SIDE, MIN_SIDE), max_hw=max_hw)
+    return [reference] * instances, reference.close
 
 
 class HostPreprocess:
@@ -153,7 +136,7 @@ class HostPreprocess:
     (B,H,W) bool masks, and is what a GPU implementation replaces (same signature, same numbers).
     """
 
-    def __init__(self, model: Model, max_pixels: int, exif: bool = True):
+    def __init__(self, model: Detector, max_pixels: int, exif: bool = True):
         self.min_hw, self.max_hw = model.min_hw, model.max_hw
         self.max_pixels, self.exif = max_pixels, exif
 
@@ -175,10 +158,9 @@ class HostPreprocess:
             raise RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG "
                                "or other image file") from None
 
-    def batch(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, images: Sequence[Image.Image]) -> HostBatch:
         # Images the official resize makes larger than the profile are scaled to fit, as runtime.infer does.
-        batch, masks, _ = preprocess_batch(images, exif=False, min_hw=self.min_hw, max_hw=self.max_hw)
-        return batch, masks
+        return prepare_batch(images, self.min_hw, self.max_hw)
 
 
 def _threshold(request: Any, row: int) -> float:
@@ -213,7 +195,7 @@ def _encode(rows: list[dict[str, np.ndarray] | str]) -> dict[str, np.ndarray]:
 class InferFunction:
     """One instance's callable: PyTriton hands it the raw requests of one dynamic batch."""
 
-    def __init__(self, model: Model, preprocess: HostPreprocess, max_batch: int):
+    def __init__(self, model: Detector, preprocess: HostPreprocess, max_batch: int):
         self.model, self.preprocess, self.max_batch = model, preprocess, max_batch
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -231,13 +213,11 @@ class InferFunction:
                     rows[r][row] = str(exc)
         for start in range(0, len(good), self.max_batch):
             chunk = good[start : start + self.max_batch]
-            images, masks = self.preprocess.batch([image for _, _, image, _ in chunk])
-            sizes = np.array([(image.height, image.width) for _, _, image, _ in chunk])
-            found = self.model.detect(images, masks, sizes)
-            for (r, row, _, threshold), detections, size in zip(chunk, found, sizes):
-                keep = detections["scores"] >= threshold
-                rows[r][row] = {"scores": detections["scores"][keep], "boxes": detections["boxes"][keep],
-                                "labels": detections["labels"][keep].astype(np.int32), "size": size}
+            prepared = self.preprocess.batch([image for _, _, image, _ in chunk])
+            found = self.model(*prepared)
+            for (r, row, _, threshold), detections, size in zip(chunk, found, prepared.sizes):
+                kept = above(detections, threshold)
+                rows[r][row] = {**kept, "labels": kept["labels"].astype(np.int32), "size": size}
         return [_encode(request_rows) for request_rows in rows]
 
 
@@ -303,9 +283,9 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     triton, DynamicBatcher, ModelConfig, Tensor = _pytriton()
     if args.engine is not None:
-        models = engine_models(args.engine, args.instances)
+        models, close = engine_models(args.engine, args.instances)
     else:
-        models = torch_models(args.torch_weights, args.device, args.instances, args.max_size)
+        models, close = torch_models(args.torch_weights, args.device, args.instances, args.max_size)
     try:
         profile_batch = models[0].max_batch
         max_batch = args.max_batch or profile_batch or DEFAULT_TORCH_BATCH
@@ -341,8 +321,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # stopped before serve() was reached
     finally:
-        for model in models:
-            model.close()
+        close()
     return 0
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from core.config import AnchorDETRConfig
 from core.sidecar import Profile
 from runtime.preprocess import MEAN, STD
-from runtime.runner import Detector
+from runtime.detector import ProfileDetector
 
 # ---------------------------------------------------------------------------------------------- CLIs
 
@@ -86,7 +86,7 @@ LABEL_OF_CHANNEL = (1, 3, 17)  # red -> person, green -> car, blue -> cat
 QUERIES = 10
 
 
-class NumpyDetector(Detector):
+class NumpyDetector(ProfileDetector):
     """Stands in for the engine: answers AnchorDETR's I/O from the pixels it receives (the label is the brightest
     channel of the valid region, the box its centre half), so a test sees whether the right pixels and masks
     reached the network and whether boxes come back in each original image's coordinates."""

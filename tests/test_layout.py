@@ -68,8 +68,8 @@ def test_plugins_do_not_import_torch():
     assert not wrong, "plugins/ must not import torch (PyTorch formulations live in reference/): " + ", ".join(wrong)
 
 
-@pytest.mark.parametrize("module", ["runtime.runner", "runtime.infer", "runtime.bench", "runtime.pipeline",
-                                    "runtime.preprocess", "runtime.postprocess", "runtime.gpu_preprocess",
+@pytest.mark.parametrize("module", ["runtime.runner", "runtime.detector", "runtime.infer", "runtime.bench", "runtime.pipeline",
+                                    "runtime.preprocess", "runtime.postprocess", "runtime.gpu_preprocess", "runtime.synthetic",
                                     "runtime.torch_detector", "serve.server", "serve.client", "serve.triton",
                                     "eval.coco", "weights"])
 def test_runtime_imports_without_torch(module):

@@ -199,14 +199,14 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
     stand-in engine that downloads its input buffers and answers as NumpyDetector does."""
     from core.sidecar import Profile
     from core import cuda
-    from runtime.runner import EngineRunner
 
     profile = Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344))
 
-    class StandIn(EngineRunner):
+    class StandIn(NumpyDetector):  # not an EngineRunner: the GPU path takes anything with device input buffers
         def __init__(self, profile):
+            super().__init__(profile)
             cuda.init()
-            self.profile, self.cuda_graphs, self.stream = profile, False, cuda.Stream()
+            self.stream = cuda.Stream()
             b, h, w = profile.max
             self._images, self._masks = cuda.DeviceBuffer(b * 3 * h * w * 4), cuda.DeviceBuffer(b * h * w)
             self.numpy = NumpyDetector(profile)
@@ -237,16 +237,51 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
     assert len(runner.siblings) == 1  # in_flight=2: two buffer sets
 
 
-def test_bench_synthetic_images_are_deterministic_jpegs(tmp_path):
-    from runtime import bench
+class DeviceStandIn(NumpyDetector):
+    """Has the members of runtime.pipeline.DeviceRunner, without a GPU behind them."""
+
+    stream = None
+    input_pointers = (0, 0)
+
+    def sibling(self):
+        return DeviceStandIn(self.profile)
+
+    def infer_on_device(self, shape, batch=None):
+        raise AssertionError("never reached without a GPU")
+
+
+def test_the_gpu_path_takes_any_device_runner_and_falls_back_without_a_gpu(files, monkeypatch):
+    from core.errors import Unavailable
+    from runtime import gpu_preprocess, pipeline
+
+    def no_gpu(*args, **kwargs):
+        raise Unavailable("no GPU here")
+
+    monkeypatch.setattr(gpu_preprocess, "GpuPreprocessor", no_gpu)
+    detector = DeviceStandIn()
+    assert isinstance(detector, pipeline.DeviceRunner) and not isinstance(NumpyDetector(), pipeline.DeviceRunner)
+    # Required: accepted as a runner (not "needs a TensorRT engine runner"), then refused for the missing GPU.
+    with pytest.raises(Unavailable, match=r"GPU preprocessing is unavailable \(no GPU here\)"):
+        detector.detect_files(files, gpu_preprocess=True)
+    # By default (None): the CPU path, with the same detections as the serial detect.
+    expected = NumpyDetector().detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
+    same(detector.detect_files(files, threshold=0.3, batch=2, gpu_preprocess=None), expected)
+    assert isinstance(pipeline.open_path(detector, None, 2, PipelineStats()), pipeline.CpuPath)
+
+
+def test_synthetic_images_are_deterministic_jpegs_shared_by_every_benchmark(tmp_path):
+    from runtime import bench, synthetic
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    first, second = bench.synthetic_images(tmp_path / "a", 3), bench.synthetic_images(tmp_path / "b", 3)
+    first, second = synthetic.synthetic_images(tmp_path / "a", 3), synthetic.synthetic_images(tmp_path / "b", 3)
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert len({p.read_bytes() for p in first}) == 3
     with Image.open(first[0]) as image:
         assert image.format == "JPEG" and image.size == (640, 480)
     assert bench.pipeline_files(str(tmp_path / "a"), None) == first
+    assert [p.read_bytes() for p in first] == list(synthetic.synthetic_jpegs(3))  # the files are the bytes
+    (small,) = synthetic.decoded_images(1, (96, 64))
+    assert small.mode == "RGB" and small.size == (96, 64) and np.asarray(small).std() > 10  # not a flat colour
 
 
 def test_bench_pipeline_rows_from_files_to_detections(tmp_path, files):

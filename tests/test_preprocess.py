@@ -21,7 +21,8 @@ from runtime.preprocess import (
     pad_batch,
     preprocess_batch,
     preprocess_image,
-    resized_size,
+    output_hw,
+    resized_hw,
     to_rgb,
 )
 
@@ -50,24 +51,27 @@ ODD_SIZES = [(640, 480), (480, 640), (333, 501), (1, 1), (799, 801), (800, 1333)
 
 @pytest.mark.parametrize("size", ODD_SIZES)
 def test_size_rule_matches_exact_arithmetic(size):
-    assert resized_size(*size) == exact_size(*size)
+    width, height = size
+    assert resized_hw(height, width) == exact_size(width, height)
 
 
 def test_size_rule_on_many_random_sizes():
     rng = np.random.default_rng(0)
     for width, height in rng.integers(1, 5000, (2000, 2)):
-        assert resized_size(int(width), int(height)) == exact_size(int(width), int(height)), (width, height)
+        assert resized_hw(int(height), int(width)) == exact_size(int(width), int(height)), (width, height)
 
 
 def test_size_rule_known_values():
-    assert resized_size(640, 480) == (800, 1066)  # the common COCO landscape size
-    assert resized_size(480, 640) == (1066, 800)
-    assert resized_size(1000, 400) == (533, 1332)  # capped: round(1333 * 400 / 1000) = 533, int(533 * 2.5)
-    assert resized_size(100, 2000) == (1340, 67)  # the rounding lets the long side pass 1333
+    # (height, width) in, (height, width) out
+    assert resized_hw(480, 640) == (800, 1066)  # the common COCO landscape size
+    assert resized_hw(640, 480) == (1066, 800)
+    assert resized_hw(400, 1000) == (533, 1332)  # capped: round(1333 * 400 / 1000) = 533, int(533 * 2.5)
+    assert resized_hw(2000, 100) == (1340, 67)  # the rounding lets the long side pass 1333
+    assert output_hw(480, 640, (700, 1344)) == (700, 932)  # then scaled to fit a profile maximum
 
 
 def test_size_rule_never_gives_zero():
-    assert resized_size(5000, 1) == (1, 5000)  # the official rule would give a zero height here
+    assert resized_hw(1, 5000) == (1, 5000)  # the official rule would give a zero height here
 
 
 @pytest.mark.parametrize("size", [(96, 128), (131, 97), (256, 320)])
@@ -226,7 +230,7 @@ def test_threaded_resizes_give_the_serial_batch_in_input_order():
               for h, w in [(480, 640), (31, 70), (640, 480), (5, 900), (300, 300)]]
     threaded = preprocess_batch(images, threads=True)
     serial = preprocess_batch(images, threads=False)
-    assert threaded[2] == serial[2] == [resized_size(*image.size) for image in images]
+    assert threaded[2] == serial[2] == [resized_hw(image.height, image.width) for image in images]
     np.testing.assert_array_equal(threaded[0], serial[0])
     np.testing.assert_array_equal(threaded[1], serial[1])
 

@@ -159,8 +159,8 @@ def host_gpu(kernel, monkeypatch):
     monkeypatch.setattr(cuda, "DeviceBuffer", _HostMemory)
     monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel[name])
     monkeypatch.setattr(cuda, "launch", launch)
-    monkeypatch.setattr("plugins.nvrtc.compile_kernel", lambda *args, **kwargs: b"")
-    monkeypatch.setattr("plugins.nvrtc.target_arch", lambda arch: arch)
+    monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
+    monkeypatch.setattr(cuda, "target_arch", lambda arch: arch)
     return launches
 
 
@@ -232,6 +232,27 @@ def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
             np.testing.assert_array_equal(masks.view((b, h, w)), expected_masks)
         staging = [buffer for pair in pre._staging for buffer in pair]
     assert all(buffer.closed for buffer in staging) and pre.stream.closed
+
+
+def test_the_kernel_compiles_into_core_cudas_disk_cache(tmp_path, monkeypatch):
+    """NVRTC (no GPU needed) compiles runtime/preprocess.cu to a cubin kept by core.cuda.compile_cached; a later
+    process reads the file instead of compiling (proved with a marked file)."""
+    from core import cuda
+    from runtime import gpu_preprocess
+
+    try:
+        cuda.nvrtc_version()
+    except cuda.CompileError as exc:
+        pytest.skip(f"no NVRTC: {exc}")
+    monkeypatch.setenv("ANCHORTRT_KERNEL_CACHE", str(tmp_path))
+    gpu_preprocess._cubin.cache_clear()
+    cubin = gpu_preprocess._cubin(90)
+    (cached,) = tmp_path.iterdir()
+    assert cubin.startswith(b"\x7fELF") and cached.name.startswith("preprocess-") and cached.read_bytes() == cubin
+    cached.write_bytes(b"from the cache")
+    gpu_preprocess._cubin.cache_clear()
+    assert gpu_preprocess._cubin(90) == b"from the cache"
+    gpu_preprocess._cubin.cache_clear()
 
 
 def test_placed_images_are_read_in_place_through_their_row_pitch(host_gpu):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.detector import Detector, above
 from serve import server as serve
 
 MAX_SIZE = (64, 96)  # --max-size: images are scaled to fit it, so the CPU forward takes milliseconds
@@ -52,26 +53,25 @@ def test_encode_pads_to_one_row_and_counts():
     assert empty["scores"].shape == (1, 1) and empty["count"].tolist() == [[0]]
 
 
-class FakeDetector:
-    """Scores each image by its own mean pixel and records the batches it was given (as an engine would get them)."""
+class FakeDetector(Detector):
+    """In-engine top-2 outputs, the first box the whole image; records the batches it was given (as an engine
+    would get them)."""
+
+    min_hw, max_hw, max_batch = (32, 32), (64, 96), 3
 
     def __init__(self):
         self.batches = []
 
-    def __call__(self, images, masks, sizes):
+    def infer(self, images, masks):
         self.batches.append((images.shape, masks.copy()))
-        results = []
-        for image, mask, (height, width) in zip(images, masks, sizes):
-            mean = float(image[:, ~mask].mean())
-            results.append({"scores": np.array([0.9, 0.2], np.float32), "labels": np.array([18, 1], np.int64),
-                            "boxes": np.array([[0, 0, width, height], [mean, 0, 1, 1]], np.float32)})
-        return results
+        batch = len(images)
+        return {"scores": np.tile(np.float32([0.9, 0.2]), (batch, 1)), "labels": np.tile(np.int64([18, 1]), (batch, 1)),
+                "boxes": np.tile(np.float32([[0, 0, 1, 1], [0.5, 0, 1, 1]]), (batch, 1, 1))}
 
 
 def test_infer_function_batches_good_rows_and_answers_bad_ones_alone():
     detector = FakeDetector()
-    model = serve.Model(detector, (32, 32), (64, 96), 3)
-    infer = serve.InferFunction(model, serve.HostPreprocess(model, MAX_PIXELS), max_batch=3)
+    infer = serve.InferFunction(detector, serve.HostPreprocess(detector, MAX_PIXELS), max_batch=3)
     small = encoded(1, size=(40, 40))  # resized to 64x64 within the 64x96 maximum
     requests = [
         {"image": np.array([[encoded(0)]], object)},  # default threshold 0.5
@@ -223,15 +223,12 @@ def server(tmp_path_factory):
 def reference(server):
     from runtime.torch_detector import TorchReference
 
-    model = TorchReference(server["weights"], "cpu")
-    prep = serve.HostPreprocess(serve.Model(model, (32, 32), MAX_SIZE, None), MAX_PIXELS)
+    model = TorchReference(server["weights"], "cpu", min_hw=(32, 32), max_hw=MAX_SIZE)
+    prep = serve.HostPreprocess(model, MAX_PIXELS)
 
     def detect(data: bytes, threshold: float = serve.DEFAULT_THRESHOLD) -> dict[str, np.ndarray]:
-        rgb = prep.decode(data)
-        images, masks = prep.batch([rgb])
-        (found,) = model(images, masks, np.array([(rgb.height, rgb.width)]))
-        keep = found["scores"] >= threshold
-        return {key: value[keep] for key, value in found.items()}
+        (found,) = model(*prep.batch([prep.decode(data)]))
+        return above(found, threshold)
 
     return detect
 
