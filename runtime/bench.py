@@ -21,6 +21,7 @@ from core.progress import ProgressBar, format_seconds, print_table
 from core.sidecar import check_output_path, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
+from runtime.decode import DECODE, DECODE_HELP
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
 
@@ -196,14 +197,14 @@ def pipeline_row(name: str, detector, paths: Sequence[Path], batch: int, args: a
     from runtime.pipeline import GPU_PREPROCESS, PipelineStats, detect_stream
 
     options = dict(batch=batch, workers=args.workers, in_flight=args.in_flight,
-                   gpu_preprocess=GPU_PREPROCESS[args.preprocess])
+                   gpu_preprocess=GPU_PREPROCESS[args.preprocess], gpu_decode=DECODE[args.decode])
     for _ in detect_stream(detector, paths[:batch], **options):
         pass
     stats = PipelineStats()
     for _ in detect_stream(detector, paths, stats=stats, **options):
         pass
     return {"backend": "pipeline", "model": name, "batch": batch, "workers": args.workers,
-            "in_flight": args.in_flight, "preprocess": args.preprocess, **stats.summary()}
+            "in_flight": args.in_flight, "preprocess": args.preprocess, "decode": args.decode, **stats.summary()}
 
 
 def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[dict]:
@@ -289,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--pipeline: decoding threads (default: one per usable core)")
     p.add_argument("--in-flight", type=positive_int, default=2, help="--pipeline: batches in flight (default 2)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
-                   help="--pipeline: preprocessing on the CPU (default), the GPU kernel (opt-in: not yet run on a "
-                   "GPU by this project), or auto (GPU when available)")
+                   help="--pipeline: preprocessing on the CPU (default), the GPU kernel (bit-exact with the CPU "
+                   "path), or auto (GPU when available)")
+    p.add_argument("--decode", choices=tuple(DECODE), default="auto", help="--pipeline: " + DECODE_HELP)
     p.add_argument("--json", type=Path, metavar="FILE", help="write all rows as JSON (rewritten after every row)")
     return p
 

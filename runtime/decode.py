@@ -31,6 +31,10 @@ from runtime.preprocess import ImageError, load_image
 GPU_DECODE_HINT = "pip install -e '.[gpu-decode]' (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg)"
 # The command lines' --decode choices as `gpu_decode` values: None = GPU decoding where it can run.
 DECODE = {"auto": None, "gpu": True, "cpu": False}
+DECODE_HELP = ("where JPEG files are decoded when the GPU path preprocesses: auto (default: nvImageCodec into device "
+               "memory where it is installed, the `gpu-decode` extra), gpu (nvImageCodec, required) or cpu (Pillow, "
+               "the exact path: GPU decoding moves pixels by a level here and there, docs/preprocess.md). Other "
+               "formats always go through Pillow")
 
 
 class DeviceImage(NamedTuple):

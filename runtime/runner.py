@@ -297,6 +297,13 @@ class EngineRunner(ProfileDetector):
         """Device addresses of the images and masks buffers, for a producer that writes them on the GPU."""
         return self._device["images"].ptr, self._device["masks"].ptr
 
+    def device_inputs(self, batch: int, height: int, width: int) -> tuple[int, int]:
+        """`input_pointers`: the buffers hold the profile's largest batch, so any shape inside it fits."""
+        (max_b, max_h, max_w) = self.profile.max
+        if batch > max_b or height > max_h or width > max_w:
+            raise ShapeError(f"shape {(batch, height, width)} is outside the engine profile ({self.profile})")
+        return self.input_pointers
+
     def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
         """Raw outputs for inputs already in `input_pointers` (written on this runner's stream, or synchronised by
         the caller), laid out C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside
