@@ -24,14 +24,8 @@ from core.errors import AnchorError, BadInput
 from runtime.decode import DECODE, DECODE_HELP
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
+from runtime.torch_detector import TORCH_MODES, torch_forward
 
-TORCH_MODES = {
-    "fp32": "eager FP32 (TF32 off)",
-    "tf32": "eager TF32 matmul/conv",
-    "fp16": "eager FP16 autocast",
-    "compile-fp16": "torch.compile(mode='default', dynamic=False) + FP16 autocast",
-    "compile-fp16-graphs": "torch.compile(mode='reduce-overhead', dynamic=False) + FP16 autocast (CUDA graphs)",
-}
 MIB = 1 << 20
 
 EPILOG = """\
@@ -110,24 +104,6 @@ def check_profile(profile, configs) -> None:
                            "--batch inside it")
 
 
-def _torch_mode(torch, model, mode: str) -> Callable:
-    """A forward for one benchmark mode; sets the TF32 switches it needs."""
-    tf32 = mode == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    forward = model
-    if mode.startswith("compile-"):
-        # reduce-overhead records CUDA graphs per shape; the loop reads each output back before the next replay.
-        compile_mode = "reduce-overhead" if mode.endswith("-graphs") else "default"
-        forward = torch.compile(model, mode=compile_mode, dynamic=False)
-    if mode in ("fp16", "compile-fp16", "compile-fp16-graphs"):
-        def run(images, masks):
-            with torch.autocast(images.device.type, dtype=torch.float16):
-                return forward(images, masks)
-        return run
-    return forward
-
-
 def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
     from runtime.torch_detector import TorchReference  # imports torch: only for --torch-weights
 
@@ -138,7 +114,7 @@ def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator
     # One compiled graph per static shape: keep dynamo from falling back to eager when there are many.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(configs))
     for mode in args.torch_modes:
-        forward = _torch_mode(torch, model, mode)
+        forward = torch_forward(torch, model, mode)
         for batch, hw in configs:
             bar.set(bar.done, status=f"torch {mode} {batch}x{hw[0]}x{hw[1]}")
             images, masks = random_batch(batch, hw)
@@ -218,9 +194,13 @@ def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[
     if args.torch_weights is not None:
         from runtime.torch_detector import TorchReference
 
-        reference = TorchReference(args.torch_weights, args.torch_device, "--torch-device")
-        for batch in batches:
-            yield pipeline_row(f"torch {reference.device}", reference, paths, batch, args)
+        for mode in args.torch_modes:
+            reference = TorchReference(args.torch_weights, args.torch_device, "--torch-device", mode=mode)
+            try:
+                for batch in batches:
+                    yield pipeline_row(f"torch {mode} {reference.device}", reference, paths, batch, args)
+            finally:
+                reference.close()
 
 
 def print_pipeline_rows(rows: Sequence[dict]) -> None:
@@ -280,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs", action="store_true", help="also measure with CUDA graphs (one capture per shape)")
     p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
                    help="measure the PyTorch reference (reference.torch_model) with these weights")
-    p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
-                   help=f"torch modes to measure (default {','.join(TORCH_MODES)})")
+    p.add_argument("--torch-modes", default=None,
+                   help=f"torch modes to measure, of {','.join(TORCH_MODES)} (default: all; with --pipeline fp32)")
     p.add_argument("--torch-device", default="cuda", help="torch device (default cuda; cpu for a quick check)")
     p.add_argument("--pipeline", metavar="DIR|synthetic:N",
                    help="measure files -> detections through runtime.pipeline on a folder's images or N synthetic "
@@ -301,6 +281,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from runtime.runner import DEFAULT_ENGINE, read_sidecar
 
     configs = [(b, hw) for b in args.batch for hw in args.shapes]
+    if args.torch_modes is None:
+        args.torch_modes = "fp32" if args.pipeline is not None else ",".join(TORCH_MODES)
     args.torch_modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     unknown = [m for m in args.torch_modes if m not in TORCH_MODES]
     if unknown or not args.torch_modes:

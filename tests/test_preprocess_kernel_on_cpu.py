@@ -316,3 +316,63 @@ def test_plan_follows_the_cpu_paths_size_and_scratch_layout():
         assert tall.first_pass_hw == (tall.out_h, 10)
     else:
         assert tall.first_pass_hw == (3000, tall.out_w)
+
+
+def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
+    """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
+    pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
+    kernels (CPU build) writing into a DeviceRunner's input buffers. Detections equal the CPU path's, in order,
+    the corrupt file is its own error, and at most in_flight batches are ever alive."""
+    from helpers import NumpyDetector, solid
+    from test_decode import FakeCodec
+
+    from runtime import decode
+    from runtime.pipeline import PipelineStats
+
+    codec = FakeCodec()
+    real = decode.BatchDecoder
+    monkeypatch.setattr(decode, "load_codec", lambda: codec)
+    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
+    files = []
+    for i in range(9):
+        path = tmp_path / f"{i}.{'png' if i % 3 == 1 else 'jpg'}"
+        solid(40 + 17 * i, 30 + 11 * (i % 4), i % 3).save(path)
+        files.append(path)
+    files[4].write_bytes(files[3].read_bytes()[:100])  # a truncated JPEG in the middle of a batch
+
+    class HostRunner(NumpyDetector):  # a DeviceRunner whose "device" buffers are host memory
+        def __init__(self, profile=None):
+            super().__init__(*([profile] if profile else []))
+            b, h, w = self.profile.max
+            self.stream = _Ordered()
+            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+
+        @property
+        def input_pointers(self):
+            return self._images.ptr, self._masks.ptr
+
+        def device_inputs(self, batch, height, width):
+            return self.input_pointers
+
+        def sibling(self):
+            return HostRunner(self.profile)
+
+        def infer_on_device(self, shape, batch=None):
+            b, h, w = shape
+            out = self.infer(self._images.view((b, 3, h, w)).copy(), self._masks.view((b, h, w)).copy())
+            return {k: v[:batch] for k, v in out.items()}
+
+    stats = PipelineStats()
+    got = HostRunner().detect_files(files, threshold=0.3, batch=2, in_flight=2, gpu_preprocess=True,
+                                    gpu_decode=True, stats=stats)
+    expected = NumpyDetector().detect_files(files, threshold=0.3, batch=2)
+    assert len(got) == len(expected) == 9
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if i == 4:
+            assert isinstance(g, decode.ImageError) and isinstance(e, decode.ImageError)
+            assert str(g).startswith(str(files[4]))
+            continue
+        for key in e:
+            np.testing.assert_array_equal(g[key], e[key])
+    assert sum(len(call) for call in codec.calls) == 6  # the six complete JPEGs went to the codec, in batch calls
+    assert stats.max_live <= 2 and stats.errors == 1
