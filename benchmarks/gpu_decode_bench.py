@@ -1,6 +1,6 @@
 """GPU decoding and the device-resident path, piece by piece, on synthetic 640x480 JPEGs.
 
-    python -m benchmarks.gpu_decode_bench [--images 512] [--out gpu_decode.json]
+    python -m benchmarks.gpu_decode_bench [--images 512] [--torch-weights W.safetensors] [--out gpu_decode.json]
 
 Rows: Pillow decoding on every core (the CPU path's decode); `runtime.decode.BatchDecoder` (nvImageCodec, the
 hardware decoder, else the CUDA decoder) at batch 8, 32 and 128, with the host CPU it costs per image; how far its
@@ -8,6 +8,10 @@ pixels are from Pillow's; and a bare loop on one thread of what the GPU path doe
 file bytes in memory -> one decode call -> the kernel reading the decoded buffers in place -> the device top-100
 of stand-in raw outputs (`runtime.gpu_postprocess.DeviceTopK`), or a download of in-engine top-100-sized outputs
 -> synchronise. The bare loop is the ceiling the pipeline (benchmarks.pipeline_capacity --gpu) is measured against.
+With --torch-weights, the effect of GPU decoding on detections: the same images (the synthetic ones and photo-like
+ones of other sizes) decoded by Pillow and by nvImageCodec, each through the exact CPU transform and the reference
+(FP32 on CUDA); reported are the largest change of any score (sigmoid of all queries x classes) and of any box
+coordinate in pixels, and of the top-100 detections where the two runs rank the same (label, query).
 Exit codes: 0 ok, 2 bad arguments, 3 no GPU or no nvImageCodec.
 """
 
@@ -27,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from core.cli import guarded, positive_int
+from core.errors import BadInput
 from core.sidecar import check_output_path, write_atomic
 from runtime.bench import synthetic_images
 from runtime.preprocess import load_image, to_rgb
@@ -108,9 +113,50 @@ def bare_loop(cuda, decoder, data: list[bytes], GpuPreprocessor, DeviceTopK) -> 
     return rows
 
 
+def decode_effect(weights: Path, data: list[bytes]) -> dict:
+    """Largest score and box changes from decoding `data` with nvImageCodec instead of Pillow (reference, FP32)."""
+    import torch
+
+    from runtime.decode import BatchDecoder
+    from runtime.postprocess import postprocess, sigmoid
+    from runtime.preprocess import original_sizes, prepare_batch
+    from runtime.torch_detector import TorchReference
+
+    reference = TorchReference(weights, "cuda")
+    worst = {"score": 0.0, "box_px": 0.0, "top100_score": 0.0, "top100_box_px": 0.0, "top100_same_rank": 0, "top100": 0}
+    with BatchDecoder(exif=True) as decoder:
+        for start in range(0, len(data), 4):
+            chunk = data[start:start + 4]
+            pillow = [to_rgb(Image.open(io.BytesIO(d))) for d in chunk]
+            gpu = [image.to_pil() for image in decoder.decode(chunk)]
+            runs = []
+            for rgb in (pillow, gpu):
+                batch = prepare_batch(rgb)
+                with torch.inference_mode():
+                    out = reference.model(torch.from_numpy(batch.images).cuda(), torch.from_numpy(batch.masks).cuda())
+                runs.append(({k: out[k].float().cpu().numpy() for k in ("pred_logits", "pred_boxes")},
+                             original_sizes(rgb)))
+            (a, sizes), (b, _) = runs
+            worst["score"] = max(worst["score"], float(np.abs(sigmoid(a["pred_logits"]) - sigmoid(b["pred_logits"])).max()))
+            scale = np.concatenate([sizes[:, ::-1], sizes[:, ::-1]], axis=1)[:, None, :]  # w, h, w, h per image
+            worst["box_px"] = max(worst["box_px"], float((np.abs(a["pred_boxes"] - b["pred_boxes"]) * scale).max()))
+            for ra, rb in zip(postprocess(a["pred_logits"], a["pred_boxes"], sizes),
+                              postprocess(b["pred_logits"], b["pred_boxes"], sizes)):
+                same = ra["labels"] == rb["labels"]
+                worst["top100_same_rank"] += int(same.sum())
+                worst["top100"] += len(same)
+                if same.any():
+                    worst["top100_score"] = max(worst["top100_score"], float(np.abs(ra["scores"] - rb["scores"])[same].max()))
+                    worst["top100_box_px"] = max(worst["top100_box_px"], float(np.abs(ra["boxes"] - rb["boxes"])[same].max()))
+    reference.close()
+    return {"images": len(data), "weights": Path(weights).name, **worst}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_decode_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=positive_int, default=512, help="synthetic 640x480 JPEGs (default 512)")
+    p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
+                   help="also measure GPU decoding's effect on the reference's detections with these weights")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return guarded(p.prog, run, p.parse_args(argv))
 
@@ -118,7 +164,21 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out, "--out")
+    if args.torch_weights is not None and not args.torch_weights.is_file():
+        raise BadInput(f"--torch-weights {args.torch_weights} not found")
     report = bench(args.images)
+    if args.torch_weights is not None:
+        from runtime.synthetic import synthetic_jpegs
+
+        rng = np.random.default_rng(1)
+        fixed = list(synthetic_jpegs(16))
+        for h, w in [(427, 640), (640, 480), (1200, 1600), (333, 500), (800, 1333), (97, 151)]:
+            y, x = np.mgrid[0:h, 0:w]
+            pixels = np.stack([x * 255 / w, y * 255 / h, (3 * x + y) % 256], -1) + rng.normal(0, 14, (h, w, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=88)
+            fixed.append(buffer.getvalue())
+        report["effect_on_detections"] = decode_effect(args.torch_weights, fixed)
     print(json.dumps(report, indent=1))
     if args.out:
         write_atomic(args.out, (json.dumps(report, indent=1) + "\n").encode())
