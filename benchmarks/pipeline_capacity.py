@@ -36,7 +36,7 @@ from runtime.pipeline import PipelineStats, detect_stream
 from runtime.detector import Detector, ProfileDetector
 
 QUERIES, CLASSES = 900, 91
-PROFILE = Profile((1, 320, 512), (4, 800, 1066), (8, 1344, 1344))
+PROFILE = Profile((1, 320, 512), (8, 800, 1066), (32, 1344, 1344))
 
 
 class NullEngine(ProfileDetector):

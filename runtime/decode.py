@@ -109,6 +109,26 @@ def gpu_decodable(data: bytes) -> bool:
     return marker in _SOF and bits == 8 and components in (1, 3) and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
+_BACKENDS = {"hw": "HW_GPU_ONLY", "hybrid": "HYBRID_CPU_GPU", "gpu": "GPU_ONLY", "cpu": "CPU_ONLY"}
+DEFAULT_DECODERS = "hw,hybrid"
+
+
+def gpu_decoders(spec: str | None = None) -> list[tuple[str, ...]]:
+    """The GPU decoders to try in turn, from `spec` (default `$ANCHORTRT_GPU_DECODERS`, else "hw,hybrid"):
+    comma-separated decoders, each one or more '+'-joined nvImageCodec backends (hw: the hardware JPEG decoder,
+    hybrid: the CUDA decoder with Huffman decoding on the CPU, gpu: the CUDA decoder). A decoder after the first is
+    made only when one before it refuses an image."""
+    import os
+
+    spec = spec if spec is not None else os.environ.get("ANCHORTRT_GPU_DECODERS", DEFAULT_DECODERS)
+    plan = [tuple(k.strip() for k in part.split("+")) for part in spec.split(",") if part.strip()]
+    unknown = [k for kinds in plan for k in kinds if k not in _BACKENDS or k == "cpu"]
+    if not plan or unknown:
+        raise Unavailable(f"ANCHORTRT_GPU_DECODERS={spec!r}: expected decoders like 'hw,hybrid' of "
+                          f"{', '.join(k for k in _BACKENDS if k != 'cpu')}")
+    return plan
+
+
 def _pillow(data: bytes, name: str) -> Image.Image | ImageError:
     try:
         return load_image(io.BytesIO(data))
@@ -141,23 +161,16 @@ class BatchDecoder:
         if device:
             from core import cuda
 
-            index = cuda.current_device().index
-            # The hardware decoder first; the CUDA decoder (Huffman on the CPU, the rest on the GPU) for what it
-            # refuses or where the GPU has none. One decoder allowed both would pick per image, not prefer the
-            # hardware (measured: its pixels then differ from Pillow's by up to 3 levels instead of 1).
-            kinds = [n.BackendKind.HW_GPU_ONLY, n.BackendKind.HYBRID_CPU_GPU]
+            self._index = cuda.current_device().index
+            self._plan = gpu_decoders()
             self.stream = cuda.Stream()
         else:
-            index, kinds, self.stream = n.NVIMGCODEC_DEVICE_CPU_ONLY, [n.BackendKind.CPU_ONLY], None
-        self._decoders, problems = [], []
-        for kind in kinds:
-            try:
-                self._decoders.append(n.Decoder(device_id=index, backends=[n.Backend(kind)]))
-            except Exception as exc:  # e.g. no hardware decoder on this GPU
-                problems.append(f"{kind}: {exc}")
-        if not self._decoders:
-            raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(problems)}); decode with "
-                              "Pillow (--decode cpu, gpu_decode=False)")
+            self._index, self._plan, self.stream = n.NVIMGCODEC_DEVICE_CPU_ONLY, [("cpu",)], None
+        self._decoders: list = []
+        self._problems: list[str] = []
+        if all(self._decoder(turn) is None for turn in range(len(self._plan))):
+            raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(self._problems)}); decode "
+                              "with Pillow (--decode cpu, gpu_decode=False)")
         self._params = n.DecodeParams(apply_exif_orientation=exif)
         self._pool = ThreadPoolExecutor(max_workers=pillow_workers, thread_name_prefix="anchortrt-pillow")
         self.counts = {"gpu": 0, "pillow": 0, "refused": 0}
@@ -168,9 +181,10 @@ class BatchDecoder:
         out: list = list(items)
         gpu = [i for i, item in enumerate(items) if isinstance(item, bytes) and gpu_decodable(item)]
         todo = gpu
-        for decoder in self._decoders:  # each one gets what the ones before it refused
-            if not todo:
-                break
+        for turn in range(len(self._plan)):  # each decoder gets what those before it refused
+            decoder = self._decoder(turn) if todo else None
+            if decoder is None:
+                continue
             kwargs = {"cuda_stream": self.stream.handle} if self.stream is not None else {}
             decoded = decoder.decode([items[i] for i in todo], params=self._params, **kwargs)
             if self.stream is not None:
@@ -187,6 +201,19 @@ class BatchDecoder:
         for i, image in zip(pillow, self._pool.map(lambda i: _pillow(items[i], names[i]), pillow)):
             out[i] = image
         return out
+
+    def _decoder(self, turn: int) -> Any:
+        """The `turn`-th decoder of the plan, made when first needed (None where it cannot be made, e.g. no
+        hardware decoder on this GPU)."""
+        while len(self._decoders) <= turn:
+            kinds = [getattr(self.codec.BackendKind, _BACKENDS[k]) for k in self._plan[len(self._decoders)]]
+            try:
+                made = self.codec.Decoder(device_id=self._index, backends=[self.codec.Backend(k) for k in kinds])
+            except Exception as exc:
+                self._problems.append(f"{'+'.join(self._plan[len(self._decoders)])}: {exc}")
+                made = None
+            self._decoders.append(made)
+        return self._decoders[turn]
 
     def _wrap(self, image: Any) -> Any:
         """The decoded image as a DeviceImage (or host array); the bytes again, for Pillow, if it is not RGB uint8."""

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from runtime.preprocess import MEAN, STD, output_hw
+from runtime.preprocess import NORMALISED, output_hw
 
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
@@ -128,10 +128,7 @@ def _cubin(arch: int) -> bytes:
     """The kernels for `arch` (e.g. 90), compiled once per process and kept on disk by core.cuda.compile_cached."""
     from core import cuda
 
-    constants = {f"MEAN{c}": MEAN[c] for c in range(3)} | {f"STD{c}": STD[c] for c in range(3)}
-    # float32 hex literals: the kernel's constants equal the CPU path's exactly
-    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17",
-               *(f"-D{name}={float(value).hex()}f" for name, value in constants.items())]
+    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17"]
     return cuda.compile_cached(KERNEL_SOURCE.read_bytes(), KERNEL_SOURCE.name, options, "cubin")
 
 
@@ -223,6 +220,8 @@ class GpuPreprocessor:
         self.max_batch, self.max_hw = max_batch, max_hw
         cubin = _cubin(cuda.target_arch(self.device.arch))
         self._first = cuda.load_kernel(cubin, "cubin", "first_pass")
+        self._normalised = cuda.DeviceBuffer(NORMALISED.nbytes)  # the CPU path's table of normalised levels
+        self._normalised.upload(np.ascontiguousarray(NORMALISED, dtype=np.float32), self.stream)
         self._second = cuda.load_kernel(cubin, "cubin", "second_pass")
         self.tables = TableCache(self._device_table, capacity=max(1024, 4 * max_batch),
                                  before_free=self.stream.synchronize)
@@ -355,8 +354,9 @@ class GpuPreprocessor:
         captures in a graph to time the kernels alone."""
         cuda, slots = self._cuda, np.uint64(self._slots_dev.ptr)
         cuda.launch(self._first, self._grids[0], BLOCK, self.stream.handle, slots, name="first_pass")
-        cuda.launch(self._second, self._grids[1], BLOCK, self.stream.handle, slots, np.uint64(images_ptr),
-                    np.uint64(masks_ptr), np.int32(height), np.int32(width), name="second_pass")
+        cuda.launch(self._second, self._grids[1], BLOCK, self.stream.handle, slots, np.uint64(self._normalised.ptr),
+                    np.uint64(images_ptr), np.uint64(masks_ptr), np.int32(height), np.int32(width),
+                    name="second_pass")
 
     def close(self) -> None:
         """Free the buffers, tables, events and (when it made it) the stream, after the queued work is done."""
@@ -368,7 +368,7 @@ class GpuPreprocessor:
             held.append(self._scratch)
         self.tables.close()
         ring = [resource for entry in self._ring for resource in entry]
-        for resource in [*held, *self._copied, self._ran, *ring]:
+        for resource in [*held, *self._copied, self._ran, *ring, self._normalised]:
             resource.close()
         if self._own_stream:
             self.stream.close()

@@ -33,7 +33,7 @@ from PIL import Image
 
 from core.errors import BadInput, Unavailable
 from runtime.preprocess import (
-    HostBatch, ImageError, decode_many, original_sizes, prepare_batch, to_rgb, usable_cpus,
+    HostBatch, ImageError, cpu_pool, decode_many, original_sizes, prepare_batch, to_rgb, usable_cpus,
 )
 
 # Busy seconds per stage. "decode" includes the conversion to RGB (EXIF orientation). With the GPU path "upload"
@@ -380,20 +380,20 @@ class GpuPath:
         """Stage the batch's images (read in place where they are on the device, else one copy each) and queue
         the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
-
-        def stage(slot: int, image: Any) -> tuple[int, int]:
-            if isinstance(image, Image.Image):
-                return pre.upload(slot, np.asarray(image))
-            return pre.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)
-
+        count = max(len(rgb), runner.min_batch)
+        images = list(rgb) + [rgb[-1]] * (count - len(rgb))  # below the smallest batch: repeat the last image
         with self.stats.timed("upload"):
-            sizes = [stage(slot, image) for slot, image in enumerate(rgb)]
-            count = max(len(sizes), runner.min_batch)
-            for slot in range(len(sizes), count):  # below the smallest batch: repeat the last image
-                sizes.append(stage(slot, rgb[-1]))
+            # Pillow images become arrays on every core (the pixel copy out of Pillow is the costly part); each
+            # is then copied once into pinned memory and on to the device. Device images are read where they are.
+            host = [i for i, image in enumerate(images) if isinstance(image, Image.Image)]
+            arrays = dict(zip(host, cpu_pool().map(np.asarray, [images[i] for i in host])))
+            sizes = [pre.upload(slot, arrays[slot]) if slot in arrays else
+                     pre.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)
+                     for slot, image in enumerate(images)]
         with self.stats.timed("preprocess"):
-            height = max([s[0] for s in sizes] + [runner.min_hw[0]])
-            width = max([s[1] for s in sizes] + [runner.min_hw[1]])
+            min_h, min_w = runner.min_hw or (1, 1)
+            height = max([s[0] for s in sizes] + [min_h])
+            width = max([s[1] for s in sizes] + [min_w])
             shape = (count, height, width)
             pre.run(*runner.device_inputs(*shape), shape)  # queued on the stream the engine runs on next
         return DeviceBatch(runner, shape, len(rgb))

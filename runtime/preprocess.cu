@@ -4,7 +4,8 @@
 //   second_pass: one thread per padded output pixel: the second pass over that scratch, normalisation, padding.
 // The images are read where they are (the decoder's device buffer, or one copy of a host image), through a row
 // pitch; the tables live in a device cache keyed by (input size, output size).
-// MEAN0..2 and STD0..2 are float32 hex literals from the host (runtime/gpu_preprocess.py).
+// Normalisation is a lookup in the CPU path's own table of (v / 255 - mean) / std for every uint8 level
+// (runtime.preprocess.NORMALISED, 3 x 256 float32), so the values are the CPU path's by construction.
 
 #define PRECISION_BITS 22
 
@@ -21,11 +22,6 @@ struct Slot {
 
 __device__ __forceinline__ int clip8(int sum) {
     return min(max(sum >> PRECISION_BITS, 0), 255);
-}
-
-// (v / 255 - mean) / std with the same float32 roundings as NumPy: no contraction into FMAs.
-__device__ __forceinline__ float normalise(int v, float mean, float stdev) {
-    return __fdiv_rn(__fsub_rn(__fdiv_rn((float)v, 255.0f), mean), stdev);
 }
 
 // One thread per intermediate pixel (x, y) of slot blockIdx.z; the grid covers the batch's largest intermediate.
@@ -64,8 +60,8 @@ extern "C" __global__ void first_pass(const Slot* __restrict__ slots) {
 }
 
 // One thread per padded output pixel: the second pass over the slot's scratch, normalised, or padding.
-extern "C" __global__ void second_pass(const Slot* __restrict__ slots, float* __restrict__ images,
-                                       bool* __restrict__ masks, int height, int width) {
+extern "C" __global__ void second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised,
+                                       float* __restrict__ images, bool* __restrict__ masks, int height, int width) {
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (x >= width || y >= height) return;
@@ -101,7 +97,7 @@ extern "C" __global__ void second_pass(const Slot* __restrict__ slots, float* __
             a2 += p[3 * i + 2] * k;
         }
     }
-    out[0] = normalise(clip8(a0), MEAN0, STD0);
-    out[plane] = normalise(clip8(a1), MEAN1, STD1);
-    out[2 * plane] = normalise(clip8(a2), MEAN2, STD2);
+    out[0] = normalised[clip8(a0)];
+    out[plane] = normalised[256 + clip8(a1)];
+    out[2 * plane] = normalised[512 + clip8(a2)];
 }

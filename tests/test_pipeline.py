@@ -337,9 +337,11 @@ def test_bench_compile_graphs_mode_uses_reduce_overhead():
             self.compiled.append((mode, dynamic))
             return model
 
+    from runtime.torch_detector import torch_forward
+
     torch = FakeTorch()
-    bench._torch_mode(torch, lambda *a: a, "compile-fp16")
-    bench._torch_mode(torch, lambda *a: a, "compile-fp16-graphs")
+    torch_forward(torch, lambda *a: a, "compile-fp16")
+    torch_forward(torch, lambda *a: a, "compile-fp16-graphs")
     assert torch.compiled == [("default", False), ("reduce-overhead", False)]
     assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
 
@@ -350,7 +352,7 @@ def test_pipeline_capacity_benchmark_reports_the_run(tmp_path, capsys):
     out = tmp_path / "capacity.json"
     assert pipeline_capacity.main(["--images", "4", "--batch", "2", "--workers", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "no work"
+    assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "CPU path, fixed raw outputs"
     assert report["stage_ms_per_image"]["preprocess"] > 0 and report["images_per_s"] > 0
     assert pipeline_capacity.main(["--batch", "9"]) == 2 and "--batch 1..8" in capsys.readouterr().err
 

@@ -1,8 +1,7 @@
 """The GPU preprocessing kernel's source, compiled for the CPU and run against the CPU path.
 
 `runtime/preprocess.cu` is plain C++ apart from a few CUDA names. Compiled with g++ behind a small shim
-(thread and block indices as globals, a loop over each launch's grid, IEEE-rounded float division and subtraction
-as the plain operators, no FMA contraction), its two kernels run inside `GpuPreprocessor` itself, with host memory
+(thread and block indices as globals, a loop over each launch's grid), its two kernels run inside `GpuPreprocessor` itself, with host memory
 standing in for pinned and device memory: the same `Slot` records, table cache, scratch offsets, row pitches and
 launch grids as on the device. This proves the kernels' integer resample, normalisation, padding, masks and slot
 indexing against `runtime.preprocess.preprocess_batch` on any machine with a C++ compiler; only the CUDA launch
@@ -21,7 +20,7 @@ from PIL import Image
 
 from plugins.nvrtc import format_define
 from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, TableCache, plan
-from runtime.preprocess import MEAN, STD, preprocess_batch
+from runtime.preprocess import preprocess_batch
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++) to build the kernel for the CPU")
@@ -37,8 +36,6 @@ static Index3 blockIdx, blockDim, threadIdx;
 #define __forceinline__ inline
 #define __global__
 #define __restrict__
-static inline float __fdiv_rn(float a, float b) { return a / b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
 """
 
 DRIVER = r"""
@@ -54,18 +51,18 @@ static void grid(unsigned gx, unsigned gy, unsigned gz, void (*thread)(void*), v
                         thread(arg);
                     }
 }
-struct Second { const Slot* slots; float* images; bool* masks; int height, width; };
+struct Second { const Slot* slots; const float* normalised; float* images; bool* masks; int height, width; };
 static void first_thread(void* arg) { first_pass((const Slot*)arg); }
 static void second_thread(void* arg) {
     const Second* a = (const Second*)arg;
-    second_pass(a->slots, a->images, a->masks, a->height, a->width);
+    second_pass(a->slots, a->normalised, a->images, a->masks, a->height, a->width);
 }
 extern "C" void run_first(unsigned gx, unsigned gy, unsigned gz, const Slot* slots) {
     grid(gx, gy, gz, first_thread, (void*)slots);
 }
-extern "C" void run_second(unsigned gx, unsigned gy, unsigned gz, const Slot* slots, float* images, bool* masks,
-                           int height, int width) {
-    Second a = {slots, images, masks, height, width};
+extern "C" void run_second(unsigned gx, unsigned gy, unsigned gz, const Slot* slots, const float* normalised,
+                           float* images, bool* masks, int height, int width) {
+    Second a = {slots, normalised, images, masks, height, width};
     grid(gx, gy, gz, second_thread, &a);
 }
 """
@@ -76,8 +73,7 @@ def kernel(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kernel")
     source = folder / "preprocess_cpu.cpp"
     source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
-    defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
-    defines |= {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
+    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
     library = folder / "preprocess_cpu.so"
     subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
                     *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],
@@ -85,7 +81,7 @@ def kernel(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     grid = [ctypes.c_uint] * 3
     lib.run_first.argtypes = [*grid, ctypes.c_void_p]
-    lib.run_second.argtypes = [*grid, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.run_second.argtypes = [*grid, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
     return {"first_pass": lib.run_first, "second_pass": lib.run_second}
 
 
@@ -144,9 +140,9 @@ def host_gpu(kernel, monkeypatch):
     def launch(fn, grid, block, stream, slots, *args, name=""):
         assert tuple(block) == BLOCK
         if args:  # second_pass: its grid covers the padded batch
-            images, masks, height, width = args
+            normalised, images, masks, height, width = args
             assert grid[0] * block[0] >= width and grid[1] * block[1] >= height
-            args = (int(images), int(masks), int(height), int(width))
+            args = (int(normalised), int(images), int(masks), int(height), int(width))
         launches.append(name)
         fn(*grid, int(slots), *args)
 
