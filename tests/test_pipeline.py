@@ -354,7 +354,7 @@ def test_pipeline_capacity_benchmark_reports_the_run(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "CPU path, fixed raw outputs"
     assert report["stage_ms_per_image"]["preprocess"] > 0 and report["images_per_s"] > 0
-    assert pipeline_capacity.main(["--batch", "9"]) == 2 and "--batch 1..8" in capsys.readouterr().err
+    assert pipeline_capacity.main(["--batch", "33"]) == 2 and "--batch 1..32" in capsys.readouterr().err
 
 
 def pipeline_threads():
