@@ -172,11 +172,16 @@ class _Resource:
 
 
 class Stream(_Resource):
-    """A non-blocking stream on the current device (TensorRT recommends against the legacy default stream)."""
+    """A non-blocking stream on the current device (TensorRT recommends against the legacy default stream), or,
+    with `handle`, a stream another library owns (torch's): used here, never destroyed here."""
 
-    def __init__(self) -> None:
+    def __init__(self, handle: int | None = None) -> None:
+        self._owned = handle is None
         with _named("creating a stream"):
-            self._stream = _core.Device().create_stream(options=_core.StreamOptions(nonblocking=True))
+            if self._owned:
+                self._stream = _core.Device().create_stream(options=_core.StreamOptions(nonblocking=True))
+            else:
+                self._stream = _core.Stream.from_handle(int(handle))
 
     @property
     def handle(self) -> int:
@@ -187,10 +192,10 @@ class Stream(_Resource):
             self._stream.sync()
 
     def close(self) -> None:
-        if self._stream is not None:
+        if self._stream is not None and self._owned:
             with _named("destroying a stream"):
                 self._stream.close()
-            self._stream = None
+        self._stream = None
 
 
 class Event(_Resource):

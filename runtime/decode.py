@@ -39,7 +39,7 @@ DECODE_HELP = ("where JPEG files are decoded when the GPU path preprocesses: aut
 
 class DeviceImage(NamedTuple):
     """An RGB uint8 image in device memory: `height` rows of width x 3 bytes, `pitch` bytes apart, kept alive by
-    `owner` (the decoder's image)."""
+    `owner` (the decoder's image, with what it needs alive: the decoder and the stream it was decoded on)."""
 
     ptr: int
     height: int
@@ -54,7 +54,7 @@ class DeviceImage(NamedTuple):
 
     def to_pil(self) -> Image.Image:
         """The pixels downloaded into a Pillow image (for drawing and keep_images)."""
-        return Image.fromarray(np.asarray(self.owner.cpu()), "RGB")
+        return Image.fromarray(np.asarray(self.owner[0].cpu()), "RGB")
 
 
 def read_file(path: str | Path) -> bytes | ImageError:
@@ -146,6 +146,19 @@ def load_codec():
     return nvimgcodec
 
 
+class _Decoders:
+    """The nvImageCodec decoders and the stream of one BatchDecoder, shared with every image they decoded: an
+    image freed after its decoder or its stream crashes the process (seen on the H200), so these go last."""
+
+    def __init__(self, stream: Any) -> None:
+        self.decoders: list = []
+        self.stream = stream
+
+    def __del__(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
 class BatchDecoder:
     """nvImageCodec decoders on the current CUDA device: the hardware decoder, then the CUDA decoder (or the CPU
     backend with `device=False`, for tests and machines without a GPU); `decode` is called from one thread at a
@@ -166,7 +179,8 @@ class BatchDecoder:
             self.stream = cuda.Stream()
         else:
             self._index, self._plan, self.stream = n.NVIMGCODEC_DEVICE_CPU_ONLY, [("cpu",)], None
-        self._decoders: list = []
+        self._kept = _Decoders(self.stream)  # held by every image decoded: freed after the last of them
+        self._decoders = self._kept.decoders
         self._problems: list[str] = []
         if all(self._decoder(turn) is None for turn in range(len(self._plan))):
             raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(self._problems)}); decode "
@@ -232,14 +246,13 @@ class BatchDecoder:
         if cai is None:
             return np.asarray(image)
         pitch = strides[0] if strides else shape[1] * 3
-        return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), image)
+        return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), (image, self._kept))
 
     def close(self) -> None:
+        """Stop the Pillow threads and let go of the decoders and stream: they are freed with the last image they
+        decoded (at once if none is alive)."""
         self._pool.shutdown(wait=True)
-        self._decoders = []
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+        self._decoders, self._kept, self.stream = [], None, None
 
     def __enter__(self) -> "BatchDecoder":
         return self

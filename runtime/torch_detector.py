@@ -49,23 +49,6 @@ def torch_forward(torch: Any, model: Any, mode: str) -> Callable:
     return forward
 
 
-class _TorchStream:
-    """A torch CUDA stream as the GPU path uses a core.cuda.Stream: its handle, synchronize."""
-
-    def __init__(self, stream: Any) -> None:
-        self.torch_stream = stream
-
-    @property
-    def handle(self) -> int:
-        return int(self.torch_stream.cuda_stream)
-
-    def synchronize(self) -> None:
-        self.torch_stream.synchronize()
-
-    def close(self) -> None:
-        pass
-
-
 class TorchReference(Detector):
     """The PyTorch reference model (`reference.torch_model.AnchorDETR`), on a GPU when there is one; a
     `Detector`, so `detect`, `iter_detect` and `detect_files` run it like an engine."""
@@ -103,7 +86,16 @@ class TorchReference(Detector):
         self.forward = torch_forward(torch, self.model, mode)
         self.description = f"PyTorch reference, {TORCH_MODES[mode]} on {device} ({Path(weights_path).name})"
         self._inputs: tuple | None = None  # the GPU path's flat CUDA input tensors (images, masks)
-        self.stream = _TorchStream(torch.cuda.Stream()) if device == "cuda" else None
+        self.stream = self._torch_stream = None  # on CUDA: a torch stream, and the same as a core.cuda.Stream
+        if device == "cuda":
+            self._new_stream()
+
+    def _new_stream(self) -> None:
+        from core import cuda
+
+        cuda.init(self.torch.cuda.current_device())
+        self._torch_stream = self.torch.cuda.Stream()
+        self.stream = cuda.Stream(handle=self._torch_stream.cuda_stream)
 
     def _outputs(self, images: Any, masks: Any) -> dict[str, np.ndarray]:
         from runtime.gpu_postprocess import torch_top_k
@@ -128,7 +120,8 @@ class TorchReference(Detector):
     def sibling(self) -> "TorchReference":
         """Another input set and stream on the same model and forward (the pipeline runs them one at a time)."""
         other = copy.copy(self)
-        other._inputs, other.stream = None, _TorchStream(self.torch.cuda.Stream())
+        other._inputs = None
+        other._new_stream()
         return other
 
     def device_inputs(self, batch: int, height: int, width: int) -> tuple[int, int]:
@@ -138,7 +131,7 @@ class TorchReference(Detector):
         count = batch * height * width
         if self._inputs is None or self._inputs[1].numel() < count:
             self.stream.synchronize()  # queued work may still read the old tensors
-            with torch.cuda.stream(self.stream.torch_stream):
+            with torch.cuda.stream(self._torch_stream):
                 self._inputs = (torch.empty(3 * count, dtype=torch.float32, device="cuda"),
                                 torch.empty(count, dtype=torch.bool, device="cuda"))
         return self._inputs[0].data_ptr(), self._inputs[1].data_ptr()
@@ -148,7 +141,7 @@ class TorchReference(Detector):
         (B, H, W), run on this reference's stream after the kernel queued there."""
         torch = self.torch
         b, h, w = shape
-        with torch.inference_mode(), torch.cuda.stream(self.stream.torch_stream):
+        with torch.inference_mode(), torch.cuda.stream(self._torch_stream):
             images = self._inputs[0][: b * 3 * h * w].view(b, 3, h, w)
             masks = self._inputs[1][: b * h * w].view(b, h, w)
             outputs = self._outputs(images, masks)  # .cpu() of the small outputs synchronises

@@ -72,7 +72,7 @@ class FakeCodec:
             def __init__(self, device_id, backends):
                 codec.made = (device_id, backends)
 
-            def decode(self, data, params):
+            def decode(self, data, params, cuda_stream=0):
                 codec.calls.append(list(data))
                 return [None if d in codec.refuse else FakeImage(d, params.exif) for d in data]
 
@@ -126,6 +126,37 @@ def test_one_codec_call_per_batch_pillow_for_the_rest_and_errors_stay_with_their
             assert isinstance(got, Image.Image)
             np.testing.assert_array_equal(np.asarray(to_rgb(got, exif=exif)), expected)
     assert (by_name["exif"].height, by_name["exif"].width) == ((64, 48) if exif else (48, 64))
+
+
+def test_decoders_and_their_stream_outlive_every_image_they_decoded(files):
+    import gc
+
+    from runtime import decode
+
+    closed = []
+
+    class Stream:
+        handle = 7
+
+        def synchronize(self):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    codec = FakeCodec()
+    decoder = BatchDecoder(device=False, codec=codec)
+    decoder._kept.stream = decoder.stream = Stream()  # as on a GPU: a stream of its own
+    (image,) = decoder.decode([files["rgb"]])
+    decoder.close()
+    gc.collect()
+    assert not closed and image.owner[1].decoders  # the image still holds its decoder and stream
+    del image
+    gc.collect()
+    assert closed == [True]
+    assert decode.gpu_decoders("hw+hybrid,gpu") == [("hw", "hybrid"), ("gpu",)]
+    with pytest.raises(decode.Unavailable, match="ANCHORTRT_GPU_DECODERS"):
+        decode.gpu_decoders("hw,turbo")
 
 
 def test_images_the_kernel_cannot_read_go_to_pillow(files):
