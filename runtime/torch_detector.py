@@ -114,7 +114,10 @@ class TorchReference(Detector):
 
     @property
     def input_pointers(self) -> tuple[int, int]:
-        """Device addresses of the input tensors as they are now (`device_inputs` sizes them for a batch)."""
+        """Device addresses of the input tensors (at least one 1x1 image; `device_inputs` sizes them for a
+        batch). On the CPU there are none: the reference is then no DeviceRunner."""
+        if self.stream is None:
+            raise AttributeError("input_pointers: the reference has device input tensors on CUDA only")
         return self.device_inputs(1, 1, 1)
 
     def sibling(self) -> "TorchReference":
