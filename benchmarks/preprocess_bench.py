@@ -1,11 +1,15 @@
 """Benchmark preprocessing of 640x480 images (-> 800x1066): the CPU path against a plain Pillow + NumPy version,
 and with --gpu the GPU kernel.
 
-    python -m benchmarks.preprocess_bench [--batch 4] [--repeat 5] [--gpu] [--out preprocess_bench.json]
+    python -m benchmarks.preprocess_bench [--batch 4] [--repeat 5] [--files N] [--gpu] [--out preprocess_bench.json]
 
 CPU: both sides start from decoded images and end with the padded (B,3,H,W) float32 batch and its masks; the
 plain version resizes with Pillow, normalises with NumPy float32 arithmetic ((x / 255 - mean) / std) and pads
 with pad_batch, as runtime.preprocess did before the lookup table. Times are the best of --repeat runs, per image.
+Files (--files N): N synthetic JPEG files to preprocessed images, a plain thread pool (one thread per usable core,
+`load_image` + `preprocess_image` per file) against runtime.pipeline's CPU path with the same decode threads and a
+stand-in engine (benchmarks.pipeline_capacity.NullEngine), which also pads into batches and post-processes:
+images/s, best of --repeat runs each, taken in turns.
 GPU (`bench_gpu`): CUDA-event time per image at batch 1 and 8 of the two kernels alone (graph replays), of
 `GpuPreprocessor.run` as the pipeline calls it, and of run with each image's upload before it.
 Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
@@ -24,8 +28,10 @@ from PIL import Image
 
 from core.cli import guarded, positive_int
 from core.sidecar import check_output_path, write_atomic
-from runtime.preprocess import MEAN, STD, pad_batch, preprocess_batch, resized_hw
-from runtime.synthetic import decoded_images
+from runtime.preprocess import (
+    MEAN, STD, load_image, pad_batch, preprocess_batch, preprocess_image, resized_hw, usable_cpus,
+)
+from runtime.synthetic import decoded_images, synthetic_images
 
 def plain(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """Pillow resize, NumPy float32 normalisation per image, then pad_batch."""
@@ -60,6 +66,33 @@ def bench_cpu(batch: int, repeat: int) -> dict:
     return {"batch": batch, "resize_ms_per_image": round(resize, 2), "plain_ms_per_image": round(base, 2),
             "ours_one_thread_ms_per_image": round(serial, 2), "ours_ms_per_image": round(ours, 2),
             "speedup_one_thread": round(base / serial, 2), "speedup": round(base / ours, 2)}
+
+
+def bench_files(count: int, batch: int, repeat: int) -> dict:
+    """Files to preprocessed images/s: a plain thread pool and the pipeline's CPU path, in turns."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.pipeline_capacity import NullEngine, measure
+
+    workers = usable_cpus()
+    plain_rates, pipeline_rates = [], []
+    with tempfile.TemporaryDirectory(prefix="anchortrt-preprocess-") as folder, \
+            ThreadPoolExecutor(workers) as pool:
+        paths = synthetic_images(Path(folder), count)
+
+        def one(path: Path) -> np.ndarray:
+            return preprocess_image(load_image(path))
+
+        list(pool.map(one, paths[:batch]))  # warm-up
+        for _ in range(repeat):
+            start = time.perf_counter()
+            list(pool.map(one, paths))
+            plain_rates.append(count / (time.perf_counter() - start))
+            pipeline_rates.append(measure(NullEngine(), paths, batch, workers, 2)["images_per_s"])
+    plain, pipeline = max(plain_rates), max(pipeline_rates)
+    return {"files": count, "batch": batch, "threads": workers, "plain_pool_images_per_s": round(plain, 1),
+            "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}
 
 
 def bench_gpu(iterations: int = 1000) -> dict:
@@ -108,6 +141,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess_bench", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=positive_int, default=4)
     p.add_argument("--repeat", type=positive_int, default=5)
+    p.add_argument("--files", type=positive_int, metavar="N",
+                   help="also compare files -> preprocessed images: a plain thread pool and the pipeline's CPU path")
     p.add_argument("--gpu", action="store_true", help="also time the GPU kernel")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     return guarded(p.prog, run, p.parse_args(argv))
@@ -117,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out, "--out")
     results = {"cpu": bench_cpu(args.batch, args.repeat)}
+    if args.files:
+        results["files"] = bench_files(args.files, args.batch, args.repeat)
     if args.gpu:
         results["gpu"] = bench_gpu()  # core.cuda says so in one line when there is no GPU
     print(json.dumps(results, indent=2))

@@ -143,8 +143,8 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     batch = min([batch] + [m.max_batch for m in models if m.max_batch is not None])
     stats = PipelineStats()
     # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
-    prepare = preprocess_stage(CpuPath(None, stats, limits=batch_limits(models)))
-    prepared = bounded(decoded_batches(paths, batch, workers, False, stats), [prepare])
+    path = CpuPath(None, stats, limits=batch_limits(models))
+    prepared = bounded(decoded_batches(paths, batch, workers, False, stats), [preprocess_stage(path)])
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
     done = 0
@@ -156,9 +156,10 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
                 raise unreadable[0]  # a gap would skew the mAP
             ids = image_ids[done : done + len(chunk.keys)]
             done += len(ids)
+            ready = path.ready(chunk.work)
             for model in models:
                 start = time.perf_counter()
-                detections = model(*chunk.work)
+                detections = model(*ready)
                 seconds[model.name] += time.perf_counter() - start
                 results[model.name].extend(coco_results(ids, detections))
             bar.update(len(ids), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")

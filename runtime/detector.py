@@ -20,9 +20,9 @@ from PIL import Image
 
 from core.errors import BadInput
 from core.sidecar import Profile
-from runtime.pipeline import CpuPath, PipelineStats, detect_stream
+from runtime.pipeline import PipelineStats, detect_stream
 from runtime.postprocess import from_engine_outputs, postprocess
-from runtime.preprocess import ShapeError, rgb_images
+from runtime.preprocess import ShapeError, prepare_batch, rgb_images
 
 POSTPROCESS_OUTPUTS = ("scores", "labels", "boxes")
 
@@ -85,14 +85,13 @@ class Detector(abc.ABC):
 
         Images go through in batches of `batch_size` (default: the largest batch), each padded to its largest
         member; images the official resize would make larger than `max_hw` are scaled to fit. One batch after
-        another on the calling thread, through the pipeline's CPU path; `iter_detect` overlaps the stages.
+        another on the calling thread; `iter_detect` overlaps the stages.
         """
         batch_size = self.batch_size(batch_size)
-        path = CpuPath(self, PipelineStats())
         found = []
         for start in range(0, len(images), batch_size):
-            prepared = path.prepare(rgb_images(images[start : start + batch_size], exif))
-            found += self.found(path.run(prepared), prepared.sizes, threshold)
+            prepared = prepare_batch(rgb_images(images[start : start + batch_size], exif), self.min_hw, self.max_hw)
+            found += [above(r, threshold) for r in self(*prepared)]
         return found
 
     def iter_detect(

@@ -21,6 +21,7 @@ the kernels are compiled by NVRTC and cached on disk there too (`core.cuda.compi
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -170,6 +171,7 @@ class TableCache:
         self._make, self.capacity, self._before_free = make, capacity, before_free
         self._tables: OrderedDict[tuple[int, int], tuple[Any, int]] = OrderedDict()
         self.made = 0
+        self._lock = threading.Lock()  # a batch's slots are staged from several threads
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -177,6 +179,11 @@ class TableCache:
     def get(self, in_size: int, out_size: int) -> tuple[int, int]:
         """(device pointer, taps per row) of the table resampling in_size pixels to out_size."""
         key = (in_size, out_size)
+        with self._lock:
+            return self._get(key)
+
+    def _get(self, key: tuple[int, int]) -> tuple[int, int]:
+        in_size, out_size = key
         held = self._tables.get(key)
         if held is None:
             table = bilinear_coefficients(in_size, out_size)

@@ -8,8 +8,8 @@ so memory stays bounded however long the input is (the stages' queues need no li
 `detect_stream` composes it for a detector (runtime.detector's contract, used here by its methods only, so this
 module imports neither it nor the runner): batches of decoded RGB images (`decode_many`'s thread pool, one thread
 per usable core by default, decoding up to 2 x workers images ahead), then the path's preprocessing, then its
-engine step and post-processing. The path is chosen once: `CpuPath` (`prepare_batch` on the host, whose resizes
-and normalisation run on a pool sized to the machine, then the detector's `infer`) or `GpuPath` (the GPU kernel
+engine step and post-processing. The path is chosen once: `CpuPath` (resize and normalisation on the host, one
+task per image on a pool sized to the machine, then the detector's `infer`) or `GpuPath` (the GPU kernel
 writing straight into the input buffers of a `DeviceRunner`, such as an EngineRunner, then `infer_on_device`).
 An image that cannot be read becomes an `ImageError` entry of its own; the others go on. Per-stage busy time and
 the process's CPU time are collected in a `PipelineStats`.
@@ -33,7 +33,7 @@ from PIL import Image
 
 from core.errors import BadInput, Unavailable
 from runtime.preprocess import (
-    HostBatch, ImageError, cpu_pool, decode_many, original_sizes, prepare_batch, to_rgb, usable_cpus,
+    HostBatch, ImageError, PendingBatch, cpu_pool, decode_many, host_batch, original_sizes, to_rgb, usable_cpus,
 )
 
 # Busy seconds per stage. "decode" includes the conversion to RGB (EXIF orientation). With the GPU path "upload"
@@ -290,8 +290,10 @@ def _record_gpu_time(stats: PipelineStats, ran: Any) -> None:
 
 
 class CpuPath:
-    """Preprocessing on the host (`prepare_batch`: resize, normalise, pad), then the detector's `infer` on the
-    arrays (for an EngineRunner: the copies to the device, the engine and the copies back, in one call).
+    """Preprocessing on the host (resize, normalise, pad: one task per image on `cpu_pool`), then the detector's
+    `infer` on the arrays (for an EngineRunner: the copies to the device, the engine and the copies back, in one
+    call). `prepare` only starts a batch (a `PendingBatch`), so the preprocess stage goes on to the next batch
+    while the pool works: every batch in flight keeps the pool busy, not one batch at a time.
 
     `limits` (min_hw, max_hw) replaces the detector's: eval.coco prepares one batch for several models."""
 
@@ -299,12 +301,19 @@ class CpuPath:
         self.detector, self.stats = detector, stats
         self.min_hw, self.max_hw = limits if limits is not None else (detector.min_hw, detector.max_hw)
 
-    def prepare(self, rgb: Sequence[Image.Image]) -> HostBatch:
+    def prepare(self, rgb: Sequence[Image.Image]) -> PendingBatch:
         with self.stats.timed("preprocess"):
-            return prepare_batch(rgb, self.min_hw, self.max_hw)
+            return PendingBatch(rgb, self.min_hw, self.max_hw)
 
-    def run(self, work: HostBatch) -> dict[str, np.ndarray]:
-        outputs = self.detector.infer(work.images, work.masks)
+    def ready(self, work: PendingBatch) -> HostBatch:
+        """The prepared batch, once its images are all in (the wait counts as preprocessing)."""
+        with self.stats.timed("preprocess"):
+            return host_batch(work)
+
+    def run(self, work: PendingBatch) -> dict[str, np.ndarray]:
+        prepared = self.ready(work)
+        with self.stats.timed("engine"):
+            outputs = self.detector.infer(prepared.images, prepared.masks)
         _record_gpu_time(self.stats, self.detector)
         return outputs
 
@@ -381,15 +390,17 @@ class GpuPath:
         the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
         count = max(len(rgb), runner.min_batch)
-        images = list(rgb) + [rgb[-1]] * (count - len(rgb))  # below the smallest batch: repeat the last image
+        slots = list(rgb) + [rgb[-1]] * (count - len(rgb))  # below the smallest batch: repeat the last image
+
+        def stage(job: tuple[int, Any]) -> tuple[int, int]:
+            slot, image = job
+            if isinstance(image, Image.Image):  # one copy into the slot's pinned buffer, one to the device
+                return pre.upload(slot, np.asarray(image))
+            return pre.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)  # in place
+
         with self.stats.timed("upload"):
-            # Pillow images become arrays on every core (the pixel copy out of Pillow is the costly part); each
-            # is then copied once into pinned memory and on to the device. Device images are read where they are.
-            host = [i for i, image in enumerate(images) if isinstance(image, Image.Image)]
-            arrays = dict(zip(host, cpu_pool().map(np.asarray, [images[i] for i in host])))
-            sizes = [pre.upload(slot, arrays[slot]) if slot in arrays else
-                     pre.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)
-                     for slot, image in enumerate(images)]
+            # Each slot stages on its own buffers and event, so the slots of a batch stage side by side.
+            sizes = list(cpu_pool().map(stage, enumerate(slots)))
         with self.stats.timed("preprocess"):
             min_h, min_w = runner.min_hw or (1, 1)
             height = max([s[0] for s in sizes] + [min_h])
@@ -400,7 +411,8 @@ class GpuPath:
 
     def run(self, work: DeviceBatch) -> dict[str, np.ndarray]:
         try:
-            outputs = work.runner.infer_on_device(work.shape, work.count)
+            with self.stats.timed("engine"):
+                outputs = work.runner.infer_on_device(work.shape, work.count)
         finally:
             self.free.put(work.runner)
         _record_gpu_time(self.stats, work.runner)
@@ -532,8 +544,7 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]], ope
             def engine(chunk: Batch) -> Batch:
                 if chunk.work is None:
                     return chunk
-                with stats.timed("engine"):
-                    outputs = path.run(chunk.work)
+                outputs = path.run(chunk.work)  # it times its own steps (engine, and what it waits for)
                 chunk.work = None  # the batch's arrays or buffers are not needed any more
                 with stats.timed("postprocess"):
                     chunk.results = detector.found(outputs, chunk.sizes, threshold)

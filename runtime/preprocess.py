@@ -179,6 +179,45 @@ def cpu_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+class PendingBatch:
+    """A padded batch whose images are being resized and normalised into it on `cpu_pool`, one task per image;
+    `result()` waits for them. The batch's size is known from the images' sizes before any resize, so every image
+    can start at once, and a caller can start the next batch before this one is done."""
+
+    def __init__(self, rgb: Sequence[Image.Image], min_hw: tuple[int, int] | None,
+                 max_hw: tuple[int, int] | None, threads: bool = True) -> None:
+        if not rgb:
+            raise ValueError("preprocess_batch needs at least one image")
+        self.rgb = list(rgb)
+        self.sizes = [output_hw(image.height, image.width, max_hw) for image in self.rgb]
+        height, width = max(s[0] for s in self.sizes), max(s[1] for s in self.sizes)
+        if min_hw is not None:
+            height, width = max(height, min_hw[0]), max(width, min_hw[1])
+        # Not zeroed: each task writes its slot's padding, so the zeroing is spread over the threads too.
+        self.images = np.empty((len(rgb), 3, height, width), dtype=np.float32)
+        self.masks = np.empty((len(rgb), height, width), dtype=bool)
+        if threads and len(rgb) > 1:
+            self._tasks = [cpu_pool().submit(self._fill, i) for i in range(len(rgb))]
+        else:
+            self._tasks = []
+            for i in range(len(rgb)):
+                self._fill(i)
+
+    def _fill(self, i: int) -> None:
+        (h, w), image = self.sizes[i], self.rgb[i]
+        if (w, h) != image.size:
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+        _normalize_into(np.asarray(image, dtype=np.uint8), self.images[i, :, :h, :w])
+        self.images[i, :, h:], self.images[i, :, :h, w:] = 0, 0
+        self.masks[i, :h, :w], self.masks[i, h:], self.masks[i, :h, w:] = False, True, True
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """The images (B,3,H,W), masks (B,H,W) and each image's (height, width) after resizing, once all are in."""
+        for task in self._tasks:
+            task.result()  # an image's error is raised here
+        return self.images, self.masks, self.sizes
+
+
 def preprocess_batch(
     images: Sequence[Image.Image],
     exif: bool = True,
@@ -190,28 +229,8 @@ def preprocess_batch(
     padded batch (no per-image float array). Also returns each image's (height, width) after resizing.
 
     With ``threads`` (and more than one image) each image is resized, normalised into its slot and its padding
-    written on `cpu_pool`, side by side; the result is the same either way."""
-    if not images:
-        raise ValueError("preprocess_batch needs at least one image")
-    rgb = [to_rgb(image, exif=exif) for image in images]  # the sizes the resize starts from (EXIF-oriented)
-    sizes = [output_hw(image.height, image.width, max_hw) for image in rgb]
-    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    if min_hw is not None:
-        height, width = max(height, min_hw[0]), max(width, min_hw[1])
-    batch = np.empty((len(images), 3, height, width), dtype=np.float32)
-    masks = np.empty((len(images), height, width), dtype=bool)
-
-    def fill(i: int) -> None:
-        (h, w), image = sizes[i], rgb[i]
-        if (w, h) != image.size:
-            image = image.resize((w, h), Image.Resampling.BILINEAR)
-        _normalize_into(np.asarray(image, dtype=np.uint8), batch[i, :, :h, :w])
-        batch[i, :, h:], batch[i, :, :h, w:] = 0, 0
-        masks[i, :h, :w], masks[i, h:], masks[i, :h, w:] = False, True, True
-
-    for _ in (cpu_pool().map if threads and len(images) > 1 else map)(fill, range(len(images))):
-        pass
-    return batch, masks, sizes
+    written on `cpu_pool`, side by side (`PendingBatch`); the result is the same either way."""
+    return PendingBatch(rgb_images(images, exif), min_hw, max_hw, threads).result()
 
 
 class HostBatch(NamedTuple):
@@ -225,8 +244,13 @@ class HostBatch(NamedTuple):
 def prepare_batch(rgb: Sequence[Image.Image], min_hw: tuple[int, int] | None = None,
                   max_hw: tuple[int, int] | None = None) -> HostBatch:
     """The batch of RGB images (`to_rgb`'s) a detector with these limits takes, and their original sizes."""
-    images, masks, _ = preprocess_batch(rgb, exif=False, min_hw=min_hw, max_hw=max_hw)
-    return HostBatch(images, masks, original_sizes(rgb))
+    return host_batch(PendingBatch(rgb, min_hw, max_hw))
+
+
+def host_batch(pending: PendingBatch) -> HostBatch:
+    """A PendingBatch's arrays, once ready, with the original (height, width) of its images."""
+    images, masks, _ = pending.result()
+    return HostBatch(images, masks, original_sizes(pending.rgb))
 
 
 def decode_many(paths: Iterable[str | Path], workers: int | None = None,

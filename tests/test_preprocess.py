@@ -285,3 +285,105 @@ def test_decode_many_keeps_order_and_reports_each_bad_file(tmp_path):
     assert [r.size for r in results if not isinstance(r, ImageError)] == [(i + 1, 3) for i in range(7)]
     with pytest.raises(ValueError, match="workers"):
         next(decode_many(paths, workers=0))
+
+
+# ---------------------------------------------------------------------------------------------- pools sized to the machine
+
+
+@pytest.fixture
+def three_of_sixty_four_cores(monkeypatch):
+    """A process allowed on 3 cores of a 64-core machine (an affinity mask, a container's cpuset)."""
+    import os
+
+    monkeypatch.delattr(os, "process_cpu_count", raising=False)  # Python 3.13+ answers from the mask too
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    return 3
+
+
+def test_usable_cpus_is_the_affinity_mask_not_the_machine(three_of_sixty_four_cores, monkeypatch):
+    import os
+
+    from runtime.preprocess import usable_cpus
+
+    assert usable_cpus() == 3
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 7, raising=False)
+    assert usable_cpus() == 7  # Python 3.13+'s own answer comes first
+    monkeypatch.delattr(os, "process_cpu_count")
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cpus() == 64  # no affinity API (macOS, Windows): the machine's count
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert usable_cpus() == 1
+
+
+def test_the_cpu_pools_and_the_workers_defaults_follow_the_usable_cores(three_of_sixty_four_cores, monkeypatch,
+                                                                        tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks import pipeline_capacity
+    from eval import coco
+    from runtime import bench, infer, preprocess
+
+    monkeypatch.setattr(preprocess, "_POOL", None)
+    pool = preprocess.cpu_pool()
+    assert pool._max_workers == 3 and preprocess.cpu_pool() is pool  # one pool for the process
+    pool.shutdown()
+    sizes = []
+
+    class Recorded(ThreadPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            sizes.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(preprocess, "ThreadPoolExecutor", Recorded)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert [image.size for image in preprocess.decode_many([tmp_path / "a.png"])] == [(8, 8)]
+    assert sizes == [3]  # decoding: one thread per usable core by default
+    for parser in (infer.build_parser(), bench.build_parser(), coco.build_parser()):
+        assert parser.get_default("workers") == 3
+    captured = []
+
+    def run(args, argv):
+        captured.append(args.workers)
+        return 0
+
+    monkeypatch.setattr(pipeline_capacity, "run", run)
+    assert pipeline_capacity.main([]) == 0 and captured == [3]
+
+
+def test_padding_and_masks_are_written_whatever_the_memory_held(monkeypatch):
+    """The batch is allocated without zeroing; every padding value and mask must still be written."""
+    from runtime import preprocess
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(48, 64), (70, 31)]]
+    expected, expected_masks = pad_batch([preprocess_image(image) for image in images], min_hw=(900, 900))
+    empty = np.empty
+    monkeypatch.setattr(preprocess.np, "empty", lambda shape, dtype: np.full(shape, 7, dtype))  # dirty memory
+    batch, masks, _ = preprocess_batch(images, min_hw=(900, 900))
+    monkeypatch.setattr(preprocess.np, "empty", empty)
+    np.testing.assert_array_equal(batch, expected)
+    np.testing.assert_array_equal(masks, expected_masks)
+
+
+def test_a_batch_is_prepared_image_by_image_on_the_pool(monkeypatch):
+    import threading
+
+    from runtime import preprocess
+
+    names = []
+    normalize_into = preprocess._normalize_into
+
+    def recording(pixels, out):
+        names.append(threading.current_thread().name)
+        normalize_into(pixels, out)
+
+    monkeypatch.setattr(preprocess, "_normalize_into", recording)
+    images = [Image.new("RGB", (40 + i, 30), (10 * i, 0, 0)) for i in range(4)]
+    pooled = preprocess_batch(images, threads=True)
+    assert len(names) == 4 and all(name.startswith("anchortrt-cpu") for name in names)  # resize + normalise there
+    names.clear()
+    serial = preprocess_batch(images, threads=False)
+    assert names == [threading.current_thread().name] * 4
+    for a, b in zip(pooled, serial):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

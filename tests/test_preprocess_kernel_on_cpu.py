@@ -372,3 +372,62 @@ def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, 
             np.testing.assert_array_equal(g[key], e[key])
     assert sum(len(call) for call in codec.calls) == 6  # the six complete JPEGs went to the codec, in batch calls
     assert stats.max_live <= 2 and stats.errors == 1
+
+
+def test_the_pipelines_gpu_path_through_host_memory_equals_the_cpu_path(host_gpu, tmp_path):
+    """runtime.pipeline's GpuPath end to end on this machine: a DeviceRunner stand-in (not an EngineRunner) whose
+    input buffers are host memory, the slots staged side by side on the CPU pool, the kernel's CPU build writing
+    the buffers, two buffer sets in flight. Its detections equal the CPU path's, and every runner is given back."""
+    from core.sidecar import Profile
+    from helpers import NumpyDetector, solid
+    from runtime import pipeline
+
+    profile = Profile((2, 320, 512), (2, 800, 800), (3, 1344, 1344))  # smallest batch 2: a lone image is repeated
+
+    class HostRunner(NumpyDetector):
+        def __init__(self, profile):
+            super().__init__(profile)
+            b, h, w = profile.max
+            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+            self.runs, self.closed_siblings = [], []
+            self.stream = _Ordered()
+
+        @property
+        def input_pointers(self):
+            return self._images.ptr, self._masks.ptr
+
+        def device_inputs(self, batch, height, width):
+            return self.input_pointers
+
+        def sibling(self):
+            self.last_sibling = HostRunner(self.profile)
+            return self.last_sibling
+
+        def infer_on_device(self, shape, batch=None):
+            b, h, w = shape
+            self.runs.append((tuple(shape), batch))
+            return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
+                                                        self._masks.view((b, h, w)).copy()).items()}
+
+        def close(self):
+            self.closed = True
+
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.png")
+        solid(60 + 9 * i, 40 + 7 * (i % 3), i % 3).save(paths[-1])
+    runner = HostRunner(profile)
+    stats = pipeline.PipelineStats()
+    found = list(pipeline.detect_stream(runner, paths, threshold=0.3, batch=3, gpu_preprocess=True, stats=stats))
+    # The CPU path's answer (a profile with the same sizes but a smallest batch of 1: the stand-in's infer does not
+    # cut a repeated image's outputs off again, as EngineRunner.infer does)
+    cpu = NumpyDetector(Profile((1, 320, 512), profile.opt, profile.max))
+    expected = cpu.detect([Image.open(p) for p in paths], threshold=0.3, batch_size=3)
+    assert [f.key for f in found] == paths
+    for got, want in zip(found, expected):
+        for key in want:
+            np.testing.assert_array_equal(got.result[key], want[key])
+    ran = runner.runs + runner.last_sibling.runs
+    assert sorted(batch for _, batch in ran) == [1, 3, 3] and all(shape[0] >= 2 for shape, _ in ran)
+    assert runner.last_sibling.closed  # the extra buffer set is freed; the caller's runner stays open
+    assert not runner.closed and stats.seconds["upload"] > 0 and stats.seconds["engine"] > 0
