@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -147,16 +148,19 @@ def load_codec():
 
 
 class _Decoders:
-    """The nvImageCodec decoders and the stream of one BatchDecoder, shared with every image they decoded: an
-    image freed after its decoder or its stream crashes the process (seen on the H200), so these go last."""
+    """nvImageCodec decoders and the stream they decode on, shared by every image they decoded. On the GPU they
+    are made once per (device, decoder plan) and kept for the life of the process (`_shared`): on the H200 a
+    process crashed when a pipeline's decoders were destroyed and another pipeline made new ones (twice in a row
+    a second `detect_stream` with GPU decoding), so they are never destroyed; `lock` lets one decode at a time."""
 
     def __init__(self, stream: Any) -> None:
         self.decoders: list = []
         self.stream = stream
+        self.lock = threading.Lock()
 
-    def __del__(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
+
+_shared: dict[tuple, _Decoders] = {}
+_shared_lock = threading.Lock()
 
 
 class BatchDecoder:
@@ -176,13 +180,20 @@ class BatchDecoder:
 
             self._index = cuda.current_device().index
             self._plan = gpu_decoders()
-            self.stream = cuda.Stream()
+            with _shared_lock:
+                key = (self._index, tuple(self._plan), id(self.codec))
+                if key not in _shared:
+                    _shared[key] = _Decoders(cuda.Stream())
+                self._kept = _shared[key]
         else:
-            self._index, self._plan, self.stream = n.NVIMGCODEC_DEVICE_CPU_ONLY, [("cpu",)], None
-        self._kept = _Decoders(self.stream)  # held by every image decoded: freed after the last of them
+            self._index, self._plan = n.NVIMGCODEC_DEVICE_CPU_ONLY, [("cpu",)]
+            self._kept = _Decoders(None)  # held by every image decoded
+        self.stream = self._kept.stream
         self._decoders = self._kept.decoders
         self._problems: list[str] = []
-        if all(self._decoder(turn) is None for turn in range(len(self._plan))):
+        with self._kept.lock:
+            usable = any(self._decoder(turn) is not None for turn in range(len(self._plan)))
+        if not usable:
             raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(self._problems)}); decode "
                               "with Pillow (--decode cpu, gpu_decode=False)")
         self._params = n.DecodeParams(apply_exif_orientation=exif)
@@ -194,6 +205,18 @@ class BatchDecoder:
         names = list(names) if names is not None else [f"image {i}" for i in range(len(items))]
         out: list = list(items)
         gpu = [i for i, item in enumerate(items) if isinstance(item, bytes) and gpu_decodable(item)]
+        with self._kept.lock:
+            todo = self._decode_gpu(items, out, gpu)
+        pillow = [i for i, item in enumerate(out) if isinstance(item, bytes)]
+        self.counts["gpu"] += len(gpu)
+        self.counts["pillow"] += len(pillow)
+        self.counts["refused"] += len(todo)
+        for i, image in zip(pillow, self._pool.map(lambda i: _pillow(items[i], names[i]), pillow)):
+            out[i] = image
+        return out
+
+    def _decode_gpu(self, items: Sequence, out: list, gpu: list[int]) -> list[int]:
+        """Decode items[gpu] into `out` with each decoder in turn; returns the positions all of them refused."""
         todo = gpu
         for turn in range(len(self._plan)):  # each decoder gets what those before it refused
             decoder = self._decoder(turn) if todo else None
@@ -208,13 +231,7 @@ class BatchDecoder:
                 if wrapped is not None:
                     out[i] = wrapped
             todo = [i for i in todo if isinstance(out[i], bytes)]
-        pillow = [i for i, item in enumerate(out) if isinstance(item, bytes)]
-        self.counts["gpu"] += len(gpu)
-        self.counts["pillow"] += len(pillow)
-        self.counts["refused"] += len(todo)
-        for i, image in zip(pillow, self._pool.map(lambda i: _pillow(items[i], names[i]), pillow)):
-            out[i] = image
-        return out
+        return todo
 
     def _decoder(self, turn: int) -> Any:
         """The `turn`-th decoder of the plan, made when first needed (None where it cannot be made, e.g. no
@@ -249,8 +266,7 @@ class BatchDecoder:
         return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), (image, self._kept))
 
     def close(self) -> None:
-        """Stop the Pillow threads and let go of the decoders and stream: they are freed with the last image they
-        decoded (at once if none is alive)."""
+        """Stop the Pillow threads and let go of the decoders (on the GPU they stay, shared, for the next one)."""
         self._pool.shutdown(wait=True)
         self._decoders, self._kept, self.stream = [], None, None
 
