@@ -1,16 +1,19 @@
-"""The pipeline's own capacity: files to detections with the engine stage replaced by a stand-in.
+"""The pipeline's own capacity: files to detections with the engine replaced by a stand-in that runs no network.
 
-    python -m benchmarks.pipeline_capacity [--images 64] [--batch 4] [--workers 4] [--in-flight 2] [--gpu]
-                                           [--out capacity.json]
+    python -m benchmarks.pipeline_capacity [--images 64] [--batch 4] [--workers N] [--in-flight 2]
+                                           [--gpu [--decode auto|gpu|cpu] [--outputs top100|raw]] [--out capacity.json]
 
-Images: deterministic 640x480 JPEGs (runtime.synthetic.synthetic_images) in a temporary folder. The stand-in engine
-returns fixed raw outputs of AnchorDETR's shapes (B,900,91) logits and (B,900,4) boxes at once, so the host
-post-processing (top-100 of 900x91 per image) still runs; what remains is decode, preprocess, post-process and
-the pipeline's own overhead: the rate the pipeline can feed an engine at. With --gpu the stand-in also copies the
-batch to the GPU and the outputs back (core.cuda, pinned buffers) without running a network, so the copies
-count as they would with a real engine. Reported: images/s over the timed run (after one untimed batch), busy ms
-per image of each stage, the process's CPU ms per image, and the CPU core count.
-Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
+Images: deterministic 640x480 JPEGs (runtime.synthetic.synthetic_images) in a temporary folder. Without --gpu the
+CPU path runs: Pillow decoding, `prepare_batch` on the host, a stand-in whose `infer` returns fixed raw outputs of
+AnchorDETR's shapes ((B,900,91) logits, (B,900,4) boxes), and the host top-100. With --gpu the GPU path runs, as it
+would with an engine: files decoded by nvImageCodec into device memory (--decode; Pillow with cpu), the kernel
+writing into the stand-in's device input buffers, and a stand-in `DeviceEngine` (a runtime.pipeline.DeviceRunner)
+whose outputs are those of an engine with the top-100 inside it (--outputs top100: scores, labels and boxes
+downloaded from the device), or raw outputs left on the device and reduced there by the device top-100
+(--outputs raw, runtime.gpu_postprocess.DeviceTopK). What is measured is what a user with an engine gets, minus
+the engine's own time. Reported: images/s over the timed run (after one untimed batch), ms per image, busy ms per
+image of each stage, the process's CPU ms per image, the usable CPU cores.
+Exit codes: 0 ok, 2 bad arguments, 3 no GPU or no nvImageCodec (with --gpu).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from runtime.pipeline import PipelineStats, detect_stream
 from runtime.detector import Detector, ProfileDetector
 
 QUERIES, CLASSES = 900, 91
-PROFILE = Profile((1, 320, 512), (4, 800, 1066), (8, 1344, 1344))
+PROFILE = Profile((1, 320, 512), (8, 800, 1066), (32, 1344, 1344))
 
 
 class NullEngine(ProfileDetector):
@@ -51,43 +54,81 @@ class NullEngine(ProfileDetector):
         return {"pred_logits": self._logits[:batch], "pred_boxes": self._boxes[:batch]}
 
 
-class CopyEngine(NullEngine):
-    """NullEngine plus the copies a real engine pays: the batch to the device, the raw outputs back. `gpu`."""
+class DeviceEngine(NullEngine):
+    """A DeviceRunner stand-in: device input buffers for the profile's largest batch, its own stream, and fixed
+    outputs on the device: the in-engine top-100's (`outputs="top100"`, downloaded as an engine's would be) or raw
+    outputs reduced by the device top-100 (`outputs="raw"`). `gpu`."""
 
-    def __init__(self, profile: Profile = PROFILE) -> None:
+    def __init__(self, profile: Profile = PROFILE, outputs: str = "top100") -> None:
         from core import cuda
+        from runtime.gpu_postprocess import DeviceTopK
 
         super().__init__(profile)
-        self.cuda = cuda
         cuda.init()
+        self.cuda, self.outputs, self.stream = cuda, outputs, cuda.Stream()
         b, h, w = profile.max
-        self.stream = cuda.Stream()
-        self._sizes = {"images": b * 3 * h * w * 4, "masks": b * h * w, "logits": self._logits.nbytes,
-                       "boxes": self._boxes.nbytes}
-        self._device = {k: cuda.DeviceBuffer(n) for k, n in self._sizes.items()}
-        self._pinned = {k: cuda.PinnedBuffer(n, np.uint8) for k, n in self._sizes.items()}
-
-    def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = super().infer(images, masks)
-        for name, array in (("images", images), ("masks", masks)):
-            host = self._pinned[name].view((array.nbytes,))
-            host[...] = array.reshape(-1).view(np.uint8)
-            self._device[name].upload(host, self.stream)
-        for name, array in (("logits", outputs["pred_logits"]), ("boxes", outputs["pred_boxes"])):
-            self._device[name].download(self._pinned[name].view((array.nbytes,)), self.stream)
+        self._inputs = cuda.DeviceBuffer(b * 3 * h * w * 4 + b * h * w)
+        self._images_bytes = b * 3 * h * w * 4
+        self._raw = {"logits": cuda.DeviceBuffer(self._logits.nbytes), "boxes": cuda.DeviceBuffer(self._boxes.nbytes)}
+        self._raw["logits"].upload(self._logits, self.stream)
+        self._raw["boxes"].upload(self._boxes, self.stream)
+        self._top = DeviceTopK(b, stream=self.stream)
+        # The top-100 an engine would output, on the device, and the pinned buffers it is downloaded into.
+        self._top.run(self._raw["logits"].ptr, self._raw["boxes"].ptr, b, QUERIES, CLASSES)
         self.stream.synchronize()
-        return outputs
+        self._fixed = self._top.outputs()
+        self._fixed["labels"] = self._fixed["labels"].astype(np.int32)
+        self._device = {k: cuda.DeviceBuffer(v.nbytes) for k, v in self._fixed.items()}
+        self._host = {k: cuda.PinnedBuffer(v.size, v.dtype) for k, v in self._fixed.items()}
+        for k, v in self._fixed.items():
+            self._device[k].upload(v, self.stream)
+        self.stream.synchronize()
+
+    def sibling(self) -> "DeviceEngine":
+        return DeviceEngine(self.profile, self.outputs)
+
+    @property
+    def input_pointers(self) -> tuple[int, int]:
+        return self._inputs.ptr, self._inputs.ptr + self._images_bytes
+
+    def device_inputs(self, batch: int, height: int, width: int) -> tuple[int, int]:
+        return self.input_pointers
+
+    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
+        count = shape[0] if batch is None else batch
+        if self.outputs == "raw":
+            self._top.run(self._raw["logits"].ptr, self._raw["boxes"].ptr, shape[0], QUERIES, CLASSES)
+            self.stream.synchronize()
+            return {k: v[:count] for k, v in self._top.outputs().items()}
+        out = {}
+        for name, fixed in self._fixed.items():
+            host = self._host[name].view((shape[0], *fixed.shape[1:]))
+            self._device[name].download(host, self.stream)
+            out[name] = host
+        self.stream.synchronize()
+        return {k: v[:count].copy() for k, v in out.items()}
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        self._top.close()
+        for buffer in [self._inputs, *self._raw.values(), *self._device.values(), *self._host.values()]:
+            buffer.close()
 
 
-def measure(detector: Detector, paths, batch: int, workers: int, in_flight: int) -> dict:
-    # CPU preprocessing: the GPU kernel writes into an EngineRunner's buffers, which a stand-in does not have.
-    options = dict(batch=batch, workers=workers, in_flight=in_flight, gpu_preprocess=False)
+def measure(detector: Detector, paths, batch: int, workers: int, in_flight: int, gpu: bool,
+            decode: str = "cpu") -> dict:
+    from runtime.decode import DECODE
+
+    options = dict(batch=batch, workers=workers, in_flight=in_flight, gpu_preprocess=gpu,
+                   gpu_decode=DECODE[decode] if gpu else False)
     for _ in detect_stream(detector, paths[:batch], **options):  # warm-up: thread pools, first allocations
         pass
     stats = PipelineStats()
     for _ in detect_stream(detector, paths, stats=stats, **options):
         pass
-    return stats.summary()
+    summary = stats.summary()
+    summary["ms_per_image"] = 1000 / summary["images_per_s"] if summary["images_per_s"] else None
+    return summary
 
 
 def main(argv=None) -> int:
@@ -97,7 +138,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=positive_int, default=usable_cpus(),
                    help="decode threads (default: one per usable core)")
     p.add_argument("--in-flight", type=positive_int, default=2, help="batches in flight (default 2)")
-    p.add_argument("--gpu", action="store_true", help="the stand-in also copies to and from the GPU (needs one)")
+    p.add_argument("--gpu", action="store_true", help="the GPU path, with the DeviceEngine stand-in (needs a GPU)")
+    p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="gpu",
+                   help="--gpu: decode with nvImageCodec (gpu, default), where installed (auto), or Pillow (cpu)")
+    p.add_argument("--outputs", choices=("top100", "raw"), default="top100",
+                   help="--gpu: the stand-in's outputs: an in-engine top-100's (default) or raw ones reduced by the "
+                   "device top-100")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return guarded(p.prog, run, p.parse_args(argv), sys.argv[1:] if argv is None else argv)
 
@@ -107,13 +153,18 @@ def run(args: argparse.Namespace, argv) -> int:
         raise BadInput(f"the stand-in engine takes --batch 1..{PROFILE.max[0]}, not {args.batch}")
     if args.out:
         check_output_path(args.out, "--out")
-    detector = CopyEngine() if args.gpu else NullEngine()
-    with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
-        paths = synthetic_images(Path(folder), args.images)
-        summary = measure(detector, paths, args.batch, args.workers, args.in_flight)
+    detector = DeviceEngine(outputs=args.outputs) if args.gpu else NullEngine()
+    try:
+        with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
+            paths = synthetic_images(Path(folder), args.images)
+            summary = measure(detector, paths, args.batch, args.workers, args.in_flight, args.gpu, args.decode)
+    finally:
+        detector.close()
+    stand_in = (f"GPU path, {args.decode} decoding, {args.outputs} outputs on the device" if args.gpu
+                else "CPU path, fixed raw outputs")
     report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(argv),
               "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable CPU cores",
-              "stand_in": "copies to/from the GPU" if args.gpu else "no work", **summary}
+              "stand_in": stand_in, **summary}
     print(json.dumps(report, indent=1))
     if args.out:
         write_atomic(args.out, (json.dumps(report, indent=1) + "\n").encode())

@@ -10,9 +10,8 @@ Files (--files N): N synthetic JPEG files to preprocessed images, a plain thread
 `load_image` + `preprocess_image` per file) against runtime.pipeline's CPU path with the same decode threads and a
 stand-in engine (benchmarks.pipeline_capacity.NullEngine), which also pads into batches and post-processes:
 images/s, best of --repeat runs each, taken in turns.
-GPU: CUDA-event time of the kernel alone (`GpuPreprocessor.run`, uploads done once), averaged over many
-back-to-back launches, per image, at batch 1 and 8; and the same with each image's upload (pinned staging,
-host-to-device copy) queued before every launch.
+GPU (`bench_gpu`): CUDA-event time per image at batch 1 and 8 of the two kernels alone (graph replays), of
+`GpuPreprocessor.run` as the pipeline calls it, and of run with each image's upload before it.
 Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
 """
 
@@ -96,7 +95,10 @@ def bench_files(count: int, batch: int, repeat: int) -> dict:
             "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}
 
 
-def bench_gpu(iterations: int = 500) -> dict:
+def bench_gpu(iterations: int = 1000) -> dict:
+    """Per image, at batch 1 and 8: the two kernels alone (their launches captured once in a CUDA graph, replayed
+    back to back, CUDA-event time), `run` as the pipeline calls it (slot records, launches; host-bound when the
+    GPU is faster than Python), and each image's upload (pinned copy, host-to-device) queued before every run."""
     from core import cuda
     from runtime.gpu_preprocess import GpuPreprocessor
 
@@ -110,22 +112,27 @@ def bench_gpu(iterations: int = 500) -> dict:
             shape = (batch, 800, 1066)
             with cuda.DeviceBuffer(batch * 800 * 1066 * 13) as out:  # 12 bytes of images + 1 of mask per pixel
                 images_ptr, masks_ptr = out.ptr, out.ptr + batch * 800 * 1066 * 12
-                for with_upload in (False, True):
-                    def step():
-                        if with_upload:
-                            for slot in range(batch):
-                                gpu.upload(slot, arrays[slot])
-                        gpu.run(images_ptr, masks_ptr, shape)
-
-                    for _ in range(20):
-                        step()
-                    start.record(gpu.stream)
-                    for _ in range(iterations):
-                        step()
-                    end.record(gpu.stream)
-                    end.synchronize()
-                    key = f"batch{batch}_{'upload_and_kernel' if with_upload else 'kernel'}_us_per_image"
-                    results[key] = round(cuda.Event.elapsed_ms(start, end) * 1e3 / iterations / batch, 2)
+                gpu.run(images_ptr, masks_ptr, shape)
+                with cuda.Graph(gpu.stream, lambda: gpu._launch(images_ptr, masks_ptr, 800, 1066)) as graph:
+                    steps = {"kernel": lambda: graph.launch(gpu.stream),
+                             "run": lambda: gpu.run(images_ptr, masks_ptr, shape),
+                             "upload_and_run": lambda: ([gpu.upload(slot, arrays[slot]) for slot in range(batch)],
+                                                        gpu.run(images_ptr, masks_ptr, shape))}
+                    for name, step in steps.items():
+                        # Warm up for half a second of work: an idle H200 sits at 345 MHz and needs time under
+                        # load to reach its boost clock (nvidia-smi), more than 500 short replays take.
+                        until = time.perf_counter() + 0.5
+                        while time.perf_counter() < until:
+                            for _ in range(20):
+                                step()
+                            gpu.stream.synchronize()
+                        start.record(gpu.stream)
+                        for _ in range(iterations):
+                            step()
+                        end.record(gpu.stream)
+                        end.synchronize()
+                        key = f"batch{batch}_{name}_us_per_image"
+                        results[key] = round(cuda.Event.elapsed_ms(start, end) * 1e3 / iterations / batch, 2)
     results["device"] = device.name
     return results
 

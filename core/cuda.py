@@ -172,11 +172,16 @@ class _Resource:
 
 
 class Stream(_Resource):
-    """A non-blocking stream on the current device (TensorRT recommends against the legacy default stream)."""
+    """A non-blocking stream on the current device (TensorRT recommends against the legacy default stream), or,
+    with `handle`, a stream another library owns (torch's): used here, never destroyed here."""
 
-    def __init__(self) -> None:
+    def __init__(self, handle: int | None = None) -> None:
+        self._owned = handle is None
         with _named("creating a stream"):
-            self._stream = _core.Device().create_stream(options=_core.StreamOptions(nonblocking=True))
+            if self._owned:
+                self._stream = _core.Device().create_stream(options=_core.StreamOptions(nonblocking=True))
+            else:
+                self._stream = _core.Stream.from_handle(int(handle))
 
     @property
     def handle(self) -> int:
@@ -187,10 +192,10 @@ class Stream(_Resource):
             self._stream.sync()
 
     def close(self) -> None:
-        if self._stream is not None:
+        if self._stream is not None and self._owned:
             with _named("destroying a stream"):
                 self._stream.close()
-            self._stream = None
+        self._stream = None
 
 
 class Event(_Resource):
@@ -393,8 +398,18 @@ def launch(kernel: Any, grid: tuple, block: tuple, stream: int, *args: Any, shar
     """Queue `kernel` on the stream with this handle (ours, TensorRT's or torch's). Arguments are passed by
     their C type: numpy scalars (np.uint64 for pointers, np.int32) or cuda.core Buffers."""
     with _named(f"launching {name}"):
-        config = _core.LaunchConfig(grid=tuple(grid), block=tuple(block), shmem_size=int(shared_mem))
-        _core.launch(_core.Stream.from_handle(int(stream)), config, kernel, *args)
+        _core.launch(_stream_of(int(stream)), _config(tuple(grid), tuple(block), int(shared_mem)), kernel, *args)
+
+
+# Launches from Python are host-bound for small kernels: build each configuration and stream wrapper once.
+@functools.lru_cache(maxsize=256)
+def _config(grid: tuple, block: tuple, shared_mem: int) -> Any:
+    return _core.LaunchConfig(grid=grid, block=block, shmem_size=shared_mem)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_of(handle: int) -> Any:
+    return _core.Stream.from_handle(handle)  # a wrapper that owns nothing: the handle's owner destroys it
 
 
 # ---------------------------------------------------------------- graphs

@@ -39,6 +39,7 @@ from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, 
 from core.progress import ProgressBar, Spinner, print_table
 from core.sidecar import check_output_path, engine_inputs, write_atomic
 from runtime.infer import class_names
+from runtime.torch_detector import TORCH_MODE_HELP, TORCH_MODES
 from runtime.preprocess import usable_cpus
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"
@@ -125,7 +126,7 @@ def open_models(args) -> list:
         if args.torch_weights:
             from runtime.torch_detector import TorchReference
 
-            models.append(TorchReference(args.torch_weights, args.device))
+            models.append(TorchReference(args.torch_weights, args.device, mode=args.torch_mode))
     except BaseException:
         for model in models:
             model.close()
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="coco-results", metavar="DIR",
                      help="where the per-model COCO results files go (default: coco-results)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
+    run.add_argument("--torch-mode", choices=tuple(TORCH_MODES), default="fp32", help=TORCH_MODE_HELP)
     run.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
                      help="threads that decode images ahead of the models (default: one per usable core)")
     score = parser.add_argument_group("score an existing results file")

@@ -21,17 +21,12 @@ from core.progress import ProgressBar, format_bytes, format_seconds, print_table
 from core.sidecar import check_output_path, engine_inputs, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
+from runtime.decode import DECODE, DECODE_HELP
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
+from runtime.torch_detector import TORCH_MODES, torch_forward
 from weights import require_weights_file
 
-TORCH_MODES = {
-    "fp32": "eager FP32 (TF32 off)",
-    "tf32": "eager TF32 matmul/conv",
-    "fp16": "eager FP16 autocast",
-    "compile-fp16": "torch.compile(mode='default', dynamic=False) + FP16 autocast",
-    "compile-fp16-graphs": "torch.compile(mode='reduce-overhead', dynamic=False) + FP16 autocast (CUDA graphs)",
-}
 MIB = 1 << 20
 
 EPILOG = """\
@@ -111,24 +106,6 @@ def check_profile(profile, configs) -> None:
                            "--batch inside it")
 
 
-def _torch_mode(torch, model, mode: str) -> Callable:
-    """A forward for one benchmark mode; sets the TF32 switches it needs."""
-    tf32 = mode == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    forward = model
-    if mode.startswith("compile-"):
-        # reduce-overhead records CUDA graphs per shape; the loop reads each output back before the next replay.
-        compile_mode = "reduce-overhead" if mode.endswith("-graphs") else "default"
-        forward = torch.compile(model, mode=compile_mode, dynamic=False)
-    if mode in ("fp16", "compile-fp16", "compile-fp16-graphs"):
-        def run(images, masks):
-            with torch.autocast(images.device.type, dtype=torch.float16):
-                return forward(images, masks)
-        return run
-    return forward
-
-
 def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator[dict]:
     from runtime.torch_detector import TorchReference  # imports torch: only for --torch-weights
 
@@ -139,7 +116,7 @@ def bench_torch(args: argparse.Namespace, configs, bar: ProgressBar) -> Iterator
     # One compiled graph per static shape: keep dynamo from falling back to eager when there are many.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(configs))
     for mode in args.torch_modes:
-        forward = _torch_mode(torch, model, mode)
+        forward = torch_forward(torch, model, mode)
         for batch, hw in configs:
             bar.set(bar.done, status=f"torch {mode} {batch}x{hw[0]}x{hw[1]}")
             images, masks = random_batch(batch, hw)
@@ -209,14 +186,14 @@ def pipeline_row(name: str, detector, paths: Sequence[Path], batch: int, args: a
     from runtime.pipeline import GPU_PREPROCESS, PipelineStats, detect_stream
 
     options = dict(batch=batch, workers=args.workers, in_flight=args.in_flight,
-                   gpu_preprocess=GPU_PREPROCESS[args.preprocess])
+                   gpu_preprocess=GPU_PREPROCESS[args.preprocess], gpu_decode=DECODE[args.decode])
     for _ in detect_stream(detector, paths[:batch], **options):
         pass
     stats = PipelineStats()
     for _ in detect_stream(detector, paths, stats=stats, **options):
         pass
     return {"backend": "pipeline", "model": name, "batch": batch, "workers": args.workers,
-            "in_flight": args.in_flight, "preprocess": args.preprocess, **stats.summary()}
+            "in_flight": args.in_flight, "preprocess": args.preprocess, "decode": args.decode, **stats.summary()}
 
 
 def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[dict]:
@@ -230,9 +207,13 @@ def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[
     if args.torch_weights is not None:
         from runtime.torch_detector import TorchReference
 
-        reference = TorchReference(args.torch_weights, args.torch_device, "--torch-device")
-        for batch in batches:
-            yield pipeline_row(f"torch {reference.device}", reference, paths, batch, args)
+        for mode in args.torch_modes:
+            reference = TorchReference(args.torch_weights, args.torch_device, "--torch-device", mode=mode)
+            try:
+                for batch in batches:
+                    yield pipeline_row(f"torch {mode} {reference.device}", reference, paths, batch, args)
+            finally:
+                reference.close()
 
 
 def print_pipeline_rows(rows: Sequence[dict]) -> None:
@@ -292,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs", action="store_true", help="also measure with CUDA graphs (one capture per shape)")
     p.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
                    help="measure the PyTorch reference (reference.torch_model) with these weights")
-    p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
-                   help=f"torch modes to measure (default {','.join(TORCH_MODES)})")
+    p.add_argument("--torch-modes", default=None,
+                   help=f"torch modes to measure, of {','.join(TORCH_MODES)} (default: all; with --pipeline fp32)")
     p.add_argument("--torch-device", choices=("cuda", "cpu"), default="cuda",
                    help="torch device (default cuda; cpu for a quick check without a GPU)")
     p.add_argument("--pipeline", metavar="DIR|synthetic:N",
@@ -303,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--pipeline: decoding threads (default: one per usable core)")
     p.add_argument("--in-flight", type=positive_int, default=2, help="--pipeline: batches in flight (default 2)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
-                   help="--pipeline: preprocessing on the CPU (default), the GPU kernel (opt-in: not yet run on a "
-                   "GPU by this project), or auto (GPU when available)")
+                   help="--pipeline: preprocessing on the CPU (default), the GPU kernel (bit-exact with the CPU "
+                   "path), or auto (GPU when available)")
+    p.add_argument("--decode", choices=tuple(DECODE), default="auto", help="--pipeline: " + DECODE_HELP)
     p.add_argument("--json", type=Path, metavar="FILE", help="write all rows as JSON (rewritten after every row)")
     return p
 
@@ -313,6 +295,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from runtime.runner import DEFAULT_ENGINE, read_sidecar
 
     configs = [(b, hw) for b in args.batch for hw in args.shapes]
+    if args.torch_modes is None:
+        args.torch_modes = "fp32" if args.pipeline is not None else ",".join(TORCH_MODES)
     args.torch_modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     unknown = [m for m in args.torch_modes if m not in TORCH_MODES]
     if unknown or not args.torch_modes:

@@ -104,14 +104,17 @@ class Detector(abc.ABC):
         in_flight: int = 2,
         gpu_preprocess: bool | None = False,
         stats: PipelineStats | None = None,
+        gpu_decode: bool | None = False,
     ) -> Iterator[tuple[Any, Any]]:
         """(path or position, detections or ImageError) for each image file path (or each Pillow image), in input
         order, with decoding, preprocessing and the engine overlapped and at most `in_flight` batches in memory
         (runtime.pipeline). `gpu_preprocess`: True = the GPU kernel (a detector with device input buffers, such as
-        EngineRunner), False = the CPU, None = the GPU when it can. `workers`: decoding threads (default: one
-        per usable core). `stats`: a `PipelineStats` to fill with per-stage times. Bad arguments are raised at the
+        EngineRunner), False = the CPU, None = the GPU when it can. `gpu_decode` (on the GPU path): True =
+        nvImageCodec, False = Pillow (the exact path), None = nvImageCodec where installed. `workers`: decoding
+        threads (default: one per usable core). `stats`: a `PipelineStats` to fill with per-stage times. Bad arguments are raised at the
         call, before any work."""
-        found = detect_stream(self, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats)
+        found = detect_stream(self, items, threshold, batch, exif, workers, in_flight, gpu_preprocess, stats,
+                              gpu_decode=gpu_decode)
         return ((item.key, item.result) for item in found)
 
     def detect_files(self, paths: Iterable, threshold: float = 0.5, batch: int | None = None, exif: bool = True,

@@ -18,6 +18,7 @@ from core.sidecar import check_output_path, engine_inputs, replace_atomically, w
 from core import labels
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
+from runtime.decode import DECODE, DECODE_HELP
 from runtime.preprocess import ImageError, usable_cpus
 from weights import require_weights_file
 
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads decoding images ahead of the engine (default: one per usable core)")
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
                    help="where images are resized and normalised: the CPU (default), the GPU kernel writing into "
-                   "the engine's inputs, or auto (the GPU when available). The GPU kernel has not yet been run on "
-                   "a GPU by this project (docs/preprocess.md): it is opt-in until it has")
+                   "the engine's inputs (bit-exact with the CPU path, docs/preprocess.md), or auto (the GPU when "
+                   "available)")
+    p.add_argument("--decode", choices=tuple(DECODE), default="auto", help=DECODE_HELP)
     p.add_argument("--no-exif", action="store_true",
                    help="ignore EXIF orientation (COCO boxes refer to the stored pixels)")
     return p
@@ -244,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         warn_random_weights(args.torch_weights, args.engine)
         found = detect_stream(runner, [path for _, path, _ in jobs], args.threshold, args.batch,
                               exif=not args.no_exif, workers=args.workers, keep_images=True,
-                              gpu_preprocess=GPU_PREPROCESS[args.preprocess])
+                              gpu_preprocess=GPU_PREPROCESS[args.preprocess], gpu_decode=DECODE[args.decode])
         # closing: the pipeline's threads are done with the runner before it is closed, even after an error
         with closing(found), ProgressBar(len(jobs), desc="images", stream=sys.stderr) as bar:
             for (index, path, target), (_, detections, rgb) in zip(jobs, found):

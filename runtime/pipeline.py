@@ -22,6 +22,7 @@ import queue
 import threading
 from collections import deque
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from PIL import Image
 
 from core.errors import BadInput, Unavailable
 from runtime.preprocess import (
-    HostBatch, ImageError, PendingBatch, cpu_pool, decode_many, host_batch, original_sizes, to_rgb,
+    HostBatch, ImageError, PendingBatch, cpu_pool, decode_many, host_batch, original_sizes, to_rgb, usable_cpus,
 )
 
 # Busy seconds per stage. "decode" includes the conversion to RGB (EXIF orientation). With the GPU path "upload"
@@ -176,7 +177,7 @@ class Batch:
     prepared work, then the detections."""
 
     keys: list
-    images: list  # EXIF-oriented RGB images, or the ImageError of each unreadable file
+    images: list  # EXIF-oriented RGB images (Pillow's, or runtime.decode.DeviceImage), or each unreadable file's ImageError
     sizes: np.ndarray | None = None  # (height, width) of each readable image: what its boxes refer to
     work: Any = None  # what the path's `prepare` made of the readable images, for its `run`
     results: list = field(default_factory=list)
@@ -240,6 +241,47 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
             close()
 
 
+def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
+                           stats: PipelineStats) -> Iterator[Batch]:
+    """Batches of `batch` files, each batch decoded in one `decoder.decode` call (runtime.decode.BatchDecoder:
+    JPEGs into device memory, the rest by Pillow, then `to_rgb`). The files are read on `workers` threads (None:
+    one per usable core), up to two batches ahead."""
+    with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool:
+        from runtime.decode import read_file
+
+        ahead: deque = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(ahead) < 2 * batch:
+                path = next(paths, None)
+                if path is None:
+                    exhausted = True
+                else:
+                    ahead.append((path, pool.submit(read_file, path)))
+            if not ahead:
+                return
+            taken = [ahead.popleft() for _ in range(min(batch, len(ahead)))]
+            with stats.timed("decode"):
+                keys = [path for path, _ in taken]
+                images = decoder.decode([future.result() for _, future in taken], [str(k) for k in keys])
+                images = [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
+            yield Batch(keys, images)
+
+
+def batches_for(items: Iterable, batch: int, workers: int | None, exif: bool, stats: PipelineStats,
+                decoder: Any = None) -> Iterator[Batch]:
+    """`device_decoded_batches` for file paths when there is a GPU `decoder`, else `decoded_batches`."""
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
+        return
+    rest = itertools.chain([first], items)
+    if decoder is not None and _is_path(first):
+        yield from device_decoded_batches(rest, batch, workers, exif, decoder, stats)
+    else:
+        yield from decoded_batches(rest, batch, workers, exif, stats)
+
+
 def _record_gpu_time(stats: PipelineStats, ran: Any) -> None:
     """The network's own GPU time of the call `ran` just made, where it times one (EngineRunner.last_timing)."""
     gpu_ms = (getattr(ran, "last_timing", None) or {}).get("gpu_ms")
@@ -290,6 +332,9 @@ class DeviceRunner(Protocol):
     def input_pointers(self) -> tuple[int, int]:
         """Device addresses of the (B,3,H,W) float32 images and (B,H,W) bool masks buffers."""
 
+    def device_inputs(self, batch: int, height: int, width: int) -> tuple[int, int]:
+        """`input_pointers` of buffers that hold a batch of this shape (a runner may grow them)."""
+
     def sibling(self) -> "DeviceRunner":
         """Another runner of the same model with buffers of its own."""
 
@@ -311,17 +356,20 @@ class GpuPath:
     `prepare` takes a free runner, stages the batch's images and queues the kernel into its input buffers; `run`
     gives the runner back after the engine ran, so the kernel never writes buffers the engine is still reading."""
 
-    def __init__(self, runner: DeviceRunner, count: int, stats: PipelineStats) -> None:
+    def __init__(self, runner: DeviceRunner, count: int, stats: PipelineStats, gpu_decode: bool | None = False,
+                 exif: bool = True, batch: int = 1) -> None:
         from runtime.gpu_preprocess import GpuPreprocessor
 
         self.stats = stats
         self.extra: list = []
         self.pre: dict = {}
+        self.decoder = None  # runtime.decode.BatchDecoder where files are decoded on the GPU
         try:
+            self.decoder = _gpu_decoder(gpu_decode, exif)
             for _ in range(count - 1):
                 self.extra.append(runner.sibling())
             for r in [runner, *self.extra]:  # the runner's stream: its engine runs after the kernel, unsynchronised
-                self.pre[id(r)] = GpuPreprocessor(r.max_batch, r.max_hw, stream=r.stream)
+                self.pre[id(r)] = GpuPreprocessor(r.max_batch or batch, r.max_hw, stream=r.stream)
         except BaseException:
             self.close()
             raise
@@ -337,19 +385,28 @@ class GpuPath:
             self.free.put(runner)  # the engine step will not see this batch
             raise
 
-    def _fill(self, rgb: Sequence[Image.Image], runner: Any) -> DeviceBatch:
-        """Upload the batch's images and queue the kernel into `runner`'s input buffers."""
+    def _fill(self, rgb: Sequence[Any], runner: Any) -> DeviceBatch:
+        """Stage the batch's images (read in place where they are on the device, else one copy each) and queue
+        the kernel into `runner`'s input buffers."""
         pre = self.pre[id(runner)]
         count = max(len(rgb), runner.min_batch)
         slots = list(rgb) + [rgb[-1]] * (count - len(rgb))  # below the smallest batch: repeat the last image
+
+        def stage(job: tuple[int, Any]) -> tuple[int, int]:
+            slot, image = job
+            if isinstance(image, Image.Image):  # one copy into the slot's pinned buffer, one to the device
+                return pre.upload(slot, np.asarray(image))
+            return pre.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)  # in place
+
         with self.stats.timed("upload"):
             # Each slot stages on its own buffers and event, so the slots of a batch stage side by side.
-            sizes = list(cpu_pool().map(lambda job: pre.upload(job[0], np.asarray(job[1])), enumerate(slots)))
+            sizes = list(cpu_pool().map(stage, enumerate(slots)))
         with self.stats.timed("preprocess"):
-            height = max([s[0] for s in sizes] + [runner.min_hw[0]])
-            width = max([s[1] for s in sizes] + [runner.min_hw[1]])
+            min_h, min_w = runner.min_hw or (1, 1)
+            height = max([s[0] for s in sizes] + [min_h])
+            width = max([s[1] for s in sizes] + [min_w])
             shape = (count, height, width)
-            pre.run(*runner.input_pointers, shape)  # queued on the stream the engine runs on next
+            pre.run(*runner.device_inputs(*shape), shape)  # queued on the stream the engine runs on next
         return DeviceBatch(runner, shape, len(rgb))
 
     def run(self, work: DeviceBatch) -> dict[str, np.ndarray]:
@@ -366,6 +423,23 @@ class GpuPath:
             pre.close()
         for r in self.extra:
             r.close()
+        if self.decoder is not None:
+            self.decoder.close()
+
+
+def _gpu_decoder(gpu_decode: bool | None, exif: bool) -> Any:
+    """A BatchDecoder when GPU decoding is asked for (True: required, its absence an Unavailable) or by default
+    (None) when nvImageCodec is installed and makes a decoder; else None (Pillow)."""
+    if gpu_decode is False:
+        return None
+    from runtime.decode import BatchDecoder
+
+    try:
+        return BatchDecoder(exif=exif)
+    except Unavailable:
+        if gpu_decode:
+            raise
+        return None
 
 
 def _device_runner(detector: Any, gpu_preprocess: bool | None) -> DeviceRunner | None:
@@ -373,22 +447,31 @@ def _device_runner(detector: Any, gpu_preprocess: bool | None) -> DeviceRunner |
     with a detector that has no device input buffers is an error."""
     if gpu_preprocess is False:
         return None
-    if not isinstance(detector, DeviceRunner):
+    if not isinstance(detector, DeviceRunner) or detector.stream is None:  # e.g. the reference on the CPU
         if gpu_preprocess:
-            raise Unavailable("GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU "
-                              "preprocessing (gpu_preprocess=False, --preprocess cpu)")
+            raise Unavailable("GPU preprocessing needs a detector with device input buffers (an EngineRunner, "
+                              "the PyTorch reference on CUDA): use CPU preprocessing (gpu_preprocess=False, "
+                              "--preprocess cpu)")
         return None
     return detector
 
 
-def open_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, stats: PipelineStats) -> CpuPath | GpuPath:
+def open_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, stats: PipelineStats,
+              gpu_decode: bool | None = False, exif: bool = True, batch: int = 1) -> CpuPath | GpuPath:
     """The GPU path when asked for (True: required) or by default (None) when the detector has device input
-    buffers and the kernel compiles; else the CPU path."""
+    buffers and the kernel compiles; else the CPU path. `gpu_decode` (the GPU path only): decode files with
+    nvImageCodec (True: required; None: where it is installed; False: Pillow)."""
     runner = _device_runner(detector, gpu_preprocess)
     if runner is None:
         return CpuPath(detector, stats)
     try:
-        return GpuPath(runner, in_flight, stats)
+        return GpuPath(runner, in_flight, stats, gpu_decode, exif, batch)
+    except Unavailable as exc:
+        if gpu_decode and "nvImageCodec" in str(exc):
+            raise
+        if gpu_preprocess:
+            raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None
+        return CpuPath(detector, stats)
     except Exception as exc:  # no cuda.core, no NVRTC, no memory for a second buffer set: the CPU path will do
         if gpu_preprocess:
             raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None
@@ -425,22 +508,36 @@ def detect_stream(
     gpu_preprocess: bool | None = False,
     stats: PipelineStats | None = None,
     keep_images: bool = False,
+    gpu_decode: bool | None = False,
 ) -> Iterator[Found]:
     """`Found` for each input (paths or Pillow images), in input order, through the overlapped pipeline.
-    `workers`: decoding threads (default: one per usable core). Bad arguments are raised here, at the call; the
-    work starts with the first `next`."""
+    `workers`: decoding threads (default: one per usable core). `gpu_decode` (files on the GPU path): True =
+    nvImageCodec (required), None = nvImageCodec where installed, False = Pillow (the exact path; default).
+    Bad arguments are raised here, at the call; the work starts with the first `next`."""
     if (workers is not None and workers < 1) or in_flight < 1:
         raise BadInput(f"workers ({workers}) and in_flight ({in_flight}) must be at least 1")
     stats = stats if stats is not None else PipelineStats()
     batch = detector.batch_size(batch)
-    _device_runner(detector, gpu_preprocess)
-    batches = decoded_batches(items, batch, workers, exif, stats)
-    return _detect_stream(detector, batches, lambda: open_path(detector, gpu_preprocess, in_flight, stats),
+    runner = _device_runner(detector, gpu_preprocess)
+    if gpu_decode:
+        if runner is None:
+            raise Unavailable("GPU decoding feeds the GPU preprocessing path, which needs a detector with device "
+                              "input buffers (EngineRunner, TorchReference on CUDA): decode with Pillow "
+                              "(gpu_decode=False, --decode cpu)")
+        from runtime.decode import load_codec
+
+        load_codec()  # a missing nvImageCodec is said now, before any work
+
+    def batches(path: CpuPath | GpuPath) -> Iterator[Batch]:
+        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None))
+
+    return _detect_stream(detector, batches,
+                          lambda: open_path(detector, gpu_preprocess, in_flight, stats, gpu_decode, exif, batch),
                           in_flight=in_flight, threshold=threshold, keep_images=keep_images, stats=stats)
 
 
-def _detect_stream(detector: Any, batches: Iterator[Batch], opener: Callable[[], CpuPath | GpuPath], *,
-                   in_flight: int, threshold: float, keep_images: bool, stats: PipelineStats) -> Iterator[Found]:
+def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]], opener: Callable[[], CpuPath | GpuPath],
+                   *, in_flight: int, threshold: float, keep_images: bool, stats: PipelineStats) -> Iterator[Found]:
     with stats.run():
         path = opener()
         try:
@@ -453,7 +550,7 @@ def _detect_stream(detector: Any, batches: Iterator[Batch], opener: Callable[[],
                     chunk.results = detector.found(outputs, chunk.sizes, threshold)
                 return chunk
 
-            chunks = bounded(batches, [preprocess_stage(path), engine], in_flight, stats)
+            chunks = bounded(batches(path), [preprocess_stage(path), engine], in_flight, stats)
             with closing(chunks):  # its threads are done before the GPU path's runners close
                 for chunk in chunks:
                     stats.batches += 1
@@ -464,6 +561,9 @@ def _detect_stream(detector: Any, batches: Iterator[Batch], opener: Callable[[],
                             stats.errors += 1
                             yield Found(key, image, None)
                         else:
-                            yield Found(key, next(results), image if keep_images else None)
+                            shown = None
+                            if keep_images:  # a device image comes back to the host only when asked for
+                                shown = image if isinstance(image, Image.Image) else image.to_pil()
+                            yield Found(key, next(results), shown)
         finally:
             path.close()

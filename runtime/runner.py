@@ -190,6 +190,7 @@ class EngineRunner(ProfileDetector):
         self._output_shapes: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
         self.stream: cuda.Stream | None = None
         self.context: Any = None
+        self._top_k: Any = None  # the device top-100 for raw outputs: None = not yet decided, False = none
         try:
             self._allocate()
         except BaseException:
@@ -314,6 +315,13 @@ class EngineRunner(ProfileDetector):
         """Device addresses of the images and masks buffers, for a producer that writes them on the GPU."""
         return self._device["images"].ptr, self._device["masks"].ptr
 
+    def device_inputs(self, batch: int, height: int, width: int) -> tuple[int, int]:
+        """`input_pointers`: the buffers hold the profile's largest batch, so any shape inside it fits."""
+        (max_b, max_h, max_w) = self.profile.max
+        if batch > max_b or height > max_h or width > max_w:
+            raise ShapeError(f"shape {(batch, height, width)} is outside the engine profile ({self.profile})")
+        return self.input_pointers
+
     def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
         """Raw outputs for inputs already in `input_pointers` (written on this runner's stream, or synchronised by
         the caller), laid out C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside
@@ -342,11 +350,18 @@ class EngineRunner(ProfileDetector):
             self._enqueue(context)
         self._end.record(self.stream)
         outputs = {}
-        for name in self.engine.outputs:
-            host = self._host[name].view(shapes[name])
-            self._device[name].download(host, self.stream)
-            outputs[name] = host
+        top_k = self._device_top_k()
+        if top_k is not None:  # raw outputs: the top-100 on the device, only it comes back
+            (_, queries, classes) = shapes["pred_logits"]
+            top_k.run(self._device["pred_logits"].ptr, self._device["pred_boxes"].ptr, shape[0], queries, classes)
+        else:
+            for name in self.engine.outputs:
+                host = self._host[name].view(shapes[name])
+                self._device[name].download(host, self.stream)
+                outputs[name] = host
         self.stream.synchronize()
+        if top_k is not None:
+            outputs = top_k.outputs()
         result = {name: array[:batch].copy() for name, array in outputs.items()}
         self.last_timing = {
             "gpu_ms": cuda.Event.elapsed_ms(self._start, self._end),
@@ -356,6 +371,23 @@ class EngineRunner(ProfileDetector):
         if context is not self.context and graph is None:
             self._capture(shape, context)
         return result
+
+    def _device_top_k(self) -> Any:
+        """For an engine with raw float32 outputs (built without the in-engine top-100), the device top-100
+        (runtime.gpu_postprocess.DeviceTopK on this runner's stream), made on first use; else None. Where its
+        kernel cannot be compiled or loaded the raw outputs are downloaded and the host takes the top-100, as before."""
+        if self._top_k is None:
+            self._top_k = False
+            dtypes = self.engine.dtypes
+            if set(self.engine.outputs) == {"pred_logits", "pred_boxes"} and all(
+                    dtypes[n] == np.float32 for n in self.engine.outputs):
+                from runtime.gpu_postprocess import DeviceTopK
+
+                try:
+                    self._top_k = self._keep(DeviceTopK(self.profile.max[0], stream=self.stream))
+                except cuda.CudaError:  # no NVRTC, or no kernel for this GPU: the host does it
+                    pass
+        return self._top_k or None
 
     def close(self) -> None:
         """Free graphs, contexts, buffers, events and the stream (and the engine if this runner loaded it)."""

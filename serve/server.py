@@ -40,6 +40,7 @@ from runtime.detector import Detector, above
 from runtime.infer import warn_random_weights
 from runtime.preprocess import HostBatch, TooManyPixels, open_image, prepare_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
+from runtime.torch_detector import TORCH_MODE_HELP, TORCH_MODES
 
 MODEL_NAME = "anchor_detr"
 DEFAULT_THRESHOLD = 0.5
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--torch-weights", type=Path, metavar="W.safetensors",
                        help="serve the PyTorch reference with these weights instead of an engine")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device of --torch-weights (default: cuda if present)")
+    p.add_argument("--torch-mode", choices=tuple(TORCH_MODES), default="fp32", help="--torch-weights: " + TORCH_MODE_HELP)
     p.add_argument("--max-size", type=hw, metavar="HxW",
                    help="--torch-weights only: scale images to fit HxW, as an engine whose profile maximum is HxW "
                    "does (default: the official 800/1333 resize; small sizes make CPU serving fast)")
@@ -142,12 +144,12 @@ def engine_models(path: Path, instances: int) -> tuple[list[Detector], Callable[
 
 
 def torch_models(weights: Path, device: str | None, instances: int,
-                 max_hw: tuple[int, int] | None) -> tuple[list[Detector], Callable[[], None]]:
+                 max_hw: tuple[int, int] | None, mode: str = "fp32") -> tuple[list[Detector], Callable[[], None]]:
     """The PyTorch reference, loaded once and shared by the instances (it has no per-call state)."""
     from runtime.torch_detector import TorchReference
 
     # Padding to one feature-map pixel keeps very elongated images (scaled to a side below it) valid.
-    reference = TorchReference(weights, device, min_hw=(MIN_SIDE, MIN_SIDE), max_hw=max_hw)
+    reference = TorchReference(weights, device, min_hw=(MIN_SIDE, MIN_SIDE), max_hw=max_hw, mode=mode)
     return [reference] * instances, reference.close
 
 
@@ -548,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine is not None:
         models, close = engine_models(args.engine, args.instances)
     else:
-        models, close = torch_models(args.torch_weights, args.device, args.instances, args.max_size)
+        models, close = torch_models(args.torch_weights, args.device, args.instances, args.max_size, args.torch_mode)
     try:
         warn_random_weights(args.torch_weights, args.engine)
         profile_batch = models[0].max_batch

@@ -161,7 +161,7 @@ def test_stats_record_every_stage(files):
 def test_gpu_preprocess_true_needs_an_engine_runner(files):
     from core.errors import Unavailable
 
-    with pytest.raises(Unavailable, match="GPU preprocessing needs a TensorRT engine runner"):
+    with pytest.raises(Unavailable, match="GPU preprocessing needs a detector with device input buffers"):
         NumpyDetector().iter_detect(files, gpu_preprocess=True)  # at the call, before any work
 
 
@@ -220,6 +220,9 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
         def input_pointers(self):
             return self._images.ptr, self._masks.ptr
 
+        def device_inputs(self, batch, height, width):
+            return self.input_pointers
+
         def infer_on_device(self, shape, batch=None):
             b, h, w = shape
             images, masks = np.empty((b, 3, h, w), np.float32), np.empty((b, h, w), bool)
@@ -240,8 +243,11 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
 class DeviceStandIn(NumpyDetector):
     """Has the members of runtime.pipeline.DeviceRunner, without a GPU behind them."""
 
-    stream = None
+    stream = "a stream"
     input_pointers = (0, 0)
+
+    def device_inputs(self, batch, height, width):
+        return self.input_pointers
 
     def sibling(self):
         return DeviceStandIn(self.profile)
@@ -289,7 +295,7 @@ def test_bench_pipeline_rows_from_files_to_detections(tmp_path, files):
 
     from runtime import bench
 
-    args = argparse.Namespace(workers=2, in_flight=2, preprocess="cpu")
+    args = argparse.Namespace(workers=2, in_flight=2, preprocess="cpu", decode="cpu")
     row = bench.pipeline_row("numpy", NumpyDetector(), files, 2, args)
     assert row["images"] == 9 and row["batches"] == 5 and row["errors"] == 0 and row["images_per_s"] > 0
     assert set(row["stage_ms_per_image"]) == {"decode", "upload", "preprocess", "engine", "gpu", "postprocess"}
@@ -331,9 +337,11 @@ def test_bench_compile_graphs_mode_uses_reduce_overhead():
             self.compiled.append((mode, dynamic))
             return model
 
+    from runtime.torch_detector import torch_forward
+
     torch = FakeTorch()
-    bench._torch_mode(torch, lambda *a: a, "compile-fp16")
-    bench._torch_mode(torch, lambda *a: a, "compile-fp16-graphs")
+    torch_forward(torch, lambda *a: a, "compile-fp16")
+    torch_forward(torch, lambda *a: a, "compile-fp16-graphs")
     assert torch.compiled == [("default", False), ("reduce-overhead", False)]
     assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
 
@@ -344,9 +352,9 @@ def test_pipeline_capacity_benchmark_reports_the_run(tmp_path, capsys):
     out = tmp_path / "capacity.json"
     assert pipeline_capacity.main(["--images", "4", "--batch", "2", "--workers", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "no work"
+    assert report["images"] == 4 and report["batches"] == 2 and report["stand_in"] == "CPU path, fixed raw outputs"
     assert report["stage_ms_per_image"]["preprocess"] > 0 and report["images_per_s"] > 0
-    assert pipeline_capacity.main(["--batch", "9"]) == 2 and "--batch 1..8" in capsys.readouterr().err
+    assert pipeline_capacity.main(["--batch", "33"]) == 2 and "--batch 1..32" in capsys.readouterr().err
 
 
 def pipeline_threads():
@@ -390,8 +398,9 @@ def test_infer_cli_gpu_preprocessing_needs_an_engine_runner(files, monkeypatch, 
     monkeypatch.setattr(infer, "open_runner", lambda engine, sha: NumpyDetector())
     assert infer.main([str(files[0]), "--preprocess", "gpu"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["python -m runtime.infer: error: GPU preprocessing needs a TensorRT engine runner (EngineRunner): use CPU preprocessing "
-                   "(gpu_preprocess=False, --preprocess cpu)"]
+    assert err == ["python -m runtime.infer: error: GPU preprocessing needs a detector with device input buffers (an "
+                   "EngineRunner, the PyTorch reference on CUDA): use CPU preprocessing (gpu_preprocess=False, "
+                   "--preprocess cpu)"]
 
 
 def test_eval_run_models_through_the_pipeline(files, tmp_path):

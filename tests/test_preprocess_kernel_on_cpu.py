@@ -1,11 +1,11 @@
 """The GPU preprocessing kernel's source, compiled for the CPU and run against the CPU path.
 
 `runtime/preprocess.cu` is plain C++ apart from a few CUDA names. Compiled with g++ behind a small shim
-(thread and block indices as globals, a loop over the grid, IEEE-rounded float division and subtraction as the
-plain operators, no FMA contraction), it runs with the exact `Slot` records and staged bytes that
-`GpuPreprocessor.upload` sends to the device (`runtime.gpu_preprocess.pack_slot`). This proves the kernel's integer
-resample, normalisation, padding, masks and slot indexing against `runtime.preprocess.preprocess_batch` on any
-machine with a C++ compiler; only the CUDA launch and memory transfers are left to the `gpu` tests.
+(thread and block indices as globals, a loop over each launch's grid), its two kernels run inside `GpuPreprocessor` itself, with host memory
+standing in for pinned and device memory: the same `Slot` records, table cache, scratch offsets, row pitches and
+launch grids as on the device. This proves the kernels' integer resample, normalisation, padding, masks and slot
+indexing against `runtime.preprocess.preprocess_batch` on any machine with a C++ compiler; only the CUDA launch
+and memory transfers are left to the `gpu` tests.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from plugins.nvrtc import format_define
-from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, SLOT_DTYPE, pack_slot
-from runtime.preprocess import MEAN, STD, preprocess_batch
+from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, TableCache, plan
+from runtime.preprocess import preprocess_batch
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++) to build the kernel for the CPU")
@@ -36,22 +36,34 @@ static Index3 blockIdx, blockDim, threadIdx;
 #define __forceinline__ inline
 #define __global__
 #define __restrict__
-static inline float __fdiv_rn(float a, float b) { return a / b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
 """
 
 DRIVER = r"""
-extern "C" void run_grid(const Slot* slots, float* images, bool* masks, int batch, int height, int width) {
+static void grid(unsigned gx, unsigned gy, unsigned gz, void (*thread)(void*), void* arg) {
     blockDim = {BLOCK_X, BLOCK_Y, 1};
-    for (unsigned z = 0; z < (unsigned)batch; ++z)
-        for (unsigned by = 0; by < (height + BLOCK_Y - 1) / BLOCK_Y; ++by)
-            for (unsigned bx = 0; bx < (width + BLOCK_X - 1) / BLOCK_X; ++bx)
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned by = 0; by < gy; ++by)
+            for (unsigned bx = 0; bx < gx; ++bx)
                 for (unsigned ty = 0; ty < BLOCK_Y; ++ty)
                     for (unsigned tx = 0; tx < BLOCK_X; ++tx) {
                         blockIdx = {bx, by, z};
                         threadIdx = {tx, ty, 0};
-                        preprocess_batch(slots, images, masks, height, width);
+                        thread(arg);
                     }
+}
+struct Second { const Slot* slots; const float* normalised; float* images; bool* masks; int height, width; };
+static void first_thread(void* arg) { first_pass((const Slot*)arg); }
+static void second_thread(void* arg) {
+    const Second* a = (const Second*)arg;
+    second_pass(a->slots, a->normalised, a->images, a->masks, a->height, a->width);
+}
+extern "C" void run_first(unsigned gx, unsigned gy, unsigned gz, const Slot* slots) {
+    grid(gx, gy, gz, first_thread, (void*)slots);
+}
+extern "C" void run_second(unsigned gx, unsigned gy, unsigned gz, const Slot* slots, const float* normalised,
+                           float* images, bool* masks, int height, int width) {
+    Second a = {slots, normalised, images, masks, height, width};
+    grid(gx, gy, gz, second_thread, &a);
 }
 """
 
@@ -61,70 +73,20 @@ def kernel(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kernel")
     source = folder / "preprocess_cpu.cpp"
     source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
-    defines = {f"MEAN{c}": float(MEAN[c]) for c in range(3)} | {f"STD{c}": float(STD[c]) for c in range(3)}
-    defines |= {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
+    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
     library = folder / "preprocess_cpu.so"
     subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
                     *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],
                    check=True, capture_output=True, timeout=120)
-    run = ctypes.CDLL(str(library)).run_grid
-    run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    return run
-
-
-def kernel_batch(run, images: list[np.ndarray], height: int, width: int, max_hw=None):
-    """The kernel's (images, masks) for uint8 RGB arrays, through the same staging as GpuPreprocessor.upload."""
-    slots = np.zeros(len(images), dtype=SLOT_DTYPE)
-    staged_all = []
-    for i, rgb in enumerate(images):
-        staged, x_at, y_at, fields = pack_slot(rgb, max_hw)
-        staged_all.append(staged)  # kept alive: the slots hold raw pointers into it
-        base = staged.ctypes.data
-        slots[i] = (base, base + x_at, base + y_at, *fields)
-    out = np.full((len(images), 3, height, width), np.nan, dtype=np.float32)  # the kernel must write every value
-    masks = np.zeros((len(images), height, width), dtype=bool)
-    run(slots.ctypes.data, out.ctypes.data, masks.ctypes.data, len(images), height, width)
-    return out, masks
+    lib = ctypes.CDLL(str(library))
+    grid = [ctypes.c_uint] * 3
+    lib.run_first.argtypes = [*grid, ctypes.c_void_p]
+    lib.run_second.argtypes = [*grid, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
+    return {"first_pass": lib.run_first, "second_pass": lib.run_second}
 
 
 def random_rgb(rng, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-# Upscales, antialiased downscales (both pass orders), one-pixel sides and extreme aspect ratios.
-AWKWARD = [(480, 640), (600, 800), (1200, 900), (3000, 2000), (1, 1), (1, 37), (29, 1), (3000, 10), (10, 3000),
-           (2, 900), (1700, 1500), (333, 501)]
-
-
-@pytest.mark.parametrize("size", AWKWARD, ids=[f"{h}x{w}" for h, w in AWKWARD])
-def test_kernel_equals_the_cpu_path(kernel, size):
-    rgb = random_rgb(np.random.default_rng(sum(size)), *size)
-    expected, expected_masks, sizes = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
-    got, masks = kernel_batch(kernel, [rgb], *expected.shape[2:], max_hw=(1344, 1344))
-    differ = np.count_nonzero(got != expected)
-    assert differ == 0, f"{differ} values differ, largest by {np.nanmax(np.abs(got - expected))}"
-    np.testing.assert_array_equal(masks, expected_masks)
-
-
-def test_kernel_batch_slots_padding_and_profile_minimum(kernel):
-    rng = np.random.default_rng(7)
-    images = [random_rgb(rng, h, w) for h, w in [(48, 64), (70, 31), (2, 900), (300, 200)]]
-    expected, expected_masks, _ = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
-                                                   min_hw=(1400, 1344), max_hw=(1344, 1344))
-    got, masks = kernel_batch(kernel, images, *expected.shape[2:], max_hw=(1344, 1344))
-    np.testing.assert_array_equal(got, expected)  # padding is exactly 0.0 and each image sits in its own slot
-    np.testing.assert_array_equal(masks, expected_masks)
-    assert masks[:, -1, -1].all() and not masks[:, 0, 0].any()
-
-
-def test_kernel_on_random_sizes(kernel):
-    rng = np.random.default_rng(11)
-    for _ in range(12):
-        h, w = int(rng.integers(1, 700)), int(rng.integers(1, 700))
-        rgb = random_rgb(rng, h, w)
-        expected, expected_masks, _ = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
-        got, masks = kernel_batch(kernel, [rgb], *expected.shape[2:], max_hw=(1344, 1344))
-        assert np.array_equal(got, expected) and np.array_equal(masks, expected_masks), (h, w)
 
 
 class _HostMemory:
@@ -175,19 +137,77 @@ def host_gpu(kernel, monkeypatch):
 
     from core import cuda
 
-    def launch(fn, grid, block, stream, slots, images, masks, height, width, name=""):
-        assert tuple(block) == BLOCK and grid[0] * block[0] >= width and grid[1] * block[1] >= height
-        fn(int(slots), int(images), int(masks), grid[2], int(height), int(width))
+    def launch(fn, grid, block, stream, slots, *args, name=""):
+        assert tuple(block) == BLOCK
+        if args:  # second_pass: its grid covers the padded batch
+            normalised, images, masks, height, width = args
+            assert grid[0] * block[0] >= width and grid[1] * block[1] >= height
+            args = (int(normalised), int(images), int(masks), int(height), int(width))
+        launches.append(name)
+        fn(*grid, int(slots), *args)
+
+    launches: list = []
 
     monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(arch=90, activate=lambda: None))
     monkeypatch.setattr(cuda, "Stream", _Ordered)
     monkeypatch.setattr(cuda, "Event", _Ordered)
     monkeypatch.setattr(cuda, "PinnedBuffer", _HostMemory)
     monkeypatch.setattr(cuda, "DeviceBuffer", _HostMemory)
-    monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel)
+    monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel[name])
     monkeypatch.setattr(cuda, "launch", launch)
     monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
     monkeypatch.setattr(cuda, "target_arch", lambda arch: arch)
+    return launches
+
+
+def kernel_batch(images: list[np.ndarray], height: int, width: int, max_hw=(1344, 1344)):
+    """The kernels' (images, masks) for uint8 RGB arrays, through GpuPreprocessor.upload and run."""
+    from runtime.gpu_preprocess import GpuPreprocessor
+
+    out = _HostMemory(len(images) * 3 * height * width, np.float32)
+    out.array[:] = np.nan  # the kernel must write every value
+    masks = _HostMemory(len(images) * height * width, bool)
+    with GpuPreprocessor(max_batch=len(images), max_hw=max_hw) as pre:
+        for slot, rgb in enumerate(images):
+            pre.upload(slot, rgb)
+        pre.run(out.ptr, masks.ptr, (len(images), height, width))
+    return out.view((len(images), 3, height, width)).copy(), masks.view((len(images), height, width)).copy()
+
+
+# Upscales, antialiased downscales (both pass orders), one-pixel sides and extreme aspect ratios.
+AWKWARD = [(480, 640), (600, 800), (1200, 900), (3000, 2000), (1, 1), (1, 37), (29, 1), (3000, 10), (10, 3000),
+           (2, 900), (1700, 1500), (333, 501)]
+
+
+@pytest.mark.parametrize("size", AWKWARD, ids=[f"{h}x{w}" for h, w in AWKWARD])
+def test_kernel_equals_the_cpu_path(host_gpu, size):
+    rgb = random_rgb(np.random.default_rng(sum(size)), *size)
+    expected, expected_masks, sizes = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
+    got, masks = kernel_batch([rgb], *expected.shape[2:], max_hw=(1344, 1344))
+    differ = np.count_nonzero(got != expected)
+    assert differ == 0, f"{differ} values differ, largest by {np.nanmax(np.abs(got - expected))}"
+    np.testing.assert_array_equal(masks, expected_masks)
+
+
+def test_kernel_batch_slots_padding_and_profile_minimum(host_gpu):
+    rng = np.random.default_rng(7)
+    images = [random_rgb(rng, h, w) for h, w in [(48, 64), (70, 31), (2, 900), (300, 200)]]
+    expected, expected_masks, _ = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
+                                                   min_hw=(1400, 1344), max_hw=(1344, 1344))
+    got, masks = kernel_batch(images, *expected.shape[2:], max_hw=(1344, 1344))
+    np.testing.assert_array_equal(got, expected)  # padding is exactly 0.0 and each image sits in its own slot
+    np.testing.assert_array_equal(masks, expected_masks)
+    assert masks[:, -1, -1].all() and not masks[:, 0, 0].any()
+
+
+def test_kernel_on_random_sizes(host_gpu):
+    rng = np.random.default_rng(11)
+    for _ in range(12):
+        h, w = int(rng.integers(1, 700)), int(rng.integers(1, 700))
+        rgb = random_rgb(rng, h, w)
+        expected, expected_masks, _ = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
+        got, masks = kernel_batch([rgb], *expected.shape[2:], max_hw=(1344, 1344))
+        assert np.array_equal(got, expected) and np.array_equal(masks, expected_masks), (h, w)
 
 
 def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
@@ -231,6 +251,129 @@ def test_the_kernel_compiles_into_core_cudas_disk_cache(tmp_path, monkeypatch):
     gpu_preprocess._cubin.cache_clear()
 
 
+def test_placed_images_are_read_in_place_through_their_row_pitch(host_gpu):
+    """A decoder's buffer (here pitched: 7 spare bytes per row) is read where it is, with no copy; the slot holds
+    its owner until the next image replaces it."""
+    from runtime.gpu_preprocess import GpuPreprocessor
+
+    rng = np.random.default_rng(17)
+    images = [random_rgb(rng, 480, 640), random_rgb(rng, 1200, 900)]
+    padded = [np.zeros((h, w * 3 + 7), np.uint8) for h, w, _ in (a.shape for a in images)]
+    for rows, rgb in zip(padded, images):
+        rows[:, : rgb.shape[1] * 3] = rgb.reshape(rgb.shape[0], -1)
+    expected, expected_masks, sizes = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
+                                                       max_hw=(1344, 1344))
+    b, _, h, w = expected.shape
+    out, masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+    out.array[:] = np.nan
+    with GpuPreprocessor(max_batch=2, max_hw=(1344, 1344)) as pre:
+        got = [pre.place(slot, rows.ctypes.data, *rgb.shape[:2], pitch=rows.shape[1], owner=rows)
+               for slot, (rows, rgb) in enumerate(zip(padded, images))]
+        assert got == [tuple(s) for s in sizes] and pre._owners[1] is padded[1]
+        assert all(pair is None for pair in pre._staging)  # nothing was staged on the host
+        pre.run(out.ptr, masks.ptr, (b, h, w))
+        with pytest.raises(ValueError, match="pitch"):
+            pre.place(0, padded[0].ctypes.data, 480, 640, pitch=640 * 3 - 1)
+    np.testing.assert_array_equal(out.view((b, 3, h, w)), expected)
+    np.testing.assert_array_equal(masks.view((b, h, w)), expected_masks)
+    assert host_gpu == ["first_pass", "second_pass"]  # one launch of each per batch
+
+
+def test_table_cache_makes_each_pair_once_and_frees_the_least_recently_used():
+    made, freed, waited = [], [], []
+
+    class Buffer:
+        def __init__(self, table):
+            self.table, self.ptr = table, 1000 + len(made)
+            made.append(self)
+
+        def close(self):
+            freed.append(self)
+
+    cache = TableCache(Buffer, capacity=2, before_free=lambda: waited.append(len(made)))
+    ptr, taps = cache.get(640, 1066)
+    assert cache.get(640, 1066) == (ptr, taps) and len(made) == 1  # the same pair is made once
+    assert taps == made[0].table.shape[1] - 2 == 3 and made[0].table.shape[0] == 1066
+    cache.get(480, 800)
+    cache.get(640, 1066)  # now the most recently used
+    cache.get(3000, 800)  # over capacity: (480, 800) goes, after waiting for the kernels
+    assert freed == [made[1]] and waited == [3] and len(cache) == 2
+    assert cache.get(640, 1066)[0] == ptr and len(made) == 3
+    cache.close()
+    assert set(freed) == set(made)
+
+
+def test_plan_follows_the_cpu_paths_size_and_scratch_layout():
+    p = plan(480, 640, (1344, 1344))
+    assert (p.out_h, p.out_w, p.vertical_first) == (800, 1066, False)
+    assert p.first_pass_hw == (480, 1066) and p.scratch_bytes % 256 == 0 and p.scratch_bytes >= 480 * 1066 * 3
+    tall = plan(3000, 10, None)
+    if tall.vertical_first:  # Pillow 13: the height shrinks most, so the vertical pass runs first
+        assert tall.first_pass_hw == (tall.out_h, 10)
+    else:
+        assert tall.first_pass_hw == (3000, tall.out_w)
+
+
+def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
+    """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
+    pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
+    kernels (CPU build) writing into a DeviceRunner's input buffers. Detections equal the CPU path's, in order,
+    the corrupt file is its own error, and at most in_flight batches are ever alive."""
+    from helpers import NumpyDetector, solid
+    from test_decode import FakeCodec
+
+    from runtime import decode
+    from runtime.pipeline import PipelineStats
+
+    codec = FakeCodec()
+    real = decode.BatchDecoder
+    monkeypatch.setattr(decode, "load_codec", lambda: codec)
+    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
+    files = []
+    for i in range(9):
+        path = tmp_path / f"{i}.{'png' if i % 3 == 1 else 'jpg'}"
+        solid(40 + 17 * i, 30 + 11 * (i % 4), i % 3).save(path)
+        files.append(path)
+    files[4].write_bytes(files[3].read_bytes()[:100])  # a truncated JPEG in the middle of a batch
+
+    class HostRunner(NumpyDetector):  # a DeviceRunner whose "device" buffers are host memory
+        def __init__(self, profile=None):
+            super().__init__(*([profile] if profile else []))
+            b, h, w = self.profile.max
+            self.stream = _Ordered()
+            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+
+        @property
+        def input_pointers(self):
+            return self._images.ptr, self._masks.ptr
+
+        def device_inputs(self, batch, height, width):
+            return self.input_pointers
+
+        def sibling(self):
+            return HostRunner(self.profile)
+
+        def infer_on_device(self, shape, batch=None):
+            b, h, w = shape
+            out = self.infer(self._images.view((b, 3, h, w)).copy(), self._masks.view((b, h, w)).copy())
+            return {k: v[:batch] for k, v in out.items()}
+
+    stats = PipelineStats()
+    got = HostRunner().detect_files(files, threshold=0.3, batch=2, in_flight=2, gpu_preprocess=True,
+                                    gpu_decode=True, stats=stats)
+    expected = NumpyDetector().detect_files(files, threshold=0.3, batch=2)
+    assert len(got) == len(expected) == 9
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if i == 4:
+            assert isinstance(g, decode.ImageError) and isinstance(e, decode.ImageError)
+            assert str(g).startswith(str(files[4]))
+            continue
+        for key in e:
+            np.testing.assert_array_equal(g[key], e[key])
+    assert sum(len(call) for call in codec.calls) == 6  # the six complete JPEGs went to the codec, in batch calls
+    assert stats.max_live <= 2 and stats.errors == 1
+
+
 def test_the_pipelines_gpu_path_through_host_memory_equals_the_cpu_path(host_gpu, tmp_path):
     """runtime.pipeline's GpuPath end to end on this machine: a DeviceRunner stand-in (not an EngineRunner) whose
     input buffers are host memory, the slots staged side by side on the CPU pool, the kernel's CPU build writing
@@ -242,17 +385,19 @@ def test_the_pipelines_gpu_path_through_host_memory_equals_the_cpu_path(host_gpu
     profile = Profile((2, 320, 512), (2, 800, 800), (3, 1344, 1344))  # smallest batch 2: a lone image is repeated
 
     class HostRunner(NumpyDetector):
-        stream = None
-
         def __init__(self, profile):
             super().__init__(profile)
             b, h, w = profile.max
             self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
             self.runs, self.closed_siblings = [], []
+            self.stream = _Ordered()
 
         @property
         def input_pointers(self):
             return self._images.ptr, self._masks.ptr
+
+        def device_inputs(self, batch, height, width):
+            return self.input_pointers
 
         def sibling(self):
             self.last_sibling = HostRunner(self.profile)

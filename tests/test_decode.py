@@ -1,0 +1,166 @@
+"""runtime.decode without a GPU: which files go to nvImageCodec, the per-image Pillow fallback, error isolation and
+order (with a stand-in codec), and nvImageCodec's CPU backend against Pillow where it is installed."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from runtime.decode import BatchDecoder, DeviceImage, gpu_decodable, jpeg_frame, read_file
+from runtime.preprocess import ImageError, to_rgb
+
+
+def encoded(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files():
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:64]
+    pixels = np.clip(np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.normal(0, 8, (48, 64, 3)), 0, 255)
+    rgb = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    jpeg = encoded(rgb, quality=90)
+    return {
+        "rgb": jpeg,
+        "gray": encoded(rgb.convert("L")),
+        "progressive": encoded(rgb, progressive=True),
+        "exif": encoded(rgb, exif=exif),
+        "cmyk": encoded(rgb.convert("CMYK")),
+        "png": encoded(rgb, "PNG"),
+        "palette": encoded(rgb.convert("P"), "PNG"),
+        "rgba": encoded(rgb.convert("RGBA"), "PNG"),
+        "png16": encoded(Image.fromarray((pixels[..., 0] * 257).astype(np.uint16)), "PNG"),
+        "truncated": jpeg[: len(jpeg) // 2],
+        "junk": b"not an image at all",
+    }
+
+
+GPU_KINDS = {"rgb", "gray", "progressive", "exif"}
+
+
+def test_only_complete_8_bit_grayscale_or_colour_jpegs_go_to_the_gpu(files):
+    assert {name for name, data in files.items() if gpu_decodable(data)} == GPU_KINDS
+    assert jpeg_frame(files["rgb"])[1:] == (8, 3) and jpeg_frame(files["gray"])[1:] == (8, 1)
+    assert jpeg_frame(files["cmyk"])[1:] == (8, 4)  # CMYK: Pillow converts it as the CPU path does
+    assert jpeg_frame(files["progressive"])[0] == 0xC2
+    assert jpeg_frame(files["png"]) is None and jpeg_frame(b"\xff\xd8\xff") is None
+
+
+class FakeCodec:
+    """nvImageCodec's surface as BatchDecoder uses it: decodes with Pillow into host arrays exposed through
+    __cuda_array_interface__ (pitched rows, as a decoder may give), refuses files named in `refuse`."""
+
+    def __init__(self, refuse: set[bytes] = frozenset()) -> None:
+        self.refuse, self.calls = refuse, []
+        self.Backend = lambda kind: kind
+        self.BackendKind = SimpleNamespace(HW_GPU_ONLY="hw", HYBRID_CPU_GPU="hybrid", CPU_ONLY="cpu")
+        self.NVIMGCODEC_DEVICE_CPU_ONLY = -99
+        self.DecodeParams = lambda apply_exif_orientation: SimpleNamespace(exif=apply_exif_orientation)
+        codec = self
+
+        class Decoder:
+            def __init__(self, device_id, backends):
+                codec.made = (device_id, backends)
+
+            def decode(self, data, params, cuda_stream=0):
+                codec.calls.append(list(data))
+                return [None if d in codec.refuse else FakeImage(d, params.exif) for d in data]
+
+        self.Decoder = Decoder
+
+
+class FakeImage:
+    def __init__(self, data: bytes, exif: bool) -> None:
+        image = Image.open(io.BytesIO(data))
+        rgb = np.asarray((ImageOps.exif_transpose(image) if exif else image).convert("RGB"))
+        self.rows = np.zeros((rgb.shape[0], rgb.shape[1] * 3 + 5), np.uint8)  # 5 spare bytes per row
+        self.rows[:, : rgb.shape[1] * 3] = rgb.reshape(rgb.shape[0], -1)
+        self.__cuda_array_interface__ = {"shape": rgb.shape, "typestr": "|u1", "strides": (self.rows.shape[1], 3, 1),
+                                         "data": (self.rows.ctypes.data, False), "version": 3}
+
+    def cpu(self):
+        h, w, _ = self.__cuda_array_interface__["shape"]
+        return self.rows[:, : w * 3].reshape(h, w, 3)
+
+
+def pixels_at(image: DeviceImage) -> np.ndarray:
+    """The RGB pixels a DeviceImage points to (host memory with the stand-in codec)."""
+    raw = (ctypes.c_uint8 * (image.pitch * image.height)).from_address(image.ptr)
+    rows = np.frombuffer(raw, np.uint8).reshape(image.height, image.pitch)
+    return rows[:, : image.width * 3].reshape(image.height, image.width, 3)
+
+
+@pytest.mark.parametrize("exif", [True, False])
+def test_one_codec_call_per_batch_pillow_for_the_rest_and_errors_stay_with_their_file(files, exif):
+    names = list(files)
+    codec = FakeCodec(refuse={files["progressive"]})  # one JPEG the codec refuses: Pillow decodes it instead
+    with BatchDecoder(exif=exif, device=False, codec=codec, pillow_workers=2) as decoder:
+        missing = read_file("/no/such/file.jpg")
+        out = decoder.decode([files[n] for n in names] + [missing], names + ["/no/such/file.jpg"])
+    assert codec.made == (-99, ["cpu"])
+    assert len(codec.calls) == 1 and codec.calls[0] == [files[n] for n in names if n in GPU_KINDS]
+    assert decoder.counts == {"gpu": 4, "pillow": 8, "refused": 1}
+    by_name = dict(zip(names, out))
+    for name in ("truncated", "junk"):
+        assert isinstance(by_name[name], ImageError) and str(by_name[name]).startswith(f"{name}: cannot read")
+    assert out[-1] is missing and str(missing) == "/no/such/file.jpg: no such file"
+    for name, got in by_name.items():
+        if name in ("truncated", "junk"):
+            continue
+        expected = np.asarray(to_rgb(Image.open(io.BytesIO(files[name])), exif=exif))
+        if name in GPU_KINDS - {"progressive"}:
+            assert isinstance(got, DeviceImage) and got.pitch == got.width * 3 + 5
+            np.testing.assert_array_equal(pixels_at(got), expected)
+            np.testing.assert_array_equal(np.asarray(got.to_pil()), expected)
+        else:  # Pillow's image, which the pipeline's to_rgb turns into the CPU path's pixels
+            assert isinstance(got, Image.Image)
+            np.testing.assert_array_equal(np.asarray(to_rgb(got, exif=exif)), expected)
+    assert (by_name["exif"].height, by_name["exif"].width) == ((64, 48) if exif else (48, 64))
+
+
+def test_decoders_outlive_their_images_and_the_plan_is_parsed(files):
+    from runtime import decode
+
+    codec = FakeCodec()
+    decoder = BatchDecoder(device=False, codec=codec)
+    (image,) = decoder.decode([files["rgb"]])
+    decoder.close()
+    assert image.owner[1].decoders  # the image still holds its decoder
+    assert decode.gpu_decoders("hw+hybrid,gpu") == [("hw", "hybrid"), ("gpu",)]
+    with pytest.raises(decode.Unavailable, match="ANCHORTRT_GPU_DECODERS"):
+        decode.gpu_decoders("hw,turbo")
+
+
+def test_images_the_kernel_cannot_read_go_to_pillow(files):
+    """A decoded image that is not interleaved RGB uint8 (here: planar) is decoded again by Pillow."""
+    codec = FakeCodec()
+    planar = FakeImage(files["rgb"], True)
+    planar.__cuda_array_interface__ = dict(planar.__cuda_array_interface__, shape=(3, 48, 64), strides=None)
+    codec.Decoder.decode = lambda self, data, params: [planar]
+    with BatchDecoder(device=False, codec=codec) as decoder:
+        (got,) = decoder.decode([files["rgb"]])
+    assert isinstance(got, Image.Image) and decoder.counts["refused"] == 1
+
+
+def test_nvimagecodec_cpu_backend_equals_pillow(files):
+    pytest.importorskip("nvidia.nvimgcodec")
+    names = list(files)
+    with BatchDecoder(exif=True, device=False) as decoder:
+        out = decoder.decode([files[n] for n in names], names)
+    for name, got in zip(names, out):
+        if name in ("truncated", "junk"):
+            assert isinstance(got, ImageError)
+            continue
+        expected = np.asarray(to_rgb(Image.open(io.BytesIO(files[name]))))
+        got = np.asarray(to_rgb(got)) if isinstance(got, Image.Image) else got
+        np.testing.assert_array_equal(got, expected)
