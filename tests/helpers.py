@@ -186,6 +186,41 @@ class NumpyDetector(ProfileDetector):
         self.closed = True
 
 
+class CudaRunner(NumpyDetector):
+    """A runtime.pipeline.DeviceRunner that is not an EngineRunner (`gpu` tests): device input buffers for its
+    profile's largest batch and a stream of its own; its engine downloads the buffers and answers as
+    NumpyDetector does. `siblings` are the extra buffer sets it made."""
+
+    def __init__(self, profile=Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344))):
+        from core import cuda
+
+        super().__init__(profile)
+        cuda.init()
+        self.stream = cuda.Stream()
+        b, h, w = profile.max
+        self._images, self._masks = cuda.DeviceBuffer(b * 3 * h * w * 4), cuda.DeviceBuffer(b * h * w)
+        self.siblings = []
+
+    def sibling(self):
+        self.siblings.append(CudaRunner(self.profile))
+        return self.siblings[-1]
+
+    @property
+    def input_pointers(self):
+        return self._images.ptr, self._masks.ptr
+
+    def device_inputs(self, batch, height, width):
+        return self.input_pointers
+
+    def infer_on_device(self, shape, batch=None):
+        b, h, w = shape
+        images, masks = np.empty((b, 3, h, w), np.float32), np.empty((b, h, w), bool)
+        self._images.download(images, self.stream)
+        self._masks.download(masks, self.stream)
+        self.stream.synchronize()
+        return {k: v[:batch] for k, v in NumpyDetector(self.profile).infer(images, masks).items()}
+
+
 def solid(width, height, channel):
     color = [30, 30, 30]
     color[channel] = 220

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import NumpyDetector, solid
+from helpers import CudaRunner, NumpyDetector, solid
 
 pytestmark = pytest.mark.gpu
 
@@ -25,46 +25,13 @@ def files(tmp_path):
     return paths
 
 
-class StandIn(NumpyDetector):
-    """A DeviceRunner: device input buffers it downloads and answers from as NumpyDetector does."""
-
-    def __init__(self, profile=None):
-        from core import cuda
-
-        super().__init__(*([profile] if profile else []))
-        cuda.init()
-        self.cuda, self.stream = cuda, cuda.Stream()
-        b, h, w = self.profile.max
-        self._images, self._masks = cuda.DeviceBuffer(b * 3 * h * w * 4), cuda.DeviceBuffer(b * h * w)
-        self.siblings = []
-
-    def sibling(self):
-        self.siblings.append(StandIn(self.profile))
-        return self.siblings[-1]
-
-    @property
-    def input_pointers(self):
-        return self._images.ptr, self._masks.ptr
-
-    def device_inputs(self, batch, height, width):
-        return self.input_pointers
-
-    def infer_on_device(self, shape, batch=None):
-        b, h, w = shape
-        images, masks = np.empty((b, 3, h, w), np.float32), np.empty((b, h, w), bool)
-        self._images.download(images, self.stream)
-        self._masks.download(masks, self.stream)
-        self.stream.synchronize()
-        return {k: v[:batch] for k, v in self.infer(images, masks).items()}
-
-
 def test_gpu_decoding_pipeline_keeps_order_isolates_errors_and_bounds_memory(files):
     pytest.importorskip("nvidia.nvimgcodec")
     from runtime.pipeline import PipelineStats
     from runtime.preprocess import ImageError
 
     stats = PipelineStats()
-    runner = StandIn()
+    runner = CudaRunner()
     got = runner.detect_files(files, threshold=0.3, batch=2, in_flight=2, gpu_preprocess=True, gpu_decode=True,
                               stats=stats)
     expected = NumpyDetector().detect_files(files, threshold=0.3, batch=2)

@@ -198,43 +198,11 @@ def test_gpu_preprocess_path_with_a_stand_in_engine(files):
     """The GPU path (kernel into the runner's input buffers, two buffer sets) against the CPU path, with a
     stand-in engine that downloads its input buffers and answers as NumpyDetector does."""
     from core.sidecar import Profile
-    from core import cuda
+    from helpers import CudaRunner
 
     profile = Profile((1, 320, 512), (1, 800, 800), (2, 1344, 1344))
 
-    class StandIn(NumpyDetector):  # not an EngineRunner: the GPU path takes anything with device input buffers
-        def __init__(self, profile):
-            super().__init__(profile)
-            cuda.init()
-            self.stream = cuda.Stream()
-            b, h, w = profile.max
-            self._images, self._masks = cuda.DeviceBuffer(b * 3 * h * w * 4), cuda.DeviceBuffer(b * h * w)
-            self.numpy = NumpyDetector(profile)
-            self.siblings = []
-
-        def sibling(self):
-            self.siblings.append(StandIn(self.profile))
-            return self.siblings[-1]
-
-        @property
-        def input_pointers(self):
-            return self._images.ptr, self._masks.ptr
-
-        def device_inputs(self, batch, height, width):
-            return self.input_pointers
-
-        def infer_on_device(self, shape, batch=None):
-            b, h, w = shape
-            images, masks = np.empty((b, 3, h, w), np.float32), np.empty((b, h, w), bool)
-            self._images.download(images, self.stream)
-            self._masks.download(masks, self.stream)
-            self.stream.synchronize()
-            return {k: v[:batch] for k, v in self.numpy.infer(images, masks).items()}
-
-        def close(self):
-            pass
-
-    runner = StandIn(profile)
+    runner = CudaRunner(profile)  # not an EngineRunner: the GPU path takes anything with device input buffers
     expected = NumpyDetector(profile).detect([Image.open(p) for p in files], threshold=0.3, batch_size=2)
     same(runner.detect_files(files, threshold=0.3, batch=2, gpu_preprocess=True), expected)
     assert len(runner.siblings) == 1  # in_flight=2: two buffer sets

@@ -314,6 +314,41 @@ def test_plan_follows_the_cpu_paths_size_and_scratch_layout():
         assert tall.first_pass_hw == (3000, tall.out_w)
 
 
+def host_runner(profile=None):
+    """A DeviceRunner (not an EngineRunner) whose "device" input buffers are host memory: its engine is
+    NumpyDetector's answer from what the kernels wrote there. Records its runs and whether it was closed."""
+    from helpers import NumpyDetector
+
+    class HostRunner(NumpyDetector):
+        def __init__(self, profile=None):
+            super().__init__(*([profile] if profile else []))
+            b, h, w = self.profile.max
+            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+            self.runs, self.stream, self.last_sibling = [], _Ordered(), None
+
+        @property
+        def input_pointers(self):
+            return self._images.ptr, self._masks.ptr
+
+        def device_inputs(self, batch, height, width):
+            return self.input_pointers
+
+        def sibling(self):
+            self.last_sibling = HostRunner(self.profile)
+            return self.last_sibling
+
+        def infer_on_device(self, shape, batch=None):
+            b, h, w = shape
+            self.runs.append((tuple(shape), batch))
+            return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
+                                                        self._masks.view((b, h, w)).copy()).items()}
+
+        def close(self):
+            self.closed = True
+
+    return HostRunner(profile)
+
+
 def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
     """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
     pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
@@ -336,30 +371,8 @@ def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, 
         files.append(path)
     files[4].write_bytes(files[3].read_bytes()[:100])  # a truncated JPEG in the middle of a batch
 
-    class HostRunner(NumpyDetector):  # a DeviceRunner whose "device" buffers are host memory
-        def __init__(self, profile=None):
-            super().__init__(*([profile] if profile else []))
-            b, h, w = self.profile.max
-            self.stream = _Ordered()
-            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
-
-        @property
-        def input_pointers(self):
-            return self._images.ptr, self._masks.ptr
-
-        def device_inputs(self, batch, height, width):
-            return self.input_pointers
-
-        def sibling(self):
-            return HostRunner(self.profile)
-
-        def infer_on_device(self, shape, batch=None):
-            b, h, w = shape
-            out = self.infer(self._images.view((b, 3, h, w)).copy(), self._masks.view((b, h, w)).copy())
-            return {k: v[:batch] for k, v in out.items()}
-
     stats = PipelineStats()
-    got = HostRunner().detect_files(files, threshold=0.3, batch=2, in_flight=2, gpu_preprocess=True,
+    got = host_runner().detect_files(files, threshold=0.3, batch=2, in_flight=2, gpu_preprocess=True,
                                     gpu_decode=True, stats=stats)
     expected = NumpyDetector().detect_files(files, threshold=0.3, batch=2)
     assert len(got) == len(expected) == 9
@@ -384,39 +397,11 @@ def test_the_pipelines_gpu_path_through_host_memory_equals_the_cpu_path(host_gpu
 
     profile = Profile((2, 320, 512), (2, 800, 800), (3, 1344, 1344))  # smallest batch 2: a lone image is repeated
 
-    class HostRunner(NumpyDetector):
-        def __init__(self, profile):
-            super().__init__(profile)
-            b, h, w = profile.max
-            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
-            self.runs, self.closed_siblings = [], []
-            self.stream = _Ordered()
-
-        @property
-        def input_pointers(self):
-            return self._images.ptr, self._masks.ptr
-
-        def device_inputs(self, batch, height, width):
-            return self.input_pointers
-
-        def sibling(self):
-            self.last_sibling = HostRunner(self.profile)
-            return self.last_sibling
-
-        def infer_on_device(self, shape, batch=None):
-            b, h, w = shape
-            self.runs.append((tuple(shape), batch))
-            return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
-                                                        self._masks.view((b, h, w)).copy()).items()}
-
-        def close(self):
-            self.closed = True
-
     paths = []
     for i in range(7):
         paths.append(tmp_path / f"{i}.png")
         solid(60 + 9 * i, 40 + 7 * (i % 3), i % 3).save(paths[-1])
-    runner = HostRunner(profile)
+    runner = host_runner(profile)
     stats = pipeline.PipelineStats()
     found = list(pipeline.detect_stream(runner, paths, threshold=0.3, batch=3, gpu_preprocess=True, stats=stats))
     # The CPU path's answer (a profile with the same sizes but a smallest batch of 1: the stand-in's infer does not
