@@ -19,6 +19,7 @@ from core import labels
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
 from runtime.decode import DECODE, DECODE_HELP
+from runtime.torch_detector import TORCH_MODE_HELP, TORCH_MODES
 from runtime.preprocess import ImageError, usable_cpus
 from weights import require_weights_file
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the PyTorch reference model (FP32) with these weights instead of an engine")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="--torch-weights: where the reference runs (default: cuda if PyTorch sees a GPU, else cpu)")
+    p.add_argument("--torch-mode", choices=tuple(TORCH_MODES), default=None,
+                   help="--torch-weights: " + TORCH_MODE_HELP)
     p.add_argument("--threshold", type=probability, default=0.5,
                    help="keep detections scoring at least this (default 0.5; 0 keeps all top-100)")
     p.add_argument("--batch", type=positive_int, default=None, metavar="N",
@@ -87,11 +90,11 @@ def open_runner(engine: Path, weights_sha256: str | None):
     return EngineRunner(engine, weights_sha256)
 
 
-def open_reference(weights: Path, device: str | None):
-    """The PyTorch reference as the command's detector (--torch-weights)."""
+def open_reference(weights: Path, device: str | None, mode: str = "fp32"):
+    """The PyTorch reference as the command's detector (--torch-weights); on CUDA it takes the GPU path."""
     from runtime.torch_detector import TorchReference
 
-    return TorchReference(weights, device)
+    return TorchReference(weights, device, mode=mode)
 
 
 def warn_random_weights(torch_weights: Path | None = None, engine: Path | None = None) -> bool:
@@ -199,11 +202,12 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[tuple[int, Path, Pa
             if getattr(args, option) is not None:
                 raise BadInput(f"--{option} is for engines; --torch-weights runs the PyTorch reference instead: "
                                "give one or the other")
-        if args.preprocess == "gpu":
-            raise BadInput("--preprocess gpu writes into an engine's inputs; with --torch-weights use --preprocess cpu")
+        if args.preprocess == "gpu" and args.device == "cpu":
+            raise BadInput("--preprocess gpu writes into CUDA inputs; with --device cpu use --preprocess cpu")
         require_weights_file(args.torch_weights, "--torch-weights")
-    elif args.device is not None:
-        raise BadInput("--device applies to --torch-weights only (an engine runs on GPU 0)")
+    elif args.device is not None or args.torch_mode is not None:
+        option = "--device" if args.device is not None else "--torch-mode"
+        raise BadInput(f"{option} applies to --torch-weights only (an engine runs on GPU 0)")
     else:
         from runtime.runner import DEFAULT_ENGINE
 
@@ -236,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
 
         weights_sha256 = file_sha256(args.weights)
     if args.torch_weights is not None:
-        runner = open_reference(args.torch_weights, args.device)
+        runner = open_reference(args.torch_weights, args.device, args.torch_mode or "fp32")
     else:
         runner = open_runner(args.engine, weights_sha256)
     names = class_names(runner)

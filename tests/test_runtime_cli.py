@@ -399,8 +399,10 @@ def test_infer_cli_torch_arguments_are_checked_first(tmp_path, capsys, gpu_probe
         (["--torch-weights", str(tmp_path)], "--torch-weights .* is a folder, not a weights file"),
         (["--torch-weights", str(weights), "--engine", "e.plan"], "--engine is for engines; --torch-weights runs"),
         (["--torch-weights", str(weights), "--weights", str(weights)], "--weights is for engines"),
-        (["--torch-weights", str(weights), "--preprocess", "gpu"], "with --torch-weights use --preprocess cpu"),
+        (["--torch-weights", str(weights), "--device", "cpu", "--preprocess", "gpu"],
+         "with --device cpu use --preprocess cpu"),
         (["--device", "cpu"], "--device applies to --torch-weights only"),
+        (["--torch-mode", "fp16"], "--torch-mode applies to --torch-weights only"),
         (["--torch-weights", str(weights), "--json", str(weights)], "--json .*w.safetensors is the --torch-weights"),
     ]
     for extra, pattern in cases:
@@ -410,6 +412,28 @@ def test_infer_cli_torch_arguments_are_checked_first(tmp_path, capsys, gpu_probe
     with pytest.raises(SystemExit):
         infer.main([str(image), "--torch-weights", str(weights), "--device", "tpu"])
     assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_infer_cli_torch_mode_picks_the_references_forward(tmp_path, capsys, monkeypatch):
+    from core.errors import BadInput
+
+    opened = []
+
+    def reference(weights, device, mode):
+        opened.append((device, mode))
+        raise BadInput("stop here")  # the forward itself is TorchReference's, tested in test_torch_model
+
+    monkeypatch.setattr(infer, "open_reference", reference)
+    image = tmp_path / "x.jpg"
+    solid(64, 48, 0).save(image)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    base = [str(image), "--torch-weights", str(weights), "--device", "cpu"]
+    assert infer.main([*base, "--torch-mode", "compile-fp16"]) == 2 and infer.main(base) == 2
+    assert opened == [("cpu", "compile-fp16"), ("cpu", "fp32")]
+    with pytest.raises(SystemExit):
+        infer.main([*base, "--torch-mode", "int4"])
+    assert "argument --torch-mode: invalid choice: 'int4'" in capsys.readouterr().err
 
 
 def test_random_weights_warning_reads_the_weights_or_the_engine_sidecar(tiny_random_weights, tmp_path, capsys):
