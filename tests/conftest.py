@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
     no_trt = pytest.mark.skip(reason="needs full TensorRT and an NVIDIA GPU")
     for item in items:
-        if "gpu" in item.keywords and not gpu_available():
+        # The markers, not item.keywords: those also hold parameter ids, and a case named "gpu" is not a GPU test.
+        if item.get_closest_marker("gpu") and not gpu_available():
             item.add_marker(no_gpu)
-        if "trt" in item.keywords and not (gpu_available() and full_tensorrt_available()):
+        if item.get_closest_marker("trt") and not (gpu_available() and full_tensorrt_available()):
             item.add_marker(no_trt)
