@@ -123,13 +123,14 @@ def test_gpu_decoding_decodes_the_batch_in_one_call_and_a_bad_image_fails_alone(
 def test_the_decoder_is_picked_by_the_decode_parameter_and_the_instance_kind():
     from helpers import FakeCodec
     from runtime.decode import BatchDecoder
-    from serve.models.steps import Preprocess, Unavailable, decoder_for
+    from core.errors import BadInput, Unavailable
+    from serve.models.steps import Preprocess, decoder_for
 
     assert decoder_for("cpu", 0) is None  # Pillow, also on a GPU instance
     assert decoder_for("auto", None) is None  # a CPU instance decodes with Pillow
     with pytest.raises(Unavailable, match="needs a GPU instance"):
         decoder_for("gpu", None)
-    with pytest.raises(Exception, match="expected one of auto, gpu, cpu"):
+    with pytest.raises(BadInput, match="expected one of auto, gpu, cpu"):
         decoder_for("fast", 0)
     made = decoder_for("auto", 0, codec=FakeCodec(), device=False)
     assert isinstance(made, BatchDecoder)
@@ -484,3 +485,4 @@ def test_sigterm_stops_cleanly_without_leftovers(server):
     server["log"].seek(0)
     log = server["log"].read()
     assert "Traceback" not in log and "serving anchor_detr" in log
+    assert re.search(r"anchor_detr_pre instance \S+: decoding with Pillow", log)  # a CPU instance says its decoder

@@ -188,6 +188,7 @@ def test_execution_env_goes_to_every_python_model(tmp_path, pb):
 def test_decode_is_the_pre_steps_parameter_and_its_initialize_reads_it(tmp_path, pb, decode):
     from google.protobuf import json_format
 
+    from core.errors import Unavailable
     from serve.models import steps
 
     engine = fake_engine(tmp_path)
@@ -198,7 +199,7 @@ def test_decode_is_the_pre_steps_parameter_and_its_initialize_reads_it(tmp_path,
     params = steps.parameters(json_format.MessageToDict(config, preserving_proto_field_name=True))
     assert params["decode"] == decode
     if decode == "gpu":  # on a CPU instance (no GPU here) the required GPU decoding is refused at load
-        with pytest.raises(steps.Unavailable, match="needs a GPU instance"):
+        with pytest.raises(Unavailable, match="needs a GPU instance"):
             steps.Preprocess.from_parameters(params, None, config.max_batch_size)
     else:
         assert steps.Preprocess.from_parameters(params, None, config.max_batch_size).decoder is None

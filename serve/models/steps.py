@@ -32,7 +32,7 @@ from runtime.postprocess import from_engine_outputs, postprocess
 from runtime.preprocess import ImageError, to_rgb
 from serve.server import HostPreprocess, RequestError, _encode, _threshold
 
-__all__ = ["Preprocess", "EngineStandIn", "answer", "parameters", "RequestError"]
+__all__ = ["Preprocess", "EngineStandIn", "answer", "decoder_for", "parameters", "RequestError"]
 
 log = logging.getLogger(__name__)
 
