@@ -275,3 +275,16 @@ class BatchDecoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def batch_decoder(gpu_decode: bool | None, exif: bool = True, **options: Any) -> BatchDecoder | None:
+    """A BatchDecoder when GPU decoding is asked for (True: required, its absence an Unavailable) or by default
+    (None) when nvImageCodec is installed and makes a decoder; else None (Pillow). `options` go to BatchDecoder."""
+    if gpu_decode is False:
+        return None
+    try:
+        return BatchDecoder(exif=exif, **options)
+    except Unavailable:
+        if gpu_decode:
+            raise
+        return None

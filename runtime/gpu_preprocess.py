@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import PIL
+import PIL.Image
 
 from runtime.preprocess import NORMALISED, output_hw
 
@@ -329,6 +330,14 @@ class GpuPreprocessor:
         self._copied[slot].record(self.stream)
         self._pending[slot] = True
         return self._set(slot, dev.ptr, height, width, width * 3, None)
+
+    def stage(self, slot: int, image: Any) -> tuple[int, int]:
+        """Slot `slot`'s image: a Pillow image is uploaded (one copy into the slot's pinned buffer, one to the
+        device), a decoded device image (runtime.decode.DeviceImage) read where it is (`place`). Returns the
+        (height, width) it is resized to."""
+        if isinstance(image, PIL.Image.Image):
+            return self.upload(slot, np.asarray(image))
+        return self.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)
 
     def place(self, slot: int, ptr: int, height: int, width: int, pitch: int | None = None,
               owner: Any = None) -> tuple[int, int]:

@@ -358,6 +358,7 @@ class GpuPath:
 
     def __init__(self, runner: DeviceRunner, count: int, stats: PipelineStats, gpu_decode: bool | None = False,
                  exif: bool = True, batch: int = 1) -> None:
+        from runtime.decode import batch_decoder
         from runtime.gpu_preprocess import GpuPreprocessor
 
         self.stats = stats
@@ -365,7 +366,7 @@ class GpuPath:
         self.pre: dict = {}
         self.decoder = None  # runtime.decode.BatchDecoder where files are decoded on the GPU
         try:
-            self.decoder = _gpu_decoder(gpu_decode, exif)
+            self.decoder = batch_decoder(gpu_decode, exif)
             for _ in range(count - 1):
                 self.extra.append(runner.sibling())
             for r in [runner, *self.extra]:  # the runner's stream: its engine runs after the kernel, unsynchronised
@@ -392,15 +393,9 @@ class GpuPath:
         count = max(len(rgb), runner.min_batch)
         slots = list(rgb) + [rgb[-1]] * (count - len(rgb))  # below the smallest batch: repeat the last image
 
-        def stage(job: tuple[int, Any]) -> tuple[int, int]:
-            slot, image = job
-            if isinstance(image, Image.Image):  # one copy into the slot's pinned buffer, one to the device
-                return pre.upload(slot, np.asarray(image))
-            return pre.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)  # in place
-
         with self.stats.timed("upload"):
             # Each slot stages on its own buffers and event, so the slots of a batch stage side by side.
-            sizes = list(cpu_pool().map(stage, enumerate(slots)))
+            sizes = list(cpu_pool().map(pre.stage, range(len(slots)), slots))
         with self.stats.timed("preprocess"):
             min_h, min_w = runner.min_hw or (1, 1)
             height = max([s[0] for s in sizes] + [min_h])
@@ -425,21 +420,6 @@ class GpuPath:
             r.close()
         if self.decoder is not None:
             self.decoder.close()
-
-
-def _gpu_decoder(gpu_decode: bool | None, exif: bool) -> Any:
-    """A BatchDecoder when GPU decoding is asked for (True: required, its absence an Unavailable) or by default
-    (None) when nvImageCodec is installed and makes a decoder; else None (Pillow)."""
-    if gpu_decode is False:
-        return None
-    from runtime.decode import BatchDecoder
-
-    try:
-        return BatchDecoder(exif=exif)
-    except Unavailable:
-        if gpu_decode:
-            raise
-        return None
 
 
 def _device_runner(detector: Any, gpu_preprocess: bool | None) -> DeviceRunner | None:

@@ -165,25 +165,37 @@ class HostPreprocess:
         self.min_hw, self.max_hw = model.min_hw, model.max_hw
         self.max_pixels, self.exif = max_pixels, exif
 
-    def decode(self, data: bytes) -> Image.Image:
-        """The encoded file as an RGB image, or a RequestError naming what is wrong with it."""
+    def open(self, data: bytes) -> Image.Image:
+        """The encoded file opened, its header read and nothing decoded yet (a small file can expand to
+        gigabytes), or a RequestError naming what is wrong with it: empty, more than max_pixels pixels, no image."""
         if not data:
             raise RequestError("the image input is empty: send the bytes of an image file")
         try:
-            # before decoding: a small file can expand to gigabytes
-            with open_image(io.BytesIO(data), self.max_pixels, "the image",
-                            "send a smaller image (--max-pixels sets this server's limit)") as image:
-                image.load()
-                return to_rgb(image, exif=self.exif)
+            return open_image(io.BytesIO(data), self.max_pixels, "the image",
+                              "send a smaller image (--max-pixels sets this server's limit)")
         except TooManyPixels as exc:
             raise RequestError(str(exc)) from None
+        except Exception as exc:
+            raise _undecodable(exc) from None
+
+    def decode(self, data: bytes) -> Image.Image:
+        """The encoded file as an RGB image, or a RequestError naming what is wrong with it."""
+        image = self.open(data)
+        try:
+            with image:
+                image.load()
+                return to_rgb(image, exif=self.exif)
         except Exception as exc:  # anything a damaged file makes a decoder raise is this request's problem alone
-            raise RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG "
-                               "or other image file") from None
+            raise _undecodable(exc) from None
 
     def batch(self, images: Sequence[Image.Image]) -> HostBatch:
         # Images the official resize makes larger than the profile are scaled to fit, as runtime.infer does.
         return prepare_batch(images, self.min_hw, self.max_hw)
+
+
+def _undecodable(exc: Exception) -> RequestError:
+    return RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG or other "
+                        "image file")
 
 
 def _threshold(request: Any, row: int) -> float:

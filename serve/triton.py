@@ -4,8 +4,9 @@ Writes the ensemble ``anchor_detr``, which answers serve.server's protocol (inpu
 ``threshold``; outputs ``count``, ``scores``, ``labels``, ``boxes``, ``names``, ``size``, ``error``), so serve.client
 talks to either server unchanged. Its steps:
 
-- ``anchor_detr_pre`` (Python backend, serve/models/pre.py): decodes and checks each request's image, then runs
-  the evaluation transform of the batch into the engine's ``images``/``masks`` (our GPU kernel on a GPU instance,
+- ``anchor_detr_pre`` (Python backend, serve/models/pre.py): checks each request's image and decodes the batch's
+  (on a GPU instance its JPEGs in one nvImageCodec call into device memory, ``--decode``), then runs the evaluation
+  transform of the batch into the engine's ``images``/``masks`` (our GPU kernel on a GPU instance,
   the tensors handed on in device memory through DLPack) and emits each image's original size;
 - ``anchor_detr_trt`` (TensorRT backend): the engine, built with ``--postprocess`` so the top-100 is inside it;
 - ``anchor_detr_post`` (Python backend, serve/models/post.py): boxes to each image's pixels, the threshold.
@@ -50,6 +51,7 @@ from core.config import NUM_TOPK, AnchorDETRConfig
 from core.errors import BadInput, Unavailable
 from core.sidecar import MIN_SIDE, OutputPathError, Profile, SidecarError, check_output_path, load_sidecar
 from core.sidecar import write_atomic
+from runtime.decode import DECODE, DECODE_HELP
 from runtime.detector import POSTPROCESS_OUTPUTS
 from runtime.runner import require_file
 
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images with more pixels than this before decoding them (default: Pillow's "
                    f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (boxes refer to stored pixels)")
+    p.add_argument("--decode", choices=tuple(DECODE), default="auto",
+                   help=f"{PRE}'s `decode` parameter, " + DECODE_HELP + "; CPU instances always decode with Pillow")
     p.add_argument("--execution-env", metavar="PATH",
                    help="EXECUTION_ENV_PATH of the Python-backend models: a conda-pack archive with this package, "
                    "as the server sees it (e.g. $$TRITON_MODEL_DIRECTORY/../anchortrt-env.tar.gz)")
@@ -170,6 +174,7 @@ class Options:
     max_pixels: int = Image.MAX_IMAGE_PIXELS
     exif: bool = True
     execution_env: str | None = None
+    decode: str = "auto"  # runtime.decode.DECODE: where anchor_detr_pre decodes JPEGs on a GPU instance
 
 
 def _engine_hw(profile: Profile) -> tuple[int, int]:
@@ -260,7 +265,8 @@ def ensemble_configs(max_batch: int, min_hw: tuple[int, int], max_hw: tuple[int,
         PRE, max_batch, [_io("image", "TYPE_STRING", [1]), THRESHOLD],
         [*_engine_inputs(*engine_hw), _io("original_size", "TYPE_INT32", [2])], options, gpu, batching=True,
         parameters={"min_hw": f"{min_hw[0]}x{min_hw[1]}", "max_hw": f"{max_hw[0]}x{max_hw[1]}" if max_hw else "",
-                    "max_pixels": str(options.max_pixels), "exif": "true" if options.exif else "false"},
+                    "max_pixels": str(options.max_pixels), "exif": "true" if options.exif else "false",
+                    "decode": options.decode},
     )
     # Post-processing is 100 rows per image: on the CPU, next to the batcher, whatever the other steps use.
     post = _python_model(
@@ -306,6 +312,8 @@ def _check_options(options: Options) -> None:
         raise BadInput(f"--instances {options.instances}: must be at least 1")
     if options.max_queue_delay_us < 0:
         raise BadInput(f"--max-queue-delay-us {options.max_queue_delay_us}: must be 0 or more")
+    if options.decode not in DECODE:
+        raise BadInput(f"--decode {options.decode}: expected one of {', '.join(DECODE)}")
 
 
 def engine_repository(engine: Path, options: Options = Options(), raw: bool = False,
@@ -358,6 +366,8 @@ def torch_repository(weights: Path, options: Options = Options(), device: str = 
 
     batch = max_batch or DEFAULT_TORCH_BATCH
     gpu = device == "cuda"
+    if options.decode == "gpu" and not gpu:
+        raise BadInput(f"--decode gpu needs GPU instances of {PRE}: use --device cuda, or --decode auto|cpu")
     class_names = weights_file.class_names(weights)
     num_classes = AnchorDETRConfig.from_json(weights_file.read_metadata(weights)["config"]).num_classes
     names, labels_text = labels_metadata(class_names, num_classes)
@@ -514,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
     if args.serve:
         _check_serve_args(args)
     options = Options(args.instances, tuple(args.gpus) if args.gpus else None, args.max_queue_delay_us,
-                      args.max_pixels, not args.no_exif, args.execution_env)
+                      args.max_pixels, not args.no_exif, args.execution_env, args.decode)
     if args.engine is not None:
         files = engine_repository(args.engine, options, args.raw, args.max_batch)
     else:

@@ -3,14 +3,13 @@ order (with a stand-in codec), and nvImageCodec's CPU backend against Pillow whe
 
 from __future__ import annotations
 
-import ctypes
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
+from helpers import FakeCodec, FakeImage, pixels_at
 from runtime.decode import BatchDecoder, DeviceImage, gpu_decodable, jpeg_frame, read_file
 from runtime.preprocess import ImageError, to_rgb
 
@@ -54,50 +53,6 @@ def test_only_complete_8_bit_grayscale_or_colour_jpegs_go_to_the_gpu(files):
     assert jpeg_frame(files["cmyk"])[1:] == (8, 4)  # CMYK: Pillow converts it as the CPU path does
     assert jpeg_frame(files["progressive"])[0] == 0xC2
     assert jpeg_frame(files["png"]) is None and jpeg_frame(b"\xff\xd8\xff") is None
-
-
-class FakeCodec:
-    """nvImageCodec's surface as BatchDecoder uses it: decodes with Pillow into host arrays exposed through
-    __cuda_array_interface__ (pitched rows, as a decoder may give), refuses files named in `refuse`."""
-
-    def __init__(self, refuse: set[bytes] = frozenset()) -> None:
-        self.refuse, self.calls = refuse, []
-        self.Backend = lambda kind: kind
-        self.BackendKind = SimpleNamespace(HW_GPU_ONLY="hw", HYBRID_CPU_GPU="hybrid", CPU_ONLY="cpu")
-        self.NVIMGCODEC_DEVICE_CPU_ONLY = -99
-        self.DecodeParams = lambda apply_exif_orientation: SimpleNamespace(exif=apply_exif_orientation)
-        codec = self
-
-        class Decoder:
-            def __init__(self, device_id, backends):
-                codec.made = (device_id, backends)
-
-            def decode(self, data, params, cuda_stream=0):
-                codec.calls.append(list(data))
-                return [None if d in codec.refuse else FakeImage(d, params.exif) for d in data]
-
-        self.Decoder = Decoder
-
-
-class FakeImage:
-    def __init__(self, data: bytes, exif: bool) -> None:
-        image = Image.open(io.BytesIO(data))
-        rgb = np.asarray((ImageOps.exif_transpose(image) if exif else image).convert("RGB"))
-        self.rows = np.zeros((rgb.shape[0], rgb.shape[1] * 3 + 5), np.uint8)  # 5 spare bytes per row
-        self.rows[:, : rgb.shape[1] * 3] = rgb.reshape(rgb.shape[0], -1)
-        self.__cuda_array_interface__ = {"shape": rgb.shape, "typestr": "|u1", "strides": (self.rows.shape[1], 3, 1),
-                                         "data": (self.rows.ctypes.data, False), "version": 3}
-
-    def cpu(self):
-        h, w, _ = self.__cuda_array_interface__["shape"]
-        return self.rows[:, : w * 3].reshape(h, w, 3)
-
-
-def pixels_at(image: DeviceImage) -> np.ndarray:
-    """The RGB pixels a DeviceImage points to (host memory with the stand-in codec)."""
-    raw = (ctypes.c_uint8 * (image.pitch * image.height)).from_address(image.ptr)
-    rows = np.frombuffer(raw, np.uint8).reshape(image.height, image.pitch)
-    return rows[:, : image.width * 3].reshape(image.height, image.width, 3)
 
 
 @pytest.mark.parametrize("exif", [True, False])

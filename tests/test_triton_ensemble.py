@@ -18,6 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,8 +46,9 @@ def test_preprocess_checks_each_request_and_pads_the_batch_to_its_largest():
     from serve.models.steps import Preprocess, RequestError
 
     pre = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS)
+    assert pre.decoder is None and pre.decoding == "Pillow"  # a CPU instance
     rows = np.array([[encoded(1, (96, 64))], [encoded(2, (60, 90), "PNG")]], dtype=object)
-    images = pre.request(rows, np.array([[0.5], [0.0]], np.float32))
+    (images,) = pre.requests([(rows, np.array([[0.5], [0.0]], np.float32))])
     assert [im.size for im in images] == [(96, 64), (60, 90)]
     batch, masks = pre.batch(images)
     expected, expected_masks, _ = preprocess_batch(images, exif=False, min_hw=(32, 32), max_hw=MAX_SIZE)
@@ -55,8 +57,100 @@ def test_preprocess_checks_each_request_and_pads_the_batch_to_its_largest():
     for image, threshold, message in ((b"", None, "empty"), (b"junk", None, "cannot decode"),
                                       (encoded(3, (201, 200)), None, "--max-pixels"),
                                       (encoded(4), np.array([[1.5]], np.float32), "outside [0, 1]")):
-        with pytest.raises(RequestError, match=re.escape(message)):
-            pre.request(np.array([[image]], dtype=object), threshold)
+        (refused,) = pre.requests([(np.array([[image]], dtype=object), threshold)])
+        assert isinstance(refused, RequestError) and message in str(refused)
+
+
+def corrupt_jpeg(seed: int) -> bytes:
+    """A JPEG whose headers parse and which ends in EOI, so it goes to the GPU decoder, with no scan data at all."""
+    data = encoded(seed)
+    frame = data.index(b"\xff\xc0")
+    return data[: frame + 2 + int.from_bytes(data[frame + 2:frame + 4], "big")] + b"\xff\xd9"
+
+
+def one_image(data: bytes, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Triton request's inputs as anchor_detr_pre gets them: image rows of BYTES, the optional threshold."""
+    return np.array([[data]], dtype=object), None if threshold is None else np.array([[threshold]], np.float32)
+
+
+@pytest.mark.parametrize("whole_call_fails", [False, True])
+def test_gpu_decoding_decodes_the_batch_in_one_call_and_a_bad_image_fails_alone(whole_call_fails):
+    """The GPU instance's decoding with nvImageCodec's stand-in (host memory behind __cuda_array_interface__): the
+    batch's JPEGs in one call, in place as device images; a JPEG the codec refuses and the other formats through
+    Pillow; each bad request refused with serve.server's own message, the others decoded. If the codec call itself
+    fails (`whole_call_fails`), that batch is decoded by Pillow, still each request on its own."""
+    from helpers import FakeCodec, pixels_at
+    from runtime.decode import BatchDecoder, DeviceImage
+    from runtime.preprocess import to_rgb
+    from serve.models.steps import Preprocess, RequestError
+    from serve.server import HostPreprocess
+
+    jpeg, refused, png, corrupt = encoded(1), encoded(2, (60, 90)), encoded(3, fmt="PNG"), corrupt_jpeg(4)
+    big = encoded(5, (201, 200))
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("L").save(buffer, "JPEG")
+    gray = buffer.getvalue()  # a grayscale JPEG: the GPU decoder makes it RGB
+    codec = FakeCodec(refuse={refused} if whole_call_fails else {refused, corrupt})  # nvImageCodec fails these
+    decoder = BatchDecoder(device=False, codec=codec, pillow_workers=1)
+    pre = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS, decoder=decoder)
+    assert pre.decoding.startswith("nvImageCodec")
+    requests = [one_image(jpeg, 0.5), one_image(corrupt), one_image(png), one_image(b""), one_image(refused),
+                one_image(big), one_image(jpeg, 1.5), one_image(gray),
+                (np.array([[jpeg], [b"junk"]], dtype=object), None)]  # two images, one bad: the request fails
+    answers = pre.requests(requests)
+    host = HostPreprocess(SimpleNamespace(min_hw=None, max_hw=None), MAX_PIXELS)
+    for index, data in ((1, corrupt), (3, b""), (5, big), (8, b"junk")):
+        with pytest.raises(RequestError) as expected:
+            host.decode(data)
+        same = [re.sub(r" at 0x[0-9a-f]+", "", str(e)) for e in (answers[index], expected.value)]  # Pillow's stream
+        assert isinstance(answers[index], RequestError) and same[0] == same[1], index
+    assert "cannot decode the image" in str(answers[1]) and "--max-pixels" in str(answers[5])
+    assert isinstance(answers[6], RequestError) and "outside [0, 1]" in str(answers[6])
+    # One codec call for the batch: the complete JPEGs of the requests that passed their checks, in order (the
+    # two-image request failed at its second image's header, before any decoding).
+    assert codec.calls == [[jpeg, corrupt, refused, gray]]
+    good = {0: jpeg, 2: png, 4: refused, 7: gray}
+    for index, data in good.items():
+        (image,) = answers[index]
+        expected = np.asarray(to_rgb(Image.open(io.BytesIO(data))))
+        on_gpu = index in (0, 7) and not whole_call_fails
+        assert isinstance(image, DeviceImage) == on_gpu, index
+        np.testing.assert_array_equal(pixels_at(image) if on_gpu else np.asarray(image), expected)
+        assert (image.height, image.width) == expected.shape[:2]  # anchor_detr_pre's original_size
+    pre.close()
+
+
+def test_the_decoder_is_picked_by_the_decode_parameter_and_the_instance_kind():
+    from helpers import FakeCodec
+    from runtime.decode import BatchDecoder
+    from core.errors import BadInput, Unavailable
+    from serve.models.steps import Preprocess, decoder_for
+
+    assert decoder_for("cpu", 0) is None  # Pillow, also on a GPU instance
+    assert decoder_for("auto", None) is None  # a CPU instance decodes with Pillow
+    with pytest.raises(Unavailable, match="needs a GPU instance"):
+        decoder_for("gpu", None)
+    with pytest.raises(BadInput, match="expected one of auto, gpu, cpu"):
+        decoder_for("fast", 0)
+    made = decoder_for("auto", 0, codec=FakeCodec(), device=False)
+    assert isinstance(made, BatchDecoder)
+    made.close()
+
+    class NoDecoder(FakeCodec):  # nvImageCodec installed, but it can make no decoder here
+        def __init__(self):
+            super().__init__()
+
+            def refuse(*_args, **_kwargs):
+                raise RuntimeError("no decoder")
+            self.Decoder = refuse
+
+    assert decoder_for("auto", 0, codec=NoDecoder(), device=False) is None  # Pillow then
+    with pytest.raises(Unavailable, match="cannot make a decoder"):
+        decoder_for("gpu", 0, codec=NoDecoder(), device=False)
+    params = {"min_hw": "32x32", "max_hw": "", "max_pixels": "1000", "exif": "true"}
+    assert Preprocess.from_parameters(params, None, 4).decoder is None  # a repository without the parameter: auto
+    with pytest.raises(Unavailable, match="needs a GPU instance"):
+        Preprocess.from_parameters({**params, "decode": "gpu"}, None, 4)
 
 
 def test_answer_scales_to_each_image_thresholds_and_encodes_as_serve_server():
@@ -144,6 +238,46 @@ def test_gpu_preprocess_hands_on_device_tensors_equal_to_the_cpu_path():
         (err,) = driver.cuMemcpyDtoH(copy.ctypes.data, view.ptr, copy.nbytes)
         assert int(err) == 0 and np.array_equal(copy, host[1:2])
     gpu.close()
+
+
+@pytest.mark.gpu
+def test_gpu_instance_decodes_with_nvimagecodec_into_the_kernel_in_place():
+    """The GPU instance's real path: the batch's JPEGs decoded by nvImageCodec into device memory and read there by
+    the kernel, the PNG by Pillow, the corrupt JPEG refused alone. Tolerance: 3 levels of the normalised pixels
+    (nvImageCodec is within 1 level of Pillow, tests/test_gpu_decode.py, and the resize rounds each pass), on under
+    1% of the values; the masks exactly."""
+    pytest.importorskip("nvidia.nvimgcodec", reason="needs nvImageCodec: pip install -e '.[gpu-decode]'")
+    from cuda.bindings import driver
+
+    from runtime.decode import DeviceImage
+    from runtime.preprocess import STD
+    from serve.models.steps import Preprocess, RequestError
+
+    files = [encoded(1, (96, 64)), corrupt_jpeg(2), encoded(3, (60, 90), "PNG"), encoded(4, (180, 120))]
+    cpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS)
+    gpu = Preprocess((32, 32), MAX_SIZE, MAX_PIXELS, device_id=0, max_batch=4, decode="gpu")
+    try:
+        assert gpu.decoder is not None and gpu.decoding.startswith("nvImageCodec")
+        answers = gpu.requests([one_image(data) for data in files])
+        expected = cpu.requests([one_image(data) for data in files])
+        assert isinstance(answers[1], RequestError) and "cannot decode the image" in str(answers[1])
+        good = [answers[i][0] for i in (0, 2, 3)]
+        assert [isinstance(image, DeviceImage) for image in good] == [True, False, True]
+        assert [image.size for image in good] == [expected[i][0].size for i in (0, 2, 3)]
+        batch, masks = gpu.batch(good)
+        host_batch, host_masks = cpu.batch([expected[i][0] for i in (0, 2, 3)])
+        copies = []
+        for device, host in ((batch, host_batch), (masks, host_masks)):
+            copy = np.empty_like(host)
+            (err,) = driver.cuMemcpyDtoH(copy.ctypes.data, device.ptr, copy.nbytes)
+            assert int(err) == 0
+            copies.append(copy)
+        assert np.array_equal(copies[1], host_masks)
+        level = 1 / (255 * float(np.min(STD)))  # one level, normalised, of the channel where it is the largest step
+        differ = np.abs(copies[0] - host_batch)
+        assert differ.max() <= 3 * level + 1e-6 and (differ > 1e-6).mean() < 0.01
+    finally:
+        gpu.close()
 
 
 def test_bundled_tritonserver_runs_the_models_with_this_environment(tmp_path):
@@ -351,3 +485,4 @@ def test_sigterm_stops_cleanly_without_leftovers(server):
     server["log"].seek(0)
     log = server["log"].read()
     assert "Traceback" not in log and "serving anchor_detr" in log
+    assert re.search(r"anchor_detr_pre instance \S+: decoding with Pillow", log)  # a CPU instance says its decoder

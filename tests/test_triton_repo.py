@@ -108,7 +108,8 @@ def test_ensemble_repository_parses_and_its_steps_connect(tmp_path, pb):
     assert (group.count, group.kind) == (2, Group.KIND_CPU)
     assert pre.backend == post.backend == "python"
     parameters = {k: v.string_value for k, v in pre.parameters.items()}
-    assert parameters == {"min_hw": "320x512", "max_hw": "1344x1024", "max_pixels": "1000000", "exif": "false"}
+    assert parameters == {"min_hw": "320x512", "max_hw": "1344x1024", "max_pixels": "1000000", "exif": "false",
+                          "decode": "auto"}
     for name, source in ((triton.PRE, "pre.py"), (triton.POST, "post.py")):
         assert (repo / name / "1" / "model.py").read_bytes() == (triton.MODELS_DIR / source).read_bytes()
 
@@ -183,6 +184,37 @@ def test_execution_env_goes_to_every_python_model(tmp_path, pb):
         assert config.parameters["EXECUTION_ENV_PATH"].string_value == env
 
 
+@pytest.mark.parametrize("decode", ["auto", "gpu", "cpu"], ids=lambda v: f"decode-{v}")  # not the `gpu` keyword
+def test_decode_is_the_pre_steps_parameter_and_its_initialize_reads_it(tmp_path, pb, decode):
+    from google.protobuf import json_format
+
+    from core.errors import Unavailable
+    from serve.models import steps
+
+    engine = fake_engine(tmp_path)
+    argv = ["--engine", str(engine), "-o", str(tmp_path / "repo")] + ([] if decode == "auto" else ["--decode", decode])
+    assert triton.main(argv) == 0
+    config = parse(pb, tmp_path / "repo" / triton.PRE / "config.pbtxt")
+    # The model config as the Python backend hands it to `initialize` (JSON, proto field names).
+    params = steps.parameters(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    assert params["decode"] == decode
+    if decode == "gpu":  # on a CPU instance (no GPU here) the required GPU decoding is refused at load
+        with pytest.raises(Unavailable, match="needs a GPU instance"):
+            steps.Preprocess.from_parameters(params, None, config.max_batch_size)
+    else:
+        assert steps.Preprocess.from_parameters(params, None, config.max_batch_size).decoder is None
+
+
+def test_decode_option_is_runtime_infers():
+    from runtime.infer import build_parser
+
+    def option(parser):
+        (action,) = [a for a in parser._actions if "--decode" in a.option_strings]
+        return action.choices, action.default
+
+    assert option(triton.build_parser()) == option(build_parser()) == (("auto", "gpu", "cpu"), "auto")
+
+
 def test_fixed_size_profile_gives_fixed_dims():
     text = triton.model_config(
         {"profile": Profile((1, 800, 800), (1, 800, 800), (2, 800, 800)).to_dict(),
@@ -204,6 +236,7 @@ def test_fixed_size_profile_gives_fixed_dims():
         ("engine", ["--max-size", "64x96"], "--torch-weights only"),
         ("torch", ["--raw"], "--raw writes the engine's own model"),
         ("torch", ["--gpus", "0"], "--gpus places GPU instances"),
+        ("torch", ["--decode", "gpu"], "--decode gpu needs GPU instances of anchor_detr_pre"),
         ("torch", ["--max-size", "16x96"], "at least 32"),
         ("torch_missing", [], "--torch-weights"),
         ("torch", ["--serve", "--http-port", "8001"], "must differ"),

@@ -1,9 +1,11 @@
 """What the ensemble's Python-backend models compute, without Triton (see serve.models).
 
-- `Preprocess` (anchor_detr_pre): per request, decode and check the image and the threshold (serve.server's own
-  checks, so both servers refuse the same requests with the same messages); per Triton batch, the evaluation
-  transform of all its good images into one batch padded to its largest image, on the GPU (runtime.gpu_preprocess's
-  kernel, the result left in device memory and handed on through DLPack) or with runtime.preprocess on the CPU.
+- `Preprocess` (anchor_detr_pre): per request, check the threshold and the image (serve.server's own checks, so
+  both servers refuse the same requests with the same messages); per Triton batch, decode the good images (on a GPU
+  instance one runtime.decode call into device memory, Pillow for what nvImageCodec does not decode; on a CPU
+  instance Pillow) and run the evaluation transform of all of them into one batch padded to its largest image, on
+  the GPU (runtime.gpu_preprocess's kernel reading the decoded images where they are, the result left in device
+  memory and handed on through DLPack) or with runtime.preprocess on the CPU.
 - `EngineStandIn` (anchor_detr_trt without TensorRT): the PyTorch reference with the top-100 as the engine built
   with ``--postprocess`` emits it.
 - `answer` (anchor_detr_post): boxes scaled to each image's original size, the request's threshold, serve.server's
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,10 +26,15 @@ from PIL import Image
 
 from core import labels
 from core.cli import hw
+from core.errors import BadInput, Unavailable
+from runtime.decode import DECODE, batch_decoder, gpu_decodable
 from runtime.postprocess import from_engine_outputs, postprocess
+from runtime.preprocess import ImageError, to_rgb
 from serve.server import HostPreprocess, RequestError, _encode, _threshold
 
-__all__ = ["Preprocess", "EngineStandIn", "answer", "parameters", "RequestError"]
+__all__ = ["Preprocess", "EngineStandIn", "answer", "decoder_for", "parameters", "RequestError"]
+
+log = logging.getLogger(__name__)
 
 
 def parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
@@ -77,9 +85,10 @@ class GpuBatcher:
         self.min_hw = min_hw or (1, 1)
         self.kernel = GpuPreprocessor(max_batch, max_hw)
 
-    def __call__(self, images: Sequence[Image.Image]) -> tuple[DeviceArray, DeviceArray]:
+    def __call__(self, images: Sequence[Any]) -> tuple[DeviceArray, DeviceArray]:
+        """The padded batch of Pillow images (uploaded) and decoded device images (read where they are)."""
         self.kernel.device.activate()
-        sizes = [self.kernel.upload(slot, np.asarray(image, dtype=np.uint8)) for slot, image in enumerate(images)]
+        sizes = [self.kernel.stage(slot, image) for slot, image in enumerate(images)]
         height = max(self.min_hw[0], *(h for h, _ in sizes))
         width = max(self.min_hw[1], *(w for _, w in sizes))
         batch = DeviceArray((len(images), 3, height, width), np.float32)
@@ -97,33 +106,108 @@ def rows(array: Any, start: int, stop: int) -> Any:
     return array[start:stop] if isinstance(array, np.ndarray) else array.rows(start, stop)
 
 
+def decoder_for(decode: str, device_id: int | None, exif: bool = True, **options: Any) -> Any:
+    """The runtime.decode.BatchDecoder the pre step decodes with, or None for Pillow. `decode` is the model's
+    ``decode`` parameter (serve.triton's --decode): auto = nvImageCodec on a GPU instance where it is installed and
+    makes a decoder, gpu = nvImageCodec (required: a CPU instance or a missing nvImageCodec is an Unavailable),
+    cpu = Pillow. `options` go to BatchDecoder (a stand-in codec in tests)."""
+    if decode not in DECODE:
+        raise BadInput(f"decode parameter {decode!r}: expected one of {', '.join(DECODE)}; rewrite the repository "
+                       "with `python -m serve.triton --decode ...`")
+    gpu_decode = DECODE[decode]
+    if device_id is None:
+        if gpu_decode:
+            raise Unavailable("decode=gpu needs a GPU instance of anchor_detr_pre: write the repository with "
+                              "--engine or --device cuda, or with --decode cpu")
+        return None
+    return batch_decoder(gpu_decode, exif, **options)
+
+
 class Preprocess:
-    """anchor_detr_pre's work. ``device_id`` None: the CPU path; else the GPU kernel on that device."""
+    """anchor_detr_pre's work. ``device_id`` None: the CPU path; else the GPU kernel on that device, fed by the GPU
+    decoder that `decoder_for` picks for ``decode`` (or `decoder`, given)."""
 
     def __init__(self, min_hw: tuple[int, int] | None, max_hw: tuple[int, int] | None, max_pixels: int,
-                 exif: bool = True, device_id: int | None = None, max_batch: int = 1):
-        self.min_hw, self.max_hw = min_hw, max_hw
+                 exif: bool = True, device_id: int | None = None, max_batch: int = 1, decode: str = "auto",
+                 decoder: Any = None):
+        self.min_hw, self.max_hw, self.exif = min_hw, max_hw, exif
         self.host = HostPreprocess(SimpleNamespace(min_hw=min_hw, max_hw=max_hw), max_pixels, exif)
         self.gpu = None if device_id is None else GpuBatcher(device_id, max_batch, min_hw, max_hw)
+        try:  # after GpuBatcher: the decoder is made on the instance's device, current by then
+            self.decoder = decoder if decoder is not None else decoder_for(decode, device_id, exif)
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], device_id: int | None, max_batch: int) -> "Preprocess":
         return cls(_size(params["min_hw"]), _size(params["max_hw"]), int(params["max_pixels"]),
-                   params["exif"] == "true", device_id, max_batch)
+                   params["exif"] == "true", device_id, max_batch, params.get("decode", "auto"))
 
-    def decode(self, data: bytes) -> Image.Image:
-        """The request's image as RGB, or a RequestError naming what is wrong with it. The one call that picks
-        the decoder: Pillow with serve.server's checks (runtime.decode's GPU decoder goes here once merged)."""
-        return self.host.decode(data)
+    @property
+    def decoding(self) -> str:
+        """Which decoder this instance uses, in words (anchor_detr_pre logs it at start)."""
+        return "nvImageCodec (GPU), Pillow for the rest" if self.decoder is not None else "Pillow"
 
-    def request(self, image: np.ndarray, threshold: np.ndarray | None) -> list[Image.Image]:
-        """The decoded images of one request (rows of BYTES), after checking its thresholds."""
-        limits = {} if threshold is None else {"threshold": threshold}
-        decoded = []
-        for row in range(len(image)):
-            _threshold(limits, row)
-            decoded.append(self.decode(bytes(image[row].reshape(-1)[0])))
-        return decoded
+    def requests(self, inputs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[list[Any] | RequestError]:
+        """Each request's decoded RGB images, or the RequestError that is its answer, for (image rows of BYTES,
+        threshold or None) per request of one Triton batch. Thresholds, empty inputs and image headers (the pixel
+        limit, before any decoding) are checked per request; then the images are decoded: with Pillow one by one
+        (serve.server's decode), or on the GPU all the batch's JPEGs in one runtime.decode call (device images),
+        Pillow for the others. An image neither decodes fails its request alone, with serve.server's message; a
+        request with several images succeeds or fails as a whole."""
+        answers: list[list[Any] | RequestError] = []
+        for image, threshold in inputs:
+            limits = {} if threshold is None else {"threshold": threshold}
+            try:
+                rows = []
+                for row in range(len(image)):
+                    _threshold(limits, row)
+                    data = bytes(image[row].reshape(-1)[0])
+                    if self.decoder is None:
+                        rows.append(self.host.decode(data))
+                    else:
+                        self.host.open(data).close()  # header checks only: decoding is the batch's
+                        rows.append(data)
+                answers.append(rows)
+            except RequestError as exc:
+                answers.append(exc)
+        if self.decoder is not None:
+            self._decode_batch(answers)
+        return answers
+
+    def _decode_batch(self, answers: list[list[Any] | RequestError]) -> None:
+        """Replace the encoded files in `answers` by their images (or their request by its RequestError)."""
+        places = [(r, i) for r, rows in enumerate(answers) if not isinstance(rows, RequestError)
+                  for i in range(len(rows))]
+        jpegs = [(r, i) for r, i in places if gpu_decodable(answers[r][i])]
+        decoded: dict[tuple[int, int], Any] = {}
+        if jpegs:
+            if self.gpu is not None:
+                self.gpu.kernel.device.activate()
+            try:
+                out = self.decoder.decode([answers[r][i] for r, i in jpegs])
+            except Exception as exc:  # the decoder as a whole failed: this batch goes to Pillow, image by image
+                log.warning("anchor_detr_pre: GPU decoding of a batch failed (%s: %s); decoding it with Pillow",
+                            type(exc).__name__, exc)
+                out = [None] * len(jpegs)
+            decoded = dict(zip(jpegs, out))
+        for r, i in places:
+            if isinstance(answers[r], RequestError):
+                continue  # another image of this request failed already
+            data = answers[r][i]
+            image = decoded.get((r, i))
+            try:
+                if isinstance(image, np.ndarray):  # nvImageCodec's CPU backend (BatchDecoder(device=False))
+                    image = Image.fromarray(image, "RGB")
+                elif isinstance(image, Image.Image):  # nvImageCodec refused it: Pillow's, made RGB as serve.server
+                    image = to_rgb(image, exif=self.exif)
+                elif image is None or isinstance(image, ImageError):
+                    # not a JPEG for the GPU, or undecodable there too: serve.server's decode (and its message)
+                    image = self.host.decode(data)
+                answers[r][i] = image
+            except RequestError as exc:
+                answers[r] = exc
 
     def batch(self, images: Sequence[Image.Image]) -> tuple[Any, Any]:
         """(images (B,3,H,W) float32, masks (B,H,W) bool) padded to the largest image: numpy arrays on the CPU
@@ -135,6 +219,8 @@ class Preprocess:
         return prepared.images, prepared.masks
 
     def close(self) -> None:
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.close()
         if self.gpu is not None:
             self.gpu.close()
 
