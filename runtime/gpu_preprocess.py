@@ -331,7 +331,7 @@ class GpuPreprocessor:
         self._pending[slot] = True
         return self._set(slot, dev.ptr, height, width, width * 3, None)
 
-    def stage(self, slot: int, image: Any) -> tuple[int, int]:
+    def load(self, slot: int, image: Any) -> tuple[int, int]:
         """Slot `slot`'s image: a Pillow image is uploaded (one copy into the slot's pinned buffer, one to the
         device), a decoded device image (runtime.decode.DeviceImage) read where it is (`place`). Returns the
         (height, width) it is resized to."""

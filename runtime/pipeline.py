@@ -395,7 +395,7 @@ class GpuPath:
 
         with self.stats.timed("upload"):
             # Each slot stages on its own buffers and event, so the slots of a batch stage side by side.
-            sizes = list(cpu_pool().map(pre.stage, range(len(slots)), slots))
+            sizes = list(cpu_pool().map(pre.load, range(len(slots)), slots))
         with self.stats.timed("preprocess"):
             min_h, min_w = runner.min_hw or (1, 1)
             height = max([s[0] for s in sizes] + [min_h])

@@ -88,7 +88,7 @@ class GpuBatcher:
     def __call__(self, images: Sequence[Any]) -> tuple[DeviceArray, DeviceArray]:
         """The padded batch of Pillow images (uploaded) and decoded device images (read where they are)."""
         self.kernel.device.activate()
-        sizes = [self.kernel.stage(slot, image) for slot, image in enumerate(images)]
+        sizes = [self.kernel.load(slot, image) for slot, image in enumerate(images)]
         height = max(self.min_hw[0], *(h for h, _ in sizes))
         width = max(self.min_hw[1], *(w for _, w in sizes))
         batch = DeviceArray((len(images), 3, height, width), np.float32)
