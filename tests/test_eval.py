@@ -700,3 +700,29 @@ def test_gpu_decoding_runs_one_model_on_the_gpu_path_without_exif(host_gpu, tmp_
     rotated = [r for r in got[0]["engine"] if r["image_id"] == 13]
     assert rotated and rotated[0]["bbox"][2] > rotated[0]["bbox"][3]  # wider than tall: the stored 89x67, not 67x89
     assert got[1]["engine"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_on_a_gpu_scores_as_the_pillow_path(tmp_path):
+    """The real GPU path: nvImageCodec on the GPU, the kernel into a CUDA DeviceRunner stand-in whose engine reads
+    the brightest channel and answers fixed boxes (a level of decoder difference changes nothing). The COCO records
+    equal the shared Pillow path's; scores within 1e-6 (the stand-in's sigmoid of equal logits)."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from helpers import CudaRunner, NumpyDetector, solid
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.jpg")
+        solid(60 + 21 * i, 40 + 13 * i, i % 3).save(paths[-1], quality=92)
+    ids = list(range(1, 6))
+    runner, cpu = CudaRunner(), NumpyDetector()
+    runner.name = cpu.name = "engine"
+    try:
+        got = coco.run_models([runner], ids, paths, 2, 2, gpu_decode=True)
+    finally:
+        runner.close()
+    expected = coco.run_models([cpu], ids, paths, 2, 2, gpu_decode=False)
+    assert got[2] == expected[2] == ids and got[3] == expected[3] == []
+    for g, e in zip(got[0]["engine"], expected[0]["engine"], strict=True):
+        assert (g["image_id"], g["category_id"], g["bbox"]) == (e["image_id"], e["category_id"], e["bbox"])
+        assert abs(g["score"] - e["score"]) <= 1e-6
