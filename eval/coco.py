@@ -34,10 +34,11 @@ from typing import Sequence
 
 from core import cli
 from core.cli import positive_int
-from core.errors import EXIT_FAILED
+from core.errors import EXIT_FAILED, BadInput, Unavailable
 from eval.scoring import EvalError, check_results, evaluate, load_ground_truth, read_json, side_by_side_rows
 from core.progress import ProgressBar, Spinner, print_table
 from core.sidecar import check_output_path, engine_inputs, write_atomic
+from runtime.decode import add_decode_option
 from runtime.infer import class_names
 from runtime.torch_detector import TORCH_MODE_HELP, TORCH_MODES
 from runtime.preprocess import usable_cpus
@@ -160,50 +161,120 @@ def open_coco_root(root: Path, limit: int | None):
 
 
 def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path], batch: int, workers: int,
-               category_ids: dict[str, dict[int, int] | None] | None = None):
+               category_ids: dict[str, dict[int, int] | None] | None = None, gpu_decode: bool | None = False):
     """COCO results of every model over the images, each model's seconds (inference, copies, postprocess), the
     ids of the images evaluated and the files that could not be read (reported on stderr as they come, skipped);
     ``category_ids``: per model name, its label -> category id map (category_map).
 
-    Each batch is read (on `workers` threads), resized and padded once, ahead of the models (runtime.pipeline),
-    and given to every model.
+    With ``gpu_decode`` False (Pillow, the exact path) each batch is read (on `workers` threads), resized and
+    padded once, ahead of the models (runtime.pipeline's CPU path), and given to every model. Otherwise (True:
+    nvImageCodec required, None: where installed; one model with device input buffers only, see decode_plan) the
+    model runs on runtime.pipeline's GPU path: JPEGs decoded into device memory, the GPU kernel, the model.
     """
-    from runtime.pipeline import CpuPath, PipelineStats, bounded, decoded_batches, preprocess_stage
     from runtime.preprocess import ImageError
 
     batch = min([batch] + [m.max_batch for m in models if m.max_batch is not None])
-    stats = PipelineStats()
-    # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
-    path = CpuPath(None, stats, limits=batch_limits(models))
-    prepared = bounded(decoded_batches(paths, batch, workers, False, stats), [preprocess_stage(path)])
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
     done, evaluated, skipped = 0, [], []
+    if gpu_decode is False:
+        answered = _shared_batches(models, paths, batch, workers, seconds)
+    else:
+        answered = _gpu_path_batches(models[0], paths, batch, workers, gpu_decode, seconds)
     # closing: the pipeline's threads stop before the caller closes the models, even after an error
-    with closing(prepared), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
-        for chunk in prepared:
-            ids = image_ids[done : done + len(chunk.keys)]
-            done += len(ids)
-            for key, image in zip(chunk.keys, chunk.images):
-                if isinstance(image, ImageError):
-                    print(f"skipped: {image}", file=sys.stderr)
+    with closing(answered), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
+        for chunk in answered:
+            for key, found in chunk:
+                image_id = image_ids[done]
+                done += 1
+                if isinstance(found, ImageError):  # the mAP leaves it out: a skipped image has no detections
+                    print(f"skipped: {found}", file=sys.stderr)
                     skipped.append(str(key))
-            ids = [ids[i] for i in chunk.readable]  # the mAP covers these only: a skipped image has no detections
-            evaluated += ids
-            if chunk.work is not None:
-                ready = path.ready(chunk.work)
-                for model in models:
-                    start = time.perf_counter()
-                    detections = model(*ready)
-                    seconds[model.name] += time.perf_counter() - start
-                    results[model.name].extend(coco_results(ids, detections, (category_ids or {}).get(model.name)))
-            bar.update(len(chunk.keys), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
+                    continue
+                evaluated.append(image_id)
+                for name, detections in found.items():
+                    results[name].extend(coco_results([image_id], [detections], (category_ids or {}).get(name)))
+            bar.update(len(chunk), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
     if not evaluated:
         raise EvalError(f"none of the {len(image_ids)} images could be read (first: {skipped[0]}): check the files")
     return results, seconds, evaluated, skipped
 
 
+def _shared_batches(models: Sequence, paths: Sequence[Path], batch: int, workers: int, seconds: dict):
+    """Per batch, (path, ImageError or {model name: detections}) of each image: Pillow decoding and the CPU
+    path's preprocessing once, every model on the same arrays."""
+    from runtime.pipeline import CpuPath, PipelineStats, bounded, decoded_batches, preprocess_stage
+    from runtime.preprocess import ImageError
+
+    stats = PipelineStats()
+    # No EXIF orientation: COCO boxes refer to the stored pixels, as the official evaluation reads them.
+    path = CpuPath(None, stats, limits=batch_limits(models))
+    prepared = bounded(decoded_batches(paths, batch, workers, False, stats), [preprocess_stage(path)])
+    with closing(prepared):
+        for chunk in prepared:
+            found = {}
+            if chunk.work is not None:
+                ready = path.ready(chunk.work)
+                for model in models:
+                    start = time.perf_counter()
+                    found[model.name] = model(*ready)
+                    seconds[model.name] += time.perf_counter() - start
+            per_image = iter([{name: d[i] for name, d in found.items()} for i in range(len(chunk.readable))])
+            yield [(key, image if isinstance(image, ImageError) else next(per_image))
+                   for key, image in zip(chunk.keys, chunk.images)]
+
+
+def _gpu_path_batches(model, paths: Sequence[Path], batch: int, workers: int, gpu_decode: bool | None,
+                      seconds: dict):
+    """(path, ImageError or {model name: detections}) of each image, one at a time, through runtime.pipeline's
+    GPU path (nvImageCodec decoding, the GPU kernel) with EXIF orientation not applied; the model's seconds are
+    its engine and post-processing stages."""
+    from runtime.pipeline import PipelineStats, detect_stream
+    from runtime.preprocess import ImageError
+
+    stats = PipelineStats()
+    # Threshold 0: every one of the top-100 detections, as the shared path scores them.
+    found = detect_stream(model, paths, threshold=0.0, batch=batch, exif=False, workers=workers,
+                          gpu_preprocess=True if gpu_decode else None, stats=stats, gpu_decode=gpu_decode)
+    try:
+        with closing(found):
+            for item in found:
+                yield [(item.key, item.result if isinstance(item.result, ImageError) else {model.name: item.result})]
+    finally:
+        seconds[model.name] += stats.seconds["engine"] + stats.seconds["postprocess"]
+
+
+def decode_plan(decode: str, models: Sequence) -> bool | None:
+    """--decode's `gpu_decode` for these models: Pillow (False) unless exactly one model runs and it has device
+    input buffers (an engine, the reference on CUDA). `gpu` without such a model is refused (BadInput where
+    the arguments ask for what cannot be, Unavailable where this machine cannot: the reference on the CPU)."""
+    from runtime.decode import DECODE
+    from runtime.pipeline import DeviceRunner
+
+    gpu_decode = DECODE[decode]
+    if gpu_decode is False:
+        return False
+    if len(models) != 1:
+        if gpu_decode:
+            raise BadInput("--decode gpu runs one model on the GPU path; with --engine and --torch-weights "
+                           "together both models read the same Pillow-decoded batches: use --decode cpu, or "
+                           "evaluate each model on its own")
+        return False
+    (model,) = models
+    if not isinstance(model, DeviceRunner) or model.stream is None:
+        if gpu_decode:
+            raise Unavailable(f"--decode gpu needs a model on a GPU ({model.description} has no device inputs): "
+                              "use --decode cpu")
+        return False
+    return gpu_decode
+
+
 def run_dataset(args) -> int:
+    if args.decode == "gpu" and args.engine and args.torch_weights:
+        raise BadInput("--decode gpu runs one model on the GPU path: give --engine or --torch-weights, not both "
+                       "(side by side, both models read the same Pillow-decoded batches: --decode cpu)")
+    if args.decode == "gpu" and args.device == "cpu":
+        raise BadInput("--decode gpu decodes into CUDA memory; with --device cpu use --decode cpu")
     out_dir = Path(args.results_dir)
     metrics_path = Path(args.json) if args.json else out_dir / "metrics.json"
     from runtime.runner import EngineRunner
@@ -215,13 +286,18 @@ def run_dataset(args) -> int:
     check_outputs(inputs, ("--json" if args.json else "--results-dir", metrics_path),
                   *(("--results-dir", out_dir / f"{name}_bbox.json") for name in names))
     gt, image_ids, paths = open_coco_root(Path(args.coco_root), args.limit)
+    if args.decode == "gpu":
+        from runtime.decode import load_codec
+
+        load_codec()  # a missing nvImageCodec is said now, before any model loads
 
     models = []
     try:
         models = open_models(args)
         category_ids = {m.name: category_map(class_names(m), gt, m.description) for m in models}
+        gpu_decode = decode_plan(args.decode, models)
         results, seconds, image_ids, skipped = run_models(models, image_ids, paths, args.batch, args.workers,
-                                                          category_ids)
+                                                          category_ids, gpu_decode)
     finally:
         for model in models:
             model.close()
@@ -238,7 +314,8 @@ def run_dataset(args) -> int:
     rates = {name: len(image_ids) / s for name, s in seconds.items()}
     print_summary(metrics, delta, rates)
     # skipped: unreadable files, left out of the mAP; a run that skipped any is partial (exit 1)
-    report = {**metrics, "delta_AP": delta, "images": len(image_ids), "images_per_s": rates, "skipped": skipped}
+    report = {**metrics, "delta_AP": delta, "images": len(image_ids), "images_per_s": rates,
+              "decode": "cpu" if gpu_decode is False else args.decode, "skipped": skipped}
     write_text(metrics_path, json.dumps(report, indent=2) + "\n")
     print(f"\nmetrics: {metrics_path}")
     if skipped:
@@ -297,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the per-model COCO results files go (default: coco-results)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="device of the PyTorch reference (default: cuda if present)")
     run.add_argument("--torch-mode", choices=tuple(TORCH_MODES), default="fp32", help=TORCH_MODE_HELP)
+    add_decode_option(run, default="cpu", note=(
+        "eval.coco's default is cpu, so that its mAP is comparable with the official evaluation's (Pillow-decoded "
+        "images). gpu and auto need exactly one model with device inputs (--engine, or --torch-weights on CUDA): "
+        "with both models gpu is refused (exit 2) and auto decodes with Pillow. EXIF orientation is never applied "
+        "(COCO boxes refer to the stored pixels)"))
     run.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
                      help="threads that decode images ahead of the models (default: one per usable core)")
     score = parser.add_argument_group("score an existing results file")

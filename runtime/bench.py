@@ -21,7 +21,7 @@ from core.progress import ProgressBar, format_bytes, format_seconds, print_table
 from core.sidecar import check_output_path, engine_inputs, write_atomic
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import AnchorError, BadInput
-from runtime.decode import DECODE, DECODE_HELP
+from runtime.decode import DECODE, add_decode_option
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
 from runtime.torch_detector import TORCH_MODES, torch_forward
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", choices=("auto", "gpu", "cpu"), default="cpu",
                    help="--pipeline: preprocessing on the CPU (default), the GPU kernel (bit-exact with the CPU "
                    "path), or auto (GPU when available)")
-    p.add_argument("--decode", choices=tuple(DECODE), default="auto", help="--pipeline: " + DECODE_HELP)
+    add_decode_option(p, where="--pipeline: ")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all rows as JSON (rewritten after every row)")
     return p
 

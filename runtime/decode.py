@@ -32,10 +32,20 @@ from runtime.preprocess import ImageError, load_image
 GPU_DECODE_HINT = "pip install -e '.[gpu-decode]' (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg)"
 # The command lines' --decode choices as `gpu_decode` values: None = GPU decoding where it can run.
 DECODE = {"auto": None, "gpu": True, "cpu": False}
-DECODE_HELP = ("where JPEG files are decoded when the GPU path preprocesses: auto (default: nvImageCodec into device "
-               "memory where it is installed, the `gpu-decode` extra), gpu (nvImageCodec, required) or cpu (Pillow, "
-               "the exact path: GPU decoding moves pixels by a level here and there, docs/preprocess.md). Other "
-               "formats always go through Pillow")
+_DECODE_CHOICES = {
+    "auto": "nvImageCodec into device memory where it is installed (the `gpu-decode` extra), else Pillow",
+    "gpu": "nvImageCodec, required",
+    "cpu": "Pillow, the exact path: GPU decoding moves pixels by a level here and there, docs/preprocess.md",
+}
+
+
+def add_decode_option(parser: Any, default: str = "auto", where: str = "", note: str = "") -> None:
+    """The one `--decode auto|gpu|cpu` option of every command line (runtime.infer, runtime.bench --pipeline,
+    eval.coco, serve.server): `where` opens its help, `note` ends it; `DECODE[args.decode]` is its `gpu_decode`."""
+    choices = "; ".join(f"{k}{' (default)' if k == default else ''}: {v}" for k, v in _DECODE_CHOICES.items())
+    text = (f"{where}where JPEG files are decoded when the GPU path preprocesses: {choices}. Other formats always "
+            f"go through Pillow{'; ' + note if note else ''}")
+    parser.add_argument("--decode", choices=tuple(DECODE), default=default, help=text.replace("%", "%%"))
 
 
 class DeviceImage(NamedTuple):

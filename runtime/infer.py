@@ -18,7 +18,7 @@ from core.sidecar import check_output_path, engine_inputs, replace_atomically, w
 from core import labels
 from core.cli import guarded, parser, positive_int, probability
 from core.errors import EXIT_FAILED, BadInput
-from runtime.decode import DECODE, DECODE_HELP
+from runtime.decode import DECODE, add_decode_option
 from runtime.torch_detector import TORCH_MODE_HELP, TORCH_MODES
 from runtime.preprocess import ImageError, usable_cpus
 from weights import require_weights_file
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where images are resized and normalised: the CPU (default), the GPU kernel writing into "
                    "the engine's inputs (bit-exact with the CPU path, docs/preprocess.md), or auto (the GPU when "
                    "available)")
-    p.add_argument("--decode", choices=tuple(DECODE), default="auto", help=DECODE_HELP)
+    add_decode_option(p)
     p.add_argument("--no-exif", action="store_true",
                    help="ignore EXIF orientation (COCO boxes refer to the stored pixels)")
     return p

@@ -13,6 +13,7 @@ before anything is batched, and a bad one gets its message while the others of i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -38,7 +39,8 @@ from core.cli import guarded, hw, parser, positive_float, positive_int
 from core.errors import EXIT_FAILED, BadInput, Unavailable
 from runtime.detector import Detector, above
 from runtime.infer import warn_random_weights
-from runtime.preprocess import HostBatch, TooManyPixels, open_image, prepare_batch, to_rgb
+from runtime.decode import add_decode_option
+from runtime.preprocess import HostBatch, ImageError, TooManyPixels, open_image, original_sizes, prepare_batch, to_rgb
 from runtime.runner import Engine, EngineRunner, require_file
 from runtime.torch_detector import TORCH_MODE_HELP, TORCH_MODES
 
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
                    help="refuse images with more pixels than this before decoding them (default: Pillow's "
                    f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
+    add_decode_option(p, default="cpu", note=(
+        "serve.server's default is cpu: Pillow and the CPU path, the exact pixels. gpu and auto put the batch's "
+        "requests on the GPU path (nvImageCodec decoding each batch's good JPEGs in one call, the GPU kernel, "
+        "bit-exact with the CPU path, writing the model's device inputs): an engine, or --torch-weights on CUDA; "
+        "gpu is refused where that cannot run (exit 2 with --device cpu, exit 3 without nvImageCodec or a GPU), "
+        "auto falls back to the CPU path. Empty, oversized (checked from the header) and undecodable files are "
+        "still each request's own error"))
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (boxes refer to stored pixels)")
     p.add_argument("--drain-timeout", type=positive_float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds to finish the requests in flight before the rest are refused "
@@ -154,48 +163,161 @@ def torch_models(weights: Path, device: str | None, instances: int,
 
 
 class HostPreprocess:
-    """Decoding and the evaluation transform on the CPU (runtime.preprocess).
+    """Decoding and the evaluation transform on the CPU (runtime.preprocess): Pillow decodes each request, the CPU
+    path resizes, normalises and pads the batch, the model runs on the arrays.
 
-    The seam for GPU preprocessing: `decode` runs per request and must stay on the host (it is where a bad
-    request is caught); `batch` turns the decoded images into the model's padded (B,3,H,W) float32 images and
-    (B,H,W) bool masks, and is what a GPU implementation replaces (same signature, same numbers).
+    `decode_all` answers each request on its own (an image, or the RequestError that is its answer): that is where
+    a bad request is caught, before anything is batched; `detect` turns a batch of decoded images into each
+    one's top-100 detections and (height, width). `GpuPreprocess` replaces both for the GPU path.
     """
 
     def __init__(self, model: Detector, max_pixels: int, exif: bool = True):
         self.min_hw, self.max_hw = model.min_hw, model.max_hw
         self.max_pixels, self.exif = max_pixels, exif
 
-    def open(self, data: bytes) -> Image.Image:
-        """The encoded file opened, its header read and nothing decoded yet (a small file can expand to
-        gigabytes), or a RequestError naming what is wrong with it: empty, more than max_pixels pixels, no image."""
+    def check(self, data: bytes) -> None:
+        """A RequestError for an empty file, or one whose header says it has more than `max_pixels` pixels (a
+        small file can expand to gigabytes: nothing is decoded to find out)."""
         if not data:
             raise RequestError("the image input is empty: send the bytes of an image file")
-        try:
-            return open_image(io.BytesIO(data), self.max_pixels, "the image",
-                              "send a smaller image (--max-pixels sets this server's limit)")
-        except TooManyPixels as exc:
-            raise RequestError(str(exc)) from None
-        except Exception as exc:
-            raise _undecodable(exc) from None
+        with self._opened(data):
+            pass
 
     def decode(self, data: bytes) -> Image.Image:
         """The encoded file as an RGB image, or a RequestError naming what is wrong with it."""
-        image = self.open(data)
-        try:
-            with image:
+        self.check(data)
+        with self._opened(data) as image:
+            try:
                 image.load()
                 return to_rgb(image, exif=self.exif)
-        except Exception as exc:  # anything a damaged file makes a decoder raise is this request's problem alone
-            raise _undecodable(exc) from None
+            except Exception as exc:  # anything a damaged file makes a decoder raise is this request's problem alone
+                raise undecodable(exc) from None
+
+    def decode_all(self, data: Sequence[bytes]) -> list[Any]:
+        """Per file, its RGB image or its RequestError."""
+        out: list[Any] = []
+        for item in data:
+            try:
+                out.append(self.decode(item))
+            except RequestError as exc:
+                out.append(exc)
+        return out
+
+    @contextlib.contextmanager
+    def _opened(self, data: bytes) -> Iterator[Image.Image]:
+        try:
+            image = open_image(io.BytesIO(data), self.max_pixels, "the image",
+                               "send a smaller image (--max-pixels sets this server's limit)")
+        except TooManyPixels as exc:
+            raise RequestError(str(exc)) from None
+        except Exception as exc:
+            raise undecodable(exc) from None
+        with image:
+            yield image
 
     def batch(self, images: Sequence[Image.Image]) -> HostBatch:
         # Images the official resize makes larger than the profile are scaled to fit, as runtime.infer does.
         return prepare_batch(images, self.min_hw, self.max_hw)
 
+    def detect(self, model: Detector, images: Sequence[Any]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """(top-100 detections in the image's own pixels, its (height, width)) of each image of one batch."""
+        prepared = self.batch(images)
+        return list(zip(model(*prepared), prepared.sizes))
 
-def _undecodable(exc: Exception) -> RequestError:
-    return RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG or other "
-                        "image file")
+    def close(self) -> None:
+        """Free what the preprocessing holds (nothing on the CPU)."""
+
+
+def undecodable(exc: BaseException | str) -> RequestError:
+    """The answer to a request whose file no decoder could read."""
+    why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return RequestError(f"cannot decode the image ({why}): send a complete JPEG, PNG or other image file")
+
+
+class GpuPreprocess(HostPreprocess):
+    """runtime.pipeline's GPU path for one instance: the batch's good files decoded by nvImageCodec in one call
+    into device memory (`decode_all`; what it refuses, and every other format, by Pillow for that file alone; a
+    file neither reads is that request's RequestError), then the GPU kernel writing the model's device inputs and
+    the model run on them (`detect`). `path` is a runtime.pipeline.GpuPath of one buffer set on the instance's
+    model; its `decoder` is None where files are decoded by Pillow (--decode auto without nvImageCodec)."""
+
+    def __init__(self, model: Detector, max_pixels: int, exif: bool, path: Any):
+        super().__init__(model, max_pixels, exif)
+        self.model, self.path = model, path
+
+    def decode_all(self, data: Sequence[bytes]) -> list[Any]:
+        decoder = self.path.decoder
+        if decoder is None:
+            return super().decode_all(data)
+        out: list[Any] = []
+        for item in data:  # empty and oversized files never reach a decoder
+            try:
+                self.check(item)
+                out.append(item)
+            except RequestError as exc:
+                out.append(exc)
+        good = [i for i, item in enumerate(out) if isinstance(item, bytes)]
+        try:
+            decoded = decoder.decode([out[i] for i in good], [f"request {i}" for i in good])
+        except Exception as exc:  # the decoder failed the whole call: each file is tried again with Pillow alone
+            LOG.warning("GPU decoding failed for a batch (%s): decoding it with Pillow", exc)
+            decoded = super().decode_all([out[i] for i in good])
+        for i, image in zip(good, decoded):
+            if isinstance(image, ImageError):
+                image = undecodable(str(image).split(": cannot read image ", 1)[-1].strip("()"))
+            elif isinstance(image, Image.Image):
+                image = to_rgb(image, exif=self.exif)
+            out[i] = image
+        return out
+
+    def detect(self, model: Detector, images: Sequence[Any]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+        sizes = original_sizes(images)
+        return list(zip(model.results(self.path.run(self.path.prepare(images)), sizes), sizes))
+
+    def close(self) -> None:
+        self.path.close()
+
+
+def preprocessors(models: Sequence[Detector], max_pixels: int, exif: bool, decode: str, max_batch: int
+                  ) -> tuple[list[HostPreprocess], Callable[[], None]]:
+    """One preprocessing per instance, and what closes them. `decode` (--decode): cpu = Pillow and the CPU path;
+    gpu = nvImageCodec and the GPU path, required (Unavailable where the model has no device inputs or the path
+    cannot be set up); auto = the GPU path where the model has device inputs and it can be set up (nvImageCodec
+    where installed), else the CPU path. Instances sharing one model (the reference) get a sibling each: input
+    buffers and a stream of their own."""
+    from runtime.decode import DECODE
+    from runtime.pipeline import DeviceRunner, GpuPath, PipelineStats, open_path
+
+    gpu_decode = DECODE[decode]
+    made: list[HostPreprocess] = []
+    siblings: list[Any] = []
+
+    def close() -> None:
+        for prep in made:
+            prep.close()
+        for sibling in siblings:
+            sibling.close()
+
+    try:
+        for i, model in enumerate(models):
+            on_gpu = gpu_decode is not False and isinstance(model, DeviceRunner) and model.stream is not None
+            if gpu_decode and not on_gpu:
+                raise Unavailable("--decode gpu feeds the GPU path, which needs a model on a GPU (an engine, or "
+                                  "--torch-weights on CUDA): serve with --decode cpu")
+            path = None
+            if on_gpu:
+                if model in models[:i]:
+                    siblings.append(model.sibling())
+                    model = siblings[-1]
+                path = open_path(model, gpu_decode, 1, PipelineStats(), gpu_decode, exif, max_batch)
+            if isinstance(path, GpuPath):
+                made.append(GpuPreprocess(model, max_pixels, exif, path))
+            else:
+                made.append(HostPreprocess(model, max_pixels, exif))
+    except BaseException:
+        close()
+        raise
+    return made, close
 
 
 def _threshold(request: Any, row: int) -> float:
@@ -283,7 +405,7 @@ class InferFunction:
 
     def _answer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows: list[list[Any]] = []  # per request, per row: detections or an error message
-        good: list[tuple[int, int, Image.Image, float]] = []
+        asked: list[tuple[int, int, bytes, float]] = []
         for r, request in enumerate(requests):
             rows.append([None] * _rows(request))
             # Triton only counts a request's inputs, so one that sends `threshold` alone gets this far.
@@ -293,16 +415,21 @@ class InferFunction:
                     if images is None:
                         raise RequestError("the request has no `image` input: send the encoded image file as "
                                            "`image` (BYTES, shape [1, 1])")
-                    threshold = _threshold(request, row)
-                    good.append((r, row, self.preprocess.decode(bytes(images[row].reshape(-1)[0])), threshold))
+                    asked.append((r, row, bytes(images[row].reshape(-1)[0]), _threshold(request, row)))
                 except RequestError as exc:
                     LOG.info("request refused: %s", exc)
                     rows[r][row] = str(exc)
+        good: list[tuple[int, int, Any, float]] = []
+        for (r, row, _, threshold), image in zip(asked, self.preprocess.decode_all([d for _, _, d, _ in asked])):
+            if isinstance(image, RequestError):
+                LOG.info("request refused: %s", image)
+                rows[r][row] = str(image)
+            else:
+                good.append((r, row, image, threshold))
         for start in range(0, len(good), self.max_batch):
             chunk = good[start : start + self.max_batch]
-            prepared = self.preprocess.batch([image for _, _, image, _ in chunk])
-            found = self.model(*prepared)
-            for (r, row, _, threshold), detections, size in zip(chunk, found, prepared.sizes):
+            found = self.preprocess.detect(self.model, [image for _, _, image, _ in chunk])
+            for (r, row, _, threshold), (detections, size) in zip(chunk, found):
                 kept = above(detections, threshold)
                 rows[r][row] = {**kept, "labels": kept["labels"].astype(np.int32), "size": size}
         return [_encode(request_rows, self.names) for request_rows in rows]
@@ -322,6 +449,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BadInput("--max-size applies to --torch-weights only (an engine's sizes come from its profile)")
     if args.max_size is not None and min(args.max_size) < MIN_SIDE:
         raise BadInput(f"--max-size {args.max_size[0]}x{args.max_size[1]}: both sides must be at least {MIN_SIDE}")
+    if args.decode == "gpu" and args.device == "cpu":
+        raise BadInput("--decode gpu decodes into CUDA memory; with --device cpu serve with --decode cpu")
     if args.engine is not None:
         require_file(args.engine)
     elif not args.torch_weights.is_file():
@@ -559,10 +688,15 @@ def run(args: argparse.Namespace) -> int:
     check_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
                             "--metrics-port": args.metrics_port})
     triton, DynamicBatcher, ModelConfig, Tensor = _pytriton()
+    if args.decode == "gpu":
+        from runtime.decode import load_codec
+
+        load_codec()  # a missing nvImageCodec is said now, before the model loads
     if args.engine is not None:
         models, close = engine_models(args.engine, args.instances)
     else:
         models, close = torch_models(args.torch_weights, args.device, args.instances, args.max_size, args.torch_mode)
+    closers = [close]  # the preprocessing (GPU buffers, decoders) goes before the models it writes into
     try:
         warn_random_weights(args.torch_weights, args.engine)
         profile_batch = models[0].max_batch
@@ -571,8 +705,9 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput(f"--max-batch {max_batch} exceeds the engine profile's maximum batch {profile_batch}")
         names = served_names(args)
         admission = Admission()
-        functions = [InferFunction(m, HostPreprocess(m, args.max_pixels, not args.no_exif), max_batch, admission, names)
-                     for m in models]
+        preps, close_preps = preprocessors(models, args.max_pixels, not args.no_exif, args.decode, max_batch)
+        closers.insert(0, close_preps)
+        functions = [InferFunction(m, prep, max_batch, admission, names) for m, prep in zip(models, preps)]
         _python_library_first()
         # Until the model serves, Ctrl-C and SIGTERM interrupt the start (KeyboardInterrupt); then Shutdown drains.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -605,7 +740,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0  # stopped before the model was serving: nothing was in flight
     finally:
-        close()
+        for closer in closers:
+            closer()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,7 +51,7 @@ from core.config import NUM_TOPK, AnchorDETRConfig
 from core.errors import BadInput, Unavailable
 from core.sidecar import MIN_SIDE, OutputPathError, Profile, SidecarError, check_output_path, load_sidecar
 from core.sidecar import write_atomic
-from runtime.decode import DECODE, DECODE_HELP
+from runtime.decode import DECODE, add_decode_option
 from runtime.detector import POSTPROCESS_OUTPUTS
 from runtime.runner import require_file
 
@@ -111,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images with more pixels than this before decoding them (default: Pillow's "
                    f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (boxes refer to stored pixels)")
-    p.add_argument("--decode", choices=tuple(DECODE), default="auto",
-                   help=f"{PRE}'s `decode` parameter, " + DECODE_HELP + "; CPU instances always decode with Pillow")
+    add_decode_option(p, "auto", f"{PRE}'s `decode` parameter: ", "CPU instances always decode with Pillow")
     p.add_argument("--execution-env", metavar="PATH",
                    help="EXECUTION_ENV_PATH of the Python-backend models: a conda-pack archive with this package, "
                    "as the server sees it (e.g. $$TRITON_MODEL_DIRECTORY/../anchortrt-env.tar.gz)")

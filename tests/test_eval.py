@@ -505,7 +505,8 @@ def test_torch_reference_on_tiny_set(tmp_path, capsys, random_weights):
     np.testing.assert_allclose(got_xyxy, expected["boxes"], rtol=1e-4, atol=1e-3)
 
     report = json.loads(metrics_path.read_text())
-    assert set(report) == {"torch", "delta_AP", "images", "images_per_s", "skipped"} and report["skipped"] == []
+    assert set(report) == {"torch", "delta_AP", "images", "images_per_s", "decode", "skipped"}
+    assert report["skipped"] == [] and report["decode"] == "cpu"  # Pillow, the default
     assert list(report["torch"]) == list(METRIC_KEYS)
     assert report["delta_AP"] is None and report["images"] == 2 and report["images_per_s"]["torch"] > 0
     stats, summary = pycocotools_direct(ann, results)
@@ -573,3 +574,155 @@ def test_engine_and_torch_side_by_side(tmp_path, capsys, random_weights):
         ours = sorted((r["score"] for r in engine_results if r["image_id"] == image_id), reverse=True)
         ref = sorted((r["score"] for r in torch_results if r["image_id"] == image_id), reverse=True)
         np.testing.assert_allclose(ours, ref, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------- --decode
+
+
+def test_decode_gpu_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--decode gpu with two models, or with the reference on the CPU, is usage (exit 2); without nvImageCodec it
+    is the environment (exit 3), said before any model loads. Nothing is written either way."""
+    from core.errors import Unavailable
+    from runtime import decode
+
+    root = tmp_path / "coco"
+    write_coco(root)
+    out_dir = tmp_path / "out"
+    weights_file = tmp_path / "w.safetensors"
+    weights_file.write_bytes(b"")
+    line = bad_input(capsys, "--coco-root", root, "--engine", tmp_path / "e.plan", "--torch-weights", weights_file,
+                     "--decode", "gpu", "--results-dir", out_dir)
+    assert "--decode gpu runs one model on the GPU path" in line and "--decode cpu" in line
+    line = bad_input(capsys, "--coco-root", root, "--torch-weights", weights_file, "--device", "cpu",
+                     "--decode", "gpu", "--results-dir", out_dir)
+    assert "with --device cpu use --decode cpu" in line
+
+    def missing():
+        raise Unavailable("GPU decoding needs nvImageCodec: pip install -e '.[gpu-decode]'")
+
+    monkeypatch.setattr(decode, "load_codec", missing)
+    monkeypatch.setattr(coco, "open_models", lambda args: pytest.fail("a model was loaded"))
+    code, _, err = run_cli(capsys, "--coco-root", root, "--engine", tmp_path / "e.plan", "--decode", "gpu",
+                           "--results-dir", out_dir)
+    assert code == 3 and "GPU decoding needs nvImageCodec" in err and "Traceback" not in err
+    assert not out_dir.exists()
+
+
+class DeviceModel(BoxPerImage):
+    """BoxPerImage with the surface of a runtime.pipeline.DeviceRunner (never run: decode_plan only looks)."""
+
+    stream = object()
+    input_pointers = (0, 0)
+
+    def device_inputs(self, batch, height, width):
+        return self.input_pointers
+
+    def sibling(self):
+        return self
+
+    def infer_on_device(self, shape, batch=None):
+        raise AssertionError("not run here")
+
+
+def test_decode_plan_gives_gpu_decoding_to_one_model_with_device_inputs_only():
+    from core.errors import BadInput, Unavailable
+
+    device, host = DeviceModel(), BoxPerImage()
+    assert coco.decode_plan("cpu", [device]) is False  # the default: Pillow, whatever the model
+    assert coco.decode_plan("auto", [device]) is None and coco.decode_plan("gpu", [device]) is True
+    assert coco.decode_plan("auto", [device, host]) is False  # side by side: one Pillow-decoded batch for both
+    assert coco.decode_plan("auto", [host]) is False
+    with pytest.raises(BadInput, match="--decode gpu runs one model"):
+        coco.decode_plan("gpu", [device, host])
+    with pytest.raises(Unavailable, match="--decode gpu needs a model on a GPU"):
+        coco.decode_plan("gpu", [host])
+    device.stream = None  # the reference on the CPU has the methods but no stream
+    assert coco.decode_plan("auto", [device]) is False
+
+
+def test_the_default_decodes_with_pillow_on_the_shared_path(tmp_path, capsys, monkeypatch):
+    """Without --decode the run never makes a GPU decoder, even for a model that could take one, and says so."""
+    from runtime import pipeline
+
+    root = tmp_path / "coco"
+    write_coco(root)
+    monkeypatch.setattr(coco, "open_models", lambda args: [DeviceModel()])
+    monkeypatch.setattr(pipeline, "detect_stream", lambda *a, **k: pytest.fail("the GPU path was taken"))
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--coco-root", root, "--engine", tmp_path / "e.plan", "--results-dir", out_dir)
+    assert code == 0, err
+    report = json.loads((out_dir / "metrics.json").read_text())
+    assert report["decode"] == "cpu" and report["images"] == 4
+
+
+from test_preprocess_kernel_on_cpu import host_gpu, host_runner, kernel  # noqa: E402,F401  (fixtures)
+
+
+def test_gpu_decoding_runs_one_model_on_the_gpu_path_without_exif(host_gpu, tmp_path, monkeypatch):
+    """run_models with gpu_decode: a stand-in nvImageCodec (Pillow's pixels in "device" memory) decodes each
+    batch's JPEGs in one call, the kernel's CPU build writes a DeviceRunner's inputs, and the COCO results equal
+    the shared Pillow path's exactly, image for image. A JPEG with an EXIF rotation keeps its stored pixels
+    (COCO boxes refer to them: the decoder is asked not to rotate), a PNG goes through Pillow and a corrupt file
+    is skipped alone."""
+    from helpers import NumpyDetector, solid
+    from test_decode import FakeCodec
+
+    from runtime import decode
+
+    codec = FakeCodec()
+    real = decode.BatchDecoder
+    made = []
+
+    def decoder(exif=True):
+        made.append(exif)
+        return real(exif=exif, device=False, codec=codec)
+
+    monkeypatch.setattr(decode, "load_codec", lambda: codec)
+    monkeypatch.setattr(decode, "BatchDecoder", decoder)
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.{'png' if i == 2 else 'jpg'}")
+        image = solid(50 + 13 * i, 40 + 9 * (i % 3), i % 3)
+        exif = image.getexif()
+        exif[0x0112] = 6 if i == 3 else 1  # image 3 is shown rotated by 90 degrees
+        image.save(paths[-1], exif=exif)
+    paths[5].write_bytes(paths[4].read_bytes()[:80])  # truncated
+    ids = [10 + i for i in range(7)]
+
+    gpu_model, cpu_model = host_runner(), NumpyDetector()
+    gpu_model.name = cpu_model.name = "engine"
+    got = coco.run_models([gpu_model], ids, paths, 2, 1, gpu_decode=True)
+    expected = coco.run_models([cpu_model], ids, paths, 2, 1, gpu_decode=False)
+    assert made == [False]  # one decoder, EXIF orientation off
+    assert sum(len(call) for call in codec.calls) == 5  # the five complete JPEGs, in one call per batch
+    assert got[2] == expected[2] == [i for i in ids if i != 15] and got[3] == expected[3] == [str(paths[5])]
+    assert got[0] == expected[0]  # the same COCO records, boxes in stored pixels
+    rotated = [r for r in got[0]["engine"] if r["image_id"] == 13]
+    assert rotated and rotated[0]["bbox"][2] > rotated[0]["bbox"][3]  # wider than tall: the stored 89x67, not 67x89
+    assert got[1]["engine"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_on_a_gpu_scores_as_the_pillow_path(tmp_path):
+    """The real GPU path: nvImageCodec on the GPU, the kernel into a CUDA DeviceRunner stand-in whose engine reads
+    the brightest channel and answers fixed boxes (a level of decoder difference changes nothing). The COCO records
+    equal the shared Pillow path's; scores within 1e-6 (the stand-in's sigmoid of equal logits)."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from helpers import CudaRunner, NumpyDetector, solid
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.jpg")
+        solid(60 + 21 * i, 40 + 13 * i, i % 3).save(paths[-1], quality=92)
+    ids = list(range(1, 6))
+    runner, cpu = CudaRunner(), NumpyDetector()
+    runner.name = cpu.name = "engine"
+    try:
+        got = coco.run_models([runner], ids, paths, 2, 2, gpu_decode=True)
+    finally:
+        runner.close()
+    expected = coco.run_models([cpu], ids, paths, 2, 2, gpu_decode=False)
+    assert got[2] == expected[2] == ids and got[3] == expected[3] == []
+    for g, e in zip(got[0]["engine"], expected[0]["engine"], strict=True):
+        assert (g["image_id"], g["category_id"], g["bbox"]) == (e["image_id"], e["category_id"], e["bbox"])
+        assert abs(g["score"] - e["score"]) <= 1e-6

@@ -28,6 +28,7 @@ from runtime.detector import Detector, above
 from helpers import assert_same_detections as assert_same, free_ports as _free_ports
 from helpers import session_processes as _session_processes
 from serve import server as serve
+from test_preprocess_kernel_on_cpu import host_gpu, kernel  # noqa: F401  (fixtures: the GPU kernel built for the CPU)
 
 MAX_SIZE = (64, 96)  # --max-size: images are scaled to fit it, so the CPU forward takes milliseconds
 MAX_PIXELS = 100 * 100
@@ -605,3 +606,160 @@ def test_sigterm_under_load_drains_exits_0_and_leaves_nothing(server, tmp_path):
     _assert_each_image_answered_or_refused(result)
     # Requests in flight at SIGTERM were answered; those sent after it were refused, none cut off.
     assert "connection closed" not in result["err"]
+
+
+# ---- --decode: GPU decoding per batch, each request answered alone -------------------------------------------
+
+
+def decode_requests() -> tuple[list[bytes], dict[str, int]]:
+    """Files covering every decision of the GPU path's decoding, and the position of each kind."""
+    from helpers import solid
+
+    def saved(image, fmt="JPEG", **options):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    rotated = solid(70, 50, 2)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    jpeg = saved(solid(60, 40, 0), quality=92)
+    files = {
+        "jpeg": jpeg,
+        "png": saved(solid(50, 60, 1), "PNG"),
+        "empty": b"",
+        "truncated": jpeg[: len(jpeg) // 2],
+        "junk": b"not an image",
+        "oversized": saved(solid(120, 100, 0)),  # 12,000 pixels > MAX_PIXELS, refused from the header
+        "refused": saved(solid(44, 66, 1), quality=80),  # a JPEG the stand-in codec refuses: Pillow decodes it
+        "rotated": saved(rotated, exif=exif),
+        "gray": saved(solid(64, 48, 0).convert("L")),
+    }
+    return list(files.values()), {name: i for i, name in enumerate(files)}
+
+
+def answer_all(infer, files):
+    return infer([{"image": np.array([[data]], object), "threshold": np.array([[0.3]], np.float32)} for data in files])
+
+
+def test_gpu_decoding_decodes_the_batch_in_one_call_and_answers_each_request_alone(host_gpu, monkeypatch):
+    """serve.server --decode gpu on this machine: a stand-in nvImageCodec (Pillow's pixels in "device" memory),
+    the GPU kernel's CPU build writing a DeviceRunner's inputs. The good JPEGs go to the codec in one call per
+    Triton batch, the PNG and the JPEG it refuses through Pillow; the answers equal the CPU path's (Pillow, the
+    CPU transform), and empty, oversized and undecodable files are each their own request's error."""
+    from helpers import NumpyDetector
+    from test_decode import FakeCodec
+    from test_preprocess_kernel_on_cpu import host_runner
+
+    from runtime import decode
+
+    files, at = decode_requests()
+    codec = FakeCodec(refuse={files[at["refused"]]})
+    real = decode.BatchDecoder
+    monkeypatch.setattr(decode, "load_codec", lambda: codec)
+    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
+    runner = host_runner()
+    preps, close = serve.preprocessors([runner], MAX_PIXELS, True, "gpu", max_batch=2)
+    assert isinstance(preps[0], serve.GpuPreprocess)
+    try:
+        got = answer_all(serve.InferFunction(runner, preps[0], max_batch=2), files)
+        cpu = NumpyDetector()
+        expected = answer_all(serve.InferFunction(cpu, serve.HostPreprocess(cpu, MAX_PIXELS), max_batch=2), files)
+    finally:
+        close()
+    assert codec.calls == [[files[at[k]] for k in ("jpeg", "refused", "rotated", "gray")]]  # one call, in order
+    assert preps[0].path.decoder.counts == {"gpu": 4, "pillow": 2, "refused": 1}
+    for name, i in at.items():
+        error = got[i]["error"][0, 0].decode()
+        if name in ("empty", "truncated", "junk", "oversized"):
+            assert got[i]["count"].tolist() == [[0]] and error and "\n" not in error, name
+            assert error.split(" (")[0].split(":")[0] == expected[i]["error"][0, 0].decode().split(" (")[0].split(":")[0]
+            continue
+        assert error == "", (name, error)
+        for key in ("count", "scores", "labels", "boxes", "size"):
+            np.testing.assert_array_equal(got[i][key], expected[i][key], err_msg=f"{name} {key}")
+    assert "empty" in got[at["empty"]]["error"][0, 0].decode()
+    assert "12,000 pixels" in got[at["oversized"]]["error"][0, 0].decode()
+    assert got[at["truncated"]]["error"][0, 0].startswith(b"cannot decode the image")
+    assert got[at["rotated"]]["size"].tolist() == [[70, 50]]  # EXIF orientation applied, as on the CPU path
+    assert sorted(batch for _, batch in runner.runs) == [1, 2, 2]  # five good rows in batches of at most 2
+
+
+def test_a_failing_gpu_decoder_call_falls_back_to_pillow_for_its_batch(monkeypatch):
+    """If nvImageCodec fails a whole call, the batch's files are decoded by Pillow one by one: nobody's request
+    fails for it, and a bad file among them is still only its own error."""
+    files, at = decode_requests()
+
+    class Failing:
+        def decode(self, items, names=None):
+            raise RuntimeError("decoder crashed")
+
+    path = type("Path", (), {"decoder": Failing()})()
+    prep = serve.GpuPreprocess(FakeDetector(), MAX_PIXELS, True, path)
+    out = prep.decode_all(files)
+    for name, i in at.items():
+        if name in ("empty", "truncated", "junk", "oversized"):
+            assert isinstance(out[i], serve.RequestError), name
+        else:
+            assert isinstance(out[i], Image.Image) and out[i].mode == "RGB", name
+    assert out[at["rotated"]].size == (50, 70)
+
+
+def test_decode_gpu_is_refused_where_the_model_cannot_take_device_images(tmp_path, capsys, monkeypatch):
+    from core.errors import Unavailable
+    from runtime import decode, pipeline
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert serve.main(["--torch-weights", str(weights), "--device", "cpu", "--decode", "gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m serve.server: error: --decode gpu decodes into CUDA memory; with --device cpu serve "
+                   "with --decode cpu"]
+    with pytest.raises(Unavailable, match="--decode gpu feeds the GPU path, which needs a model on a GPU"):
+        serve.preprocessors([FakeDetector()], MAX_PIXELS, True, "gpu", 3)
+    monkeypatch.setattr(pipeline, "open_path", lambda *a, **k: pytest.fail("the GPU path was tried"))
+    for mode in ("auto", "cpu"):  # auto: the CPU path for a model without device inputs; cpu: never tried
+        (prep,), close = serve.preprocessors([FakeDetector()], MAX_PIXELS, True, mode, 3)
+        assert type(prep) is serve.HostPreprocess
+        close()
+
+    def missing():
+        raise Unavailable("GPU decoding needs nvImageCodec: pip install -e '.[gpu-decode]'")
+
+    monkeypatch.setattr(decode, "load_codec", missing)
+    monkeypatch.setattr(serve, "engine_models", lambda *a: pytest.fail("the engine was loaded"))
+    monkeypatch.setattr(serve, "check_ports", lambda *a: None)
+    monkeypatch.setattr(serve, "_pytriton", lambda: (None,) * 4)
+    engine = tmp_path / "e.plan"
+    engine.write_bytes(b"plan")
+    monkeypatch.setattr(serve, "require_file", lambda path: None)
+    assert serve.main(["--engine", str(engine), "--decode", "gpu"]) == 3
+    assert "GPU decoding needs nvImageCodec" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_on_a_gpu_answers_as_the_cpu_path():
+    """The real thing: nvImageCodec on the GPU, the kernel into a CUDA DeviceRunner stand-in. Its stand-in engine
+    reads the brightest channel and answers fixed boxes, so a level of decoder difference changes nothing: the
+    answers equal the CPU path's; the bad files are their own errors."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from helpers import CudaRunner, NumpyDetector
+
+    files, at = decode_requests()
+    runner = CudaRunner()
+    preps, close = serve.preprocessors([runner], MAX_PIXELS, True, "gpu", max_batch=2)
+    try:
+        assert isinstance(preps[0], serve.GpuPreprocess) and preps[0].path.decoder is not None
+        got = answer_all(serve.InferFunction(runner, preps[0], max_batch=2), files)
+    finally:
+        close()
+        runner.close()
+    cpu = NumpyDetector()
+    expected = answer_all(serve.InferFunction(cpu, serve.HostPreprocess(cpu, MAX_PIXELS), max_batch=2), files)
+    for name, i in at.items():
+        if name in ("empty", "truncated", "junk", "oversized"):
+            assert got[i]["count"].tolist() == [[0]] and got[i]["error"][0, 0], name
+            continue
+        for key in ("count", "labels", "boxes", "size"):
+            np.testing.assert_array_equal(got[i][key], expected[i][key], err_msg=f"{name} {key}")
+        np.testing.assert_allclose(got[i]["scores"], expected[i]["scores"], rtol=0, atol=1e-6)

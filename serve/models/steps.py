@@ -167,7 +167,7 @@ class Preprocess:
                     if self.decoder is None:
                         rows.append(self.host.decode(data))
                     else:
-                        self.host.open(data).close()  # header checks only: decoding is the batch's
+                        self.host.check(data)  # header checks only: decoding is the batch's
                         rows.append(data)
                 answers.append(rows)
             except RequestError as exc:
