@@ -241,29 +241,31 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
             close()
 
 
+# Batches whose files are being read ahead of the decode call (one read task each).
+READ_AHEAD = 4
+
+
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
                            stats: PipelineStats) -> Iterator[Batch]:
     """Batches of `batch` files, each batch decoded in one `decoder.decode` call (runtime.decode.BatchDecoder:
-    JPEGs into device memory, the rest by Pillow, then `to_rgb`). The files are read on `workers` threads (None:
-    one per usable core), up to two batches ahead."""
+    JPEGs into device memory, the rest by Pillow, then `to_rgb`). Each batch's files are read by one task on
+    `workers` threads (None: one per usable core), up to READ_AHEAD batches ahead: a task per file cost the
+    decode stage more in hand-offs than the reads themselves."""
     with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool:
         from runtime.decode import read_file
 
         ahead: deque = deque()
-        exhausted = False
         while True:
-            while not exhausted and len(ahead) < 2 * batch:
-                path = next(paths, None)
-                if path is None:
-                    exhausted = True
-                else:
-                    ahead.append((path, pool.submit(read_file, path)))
+            while len(ahead) < READ_AHEAD:
+                keys = list(itertools.islice(paths, batch))
+                if not keys:
+                    break
+                ahead.append((keys, pool.submit(lambda keys: [read_file(k) for k in keys], keys)))
             if not ahead:
                 return
-            taken = [ahead.popleft() for _ in range(min(batch, len(ahead)))]
+            keys, read = ahead.popleft()
             with stats.timed("decode"):
-                keys = [path for path, _ in taken]
-                images = decoder.decode([future.result() for _, future in taken], [str(k) for k in keys])
+                images = decoder.decode(read.result(), [str(k) for k in keys])
                 images = [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
             yield Batch(keys, images)
 
