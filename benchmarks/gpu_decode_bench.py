@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
@@ -30,9 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.report import emit
 from core.cli import guarded, positive_int
 from core.errors import BadInput
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path
 from runtime.bench import synthetic_images
 from runtime.preprocess import load_image, to_rgb
 
@@ -179,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=88)
             fixed.append(buffer.getvalue())
         report["effect_on_detections"] = decode_effect(args.torch_weights, fixed)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_atomic(args.out, (json.dumps(report, indent=1) + "\n").encode())
+    emit(report, args.out, indent=1)
     return 0
 
 

@@ -19,7 +19,6 @@ Exit codes: 0 ok, 2 bad arguments, 3 no GPU or no nvImageCodec (with --gpu).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -27,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import emit
 from core.cli import guarded, positive_int
 from core.errors import BadInput
-from core.sidecar import Profile, check_output_path, write_atomic
+from core.sidecar import Profile, check_output_path
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
 from runtime.pipeline import PipelineStats, detect_stream
@@ -165,9 +165,7 @@ def run(args: argparse.Namespace, argv) -> int:
     report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(argv),
               "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable CPU cores",
               "stand_in": stand_in, **summary}
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_atomic(args.out, (json.dumps(report, indent=1) + "\n").encode())
+    emit(report, args.out, indent=1)
     return 0
 
 

@@ -18,7 +18,6 @@ Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.report import emit
 from core.cli import guarded, positive_int
-from core.sidecar import check_output_path, write_atomic
+from core.sidecar import check_output_path
 from runtime.preprocess import (
     MEAN, STD, load_image, pad_batch, preprocess_batch, preprocess_image, resized_hw, usable_cpus,
 )
@@ -156,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
         results["files"] = bench_files(args.files, args.batch, args.repeat)
     if args.gpu:
         results["gpu"] = bench_gpu()  # core.cuda says so in one line when there is no GPU
-    print(json.dumps(results, indent=2))
-    if args.out:
-        write_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode())
+    emit(results, args.out, indent=2)
     return 0
 
 
