@@ -33,7 +33,7 @@ from benchmarks.report import emit
 from core.cli import guarded, positive_int
 from core.errors import BadInput
 from core.sidecar import check_output_path
-from runtime.bench import synthetic_images
+from runtime.synthetic import synthetic_images
 from runtime.preprocess import load_image, to_rgb
 
 QUERIES, CLASSES, TOP = 900, 91, 100
