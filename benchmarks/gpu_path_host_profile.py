@@ -33,15 +33,14 @@ def stand_ins():
     """core.cuda with host memory and no-op launches; runtime.decode with a fake codec of pre-decoded pixels.
     Returns `remember(paths)`, which decodes the files once for the codec, and the engine stand-in's class."""
     sys.path.insert(0, str(ROOT / "tests"))
-    import test_preprocess_kernel_on_cpu as on_cpu
-    from helpers import FakeCodec, FakeImage, NumpyDetector
+    from helpers import FakeCodec, FakeImage, HostMemory, NumpyDetector, Ordered
 
     from core import cuda
     from runtime import decode, gpu_preprocess
 
     cuda.current_device = lambda: SimpleNamespace(arch=90, activate=lambda: None, index=0)
-    cuda.Stream = cuda.Event = on_cpu._Ordered
-    cuda.PinnedBuffer = cuda.DeviceBuffer = on_cpu._HostMemory
+    cuda.Stream = cuda.Event = Ordered
+    cuda.PinnedBuffer = cuda.DeviceBuffer = HostMemory
     cuda.load_kernel = lambda image, kind, name: name
     cuda.launch = lambda *args, **kwargs: None
     cuda.target_arch = lambda arch: arch
@@ -66,7 +65,7 @@ def stand_ins():
 
         def __init__(self, profile):
             super().__init__(profile, engine_postprocess=True)
-            self.stream, self._buffer = on_cpu._Ordered(), on_cpu._HostMemory(8)
+            self.stream, self._buffer = Ordered(), HostMemory(8)
             rng = np.random.default_rng(0)
             batch = profile.max[0]
             self.fixed = {"scores": np.sort(rng.random((batch, 100), np.float32))[:, ::-1].copy(),

@@ -285,6 +285,49 @@ def assert_same_detections(answer, expected, score_tol=1e-4, box_tol=1e-2):
         assert max(unmatched) - cut <= score_tol, f"{len(unmatched)} detections differ from the reference"
 
 
+# ---------------------------------------------------------------------------------------------- host memory for the device
+
+
+class HostMemory:
+    """Host memory standing in for a device or pinned buffer: the kernel built for the CPU reads it directly."""
+
+    def __init__(self, size: int, dtype=np.uint8) -> None:
+        self.array = np.zeros(max(int(size), 1), dtype)[: int(size)]
+        self.size, self.nbytes, self.ptr = int(size), self.array.nbytes, self.array.ctypes.data
+        self.closed = False
+
+    def view(self, shape):
+        return self.array[: int(np.prod(shape))].reshape(shape)
+
+    def upload(self, host: np.ndarray, stream) -> None:
+        assert host.flags.c_contiguous and host.nbytes <= self.nbytes
+        self.array.view(np.uint8)[: host.nbytes] = host.view(np.uint8).reshape(-1)
+
+    def download(self, host: np.ndarray, stream) -> None:
+        host.view(np.uint8).reshape(-1)[:] = self.array.view(np.uint8)[: host.nbytes]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Ordered:
+    """A stream or event: work runs at once on the CPU, so these only record that they were used and closed."""
+
+    handle = 0
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def record(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
 # ---------------------------------------------------------------------------------------------- GPU decoding
 
 

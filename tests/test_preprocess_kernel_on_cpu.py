@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import HostMemory, Ordered
 from plugins.nvrtc import format_define
 from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, TableCache, plan
 from runtime.preprocess import preprocess_batch
@@ -89,46 +90,6 @@ def random_rgb(rng, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-class _HostMemory:
-    """Host memory standing in for a device or pinned buffer: the kernel built for the CPU reads it directly."""
-
-    def __init__(self, size: int, dtype=np.uint8) -> None:
-        self.array = np.zeros(max(int(size), 1), dtype)[: int(size)]
-        self.size, self.nbytes, self.ptr = int(size), self.array.nbytes, self.array.ctypes.data
-        self.closed = False
-
-    def view(self, shape):
-        return self.array[: int(np.prod(shape))].reshape(shape)
-
-    def upload(self, host: np.ndarray, stream) -> None:
-        assert host.flags.c_contiguous and host.nbytes <= self.nbytes
-        self.array.view(np.uint8)[: host.nbytes] = host.view(np.uint8).reshape(-1)
-
-    def download(self, host: np.ndarray, stream) -> None:
-        host.view(np.uint8).reshape(-1)[:] = self.array.view(np.uint8)[: host.nbytes]
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class _Ordered:
-    """A stream or event: work runs at once on the CPU, so these only record that they were used and closed."""
-
-    handle = 0
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def record(self, stream) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-
 @pytest.fixture
 def host_gpu(kernel, monkeypatch):
     """core.cuda with host memory for device memory and the CPU build of the kernel for the launch, so that
@@ -149,10 +110,10 @@ def host_gpu(kernel, monkeypatch):
     launches: list = []
 
     monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(arch=90, activate=lambda: None))
-    monkeypatch.setattr(cuda, "Stream", _Ordered)
-    monkeypatch.setattr(cuda, "Event", _Ordered)
-    monkeypatch.setattr(cuda, "PinnedBuffer", _HostMemory)
-    monkeypatch.setattr(cuda, "DeviceBuffer", _HostMemory)
+    monkeypatch.setattr(cuda, "Stream", Ordered)
+    monkeypatch.setattr(cuda, "Event", Ordered)
+    monkeypatch.setattr(cuda, "PinnedBuffer", HostMemory)
+    monkeypatch.setattr(cuda, "DeviceBuffer", HostMemory)
     monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel[name])
     monkeypatch.setattr(cuda, "launch", launch)
     monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
@@ -164,9 +125,9 @@ def kernel_batch(images: list[np.ndarray], height: int, width: int, max_hw=(1344
     """The kernels' (images, masks) for uint8 RGB arrays, through GpuPreprocessor.upload and run."""
     from runtime.gpu_preprocess import GpuPreprocessor
 
-    out = _HostMemory(len(images) * 3 * height * width, np.float32)
+    out = HostMemory(len(images) * 3 * height * width, np.float32)
     out.array[:] = np.nan  # the kernel must write every value
-    masks = _HostMemory(len(images) * height * width, bool)
+    masks = HostMemory(len(images) * height * width, bool)
     with GpuPreprocessor(max_batch=len(images), max_hw=max_hw) as pre:
         for slot, rgb in enumerate(images):
             pre.upload(slot, rgb)
@@ -220,7 +181,7 @@ def test_gpu_preprocessor_through_host_memory_equals_the_cpu_path(host_gpu):
             expected, expected_masks, sizes = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
                                                                min_hw=(320, 512), max_hw=(1344, 1344))
             b, _, h, w = expected.shape
-            out, masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+            out, masks = HostMemory(b * 3 * h * w, np.float32), HostMemory(b * h * w, bool)
             out.array[:] = np.nan  # every value must be written
             assert [pre.upload(slot, a) for slot, a in enumerate(images)] == [tuple(s) for s in sizes]
             pre.run(out.ptr, masks.ptr, (b, h, w))
@@ -264,7 +225,7 @@ def test_placed_images_are_read_in_place_through_their_row_pitch(host_gpu):
     expected, expected_masks, sizes = preprocess_batch([Image.fromarray(a) for a in images], exif=False,
                                                        max_hw=(1344, 1344))
     b, _, h, w = expected.shape
-    out, masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
+    out, masks = HostMemory(b * 3 * h * w, np.float32), HostMemory(b * h * w, bool)
     out.array[:] = np.nan
     with GpuPreprocessor(max_batch=2, max_hw=(1344, 1344)) as pre:
         got = [pre.place(slot, rows.ctypes.data, *rgb.shape[:2], pitch=rows.shape[1], owner=rows)
@@ -323,8 +284,8 @@ def host_runner(profile=None):
         def __init__(self, profile=None):
             super().__init__(*([profile] if profile else []))
             b, h, w = self.profile.max
-            self._images, self._masks = _HostMemory(b * 3 * h * w, np.float32), _HostMemory(b * h * w, bool)
-            self.runs, self.stream, self.last_sibling = [], _Ordered(), None
+            self._images, self._masks = HostMemory(b * 3 * h * w, np.float32), HostMemory(b * h * w, bool)
+            self.runs, self.stream, self.last_sibling = [], Ordered(), None
 
         @property
         def input_pointers(self):
