@@ -456,13 +456,9 @@ def open_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, stats:
         return CpuPath(detector, stats)
     try:
         return GpuPath(runner, in_flight, stats, gpu_decode, exif, batch)
-    except Unavailable as exc:
-        if gpu_decode and "nvImageCodec" in str(exc):
-            raise
-        if gpu_preprocess:
-            raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None
-        return CpuPath(detector, stats)
     except Exception as exc:  # no cuda.core, no NVRTC, no memory for a second buffer set: the CPU path will do
+        if gpu_decode and isinstance(exc, Unavailable) and "nvImageCodec" in str(exc):
+            raise
         if gpu_preprocess:
             raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None
         return CpuPath(detector, stats)
