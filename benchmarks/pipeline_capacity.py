@@ -32,7 +32,7 @@ from core.errors import BadInput
 from core.sidecar import Profile, check_output_path
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
-from runtime.pipeline import PipelineStats, detect_stream
+from runtime.bench import timed_stream
 from runtime.detector import Detector, ProfileDetector
 
 QUERIES, CLASSES = 900, 91
@@ -119,14 +119,8 @@ def measure(detector: Detector, paths, batch: int, workers: int, in_flight: int,
             decode: str = "cpu") -> dict:
     from runtime.decode import DECODE
 
-    options = dict(batch=batch, workers=workers, in_flight=in_flight, gpu_preprocess=gpu,
-                   gpu_decode=DECODE[decode] if gpu else False)
-    for _ in detect_stream(detector, paths[:batch], **options):  # warm-up: thread pools, first allocations
-        pass
-    stats = PipelineStats()
-    for _ in detect_stream(detector, paths, stats=stats, **options):
-        pass
-    summary = stats.summary()
+    summary = timed_stream(detector, paths, batch=batch, workers=workers, in_flight=in_flight, gpu_preprocess=gpu,
+                           gpu_decode=DECODE[decode] if gpu else False).summary()
     summary["ms_per_image"] = 1000 / summary["images_per_s"] if summary["images_per_s"] else None
     return summary
 

@@ -183,17 +183,25 @@ def pipeline_files(spec: str, folder: Path | None) -> list[Path]:
 def pipeline_row(name: str, detector, paths: Sequence[Path], batch: int, args: argparse.Namespace) -> dict:
     """Files to detections through runtime.pipeline: one untimed batch first (engine warm-up, first compile), then
     every file, timed."""
-    from runtime.pipeline import GPU_PREPROCESS, PipelineStats, detect_stream
+    from runtime.pipeline import GPU_PREPROCESS
 
-    options = dict(batch=batch, workers=args.workers, in_flight=args.in_flight,
-                   gpu_preprocess=GPU_PREPROCESS[args.preprocess], gpu_decode=DECODE[args.decode])
-    for _ in detect_stream(detector, paths[:batch], **options):
-        pass
-    stats = PipelineStats()
-    for _ in detect_stream(detector, paths, stats=stats, **options):
-        pass
+    stats = timed_stream(detector, paths, batch=batch, workers=args.workers, in_flight=args.in_flight,
+                         gpu_preprocess=GPU_PREPROCESS[args.preprocess], gpu_decode=DECODE[args.decode])
     return {"backend": "pipeline", "model": name, "batch": batch, "workers": args.workers,
             "in_flight": args.in_flight, "preprocess": args.preprocess, "decode": args.decode, **stats.summary()}
+
+
+def timed_stream(detector, paths: Sequence[Path], batch: int, **options: Any):
+    """`runtime.pipeline.detect_stream` over the first batch untimed (engine warm-up, first compile, thread pools,
+    first allocations), then over every file; the timed run's PipelineStats."""
+    from runtime.pipeline import PipelineStats, detect_stream
+
+    for _ in detect_stream(detector, paths[:batch], batch=batch, **options):
+        pass
+    stats = PipelineStats()
+    for _ in detect_stream(detector, paths, batch=batch, stats=stats, **options):
+        pass
+    return stats
 
 
 def bench_pipeline(args: argparse.Namespace, paths: Sequence[Path]) -> Iterator[dict]:
