@@ -30,7 +30,8 @@ import numpy as np
 import cuda.core as _core
 from cuda.bindings import driver as cu
 
-from core.errors import Unavailable
+from core.errors import BadInput, Unavailable
+from core.sidecar import write_atomic
 
 NO_GPU_HINT = "the runtime needs an NVIDIA GPU with its driver (check `nvidia-smi` and CUDA_VISIBLE_DEVICES)"
 NVRTC_HINT = "pip install 'nvidia-cuda-nvrtc==13.0.*'"
@@ -364,11 +365,8 @@ def compile_cached(source: bytes, name: str, options: list[str], kind: str,
         pass
     image = compile_program(source, name, options, kind, headers)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(image)
-        os.replace(tmp, path)  # whole or not at all: another process may be reading it
-    except OSError:
+        write_atomic(path, image)  # whole or not at all: another process may be reading it
+    except (OSError, BadInput):  # BadInput: core.sidecar refuses the path (a folder there, a broken link)
         pass
     return image
 
