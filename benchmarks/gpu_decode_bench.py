@@ -21,7 +21,6 @@ import argparse
 import io
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +32,7 @@ from benchmarks.report import emit
 from core.cli import guarded, positive_int
 from core.errors import BadInput
 from core.sidecar import check_output_path
-from runtime.synthetic import synthetic_images
+from runtime.synthetic import synthetic_jpegs
 from runtime.preprocess import load_image, to_rgb
 
 QUERIES, CLASSES, TOP = 900, 91, 100
@@ -53,9 +52,7 @@ def bench(count: int) -> dict:
     from runtime.gpu_preprocess import GpuPreprocessor
 
     device = cuda.init()
-    with tempfile.TemporaryDirectory(prefix="anchortrt-decode-") as folder:
-        paths = synthetic_images(Path(folder), count)
-        data = [p.read_bytes() for p in paths]
+    data = list(synthetic_jpegs(count))  # the bytes synthetic_images writes, without the round trip through files
     report: dict = {"device": device.name, "cpu_cores": os.cpu_count(), "images": count}
     threads = os.cpu_count() or 1
     with ThreadPoolExecutor(threads) as pool:
@@ -168,8 +165,6 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"--torch-weights {args.torch_weights} not found")
     report = bench(args.images)
     if args.torch_weights is not None:
-        from runtime.synthetic import synthetic_jpegs
-
         rng = np.random.default_rng(1)
         fixed = list(synthetic_jpegs(16))
         for h, w in [(427, 640), (640, 480), (1200, 1600), (333, 500), (800, 1333), (97, 151)]:
