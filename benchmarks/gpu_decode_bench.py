@@ -30,9 +30,9 @@ from PIL import Image
 
 from benchmarks.report import emit
 from core.cli import guarded, positive_int
-from core.errors import BadInput
 from core.sidecar import check_output_path
 from runtime.synthetic import synthetic_jpegs
+from weights import require_weights_file
 from runtime.preprocess import load_image, to_rgb
 
 QUERIES, CLASSES, TOP = 900, 91, 100
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out, "--out")
-    if args.torch_weights is not None and not args.torch_weights.is_file():
-        raise BadInput(f"--torch-weights {args.torch_weights} not found")
+    if args.torch_weights is not None:
+        require_weights_file(args.torch_weights, "--torch-weights")
     report = bench(args.images)
     if args.torch_weights is not None:
         rng = np.random.default_rng(1)
