@@ -87,6 +87,19 @@ class RequestError(BadInput):
     """What is wrong with one request; answered to that request only."""
 
 
+def add_batching_options(p: argparse.ArgumentParser, queue_delay: str) -> None:
+    """--max-batch, --max-queue-delay-us and --max-pixels, as serve.server and serve.triton both take them;
+    `queue_delay` opens the help of --max-queue-delay-us."""
+    p.add_argument("--max-batch", type=positive_int, metavar="B",
+                   help=f"largest batch Triton forms (default: the engine profile's maximum; {DEFAULT_TORCH_BATCH} "
+                   "for --torch-weights)")
+    p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
+                   help=f"{queue_delay}, microseconds (default 1000)")
+    p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
+                   help="refuse images with more pixels than this before decoding them (default: Pillow's "
+                   f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "python -m serve.server",
@@ -111,14 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     p.add_argument("--instances", type=positive_int, default=1, metavar="N",
                    help="model instances (each its own execution context and stream on one shared engine; default 1)")
-    p.add_argument("--max-batch", type=positive_int, metavar="B",
-                   help=f"largest batch Triton forms (default: the engine profile's maximum; {DEFAULT_TORCH_BATCH} "
-                   "for --torch-weights)")
-    p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
-                   help="how long a request may wait for others to fill a batch, microseconds (default 1000)")
-    p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
-                   help="refuse images with more pixels than this before decoding them (default: Pillow's "
-                   f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
+    add_batching_options(p, "how long a request may wait for others to fill a batch")
     add_decode_option(p, default="cpu", note=(
         "serve.server's default is cpu: Pillow and the CPU path, the exact pixels. gpu and auto put the batch's "
         "requests on the GPU path (nvImageCodec decoding each batch's good JPEGs in one call, the GPU kernel, "
