@@ -285,6 +285,33 @@ def assert_same_detections(answer, expected, score_tol=1e-4, box_tol=1e-2):
         assert max(unmatched) - cut <= score_tol, f"{len(unmatched)} detections differ from the reference"
 
 
+def assert_good_and_bad_answered_together(client, good, bad, reference, also: str = "") -> None:
+    """Send every good (data, threshold) and bad {name: (data, threshold, message)} request at once, the bad ones
+    spread among the good ones; each good answer must be the reference's detections, each bad one an error that
+    says its message (and `also`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.client import RequestFailed
+
+    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
+    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
+
+    def send(job):
+        try:
+            return client.detect(job[1], job[2])
+        except RequestFailed as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for (name, data, threshold, message), answer in zip(jobs, answers):
+        if name == "good":
+            assert isinstance(answer, dict), answer
+            assert_same_detections(answer, reference(data, threshold))
+        else:
+            assert isinstance(answer, str) and message in answer and also in answer, (name, answer)
+
+
 # ---------------------------------------------------------------------------------------------- GPU decoding
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from runtime.detector import Detector, above
 from helpers import assert_same_detections as assert_same, free_ports as _free_ports
-from helpers import session_processes as _session_processes
+from helpers import assert_good_and_bad_answered_together, session_processes as _session_processes
 from serve import server as serve
 from test_preprocess_kernel_on_cpu import host_gpu, kernel  # noqa: F401  (fixtures: the GPU kernel built for the CPU)
 
@@ -319,8 +319,6 @@ def test_zero_detections_answer_with_no_rows(server):
 
 @pytest.mark.slow
 def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference):
-    from serve.client import RequestFailed
-
     client = server["clients"]["grpc"]
     jpeg = encoded(7, fmt="JPEG")
     bad = {
@@ -332,23 +330,7 @@ def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference)
         "too many pixels": (encoded(3, size=(101, 100)), 0.5, "--max-pixels"),
     }
     good = [(encoded(100 + i, fmt="JPEG"), 0.3) for i in range(8)]
-    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
-    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
-
-    def send(job):
-        try:
-            return client.detect(job[1], job[2])
-        except RequestFailed as exc:
-            return str(exc)
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
-    for (name, data, threshold, message), answer in zip(jobs, answers):
-        if name == "good":
-            assert isinstance(answer, dict), answer
-            assert_same(answer, reference(data, threshold))
-        else:
-            assert isinstance(answer, str) and message in answer, (name, answer)
+    assert_good_and_bad_answered_together(client, good, bad, reference)
 
     # Wrong dtype and shape are refused by Triton itself, before the model sees them.
     module = client.module

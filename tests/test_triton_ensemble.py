@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_same_detections, free_ports, session_processes
+from helpers import assert_good_and_bad_answered_together, assert_same_detections, free_ports, session_processes
 
 MAX_SIZE = (64, 96)
 MAX_PIXELS = 200 * 200
@@ -420,8 +419,6 @@ def test_requests_one_at_a_time_match_runtime_infer(server, reference):
 
 
 def test_good_and_bad_requests_batched_together(server, reference):
-    from serve.client import RequestFailed
-
     client = server["clients"]["grpc"]
     jpeg = encoded(7)
     bad = {
@@ -432,23 +429,7 @@ def test_good_and_bad_requests_batched_together(server, reference):
         "too many pixels": (encoded(3, size=(201, 200)), 0.5, "--max-pixels"),
     }
     good = [(encoded(100 + i), 0.2 + 0.1 * i) for i in range(4)]  # one size: batching cannot change the padding
-    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
-    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
-
-    def send(job):
-        try:
-            return client.detect(job[1], job[2])
-        except RequestFailed as exc:
-            return str(exc)
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
-    for (name, data, threshold, message), answer in zip(jobs, answers):
-        if name == "good":
-            assert isinstance(answer, dict), answer
-            assert_same_detections(answer, reference(data, threshold))
-        else:
-            assert isinstance(answer, str) and message in answer and "anchor_detr" in answer, (name, answer)
+    assert_good_and_bad_answered_together(client, good, bad, reference, also="anchor_detr")
     # The good ones were batched with each other and the bad ones: Triton's statistics say so.
     stats = server["clients"]["http"]._client().get_inference_statistics("anchor_detr_pre")["model_stats"][0]
     assert stats["execution_count"] < stats["inference_count"]
