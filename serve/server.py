@@ -184,15 +184,12 @@ class HostPreprocess:
     def check(self, data: bytes) -> None:
         """A RequestError for an empty file, or one whose header says it has more than `max_pixels` pixels (a
         small file can expand to gigabytes: nothing is decoded to find out)."""
-        if not data:
-            raise RequestError("the image input is empty: send the bytes of an image file")
         with self._opened(data):
             pass
 
     def decode(self, data: bytes) -> Image.Image:
         """The encoded file as an RGB image, or a RequestError naming what is wrong with it."""
-        self.check(data)
-        with self._opened(data) as image:
+        with self._opened(data) as image:  # check's errors, from the same header read the decoding goes on from
             try:
                 image.load()
                 return to_rgb(image, exif=self.exif)
@@ -211,6 +208,8 @@ class HostPreprocess:
 
     @contextlib.contextmanager
     def _opened(self, data: bytes) -> Iterator[Image.Image]:
+        if not data:
+            raise RequestError("the image input is empty: send the bytes of an image file")
         try:
             image = open_image(io.BytesIO(data), self.max_pixels, "the image",
                                "send a smaller image (--max-pixels sets this server's limit)")
