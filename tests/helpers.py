@@ -312,6 +312,14 @@ def assert_good_and_bad_answered_together(client, good, bad, reference, also: st
             assert isinstance(answer, str) and message in answer and also in answer, (name, answer)
 
 
+def noise_image_file(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
+    """An encoded image of random pixels, `size` (width, height): the same file for the same seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------- GPU decoding
 
 

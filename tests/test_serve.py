@@ -6,6 +6,7 @@ compare every answer with a direct reference call (same preprocessing, TorchRefe
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -26,7 +27,7 @@ from PIL import Image
 
 from runtime.detector import Detector, above
 from helpers import assert_same_detections as assert_same, free_ports as _free_ports
-from helpers import assert_good_and_bad_answered_together, session_processes as _session_processes
+from helpers import assert_good_and_bad_answered_together, noise_image_file, session_processes as _session_processes
 from serve import server as serve
 from test_preprocess_kernel_on_cpu import host_gpu, kernel  # noqa: F401  (fixtures: the GPU kernel built for the CPU)
 
@@ -36,11 +37,7 @@ START_TIMEOUT_S = 120
 ENCODERS = {"jpeg": "JPEG", "png": "PNG"}
 
 
-def encoded(seed: int, size=(96, 64), fmt="PNG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
+encoded = functools.partial(noise_image_file, fmt="PNG")
 
 
 # ---- without a server: the answer encoding and the missing-PyTriton error -----------------------------------

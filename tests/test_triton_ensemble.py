@@ -24,17 +24,11 @@ import pytest
 from PIL import Image
 
 from helpers import assert_good_and_bad_answered_together, assert_same_detections, free_ports, session_processes
+from helpers import noise_image_file as encoded
 
 MAX_SIZE = (64, 96)
 MAX_PIXELS = 200 * 200
 START_TIMEOUT_S = 150
-
-
-def encoded(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
 
 
 # ---- the models' work without Triton (serve.models.steps) ------------------------------------------------------
