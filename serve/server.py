@@ -100,6 +100,24 @@ def add_batching_options(p: argparse.ArgumentParser, queue_delay: str) -> None:
                    f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
 
 
+def add_port_options(p: Any) -> None:
+    """--host and the three ports Triton listens on, as serve.server and serve.triton --serve take them (p: a
+    parser or an argument group); check_port_options checks them."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+
+
+def check_port_options(args: argparse.Namespace) -> None:
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 < getattr(args, name) < 65536:
+            raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a port number 1-65535")
+    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
+        raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "python -m serve.server",
@@ -117,11 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=hw, metavar="HxW",
                    help="--torch-weights only: scale images to fit HxW, as an engine whose profile maximum is HxW "
                    "does (default: the official 800/1333 resize; small sizes make CPU serving fast)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    add_port_options(p)
     p.add_argument("--instances", type=positive_int, default=1, metavar="N",
                    help="model instances (each its own execution context and stream on one shared engine; default 1)")
     add_batching_options(p, "how long a request may wait for others to fill a batch")
@@ -441,11 +455,7 @@ class InferFunction:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("http_port", "grpc_port", "metrics_port"):
-        if not 0 < getattr(args, name) < 65536:
-            raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a port number 1-65535")
-    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
-        raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
+    check_port_options(args)
     if args.max_queue_delay_us < 0:
         raise BadInput(f"--max-queue-delay-us {args.max_queue_delay_us}: must be at least 0")
     if args.device is not None and args.torch_weights is None:

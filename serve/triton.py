@@ -54,7 +54,7 @@ from core.sidecar import write_atomic
 from runtime.decode import DECODE, add_decode_option
 from runtime.detector import POSTPROCESS_OUTPUTS
 from runtime.runner import require_file
-from serve.server import DEFAULT_TORCH_BATCH, add_batching_options
+from serve.server import DEFAULT_TORCH_BATCH, add_batching_options, add_port_options, check_port_options
 from serve.server import MODEL_NAME as SERVER_MODEL
 
 ENSEMBLE = SERVER_MODEL  # serve.server's model name: clients do not tell the two servers apart
@@ -116,10 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = p.add_argument_group("serving the repository here (--torch-weights only)")
     serve.add_argument("--serve", action="store_true",
                        help="then serve it with the tritonserver in PyTriton's wheel until Ctrl-C or SIGTERM")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    add_port_options(serve)
     return p
 
 
@@ -497,11 +494,7 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
 
 
 def _check_serve_args(args: argparse.Namespace) -> None:
-    ports = (args.http_port, args.grpc_port, args.metrics_port)
-    if not all(0 < port < 65536 for port in ports):
-        raise BadInput(f"ports {ports}: each must be a port number 1-65535")
-    if len(set(ports)) != 3:
-        raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
+    check_port_options(args)
     if args.engine is not None:
         raise BadInput("--serve needs --torch-weights: PyTriton's tritonserver has no TensorRT backend; serve an "
                        "engine's repository with the Triton container (docs/serving.md)")
