@@ -643,9 +643,10 @@ class Shutdown:
 
     def _stop(self, server: Any, clean: bool) -> int:
         # Our own resource tracker outlives this call on purpose: it unlinks leaked shared memory when we exit.
-        ours = {pid for pid in descendants(os.getpid()) if (_stat(pid) or (0,))[0] == os.getpid()
+        below = descendants(os.getpid())
+        ours = {pid for pid in below if (_stat(pid) or (0,))[0] == os.getpid()
                 and any("multiprocessing.resource_tracker" in arg for arg in _cmdline(pid))}
-        started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in ours}
+        started = {pid: start for pid, start in below.items() if pid not in ours}
         workspace = getattr(getattr(server, "_workspace", None), "path", None)
         stopper = threading.Thread(target=server.stop, name="triton-stop", daemon=True)
         stopper.start()
