@@ -263,6 +263,31 @@ def session_processes(sid: int) -> list[int]:
     return found
 
 
+def ready_clients(process, log, http: int, grpc: int, start_timeout: float, kill, what: str) -> dict:
+    """serve.client Clients over HTTP and gRPC of the server `process` started, once it answers. Generous
+    per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards. If it exits or does not
+    answer within `start_timeout` seconds, `kill(process)` and the test fails with the end of its `log`."""
+    import time
+
+    import pytest
+
+    from serve.client import Client
+
+    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
+               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
+    deadline = time.monotonic() + start_timeout
+    while True:
+        try:
+            clients["http"].check_ready()
+            return clients
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                kill(process)
+                log.seek(0)
+                pytest.fail(f"{what} did not become ready:\n{log.read()[-4000:]}")
+            time.sleep(0.5)
+
+
 def assert_same_detections(answer, expected, score_tol=1e-4, box_tol=1e-2):
     """Equal up to float rounding. Batched and single-image forwards differ in the last bits, which reorders
     detections whose scores tie within that (random weights have many) and can swap which of them makes the

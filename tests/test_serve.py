@@ -27,7 +27,8 @@ from PIL import Image
 
 from runtime.detector import Detector, above
 from helpers import assert_same_detections as assert_same, free_ports as _free_ports
-from helpers import assert_good_and_bad_answered_together, noise_image_file, session_processes as _session_processes
+from helpers import assert_good_and_bad_answered_together, noise_image_file, ready_clients
+from helpers import session_processes as _session_processes
 from serve import server as serve
 from test_preprocess_kernel_on_cpu import host_gpu, kernel  # noqa: F401  (fixtures: the GPU kernel built for the CPU)
 
@@ -232,8 +233,6 @@ def _short_folder():
 def _start_server(folder, weights, *options):
     """`python -m serve.server` in a session of its own, its temporary files and PyTriton's workspace inside
     `folder` (TMPDIR, XDG_CACHE_HOME), once it serves: (process, log, clients, ports)."""
-    from serve.client import Client
-
     http, grpc, metrics = _free_ports(3)
     for name in ("tmp", "cache"):
         (folder / name).mkdir()
@@ -245,20 +244,7 @@ def _start_server(folder, weights, *options):
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
-    # Generous per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards.
-    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
-               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            clients["http"].check_ready()
-            break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                _kill_server(process)
-                log.seek(0)
-                pytest.fail(f"server did not become ready:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
+    clients = ready_clients(process, log, http, grpc, START_TIMEOUT_S, _kill_server, "server")
     return process, log, clients, {"http": http, "grpc": grpc, "metrics": metrics}
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_good_and_bad_answered_together, assert_same_detections, free_ports, session_processes
+from helpers import assert_good_and_bad_answered_together, assert_same_detections, free_ports, ready_clients
+from helpers import session_processes
 from helpers import noise_image_file as encoded
 
 MAX_SIZE = (64, 96)
@@ -330,8 +331,6 @@ def test_a_model_that_fails_to_load_is_exit_3_and_leaves_nothing(tmp_path):
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs PyTriton (its tritonserver): pip install -e '.[serve]'")
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    from serve.client import Client
-
     folder = tmp_path_factory.mktemp("ensemble")
     weights = folder / "r50_c5.safetensors"
     subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "--seed", "0",
@@ -347,19 +346,8 @@ def server(tmp_path_factory):
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(temp)},
     )
-    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
-               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            clients["http"].check_ready()
-            break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                log.seek(0)
-                pytest.fail(f"tritonserver did not become ready:\n{log.read()[-4000:]}")
-            time.sleep(0.5)
+    clients = ready_clients(process, log, http, grpc, START_TIMEOUT_S,
+                            lambda p: os.killpg(p.pid, signal.SIGKILL), "tritonserver")
     yield {"process": process, "weights": weights, "clients": clients, "log": log, "folder": folder,
            "temp": temp, "metrics": metrics}
     if process.poll() is None:  # only if the shutdown test did not run or failed
