@@ -87,6 +87,37 @@ class RequestError(BadInput):
     """What is wrong with one request; answered to that request only."""
 
 
+def add_batching_options(p: argparse.ArgumentParser, queue_delay: str) -> None:
+    """--max-batch, --max-queue-delay-us and --max-pixels, as serve.server and serve.triton both take them;
+    `queue_delay` opens the help of --max-queue-delay-us."""
+    p.add_argument("--max-batch", type=positive_int, metavar="B",
+                   help=f"largest batch Triton forms (default: the engine profile's maximum; {DEFAULT_TORCH_BATCH} "
+                   "for --torch-weights)")
+    p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
+                   help=f"{queue_delay}, microseconds (default 1000)")
+    p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
+                   help="refuse images with more pixels than this before decoding them (default: Pillow's "
+                   f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
+
+
+def add_port_options(p: Any) -> None:
+    """--host and the three ports Triton listens on, as serve.server and serve.triton --serve take them (p: a
+    parser or an argument group); check_port_options checks them."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+
+
+def check_port_options(args: argparse.Namespace) -> None:
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 < getattr(args, name) < 65536:
+            raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a port number 1-65535")
+    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
+        raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "python -m serve.server",
@@ -104,21 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=hw, metavar="HxW",
                    help="--torch-weights only: scale images to fit HxW, as an engine whose profile maximum is HxW "
                    "does (default: the official 800/1333 resize; small sizes make CPU serving fast)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    add_port_options(p)
     p.add_argument("--instances", type=positive_int, default=1, metavar="N",
                    help="model instances (each its own execution context and stream on one shared engine; default 1)")
-    p.add_argument("--max-batch", type=positive_int, metavar="B",
-                   help=f"largest batch Triton forms (default: the engine profile's maximum; {DEFAULT_TORCH_BATCH} "
-                   "for --torch-weights)")
-    p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
-                   help="how long a request may wait for others to fill a batch, microseconds (default 1000)")
-    p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
-                   help="refuse images with more pixels than this before decoding them (default: Pillow's "
-                   f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
+    add_batching_options(p, "how long a request may wait for others to fill a batch")
     add_decode_option(p, default="cpu", note=(
         "serve.server's default is cpu: Pillow and the CPU path, the exact pixels. gpu and auto put the batch's "
         "requests on the GPU path (nvImageCodec decoding each batch's good JPEGs in one call, the GPU kernel, "
@@ -178,15 +198,12 @@ class HostPreprocess:
     def check(self, data: bytes) -> None:
         """A RequestError for an empty file, or one whose header says it has more than `max_pixels` pixels (a
         small file can expand to gigabytes: nothing is decoded to find out)."""
-        if not data:
-            raise RequestError("the image input is empty: send the bytes of an image file")
         with self._opened(data):
             pass
 
     def decode(self, data: bytes) -> Image.Image:
         """The encoded file as an RGB image, or a RequestError naming what is wrong with it."""
-        self.check(data)
-        with self._opened(data) as image:
+        with self._opened(data) as image:  # check's errors, from the same header read the decoding goes on from
             try:
                 image.load()
                 return to_rgb(image, exif=self.exif)
@@ -205,6 +222,8 @@ class HostPreprocess:
 
     @contextlib.contextmanager
     def _opened(self, data: bytes) -> Iterator[Image.Image]:
+        if not data:
+            raise RequestError("the image input is empty: send the bytes of an image file")
         try:
             image = open_image(io.BytesIO(data), self.max_pixels, "the image",
                                "send a smaller image (--max-pixels sets this server's limit)")
@@ -436,11 +455,7 @@ class InferFunction:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("http_port", "grpc_port", "metrics_port"):
-        if not 0 < getattr(args, name) < 65536:
-            raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a port number 1-65535")
-    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
-        raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
+    check_port_options(args)
     if args.max_queue_delay_us < 0:
         raise BadInput(f"--max-queue-delay-us {args.max_queue_delay_us}: must be at least 0")
     if args.device is not None and args.torch_weights is None:
@@ -628,9 +643,10 @@ class Shutdown:
 
     def _stop(self, server: Any, clean: bool) -> int:
         # Our own resource tracker outlives this call on purpose: it unlinks leaked shared memory when we exit.
-        ours = {pid for pid in descendants(os.getpid()) if (_stat(pid) or (0,))[0] == os.getpid()
+        below = descendants(os.getpid())
+        ours = {pid for pid in below if (_stat(pid) or (0,))[0] == os.getpid()
                 and any("multiprocessing.resource_tracker" in arg for arg in _cmdline(pid))}
-        started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in ours}
+        started = {pid: start for pid, start in below.items() if pid not in ours}
         workspace = getattr(getattr(server, "_workspace", None), "path", None)
         stopper = threading.Thread(target=server.stop, name="triton-stop", daemon=True)
         stopper.start()

@@ -54,12 +54,13 @@ from core.sidecar import write_atomic
 from runtime.decode import DECODE, add_decode_option
 from runtime.detector import POSTPROCESS_OUTPUTS
 from runtime.runner import require_file
+from serve.server import DEFAULT_TORCH_BATCH, add_batching_options, add_port_options, check_port_options
+from serve.server import MODEL_NAME as SERVER_MODEL
 
-ENSEMBLE = "anchor_detr"  # serve.server's model name: clients do not tell the two servers apart
+ENSEMBLE = SERVER_MODEL  # serve.server's model name: clients do not tell the two servers apart
 MODEL_NAME = "anchor_detr_trt"  # the engine step (and the only model with --raw)
 PRE, POST = "anchor_detr_pre", "anchor_detr_post"
 MODELS_DIR = Path(__file__).resolve().with_name("models")
-DEFAULT_TORCH_BATCH = 4
 READY_TIMEOUT_S = 300
 EXIT_TIMEOUT_S = 10
 # numpy dtype names as the sidecar writes them -> Triton's DataType names.
@@ -102,14 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="execution instances of each model per GPU (default 1)")
     p.add_argument("--gpus", type=gpu_list, metavar="I,...",
                    help="GPUs to place instances on, e.g. 0,1 (default: every GPU Triton sees)")
-    p.add_argument("--max-batch", type=positive_int, metavar="B",
-                   help=f"largest batch Triton forms (default: the engine profile's maximum; {DEFAULT_TORCH_BATCH} "
-                   "for --torch-weights)")
-    p.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="U",
-                   help="how long Triton may hold a request to fill a batch, microseconds (default 1000)")
-    p.add_argument("--max-pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS, metavar="P",
-                   help="refuse images with more pixels than this before decoding them (default: Pillow's "
-                   f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS})")
+    add_batching_options(p, "how long Triton may hold a request to fill a batch")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (boxes refer to stored pixels)")
     add_decode_option(p, "auto", f"{PRE}'s `decode` parameter: ", "CPU instances always decode with Pillow")
     p.add_argument("--execution-env", metavar="PATH",
@@ -122,10 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = p.add_argument_group("serving the repository here (--torch-weights only)")
     serve.add_argument("--serve", action="store_true",
                        help="then serve it with the tritonserver in PyTriton's wheel until Ctrl-C or SIGTERM")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    add_port_options(serve)
     return p
 
 
@@ -503,11 +494,7 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
 
 
 def _check_serve_args(args: argparse.Namespace) -> None:
-    ports = (args.http_port, args.grpc_port, args.metrics_port)
-    if not all(0 < port < 65536 for port in ports):
-        raise BadInput(f"ports {ports}: each must be a port number 1-65535")
-    if len(set(ports)) != 3:
-        raise BadInput("--http-port, --grpc-port and --metrics-port must differ")
+    check_port_options(args)
     if args.engine is not None:
         raise BadInput("--serve needs --torch-weights: PyTriton's tritonserver has no TensorRT backend; serve an "
                        "engine's repository with the Triton container (docs/serving.md)")

@@ -263,6 +263,31 @@ def session_processes(sid: int) -> list[int]:
     return found
 
 
+def ready_clients(process, log, http: int, grpc: int, start_timeout: float, kill, what: str) -> dict:
+    """serve.client Clients over HTTP and gRPC of the server `process` started, once it answers. Generous
+    per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards. If it exits or does not
+    answer within `start_timeout` seconds, `kill(process)` and the test fails with the end of its `log`."""
+    import time
+
+    import pytest
+
+    from serve.client import Client
+
+    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
+               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
+    deadline = time.monotonic() + start_timeout
+    while True:
+        try:
+            clients["http"].check_ready()
+            return clients
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                kill(process)
+                log.seek(0)
+                pytest.fail(f"{what} did not become ready:\n{log.read()[-4000:]}")
+            time.sleep(0.5)
+
+
 def assert_same_detections(answer, expected, score_tol=1e-4, box_tol=1e-2):
     """Equal up to float rounding. Batched and single-image forwards differ in the last bits, which reorders
     detections whose scores tie within that (random weights have many) and can swap which of them makes the
@@ -326,6 +351,41 @@ class Ordered:
 
     def close(self) -> None:
         self.closed = True
+
+
+def assert_good_and_bad_answered_together(client, good, bad, reference, also: str = "") -> None:
+    """Send every good (data, threshold) and bad {name: (data, threshold, message)} request at once, the bad ones
+    spread among the good ones; each good answer must be the reference's detections, each bad one an error that
+    says its message (and `also`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.client import RequestFailed
+
+    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
+    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
+
+    def send(job):
+        try:
+            return client.detect(job[1], job[2])
+        except RequestFailed as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for (name, data, threshold, message), answer in zip(jobs, answers):
+        if name == "good":
+            assert isinstance(answer, dict), answer
+            assert_same_detections(answer, reference(data, threshold))
+        else:
+            assert isinstance(answer, str) and message in answer and also in answer, (name, answer)
+
+
+def noise_image_file(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
+    """An encoded image of random pixels, `size` (width, height): the same file for the same seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- GPU decoding

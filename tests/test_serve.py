@@ -6,6 +6,7 @@ compare every answer with a direct reference call (same preprocessing, TorchRefe
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -26,6 +27,7 @@ from PIL import Image
 
 from runtime.detector import Detector, above
 from helpers import assert_same_detections as assert_same, free_ports as _free_ports
+from helpers import assert_good_and_bad_answered_together, noise_image_file, ready_clients
 from helpers import session_processes as _session_processes
 from serve import server as serve
 from test_preprocess_kernel_on_cpu import host_gpu, kernel  # noqa: F401  (fixtures: the GPU kernel built for the CPU)
@@ -36,11 +38,7 @@ START_TIMEOUT_S = 120
 ENCODERS = {"jpeg": "JPEG", "png": "PNG"}
 
 
-def encoded(seed: int, size=(96, 64), fmt="PNG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
+encoded = functools.partial(noise_image_file, fmt="PNG")
 
 
 # ---- without a server: the answer encoding and the missing-PyTriton error -----------------------------------
@@ -235,8 +233,6 @@ def _short_folder():
 def _start_server(folder, weights, *options):
     """`python -m serve.server` in a session of its own, its temporary files and PyTriton's workspace inside
     `folder` (TMPDIR, XDG_CACHE_HOME), once it serves: (process, log, clients, ports)."""
-    from serve.client import Client
-
     http, grpc, metrics = _free_ports(3)
     for name in ("tmp", "cache"):
         (folder / name).mkdir()
@@ -248,20 +244,7 @@ def _start_server(folder, weights, *options):
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
-    # Generous per-request timeouts: 2 shared cores can queue a request behind a dozen CPU forwards.
-    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
-               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            clients["http"].check_ready()
-            break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                _kill_server(process)
-                log.seek(0)
-                pytest.fail(f"server did not become ready:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
+    clients = ready_clients(process, log, http, grpc, START_TIMEOUT_S, _kill_server, "server")
     return process, log, clients, {"http": http, "grpc": grpc, "metrics": metrics}
 
 
@@ -319,8 +302,6 @@ def test_zero_detections_answer_with_no_rows(server):
 
 @pytest.mark.slow
 def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference):
-    from serve.client import RequestFailed
-
     client = server["clients"]["grpc"]
     jpeg = encoded(7, fmt="JPEG")
     bad = {
@@ -332,23 +313,7 @@ def test_bad_requests_fail_alone_and_the_server_keeps_serving(server, reference)
         "too many pixels": (encoded(3, size=(101, 100)), 0.5, "--max-pixels"),
     }
     good = [(encoded(100 + i, fmt="JPEG"), 0.3) for i in range(8)]
-    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
-    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
-
-    def send(job):
-        try:
-            return client.detect(job[1], job[2])
-        except RequestFailed as exc:
-            return str(exc)
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
-    for (name, data, threshold, message), answer in zip(jobs, answers):
-        if name == "good":
-            assert isinstance(answer, dict), answer
-            assert_same(answer, reference(data, threshold))
-        else:
-            assert isinstance(answer, str) and message in answer, (name, answer)
+    assert_good_and_bad_answered_together(client, good, bad, reference)
 
     # Wrong dtype and shape are refused by Triton itself, before the model sees them.
     module = client.module

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,18 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_same_detections, free_ports, session_processes
+from helpers import assert_good_and_bad_answered_together, assert_same_detections, free_ports, ready_clients
+from helpers import session_processes
+from helpers import noise_image_file as encoded
 
 MAX_SIZE = (64, 96)
 MAX_PIXELS = 200 * 200
 START_TIMEOUT_S = 150
-
-
-def encoded(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
 
 
 # ---- the models' work without Triton (serve.models.steps) ------------------------------------------------------
@@ -337,8 +331,6 @@ def test_a_model_that_fails_to_load_is_exit_3_and_leaves_nothing(tmp_path):
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs PyTriton (its tritonserver): pip install -e '.[serve]'")
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]: pip install -e '.[serve]'")
-    from serve.client import Client
-
     folder = tmp_path_factory.mktemp("ensemble")
     weights = folder / "r50_c5.safetensors"
     subprocess.run([sys.executable, "-m", "weights.extract", "--random-init", "r50_c5", "--seed", "0",
@@ -354,19 +346,8 @@ def server(tmp_path_factory):
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(temp)},
     )
-    clients = {"http": Client(f"127.0.0.1:{http}", timeout=300),
-               "grpc": Client(f"127.0.0.1:{grpc}", grpc=True, timeout=300)}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            clients["http"].check_ready()
-            break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                log.seek(0)
-                pytest.fail(f"tritonserver did not become ready:\n{log.read()[-4000:]}")
-            time.sleep(0.5)
+    clients = ready_clients(process, log, http, grpc, START_TIMEOUT_S,
+                            lambda p: os.killpg(p.pid, signal.SIGKILL), "tritonserver")
     yield {"process": process, "weights": weights, "clients": clients, "log": log, "folder": folder,
            "temp": temp, "metrics": metrics}
     if process.poll() is None:  # only if the shutdown test did not run or failed
@@ -420,8 +401,6 @@ def test_requests_one_at_a_time_match_runtime_infer(server, reference):
 
 
 def test_good_and_bad_requests_batched_together(server, reference):
-    from serve.client import RequestFailed
-
     client = server["clients"]["grpc"]
     jpeg = encoded(7)
     bad = {
@@ -432,23 +411,7 @@ def test_good_and_bad_requests_batched_together(server, reference):
         "too many pixels": (encoded(3, size=(201, 200)), 0.5, "--max-pixels"),
     }
     good = [(encoded(100 + i), 0.2 + 0.1 * i) for i in range(4)]  # one size: batching cannot change the padding
-    jobs = [("good", data, t, None) for data, t in good] + [(name, *spec) for name, spec in bad.items()]
-    jobs = jobs[::2] + jobs[1::2]  # bad ones spread among good ones, all in flight together
-
-    def send(job):
-        try:
-            return client.detect(job[1], job[2])
-        except RequestFailed as exc:
-            return str(exc)
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(send, jobs))
-    for (name, data, threshold, message), answer in zip(jobs, answers):
-        if name == "good":
-            assert isinstance(answer, dict), answer
-            assert_same_detections(answer, reference(data, threshold))
-        else:
-            assert isinstance(answer, str) and message in answer and "anchor_detr" in answer, (name, answer)
+    assert_good_and_bad_answered_together(client, good, bad, reference, also="anchor_detr")
     # The good ones were batched with each other and the bad ones: Triton's statistics say so.
     stats = server["clients"]["http"]._client().get_inference_statistics("anchor_detr_pre")["model_stats"][0]
     assert stats["execution_count"] < stats["inference_count"]

@@ -28,6 +28,7 @@ from core import labels
 from core.cli import hw
 from core.errors import BadInput, Unavailable
 from runtime.decode import DECODE, batch_decoder, gpu_decodable
+from runtime.detector import above
 from runtime.postprocess import from_engine_outputs, postprocess
 from runtime.preprocess import ImageError, to_rgb
 from serve.server import HostPreprocess, RequestError, _encode, _threshold
@@ -270,7 +271,6 @@ def answer(scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray, sizes: np.
     found = from_engine_outputs(scores, labels, boxes, sizes)
     answers = []
     for row, detections in enumerate(found):
-        keep = detections["scores"] >= _threshold(limits, row)
-        answers.append({"scores": detections["scores"][keep], "labels": detections["labels"][keep].astype(np.int32),
-                        "boxes": detections["boxes"][keep], "size": sizes[row]})
+        kept = above(detections, _threshold(limits, row))
+        answers.append({**kept, "labels": kept["labels"].astype(np.int32), "size": sizes[row]})
     return _encode(answers, names)
