@@ -220,6 +220,30 @@ class HostPreprocess:
                 out.append(exc)
         return out
 
+    def decode_checked(self, files: Sequence[bytes], decoder: Any) -> list[Any]:
+        """Files that passed `check`, decoded in one `decoder.decode` call (runtime.decode.BatchDecoder: the JPEGs
+        by nvImageCodec, other formats by Pillow). A file it could not decode, or every file when the call itself
+        fails, goes through `decode`, so its answer is this server's own. Per file: a DeviceImage, an RGB image or
+        its RequestError."""
+        try:
+            decoded = decoder.decode(list(files), [f"request {i}" for i in range(len(files))])
+        except Exception as exc:  # the decoder failed the whole call: each file is tried again with Pillow alone
+            LOG.warning("GPU decoding failed for a batch (%s: %s): decoding it with Pillow", type(exc).__name__, exc)
+            decoded = [None] * len(files)
+        out: list[Any] = []
+        for data, image in zip(files, decoded):
+            try:
+                if isinstance(image, np.ndarray):  # nvImageCodec's CPU backend (BatchDecoder(device=False))
+                    image = Image.fromarray(image, "RGB")
+                elif isinstance(image, Image.Image):  # Pillow's, made RGB (EXIF) as `decode` does
+                    image = to_rgb(image, exif=self.exif)
+                elif image is None or isinstance(image, ImageError):
+                    image = self.decode(data)  # raises this server's RequestError for the file
+                out.append(image)
+            except RequestError as exc:
+                out.append(exc)
+        return out
+
     @contextlib.contextmanager
     def _opened(self, data: bytes) -> Iterator[Image.Image]:
         if not data:
@@ -247,10 +271,10 @@ class HostPreprocess:
         """Free what the preprocessing holds (nothing on the CPU)."""
 
 
-def undecodable(exc: BaseException | str) -> RequestError:
+def undecodable(exc: BaseException) -> RequestError:
     """The answer to a request whose file no decoder could read."""
-    why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-    return RequestError(f"cannot decode the image ({why}): send a complete JPEG, PNG or other image file")
+    return RequestError(f"cannot decode the image ({type(exc).__name__}: {exc}): send a complete JPEG, PNG or other "
+                        "image file")
 
 
 class GpuPreprocess(HostPreprocess):
@@ -276,16 +300,7 @@ class GpuPreprocess(HostPreprocess):
             except RequestError as exc:
                 out.append(exc)
         good = [i for i, item in enumerate(out) if isinstance(item, bytes)]
-        try:
-            decoded = decoder.decode([out[i] for i in good], [f"request {i}" for i in good])
-        except Exception as exc:  # the decoder failed the whole call: each file is tried again with Pillow alone
-            LOG.warning("GPU decoding failed for a batch (%s): decoding it with Pillow", exc)
-            decoded = super().decode_all([out[i] for i in good])
-        for i, image in zip(good, decoded):
-            if isinstance(image, ImageError):
-                image = undecodable(str(image).split(": cannot read image ", 1)[-1].strip("()"))
-            elif isinstance(image, Image.Image):
-                image = to_rgb(image, exif=self.exif)
+        for i, image in zip(good, self.decode_checked([out[i] for i in good], decoder)):
             out[i] = image
         return out
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,15 +26,12 @@ from PIL import Image
 from core import labels
 from core.cli import hw
 from core.errors import BadInput, Unavailable
-from runtime.decode import DECODE, batch_decoder, gpu_decodable
+from runtime.decode import DECODE, batch_decoder
 from runtime.detector import above
 from runtime.postprocess import from_engine_outputs, postprocess
-from runtime.preprocess import ImageError, to_rgb
 from serve.server import HostPreprocess, RequestError, _encode, _threshold
 
 __all__ = ["Preprocess", "EngineStandIn", "answer", "decoder_for", "parameters", "RequestError"]
-
-log = logging.getLogger(__name__)
 
 
 def parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
@@ -178,37 +174,22 @@ class Preprocess:
         return answers
 
     def _decode_batch(self, answers: list[list[Any] | RequestError]) -> None:
-        """Replace the encoded files in `answers` by their images (or their request by its RequestError)."""
+        """Replace the encoded files in `answers` by their images (or their request by its RequestError): all of
+        the batch's files in one serve.server `decode_checked` call."""
         places = [(r, i) for r, rows in enumerate(answers) if not isinstance(rows, RequestError)
                   for i in range(len(rows))]
-        jpegs = [(r, i) for r, i in places if gpu_decodable(answers[r][i])]
-        decoded: dict[tuple[int, int], Any] = {}
-        if jpegs:
-            if self.gpu is not None:
-                self.gpu.kernel.device.activate()
-            try:
-                out = self.decoder.decode([answers[r][i] for r, i in jpegs])
-            except Exception as exc:  # the decoder as a whole failed: this batch goes to Pillow, image by image
-                log.warning("anchor_detr_pre: GPU decoding of a batch failed (%s: %s); decoding it with Pillow",
-                            type(exc).__name__, exc)
-                out = [None] * len(jpegs)
-            decoded = dict(zip(jpegs, out))
-        for r, i in places:
+        if not places:
+            return
+        if self.gpu is not None:
+            self.gpu.kernel.device.activate()
+        decoded = self.host.decode_checked([answers[r][i] for r, i in places], self.decoder)
+        for (r, i), image in zip(places, decoded):
             if isinstance(answers[r], RequestError):
                 continue  # another image of this request failed already
-            data = answers[r][i]
-            image = decoded.get((r, i))
-            try:
-                if isinstance(image, np.ndarray):  # nvImageCodec's CPU backend (BatchDecoder(device=False))
-                    image = Image.fromarray(image, "RGB")
-                elif isinstance(image, Image.Image):  # nvImageCodec refused it: Pillow's, made RGB as serve.server
-                    image = to_rgb(image, exif=self.exif)
-                elif image is None or isinstance(image, ImageError):
-                    # not a JPEG for the GPU, or undecodable there too: serve.server's decode (and its message)
-                    image = self.host.decode(data)
+            if isinstance(image, RequestError):
+                answers[r] = image
+            else:
                 answers[r][i] = image
-            except RequestError as exc:
-                answers[r] = exc
 
     def batch(self, images: Sequence[Image.Image]) -> tuple[Any, Any]:
         """(images (B,3,H,W) float32, masks (B,H,W) bool) padded to the largest image: numpy arrays on the CPU
