@@ -129,7 +129,8 @@ class Client:
         names = {i["name"] if isinstance(i, dict) else i.name for i in inputs}
         if "image" not in names:
             raise Unavailable(f"the model {self.model} at {self.url} takes no `image` input: point --url at "
-                              "`python -m serve.server` (a `serve.triton` repository takes preprocessed tensors)")
+                              "`python -m serve.server` or a `serve.triton` ensemble (a `--raw` repository takes "
+                              "preprocessed tensors)")
 
     def inputs(self, data: bytes, threshold: float | None) -> list[Any]:
         image = self.module.InferInput("image", [1, 1], "BYTES")
