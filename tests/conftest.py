@@ -1,4 +1,5 @@
-"""Shared fixtures and the skip rules for GPU and full-TensorRT tests."""
+"""Shared fixtures (the GPU kernel built for the CPU, core.cuda on host memory) and the skip rules for GPU and
+full-TensorRT tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import pytest
 
 from core import cuda
+from helpers import CXX, NO_CXX, HostMemory, Ordered, build_kernel_for_cpu
 
 
 @functools.cache
@@ -33,3 +35,42 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if item.get_closest_marker("trt") and not (gpu_available() and full_tensorrt_available()):
             item.add_marker(no_trt)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """runtime/preprocess.cu compiled for the CPU (helpers.build_kernel_for_cpu), once per test module."""
+    if CXX is None:
+        pytest.skip(NO_CXX)
+    return build_kernel_for_cpu(tmp_path_factory.mktemp("kernel"))
+
+
+@pytest.fixture
+def host_gpu(kernel, monkeypatch):
+    """core.cuda with host memory for device memory and the CPU build of the kernel for the launch, so that
+    GpuPreprocessor itself (staging, slot records, buffer growth, launch arguments) runs on this machine."""
+    from types import SimpleNamespace
+
+    from runtime.gpu_preprocess import BLOCK
+
+    def launch(fn, grid, block, stream, slots, *args, name=""):
+        assert tuple(block) == BLOCK
+        if args:  # second_pass: its grid covers the padded batch
+            normalised, images, masks, height, width = args
+            assert grid[0] * block[0] >= width and grid[1] * block[1] >= height
+            args = (int(normalised), int(images), int(masks), int(height), int(width))
+        launches.append(name)
+        fn(*grid, int(slots), *args)
+
+    launches: list = []
+
+    monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(arch=90, activate=lambda: None))
+    monkeypatch.setattr(cuda, "Stream", Ordered)
+    monkeypatch.setattr(cuda, "Event", Ordered)
+    monkeypatch.setattr(cuda, "PinnedBuffer", HostMemory)
+    monkeypatch.setattr(cuda, "DeviceBuffer", HostMemory)
+    monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel[name])
+    monkeypatch.setattr(cuda, "launch", launch)
+    monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
+    monkeypatch.setattr(cuda, "target_arch", lambda arch: arch)
+    return launches

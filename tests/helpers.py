@@ -9,6 +9,8 @@ import ctypes
 import dataclasses
 import functools
 import io
+import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -351,6 +353,110 @@ class Ordered:
 
     def close(self) -> None:
         self.closed = True
+
+
+# ---------------------------------------------------------------------------------------------- the GPU kernel built for the CPU
+
+CXX = shutil.which("g++") or shutil.which("c++")
+NO_CXX = "needs a C++ compiler (g++) to build the kernel for the CPU"
+
+SHIM = r"""
+#include <algorithm>
+#include <cstddef>
+using std::max;
+using std::min;
+struct Index3 { unsigned x, y, z; };
+static Index3 blockIdx, blockDim, threadIdx;
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __restrict__
+"""
+
+DRIVER = r"""
+static void grid(unsigned gx, unsigned gy, unsigned gz, void (*thread)(void*), void* arg) {
+    blockDim = {BLOCK_X, BLOCK_Y, 1};
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned by = 0; by < gy; ++by)
+            for (unsigned bx = 0; bx < gx; ++bx)
+                for (unsigned ty = 0; ty < BLOCK_Y; ++ty)
+                    for (unsigned tx = 0; tx < BLOCK_X; ++tx) {
+                        blockIdx = {bx, by, z};
+                        threadIdx = {tx, ty, 0};
+                        thread(arg);
+                    }
+}
+struct Second { const Slot* slots; const float* normalised; float* images; bool* masks; int height, width; };
+static void first_thread(void* arg) { first_pass((const Slot*)arg); }
+static void second_thread(void* arg) {
+    const Second* a = (const Second*)arg;
+    second_pass(a->slots, a->normalised, a->images, a->masks, a->height, a->width);
+}
+extern "C" void run_first(unsigned gx, unsigned gy, unsigned gz, const Slot* slots) {
+    grid(gx, gy, gz, first_thread, (void*)slots);
+}
+extern "C" void run_second(unsigned gx, unsigned gy, unsigned gz, const Slot* slots, const float* normalised,
+                           float* images, bool* masks, int height, int width) {
+    Second a = {slots, normalised, images, masks, height, width};
+    grid(gx, gy, gz, second_thread, &a);
+}
+"""
+
+
+def build_kernel_for_cpu(folder: Path) -> dict:
+    """Compile runtime/preprocess.cu with CXX behind SHIM and DRIVER into `folder`: its two kernels by name, each
+    called as (grid x, y, z, slots, *args) and looping over the whole grid on the calling thread."""
+    from plugins.nvrtc import format_define
+    from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE
+
+    source = folder / "preprocess_cpu.cpp"
+    source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
+    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
+    library = folder / "preprocess_cpu.so"
+    subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+                    *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],
+                   check=True, capture_output=True, timeout=120)
+    lib = ctypes.CDLL(str(library))
+    grid = [ctypes.c_uint] * 3
+    lib.run_first.argtypes = [*grid, ctypes.c_void_p]
+    lib.run_second.argtypes = [*grid, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
+    return {"first_pass": lib.run_first, "second_pass": lib.run_second}
+
+
+class HostRunner(NumpyDetector):
+    """A DeviceRunner (not an EngineRunner) whose "device" input buffers are host memory: its engine is
+    NumpyDetector's answer from what the kernels wrote there. Records its runs and whether it was closed."""
+
+    def __init__(self, profile=None):
+        super().__init__(*([profile] if profile else []))
+        b, h, w = self.profile.max
+        self._images, self._masks = HostMemory(b * 3 * h * w, np.float32), HostMemory(b * h * w, bool)
+        self.runs, self.stream, self.last_sibling = [], Ordered(), None
+
+    @property
+    def input_pointers(self):
+        return self._images.ptr, self._masks.ptr
+
+    def device_inputs(self, batch, height, width):
+        return self.input_pointers
+
+    def sibling(self):
+        self.last_sibling = HostRunner(self.profile)
+        return self.last_sibling
+
+    def infer_on_device(self, shape, batch=None):
+        b, h, w = shape
+        self.runs.append((tuple(shape), batch))
+        return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
+                                                    self._masks.view((b, h, w)).copy()).items()}
+
+    def close(self):
+        self.closed = True
+
+
+def host_runner(profile=None) -> HostRunner:
+    """A HostRunner for `profile` (NumpyDetector's default profile without one)."""
+    return HostRunner(profile)
 
 
 def assert_good_and_bad_answered_together(client, good, bad, reference, also: str = "") -> None:

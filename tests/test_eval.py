@@ -655,17 +655,13 @@ def test_the_default_decodes_with_pillow_on_the_shared_path(tmp_path, capsys, mo
     assert report["decode"] == "cpu" and report["images"] == 4
 
 
-from test_preprocess_kernel_on_cpu import host_gpu, host_runner, kernel  # noqa: E402,F401  (fixtures)
-
-
 def test_gpu_decoding_runs_one_model_on_the_gpu_path_without_exif(host_gpu, tmp_path, monkeypatch):
     """run_models with gpu_decode: a stand-in nvImageCodec (Pillow's pixels in "device" memory) decodes each
     batch's JPEGs in one call, the kernel's CPU build writes a DeviceRunner's inputs, and the COCO results equal
     the shared Pillow path's exactly, image for image. A JPEG with an EXIF rotation keeps its stored pixels
     (COCO boxes refer to them: the decoder is asked not to rotate), a PNG goes through Pillow and a corrupt file
     is skipped alone."""
-    from helpers import NumpyDetector, solid
-    from test_decode import FakeCodec
+    from helpers import FakeCodec, NumpyDetector, host_runner, solid
 
     from runtime import decode
 

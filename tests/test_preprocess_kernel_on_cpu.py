@@ -5,120 +5,25 @@
 standing in for pinned and device memory: the same `Slot` records, table cache, scratch offsets, row pitches and
 launch grids as on the device. This proves the kernels' integer resample, normalisation, padding, masks and slot
 indexing against `runtime.preprocess.preprocess_batch` on any machine with a C++ compiler; only the CUDA launch
-and memory transfers are left to the `gpu` tests.
+and memory transfers are left to the `gpu` tests. The build is tests/helpers.build_kernel_for_cpu; the `kernel` and
+`host_gpu` fixtures are in tests/conftest.py, shared with test_eval and test_serve.
 """
 
 from __future__ import annotations
-
-import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import HostMemory, Ordered
-from plugins.nvrtc import format_define
-from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, TableCache, plan
+from helpers import CXX, NO_CXX, HostMemory, host_runner
+from runtime.gpu_preprocess import TableCache, plan
 from runtime.preprocess import preprocess_batch
 
-CXX = shutil.which("g++") or shutil.which("c++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++) to build the kernel for the CPU")
-
-SHIM = r"""
-#include <algorithm>
-#include <cstddef>
-using std::max;
-using std::min;
-struct Index3 { unsigned x, y, z; };
-static Index3 blockIdx, blockDim, threadIdx;
-#define __device__
-#define __forceinline__ inline
-#define __global__
-#define __restrict__
-"""
-
-DRIVER = r"""
-static void grid(unsigned gx, unsigned gy, unsigned gz, void (*thread)(void*), void* arg) {
-    blockDim = {BLOCK_X, BLOCK_Y, 1};
-    for (unsigned z = 0; z < gz; ++z)
-        for (unsigned by = 0; by < gy; ++by)
-            for (unsigned bx = 0; bx < gx; ++bx)
-                for (unsigned ty = 0; ty < BLOCK_Y; ++ty)
-                    for (unsigned tx = 0; tx < BLOCK_X; ++tx) {
-                        blockIdx = {bx, by, z};
-                        threadIdx = {tx, ty, 0};
-                        thread(arg);
-                    }
-}
-struct Second { const Slot* slots; const float* normalised; float* images; bool* masks; int height, width; };
-static void first_thread(void* arg) { first_pass((const Slot*)arg); }
-static void second_thread(void* arg) {
-    const Second* a = (const Second*)arg;
-    second_pass(a->slots, a->normalised, a->images, a->masks, a->height, a->width);
-}
-extern "C" void run_first(unsigned gx, unsigned gy, unsigned gz, const Slot* slots) {
-    grid(gx, gy, gz, first_thread, (void*)slots);
-}
-extern "C" void run_second(unsigned gx, unsigned gy, unsigned gz, const Slot* slots, const float* normalised,
-                           float* images, bool* masks, int height, int width) {
-    Second a = {slots, normalised, images, masks, height, width};
-    grid(gx, gy, gz, second_thread, &a);
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("kernel")
-    source = folder / "preprocess_cpu.cpp"
-    source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
-    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
-    library = folder / "preprocess_cpu.so"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
-                    *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],
-                   check=True, capture_output=True, timeout=120)
-    lib = ctypes.CDLL(str(library))
-    grid = [ctypes.c_uint] * 3
-    lib.run_first.argtypes = [*grid, ctypes.c_void_p]
-    lib.run_second.argtypes = [*grid, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int]
-    return {"first_pass": lib.run_first, "second_pass": lib.run_second}
+pytestmark = pytest.mark.skipif(CXX is None, reason=NO_CXX)
 
 
 def random_rgb(rng, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-def host_gpu(kernel, monkeypatch):
-    """core.cuda with host memory for device memory and the CPU build of the kernel for the launch, so that
-    GpuPreprocessor itself (staging, slot records, buffer growth, launch arguments) runs on this machine."""
-    from types import SimpleNamespace
-
-    from core import cuda
-
-    def launch(fn, grid, block, stream, slots, *args, name=""):
-        assert tuple(block) == BLOCK
-        if args:  # second_pass: its grid covers the padded batch
-            normalised, images, masks, height, width = args
-            assert grid[0] * block[0] >= width and grid[1] * block[1] >= height
-            args = (int(normalised), int(images), int(masks), int(height), int(width))
-        launches.append(name)
-        fn(*grid, int(slots), *args)
-
-    launches: list = []
-
-    monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(arch=90, activate=lambda: None))
-    monkeypatch.setattr(cuda, "Stream", Ordered)
-    monkeypatch.setattr(cuda, "Event", Ordered)
-    monkeypatch.setattr(cuda, "PinnedBuffer", HostMemory)
-    monkeypatch.setattr(cuda, "DeviceBuffer", HostMemory)
-    monkeypatch.setattr(cuda, "load_kernel", lambda image, kind, name: kernel[name])
-    monkeypatch.setattr(cuda, "launch", launch)
-    monkeypatch.setattr("runtime.gpu_preprocess._cubin", lambda arch: b"")
-    monkeypatch.setattr(cuda, "target_arch", lambda arch: arch)
-    return launches
 
 
 def kernel_batch(images: list[np.ndarray], height: int, width: int, max_hw=(1344, 1344)):
@@ -275,48 +180,12 @@ def test_plan_follows_the_cpu_paths_size_and_scratch_layout():
         assert tall.first_pass_hw == (3000, tall.out_w)
 
 
-def host_runner(profile=None):
-    """A DeviceRunner (not an EngineRunner) whose "device" input buffers are host memory: its engine is
-    NumpyDetector's answer from what the kernels wrote there. Records its runs and whether it was closed."""
-    from helpers import NumpyDetector
-
-    class HostRunner(NumpyDetector):
-        def __init__(self, profile=None):
-            super().__init__(*([profile] if profile else []))
-            b, h, w = self.profile.max
-            self._images, self._masks = HostMemory(b * 3 * h * w, np.float32), HostMemory(b * h * w, bool)
-            self.runs, self.stream, self.last_sibling = [], Ordered(), None
-
-        @property
-        def input_pointers(self):
-            return self._images.ptr, self._masks.ptr
-
-        def device_inputs(self, batch, height, width):
-            return self.input_pointers
-
-        def sibling(self):
-            self.last_sibling = HostRunner(self.profile)
-            return self.last_sibling
-
-        def infer_on_device(self, shape, batch=None):
-            b, h, w = shape
-            self.runs.append((tuple(shape), batch))
-            return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
-                                                        self._masks.view((b, h, w)).copy()).items()}
-
-        def close(self):
-            self.closed = True
-
-    return HostRunner(profile)
-
-
 def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
     """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
     pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
     kernels (CPU build) writing into a DeviceRunner's input buffers. Detections equal the CPU path's, in order,
     the corrupt file is its own error, and at most in_flight batches are ever alive."""
-    from helpers import NumpyDetector, solid
-    from test_decode import FakeCodec
+    from helpers import FakeCodec, NumpyDetector, solid
 
     from runtime import decode
     from runtime.pipeline import PipelineStats

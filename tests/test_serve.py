@@ -30,7 +30,6 @@ from helpers import assert_same_detections as assert_same, free_ports as _free_p
 from helpers import assert_good_and_bad_answered_together, noise_image_file, ready_clients
 from helpers import session_processes as _session_processes
 from serve import server as serve
-from test_preprocess_kernel_on_cpu import host_gpu, kernel  # noqa: F401  (fixtures: the GPU kernel built for the CPU)
 
 MAX_SIZE = (64, 96)  # --max-size: images are scaled to fit it, so the CPU forward takes milliseconds
 MAX_PIXELS = 100 * 100
@@ -612,9 +611,7 @@ def test_gpu_decoding_decodes_the_batch_in_one_call_and_answers_each_request_alo
     the GPU kernel's CPU build writing a DeviceRunner's inputs. The good JPEGs go to the codec in one call per
     Triton batch, the PNG and the JPEG it refuses through Pillow; the answers equal the CPU path's (Pillow, the
     CPU transform), and empty, oversized and undecodable files are each their own request's error."""
-    from helpers import NumpyDetector
-    from test_decode import FakeCodec
-    from test_preprocess_kernel_on_cpu import host_runner
+    from helpers import FakeCodec, NumpyDetector, host_runner
 
     from runtime import decode
 
