@@ -113,9 +113,15 @@ def check_names(pairs: list[tuple[int, str]], num_classes: int, where: str = "--
     return dict(sorted(pairs))
 
 
+def stored(names: Mapping[int, str]) -> dict[str, str]:
+    """The stored form (a sidecar's labels, weights.extract's summary): ids as strings in increasing order, so the
+    same names give the same bytes."""
+    return {str(k): names[k] for k in sorted(names)}
+
+
 def to_json(names: Mapping[int, str]) -> str:
-    """The stored form: ids in increasing order, so the same names give the same bytes."""
-    return json.dumps({str(k): names[k] for k in sorted(names)}, ensure_ascii=False)
+    """The stored form as weights metadata holds it (a JSON string)."""
+    return json.dumps(stored(names), ensure_ascii=False)
 
 
 def from_stored(value: str | Mapping[str, str] | None, num_classes: int) -> dict[int, str]:

@@ -122,8 +122,16 @@ class Sidecar:
     random_init: bool = False  # optional: written only when true, so engines of real weights keep their fields
 
     def to_dict(self) -> dict[str, Any]:
-        optional = {k: getattr(self, k) for k in OPTIONAL_KEYS if getattr(self, k) is not None}
-        return {k: getattr(self, k) for k in SIDECAR_KEYS} | optional | ({"random_init": True} if self.random_init else {})
+        return written_fields({k: v for k, v in vars(self).items() if v is not None or k not in OPTIONAL_KEYS})
+
+
+def written_fields(sidecar: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a sidecar file holds, in its order: every SIDECAR_KEYS, the OPTIONAL_KEYS given, and random_init
+    only when true (engines of real weights keep the fields they always had)."""
+    fields = {k: sidecar[k] for k in SIDECAR_KEYS} | {k: sidecar[k] for k in OPTIONAL_KEYS if k in sidecar}
+    if sidecar.get("random_init"):
+        fields["random_init"] = True
+    return fields
 
 
 def default_engine_path(variant: str, precision: str) -> Path:
@@ -223,10 +231,7 @@ def write_sidecar(engine_path: str | os.PathLike, sidecar: Sidecar | Mapping[str
     if missing:
         raise SidecarError(f"sidecar is missing {missing}")
     path = sidecar_path(engine_path)
-    fields = {k: sidecar[k] for k in SIDECAR_KEYS} | {k: sidecar[k] for k in OPTIONAL_KEYS if k in sidecar}
-    if sidecar.get("random_init"):  # optional: engines of real weights keep the fields they always had
-        fields["random_init"] = True
-    write_atomic(path, (json.dumps(fields, indent=2, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, (json.dumps(written_fields(sidecar), indent=2, ensure_ascii=False) + "\n").encode())
     return path
 
 

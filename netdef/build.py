@@ -24,7 +24,7 @@ import numpy as np
 
 from core import cuda
 from core.backend import BACKENDS, Backend, BackendError, check_plugins, get_backend
-from core import cli
+from core import cli, labels
 from core.errors import BadInput, Failed, Interrupted
 from core.progress import ProgressBar, Spinner, format_bytes, format_seconds, print_table
 from core.sidecar import (
@@ -630,7 +630,7 @@ def make_sidecar(args: argparse.Namespace, backend: Backend, cfg, profile: Profi
         version_compatible=args.version_compatible or args.exclude_lean_runtime,
         lean_runtime_excluded=args.exclude_lean_runtime, gpu=gpu_entry(),
         weights_sha256=weights.file_sha256(args.weights), inputs=inputs, outputs=outputs,
-        anchortrt_version=anchortrt_version(), labels={str(k): v for k, v in weights.class_names(args.weights).items()},
+        anchortrt_version=anchortrt_version(), labels=labels.stored(weights.class_names(args.weights)),
         random_init=weights.is_random_init(args.weights),
     )
 

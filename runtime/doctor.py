@@ -492,8 +492,8 @@ class Doctor:
         from runtime.bench import random_batch
 
         figures = {}
-        for batch, hw in self.configs:
-            out = self.engine_outputs(plan, [random_batch(batch, hw)])[0]
+        outputs = self.engine_outputs(plan, [random_batch(batch, hw) for batch, hw in self.configs])
+        for (batch, hw), out in zip(self.configs, outputs, strict=True):
             sizes = np.ones((batch, 2))  # normalised boxes: the tolerance is in image units
             host = postprocess(out["pred_logits"], out["pred_boxes"], sizes)
             figures[f"{batch}x{hw[0]}x{hw[1]}"] = compare_top100(out, host)

@@ -5,6 +5,7 @@ tests/ is on sys.path through the rootdir conftest, so a test file says `from he
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -15,12 +16,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from PIL import Image, ImageOps
 
 from core.config import AnchorDETRConfig
 from core.sidecar import Profile
 from runtime.preprocess import MEAN, STD
 from runtime.detector import ProfileDetector
+
+# ---------------------------------------------------------------------------------------------- expectations
+
+
+def raises_unless(ok: bool, error: type[BaseException], match: str):
+    """Nothing when ``ok``, else ``pytest.raises(error, match=match)``: one body for parameters that pass and fail."""
+    return contextlib.nullcontext() if ok else pytest.raises(error, match=match)
+
 
 # ---------------------------------------------------------------------------------------------- CLIs
 

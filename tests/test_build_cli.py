@@ -29,7 +29,7 @@ from core.sidecar import (
     write_sidecar,
 )
 
-from helpers import SMALL_PROFILE, run_cli, run_main, save_random_weights
+from helpers import SMALL_PROFILE, raises_unless, run_cli, run_main, save_random_weights
 
 
 @pytest.fixture(scope="module")
@@ -727,14 +727,12 @@ def test_old_tensorrt_plugins_error_names_the_version_and_the_fix(trt_version, n
     monkeypatch.setattr(numpy, "__version__", numpy_version)
     fake = types.SimpleNamespace(__name__="tensorrt", __version__=trt_version, QuickPluginCreationRequest=object)
     plugins = frozenset({"layer_norm"})
-    for check in (lambda: check_plugins(Backend("tensorrt", fake), plugins),
-                  lambda: check_supported(fake, AnchorDETRConfig(), plugins)):
-        if fine:
-            check()
-        else:
-            with pytest.raises(BackendError, match=rf"layer_norm: plugins need TensorRT >= 11\.2\.1 \(this is "
-                                                   rf"{trt_version}.*pip install -U 'tensorrt-cu13>=11\.2\.1'"):
-                check()
+    message = (rf"layer_norm: plugins need TensorRT >= 11\.2\.1 \(this is {trt_version}.*"
+               rf"pip install -U 'tensorrt-cu13>=11\.2\.1'")
+    with raises_unless(fine, BackendError, message):
+        check_plugins(Backend("tensorrt", fake), plugins)
+    with raises_unless(fine, BackendError, message):
+        check_supported(fake, AnchorDETRConfig(), plugins)
 
 
 def _full_trt_cannot_build(monkeypatch):

@@ -19,6 +19,8 @@ from core import cuda
 from core.errors import AnchorError, BadInput, Unavailable
 from runtime.runner import INPUTS, Engine, EngineRunner
 
+from helpers import raises_unless
+
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_FULL_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -231,13 +233,9 @@ def test_a_packaging_suffix_is_the_same_release():
 def test_excluded_lean_runtime_needs_exactly_the_builders_version(backend, version, ok):
     """A plan built with --exclude-lean-runtime loads only with the lean runtime of the builder's version
     (IRuntime::loadRuntime's rule), where an embedded one loads on any later 11.x."""
-    check = lambda: check_sidecar(EXCLUDED_SIDECAR, trt_version=version, compute_capability="9.0", backend=backend)
-    if ok:
-        check()
-    else:
-        with pytest.raises(SidecarError, match=r"--exclude-lean-runtime, which runs only on the lean runtime of "
-                                               r"exactly 11\.2\.1\.2.*pip install 'tensorrt-lean-cu13==11\.2\.1\.2'"):
-            check()
+    with raises_unless(ok, SidecarError, r"--exclude-lean-runtime, which runs only on the lean runtime of "
+                                         r"exactly 11\.2\.1\.2.*pip install 'tensorrt-lean-cu13==11\.2\.1\.2'"):
+        check_sidecar(EXCLUDED_SIDECAR, trt_version=version, compute_capability="9.0", backend=backend)
 
 
 def test_sidecars_before_the_lean_runtime_field_read_as_that_builder_wrote_them(tmp_path):

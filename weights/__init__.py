@@ -141,6 +141,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
+def stored_config(meta: Mapping[str, str], path: str | os.PathLike) -> AnchorDETRConfig:
+    """The configuration in the metadata ``meta`` of the file ``path``; WeightsError if it is not valid."""
+    try:
+        return AnchorDETRConfig.from_json(meta["config"])
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has no valid configuration in its metadata ({exc}): extract it again") from exc
+
+
 def is_random_init(path: str | os.PathLike) -> bool:
     """Whether the weights file holds random weights (written by ``weights.extract --random-init``)."""
     return read_metadata(path).get(RANDOM_INIT) == "true"
@@ -149,22 +157,14 @@ def is_random_init(path: str | os.PathLike) -> bool:
 def class_names(path: str | os.PathLike) -> dict[int, str]:
     """The class names stored in one of our files (the default for its class count in a file from before names)."""
     meta = read_metadata(path)
-    try:
-        num_classes = AnchorDETRConfig.from_json(meta["config"]).num_classes
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{path} has no valid configuration in its metadata ({exc}): extract it again") from exc
-    return labels.from_stored(meta.get(labels.KEY), num_classes)
+    return labels.from_stored(meta.get(labels.KEY), stored_config(meta, path).num_classes)
 
 
 def load(path: str | os.PathLike) -> tuple[AnchorDETRConfig, dict[str, np.ndarray]]:
     """(configuration, builder-named FP32 arrays) from one of our files; WeightsError if it is not usable."""
     from safetensors.numpy import load_file
 
-    meta = read_metadata(path)
-    try:
-        cfg = AnchorDETRConfig.from_json(meta["config"])
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{path} has no valid configuration in its metadata ({exc}): extract it again") from exc
+    cfg = stored_config(read_metadata(path), path)
     tensors = load_file(os.fspath(path))
     problems = compare_keys(tensors, builder_shapes(cfg))
     bad_dtype = sorted(k for k, v in tensors.items() if v.dtype != np.float32)

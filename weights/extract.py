@@ -170,7 +170,7 @@ def extract(
         "source": source,
         "source_sha256": source_sha256,
         "num_classes": cfg.num_classes,
-        "labels": {str(k): v for k, v in stored.items()},
+        "labels": labels.stored(stored),
     }
 
 
