@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.postprocess import postprocess, top_k_indices
+from runtime.postprocess import postprocess, top_k_flat_indices, top_k_indices
 
 
 def torch_postprocess(logits, boxes, sizes, k=100):
@@ -96,3 +96,15 @@ def test_k_is_capped_and_bad_shapes_refused():
         postprocess(logits, boxes, np.array([100, 200]))
     with pytest.raises(ValueError, match="boxes"):
         postprocess(logits, boxes[:, :3], sizes)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_query_pruned_top_k_equals_the_full_selection(ties):
+    # The pruning by per-query maxima must pick the same indices in the same order as the selection over all
+    # Q*C values, ties included (small integer logits tie everywhere), for k below, at and above Q.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        q, c = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        k = int(rng.integers(1, q * c + 3))
+        x = rng.integers(-2, 3, (q, c)).astype(np.float32) if ties else rng.standard_normal((q, c), dtype=np.float32)
+        np.testing.assert_array_equal(top_k_flat_indices(x, k), top_k_indices(x.reshape(-1), k))
