@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 16's measurements on the lent H200, in one call (docs/benchmarks.md "GPU path on the H200"):
+#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh
+# .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec). Each step has its own
+# time limit so that one slow step cannot take the others' output with it; the log is $OUT/h200.log.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+export PYTHONPATH=/tmp/site LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true
+log=${OUT:-/tmp}/h200.log
+step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)" | tee -a "$log"; timeout "$limit" "$@" 2>&1 | tee -a "$log"; echo "=== rc ${PIPESTATUS[0]}" | tee -a "$log"; }
+cap="python3 -m benchmarks.pipeline_capacity"
+nvidia-smi --query-gpu=name,driver_version --format=csv | tee -a "$log"
+step 100 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100
+step 60 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs raw
+step 45 $cap --gpu --decode gpu --batch 1 --in-flight 1 --images 512 --outputs top100
+step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048
+step 60 $cap --batch 8 --in-flight 3 --images 1024
+step 60 python3 -m benchmarks.preprocess_bench --gpu
+step 90 python3 -m pytest -q -m gpu tests/test_gpu_preprocess.py tests/test_gpu_path.py tests/test_gpu_decode.py
