@@ -408,3 +408,23 @@ def test_bad_pipeline_arguments_are_refused_at_the_call(files):
     for options in ({"workers": 0}, {"in_flight": 0}, {"batch": 0}):
         with pytest.raises(BadInput, match="must be at least 1"):
             NumpyDetector().iter_detect(files, **options)
+
+
+def test_gpu_decoding_decodes_group_batches_per_call_and_yields_them_in_order(files):
+    # One decoder call per `group` batches (the hardware decoder's throughput grows with the call's size), the
+    # batches still of the engine's size, in input order, the short last group included.
+    from runtime.pipeline import device_decoded_batches
+
+    calls = []
+
+    class Decoder:
+        def decode(self, items, names):
+            calls.append(len(items))
+            return [np.full((2, 2, 3), len(item) % 251, np.uint8) for item in items]
+
+    batches = list(device_decoded_batches(iter(files), 2, 2, False, Decoder(), PipelineStats(), group=3))
+    assert calls == [6, 3]
+    assert [len(b.keys) for b in batches] == [2, 2, 2, 2, 1]
+    assert [k for b in batches for k in b.keys] == files
+    sizes = [p.stat().st_size % 251 for p in files]
+    assert [int(image[0, 0, 0]) for b in batches for image in b.images] == sizes
