@@ -446,12 +446,12 @@ def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
 
 # ---------------------------------------------------------------------------------------------- pinned definitions
 # sha256 of tests/network_dump.py's layer-by-layer dump (names, types, tensors, attributes, weight hashes) of a few
-# shallow networks with random weights: a refactor of netdef/ must leave them unchanged. A deliberate change of the
+# shallow networks with NumPy-generated weights (the same on every CPU): a refactor of netdef/ must leave them unchanged. A deliberate change of the
 # network updates them: `python tests/network_dump.py /tmp/after` prints and writes every case's digest.
 PINNED = {
-    "r50_dc5-fp16-plugins-postprocess": "50a0cc0ebd80415666db1c9626439aec8c689958845e877437abc82ad3efbf5a",
-    "r50_dc5_mha-fp32-native": "7bcb8e56e4c4905b0392236ebeafd638b0fe2672b8939abfd1aa6c816b9fce3e",
-    "r50_c5_grid-fp32-native": "c0833ecdd7217b9b3ecd92d262ebf39247dd6cb025fb5e8b644374c3456ff62b",
+    "r50_dc5-fp16-plugins-postprocess": "ca41631d33bc35db5f4fce494a52c135a4dd3dfec6df39b3de77d18de8e76f09",
+    "r50_dc5_mha-fp32-native": "c80cd95d022ff9dbc0db0d948f340d1e6e51c8c5acd6f345f3ffa561d8280c52",
+    "r50_c5_grid-fp32-native": "4f4719598b22e49badedb58f8d29c81fa77d6ec817a8d8b72eeeef3fa1f7bbe7",
 }
 
 
