@@ -7,7 +7,6 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true
 log=${OUT:-/tmp}/h200.log
 step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)" | tee -a "$log"; timeout "$limit" "$@" 2>&1 | tee -a "$log"; echo "=== rc ${PIPESTATUS[0]}" | tee -a "$log"; }
 cap="python3 -m benchmarks.pipeline_capacity"

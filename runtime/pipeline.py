@@ -247,12 +247,12 @@ READ_AHEAD = 4
 
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
                            stats: PipelineStats, group: int = 1) -> Iterator[Batch]:
-    """Batches of `batch` files, each batch decoded in one `decoder.decode` call (runtime.decode.BatchDecoder:
-    JPEGs into device memory, the rest by Pillow, then `to_rgb`). Each batch's files are read by one task on
-    `workers` threads (None: one per usable core), up to READ_AHEAD batches ahead: a task per file cost the
-    decode stage more in hand-offs than the reads themselves.
+    """Batches of `batch` files, decoded `group` batches at a time in one `decoder.decode` call
+    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`). Each call's files
+    are read by one task on `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task
+    per file cost the decode stage more in hand-offs than the reads themselves.
 
-    `group` batches are decoded in one call (the caller passes its batches in flight, so decoded images wait for
+    `group` batches share a call (the caller passes its batches in flight, so decoded images wait for
     at most that many batches more): nvImageCodec's hardware decoder gave 8,332 images/s in calls of 8 and
     12,766 in calls of 32 on the H200, and the call, synchronised, is the decode stage's time."""
     with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool:

@@ -446,8 +446,9 @@ def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
 
 # ---------------------------------------------------------------------------------------------- pinned definitions
 # sha256 of tests/network_dump.py's layer-by-layer dump (names, types, tensors, attributes, weight hashes) of a few
-# shallow networks with NumPy-generated weights (the same on every CPU): a refactor of netdef/ must leave them unchanged. A deliberate change of the
-# network updates them: `python tests/network_dump.py /tmp/after` prints and writes every case's digest.
+# shallow networks with NumPy-generated weights (the same on every CPU): a refactor of netdef/ must leave them
+# unchanged. A deliberate change of the network updates them: `python tests/network_dump.py /tmp/after` prints and
+# writes every case's digest.
 PINNED = {
     "r50_dc5-fp16-plugins-postprocess": "ca41631d33bc35db5f4fce494a52c135a4dd3dfec6df39b3de77d18de8e76f09",
     "r50_dc5_mha-fp32-native": "c80cd95d022ff9dbc0db0d948f340d1e6e51c8c5acd6f345f3ffa561d8280c52",
