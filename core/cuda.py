@@ -192,6 +192,11 @@ class Stream(_Resource):
         with _named("synchronizing a stream"):
             self._stream.sync()
 
+    def wait(self, event: "Event") -> None:
+        """Work queued here from now on starts after `event` (recorded on another stream): no host wait."""
+        with _named("waiting for an event"):
+            self._stream.wait(event._event)
+
     def close(self) -> None:
         if self._stream is not None and self._owned:
             with _named("destroying a stream"):
@@ -200,11 +205,12 @@ class Stream(_Resource):
 
 
 class Event(_Resource):
-    """A CUDA event with timing; `elapsed_ms(start, end)` is the GPU time between two recorded events."""
+    """A CUDA event, with timing unless `timing=False` (cheaper, for ordering only); `elapsed_ms(start, end)` is the
+    GPU time between two recorded events."""
 
-    def __init__(self) -> None:
+    def __init__(self, timing: bool = True) -> None:
         with _named("creating an event"):
-            self._event = _core.Device().create_event(options=_core.EventOptions(timing_enabled=True))
+            self._event = _core.Device().create_event(options=_core.EventOptions(timing_enabled=timing))
 
     def record(self, stream: Stream) -> None:
         with _named("recording an event"):

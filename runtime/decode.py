@@ -50,13 +50,15 @@ def add_decode_option(parser: Any, default: str = "auto", where: str = "", note:
 
 class DeviceImage(NamedTuple):
     """An RGB uint8 image in device memory: `height` rows of width x 3 bytes, `pitch` bytes apart, kept alive by
-    `owner` (the decoder's image, with what it needs alive: the decoder and the stream it was decoded on)."""
+    `owner` (the decoder's image, with what it needs alive: the decoder and the stream it was decoded on), complete
+    once `ready` (a core.cuda.Event on the decoder's stream) has happened: a reader's stream waits for it."""
 
     ptr: int
     height: int
     width: int
     pitch: int
     owner: Any
+    ready: Any = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -65,6 +67,8 @@ class DeviceImage(NamedTuple):
 
     def to_pil(self) -> Image.Image:
         """The pixels downloaded into a Pillow image (for drawing and keep_images)."""
+        if self.ready is not None:
+            self.ready.synchronize()
         return Image.fromarray(np.asarray(self.owner[0].cpu()), "RGB")
 
 
@@ -226,7 +230,11 @@ class BatchDecoder:
         return out
 
     def _decode_gpu(self, items: Sequence, out: list, gpu: list[int]) -> list[int]:
-        """Decode items[gpu] into `out` with each decoder in turn; returns the positions all of them refused."""
+        """Decode items[gpu] into `out` with each decoder in turn; returns the positions all of them refused.
+
+        The host does not wait for the pixels: an event recorded on the decoder's stream after the call goes with
+        each image, and the stream that reads it waits for that event on the GPU (GpuPreprocessor.place). Waiting
+        here held the decode stage for the whole device-side decode of every call."""
         todo = gpu
         for turn in range(len(self._plan)):  # each decoder gets what those before it refused
             decoder = self._decoder(turn) if todo else None
@@ -234,10 +242,14 @@ class BatchDecoder:
                 continue
             kwargs = {"cuda_stream": self.stream.handle} if self.stream is not None else {}
             decoded = decoder.decode([items[i] for i in todo], params=self._params, **kwargs)
+            ready = None
             if self.stream is not None:
-                self.stream.synchronize()  # the pixels are complete before any other stream reads them
+                from core import cuda
+
+                ready = cuda.Event(timing=False)
+                ready.record(self.stream)
             for i, image in zip(todo, decoded):
-                wrapped = self._wrap(image)
+                wrapped = self._wrap(image, ready)
                 if wrapped is not None:
                     out[i] = wrapped
             todo = [i for i in todo if isinstance(out[i], bytes)]
@@ -256,7 +268,7 @@ class BatchDecoder:
             self._decoders.append(made)
         return self._decoders[turn]
 
-    def _wrap(self, image: Any) -> Any:
+    def _wrap(self, image: Any, ready: Any) -> Any:
         """The decoded image as a DeviceImage (or host array); the bytes again, for Pillow, if it is not RGB uint8."""
         if image is None:
             return None
@@ -273,7 +285,8 @@ class BatchDecoder:
         if cai is None:
             return np.asarray(image)
         pitch = strides[0] if strides else shape[1] * 3
-        return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), (image, self._kept))
+        return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), (image, self._kept),
+                           ready)
 
     def close(self) -> None:
         """Stop the Pillow threads and let go of the decoders (on the GPU they stay, shared, for the next one)."""

@@ -33,7 +33,7 @@ import numpy as np
 import PIL
 import PIL.Image
 
-from runtime.preprocess import NORMALISED, output_hw
+from runtime.preprocess import NORMALISED, output_hw, stored_rgbx
 
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
@@ -43,8 +43,9 @@ BLOCK = (32, 8, 1)
 SLOT_DTYPE = np.dtype(
     [("pixels", "<u8"), ("xtab", "<u8"), ("ytab", "<u8"), ("scratch", "<u8"), ("pitch", "<i8"),
      ("in_h", "<i4"), ("in_w", "<i4"), ("out_h", "<i4"), ("out_w", "<i4"), ("kx", "<i4"), ("ky", "<i4"),
-     ("vertical_first", "<i4"), ("unused", "<i4")]
+     ("vertical_first", "<i4"), ("pixel_bytes", "<i4")]
 )
+SCRATCH_PIXEL = 4  # the first pass stores each pixel as one 32-bit word (R, G, B, 0)
 SCRATCH_ALIGN = 256  # each slot's scratch starts on its own 256-byte boundary
 SLOT_RING = 4  # slot-record buffers in turn (GpuPreprocessor.run)
 
@@ -189,7 +190,7 @@ class Plan(NamedTuple):
     @property
     def scratch_bytes(self) -> int:
         rows, cols = self.first_pass_hw
-        return -(-rows * cols * 3 // SCRATCH_ALIGN) * SCRATCH_ALIGN
+        return -(-rows * cols * SCRATCH_PIXEL // SCRATCH_ALIGN) * SCRATCH_ALIGN
 
 
 def plan(in_h: int, in_w: int, max_hw: tuple[int, int] | None = None) -> Plan:
@@ -277,6 +278,7 @@ class GpuPreprocessor:
         self._pending = [False] * max_batch
         self._owners: list = [None] * max_batch  # what keeps each placed device image alive
         self._ran, self._ran_pending = cuda.Event(), False  # recorded after each run's kernels
+        self._waited = None  # the last decoder event this stream was made to wait for
         self._plans: list[Plan | None] = [None] * max_batch
         self._slots = np.zeros(max_batch, dtype=SLOT_DTYPE)
         # The slot records go up in one small copy per run, from a ring of buffers: the host waits only for the
@@ -314,50 +316,58 @@ class GpuPreprocessor:
             raise ValueError(f"expected a non-empty image, got {height}x{width}")
 
     def upload(self, slot: int, rgb: np.ndarray) -> tuple[int, int]:
-        """Copy host image `rgb` (H, W, 3 uint8) to the device for batch slot `slot`; returns the (height, width)
-        it is resized to."""
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
-        height, width = rgb.shape[:2]
+        """Copy host image `rgb` to the device for batch slot `slot`: (H, W, 3) uint8 RGB, or (H, W, 4) whose 4th
+        byte is ignored (a Pillow image's own storage, `stored_rgbx`). Returns the (height, width) it is resized to."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+            raise ValueError(f"expected an (H, W, 3) or (H, W, 4) uint8 image, got {rgb.dtype} {rgb.shape}")
+        height, width, pixel_bytes = rgb.shape
         self._check_slot(slot, height, width)
         self.device.activate()
         pinned, dev = self._buffers(slot, rgb.nbytes)
         if self._pending[slot]:
             self._copied[slot].synchronize()  # the previous copy out of this pinned buffer must be done
         host = pinned.view(rgb.shape)
-        np.copyto(host, rgb)
+        np.copyto(host, rgb)  # NumPy lets go of the GIL here: slots stage side by side
         dev.upload(host, self.stream)
         self._copied[slot].record(self.stream)
         self._pending[slot] = True
-        return self._set(slot, dev.ptr, height, width, width * 3, None)
+        return self._set(slot, dev.ptr, height, width, width * pixel_bytes, None, pixel_bytes)
 
     def load(self, slot: int, image: Any) -> tuple[int, int]:
-        """Slot `slot`'s image: a Pillow image is uploaded (one copy into the slot's pinned buffer, one to the
-        device), a decoded device image (runtime.decode.DeviceImage) read where it is (`place`). Returns the
-        (height, width) it is resized to."""
+        """Slot `slot`'s image: a Pillow image is uploaded (its own 4-byte pixels where Pillow exports them, so
+        nothing repacks them on the host; one copy into the slot's pinned buffer, one to the device), a decoded
+        device image (runtime.decode.DeviceImage) read where it is (`place`). Returns the (height, width) it is
+        resized to."""
         if isinstance(image, PIL.Image.Image):
-            return self.upload(slot, np.asarray(image))
-        return self.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image)
+            stored = stored_rgbx(image)
+            return self.upload(slot, stored if stored is not None else np.asarray(image))
+        return self.place(slot, image.ptr, image.height, image.width, image.pitch, owner=image, ready=image.ready)
 
     def place(self, slot: int, ptr: int, height: int, width: int, pitch: int | None = None,
-              owner: Any = None) -> tuple[int, int]:
+              owner: Any = None, ready: Any = None) -> tuple[int, int]:
         """Use the RGB image at device address `ptr` (height rows of width x 3 bytes, `pitch` bytes apart; default
         unpitched) for batch slot `slot`, where it is; `owner` is held until a later run's kernels are done with
-        it. Returns the (height, width) it is resized to."""
+        it, and the kernels wait for `ready` (an event after which the pixels are complete). Returns the (height,
+        width) it is resized to."""
         pitch = width * 3 if pitch is None else int(pitch)
         self._check_slot(slot, height, width)
         if pitch < width * 3:
             raise ValueError(f"row pitch {pitch} is less than {width} RGB pixels")
         self.device.activate()
-        return self._set(slot, int(ptr), int(height), int(width), pitch, owner)
+        if ready is not None and ready is not self._waited:  # a decode call's images share one event
+            self.stream.wait(ready)
+            self._waited = ready
+        return self._set(slot, int(ptr), int(height), int(width), pitch, owner, 3)
 
-    def _set(self, slot: int, ptr: int, height: int, width: int, pitch: int, owner: Any) -> tuple[int, int]:
+    def _set(self, slot: int, ptr: int, height: int, width: int, pitch: int, owner: Any,
+             pixel_bytes: int) -> tuple[int, int]:
         if self._owners[slot] is not None and self._ran_pending:
             self._ran.synchronize()  # the last run may still read the image this slot held
         p = self._plans[slot] = plan(height, width, self.max_hw)
         xtab, kx = self.tables.get(width, p.out_w)
         ytab, ky = self.tables.get(height, p.out_h)
-        self._slots[slot] = (ptr, xtab, ytab, 0, pitch, height, width, p.out_h, p.out_w, kx, ky, p.vertical_first, 0)
+        self._slots[slot] = (ptr, xtab, ytab, 0, pitch, height, width, p.out_h, p.out_w, kx, ky,
+                             p.vertical_first, pixel_bytes)
         self._owners[slot] = owner
         self.sizes[slot] = (p.out_h, p.out_w)
         return self.sizes[slot]

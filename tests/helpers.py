@@ -352,10 +352,13 @@ class Ordered:
 
     handle = 0
 
-    def __init__(self) -> None:
+    def __init__(self, timing: bool = True) -> None:
         self.closed = False
 
     def record(self, stream) -> None:
+        pass
+
+    def wait(self, event) -> None:
         pass
 
     def synchronize(self) -> None:

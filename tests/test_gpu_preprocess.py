@@ -25,11 +25,13 @@ def gpu():
         yield pre
 
 
-def _run(gpu, images, batch_shape):
-    """Upload `images` to slots 0.., run the kernel, return (images, masks, sizes) read back to the host."""
+def _run(gpu, images, batch_shape, pillow=False):
+    """Upload `images` to slots 0.. (with `pillow`, as Pillow images through `load`: their own 4-byte pixels), run
+    the kernel, return (images, masks, sizes) read back to the host."""
     from core import cuda
 
-    sizes = [gpu.upload(slot, image) for slot, image in enumerate(images)]
+    sizes = [gpu.load(slot, Image.fromarray(image)) if pillow else gpu.upload(slot, image)
+             for slot, image in enumerate(images)]
     b, h, w = batch_shape
     nbytes = b * 3 * h * w * 4
     with cuda.DeviceBuffer(nbytes + b * h * w) as out, cuda.PinnedBuffer(nbytes + b * h * w, np.uint8) as host:
@@ -45,10 +47,10 @@ def _levels(values, channel):
     return np.searchsorted(NORMALISED[channel], values).clip(0, 255)
 
 
-def _compare(gpu, arrays, min_hw=None):
+def _compare(gpu, arrays, min_hw=None, pillow=False):
     expected, expected_masks, sizes = preprocess_batch([Image.fromarray(a, "RGB") for a in arrays],
                                                        min_hw=min_hw, max_hw=MAX_HW)
-    images, masks, gpu_sizes = _run(gpu, arrays, (len(arrays), *expected.shape[2:]))
+    images, masks, gpu_sizes = _run(gpu, arrays, (len(arrays), *expected.shape[2:]), pillow)
     assert gpu_sizes == [tuple(s) for s in sizes]
     np.testing.assert_array_equal(masks, expected_masks)
     steps = max(int(np.abs(_levels(images[:, c], c).astype(int) - _levels(expected[:, c], c)).max()) for c in range(3))
@@ -58,18 +60,20 @@ def _compare(gpu, arrays, min_hw=None):
     return differ
 
 
+@pytest.mark.parametrize("pillow", [False, True], ids=["rgb-array", "pillow-image"])
 @pytest.mark.parametrize("size", AWKWARD)
-def test_kernel_equals_cpu_path_on_awkward_images(gpu, size):
+def test_kernel_equals_cpu_path_on_awkward_images(gpu, size, pillow):
     pixels = np.random.default_rng(size[0] + 3 * size[1]).integers(0, 256, (*size, 3), dtype=np.uint8)
-    assert _compare(gpu, [pixels]) == 0
+    assert _compare(gpu, [pixels], pillow=pillow) == 0
 
 
-def test_kernel_equals_cpu_path_on_random_sizes_in_batches(gpu):
+@pytest.mark.parametrize("pillow", [False, True], ids=["rgb-array", "pillow-image"])
+def test_kernel_equals_cpu_path_on_random_sizes_in_batches(gpu, pillow):
     rng = np.random.default_rng(11)
     differ = 0
     for _ in range(6):
         arrays = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in rng.integers(1, 1500, (4, 2))]
-        differ += _compare(gpu, arrays)
+        differ += _compare(gpu, arrays, pillow=pillow)
     assert differ == 0
 
 

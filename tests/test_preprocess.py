@@ -6,6 +6,7 @@ import io
 from fractions import Fraction
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image
 
@@ -419,3 +420,31 @@ def test_a_batch_is_prepared_image_by_image_on_the_pool(monkeypatch):
     assert names == [threading.current_thread().name] * 4
     for a, b in zip(pooled, serial):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stored_pixels_are_pillows_own_and_outlive_the_image():
+    """`stored_rgbx` reads an RGB image's storage in place (4 bytes a pixel): its first three bytes equal
+    np.asarray's packed copy, it is read-only, and it stays valid after the image is gone. Images it cannot read
+    in one piece (other modes, rows over Pillow's 16 MB block) give None, and `rgb_pixels` then copies."""
+    import gc
+
+    from runtime.preprocess import rgb_pixels, stored_rgbx
+
+    rng = np.random.default_rng(5)
+    if not hasattr(Image.Image, "__arrow_c_array__"):
+        pytest.skip(f"Pillow {PIL.__version__} has no Arrow export (11.2+)")
+    for height, width in [(1, 1), (37, 53), (480, 640), (800, 1066)]:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        stored = stored_rgbx(image)
+        assert stored.shape == (height, width, 4) and not stored.flags.writeable
+        np.testing.assert_array_equal(stored[:, :, :3], pixels)
+        assert np.shares_memory(rgb_pixels(image), stored)
+        del image
+        gc.collect()
+        Image.new("RGB", (width, height), (7, 7, 7))  # would reuse freed storage
+        np.testing.assert_array_equal(stored[:, :, :3], pixels)
+    assert stored_rgbx(Image.new("L", (8, 8))) is None and stored_rgbx(Image.new("RGBA", (8, 8))) is None
+    large = Image.new("RGB", (4032, 3024), (1, 2, 3))  # 48 MB of RGBX: rows in several blocks
+    assert stored_rgbx(large) is None
+    assert rgb_pixels(large)[3000, 4000].tolist() == [1, 2, 3]

@@ -11,6 +11,8 @@ and memory transfers are left to the `gpu` tests. The build is tests/helpers.bui
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,8 +28,9 @@ def random_rgb(rng, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def kernel_batch(images: list[np.ndarray], height: int, width: int, max_hw=(1344, 1344)):
-    """The kernels' (images, masks) for uint8 RGB arrays, through GpuPreprocessor.upload and run."""
+def kernel_batch(images: list[np.ndarray], height: int, width: int, max_hw=(1344, 1344), pillow: bool = False):
+    """The kernels' (images, masks) for uint8 RGB arrays, through GpuPreprocessor.upload and run; with `pillow`,
+    as Pillow images through `load` (their own 4-byte pixels where Pillow exports them)."""
     from runtime.gpu_preprocess import GpuPreprocessor
 
     out = HostMemory(len(images) * 3 * height * width, np.float32)
@@ -35,7 +38,7 @@ def kernel_batch(images: list[np.ndarray], height: int, width: int, max_hw=(1344
     masks = HostMemory(len(images) * height * width, bool)
     with GpuPreprocessor(max_batch=len(images), max_hw=max_hw) as pre:
         for slot, rgb in enumerate(images):
-            pre.upload(slot, rgb)
+            pre.load(slot, Image.fromarray(rgb)) if pillow else pre.upload(slot, rgb)
         pre.run(out.ptr, masks.ptr, (len(images), height, width))
     return out.view((len(images), 3, height, width)).copy(), masks.view((len(images), height, width)).copy()
 
@@ -45,11 +48,15 @@ AWKWARD = [(480, 640), (600, 800), (1200, 900), (3000, 2000), (1, 1), (1, 37), (
            (2, 900), (1700, 1500), (333, 501)]
 
 
+@pytest.mark.parametrize("pillow", [False, True], ids=["rgb-array", "pillow-image"])
 @pytest.mark.parametrize("size", AWKWARD, ids=[f"{h}x{w}" for h, w in AWKWARD])
-def test_kernel_equals_the_cpu_path(host_gpu, size):
+def test_kernel_equals_the_cpu_path(host_gpu, size, pillow):
+    """Packed RGB arrays (3 bytes a pixel, as nvImageCodec decodes) and Pillow images (Pillow's own 4-byte pixels,
+    except 3000x2000, whose rows span two of Pillow's blocks and are packed by np.asarray) both give the CPU path's
+    values exactly."""
     rgb = random_rgb(np.random.default_rng(sum(size)), *size)
     expected, expected_masks, sizes = preprocess_batch([Image.fromarray(rgb)], exif=False, max_hw=(1344, 1344))
-    got, masks = kernel_batch([rgb], *expected.shape[2:], max_hw=(1344, 1344))
+    got, masks = kernel_batch([rgb], *expected.shape[2:], max_hw=(1344, 1344), pillow=pillow)
     differ = np.count_nonzero(got != expected)
     assert differ == 0, f"{differ} values differ, largest by {np.nanmax(np.abs(got - expected))}"
     np.testing.assert_array_equal(masks, expected_masks)
@@ -143,6 +150,71 @@ def test_placed_images_are_read_in_place_through_their_row_pitch(host_gpu):
     np.testing.assert_array_equal(out.view((b, 3, h, w)), expected)
     np.testing.assert_array_equal(masks.view((b, h, w)), expected_masks)
     assert host_gpu == ["first_pass", "second_pass"]  # one launch of each per batch
+
+
+def test_decoded_images_are_waited_for_on_the_gpu_not_the_host(host_gpu, monkeypatch):
+    """The decoder's host never waits for its pixels: each decode call records one event on the decoder's stream
+    after it, its images carry that event, and the preprocessing stream waits for it (once per call, whatever
+    the number of images) before its kernels read them. Only `to_pil`, which reads on the host, waits there."""
+    from types import SimpleNamespace
+
+    from core import cuda
+    from helpers import FakeCodec
+    from runtime.decode import BatchDecoder
+    from runtime.gpu_preprocess import GpuPreprocessor
+
+    log = []
+
+    class Stream:
+        handle = 7
+
+        def synchronize(self):
+            log.append(("host waits for", self))
+
+        def wait(self, event):
+            log.append(("stream waits for", event))
+
+        def close(self):
+            pass
+
+    class Event:
+        def __init__(self, timing=True):
+            self.timing, self.stream = timing, None
+
+        def record(self, stream):
+            self.stream = stream
+
+        def synchronize(self):
+            log.append(("host waits for", self))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(index=0, arch=90, activate=lambda: None))
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "Event", Event)
+    rng = np.random.default_rng(3)
+    files = []
+    for h, w in [(48, 64), (30, 20), (64, 48)]:
+        buffer = io.BytesIO()
+        Image.fromarray(random_rgb(rng, h, w)).save(buffer, "JPEG")
+        files.append(buffer.getvalue())
+    decoder = BatchDecoder(exif=False, codec=FakeCodec())
+    first, second = decoder.decode(files[:2]), decoder.decode(files[2:])
+    assert log == []  # decoding queued, nothing waited for
+    events = [first[0].ready, second[0].ready]
+    assert first[1].ready is events[0] and events[0] is not events[1]
+    assert all(e.stream is decoder.stream and not e.timing for e in events)
+    reader = Stream()
+    with GpuPreprocessor(max_batch=3, max_hw=(1344, 1344), stream=reader) as pre:
+        log.clear()
+        sizes = [pre.load(slot, image) for slot, image in enumerate(first + second)]
+        assert log == [("stream waits for", events[0]), ("stream waits for", events[1])]
+        assert sizes == [plan(i.height, i.width, (1344, 1344))[2:4] for i in first + second]
+    log.clear()
+    first[0].to_pil()
+    assert log == [("host waits for", events[0])]
+    decoder.close()
 
 
 def test_table_cache_makes_each_pair_once_and_frees_the_least_recently_used():
