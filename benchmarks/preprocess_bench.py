@@ -89,7 +89,7 @@ def bench_files(count: int, batch: int, repeat: int) -> dict:
             start = time.perf_counter()
             list(pool.map(one, paths))
             plain_rates.append(count / (time.perf_counter() - start))
-            pipeline_rates.append(measure(NullEngine(), paths, batch, workers, 2)["images_per_s"])
+            pipeline_rates.append(measure(NullEngine(), paths, batch, workers, 2, gpu=False)["images_per_s"])
     plain, pipeline = max(plain_rates), max(pipeline_rates)
     return {"files": count, "batch": batch, "threads": workers, "plain_pool_images_per_s": round(plain, 1),
             "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}

@@ -192,7 +192,8 @@ class BatchDecoder:
         if device:
             from core import cuda
 
-            self._index = cuda.current_device().index
+            self._gpu = cuda.current_device()
+            self._index = self._gpu.index
             self._plan = gpu_decoders()
             with _shared_lock:
                 key = (self._index, tuple(self._plan), id(self.codec))
@@ -246,6 +247,7 @@ class BatchDecoder:
             if self.stream is not None:
                 from core import cuda
 
+                self._gpu.activate()  # decode runs on the pipeline's feeder thread, where no context is current
                 ready = cuda.Event(timing=False)
                 ready.record(self.stream)
             for i, image in zip(todo, decoded):

@@ -12,6 +12,8 @@ and memory transfers are left to the `gpu` tests. The build is tests/helpers.bui
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -190,7 +192,9 @@ def test_decoded_images_are_waited_for_on_the_gpu_not_the_host(host_gpu, monkeyp
         def close(self):
             pass
 
-    monkeypatch.setattr(cuda, "current_device", lambda: SimpleNamespace(index=0, arch=90, activate=lambda: None))
+    activated = []
+    gpu = SimpleNamespace(index=0, arch=90, activate=lambda: activated.append(threading.current_thread().name))
+    monkeypatch.setattr(cuda, "current_device", lambda: gpu)
     monkeypatch.setattr(cuda, "Stream", Stream)
     monkeypatch.setattr(cuda, "Event", Event)
     rng = np.random.default_rng(3)
@@ -200,8 +204,11 @@ def test_decoded_images_are_waited_for_on_the_gpu_not_the_host(host_gpu, monkeyp
         Image.fromarray(random_rgb(rng, h, w)).save(buffer, "JPEG")
         files.append(buffer.getvalue())
     decoder = BatchDecoder(exif=False, codec=FakeCodec())
-    first, second = decoder.decode(files[:2]), decoder.decode(files[2:])
+    with ThreadPoolExecutor(1, thread_name_prefix="feeder") as feeder:  # the pipeline decodes on its feeder thread
+        first, second = feeder.submit(decoder.decode, files[:2]).result(), decoder.decode(files[2:])
     assert log == []  # decoding queued, nothing waited for
+    # Each call's event is made with the device's context current on the calling thread (a CUDA requirement).
+    assert activated[:1] == ["feeder_0"] and activated[1:2] == ["MainThread"]
     events = [first[0].ready, second[0].ready]
     assert first[1].ready is events[0] and events[0] is not events[1]
     assert all(e.stream is decoder.stream and not e.timing for e in events)
