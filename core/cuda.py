@@ -98,9 +98,11 @@ class Device:
         return int(major) * 10 + int(minor)
 
     def activate(self) -> None:
-        """Make this device's primary context current on the calling thread."""
+        """Make this device's primary context current on the calling thread. cuda.core keeps one Device object per
+        thread, and only one whose `set_current` ran on that thread makes streams and events there: so this
+        thread's object, not the one `_find` kept (a pipeline thread creating an event failed with it)."""
         with _named("making the primary context current"):
-            self._device.set_current()
+            _core.Device(self.index).set_current()
 
 
 def _find(index: int) -> Device:
