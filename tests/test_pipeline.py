@@ -287,10 +287,22 @@ def test_bench_pipeline_bad_spec_is_one_line_before_any_work(tmp_path, capsys, s
     assert len(err) == 1 and message in err[0]
 
 
-def test_bench_compile_graphs_mode_uses_reduce_overhead():
+def test_bench_compile_graphs_mode_uses_reduce_overhead_and_each_mode_sets_its_layout():
+    """compile-fp16-graphs is Inductor with CUDA graphs; eager FP16 runs the model channels-last (faster convs on the
+    H200), every other mode NCHW, set again at each call so that a benchmark of several modes of one model times
+    each in its own layout."""
     from runtime import bench
 
+    class Model:
+        layouts = []
+
+        def to(self, memory_format):
+            self.layouts.append(memory_format)
+            return self
+
     class FakeTorch:
+        channels_last, contiguous_format = "channels_last", "contiguous"
+
         class backends:
             class cuda:
                 class matmul:
@@ -307,10 +319,11 @@ def test_bench_compile_graphs_mode_uses_reduce_overhead():
 
     from runtime.torch_detector import torch_forward
 
-    torch = FakeTorch()
-    torch_forward(torch, lambda *a: a, "compile-fp16")
-    torch_forward(torch, lambda *a: a, "compile-fp16-graphs")
+    torch, model = FakeTorch(), Model()
+    for mode in ("compile-fp16", "compile-fp16-graphs", "fp16", "fp32"):
+        torch_forward(torch, model, mode)
     assert torch.compiled == [("default", False), ("reduce-overhead", False)]
+    assert model.layouts == ["contiguous", "contiguous", "channels_last", "contiguous"]
     assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
 
 
