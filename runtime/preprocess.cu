@@ -11,13 +11,6 @@
 
 #define PRECISION_BITS 22
 
-// Each block copies the normalisation table into shared memory, one share per thread, before its lookups. The CPU
-// build runs a block's threads one after another, so there the first thread copies it all (tests/helpers.py).
-#ifndef TABLE_COPY_FIRST
-#define TABLE_COPY_FIRST (threadIdx.y * blockDim.x + threadIdx.x)
-#define TABLE_COPY_STEP (blockDim.x * blockDim.y)
-#endif
-
 struct Slot {
     const unsigned char* pixels;  // in_h rows of in_w pixels (R, G, B, then pixel_bytes - 3 unused), `pitch` apart
     const int* xtab;              // out_w rows of [first, count, kx weights] (22-bit fixed point)
@@ -84,10 +77,6 @@ extern "C" __global__ void first_pass(const Slot* __restrict__ slots) {
 // One thread per padded output pixel: the second pass over the slot's scratch, normalised, or padding.
 extern "C" __global__ void second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised,
                                        float* __restrict__ images, bool* __restrict__ masks, int height, int width) {
-    // The lookups are data-dependent: from global memory one warp's 32 addresses were served a cache line at a time.
-    __shared__ float table[3 * 256];
-    for (unsigned i = TABLE_COPY_FIRST; i < 3 * 256; i += TABLE_COPY_STEP) table[i] = normalised[i];
-    __syncthreads();
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (x >= width || y >= height) return;
@@ -111,7 +100,7 @@ extern "C" __global__ void second_pass(const Slot* __restrict__ slots, const flo
         const unsigned int* p = s.scratch + (size_t)y * s.in_w + r[0];
         for (int i = 0; i < r[1]; ++i) add(a, p[i], r[2 + i]);
     }
-    out[0] = table[clip8(a.r)];
-    out[plane] = table[256 + clip8(a.g)];
-    out[2 * plane] = table[512 + clip8(a.b)];
+    out[0] = normalised[clip8(a.r)];
+    out[plane] = normalised[256 + clip8(a.g)];
+    out[2 * plane] = normalised[512 + clip8(a.b)];
 }

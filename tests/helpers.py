@@ -384,11 +384,6 @@ static Index3 blockIdx, blockDim, threadIdx;
 #define __forceinline__ inline
 #define __global__
 #define __restrict__
-#define __shared__ static
-#define __syncthreads()
-// A block's threads run in order here: the first copies the whole shared table, the others none of it.
-#define TABLE_COPY_FIRST ((threadIdx.x | threadIdx.y) ? 3u * 256u : 0u)
-#define TABLE_COPY_STEP 1u
 """
 
 DRIVER = r"""
