@@ -112,6 +112,26 @@ def test_stages_overlap():
     assert time.perf_counter() - start < 0.02 * 18
 
 
+def test_post_processing_overlaps_the_next_batch_s_engine_step(files):
+    """Post-processing has a stage thread of its own: a batch's post-processing waits until the next batch's
+    engine step has started, which deadlocked (here: timed out) while both ran on the engine stage's thread."""
+    started = [threading.Event() for _ in range(5)]
+
+    class Overlapped(NumpyDetector):
+        def infer(self, images, masks):
+            started[len(self.calls)].set()
+            return super().infer(images, masks)
+
+        def found(self, outputs, orig_sizes, threshold):
+            done = sum(e.is_set() for e in started)
+            if done < len(started):  # the last batch has no next one
+                assert started[done].wait(timeout=5), "the next engine step did not start during post-processing"
+            return super().found(outputs, orig_sizes, threshold)
+
+    got = [r for _, r in Overlapped().iter_detect(files, batch=2, in_flight=3)]
+    assert len(got) == 9 and pipeline_threads() == []
+
+
 def test_a_failing_stage_raises_at_its_item_and_stops_the_threads():
     before = threading.active_count()
 
