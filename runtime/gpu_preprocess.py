@@ -38,6 +38,7 @@ from runtime.preprocess import NORMALISED, output_hw, stored_rgbx
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
 BLOCK = (32, 8, 1)
+PIXELS_X = 4  # output pixels per thread of second_pass along a row (the kernel's PIXELS_X)
 
 # One image's parameters as the kernels' `Slot` struct reads them (four pointers, the row pitch, eight ints: 72 bytes).
 SLOT_DTYPE = np.dtype(
@@ -169,7 +170,7 @@ def _cubin(arch: int) -> bytes:
     """The kernels for `arch` (e.g. 90), compiled once per process and kept on disk by core.cuda.compile_cached."""
     from core import cuda
 
-    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17"]
+    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17", f"-DPIXELS_X={PIXELS_X}"]
     return cuda.compile_cached(KERNEL_SOURCE.read_bytes(), KERNEL_SOURCE.name, options, "cubin")
 
 
@@ -408,7 +409,7 @@ class GpuPreprocessor:
         rows = max(p.first_pass_hw[0] for p in plans)
         cols = max(p.first_pass_hw[1] for p in plans)
         self._grids = ((-(-cols // BLOCK[0]), -(-rows // BLOCK[1]), batch),
-                       (-(-width // BLOCK[0]), -(-height // BLOCK[1]), batch))
+                       (-(-width // (BLOCK[0] * PIXELS_X)), -(-height // BLOCK[1]), batch))
         self._launch(images_ptr, masks_ptr, height, width)
         self._ran.record(self.stream)
         self._ran_pending = True

@@ -1,7 +1,7 @@
 // The evaluation transform of a batch in two launches: Pillow BILINEAR resize (its integer arithmetic), /255,
 // ImageNet mean/std, zero padding and the padding mask. grid.z = batch slot in both.
 //   first_pass:  Pillow's first pass, once per intermediate pixel, rounded to uint8 into the slot's scratch.
-//   second_pass: one thread per padded output pixel: the second pass over that scratch, normalisation, padding.
+//   second_pass: PIXELS_X padded output pixels a thread: the second pass over that scratch, normalisation, padding.
 // The images are read where they are (the decoder's device buffer, or one copy of a host image), through a row
 // pitch; the tables live in a device cache keyed by (input size, output size).
 // Normalisation is a lookup in the CPU path's own table of (v / 255 - mean) / std for every uint8 level
@@ -74,33 +74,57 @@ extern "C" __global__ void first_pass(const Slot* __restrict__ slots) {
     s.scratch[(size_t)y * cols + x] = pack(a);
 }
 
-// One thread per padded output pixel: the second pass over the slot's scratch, normalised, or padding.
+// Each thread writes PIXELS_X output pixels of one row, blockDim.x apart (so a warp's stores stay contiguous),
+// from one read of the slot record and, for a vertical second pass, of the row's taps: the kernel was bound by
+// the latency of those loads, not by memory bandwidth (ncu on the H200). PIXELS_X comes from
+// runtime.gpu_preprocess.PIXELS_X, which also sizes the grid.
+#ifndef PIXELS_X
+#error "PIXELS_X (output pixels per thread of second_pass) must be defined"
+#endif
+
 extern "C" __global__ void second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised,
                                        float* __restrict__ images, bool* __restrict__ masks, int height, int width) {
-    const int x = blockIdx.x * blockDim.x + threadIdx.x;
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
-    if (x >= width || y >= height) return;
+    if (y >= height) return;
+    const int x0 = blockIdx.x * blockDim.x * PIXELS_X + threadIdx.x;
     const Slot s = slots[blockIdx.z];
     const size_t plane = (size_t)height * width;
-    const size_t at = (size_t)blockIdx.z * plane + (size_t)y * width + x;
-    float* out = images + 3 * (size_t)blockIdx.z * plane + (size_t)y * width + x;
-    const bool pad = x >= s.out_w || y >= s.out_h;
-    masks[at] = pad;
-    if (pad) {
-        out[0] = out[plane] = out[2 * plane] = 0.0f;
-        return;
-    }
-    Sums a = start();
-    if (!s.vertical_first) {  // vertical over the horizontally resampled rows (out_w wide)
+    bool* mask_row = masks + (size_t)blockIdx.z * plane + (size_t)y * width;
+    float* out_row = images + 3 * (size_t)blockIdx.z * plane + (size_t)y * width;
+    const bool inside_rows = y < s.out_h;
+    Sums a[PIXELS_X];
+#pragma unroll
+    for (int i = 0; i < PIXELS_X; ++i) a[i] = start();
+    if (inside_rows && !s.vertical_first) {  // vertical over the horizontally resampled rows (out_w wide)
         const int* r = s.ytab + (size_t)y * (2 + s.ky);
-        const unsigned int* p = s.scratch + (size_t)r[0] * s.out_w + x;
-        for (int j = 0; j < r[1]; ++j) add(a, p[(size_t)j * s.out_w], r[2 + j]);
-    } else {  // horizontal over the vertically resampled rows (in_w wide)
-        const int* r = s.xtab + (size_t)x * (2 + s.kx);
-        const unsigned int* p = s.scratch + (size_t)y * s.in_w + r[0];
-        for (int i = 0; i < r[1]; ++i) add(a, p[i], r[2 + i]);
+        const unsigned int* p = s.scratch + (size_t)r[0] * s.out_w;
+        for (int j = 0; j < r[1]; ++j) {
+            const int k = r[2 + j];
+            const unsigned int* row = p + (size_t)j * s.out_w;
+#pragma unroll
+            for (int i = 0; i < PIXELS_X; ++i) {
+                const int x = x0 + i * (int)blockDim.x;
+                if (x < s.out_w) add(a[i], row[x], k);
+            }
+        }
+    } else if (inside_rows) {  // horizontal over the vertically resampled rows (in_w wide)
+#pragma unroll
+        for (int i = 0; i < PIXELS_X; ++i) {
+            const int x = x0 + i * (int)blockDim.x;
+            if (x >= s.out_w) continue;
+            const int* r = s.xtab + (size_t)x * (2 + s.kx);
+            const unsigned int* p = s.scratch + (size_t)y * s.in_w + r[0];
+            for (int t = 0; t < r[1]; ++t) add(a[i], p[t], r[2 + t]);
+        }
     }
-    out[0] = normalised[clip8(a.r)];
-    out[plane] = normalised[256 + clip8(a.g)];
-    out[2 * plane] = normalised[512 + clip8(a.b)];
+#pragma unroll
+    for (int i = 0; i < PIXELS_X; ++i) {
+        const int x = x0 + i * (int)blockDim.x;
+        if (x >= width) break;
+        const bool pad = !inside_rows || x >= s.out_w;
+        mask_row[x] = pad;
+        out_row[x] = pad ? 0.0f : normalised[clip8(a[i].r)];
+        out_row[plane + x] = pad ? 0.0f : normalised[256 + clip8(a[i].g)];
+        out_row[2 * plane + x] = pad ? 0.0f : normalised[512 + clip8(a[i].b)];
+    }
 }

@@ -51,13 +51,13 @@ def host_gpu(kernel, monkeypatch):
     GpuPreprocessor itself (staging, slot records, buffer growth, launch arguments) runs on this machine."""
     from types import SimpleNamespace
 
-    from runtime.gpu_preprocess import BLOCK
+    from runtime.gpu_preprocess import BLOCK, PIXELS_X
 
     def launch(fn, grid, block, stream, slots, *args, name=""):
         assert tuple(block) == BLOCK
         if args:  # second_pass: its grid covers the padded batch
             normalised, images, masks, height, width = args
-            assert grid[0] * block[0] >= width and grid[1] * block[1] >= height
+            assert grid[0] * block[0] * PIXELS_X >= width and grid[1] * block[1] >= height
             args = (int(normalised), int(images), int(masks), int(height), int(width))
         launches.append(name)
         fn(*grid, int(slots), *args)

@@ -420,11 +420,11 @@ def build_kernel_for_cpu(folder: Path) -> dict:
     """Compile runtime/preprocess.cu with CXX behind SHIM and DRIVER into `folder`: its two kernels by name, each
     called as (grid x, y, z, slots, *args) and looping over the whole grid on the calling thread."""
     from plugins.nvrtc import format_define
-    from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE
+    from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, PIXELS_X
 
     source = folder / "preprocess_cpu.cpp"
     source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
-    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1]}
+    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1], "PIXELS_X": PIXELS_X}
     library = folder / "preprocess_cpu.so"
     subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
                     *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],
