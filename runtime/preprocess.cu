@@ -6,8 +6,8 @@
 // pitch; the tables live in a device cache keyed by (input size, output size).
 // Normalisation is a lookup in the CPU path's own table of (v / 255 - mean) / std for every uint8 level
 // (runtime.preprocess.NORMALISED, 3 x 256 float32), so the values are the CPU path's by construction.
-// Pixels 4 bytes apart (a Pillow image's own RGBX storage, and the scratch) are read as one 32-bit word each:
-// the byte loads of 3-byte pixels were most of the second pass's instructions.
+// Pixels 4 bytes apart (a Pillow image's own RGBX storage, and the scratch) are read as one 32-bit word each,
+// one load where a 3-byte pixel takes three.
 
 #define PRECISION_BITS 22
 
@@ -15,7 +15,7 @@ struct Slot {
     const unsigned char* pixels;  // in_h rows of in_w pixels (R, G, B, then pixel_bytes - 3 unused), `pitch` apart
     const int* xtab;              // out_w rows of [first, count, kx weights] (22-bit fixed point)
     const int* ytab;              // out_h rows of [first, count, ky weights]
-    unsigned int* scratch;        // the first pass, one RGB0 word a pixel: in_h x out_w (horizontal first) or out_h x in_w
+    unsigned int* scratch;        // first pass, RGB0 words: in_h x out_w (horizontal first), else out_h x in_w
     long long pitch;
     int in_h, in_w, out_h, out_w, kx, ky;
     int vertical_first;           // Pillow's pass order for this size (its uint8 rounding sits between passes)
