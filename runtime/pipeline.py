@@ -10,8 +10,8 @@ module imports neither it nor the runner): batches of decoded RGB images (`decod
 per usable core by default, decoding up to 2 x workers images ahead), then the path's preprocessing, then its
 engine step, then post-processing, each on a stage thread of its own. The path is chosen once: `CpuPath`
 (resize and normalisation on the host, one task per image on a pool sized to the machine, then the detector's
-`infer`) or `GpuPath` (the GPU kernel
-writing straight into the input buffers of a `DeviceRunner`, such as an EngineRunner, then `infer_on_device`).
+`infer`) or `GpuPath` (the GPU kernel writing straight into the input buffers of a `DeviceRunner`, such as an
+EngineRunner, then `infer_on_device`).
 An image that cannot be read becomes an `ImageError` entry of its own; the others go on. Per-stage busy time and
 the process's CPU time are collected in a `PipelineStats`.
 """
