@@ -25,17 +25,15 @@ from runtime.torch_detector import TORCH_MODES, TorchReference
 def time_variant(reference: TorchReference, mode: str, channels_last: bool, cudnn_benchmark: bool,
                  shape: tuple[int, int, int], warmup: int, iters: int) -> dict:
     from runtime.gpu_postprocess import torch_top_k
-
     from runtime.torch_detector import torch_forward
 
     torch = reference.torch
     torch._dynamo.reset()
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = reference.model.to(memory_format=layout)
-    forward = torch_forward(torch, model, mode)
+    # The layout is torch_forward's to set (it converts the model and each input), so it is what is timed.
+    forward = torch_forward(torch, reference.model, mode, channels_last)
     b, h, w = shape
-    images = torch.randn(b, 3, h, w, device="cuda").contiguous(memory_format=layout)
+    images = torch.randn(b, 3, h, w, device="cuda")
     masks = torch.zeros(b, h, w, dtype=torch.bool, device="cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []

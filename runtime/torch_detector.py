@@ -29,8 +29,9 @@ TORCH_MODE_HELP = ("the PyTorch reference's forward: " + "; ".join(f"{k}: {v}" f
                    + " (default fp32)")
 
 
-def torch_forward(torch: Any, model: Any, mode: str) -> Callable:
-    """A forward for one of TORCH_MODES; sets the TF32 switches it needs."""
+def torch_forward(torch: Any, model: Any, mode: str, channels_last: bool | None = None) -> Callable:
+    """A forward for one of TORCH_MODES; sets the TF32 switches and the memory layout it needs. `channels_last`:
+    the model and its input in channels-last (True) or NCHW (False) layout; None: the mode's own choice."""
     if mode not in TORCH_MODES:
         raise BadInput(f"torch mode {mode!r}: choose from {', '.join(TORCH_MODES)}")
     tf32 = mode == "tf32"
@@ -39,19 +40,25 @@ def torch_forward(torch: Any, model: Any, mode: str) -> Callable:
     # Eager FP16 convolutions ran 12% faster in channels-last (benchmarks.torch_gpu_layouts, H200, 4x800x1066);
     # Inductor picks its own layouts and ran 5% slower from a channels-last model, so the others keep NCHW. Set
     # for every mode: runtime.bench times several forwards of one model in turn.
-    layout = torch.channels_last if mode == "fp16" else torch.contiguous_format
+    if channels_last is None:
+        channels_last = mode == "fp16"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     forward = model
     if mode.startswith("compile-"):
         # reduce-overhead records CUDA graphs per shape; callers read each output before the next replay.
         compile_mode = "reduce-overhead" if mode.endswith("-graphs") else "default"
         forward = torch.compile(model, mode=compile_mode, dynamic=False)
-    if mode in ("fp16", "compile-fp16", "compile-fp16-graphs"):
-        def run(images, masks):
-            with torch.autocast(images.device.type, dtype=torch.float16):
-                return forward(images.contiguous(memory_format=layout), masks)
-        return run
-    return forward
+    half = mode in ("fp16", "compile-fp16", "compile-fp16-graphs")
+
+    def run(images, masks):
+        images = images.contiguous(memory_format=layout)  # returns the tensor itself when it is laid out so
+        if not half:
+            return forward(images, masks)
+        with torch.autocast(images.device.type, dtype=torch.float16):
+            return forward(images, masks)
+
+    return run
 
 
 class TorchReference(Detector):

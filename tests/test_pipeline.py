@@ -310,7 +310,7 @@ def test_bench_pipeline_bad_spec_is_one_line_before_any_work(tmp_path, capsys, s
 def test_bench_compile_graphs_mode_uses_reduce_overhead_and_each_mode_sets_its_layout():
     """compile-fp16-graphs is Inductor with CUDA graphs; eager FP16 runs the model channels-last (faster convs on the
     H200), every other mode NCHW, set again at each call so that a benchmark of several modes of one model times
-    each in its own layout."""
+    each in its own layout, unless the caller chooses the layout."""
     from runtime import bench
 
     class Model:
@@ -344,6 +344,10 @@ def test_bench_compile_graphs_mode_uses_reduce_overhead_and_each_mode_sets_its_l
         torch_forward(torch, model, mode)
     assert torch.compiled == [("default", False), ("reduce-overhead", False)]
     assert model.layouts == ["contiguous", "contiguous", "channels_last", "contiguous"]
+    # A caller's choice (benchmarks.torch_gpu_layouts) overrides the mode's own.
+    torch_forward(torch, model, "compile-fp16-graphs", channels_last=True)
+    torch_forward(torch, model, "fp16", channels_last=False)
+    assert model.layouts[4:] == ["channels_last", "contiguous"]
     assert "compile-fp16-graphs" in bench.TORCH_MODES and "compile-fp16-graphs" in bench.EPILOG
 
 
