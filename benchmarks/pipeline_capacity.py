@@ -23,6 +23,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -94,19 +95,28 @@ class DeviceEngine(NullEngine):
     def device_inputs(self, batch: int, height: int, width: int) -> tuple[int, int]:
         return self.input_pointers
 
-    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
+    def start_on_device(self, shape: tuple[int, int, int], batch: int | None = None
+                        ) -> Callable[[], dict[str, np.ndarray]]:
         count = shape[0] if batch is None else batch
         if self.outputs == "raw":
             self._top.run(self._raw["logits"].ptr, self._raw["boxes"].ptr, shape[0], QUERIES, CLASSES)
-            self.stream.synchronize()
-            return {k: v[:count] for k, v in self._top.outputs().items()}
+
+            def top_k() -> dict[str, np.ndarray]:
+                self.stream.synchronize()
+                return {k: v[:count] for k, v in self._top.outputs().items()}
+
+            return top_k
         out = {}
         for name, fixed in self._fixed.items():
             host = self._host[name].view((shape[0], *fixed.shape[1:]))
             self._device[name].download(host, self.stream)
             out[name] = host
-        self.stream.synchronize()
-        return {k: v[:count].copy() for k, v in out.items()}
+
+        def downloaded() -> dict[str, np.ndarray]:
+            self.stream.synchronize()
+            return {k: v[:count].copy() for k, v in out.items()}
+
+        return downloaded
 
     def close(self) -> None:
         self.stream.synchronize()

@@ -2,8 +2,8 @@
 
 `DeviceTopK` runs runtime/topk.cu on raw engine outputs (pred_logits (B,Q,C), pred_boxes (B,Q,4) in device
 memory) and downloads only scores (B,K), labels (B,K) and normalised x0,y0,x1,y1 boxes (B,K,4); `torch_top_k`
-does the same with torch on the PyTorch reference's CUDA outputs. Either way the host's post-processing is then
-`postprocess.from_engine_outputs`: box scaling and slicing.
+does the same with torch on the PyTorch reference's CUDA outputs, and `torch_download` brings them to the host.
+Either way the host's post-processing is then `postprocess.from_engine_outputs`: box scaling and slicing.
 
 Ranking is `runtime.postprocess`'s: by logit, equal logits by lowest flat index (the kernel's radix select
 and ranking; torch's stable descending sort), so the detections are the host's. Scores come from the device's
@@ -13,7 +13,7 @@ and ranking; torch's stable descending sort), so the detections are the host's. 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -88,8 +88,9 @@ class DeviceTopK:
         self.close()
 
 
-def torch_top_k(torch: Any, logits: Any, boxes: Any, k: int = TOP_K) -> dict[str, np.ndarray]:
-    """The top-K of torch tensors logits (B,Q,C) and boxes (B,Q,4) on their device; downloads only the results."""
+def torch_top_k(torch: Any, logits: Any, boxes: Any, k: int = TOP_K) -> dict[str, Any]:
+    """The top-K of torch tensors logits (B,Q,C) and boxes (B,Q,4), as tensors on their device (`torch_download`
+    brings them to the host)."""
     batch, queries, classes = logits.shape
     flat = logits.float().reshape(batch, -1)
     k = min(k, flat.shape[1])
@@ -99,5 +100,19 @@ def torch_top_k(torch: Any, logits: Any, boxes: Any, k: int = TOP_K) -> dict[str
     picked = torch.gather(boxes.float(), 1, query[..., None].expand(-1, -1, 4))
     cx, cy, w, h = picked.unbind(-1)
     xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    return {"scores": torch.sigmoid(values).cpu().numpy(), "labels": (index - query * classes).cpu().numpy(),
-            "boxes": xyxy.cpu().numpy()}
+    return {"scores": torch.sigmoid(values), "labels": index - query * classes, "boxes": xyxy}
+
+
+def torch_download(torch: Any, tensors: dict[str, Any]) -> Callable[[], dict[str, np.ndarray]]:
+    """Queue copies of CUDA `tensors` into pinned host memory on the current stream and return at once; the
+    returned call waits for them and gives NumPy arrays. The host does not wait for the GPU in between, so the
+    caller can queue the next batch's work first."""
+    host = {name: tensor.to("cpu", non_blocking=True) for name, tensor in tensors.items()}  # pinned, as non_blocking
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def arrays() -> dict[str, np.ndarray]:
+        copied.synchronize()
+        return {name: tensor.numpy() for name, tensor in host.items()}
+
+    return arrays

@@ -11,7 +11,8 @@ per usable core by default, decoding up to 2 x workers images ahead), then the p
 engine step, then post-processing, each on a stage thread of its own. The path is chosen once: `CpuPath`
 (resize and normalisation on the host, one task per image on a pool sized to the machine, then the detector's
 `infer`) or `GpuPath` (the GPU kernel writing straight into the input buffers of a `DeviceRunner`, such as an
-EngineRunner, then `infer_on_device`).
+EngineRunner, then `start_on_device`). On the GPU path the engine stage only queues a batch's run; the
+post-processing stage waits for its outputs, so the next batch is queued while the GPU still runs this one.
 An image that cannot be read becomes an `ImageError` entry of its own; the others go on. Per-stage busy time and
 the process's CPU time are collected in a `PipelineStats`.
 """
@@ -181,7 +182,7 @@ class Batch:
     images: list  # EXIF-oriented RGB images (Pillow's, or runtime.decode.DeviceImage), or each unreadable file's ImageError
     sizes: np.ndarray | None = None  # (height, width) of each readable image: what its boxes refer to
     work: Any = None  # what the path's `prepare` made of the readable images, for its `run`
-    outputs: dict | None = None  # what `run` returned: the detector's outputs, for the post-processing stage
+    outputs: Callable[[], dict] | None = None  # what `run` returned: the call that gives the detector's outputs
     results: list = field(default_factory=list)
 
     @property
@@ -319,12 +320,13 @@ class CpuPath:
         with self.stats.timed("preprocess"):
             return host_batch(work)
 
-    def run(self, work: PendingBatch) -> dict[str, np.ndarray]:
+    def run(self, work: PendingBatch) -> Callable[[], dict[str, np.ndarray]]:
+        """The batch run (`infer` returns once it is done), as the call that gives its outputs."""
         prepared = self.ready(work)
         with self.stats.timed("engine"):
             outputs = self.detector.infer(prepared.images, prepared.masks)
         _record_gpu_time(self.stats, self.detector)
-        return outputs
+        return lambda: outputs
 
     def close(self) -> None:
         pass
@@ -347,8 +349,11 @@ class DeviceRunner(Protocol):
     def sibling(self) -> "DeviceRunner":
         """Another runner of the same model with buffers of its own."""
 
-    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
-        """Raw outputs of the first `batch` images of what the buffers hold, laid out for `shape` (B, H, W)."""
+    def start_on_device(self, shape: tuple[int, int, int], batch: int | None = None
+                        ) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue the run of what the buffers hold, laid out for `shape` (B, H, W), on `stream` and return; the
+        returned call waits for it and gives the raw outputs of the first `batch` images. The runner is used for
+        nothing else until that call."""
 
     def close(self) -> None:
         """Free the runner."""
@@ -363,7 +368,8 @@ class DeviceBatch(NamedTuple):
 class GpuPath:
     """GPU preprocessing into `count` buffer sets: `runner` and siblings of it, each with its own GpuPreprocessor.
     `prepare` takes a free runner, stages the batch's images and queues the kernel into its input buffers; `run`
-    gives the runner back after the engine ran, so the kernel never writes buffers the engine is still reading."""
+    queues the engine after it; the call `run` returns waits for the outputs and only then gives the runner back,
+    so the kernel never writes buffers the engine is still reading, nor the engine outputs not yet read."""
 
     def __init__(self, runner: DeviceRunner, count: int, stats: PipelineStats, gpu_decode: bool | None = False,
                  exif: bool = True, batch: int = 1) -> None:
@@ -421,13 +427,23 @@ class GpuPath:
             pre.run(*runner.device_inputs(*shape), shape)  # queued on the stream the engine runs on next
         return DeviceBatch(runner, shape, len(rgb))
 
-    def run(self, work: DeviceBatch) -> dict[str, np.ndarray]:
+    def run(self, work: DeviceBatch) -> Callable[[], dict[str, np.ndarray]]:
         try:
             with self.stats.timed("engine"):
-                outputs = work.runner.infer_on_device(work.shape, work.count)
-        finally:
+                finish = work.runner.start_on_device(work.shape, work.count)
+        except BaseException:
             self.free.put(work.runner)
-        _record_gpu_time(self.stats, work.runner)
+            raise
+
+        def outputs() -> dict[str, np.ndarray]:
+            try:
+                with self.stats.timed("engine"):  # the wait for the GPU
+                    ran = finish()
+                _record_gpu_time(self.stats, work.runner)
+                return ran
+            finally:
+                self.free.put(work.runner)
+
         return outputs
 
     def close(self) -> None:
@@ -541,12 +557,13 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]], ope
                 return chunk
 
             # A stage of its own: on the H200 host the CPU path's post-processing took 1.5-1.7 busy ms per image
-            # among the pool's threads, and in the engine stage it held back the next batch's engine step.
+            # among the pool's threads, and in the engine stage it held back the next batch's engine step. The
+            # wait for a batch's outputs is here too, so the engine stage queues the next batch meanwhile.
             def postprocess(chunk: Batch) -> Batch:
                 if chunk.outputs is not None:
+                    outputs, chunk.outputs = chunk.outputs(), None
                     with stats.timed("postprocess"):
-                        chunk.results = detector.found(chunk.outputs, chunk.sizes, threshold)
-                    chunk.outputs = None
+                        chunk.results = detector.found(outputs, chunk.sizes, threshold)
                 return chunk
 
             chunks = bounded(batches(path), [preprocess_stage(path), engine, postprocess], in_flight, stats)

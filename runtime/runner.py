@@ -1,7 +1,7 @@
 """Run an AnchorDETR TensorRT engine with cuda-python: `Engine` (one per file) and `EngineRunner` (one per stream).
 
 An EngineRunner is a `runtime.detector.Detector` (limits from the engine's optimisation profile) and, with its
-device input buffers (`input_pointers`, `sibling`, `infer_on_device`), a `runtime.pipeline.DeviceRunner` that the
+device input buffers (`input_pointers`, `sibling`, `start_on_device`), a `runtime.pipeline.DeviceRunner` that the
 GPU preprocessing path writes into.
 
 Before TensorRT sees the plan, the sidecar written by ``netdef.build`` is checked: the TensorRT version, the GPU's
@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -304,7 +304,7 @@ class EngineRunner(ProfileDetector):
         for name, array in (("images", images), ("masks", masks)):
             self._host[name].view(array.shape)[...] = array
             self._device[name].upload(self._host[name].view(array.shape), self.stream)
-        return self._execute((images.shape[0], images.shape[2], images.shape[3]), batch, started)
+        return self._start_run((images.shape[0], images.shape[2], images.shape[3]), batch, started)()
 
     def sibling(self) -> "EngineRunner":
         """Another runner (context, buffers, stream) on this runner's Engine, e.g. a second buffer set."""
@@ -322,20 +322,30 @@ class EngineRunner(ProfileDetector):
             raise ShapeError(f"shape {(batch, height, width)} is outside the engine profile ({self.profile})")
         return self.input_pointers
 
-    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
-        """Raw outputs for inputs already in `input_pointers` (written on this runner's stream, or synchronised by
-        the caller), laid out C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside
-        the profile; the outputs keep the first `batch` images (default all B)."""
+    def start_on_device(self, shape: tuple[int, int, int], batch: int | None = None
+                        ) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue the run of inputs already in `input_pointers` (written on this runner's stream, or synchronised
+        by the caller), laid out C-contiguous as (B,3,H,W) float32 and (B,H,W) bool for `shape` = (B, H, W) inside
+        the profile, and return at once; the returned call waits for it and gives the raw outputs of the first
+        `batch` images (default all B). Call it before this runner runs anything else: the outputs come back
+        through the runner's own pinned buffers."""
         if self.context is None:
             raise AnchorError("this EngineRunner is closed: create a new one")
         (min_b, min_h, min_w), (max_b, max_h, max_w) = self.profile.min, self.profile.max
         if not (min_b <= shape[0] <= max_b and min_h <= shape[1] <= max_h and min_w <= shape[2] <= max_w):
             raise ShapeError(f"shape {shape} is outside the engine profile ({self.profile})")
         self.engine.device.activate()
-        return self._execute(tuple(shape), shape[0] if batch is None else batch, time.perf_counter())
+        return self._start_run(tuple(shape), shape[0] if batch is None else batch, time.perf_counter())
 
-    def _execute(self, shape: tuple[int, int, int], batch: int, started: float) -> dict[str, np.ndarray]:
-        """Run the uploaded inputs of `shape` on the stream (a captured graph where there is one), download."""
+    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
+        """`start_on_device`, waited for."""
+        return self.start_on_device(shape, batch)()
+
+    def _start_run(self, shape: tuple[int, int, int], batch: int, started: float
+                   ) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue the uploaded inputs of `shape` on the stream (a captured graph where there is one) and the
+        downloads; the returned call synchronises, copies the outputs out and, after a shape's first run without
+        a graph, captures one for it."""
         captured = self._graphs.get(shape)
         if captured is not None:
             self._graphs.move_to_end(shape)
@@ -359,18 +369,21 @@ class EngineRunner(ProfileDetector):
                 host = self._host[name].view(shapes[name])
                 self._device[name].download(host, self.stream)
                 outputs[name] = host
-        self.stream.synchronize()
-        if top_k is not None:
-            outputs = top_k.outputs()
-        result = {name: array[:batch].copy() for name, array in outputs.items()}
-        self.last_timing = {
-            "gpu_ms": cuda.Event.elapsed_ms(self._start, self._end),
-            "host_ms": 1000 * (time.perf_counter() - started),
-            "graph": graph is not None,
-        }
-        if context is not self.context and graph is None:
-            self._capture(shape, context)
-        return result
+
+        def finish() -> dict[str, np.ndarray]:
+            self.stream.synchronize()
+            ran = top_k.outputs() if top_k is not None else outputs
+            result = {name: array[:batch].copy() for name, array in ran.items()}
+            self.last_timing = {
+                "gpu_ms": cuda.Event.elapsed_ms(self._start, self._end),
+                "host_ms": 1000 * (time.perf_counter() - started),
+                "graph": graph is not None,
+            }
+            if context is not self.context and graph is None:
+                self._capture(shape, context)
+            return result
+
+        return finish
 
     def _device_top_k(self) -> Any:
         """For an engine with raw float32 outputs (built without the in-engine top-100), the device top-100

@@ -2,15 +2,17 @@
 and the pipeline run where there is no engine. torch is imported only when one is opened.
 
 On CUDA it is also a `runtime.pipeline.DeviceRunner`: the GPU path's decoder and kernel write straight into its
-CUDA input tensors (`input_pointers`, on its own torch stream), `infer_on_device` runs the forward of the chosen
-`mode` (TORCH_MODES) there, and the top-100 is taken on the device (`runtime.gpu_postprocess.torch_top_k`), so
-only 100 detections per image come back to the host.
+CUDA input tensors (`input_pointers`, on its own torch stream), `start_on_device` queues the forward of the
+chosen `mode` (TORCH_MODES) there, and the top-100 is taken on the device (`runtime.gpu_postprocess.torch_top_k`),
+so only 100 detections per image come back to the host, when the caller asks for them.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -99,6 +101,7 @@ class TorchReference(Detector):
         self.forward = torch_forward(torch, self.model, mode)
         self.description = f"PyTorch reference, {TORCH_MODES[mode]} on {device} ({Path(weights_path).name})"
         self._inputs: tuple | None = None  # the GPU path's flat CUDA input tensors (images, masks)
+        self._order = SimpleNamespace(lock=threading.Lock(), last=None)  # the last forward queued, of all siblings
         self.stream = self._torch_stream = None  # on CUDA: a torch stream, and the same as a core.cuda.Stream
         if device == "cuda":
             self._new_stream()
@@ -110,18 +113,21 @@ class TorchReference(Detector):
         self._torch_stream = self.torch.cuda.Stream()
         self.stream = cuda.Stream(handle=self._torch_stream.cuda_stream)
 
-    def _outputs(self, images: Any, masks: Any) -> dict[str, np.ndarray]:
-        from runtime.gpu_postprocess import torch_top_k
+    def _start(self, images: Any, masks: Any) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue the forward on the current stream; the returned call gives its outputs. On CUDA the top-100 is
+        taken on the device and only it is copied back, without the host waiting for the GPU in between."""
+        from runtime.gpu_postprocess import torch_download, torch_top_k
 
         out = self.forward(images, masks)
-        if self.device == "cuda":  # the top-100 on the device: 100 detections per image come back
-            return torch_top_k(self.torch, out["pred_logits"], out["pred_boxes"])
-        return {name: out[name].float().cpu().numpy() for name in ("pred_logits", "pred_boxes")}
+        if self.device == "cuda":
+            return torch_download(self.torch, torch_top_k(self.torch, out["pred_logits"], out["pred_boxes"]))
+        host = {name: out[name].float().cpu().numpy() for name in ("pred_logits", "pred_boxes")}
+        return lambda: host
 
     def infer(self, images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            return self._outputs(torch.from_numpy(images).to(self.device), torch.from_numpy(masks).to(self.device))
+            return self._start(torch.from_numpy(images).to(self.device), torch.from_numpy(masks).to(self.device))()
 
     # ---- the GPU path (runtime.pipeline.DeviceRunner), CUDA only
 
@@ -134,8 +140,9 @@ class TorchReference(Detector):
         return self.device_inputs(1, 1, 1)
 
     def sibling(self) -> "TorchReference":
-        """Another input set and stream on the same model and forward (the pipeline runs them one at a time)."""
-        other = copy.copy(self)
+        """Another input set and stream on the same model and forward. Siblings' forwards run one after another
+        on the GPU (`start_on_device`), however their streams are queued."""
+        other = copy.copy(self)  # shares the model, the forward and `_order`
         other._inputs = None
         other._new_stream()
         return other
@@ -152,17 +159,26 @@ class TorchReference(Detector):
                                 torch.empty(count, dtype=torch.bool, device="cuda"))
         return self._inputs[0].data_ptr(), self._inputs[1].data_ptr()
 
-    def infer_on_device(self, shape: tuple[int, int, int], batch: int | None = None) -> dict[str, np.ndarray]:
-        """Top-100 outputs of the first `batch` images of what `device_inputs` holds, laid out for `shape`
-        (B, H, W), run on this reference's stream after the kernel queued there."""
+    def start_on_device(self, shape: tuple[int, int, int], batch: int | None = None
+                        ) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue the forward and the top-100 of the first `batch` images of what `device_inputs` holds, laid out
+        for `shape` (B, H, W), on this reference's stream after the kernel queued there, and return at once; the
+        returned call waits for them and gives the top-100 outputs.
+
+        The forward of a CUDA-graph mode writes the same graph buffers from every sibling, so each forward first
+        waits, on the GPU, for the one queued before it, whichever sibling's stream that was (`_order`)."""
         torch = self.torch
         b, h, w = shape
-        with torch.inference_mode(), torch.cuda.stream(self._torch_stream):
+        keep = b if batch is None else batch
+        with self._order.lock, torch.inference_mode(), torch.cuda.stream(self._torch_stream):
+            if self._order.last is not None:
+                self._torch_stream.wait_event(self._order.last)
             images = self._inputs[0][: b * 3 * h * w].view(b, 3, h, w)
             masks = self._inputs[1][: b * h * w].view(b, h, w)
-            outputs = self._outputs(images, masks)  # .cpu() of the small outputs synchronises
-        keep = b if batch is None else batch
-        return {name: value[:keep] for name, value in outputs.items()}
+            outputs = self._start(images, masks)
+            self._order.last = torch.cuda.Event()
+            self._order.last.record(self._torch_stream)  # after the top-100 has read the forward's outputs
+        return lambda: {name: value[:keep] for name, value in outputs().items()}
 
     def close(self) -> None:
         self._inputs = None

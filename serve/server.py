@@ -306,7 +306,7 @@ class GpuPreprocess(HostPreprocess):
 
     def detect(self, model: Detector, images: Sequence[Any]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
         sizes = original_sizes(images)
-        return list(zip(model.results(self.path.run(self.path.prepare(images)), sizes), sizes))
+        return list(zip(model.results(self.path.run(self.path.prepare(images))(), sizes), sizes))
 
     def close(self) -> None:
         self.path.close()

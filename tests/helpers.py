@@ -227,13 +227,17 @@ class CudaRunner(NumpyDetector):
     def device_inputs(self, batch, height, width):
         return self.input_pointers
 
-    def infer_on_device(self, shape, batch=None):
+    def start_on_device(self, shape, batch=None):
         b, h, w = shape
         images, masks = np.empty((b, 3, h, w), np.float32), np.empty((b, h, w), bool)
         self._images.download(images, self.stream)
         self._masks.download(masks, self.stream)
-        self.stream.synchronize()
-        return {k: v[:batch] for k, v in NumpyDetector(self.profile).infer(images, masks).items()}
+
+        def finish():
+            self.stream.synchronize()
+            return {k: v[:batch] for k, v in NumpyDetector(self.profile).infer(images, masks).items()}
+
+        return finish
 
 
 def solid(width, height, channel):
@@ -457,11 +461,12 @@ class HostRunner(NumpyDetector):
         self.last_sibling = HostRunner(self.profile)
         return self.last_sibling
 
-    def infer_on_device(self, shape, batch=None):
+    def start_on_device(self, shape, batch=None):
         b, h, w = shape
         self.runs.append((tuple(shape), batch))
-        return {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
-                                                    self._masks.view((b, h, w)).copy()).items()}
+        outputs = {k: v[:batch] for k, v in self.infer(self._images.view((b, 3, h, w)).copy(),
+                                                       self._masks.view((b, h, w)).copy()).items()}
+        return lambda: outputs
 
     def close(self):
         self.closed = True

@@ -620,7 +620,7 @@ class DeviceModel(BoxPerImage):
     def sibling(self):
         return self
 
-    def infer_on_device(self, shape, batch=None):
+    def start_on_device(self, shape, batch=None):
         raise AssertionError("not run here")
 
 

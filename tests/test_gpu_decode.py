@@ -142,12 +142,15 @@ def test_device_top_k_equals_the_host_post_processing():
 
 
 def test_torch_top_k_equals_the_host_post_processing():
+    """The reference's device top-100, then its download through pinned memory, waited for only when read."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA GPU")
-    from runtime.gpu_postprocess import torch_top_k
+    from runtime.gpu_postprocess import torch_download, torch_top_k
 
     rng = np.random.default_rng(4)
     logits, boxes = _raw_outputs(rng, 2)
-    got = torch_top_k(torch, torch.from_numpy(logits).cuda(), torch.from_numpy(boxes).cuda())
+    top = torch_top_k(torch, torch.from_numpy(logits).cuda(), torch.from_numpy(boxes).cuda())
+    assert all(t.is_cuda for t in top.values())  # nothing left the device yet
+    got = torch_download(torch, top)()
     _assert_same_detections(got, logits, boxes, np.array([(480, 640), (640, 480)]))

@@ -240,7 +240,7 @@ class DeviceStandIn(NumpyDetector):
     def sibling(self):
         return DeviceStandIn(self.profile)
 
-    def infer_on_device(self, shape, batch=None):
+    def start_on_device(self, shape, batch=None):
         raise AssertionError("never reached without a GPU")
 
 

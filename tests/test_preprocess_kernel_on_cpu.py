@@ -296,6 +296,48 @@ def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, 
     assert stats.max_live <= 2 and stats.errors == 1
 
 
+def test_the_engine_stage_queues_the_next_batch_before_this_one_s_outputs_are_back(host_gpu, tmp_path):
+    """On the GPU path the engine stage only queues a batch (`start_on_device`); its outputs are waited for in the
+    post-processing stage. Here a batch's outputs are handed over only once the next batch has been queued: with
+    the wait in the engine stage that could never happen (here: a timeout). Every runner comes back."""
+    from helpers import HostRunner, solid
+    from runtime import pipeline
+
+    batches = 4
+    queued = [threading.Event() for _ in range(batches)]
+    order: list = []
+
+    class Queued(HostRunner):
+        def sibling(self):
+            return Queued(self.profile)
+
+        def start_on_device(self, shape, batch=None):
+            finish, n = super().start_on_device(shape, batch), len(order)
+            order.append(n)
+            queued[n].set()
+
+            def outputs():
+                if n + 1 < batches:
+                    assert queued[n + 1].wait(timeout=5), f"batch {n + 1} was not queued before batch {n}'s wait"
+                return finish()
+
+            return outputs
+
+    paths = []
+    for i in range(2 * batches - 1):
+        paths.append(tmp_path / f"{i}.png")
+        solid(50 + 11 * i, 40 + 5 * i, i % 3).save(paths[-1])
+    runner = Queued()
+    stats = pipeline.PipelineStats()
+    found = list(pipeline.detect_stream(runner, paths, threshold=0.3, batch=2, in_flight=3, gpu_preprocess=True,
+                                        stats=stats))
+    assert [f.key for f in found] == paths and order == list(range(batches))
+    expected = HostRunner().detect([Image.open(p) for p in paths], threshold=0.3, batch_size=2)
+    for got, want in zip(found, expected):
+        for key in want:
+            np.testing.assert_array_equal(got.result[key], want[key])
+
+
 def test_the_pipelines_gpu_path_through_host_memory_equals_the_cpu_path(host_gpu, tmp_path):
     """runtime.pipeline's GpuPath end to end on this machine: a DeviceRunner stand-in (not an EngineRunner) whose
     input buffers are host memory, the slots staged side by side on the CPU pool, the kernel's CPU build writing

@@ -17,6 +17,7 @@ from core.backend import Backend
 from core.sidecar import SidecarError, check_sidecar, load_sidecar, write_sidecar
 from core import cuda
 from core.errors import AnchorError, BadInput, Unavailable
+from runtime.preprocess import ShapeError
 from runtime.runner import INPUTS, Engine, EngineRunner
 
 from helpers import raises_unless
@@ -491,6 +492,26 @@ def test_each_captured_shape_has_its_own_context(cpu_runner):
         assert plain.memory == ctx_a.memory == ctx_b.memory == (runner._scratch.ptr, 4096)
         assert ctx_a.addresses == ctx_b.addresses == plain.addresses
     assert graph_a.closed and graph_b.closed and not runner._graphs
+
+
+def test_start_on_device_queues_the_run_and_its_call_waits_reads_and_captures(cpu_runner, monkeypatch):
+    """start_on_device returns with the run queued and nothing waited for; the call it returns synchronises the
+    stream once, gives the outputs and only then captures the shape's graph (its first run was the warm-up)."""
+    waits = []
+    monkeypatch.setattr(CpuStream, "synchronize", lambda self: waits.append(self))
+    with cpu_runner(cuda_graphs=True) as runner:
+        with pytest.raises(ShapeError, match="outside the engine profile"):
+            runner.start_on_device((3, 16, 24))  # the profile's largest batch is 2: refused before anything runs
+        finish = runner.start_on_device(A, batch=1)
+        context = runner.engine.trt_engine.contexts[-1]()
+        assert context.runs == [A] and waits == [] and A not in runner._graphs
+        runner._host["pred_logits"].array[:] = 7  # what the queued download would have written
+        outputs = finish()
+        assert waits == [runner.stream] and A in runner._graphs and runner.last_timing["graph"] is False
+        assert outputs["pred_logits"].shape == (1, 4, 91) and (outputs["pred_logits"] == 7).all()
+        runner._host["pred_logits"].array[:] = 0
+        assert (outputs["pred_logits"] == 7).all()  # a copy: the pinned buffers are the next run's
+        assert runner.infer_on_device(A)["pred_boxes"].shape == (2, 4, 4) and runner.last_timing["graph"] is True
 
 
 def test_least_recently_used_graph_is_evicted_and_released(cpu_runner, monkeypatch):
