@@ -2,6 +2,7 @@
 and with --gpu the GPU kernel.
 
     python -m benchmarks.preprocess_bench [--batch 4] [--repeat 5] [--files N] [--gpu] [--out preprocess_bench.json]
+    python -m benchmarks.preprocess_bench --kernel-variants PIXELS_X=4 PIXELS_X=4,MIN_BLOCKS=8 [--rounds 2]
 
 CPU: both sides start from decoded images and end with the padded (B,3,H,W) float32 batch and its masks; the
 plain version resizes with Pillow, normalises with NumPy float32 arithmetic ((x / 255 - mean) / std) and pads
@@ -12,6 +13,9 @@ stand-in engine (benchmarks.pipeline_capacity.NullEngine), which also pads into 
 images/s, best of --repeat runs each, taken in turns.
 GPU (`bench_gpu`): CUDA-event time per image at batch 1 and 8 of the two kernels alone (graph replays), of
 `GpuPreprocessor.run` as the pipeline calls it, and of run with each image's upload before it.
+Kernel variants (--kernel-variants): the kernels alone, compiled with other values of runtime.gpu_preprocess's
+kernel constants (PIXELS_X, MIN_BLOCKS, BLOCK_Y: the block is 32 x BLOCK_Y threads), each variant in turn, --rounds
+times, so that run-to-run drift shows against the differences; the CPU rows are skipped.
 Exit codes: 0 ok, 2 bad arguments, 3 no GPU (with --gpu).
 """
 
@@ -95,7 +99,42 @@ def bench_files(count: int, batch: int, repeat: int) -> dict:
             "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}
 
 
-def bench_gpu(iterations: int = 1000) -> dict:
+VARIANT_KEYS = ("PIXELS_X", "MIN_BLOCKS", "BLOCK_Y")
+
+
+def kernel_variant(text: str) -> dict[str, int]:
+    """--kernel-variants' value: comma-separated NAME=N of VARIANT_KEYS, e.g. "PIXELS_X=4,MIN_BLOCKS=8"."""
+    values = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in VARIANT_KEYS or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=N with N >= 1 and NAME one of "
+                                             f"{', '.join(VARIANT_KEYS)}, e.g. PIXELS_X=4,MIN_BLOCKS=8")
+        values[name] = int(value)
+    return values
+
+
+def bench_variants(variants: list[dict[str, int]], rounds: int) -> list[dict]:
+    """`bench_gpu`'s kernel rows for each variant of the kernel constants, all variants in turn, `rounds` times."""
+    from runtime import gpu_preprocess as g
+
+    saved = g.PIXELS_X, g.MIN_BLOCKS, g.BLOCK
+    rows = []
+    try:
+        for turn in range(rounds):
+            for variant in variants:
+                g.PIXELS_X = variant.get("PIXELS_X", saved[0])
+                g.MIN_BLOCKS = variant.get("MIN_BLOCKS", saved[1])
+                g.BLOCK = (saved[2][0], variant.get("BLOCK_Y", saved[2][1]), 1)
+                timed = bench_gpu(steps=("kernel",))
+                rows.append({"variant": ",".join(f"{k}={v}" for k, v in variant.items()), "round": turn + 1,
+                             **{k: v for k, v in timed.items() if k != "device"}})
+    finally:
+        g.PIXELS_X, g.MIN_BLOCKS, g.BLOCK = saved
+    return rows
+
+
+def bench_gpu(iterations: int = 1000, steps: tuple[str, ...] = ("kernel", "run", "upload_and_run")) -> dict:
     """Per image, at batch 1 and 8: the two kernels alone (their launches captured once in a CUDA graph, replayed
     back to back, CUDA-event time), `run` as the pipeline calls it (slot records, launches; host-bound when the
     GPU is faster than Python), and each image's upload (pinned copy, host-to-device) queued before every run."""
@@ -114,11 +153,11 @@ def bench_gpu(iterations: int = 1000) -> dict:
                 images_ptr, masks_ptr = out.ptr, out.ptr + batch * 800 * 1066 * 12
                 gpu.run(images_ptr, masks_ptr, shape)
                 with cuda.Graph(gpu.stream, lambda: gpu._launch(images_ptr, masks_ptr, 800, 1066)) as graph:
-                    steps = {"kernel": lambda: graph.launch(gpu.stream),
+                    steps_of = {"kernel": lambda: graph.launch(gpu.stream),
                              "run": lambda: gpu.run(images_ptr, masks_ptr, shape),
                              "upload_and_run": lambda: ([gpu.upload(slot, arrays[slot]) for slot in range(batch)],
                                                         gpu.run(images_ptr, masks_ptr, shape))}
-                    for name, step in steps.items():
+                    for name, step in ((k, v) for k, v in steps_of.items() if k in steps):
                         # Warm up for half a second of work: an idle H200 sits at 345 MHz and needs time under
                         # load to reach its boost clock (nvidia-smi), more than 500 short replays take.
                         until = time.perf_counter() + 0.5
@@ -144,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=positive_int, metavar="N",
                    help="also compare files -> preprocessed images: a plain thread pool and the pipeline's CPU path")
     p.add_argument("--gpu", action="store_true", help="also time the GPU kernel")
+    p.add_argument("--kernel-variants", nargs="+", type=kernel_variant, metavar="NAME=N[,NAME=N]",
+                   help=f"time only the GPU kernels, compiled with each of these values of {', '.join(VARIANT_KEYS)}")
+    p.add_argument("--rounds", type=positive_int, default=2, help="turns through --kernel-variants (default 2)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     return guarded(p.prog, run, p.parse_args(argv))
 
@@ -151,6 +193,9 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out, "--out")
+    if args.kernel_variants:
+        emit({"kernel_variants": bench_variants(args.kernel_variants, args.rounds)}, args.out, indent=2)
+        return 0
     results = {"cpu": bench_cpu(args.batch, args.repeat)}
     if args.files:
         results["files"] = bench_files(args.files, args.batch, args.repeat)

@@ -39,6 +39,7 @@ PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for 
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
 BLOCK = (32, 8, 1)
 PIXELS_X = 4  # output pixels per thread of second_pass along a row (the kernel's PIXELS_X)
+MIN_BLOCKS = 1  # the kernels' __launch_bounds__: blocks each SM must hold at once (it caps their registers)
 
 # One image's parameters as the kernels' `Slot` struct reads them (four pointers, the row pitch, eight ints: 72 bytes).
 SLOT_DTYPE = np.dtype(
@@ -165,12 +166,23 @@ def pillow_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resample(rgb, height, width, vertical_first(rgb.shape[0], rgb.shape[1], height, width))
 
 
-@functools.cache
+def kernel_defines() -> dict[str, int]:
+    """The constants preprocess.cu is compiled with, from this module's (NVRTC here, the CPU build in the tests):
+    the grid that `GpuPreprocessor.run` launches is sized from the same ones."""
+    return {"PIXELS_X": PIXELS_X, "BLOCK_THREADS": BLOCK[0] * BLOCK[1], "MIN_BLOCKS": MIN_BLOCKS}
+
+
 def _cubin(arch: int) -> bytes:
-    """The kernels for `arch` (e.g. 90), compiled once per process and kept on disk by core.cuda.compile_cached."""
+    """The kernels for `arch` (e.g. 90) with the current `kernel_defines`."""
+    return _compiled(arch, tuple(kernel_defines().items()))
+
+
+@functools.cache
+def _compiled(arch: int, defines: tuple) -> bytes:
+    """Compiled once per process, and kept on disk by core.cuda.compile_cached."""
     from core import cuda
 
-    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17", f"-DPIXELS_X={PIXELS_X}"]
+    options = [f"--gpu-architecture=sm_{arch}", "--std=c++17", *(f"-D{k}={v}" for k, v in defines)]
     return cuda.compile_cached(KERNEL_SOURCE.read_bytes(), KERNEL_SOURCE.name, options, "cubin")
 
 

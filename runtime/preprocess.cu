@@ -52,8 +52,13 @@ __device__ __forceinline__ unsigned int pack(const Sums& a) {
     return (unsigned int)clip8(a.r) | ((unsigned int)clip8(a.g) << 8) | ((unsigned int)clip8(a.b) << 16);
 }
 
+// BLOCK_THREADS, MIN_BLOCKS and PIXELS_X come from runtime.gpu_preprocess.kernel_defines, which also sizes the grids.
+#if !defined(BLOCK_THREADS) || !defined(MIN_BLOCKS) || !defined(PIXELS_X)
+#error "BLOCK_THREADS, MIN_BLOCKS and PIXELS_X must be defined (runtime.gpu_preprocess.kernel_defines)"
+#endif
+
 // One thread per intermediate pixel (x, y) of slot blockIdx.z; the grid covers the batch's largest intermediate.
-extern "C" __global__ void first_pass(const Slot* __restrict__ slots) {
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) first_pass(const Slot* __restrict__ slots) {
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     const Slot s = slots[blockIdx.z];
@@ -76,13 +81,8 @@ extern "C" __global__ void first_pass(const Slot* __restrict__ slots) {
 
 // Each thread writes PIXELS_X output pixels of one row, blockDim.x apart (so a warp's stores stay contiguous),
 // from one read of the slot record and, for a vertical second pass, of the row's taps: the kernel was bound by
-// the latency of those loads, not by memory bandwidth (ncu on the H200). PIXELS_X comes from
-// runtime.gpu_preprocess.PIXELS_X, which also sizes the grid.
-#ifndef PIXELS_X
-#error "PIXELS_X (output pixels per thread of second_pass) must be defined"
-#endif
-
-extern "C" __global__ void second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised,
+// the latency of those loads, not by memory bandwidth (ncu on the H200).
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised,
                                        float* __restrict__ images, bool* __restrict__ masks, int height, int width) {
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (y >= height) return;

@@ -388,6 +388,7 @@ static Index3 blockIdx, blockDim, threadIdx;
 #define __forceinline__ inline
 #define __global__
 #define __restrict__
+#define __launch_bounds__(...)
 """
 
 DRIVER = r"""
@@ -424,11 +425,11 @@ def build_kernel_for_cpu(folder: Path) -> dict:
     """Compile runtime/preprocess.cu with CXX behind SHIM and DRIVER into `folder`: its two kernels by name, each
     called as (grid x, y, z, slots, *args) and looping over the whole grid on the calling thread."""
     from plugins.nvrtc import format_define
-    from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, PIXELS_X
+    from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, kernel_defines
 
     source = folder / "preprocess_cpu.cpp"
     source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
-    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1], "PIXELS_X": PIXELS_X}
+    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1], **kernel_defines()}
     library = folder / "preprocess_cpu.so"
     subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
                     *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],

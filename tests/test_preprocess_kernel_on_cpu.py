@@ -116,14 +116,14 @@ def test_the_kernel_compiles_into_core_cudas_disk_cache(tmp_path, monkeypatch):
     except cuda.CompileError as exc:
         pytest.skip(f"no NVRTC: {exc}")
     monkeypatch.setenv("ANCHORTRT_KERNEL_CACHE", str(tmp_path))
-    gpu_preprocess._cubin.cache_clear()
+    gpu_preprocess._compiled.cache_clear()
     cubin = gpu_preprocess._cubin(90)
     (cached,) = tmp_path.iterdir()
     assert cubin.startswith(b"\x7fELF") and cached.name.startswith("preprocess-") and cached.read_bytes() == cubin
     cached.write_bytes(b"from the cache")
-    gpu_preprocess._cubin.cache_clear()
+    gpu_preprocess._compiled.cache_clear()
     assert gpu_preprocess._cubin(90) == b"from the cache"
-    gpu_preprocess._cubin.cache_clear()
+    gpu_preprocess._compiled.cache_clear()
 
 
 def test_placed_images_are_read_in_place_through_their_row_pitch(host_gpu):
