@@ -38,8 +38,11 @@ from runtime.preprocess import NORMALISED, output_hw, stored_rgbx
 PRECISION_BITS = 22  # Pillow's 32 - 8 - 2: 8 bits of result, 2 of headroom for filters with negative lobes
 KERNEL_SOURCE = Path(__file__).resolve().with_name("preprocess.cu")
 BLOCK = (32, 8, 1)
-PIXELS_X = 4  # output pixels per thread of second_pass along a row (the kernel's PIXELS_X)
-MIN_BLOCKS = 1  # the kernels' __launch_bounds__: blocks each SM must hold at once (it caps their registers)
+# Output pixels per thread of second_pass along a row, and the blocks each SM must hold at once (the kernels'
+# __launch_bounds__, which caps their registers at 32 here): on the H200, 8.8 us per 640x480 -> 800x1066 image at
+# batch 8 against 9.8 for 4 pixels a thread with no bound (`preprocess_bench --kernel-variants`, docs/benchmarks.md).
+PIXELS_X = 2
+MIN_BLOCKS = 8
 
 # One image's parameters as the kernels' `Slot` struct reads them (four pointers, the row pitch, eight ints: 72 bytes).
 SLOT_DTYPE = np.dtype(

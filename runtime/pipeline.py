@@ -244,6 +244,49 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
             close()
 
 
+def run_ahead(items: Iterator, depth: int, name: str) -> Iterator:
+    """`items`, produced on a thread of its own (`name`) up to `depth` items ahead of the consumer. An exception
+    there is raised here in its place; closing this generator stops the thread after the item it is producing,
+    then closes `items`."""
+    made: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand(item):
+                    return
+            hand(_DONE)
+        except BaseException as exc:  # the consumer raises it after the items before it
+            hand(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = made.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
 # Batches whose files are being read ahead of the decode call (one read task each).
 READ_AHEAD = 4
 
@@ -251,13 +294,21 @@ READ_AHEAD = 4
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
                            stats: PipelineStats, group: int = 1) -> Iterator[Batch]:
     """Batches of `batch` files, decoded `group` batches at a time in one `decoder.decode` call
-    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`). Each call's files
-    are read by one task on `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task
-    per file cost the decode stage more in hand-offs than the reads themselves.
+    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`), on a thread of
+    its own one call ahead of the batches taken (`run_ahead`). Each call's files are read by one task on
+    `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task per file cost the decode
+    stage more in hand-offs than the reads themselves.
 
-    `group` batches share a call (the caller passes its batches in flight, so decoded images wait for
-    at most that many batches more): nvImageCodec's hardware decoder gave 8,332 images/s in calls of 8 and
-    12,766 in calls of 32 on the H200, and the call, synchronised, is the decode stage's time."""
+    `group` batches share a call (the caller passes its batches in flight): nvImageCodec's hardware decoder gave
+    8,332 images/s in calls of 8 and 12,766 in calls of 32 on the H200. Ahead, because the pipeline's feeder
+    takes a batch only when one of its `in_flight` places is free: with the call on the feeder, the next call
+    waited for the first batch of this one to reach the caller, and the path ran about one call at a time."""
+    yield from run_ahead(_device_decoded(paths, batch, workers, exif, decoder, stats, group), group,
+                         "pipeline-decode")
+
+
+def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
+                    stats: PipelineStats, group: int) -> Iterator[Batch]:
     with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool:
         from runtime.decode import read_file
 

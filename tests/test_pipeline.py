@@ -447,6 +447,47 @@ def test_bad_pipeline_arguments_are_refused_at_the_call(files):
             NumpyDetector().iter_detect(files, **options)
 
 
+def _decode_threads():
+    return [t.name for t in threading.enumerate() if t.name == "pipeline-decode" or t.name.startswith("anchortrt-read")]
+
+
+def test_gpu_decoding_runs_a_call_ahead_of_the_batches_taken_and_fails_in_place(files):
+    """The decode calls run on a thread of their own, ahead: the second call is made while the consumer holds
+    only the first batch. A failing call is raised at its batch's place, and no decode or read thread is left."""
+    from runtime.pipeline import device_decoded_batches
+
+    second, calls = threading.Event(), []
+
+    class Decoder:
+        def decode(self, items, names):
+            calls.append(len(items))
+            second.set() if len(calls) == 2 else None
+            if len(calls) == 3:
+                raise RuntimeError("the decoder failed on its third call")
+            return [np.zeros((2, 2, 3), np.uint8) for _ in items]
+
+    batches = device_decoded_batches(iter(files), 2, 2, False, Decoder(), PipelineStats(), group=1)
+    first = next(batches)
+    assert second.wait(timeout=5), "the second decode call waited for the first batch to be taken"
+    assert [len(first.keys), len(next(batches).keys)] == [2, 2]
+    with pytest.raises(RuntimeError, match="third call"):
+        next(batches)
+    assert _decode_threads() == []
+
+
+def test_leaving_gpu_decoding_early_stops_its_threads(files):
+    from runtime.pipeline import device_decoded_batches
+
+    class Decoder:
+        def decode(self, items, names):
+            return [np.zeros((2, 2, 3), np.uint8) for _ in items]
+
+    batches = device_decoded_batches(iter(files), 1, 2, False, Decoder(), PipelineStats(), group=1)
+    assert next(batches).keys == files[:1]
+    batches.close()
+    assert _decode_threads() == []
+
+
 def test_gpu_decoding_decodes_group_batches_per_call_and_yields_them_in_order(files):
     # One decoder call per `group` batches (the hardware decoder's throughput grows with the call's size), the
     # batches still of the engine's size, in input order, the short last group included.

@@ -155,6 +155,13 @@ def test_exif_orientation_applied():
     assert preprocess_image(_exif_png(6)).shape == (3, 1200, 800)  # portrait after rotation
 
 
+@pytest.mark.parametrize("orientation", [None, 1, 0, 9])
+def test_an_image_that_needs_no_turn_is_used_as_it_is(orientation):
+    """No orientation tag, 1 (upright) or a value outside 1..8: the decoded image itself, not a copy of it."""
+    image = _exif_png(orientation) if orientation is not None else Image.new("RGB", (3, 2), (9, 8, 7))
+    assert to_rgb(image) is image
+
+
 def test_pad_batch_masks_and_values():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(3, 5, 7)).astype(np.float32)
