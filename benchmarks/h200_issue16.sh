@@ -33,7 +33,7 @@ weights() { [ -f /tmp/w.safetensors ] || step 60 python3 -m weights.extract --ra
 layouts() { weights; step 240 python3 -m benchmarks.torch_gpu_layouts --weights /tmp/w.safetensors --modes fp16,compile-fp16-graphs; }
 reference() {
     weights
-    step 200 python3 -m runtime.bench --pipeline synthetic:512 --torch-weights /tmp/w.safetensors \
+    step 200 python3 -m runtime.bench --pipeline synthetic:1024 --torch-weights /tmp/w.safetensors \
         --torch-modes compile-fp16-graphs --batch 4 --preprocess gpu --decode gpu --in-flight 3
 }
 profile() {
