@@ -82,8 +82,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) first_pa
 // Each thread writes PIXELS_X output pixels of one row, blockDim.x apart (so a warp's stores stay contiguous),
 // from one read of the slot record and, for a vertical second pass, of the row's taps: the kernel was bound by
 // the latency of those loads, not by memory bandwidth (ncu on the H200).
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised,
-                                       float* __restrict__ images, bool* __restrict__ masks, int height, int width) {
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS)
+second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised, float* __restrict__ images,
+            bool* __restrict__ masks, int height, int width) {
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (y >= height) return;
     const int x0 = blockIdx.x * blockDim.x * PIXELS_X + threadIdx.x;

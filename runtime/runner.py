@@ -371,6 +371,7 @@ class EngineRunner(ProfileDetector):
                 outputs[name] = host
 
         def finish() -> dict[str, np.ndarray]:
+            self.engine.device.activate()  # the pipeline calls it on another thread, and it may capture a graph
             self.stream.synchronize()
             ran = top_k.outputs() if top_k is not None else outputs
             result = {name: array[:batch].copy() for name, array in ran.items()}

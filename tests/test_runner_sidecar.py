@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 import types
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -500,13 +502,17 @@ def test_start_on_device_queues_the_run_and_its_call_waits_reads_and_captures(cp
     waits = []
     monkeypatch.setattr(CpuStream, "synchronize", lambda self: waits.append(self))
     with cpu_runner(cuda_graphs=True) as runner:
+        activated = []  # the threads that made the runner's device current
+        runner.engine.device = types.SimpleNamespace(activate=lambda: activated.append(threading.current_thread()))
         with pytest.raises(ShapeError, match="outside the engine profile"):
             runner.start_on_device((3, 16, 24))  # the profile's largest batch is 2: refused before anything runs
         finish = runner.start_on_device(A, batch=1)
         context = runner.engine.trt_engine.contexts[-1]()
         assert context.runs == [A] and waits == [] and A not in runner._graphs
         runner._host["pred_logits"].array[:] = 7  # what the queued download would have written
-        outputs = finish()
+        with ThreadPoolExecutor(1) as other:  # as the pipeline's post-processing stage calls it
+            outputs, thread = other.submit(lambda: (finish(), threading.current_thread())).result()
+        assert activated[-1] is thread  # before the wait and the capture, on the thread that made them
         assert waits == [runner.stream] and A in runner._graphs and runner.last_timing["graph"] is False
         assert outputs["pred_logits"].shape == (1, 4, 91) and (outputs["pred_logits"] == 7).all()
         runner._host["pred_logits"].array[:] = 0
