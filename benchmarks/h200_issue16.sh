@@ -8,7 +8,9 @@
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh profile     where the pipelines hold the GIL
 # Several parts may be given, run in turn.
 # .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), and py-spy for
-# `profile`, which writes $OUT/gil-*.txt (py-spy's raw folded stacks of the GIL holder). Each step has its own
+# `profile`, which writes $OUT/gil-*.txt (py-spy's raw folded stacks of the GIL holder); fill it with
+#   python3 -m pip download --no-deps -d .whl nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43 py-spy==0.4.3
+# (.whl is not committed: add it to .git/info/exclude). Each step has its own
 # time limit so that one slow step cannot take the others' output with it; the log is $OUT/h200.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
