@@ -247,7 +247,7 @@ class BatchDecoder:
             if self.stream is not None:
                 from core import cuda
 
-                self._gpu.activate()  # decode runs on the pipeline's feeder thread, where no context is current
+                self._gpu.activate()  # decode runs on the pipeline's decode thread, where no context is current
                 ready = cuda.Event(timing=False)
                 ready.record(self.stream)
             for i, image in zip(todo, decoded):

@@ -7,7 +7,8 @@ so memory stays bounded however long the input is (the stages' queues need no li
 
 `detect_stream` composes it for a detector (runtime.detector's contract, used here by its methods only, so this
 module imports neither it nor the runner): batches of decoded RGB images (`decode_many`'s thread pool, one thread
-per usable core by default, decoding up to 2 x workers images ahead), then the path's preprocessing, then its
+per usable core by default, decoding up to 2 x workers images ahead; with GPU decoding, one nvImageCodec call per
+`in_flight` batches on a decode thread, a call ahead: `device_decoded_batches`), then the path's preprocessing, then its
 engine step, then post-processing, each on a stage thread of its own. The path is chosen once: `CpuPath`
 (resize and normalisation on the host, one task per image on a pool sized to the machine, then the detector's
 `infer`) or `GpuPath` (the GPU kernel writing straight into the input buffers of a `DeviceRunner`, such as an
