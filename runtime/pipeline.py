@@ -100,11 +100,12 @@ _DONE = object()
 
 
 def bounded(source: Iterable, stages: Sequence[Callable], in_flight: int = 2,
-            stats: PipelineStats | None = None) -> Iterator:
+            stats: PipelineStats | None = None, name: str = "pipeline") -> Iterator:
     """stages[-1](...stages[0](item)) for each item of `source`, in order, each stage on its own thread, with at
     most `in_flight` items between leaving `source` and reaching the caller. An exception in the source or a stage
     is raised here at that item's place; leaving the loop early stops the source and, once the items already in
-    flight are through, the threads."""
+    flight are through, the threads (named `name`-feed, `name`-0, ...). With no stages it runs `source` ahead of
+    the caller on the feeder thread."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, got {in_flight}")
     slots, stop, live = threading.Semaphore(in_flight), threading.Event(), [0]
@@ -151,8 +152,8 @@ def bounded(source: Iterable, stages: Sequence[Callable], in_flight: int = 2,
             if item is _DONE:
                 return
 
-    threads = [threading.Thread(target=feed, name="pipeline-feed", daemon=True)]
-    threads += [threading.Thread(target=work, args=(fn, queues[i], queues[i + 1]), name=f"pipeline-{i}", daemon=True)
+    threads = [threading.Thread(target=feed, name=f"{name}-feed", daemon=True)]
+    threads += [threading.Thread(target=work, args=(fn, queues[i], queues[i + 1]), name=f"{name}-{i}", daemon=True)
                 for i, fn in enumerate(stages)]
     for thread in threads:
         thread.start()
@@ -245,49 +246,6 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
             close()
 
 
-def run_ahead(items: Iterator, depth: int, name: str) -> Iterator:
-    """`items`, produced on a thread of its own (`name`) up to `depth` items ahead of the consumer. An exception
-    there is raised here in its place; closing this generator stops the thread after the item it is producing,
-    then closes `items`."""
-    made: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def hand(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                made.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not hand(item):
-                    return
-            hand(_DONE)
-        except BaseException as exc:  # the consumer raises it after the items before it
-            hand(_Failure(exc))
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = made.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
-
-
 # Batches whose files are being read ahead of the decode call (one read task each).
 READ_AHEAD = 4
 
@@ -296,7 +254,7 @@ def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exi
                            stats: PipelineStats, group: int = 1) -> Iterator[Batch]:
     """Batches of `batch` files, decoded `group` batches at a time in one `decoder.decode` call
     (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`), on a thread of
-    its own one call ahead of the batches taken (`run_ahead`). Each call's files are read by one task on
+    its own one call ahead of the batches taken (`bounded` with no stages). Each call's files are read by one task on
     `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task per file cost the decode
     stage more in hand-offs than the reads themselves.
 
@@ -304,8 +262,10 @@ def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exi
     8,332 images/s in calls of 8 and 12,766 in calls of 32 on the H200. Ahead, because the pipeline's feeder
     takes a batch only when one of its `in_flight` places is free: with the call on the feeder, the next call
     waited for the first batch of this one to reach the caller, and the path ran about one call at a time."""
-    yield from run_ahead(_device_decoded(paths, batch, workers, exif, decoder, stats, group), group,
-                         "pipeline-decode")
+    # group + 1 in flight: the next call is made once this one's last batch is handed over, whether or not the
+    # caller has taken any of them yet
+    yield from bounded(_device_decoded(paths, batch, workers, exif, decoder, stats, group), [], group + 1,
+                       name="pipeline-decode")
 
 
 def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,

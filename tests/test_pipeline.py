@@ -448,7 +448,7 @@ def test_bad_pipeline_arguments_are_refused_at_the_call(files):
 
 
 def _decode_threads():
-    return [t.name for t in threading.enumerate() if t.name == "pipeline-decode" or t.name.startswith("anchortrt-read")]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("pipeline-decode", "anchortrt-read"))]
 
 
 def test_gpu_decoding_runs_a_call_ahead_of_the_batches_taken_and_fails_in_place(files):
