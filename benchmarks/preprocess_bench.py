@@ -99,7 +99,8 @@ def bench_files(count: int, batch: int, repeat: int) -> dict:
             "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}
 
 
-VARIANT_KEYS = ("PIXELS_X", "MIN_BLOCKS", "BLOCK_Y")
+# runtime.gpu_preprocess's kernel constants a variant may set, each with its smallest value (the switches: 0 = off).
+VARIANT_KEYS = {"PIXELS_X": 1, "MIN_BLOCKS": 1, "BLOCK_Y": 1, "PAIRED": 0, "STREAM_STORES": 0}
 
 
 def kernel_variant(text: str) -> dict[str, int]:
@@ -107,9 +108,10 @@ def kernel_variant(text: str) -> dict[str, int]:
     values = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name not in VARIANT_KEYS or not value.isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=N with N >= 1 and NAME one of "
-                                             f"{', '.join(VARIANT_KEYS)}, e.g. PIXELS_X=4,MIN_BLOCKS=8")
+        if name not in VARIANT_KEYS or not value.isdigit() or int(value) < VARIANT_KEYS[name]:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=N with NAME one of {', '.join(VARIANT_KEYS)} "
+                                             "and N >= 1 (0 or 1 for PAIRED and STREAM_STORES), e.g. "
+                                             "PIXELS_X=4,MIN_BLOCKS=8")
         values[name] = int(value)
     return values
 
@@ -118,7 +120,7 @@ def bench_variants(variants: list[dict[str, int]], rounds: int) -> list[dict]:
     """`bench_gpu`'s kernel rows for each variant of the kernel constants, all variants in turn, `rounds` times."""
     from runtime import gpu_preprocess as g
 
-    saved = g.PIXELS_X, g.MIN_BLOCKS, g.BLOCK
+    saved = g.PIXELS_X, g.MIN_BLOCKS, g.BLOCK, g.PAIRED, g.STREAM_STORES
     rows = []
     try:
         for turn in range(rounds):
@@ -126,11 +128,13 @@ def bench_variants(variants: list[dict[str, int]], rounds: int) -> list[dict]:
                 g.PIXELS_X = variant.get("PIXELS_X", saved[0])
                 g.MIN_BLOCKS = variant.get("MIN_BLOCKS", saved[1])
                 g.BLOCK = (saved[2][0], variant.get("BLOCK_Y", saved[2][1]), 1)
+                g.PAIRED = variant.get("PAIRED", saved[3])
+                g.STREAM_STORES = variant.get("STREAM_STORES", saved[4])
                 timed = bench_gpu(steps=("kernel",))
                 rows.append({"variant": ",".join(f"{k}={v}" for k, v in variant.items()), "round": turn + 1,
                              **{k: v for k, v in timed.items() if k != "device"}})
     finally:
-        g.PIXELS_X, g.MIN_BLOCKS, g.BLOCK = saved
+        g.PIXELS_X, g.MIN_BLOCKS, g.BLOCK, g.PAIRED, g.STREAM_STORES = saved
     return rows
 
 

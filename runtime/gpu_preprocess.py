@@ -43,6 +43,10 @@ BLOCK = (32, 8, 1)
 # batch 8 against 9.8 for 4 pixels a thread with no bound (`preprocess_bench --kernel-variants`, docs/benchmarks.md).
 PIXELS_X = 2
 MIN_BLOCKS = 8
+# second_pass's stores: PAIRED = a thread's two pixels are neighbours, stored as one float2 per plane where the
+# batch width is even (else blockDim.x apart, scalar); STREAM_STORES = the outputs are stored evict-first.
+PAIRED = 0
+STREAM_STORES = 0
 
 # One image's parameters as the kernels' `Slot` struct reads them (four pointers, the row pitch, eight ints: 72 bytes).
 SLOT_DTYPE = np.dtype(
@@ -172,7 +176,8 @@ def pillow_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 def kernel_defines() -> dict[str, int]:
     """The constants preprocess.cu is compiled with, from this module's (NVRTC here, the CPU build in the tests):
     the grid that `GpuPreprocessor.run` launches is sized from the same ones."""
-    return {"PIXELS_X": PIXELS_X, "BLOCK_THREADS": BLOCK[0] * BLOCK[1], "MIN_BLOCKS": MIN_BLOCKS}
+    return {"PIXELS_X": PIXELS_X, "BLOCK_THREADS": BLOCK[0] * BLOCK[1], "MIN_BLOCKS": MIN_BLOCKS, "PAIRED": PAIRED,
+            "STREAM_STORES": STREAM_STORES}
 
 
 def _cubin(arch: int) -> bytes:

@@ -52,9 +52,21 @@ __device__ __forceinline__ unsigned int pack(const Sums& a) {
     return (unsigned int)clip8(a.r) | ((unsigned int)clip8(a.g) << 8) | ((unsigned int)clip8(a.b) << 16);
 }
 
-// BLOCK_THREADS, MIN_BLOCKS and PIXELS_X come from runtime.gpu_preprocess.kernel_defines, which also sizes the grids.
-#if !defined(BLOCK_THREADS) || !defined(MIN_BLOCKS) || !defined(PIXELS_X)
-#error "BLOCK_THREADS, MIN_BLOCKS and PIXELS_X must be defined (runtime.gpu_preprocess.kernel_defines)"
+// BLOCK_THREADS, MIN_BLOCKS, PIXELS_X, PAIRED and STREAM_STORES come from runtime.gpu_preprocess.kernel_defines,
+// which also sizes the grids.
+#if !defined(BLOCK_THREADS) || !defined(MIN_BLOCKS) || !defined(PIXELS_X) || !defined(PAIRED) || !defined(STREAM_STORES)
+#error "BLOCK_THREADS, MIN_BLOCKS, PIXELS_X, PAIRED and STREAM_STORES must be defined (runtime.gpu_preprocess.kernel_defines)"
+#endif
+#if PAIRED && PIXELS_X != 2
+#error "PAIRED writes two neighbouring pixels a thread: PIXELS_X must be 2"
+#endif
+
+// The output planes and masks are written once and read only by the engine, later: with STREAM_STORES they are
+// stored evict-first, so that they do not push the scratch and the input, still being read, out of L2.
+#if STREAM_STORES
+#define STORE(p, v) __stcs((p), (v))
+#else
+#define STORE(p, v) (*(p) = (v))
 #endif
 
 // One thread per intermediate pixel (x, y) of slot blockIdx.z; the grid covers the batch's largest intermediate.
@@ -79,18 +91,26 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) first_pa
     s.scratch[(size_t)y * cols + x] = pack(a);
 }
 
-// Each thread writes PIXELS_X output pixels of one row, blockDim.x apart (so a warp's stores stay contiguous),
-// from one read of the slot record and, for a vertical second pass, of the row's taps: the kernel was bound by
-// the latency of those loads, not by memory bandwidth (ncu on the H200).
+// Each thread writes PIXELS_X output pixels of one row from one read of the slot record and, for a vertical
+// second pass, of the row's taps: the kernel was bound by the latency of those loads, not by memory bandwidth (ncu
+// on the H200). The pixels are blockDim.x apart (a warp's scalar stores stay contiguous) or, with PAIRED,
+// neighbours (x, x + 1), stored as one 8-byte float2 per plane where the batch width is even, so aligned.
+__device__ __forceinline__ int column(int i) {
+#if PAIRED
+    return (blockIdx.x * blockDim.x + threadIdx.x) * PIXELS_X + i;
+#else
+    return blockIdx.x * blockDim.x * PIXELS_X + threadIdx.x + i * (int)blockDim.x;
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS)
 second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised, float* __restrict__ images,
             bool* __restrict__ masks, int height, int width) {
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (y >= height) return;
-    const int x0 = blockIdx.x * blockDim.x * PIXELS_X + threadIdx.x;
     const Slot s = slots[blockIdx.z];
     const size_t plane = (size_t)height * width;
-    bool* mask_row = masks + (size_t)blockIdx.z * plane + (size_t)y * width;
+    unsigned char* mask_row = (unsigned char*)masks + (size_t)blockIdx.z * plane + (size_t)y * width;
     float* out_row = images + 3 * (size_t)blockIdx.z * plane + (size_t)y * width;
     const bool inside_rows = y < s.out_h;
     Sums a[PIXELS_X];
@@ -104,28 +124,44 @@ second_pass(const Slot* __restrict__ slots, const float* __restrict__ normalised
             const unsigned int* row = p + (size_t)j * s.out_w;
 #pragma unroll
             for (int i = 0; i < PIXELS_X; ++i) {
-                const int x = x0 + i * (int)blockDim.x;
+                const int x = column(i);
                 if (x < s.out_w) add(a[i], row[x], k);
             }
         }
     } else if (inside_rows) {  // horizontal over the vertically resampled rows (in_w wide)
 #pragma unroll
         for (int i = 0; i < PIXELS_X; ++i) {
-            const int x = x0 + i * (int)blockDim.x;
+            const int x = column(i);
             if (x >= s.out_w) continue;
             const int* r = s.xtab + (size_t)x * (2 + s.kx);
             const unsigned int* p = s.scratch + (size_t)y * s.in_w + r[0];
             for (int t = 0; t < r[1]; ++t) add(a[i], p[t], r[2 + t]);
         }
     }
+    float v[3][PIXELS_X];
+    unsigned char pad[PIXELS_X];
 #pragma unroll
     for (int i = 0; i < PIXELS_X; ++i) {
-        const int x = x0 + i * (int)blockDim.x;
+        const int x = column(i);
+        pad[i] = !inside_rows || x >= s.out_w;
+        v[0][i] = pad[i] ? 0.0f : normalised[clip8(a[i].r)];
+        v[1][i] = pad[i] ? 0.0f : normalised[256 + clip8(a[i].g)];
+        v[2][i] = pad[i] ? 0.0f : normalised[512 + clip8(a[i].b)];
+    }
+#if PAIRED
+    const int x = column(0);
+    if (x >= width) return;
+    if ((width & 1) == 0) {  // x is even, and so is every row's and plane's start: 8-byte aligned pairs
+        STORE((uchar2*)(mask_row + x), make_uchar2(pad[0], pad[1]));
+        for (int c = 0; c < 3; ++c) STORE((float2*)(out_row + c * plane + x), make_float2(v[c][0], v[c][1]));
+        return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < PIXELS_X; ++i) {
+        const int x = column(i);
         if (x >= width) break;
-        const bool pad = !inside_rows || x >= s.out_w;
-        mask_row[x] = pad;
-        out_row[x] = pad ? 0.0f : normalised[clip8(a[i].r)];
-        out_row[plane + x] = pad ? 0.0f : normalised[256 + clip8(a[i].g)];
-        out_row[2 * plane + x] = pad ? 0.0f : normalised[512 + clip8(a[i].b)];
+        STORE(mask_row + x, pad[i]);
+        for (int c = 0; c < 3; ++c) STORE(out_row + c * plane + x, v[c][i]);
     }
 }

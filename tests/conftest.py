@@ -38,11 +38,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    """runtime/preprocess.cu compiled for the CPU (helpers.build_kernel_for_cpu), once per test module."""
+def kernel(request, tmp_path_factory):
+    """runtime/preprocess.cu compiled for the CPU (helpers.build_kernel_for_cpu), once per test module; a test
+    parametrized indirectly gets it with those kernel_defines() overrides."""
     if CXX is None:
         pytest.skip(NO_CXX)
-    return build_kernel_for_cpu(tmp_path_factory.mktemp("kernel"))
+    return build_kernel_for_cpu(tmp_path_factory.mktemp("kernel"), **getattr(request, "param", {}))
 
 
 @pytest.fixture

@@ -389,6 +389,11 @@ static Index3 blockIdx, blockDim, threadIdx;
 #define __global__
 #define __restrict__
 #define __launch_bounds__(...)
+#define __stcs(p, v) (*(p) = (v))
+struct float2 { float x, y; };
+struct uchar2 { unsigned char x, y; };
+static inline float2 make_float2(float x, float y) { return {x, y}; }
+static inline uchar2 make_uchar2(unsigned char x, unsigned char y) { return {x, y}; }
 """
 
 DRIVER = r"""
@@ -421,15 +426,16 @@ extern "C" void run_second(unsigned gx, unsigned gy, unsigned gz, const Slot* sl
 """
 
 
-def build_kernel_for_cpu(folder: Path) -> dict:
+def build_kernel_for_cpu(folder: Path, **overrides: int) -> dict:
     """Compile runtime/preprocess.cu with CXX behind SHIM and DRIVER into `folder`: its two kernels by name, each
-    called as (grid x, y, z, slots, *args) and looping over the whole grid on the calling thread."""
+    called as (grid x, y, z, slots, *args) and looping over the whole grid on the calling thread. `overrides`
+    replace kernel_defines() values that leave the grid as it is (PAIRED)."""
     from plugins.nvrtc import format_define
     from runtime.gpu_preprocess import BLOCK, KERNEL_SOURCE, kernel_defines
 
     source = folder / "preprocess_cpu.cpp"
     source.write_text(SHIM + KERNEL_SOURCE.read_text() + DRIVER)
-    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1], **kernel_defines()}
+    defines = {"BLOCK_X": BLOCK[0], "BLOCK_Y": BLOCK[1], **kernel_defines(), **overrides}
     library = folder / "preprocess_cpu.so"
     subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
                     *(format_define(k, v) for k, v in defines.items()), str(source), "-o", str(library)],

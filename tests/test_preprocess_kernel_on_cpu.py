@@ -50,6 +50,13 @@ AWKWARD = [(480, 640), (600, 800), (1200, 900), (3000, 2000), (1, 1), (1, 37), (
            (2, 900), (1700, 1500), (333, 501)]
 
 
+# second_pass's two store layouts (runtime.gpu_preprocess.PAIRED): both must give the CPU path's values, on even
+# batch widths (PAIRED's float2 stores) and odd ones (its scalar stores).
+LAYOUTS = pytest.mark.parametrize("kernel", [{"PAIRED": 0}, {"PAIRED": 1}], ids=["apart", "paired"],
+                                  indirect=True)
+
+
+@LAYOUTS
 @pytest.mark.parametrize("pillow", [False, True], ids=["rgb-array", "pillow-image"])
 @pytest.mark.parametrize("size", AWKWARD, ids=[f"{h}x{w}" for h, w in AWKWARD])
 def test_kernel_equals_the_cpu_path(host_gpu, size, pillow):
@@ -64,6 +71,7 @@ def test_kernel_equals_the_cpu_path(host_gpu, size, pillow):
     np.testing.assert_array_equal(masks, expected_masks)
 
 
+@LAYOUTS
 def test_kernel_batch_slots_padding_and_profile_minimum(host_gpu):
     rng = np.random.default_rng(7)
     images = [random_rgb(rng, h, w) for h, w in [(48, 64), (70, 31), (2, 900), (300, 200)]]
@@ -75,6 +83,7 @@ def test_kernel_batch_slots_padding_and_profile_minimum(host_gpu):
     assert masks[:, -1, -1].all() and not masks[:, 0, 0].any()
 
 
+@LAYOUTS
 def test_kernel_on_random_sizes(host_gpu):
     rng = np.random.default_rng(11)
     for _ in range(12):
