@@ -6,6 +6,8 @@
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh layouts     its forward alone in NCHW and channels-last
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh all         the three, in one call of about 8 minutes
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh profile     where the pipelines hold the GIL
+#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store variants, decode lanes, GIL
+#                                                                           switch intervals, in turn
 # Several parts may be given, run in turn.
 # .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), and py-spy for
 # `profile`, which writes $OUT/gil-*.txt (py-spy's raw folded stacks of the GIL holder); fill it with
@@ -44,10 +46,26 @@ profile() {
             -- $cap --gpu --decode $decode --batch 8 --in-flight 3 --images 4096 --outputs top100
     done
 }
+variants() {
+    step 120 python3 -m benchmarks.preprocess_bench --kernel-variants PIXELS_X=2 PAIRED=1 STREAM_STORES=1 \
+        PAIRED=1,STREAM_STORES=1 --rounds 2
+    for lanes in 1 2 3 4; do
+        export ANCHORTRT_GPU_DECODE_LANES=$lanes
+        step 60 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 \
+            --outputs top100 --repeat 3
+    done
+    unset ANCHORTRT_GPU_DECODE_LANES
+    for interval in 0.001 0.0002; do
+        step 60 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100 --repeat 3 \
+            --switch-interval $interval
+        step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 --switch-interval $interval
+    done
+    step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3
+}
 for part in "${@:-path}"; do
     case $part in
-    tests | path | profile | layouts | reference) $part ;;
+    tests | path | profile | layouts | reference | variants) $part ;;
     all) path; layouts; reference ;;
-    *) echo "usage: bash benchmarks/h200_issue16.sh [tests|path|profile|layouts|reference|all]..." >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/h200_issue16.sh [tests|path|profile|layouts|reference|variants|all]..." >&2; exit 2 ;;
     esac
 done

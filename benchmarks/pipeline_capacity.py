@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.report import emit
-from core.cli import guarded, positive_int
+from core.cli import guarded, positive_float, positive_int
 from core.errors import BadInput
 from core.sidecar import Profile, check_output_path
 from runtime.preprocess import usable_cpus
@@ -151,6 +151,9 @@ def main(argv=None) -> int:
                    "device top-100")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="runs over the same files; the report is the median run's, with every run's images/s")
+    p.add_argument("--switch-interval", type=positive_float, metavar="SECONDS",
+                   help="sys.setswitchinterval for the runs (Python's default: 0.005): a diagnostic of how long the "
+                   "pipeline's threads wait to get the GIL back from one that computes")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return guarded(p.prog, run, p.parse_args(argv), sys.argv[1:] if argv is None else argv)
 
@@ -161,19 +164,23 @@ def run(args: argparse.Namespace, argv) -> int:
     if args.out:
         check_output_path(args.out, "--out")
     detector = DeviceEngine(outputs=args.outputs) if args.gpu else NullEngine()
+    interval = sys.getswitchinterval()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     try:
         with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
             paths = synthetic_images(Path(folder), args.images)
             runs = [measure(detector, paths, args.batch, args.workers, args.in_flight, args.gpu, args.decode)
                     for _ in range(args.repeat)]
     finally:
+        sys.setswitchinterval(interval)
         detector.close()
     median = sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
     stand_in = (f"GPU path, {args.decode} decoding, {args.outputs} outputs on the device" if args.gpu
                 else "CPU path, fixed raw outputs")
     report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(argv),
               "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable CPU cores",
-              "stand_in": stand_in, **median}
+              "stand_in": stand_in, "switch_interval_s": args.switch_interval or interval, **median}
     if args.repeat > 1:
         report["runs_images_per_s"] = [round(r["images_per_s"], 1) for r in runs]
     emit(report, args.out, indent=1)

@@ -99,8 +99,9 @@ def bench_files(count: int, batch: int, repeat: int) -> dict:
             "pipeline_images_per_s": round(pipeline, 1), "pipeline_over_plain": round(pipeline / plain, 2)}
 
 
-# runtime.gpu_preprocess's kernel constants a variant may set, each with its smallest value (the switches: 0 = off).
-VARIANT_KEYS = {"PIXELS_X": 1, "MIN_BLOCKS": 1, "BLOCK_Y": 1, "PAIRED": 0, "STREAM_STORES": 0}
+# runtime.gpu_preprocess's kernel constants a variant may set, each with its range (the switches: 0 off, 1 on).
+VARIANT_KEYS = {"PIXELS_X": (1, 64), "MIN_BLOCKS": (1, 32), "BLOCK_Y": (1, 32), "PAIRED": (0, 1),
+                "STREAM_STORES": (0, 1)}
 
 
 def kernel_variant(text: str) -> dict[str, int]:
@@ -108,9 +109,10 @@ def kernel_variant(text: str) -> dict[str, int]:
     values = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name not in VARIANT_KEYS or not value.isdigit() or int(value) < VARIANT_KEYS[name]:
+        low, high = VARIANT_KEYS.get(name, (1, 0))
+        if not value.isdigit() or not low <= int(value) <= high:
             raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=N with NAME one of {', '.join(VARIANT_KEYS)} "
-                                             "and N >= 1 (0 or 1 for PAIRED and STREAM_STORES), e.g. "
+                                             "and N from 1 (0 or 1 for PAIRED and STREAM_STORES), e.g. "
                                              "PIXELS_X=4,MIN_BLOCKS=8")
         values[name] = int(value)
     return values

@@ -17,6 +17,7 @@ It comes with the `gpu-decode` extra: `pip install -e '.[gpu-decode]'`.
 from __future__ import annotations
 
 import io
+import queue
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -163,7 +164,7 @@ def load_codec():
 
 class _Decoders:
     """nvImageCodec decoders and the stream they decode on, shared by every image they decoded. On the GPU they
-    are made once per (device, decoder plan) and kept for the life of the process (`_shared`): on the H200 a
+    are made once per (device, decoder plan, lane) and kept for the life of the process (`_shared`): on the H200 a
     process crashed when a pipeline's decoders were destroyed and another pipeline made new ones (twice in a row
     a second `detect_stream` with GPU decoding), so they are never destroyed; `lock` lets one decode at a time."""
 
@@ -177,18 +178,38 @@ _shared: dict[tuple, _Decoders] = {}
 _shared_lock = threading.Lock()
 
 
+DEFAULT_LANES = 1
+
+
+def decode_lanes(value: str | int | None = None) -> int:
+    """How many decode calls run side by side, each on decoders of its own (default `$ANCHORTRT_GPU_DECODE_LANES`,
+    else DEFAULT_LANES)."""
+    import os
+
+    value = value if value is not None else os.environ.get("ANCHORTRT_GPU_DECODE_LANES", DEFAULT_LANES)
+    try:
+        lanes = int(value)
+    except ValueError:
+        lanes = 0
+    if not 1 <= lanes <= 16:
+        raise Unavailable(f"ANCHORTRT_GPU_DECODE_LANES={value!r}: expected a whole number of decode lanes, 1 to 16")
+    return lanes
+
+
 class BatchDecoder:
     """nvImageCodec decoders on the current CUDA device: the hardware decoder, then the CUDA decoder (or the CPU
-    backend with `device=False`, for tests and machines without a GPU); `decode` is called from one thread at a
-    time.
+    backend with `device=False`, for tests and machines without a GPU). `decode` may be called from `lanes`
+    threads at once: each call takes a lane of its own (decoders and a stream), waiting for one to be free.
 
     `codec` is nvImageCodec's module (a stand-in in tests). `pillow_workers` threads decode the files that go to
     Pillow."""
 
-    def __init__(self, exif: bool = True, device: bool = True, codec: Any = None, pillow_workers: int = 4) -> None:
+    def __init__(self, exif: bool = True, device: bool = True, codec: Any = None, pillow_workers: int = 4,
+                 lanes: int | None = None) -> None:
         self.codec = codec if codec is not None else load_codec()
         n = self.codec
         self.device = device
+        self.lanes = decode_lanes(lanes)
         if device:
             from core import cuda
 
@@ -196,81 +217,89 @@ class BatchDecoder:
             self._index = self._gpu.index
             self._plan = gpu_decoders()
             with _shared_lock:
-                key = (self._index, tuple(self._plan), id(self.codec))
-                if key not in _shared:
-                    _shared[key] = _Decoders(cuda.Stream())
-                self._kept = _shared[key]
+                self._kept = []
+                for lane in range(self.lanes):
+                    key = (self._index, tuple(self._plan), id(self.codec), lane)
+                    if key not in _shared:
+                        _shared[key] = _Decoders(cuda.Stream())
+                    self._kept.append(_shared[key])
         else:
             self._index, self._plan = n.NVIMGCODEC_DEVICE_CPU_ONLY, [("cpu",)]
-            self._kept = _Decoders(None)  # held by every image decoded
-        self.stream = self._kept.stream
-        self._decoders = self._kept.decoders
+            self._kept = [_Decoders(None) for _ in range(self.lanes)]  # each held by every image it decoded
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._problems: list[str] = []
-        with self._kept.lock:
-            usable = any(self._decoder(turn) is not None for turn in range(len(self._plan)))
-        if not usable:
-            raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(self._problems)}); decode "
-                              "with Pillow (--decode cpu, gpu_decode=False)")
+        for lane in self._kept:
+            with lane.lock:
+                if not any(self._decoder(lane, turn) is not None for turn in range(len(self._plan))):
+                    raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(self._problems)}); "
+                                      "decode with Pillow (--decode cpu, gpu_decode=False)")
+            self._free.put(lane)
         self._params = n.DecodeParams(apply_exif_orientation=exif)
         self._pool = ThreadPoolExecutor(max_workers=pillow_workers, thread_name_prefix="anchortrt-pillow")
         self.counts = {"gpu": 0, "pillow": 0, "refused": 0}
+        self._counted = threading.Lock()
 
     def decode(self, items: Sequence[bytes | ImageError], names: Sequence[str] | None = None) -> list:
         """DeviceImage (or, on the CPU backend, an (H, W, 3) uint8 array), Pillow image or ImageError per item."""
         names = list(names) if names is not None else [f"image {i}" for i in range(len(items))]
         out: list = list(items)
         gpu = [i for i, item in enumerate(items) if isinstance(item, bytes) and gpu_decodable(item)]
-        with self._kept.lock:
-            todo = self._decode_gpu(items, out, gpu)
+        lane = self._free.get()
+        try:
+            with lane.lock:
+                todo = self._decode_gpu(lane, items, out, gpu)
+        finally:
+            self._free.put(lane)
         pillow = [i for i, item in enumerate(out) if isinstance(item, bytes)]
-        self.counts["gpu"] += len(gpu)
-        self.counts["pillow"] += len(pillow)
-        self.counts["refused"] += len(todo)
+        with self._counted:
+            self.counts["gpu"] += len(gpu)
+            self.counts["pillow"] += len(pillow)
+            self.counts["refused"] += len(todo)
         for i, image in zip(pillow, self._pool.map(lambda i: _pillow(items[i], names[i]), pillow)):
             out[i] = image
         return out
 
-    def _decode_gpu(self, items: Sequence, out: list, gpu: list[int]) -> list[int]:
-        """Decode items[gpu] into `out` with each decoder in turn; returns the positions all of them refused.
+    def _decode_gpu(self, lane: _Decoders, items: Sequence, out: list, gpu: list[int]) -> list[int]:
+        """Decode items[gpu] into `out` with the lane's decoders in turn; returns the positions all of them refused.
 
-        The host does not wait for the pixels: an event recorded on the decoder's stream after the call goes with
+        The host does not wait for the pixels: an event recorded on the lane's stream after the call goes with
         each image, and the stream that reads it waits for that event on the GPU (GpuPreprocessor.place). Waiting
         here held the decode stage for the whole device-side decode of every call."""
         todo = gpu
         for turn in range(len(self._plan)):  # each decoder gets what those before it refused
-            decoder = self._decoder(turn) if todo else None
+            decoder = self._decoder(lane, turn) if todo else None
             if decoder is None:
                 continue
-            kwargs = {"cuda_stream": self.stream.handle} if self.stream is not None else {}
+            kwargs = {"cuda_stream": lane.stream.handle} if lane.stream is not None else {}
             decoded = decoder.decode([items[i] for i in todo], params=self._params, **kwargs)
             ready = None
-            if self.stream is not None:
+            if lane.stream is not None:
                 from core import cuda
 
-                self._gpu.activate()  # decode runs on the pipeline's decode thread, where no context is current
+                self._gpu.activate()  # decode runs on the pipeline's decode threads, where no context is current
                 ready = cuda.Event(timing=False)
-                ready.record(self.stream)
+                ready.record(lane.stream)
             for i, image in zip(todo, decoded):
-                wrapped = self._wrap(image, ready)
+                wrapped = self._wrap(image, lane, ready)
                 if wrapped is not None:
                     out[i] = wrapped
             todo = [i for i in todo if isinstance(out[i], bytes)]
         return todo
 
-    def _decoder(self, turn: int) -> Any:
-        """The `turn`-th decoder of the plan, made when first needed (None where it cannot be made, e.g. no
-        hardware decoder on this GPU)."""
-        while len(self._decoders) <= turn:
-            kinds = [getattr(self.codec.BackendKind, _BACKENDS[k]) for k in self._plan[len(self._decoders)]]
+    def _decoder(self, lane: _Decoders, turn: int) -> Any:
+        """The `turn`-th decoder of the plan in `lane`, made when first needed (None where it cannot be made, e.g.
+        no hardware decoder on this GPU)."""
+        while len(lane.decoders) <= turn:
+            kinds = [getattr(self.codec.BackendKind, _BACKENDS[k]) for k in self._plan[len(lane.decoders)]]
             try:
                 made = self.codec.Decoder(device_id=self._index, backends=[self.codec.Backend(k) for k in kinds])
             except Exception as exc:
-                self._problems.append(f"{'+'.join(self._plan[len(self._decoders)])}: {exc}")
+                self._problems.append(f"{'+'.join(self._plan[len(lane.decoders)])}: {exc}")
                 made = None
-            self._decoders.append(made)
-        return self._decoders[turn]
+            lane.decoders.append(made)
+        return lane.decoders[turn]
 
-    def _wrap(self, image: Any, ready: Any) -> Any:
+    def _wrap(self, image: Any, lane: _Decoders, ready: Any) -> Any:
         """The decoded image as a DeviceImage (or host array); the bytes again, for Pillow, if it is not RGB uint8."""
         if image is None:
             return None
@@ -287,13 +316,12 @@ class BatchDecoder:
         if cai is None:
             return np.asarray(image)
         pitch = strides[0] if strides else shape[1] * 3
-        return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), (image, self._kept),
-                           ready)
+        return DeviceImage(int(interface["data"][0]), int(shape[0]), int(shape[1]), int(pitch), (image, lane), ready)
 
     def close(self) -> None:
         """Stop the Pillow threads and let go of the decoders (on the GPU they stay, shared, for the next one)."""
         self._pool.shutdown(wait=True)
-        self._decoders, self._kept, self.stream = [], None, None
+        self._kept = []
 
     def __enter__(self) -> "BatchDecoder":
         return self

@@ -253,41 +253,55 @@ READ_AHEAD = 4
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
                            stats: PipelineStats, group: int = 1) -> Iterator[Batch]:
     """Batches of `batch` files, decoded `group` batches at a time in one `decoder.decode` call
-    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`), on a thread of
-    its own one call ahead of the batches taken (`bounded` with no stages). Each call's files are read by one task on
-    `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task per file cost the decode
+    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`), ahead of the
+    batches taken: `decoder.lanes` calls at once (1 where it does not say), each on a decode thread, in input order,
+    while a feeder thread (`bounded` with no stages) hands their batches over. Each call's files are read by one task
+    on `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task per file cost the decode
     stage more in hand-offs than the reads themselves.
 
     `group` batches share a call (the caller passes its batches in flight): nvImageCodec's hardware decoder gave
     8,332 images/s in calls of 8 and 12,766 in calls of 32 on the H200. Ahead, because the pipeline's feeder
     takes a batch only when one of its `in_flight` places is free: with the call on the feeder, the next call
     waited for the first batch of this one to reach the caller, and the path ran about one call at a time."""
-    # group + 1 in flight: the next call is made once this one's last batch is handed over, whether or not the
-    # caller has taken any of them yet
+    # group + 1 in flight: the next calls' batches are handed over as soon as this call's last one is, whether or
+    # not the caller has taken any of them yet
     yield from bounded(_device_decoded(paths, batch, workers, exif, decoder, stats, group), [], group + 1,
                        name="pipeline-decode")
 
 
 def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
                     stats: PipelineStats, group: int) -> Iterator[Batch]:
-    with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool:
-        from runtime.decode import read_file
+    from runtime.decode import read_file
 
-        ahead: deque = deque()
-        while True:
-            while len(ahead) < READ_AHEAD:
-                keys = list(itertools.islice(paths, batch * group))
-                if not keys:
-                    break
-                ahead.append((keys, pool.submit(lambda keys: [read_file(k) for k in keys], keys)))
-            if not ahead:
-                return
-            keys, read = ahead.popleft()
-            with stats.timed("decode"):
-                images = decoder.decode(read.result(), [str(k) for k in keys])
-                images = [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
-            for start in range(0, len(keys), batch):
-                yield Batch(keys[start:start + batch], images[start:start + batch])
+    def call(keys: list, read: Any) -> list:
+        with stats.timed("decode"):
+            images = decoder.decode(read.result(), [str(k) for k in keys])
+            return [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
+
+    lanes = getattr(decoder, "lanes", 1)
+    with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool, \
+            ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="anchortrt-decode") as decoding:
+        reads: deque = deque()
+        calls: deque = deque()
+        try:
+            while True:
+                while len(reads) < READ_AHEAD:
+                    keys = list(itertools.islice(paths, batch * group))
+                    if not keys:
+                        break
+                    reads.append((keys, pool.submit(lambda keys: [read_file(k) for k in keys], keys)))
+                while reads and len(calls) < lanes:
+                    keys, read = reads.popleft()
+                    calls.append((keys, decoding.submit(call, keys, read)))
+                if not calls:
+                    return
+                keys, decoded = calls.popleft()
+                images = decoded.result()
+                for start in range(0, len(keys), batch):
+                    yield Batch(keys[start:start + batch], images[start:start + batch])
+        finally:
+            for _, decoded in calls:  # left early or failed: the calls still queued are not made
+                decoded.cancel()
 
 
 def batches_for(items: Iterable, batch: int, workers: int | None, exif: bool, stats: PipelineStats,

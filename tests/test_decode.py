@@ -4,6 +4,9 @@ order (with a stand-in codec), and nvImageCodec's CPU backend against Pillow whe
 from __future__ import annotations
 
 import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -119,3 +122,51 @@ def test_nvimagecodec_cpu_backend_equals_pillow(files):
         expected = np.asarray(to_rgb(Image.open(io.BytesIO(files[name]))))
         got = np.asarray(to_rgb(got)) if isinstance(got, Image.Image) else got
         np.testing.assert_array_equal(got, expected)
+
+
+def _concurrent_calls(codec: FakeCodec) -> list[int]:
+    """Wraps the codec's decoder so that each call waits briefly for another: the most calls that were inside the
+    decoder at once, appended per call."""
+    inside, most, lock, plain = [0], [], threading.Lock(), codec.Decoder.decode
+
+    def decode(self, data, params, cuda_stream=0):
+        with lock:
+            inside[0] += 1
+        deadline = time.monotonic() + 0.3
+        while inside[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        most.append(inside[0])
+        out = plain(self, data, params, cuda_stream)
+        with lock:
+            inside[0] -= 1
+        return out
+
+    codec.Decoder.decode = decode
+    return most
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_decode_calls_run_side_by_side_one_per_lane_each_on_its_own_decoder(files, lanes):
+    """Two threads' calls overlap inside nvImageCodec only with two lanes; each call's images keep the lane (its
+    decoders and stream) they were decoded on."""
+    codec = FakeCodec()
+    most = _concurrent_calls(codec)
+    with BatchDecoder(device=False, codec=codec, lanes=lanes) as decoder, ThreadPoolExecutor(2) as pool:
+        assert decoder.lanes == lanes
+        calls = [pool.submit(decoder.decode, [files["rgb"], files["gray"]]) for _ in range(4)]
+        images = [image for call in calls for image in call.result()]
+    assert max(most) == lanes
+    assert len({id(image.owner[1]) for image in images}) == lanes
+    assert all(isinstance(image, DeviceImage) for image in images) and decoder.counts["gpu"] == 8
+
+
+def test_the_lane_count_comes_from_the_environment_and_is_checked(monkeypatch):
+    from runtime import decode
+
+    assert decode.decode_lanes() == decode.DEFAULT_LANES
+    monkeypatch.setenv("ANCHORTRT_GPU_DECODE_LANES", "3")
+    assert decode.decode_lanes() == 3 and decode.decode_lanes(2) == 2
+    for bad in ("0", "two", "17"):
+        monkeypatch.setenv("ANCHORTRT_GPU_DECODE_LANES", bad)
+        with pytest.raises(decode.Unavailable, match=f"ANCHORTRT_GPU_DECODE_LANES='{bad}'.*1 to 16"):
+            decode.decode_lanes()

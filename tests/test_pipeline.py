@@ -448,7 +448,7 @@ def test_bad_pipeline_arguments_are_refused_at_the_call(files):
 
 
 def _decode_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith(("pipeline-decode", "anchortrt-read"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("pipeline-decode", "anchortrt-read", "anchortrt-decode"))]
 
 
 def test_gpu_decoding_runs_a_call_ahead_of_the_batches_taken_and_fails_in_place(files):
@@ -472,6 +472,40 @@ def test_gpu_decoding_runs_a_call_ahead_of_the_batches_taken_and_fails_in_place(
     assert [len(first.keys), len(next(batches).keys)] == [2, 2]
     with pytest.raises(RuntimeError, match="third call"):
         next(batches)
+    assert _decode_threads() == []
+
+
+def test_gpu_decoding_makes_as_many_calls_at_once_as_the_decoder_has_lanes_and_keeps_the_order(files):
+    """With two lanes a call is made while the one before it is still decoding (the first call waits for the
+    second to start), and the batches still come in input order; a decoder without `lanes` gets one call at a time."""
+    from runtime.pipeline import device_decoded_batches
+
+    class Decoder:
+        def __init__(self):
+            self.calls = self.inside = self.most = 0
+            self.lock, self.second = threading.Lock(), threading.Event()
+
+        def decode(self, items, names):
+            with self.lock:
+                self.calls, self.inside = self.calls + 1, self.inside + 1
+                self.most, first = max(self.most, self.inside), self.calls == 1
+            if first:  # wait for a second call to overlap this one
+                self.second.wait(timeout=0.5)
+            else:
+                self.second.set()
+            with self.lock:
+                self.inside -= 1
+            return [np.full((2, 2, 3), len(item) % 251, np.uint8) for item in items]
+
+    class TwoLanes(Decoder):
+        lanes = 2
+
+    sizes = [p.stat().st_size % 251 for p in files]
+    for decoder, lanes in ((TwoLanes(), 2), (Decoder(), 1)):
+        batches = list(device_decoded_batches(iter(files), 2, 2, False, decoder, PipelineStats(), group=1))
+        assert decoder.most == lanes
+        assert [k for b in batches for k in b.keys] == files
+        assert [int(image[0, 0, 0]) for b in batches for image in b.images] == sizes
     assert _decode_threads() == []
 
 

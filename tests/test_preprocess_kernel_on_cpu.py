@@ -213,14 +213,15 @@ def test_decoded_images_are_waited_for_on_the_gpu_not_the_host(host_gpu, monkeyp
         Image.fromarray(random_rgb(rng, h, w)).save(buffer, "JPEG")
         files.append(buffer.getvalue())
     decoder = BatchDecoder(exif=False, codec=FakeCodec())
-    with ThreadPoolExecutor(1, thread_name_prefix="feeder") as feeder:  # the pipeline decodes on its feeder thread
+    with ThreadPoolExecutor(1, thread_name_prefix="feeder") as feeder:  # the pipeline decodes on threads of its own
         first, second = feeder.submit(decoder.decode, files[:2]).result(), decoder.decode(files[2:])
     assert log == []  # decoding queued, nothing waited for
     # Each call's event is made with the device's context current on the calling thread (a CUDA requirement).
     assert activated[:1] == ["feeder_0"] and activated[1:2] == ["MainThread"]
     events = [first[0].ready, second[0].ready]
     assert first[1].ready is events[0] and events[0] is not events[1]
-    assert all(e.stream is decoder.stream and not e.timing for e in events)
+    # recorded on the stream the images were decoded on (the one lane's, which they keep alive)
+    assert all(e.stream is image.owner[1].stream and not e.timing for e, image in zip(events, (first[0], second[0])))
     reader = Stream()
     with GpuPreprocessor(max_batch=3, max_hw=(1344, 1344), stream=reader) as pre:
         log.clear()
