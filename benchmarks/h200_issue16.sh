@@ -6,8 +6,8 @@
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh layouts     its forward alone in NCHW and channels-last
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh all         the three, in one call of about 8 minutes
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh profile     where the pipelines hold the GIL
-#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store variants, decode lanes, GIL
-#                                                                           switch intervals, in turn
+#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store and block variants, decode
+#                                                                           lanes 1-4, Python's own switch interval
 # Several parts may be given, run in turn.
 # .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), and py-spy for
 # `profile`, which writes $OUT/gil-*.txt (py-spy's raw folded stacks of the GIL holder); fill it with
@@ -47,20 +47,13 @@ profile() {
     done
 }
 variants() {
-    step 120 python3 -m benchmarks.preprocess_bench --kernel-variants PIXELS_X=2 PAIRED=1 STREAM_STORES=1 \
-        PAIRED=1,STREAM_STORES=1 --rounds 2
+    step 150 python3 -m benchmarks.preprocess_bench --kernel-variants PAIRED=0,STREAM_STORES=0 PAIRED=1 BLOCK_Y=4 \
+        BLOCK_Y=16 MIN_BLOCKS=4 MIN_BLOCKS=16 --rounds 2
     for lanes in 1 2 3 4; do
-        export ANCHORTRT_GPU_DECODE_LANES=$lanes
-        step 60 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 \
+        step 60 env ANCHORTRT_GPU_DECODE_LANES=$lanes $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 \
             --outputs top100 --repeat 3
     done
-    unset ANCHORTRT_GPU_DECODE_LANES
-    for interval in 0.001 0.0002; do
-        step 60 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100 --repeat 3 \
-            --switch-interval $interval
-        step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 --switch-interval $interval
-    done
-    step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3
+    step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 --switch-interval 0.005
 }
 for part in "${@:-path}"; do
     case $part in

@@ -32,6 +32,7 @@ from benchmarks.report import emit
 from core.cli import guarded, positive_float, positive_int
 from core.errors import BadInput
 from core.sidecar import Profile, check_output_path
+from runtime import pipeline
 from runtime.preprocess import usable_cpus
 from runtime.synthetic import synthetic_images
 from runtime.bench import timed_stream
@@ -152,8 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="runs over the same files; the report is the median run's, with every run's images/s")
     p.add_argument("--switch-interval", type=positive_float, metavar="SECONDS",
-                   help="sys.setswitchinterval for the runs (Python's default: 0.005): a diagnostic of how long the "
-                   "pipeline's threads wait to get the GIL back from one that computes")
+                   help="the switch interval the pipeline runs with (runtime.pipeline.SWITCH_INTERVAL_S, default "
+                   f"{pipeline.SWITCH_INTERVAL_S}; Python's own: 0.005): a diagnostic of how long its threads wait to "
+                   "get the GIL back from one that computes")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return guarded(p.prog, run, p.parse_args(argv), sys.argv[1:] if argv is None else argv)
 
@@ -164,16 +166,15 @@ def run(args: argparse.Namespace, argv) -> int:
     if args.out:
         check_output_path(args.out, "--out")
     detector = DeviceEngine(outputs=args.outputs) if args.gpu else NullEngine()
-    interval = sys.getswitchinterval()
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
+    interval = pipeline.SWITCH_INTERVAL_S
+    pipeline.SWITCH_INTERVAL_S = args.switch_interval or interval
     try:
         with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
             paths = synthetic_images(Path(folder), args.images)
             runs = [measure(detector, paths, args.batch, args.workers, args.in_flight, args.gpu, args.decode)
                     for _ in range(args.repeat)]
     finally:
-        sys.setswitchinterval(interval)
+        pipeline.SWITCH_INTERVAL_S = interval
         detector.close()
     median = sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
     stand_in = (f"GPU path, {args.decode} decoding, {args.outputs} outputs on the device" if args.gpu

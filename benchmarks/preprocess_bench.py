@@ -130,7 +130,7 @@ def bench_variants(variants: list[dict[str, int]], rounds: int) -> list[dict]:
                 g.PIXELS_X = variant.get("PIXELS_X", saved[0])
                 g.MIN_BLOCKS = variant.get("MIN_BLOCKS", saved[1])
                 g.BLOCK = (saved[2][0], variant.get("BLOCK_Y", saved[2][1]), 1)
-                g.PAIRED = variant.get("PAIRED", saved[3])
+                g.PAIRED = variant.get("PAIRED", saved[3] if g.PIXELS_X == 2 else 0)  # PAIRED needs 2
                 g.STREAM_STORES = variant.get("STREAM_STORES", saved[4])
                 timed = bench_gpu(steps=("kernel",))
                 rows.append({"variant": ",".join(f"{k}={v}" for k, v in variant.items()), "round": turn + 1,

@@ -4,6 +4,7 @@ and equality with the serial `Detector.detect` (a NumPy stand-in for the engine,
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime import pipeline
 from runtime.pipeline import PipelineStats, bounded, detect_stream
 from runtime.preprocess import ImageError
 from helpers import NumpyDetector, solid
@@ -176,6 +178,39 @@ def test_stats_record_every_stage(files):
     assert per_image["decode"] > 0 and per_image["preprocess"] > 0 and per_image["postprocess"] > 0
     assert per_image["upload"] == 0 and per_image["gpu"] == 0  # CPU path, and the stand-in has no GPU timing
     assert summary["cpu_ms_per_image"] > 0 and summary["images_per_s"] > 0
+
+
+class IntervalDetector(NumpyDetector):
+    """Records the switch interval its engine step runs under."""
+
+    def __init__(self):
+        super().__init__()
+        self.intervals = []
+
+    def infer(self, images, masks):
+        self.intervals.append(sys.getswitchinterval())
+        return super().infer(images, masks)
+
+
+def test_pipelines_run_with_a_short_switch_interval_and_give_the_process_s_back_after_the_last(files):
+    about = lambda seconds: pytest.approx(seconds, abs=2e-6)  # Python keeps it in whole microseconds
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        outer, inner = IntervalDetector(), IntervalDetector()
+        first = detect_stream(outer, files[:4], batch=2)
+        next(first)
+        assert sys.getswitchinterval() == about(pipeline.SWITCH_INTERVAL_S)
+        assert len(list(detect_stream(inner, files[:2], batch=2))) == 2
+        assert sys.getswitchinterval() == about(pipeline.SWITCH_INTERVAL_S)  # the first one still runs
+        assert len(list(first)) == 3
+        assert sys.getswitchinterval() == about(0.004)
+        assert outer.intervals == inner.intervals[:1] * 2 == [about(pipeline.SWITCH_INTERVAL_S)] * 2
+        sys.setswitchinterval(0.0002)  # a process that chose a shorter one keeps it
+        list(detect_stream(outer, files[:2], batch=2))
+        assert outer.intervals[-1] == about(0.0002) and sys.getswitchinterval() == about(0.0002)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_gpu_preprocess_true_needs_an_engine_runner(files):
