@@ -53,6 +53,10 @@ variants() {
         step 60 env ANCHORTRT_GPU_DECODE_LANES=$lanes $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 \
             --outputs top100 --repeat 3
     done
+    for lanes in 1 2; do  # larger calls: the batches in flight share one
+        step 60 env ANCHORTRT_GPU_DECODE_LANES=$lanes $cap --gpu --decode gpu --batch 8 --in-flight 6 --images 2048 \
+            --outputs top100 --repeat 3
+    done
     step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 --switch-interval 0.005
 }
 for part in "${@:-path}"; do
