@@ -163,7 +163,8 @@ def open_coco_root(root: Path, limit: int | None):
 def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path], batch: int, workers: int,
                category_ids: dict[str, dict[int, int] | None] | None = None, gpu_decode: bool | None = False):
     """COCO results of every model over the images, each model's seconds (inference, copies, postprocess), the
-    ids of the images evaluated and the files that could not be read (reported on stderr as they come, skipped);
+    ids of the images evaluated, the files that could not be read (reported on stderr as they come, skipped) and
+    how many of the evaluated images each decoder decoded ({"nvimagecodec": n, "pillow": m});
     ``category_ids``: per model name, its label -> category id map (category_map).
 
     With ``gpu_decode`` False (Pillow, the exact path) each batch is read (on `workers` threads), resized and
@@ -179,8 +180,10 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     done, evaluated, skipped = 0, [], []
     if gpu_decode is False:
         answered = _shared_batches(models, paths, batch, workers, seconds)
+        decoded = None
     else:
-        answered = _gpu_path_batches(models[0], paths, batch, workers, gpu_decode, seconds)
+        decoded = {}
+        answered = _gpu_path_batches(models[0], paths, batch, workers, gpu_decode, seconds, decoded)
     # closing: the pipeline's threads stop before the caller closes the models, even after an error
     with closing(answered), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
         for chunk in answered:
@@ -197,7 +200,7 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
             bar.update(len(chunk), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
     if not evaluated:
         raise EvalError(f"none of the {len(image_ids)} images could be read (first: {skipped[0]}): check the files")
-    return results, seconds, evaluated, skipped
+    return results, seconds, evaluated, skipped, decoded or {"nvimagecodec": 0, "pillow": len(evaluated)}
 
 
 def _shared_batches(models: Sequence, paths: Sequence[Path], batch: int, workers: int, seconds: dict):
@@ -225,10 +228,10 @@ def _shared_batches(models: Sequence, paths: Sequence[Path], batch: int, workers
 
 
 def _gpu_path_batches(model, paths: Sequence[Path], batch: int, workers: int, gpu_decode: bool | None,
-                      seconds: dict):
+                      seconds: dict, decoded: dict):
     """(path, ImageError or {model name: detections}) of each image, one at a time, through runtime.pipeline's
     GPU path (nvImageCodec decoding, the GPU kernel) with EXIF orientation not applied; the model's seconds are
-    its engine and post-processing stages."""
+    its engine and post-processing stages, added to `seconds`, and the pipeline's decoder counts go to `decoded`."""
     from runtime.pipeline import PipelineStats, detect_stream
     from runtime.preprocess import ImageError
 
@@ -242,6 +245,7 @@ def _gpu_path_batches(model, paths: Sequence[Path], batch: int, workers: int, gp
                 yield [(item.key, item.result if isinstance(item.result, ImageError) else {model.name: item.result})]
     finally:
         seconds[model.name] += stats.seconds["engine"] + stats.seconds["postprocess"]
+        decoded.update(stats.decoded)
 
 
 def decode_plan(decode: str, models: Sequence) -> bool | None:
@@ -296,8 +300,8 @@ def run_dataset(args) -> int:
         models = open_models(args)
         category_ids = {m.name: category_map(class_names(m), gt, m.description) for m in models}
         gpu_decode = decode_plan(args.decode, models)
-        results, seconds, image_ids, skipped = run_models(models, image_ids, paths, args.batch, args.workers,
-                                                          category_ids, gpu_decode)
+        results, seconds, image_ids, skipped, decoded = run_models(models, image_ids, paths, args.batch,
+                                                                   args.workers, category_ids, gpu_decode)
     finally:
         for model in models:
             model.close()
@@ -315,7 +319,7 @@ def run_dataset(args) -> int:
     print_summary(metrics, delta, rates)
     # skipped: unreadable files, left out of the mAP; a run that skipped any is partial (exit 1)
     report = {**metrics, "delta_AP": delta, "images": len(image_ids), "images_per_s": rates,
-              "decode": "cpu" if gpu_decode is False else args.decode, "skipped": skipped}
+              "decode": "cpu" if gpu_decode is False else args.decode, "decoded": decoded, "skipped": skipped}
     write_text(metrics_path, json.dumps(report, indent=2) + "\n")
     print(f"\nmetrics: {metrics_path}")
     if skipped:

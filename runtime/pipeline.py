@@ -89,6 +89,7 @@ class PipelineStats:
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.images = self.errors = self.batches = self.max_live = 0
+        self.decoded = {"nvimagecodec": 0, "pillow": 0}  # the images handed out, by what decoded them
         self.wall_s = self.cpu_s = 0.0
         self._lock = threading.Lock()
 
@@ -118,7 +119,7 @@ class PipelineStats:
         return {
             "images": self.images, "errors": self.errors, "batches": self.batches, "max_live_batches": self.max_live,
             "wall_s": self.wall_s, "images_per_s": self.images / self.wall_s if self.wall_s else 0.0,
-            "cpu_ms_per_image": 1000 * self.cpu_s / images,
+            "cpu_ms_per_image": 1000 * self.cpu_s / images, "decoded": dict(self.decoded),
             "stage_ms_per_image": {k: 1000 * v / images for k, v in self.seconds.items()},
         }
 
@@ -637,6 +638,7 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]], ope
                             stats.errors += 1
                             yield Found(key, image, None)
                         else:
+                            stats.decoded["pillow" if isinstance(image, Image.Image) else "nvimagecodec"] += 1
                             shown = None
                             if keep_images:  # a device image comes back to the host only when asked for
                                 shown = image if isinstance(image, Image.Image) else image.to_pil()

@@ -505,7 +505,8 @@ def test_torch_reference_on_tiny_set(tmp_path, capsys, random_weights):
     np.testing.assert_allclose(got_xyxy, expected["boxes"], rtol=1e-4, atol=1e-3)
 
     report = json.loads(metrics_path.read_text())
-    assert set(report) == {"torch", "delta_AP", "images", "images_per_s", "decode", "skipped"}
+    assert set(report) == {"torch", "delta_AP", "images", "images_per_s", "decode", "decoded", "skipped"}
+    assert report["decoded"] == {"nvimagecodec": 0, "pillow": 2}
     assert report["skipped"] == [] and report["decode"] == "cpu"  # Pillow, the default
     assert list(report["torch"]) == list(METRIC_KEYS)
     assert report["delta_AP"] is None and report["images"] == 2 and report["images_per_s"]["torch"] > 0
@@ -692,6 +693,8 @@ def test_gpu_decoding_runs_one_model_on_the_gpu_path_without_exif(host_gpu, tmp_
     assert made == [False]  # one decoder, EXIF orientation off
     assert sum(len(call) for call in codec.calls) == 5  # the five complete JPEGs, in one call per batch
     assert got[2] == expected[2] == [i for i in ids if i != 15] and got[3] == expected[3] == [str(paths[5])]
+    # the report says what decoded the images: the PNG went to Pillow, on either path
+    assert got[4] == {"nvimagecodec": 5, "pillow": 1} and expected[4] == {"nvimagecodec": 0, "pillow": 6}
     assert got[0] == expected[0]  # the same COCO records, boxes in stored pixels
     rotated = [r for r in got[0]["engine"] if r["image_id"] == 13]
     assert rotated and rotated[0]["bbox"][2] > rotated[0]["bbox"][3]  # wider than tall: the stored 89x67, not 67x89
@@ -718,7 +721,7 @@ def test_gpu_decoding_on_a_gpu_scores_as_the_pillow_path(tmp_path):
     finally:
         runner.close()
     expected = coco.run_models([cpu], ids, paths, 2, 2, gpu_decode=False)
-    assert got[2] == expected[2] == ids and got[3] == expected[3] == []
+    assert got[2] == expected[2] == ids and got[3] == expected[3] == [] and got[4] == {"nvimagecodec": 5, "pillow": 0}
     for g, e in zip(got[0]["engine"], expected[0]["engine"], strict=True):
         assert (g["image_id"], g["category_id"], g["bbox"]) == (e["image_id"], e["category_id"], e["bbox"])
         assert abs(g["score"] - e["score"]) <= 1e-6

@@ -173,6 +173,7 @@ def test_stats_record_every_stage(files):
     list(detect_stream(SlowDetector(), files, batch=2, stats=stats))
     summary = stats.summary()
     assert summary["images"] == 9 and summary["batches"] == 5 and summary["errors"] == 0
+    assert summary["decoded"] == {"nvimagecodec": 0, "pillow": 9}
     per_image = summary["stage_ms_per_image"]
     assert per_image["engine"] >= 5 * 10 / 9  # five calls of at least 10 ms
     assert per_image["decode"] > 0 and per_image["preprocess"] > 0 and per_image["postprocess"] > 0
@@ -461,16 +462,19 @@ def test_eval_run_models_through_the_pipeline(files, tmp_path):
             return numpy.results(numpy.infer(images, masks), sizes)
 
     model = Model()
-    results, seconds, evaluated, skipped = coco.run_models([model], list(range(100, 109)), files, batch=4, workers=2)
-    assert evaluated == list(range(100, 109)) and skipped == []
+    results, seconds, evaluated, skipped, decoded = coco.run_models([model], list(range(100, 109)), files, batch=4,
+                                                                    workers=2)
+    assert evaluated == list(range(100, 109)) and skipped == [] and decoded == {"nvimagecodec": 0, "pillow": 9}
     assert [s[0] for s in model.shapes] == [4, 4, 1] and seconds["fake"] > 0
     assert sorted({r["image_id"] for r in results["fake"]}) == list(range(100, 109))
     assert [r["image_id"] for r in results["fake"]] == sorted(r["image_id"] for r in results["fake"])
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     # an unreadable image is skipped (eval.coco reports it and marks the run partial), the others evaluated
-    results, _, evaluated, skipped = coco.run_models([Model()], [1, 2], [files[0], broken], batch=1, workers=1)
+    results, _, evaluated, skipped, decoded = coco.run_models([Model()], [1, 2], [files[0], broken], batch=1,
+                                                              workers=1)
     assert evaluated == [1] and skipped == [str(broken)] and {r["image_id"] for r in results["fake"]} == {1}
+    assert decoded == {"nvimagecodec": 0, "pillow": 1}  # the unreadable one is not counted
     assert pipeline_threads() == []
 
 

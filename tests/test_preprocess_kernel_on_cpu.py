@@ -304,6 +304,7 @@ def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, 
             np.testing.assert_array_equal(g[key], e[key])
     assert sum(len(call) for call in codec.calls) == 6  # the six complete JPEGs went to the codec, in batch calls
     assert stats.max_live <= 2 and stats.errors == 1
+    assert stats.summary()["decoded"] == {"nvimagecodec": 6, "pillow": 2}  # Pillow: the two readable PNGs
 
 
 def test_the_engine_stage_queues_the_next_batch_before_this_one_s_outputs_are_back(host_gpu, tmp_path):
