@@ -22,7 +22,10 @@ log=${OUT:-/tmp}/h200.log
 step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)" | tee -a "$log"; timeout "$limit" "$@" 2>&1 | tee -a "$log"; echo "=== rc ${PIPESTATUS[0]}" | tee -a "$log"; }
 cap="python3 -m benchmarks.pipeline_capacity"
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee -a "$log"
-tests() { step 150 python3 -m pytest -q -m gpu tests/test_gpu_preprocess.py tests/test_gpu_path.py tests/test_gpu_decode.py tests/test_pipeline.py; }
+tests() {
+    step 150 python3 -m pytest -q -m gpu tests/test_gpu_preprocess.py tests/test_gpu_path.py tests/test_gpu_decode.py \
+        tests/test_pipeline.py tests/test_eval.py
+}
 path() {
     tests
     step 60 python3 -m benchmarks.preprocess_bench --gpu
