@@ -9,9 +9,12 @@
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store and block variants, decode
 #                                                                           lanes 1-4, Python's own switch interval
 # Several parts may be given, run in turn.
-# .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), and py-spy for
-# `profile`, which writes $OUT/gil-*.txt (py-spy's raw folded stacks of the GIL holder); fill it with
+# .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), pycocotools for the
+# eval tests (the machine's Python is 3.12), and py-spy for `profile`, which writes $OUT/gil-*.txt (py-spy's raw
+# folded stacks of the GIL holder); fill it with
 #   python3 -m pip download --no-deps -d .whl nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43 py-spy==0.4.3
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_17_x86_64 -d .whl pycocotools==2.0.11
 # (.whl is not committed: add it to .git/info/exclude). Each step has its own
 # time limit so that one slow step cannot take the others' output with it; the log is $OUT/h200.log.
 set -uo pipefail
