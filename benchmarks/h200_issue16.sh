@@ -8,6 +8,8 @@
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh profile     where the pipelines hold the GIL
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store and block variants, decode
 #                                                                           lanes 1-4, Python's own switch interval
+#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh diagnose    the bare loop beside the pipeline, and a
+#                                                                           native py-spy profile of where it waits
 # Several parts may be given, run in turn.
 # .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), pycocotools for the
 # eval tests (the machine's Python is 3.12), and py-spy for `profile`, which writes $OUT/gil-*.txt (py-spy's raw
@@ -65,10 +67,18 @@ variants() {
     done
     step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 --switch-interval 0.005
 }
+diagnose() {  # the bare loop beside the pipeline on the same machine, and where the decode thread waits
+    step 80 python3 -m benchmarks.gpu_decode_bench --images 512
+    step 45 python3 -m benchmarks.preprocess_bench --gpu
+    step 45 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100 --repeat 3
+    step 45 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3
+    step 60 /tmp/site/bin/py-spy record --idle --native --threads -r 100 -f raw -o "${OUT:-/tmp}/idle-gpu.txt" \
+        -- $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100
+}
 for part in "${@:-path}"; do
     case $part in
-    tests | path | profile | layouts | reference | variants) $part ;;
+    tests | path | profile | layouts | reference | variants | diagnose) $part ;;
     all) path; layouts; reference ;;
-    *) echo "usage: bash benchmarks/h200_issue16.sh [tests|path|profile|layouts|reference|variants|all]..." >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/h200_issue16.sh [tests|path|profile|layouts|reference|variants|diagnose|all]..." >&2; exit 2 ;;
     esac
 done
