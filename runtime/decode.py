@@ -129,6 +129,18 @@ _BACKENDS = {"hw": "HW_GPU_ONLY", "hybrid": "HYBRID_CPU_GPU", "gpu": "GPU_ONLY",
 DEFAULT_DECODERS = "hw,hybrid"
 
 
+class Parsed(NamedTuple):
+    """A JPEG's bytes with nvImageCodec's CodeStream of them (`BatchDecoder.parse`)."""
+
+    data: bytes
+    stream: Any
+
+
+def _raw(item: Any) -> Any:
+    """An item's bytes, whether parsed or not (anything else as it is)."""
+    return item.data if isinstance(item, Parsed) else item
+
+
 def gpu_decoders(spec: str | None = None) -> list[tuple[str, ...]]:
     """The GPU decoders to try in turn, from `spec` (default `$ANCHORTRT_GPU_DECODERS`, else "hw,hybrid"):
     comma-separated decoders, each one or more '+'-joined nvImageCodec backends (hw: the hardware JPEG decoder,
@@ -239,23 +251,39 @@ class BatchDecoder:
         self.counts = {"gpu": 0, "pillow": 0, "refused": 0}
         self._counted = threading.Lock()
 
-    def decode(self, items: Sequence[bytes | ImageError], names: Sequence[str] | None = None) -> list:
-        """DeviceImage (or, on the CPU backend, an (H, W, 3) uint8 array), Pillow image or ImageError per item."""
+    def parse(self, items: Sequence[bytes | ImageError]) -> list:
+        """The items with each JPEG that goes to nvImageCodec as a `Parsed`, its CodeStream made here, on the
+        caller's thread (the pipeline's read threads). Made inside the decode call, each CodeStream waited there for
+        the GIL (py-spy --native on the H200), on the thread the whole GPU path waits for."""
+        parsed = []
+        for item in items:
+            if isinstance(item, bytes) and gpu_decodable(item):
+                try:
+                    item = Parsed(item, self.codec.CodeStream(item))
+                except Exception:  # nvImageCodec will say in the decode call, or Pillow will
+                    pass
+            parsed.append(item)
+        return parsed
+
+    def decode(self, items: Sequence[bytes | Parsed | ImageError], names: Sequence[str] | None = None) -> list:
+        """DeviceImage (or, on the CPU backend, an (H, W, 3) uint8 array), Pillow image or ImageError per item:
+        file bytes, or `parse`'s items."""
         names = list(names) if names is not None else [f"image {i}" for i in range(len(items))]
         out: list = list(items)
-        gpu = [i for i, item in enumerate(items) if isinstance(item, bytes) and gpu_decodable(item)]
+        gpu = [i for i, item in enumerate(items)
+               if isinstance(item, Parsed) or (isinstance(item, bytes) and gpu_decodable(item))]
         lane = self._free.get()
         try:
             with lane.lock:
                 todo = self._decode_gpu(lane, items, out, gpu)
         finally:
             self._free.put(lane)
-        pillow = [i for i, item in enumerate(out) if isinstance(item, bytes)]
+        pillow = [i for i, item in enumerate(out) if isinstance(item, (bytes, Parsed))]
         with self._counted:
             self.counts["gpu"] += len(gpu)
             self.counts["pillow"] += len(pillow)
             self.counts["refused"] += len(todo)
-        for i, image in zip(pillow, self._pool.map(lambda i: _pillow(items[i], names[i]), pillow)):
+        for i, image in zip(pillow, self._pool.map(lambda i: _pillow(_raw(items[i]), names[i]), pillow)):
             out[i] = image
         return out
 
@@ -271,7 +299,8 @@ class BatchDecoder:
             if decoder is None:
                 continue
             kwargs = {"cuda_stream": lane.stream.handle} if lane.stream is not None else {}
-            decoded = decoder.decode([items[i] for i in todo], params=self._params, **kwargs)
+            sources = [item.stream if isinstance(item, Parsed) else item for item in (items[i] for i in todo)]
+            decoded = decoder.decode(sources, params=self._params, **kwargs)
             ready = None
             if lane.stream is not None:
                 from core import cuda
@@ -283,7 +312,7 @@ class BatchDecoder:
                 wrapped = self._wrap(image, lane, ready)
                 if wrapped is not None:
                     out[i] = wrapped
-            todo = [i for i in todo if isinstance(out[i], bytes)]
+            todo = [i for i in todo if isinstance(out[i], (bytes, Parsed))]
         return todo
 
     def _decoder(self, lane: _Decoders, turn: int) -> Any:

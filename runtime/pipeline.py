@@ -314,6 +314,7 @@ def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool
             return [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
 
     lanes = getattr(decoder, "lanes", 1)
+    parse = getattr(decoder, "parse", lambda items: items)  # on the read threads: nvImageCodec's CodeStreams
     with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool, \
             ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="anchortrt-decode") as decoding:
         reads: deque = deque()
@@ -324,7 +325,7 @@ def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool
                     keys = list(itertools.islice(paths, batch * group))
                     if not keys:
                         break
-                    reads.append((keys, pool.submit(lambda keys: [read_file(k) for k in keys], keys)))
+                    reads.append((keys, pool.submit(lambda keys: parse([read_file(k) for k in keys]), keys)))
                 while reads and len(calls) < lanes:
                     keys, read = reads.popleft()
                     calls.append((keys, decoding.submit(call, keys, read)))

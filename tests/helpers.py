@@ -522,12 +522,21 @@ def noise_image_file(seed: int, size=(96, 64), fmt="JPEG") -> bytes:
 # ---------------------------------------------------------------------------------------------- GPU decoding
 
 
+class FakeCodeStream:
+    """nvImageCodec's CodeStream of a file's bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class FakeCodec:
-    """nvImageCodec's surface as BatchDecoder uses it: decodes with Pillow into host arrays exposed through
-    __cuda_array_interface__ (pitched rows, as a decoder may give), refuses files named in `refuse`."""
+    """nvImageCodec's surface as BatchDecoder uses it: decodes bytes or CodeStreams with Pillow into host arrays
+    exposed through __cuda_array_interface__ (pitched rows, as a decoder may give), refuses files named in
+    `refuse`. `calls`: each call's files (bytes); `parsed`: how many of each call's came as CodeStreams."""
 
     def __init__(self, refuse: set[bytes] = frozenset()) -> None:
-        self.refuse, self.calls = refuse, []
+        self.refuse, self.calls, self.parsed = refuse, [], []
+        self.CodeStream = FakeCodeStream
         self.Backend = lambda kind: kind
         self.BackendKind = SimpleNamespace(HW_GPU_ONLY="hw", HYBRID_CPU_GPU="hybrid", CPU_ONLY="cpu")
         self.NVIMGCODEC_DEVICE_CPU_ONLY = -99
@@ -539,8 +548,10 @@ class FakeCodec:
                 codec.made = (device_id, backends)
 
             def decode(self, data, params, cuda_stream=0):
-                codec.calls.append(list(data))
-                return [None if d in codec.refuse else FakeImage(d, params.exif) for d in data]
+                raw = [d.data if isinstance(d, FakeCodeStream) else d for d in data]
+                codec.calls.append(raw)
+                codec.parsed.append(sum(isinstance(d, FakeCodeStream) for d in data))
+                return [None if d in codec.refuse else FakeImage(d, params.exif) for d in raw]
 
         self.Decoder = Decoder
 

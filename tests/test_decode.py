@@ -58,15 +58,24 @@ def test_only_complete_8_bit_grayscale_or_colour_jpegs_go_to_the_gpu(files):
     assert jpeg_frame(files["png"]) is None and jpeg_frame(b"\xff\xd8\xff") is None
 
 
+@pytest.mark.parametrize("parsed", [False, True], ids=["bytes", "parsed"])
 @pytest.mark.parametrize("exif", [True, False])
-def test_one_codec_call_per_batch_pillow_for_the_rest_and_errors_stay_with_their_file(files, exif):
+def test_one_codec_call_per_batch_pillow_for_the_rest_and_errors_stay_with_their_file(files, exif, parsed):
+    """Given file bytes, or `parse`'s items (the JPEGs that go to the codec as CodeStreams, made beforehand on
+    the read threads), the same decoding."""
     names = list(files)
     codec = FakeCodec(refuse={files["progressive"]})  # one JPEG the codec refuses: Pillow decodes it instead
     with BatchDecoder(exif=exif, device=False, codec=codec, pillow_workers=2) as decoder:
         missing = read_file("/no/such/file.jpg")
-        out = decoder.decode([files[n] for n in names] + [missing], names + ["/no/such/file.jpg"])
+        items = [files[n] for n in names] + [missing]
+        if parsed:
+            items = decoder.parse(items)
+            assert [type(item).__name__ for item in items[:-1]] == ["Parsed" if n in GPU_KINDS else "bytes"
+                                                                    for n in names]
+        out = decoder.decode(items, names + ["/no/such/file.jpg"])
     assert codec.made == (-99, ["cpu"])
     assert len(codec.calls) == 1 and codec.calls[0] == [files[n] for n in names if n in GPU_KINDS]
+    assert codec.parsed == [len(GPU_KINDS) if parsed else 0]
     assert decoder.counts == {"gpu": 4, "pillow": 8, "refused": 1}
     by_name = dict(zip(names, out))
     for name in ("truncated", "junk"):

@@ -566,15 +566,19 @@ def test_gpu_decoding_decodes_group_batches_per_call_and_yields_them_in_order(fi
     # batches still of the engine's size, in input order, the short last group included.
     from runtime.pipeline import device_decoded_batches
 
-    calls = []
+    calls, parsed_on = [], set()
 
     class Decoder:
+        def parse(self, items):  # on the read threads, so that the decode call does not make the CodeStreams
+            parsed_on.add(threading.current_thread().name.rpartition("_")[0])
+            return [(item,) for item in items]
+
         def decode(self, items, names):
             calls.append(len(items))
-            return [np.full((2, 2, 3), len(item) % 251, np.uint8) for item in items]
+            return [np.full((2, 2, 3), len(item) % 251, np.uint8) for (item,) in items]
 
     batches = list(device_decoded_batches(iter(files), 2, 2, False, Decoder(), PipelineStats(), group=3))
-    assert calls == [6, 3]
+    assert calls == [6, 3] and parsed_on == {"anchortrt-read"}
     assert [len(b.keys) for b in batches] == [2, 2, 2, 2, 1]
     assert [k for b in batches for k in b.keys] == files
     sizes = [p.stat().st_size % 251 for p in files]
