@@ -260,7 +260,7 @@ class BatchDecoder:
             if isinstance(item, bytes) and gpu_decodable(item):
                 try:
                     item = Parsed(item, self.codec.CodeStream(item))
-                except Exception:  # nvImageCodec will say in the decode call, or Pillow will
+                except Exception:  # nvImageCodec cannot parse it: Pillow decodes it, or says what is wrong
                     pass
             parsed.append(item)
         return parsed
@@ -270,8 +270,11 @@ class BatchDecoder:
         file bytes, or `parse`'s items."""
         names = list(names) if names is not None else [f"image {i}" for i in range(len(items))]
         out: list = list(items)
+        # Items that came through `parse` were chosen there: a JPEG left as bytes is one nvImageCodec could not
+        # parse, and a call gets CodeStreams only or bytes only.
+        parsed = any(isinstance(item, Parsed) for item in items)
         gpu = [i for i, item in enumerate(items)
-               if isinstance(item, Parsed) or (isinstance(item, bytes) and gpu_decodable(item))]
+               if isinstance(item, Parsed) or (not parsed and isinstance(item, bytes) and gpu_decodable(item))]
         lane = self._free.get()
         try:
             with lane.lock:

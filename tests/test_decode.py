@@ -133,6 +133,25 @@ def test_nvimagecodec_cpu_backend_equals_pillow(files):
         np.testing.assert_array_equal(got, expected)
 
 
+def test_a_jpeg_nvimagecodec_cannot_parse_goes_to_pillow_and_the_call_gets_code_streams_only(files):
+    codec = FakeCodec()
+    made = codec.CodeStream
+
+    def code_stream(data):
+        if data == files["gray"]:
+            raise RuntimeError("nvImageCodec: cannot parse")
+        return made(data)
+
+    codec.CodeStream = code_stream
+    with BatchDecoder(exif=False, device=False, codec=codec, pillow_workers=2) as decoder:
+        items = decoder.parse([files["rgb"], files["gray"], files["png"]])
+        out = decoder.decode(items, ["rgb", "gray", "png"])
+    assert codec.calls == [[files["rgb"]]] and codec.parsed == [1]
+    assert decoder.counts == {"gpu": 1, "pillow": 2, "refused": 0}
+    assert isinstance(out[1], Image.Image)  # Pillow's image of the file (the pipeline then converts it to RGB)
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(Image.open(io.BytesIO(files["gray"]))))
+
+
 def _concurrent_calls(codec: FakeCodec) -> list[int]:
     """Wraps the codec's decoder so that each call waits briefly for another: the most calls that were inside the
     decoder at once, appended per call."""
