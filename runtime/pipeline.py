@@ -292,7 +292,8 @@ def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exi
     batches taken: `decoder.lanes` calls at once (1 where it does not say), each on a decode thread, in input order,
     while a feeder thread (`bounded` with no stages) hands their batches over. Each call's files are read by one task
     on `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task per file cost the decode
-    stage more in hand-offs than the reads themselves.
+    stage more in hand-offs than the reads themselves. The task also runs `decoder.parse` where the decoder has one
+    (nvImageCodec's CodeStreams, made off the decode thread).
 
     `group` batches share a call (the caller passes its batches in flight): nvImageCodec's hardware decoder gave
     8,332 images/s in calls of 8 and 12,766 in calls of 32 on the H200. Ahead, because the pipeline's feeder
