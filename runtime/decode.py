@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from core.errors import Unavailable
+from core.errors import BadInput, Unavailable
 from runtime.preprocess import ImageError, load_image
 
 GPU_DECODE_HINT = "pip install -e '.[gpu-decode]' (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg)"
@@ -38,6 +38,11 @@ _DECODE_CHOICES = {
     "gpu": "nvImageCodec, required",
     "cpu": "Pillow, the exact path: GPU decoding moves pixels by a level here and there, docs/preprocess.md",
 }
+
+
+class DecoderUnavailable(Unavailable):
+    """nvImageCodec is not installed, or cannot make a decoder on this machine: GPU decoding falls back to Pillow
+    where it was not required (`batch_decoder(None)`), and is this error where it was."""
 
 
 def add_decode_option(parser: Any, default: str = "auto", where: str = "", note: str = "") -> None:
@@ -152,8 +157,8 @@ def gpu_decoders(spec: str | None = None) -> list[tuple[str, ...]]:
     plan = [tuple(k.strip() for k in part.split("+")) for part in spec.split(",") if part.strip()]
     unknown = [k for kinds in plan for k in kinds if k not in _BACKENDS or k == "cpu"]
     if not plan or unknown:
-        raise Unavailable(f"ANCHORTRT_GPU_DECODERS={spec!r}: expected decoders like 'hw,hybrid' of "
-                          f"{', '.join(k for k in _BACKENDS if k != 'cpu')}")
+        raise BadInput(f"ANCHORTRT_GPU_DECODERS={spec!r}: expected decoders like 'hw,hybrid' of "
+                       f"{', '.join(k for k in _BACKENDS if k != 'cpu')}")
     return plan
 
 
@@ -165,11 +170,11 @@ def _pillow(data: bytes, name: str) -> Image.Image | ImageError:
 
 
 def load_codec():
-    """nvImageCodec's Python module, or Unavailable with the install command."""
+    """nvImageCodec's Python module, or DecoderUnavailable with the install command."""
     try:
         from nvidia import nvimgcodec
     except ImportError:
-        raise Unavailable(f"GPU decoding needs nvImageCodec: {GPU_DECODE_HINT}; or decode with Pillow "
+        raise DecoderUnavailable(f"GPU decoding needs nvImageCodec: {GPU_DECODE_HINT}; or decode with Pillow "
                           "(--decode cpu, gpu_decode=False)") from None
     return nvimgcodec
 
@@ -204,7 +209,7 @@ def decode_lanes(value: str | int | None = None) -> int:
     except ValueError:
         lanes = 0
     if not 1 <= lanes <= 16:
-        raise Unavailable(f"ANCHORTRT_GPU_DECODE_LANES={value!r}: expected a whole number of decode lanes, 1 to 16")
+        raise BadInput(f"ANCHORTRT_GPU_DECODE_LANES={value!r}: expected a whole number of decode lanes, 1 to 16")
     return lanes
 
 
@@ -243,8 +248,9 @@ class BatchDecoder:
         for lane in self._kept:
             with lane.lock:
                 if not any(self._decoder(lane, turn) is not None for turn in range(len(self._plan))):
-                    raise Unavailable(f"nvImageCodec cannot make a decoder here ({'; '.join(self._problems)}); "
-                                      "decode with Pillow (--decode cpu, gpu_decode=False)")
+                    raise DecoderUnavailable(f"nvImageCodec cannot make a decoder here "
+                                             f"({'; '.join(self._problems)}); decode with Pillow (--decode cpu, "
+                                             "gpu_decode=False)")
             self._free.put(lane)
         self._params = n.DecodeParams(apply_exif_orientation=exif)
         self._pool = ThreadPoolExecutor(max_workers=pillow_workers, thread_name_prefix="anchortrt-pillow")
@@ -363,13 +369,15 @@ class BatchDecoder:
 
 
 def batch_decoder(gpu_decode: bool | None, exif: bool = True, **options: Any) -> BatchDecoder | None:
-    """A BatchDecoder when GPU decoding is asked for (True: required, its absence an Unavailable) or by default
-    (None) when nvImageCodec is installed and makes a decoder; else None (Pillow). `options` go to BatchDecoder."""
+    """A BatchDecoder when GPU decoding is asked for (True: required, its absence a DecoderUnavailable) or by
+    default (None) when nvImageCodec is installed and makes a decoder; else None (Pillow). A bad
+    `ANCHORTRT_GPU_DECODERS` or `ANCHORTRT_GPU_DECODE_LANES` is a BadInput either way. `options` go to
+    BatchDecoder."""
     if gpu_decode is False:
         return None
     try:
         return BatchDecoder(exif=exif, **options)
-    except Unavailable:
+    except DecoderUnavailable:
         if gpu_decode:
             raise
         return None

@@ -543,7 +543,10 @@ def open_path(detector: Any, gpu_preprocess: bool | None, in_flight: int, stats:
     try:
         return GpuPath(runner, in_flight, stats, gpu_decode, exif, batch)
     except Exception as exc:  # no cuda.core, no NVRTC, no memory for a second buffer set: the CPU path will do
-        if gpu_decode and isinstance(exc, Unavailable) and "nvImageCodec" in str(exc):
+        from runtime.decode import DecoderUnavailable
+
+        # but not for a setting that is wrong, nor for GPU decoding that was required
+        if isinstance(exc, BadInput) or (gpu_decode and isinstance(exc, DecoderUnavailable)):
             raise
         if gpu_preprocess:
             raise Unavailable(f"GPU preprocessing is unavailable ({exc}); pass gpu_preprocess=False") from None

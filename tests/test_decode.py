@@ -104,7 +104,7 @@ def test_decoders_outlive_their_images_and_the_plan_is_parsed(files):
     decoder.close()
     assert image.owner[1].decoders  # the image still holds its decoder
     assert decode.gpu_decoders("hw+hybrid,gpu") == [("hw", "hybrid"), ("gpu",)]
-    with pytest.raises(decode.Unavailable, match="ANCHORTRT_GPU_DECODERS"):
+    with pytest.raises(decode.BadInput, match="ANCHORTRT_GPU_DECODERS"):
         decode.gpu_decoders("hw,turbo")
 
 
@@ -196,5 +196,5 @@ def test_the_lane_count_comes_from_the_environment_and_is_checked(monkeypatch):
     assert decode.decode_lanes() == 3 and decode.decode_lanes(2) == 2
     for bad in ("0", "two", "17"):
         monkeypatch.setenv("ANCHORTRT_GPU_DECODE_LANES", bad)
-        with pytest.raises(decode.Unavailable, match=f"ANCHORTRT_GPU_DECODE_LANES='{bad}'.*1 to 16"):
+        with pytest.raises(decode.BadInput, match=f"ANCHORTRT_GPU_DECODE_LANES='{bad}'.*1 to 16"):
             decode.decode_lanes()

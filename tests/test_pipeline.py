@@ -299,6 +299,39 @@ def test_the_gpu_path_takes_any_device_runner_and_falls_back_without_a_gpu(files
     assert isinstance(pipeline.open_path(detector, None, 2, PipelineStats()), pipeline.CpuPath)
 
 
+def test_a_bad_decoder_setting_is_an_error_where_a_missing_decoder_falls_back(monkeypatch):
+    """Where GPU decoding was only wanted (None) and nvImageCodec is missing, the GPU path decodes with Pillow;
+    where it was required, that is the error. A wrong ANCHORTRT_GPU_DECODE_LANES is an error either way, never a
+    quiet fallback to the CPU path."""
+    from core.errors import BadInput
+    from runtime import decode, gpu_preprocess, pipeline
+
+    class Preprocessor:  # no GPU here: the path is only opened and closed
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(gpu_preprocess, "GpuPreprocessor", Preprocessor)
+
+    def missing():
+        raise decode.DecoderUnavailable("GPU decoding needs nvImageCodec")
+
+    monkeypatch.setattr(decode, "load_codec", missing)
+    detector = DeviceStandIn()
+    path = pipeline.open_path(detector, None, 2, PipelineStats(), gpu_decode=None)
+    assert isinstance(path, pipeline.GpuPath) and path.decoder is None
+    path.close()
+    with pytest.raises(decode.DecoderUnavailable, match="needs nvImageCodec"):
+        pipeline.open_path(detector, None, 2, PipelineStats(), gpu_decode=True)
+    monkeypatch.setattr(decode, "load_codec", lambda: None)
+    monkeypatch.setenv("ANCHORTRT_GPU_DECODE_LANES", "many")
+    for gpu_decode in (None, True):
+        with pytest.raises(BadInput, match="ANCHORTRT_GPU_DECODE_LANES='many'"):
+            pipeline.open_path(detector, None, 2, PipelineStats(), gpu_decode=gpu_decode)
+
+
 def test_synthetic_images_are_deterministic_jpegs_shared_by_every_benchmark(tmp_path):
     from runtime import bench, synthetic
 
