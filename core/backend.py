@@ -97,7 +97,8 @@ def backend_of(trt: ModuleType) -> Backend:
     return Backend("tensorrt-rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt", trt)
 
 
-def _import(name: str) -> ModuleType | None:
+def installed_module(name: str) -> ModuleType | None:
+    """The module of backend `name` (a BACKENDS key) where it is installed with its libraries, else None."""
     try:
         mod = importlib.import_module(BACKENDS[name])
     except ImportError:
@@ -110,7 +111,7 @@ def _import(name: str) -> ModuleType | None:
 def _builder_problem(name: str) -> str | None:
     """Why ``name`` cannot create a Builder here (None when it can). Full TensorRT returns a null builder without a
     usable CUDA device, which pybind turns into a TypeError."""
-    mod = _import(name)
+    mod = installed_module(name)
     if mod is None:
         return f"{name} is not installed: {INSTALL_HINT[name]}"
     if not hasattr(mod, "Builder"):
@@ -140,7 +141,7 @@ def get_backend(name: str | None = None) -> Backend:
     for candidate in [name] if name else list(BUILDERS):
         problem = _builder_problem(candidate)
         if problem is None:
-            return Backend(candidate, _import(candidate))
+            return Backend(candidate, installed_module(candidate))
         problems.append(problem)
     raise BackendError("no TensorRT backend can build here: " + "; ".join(problems))
 
@@ -168,7 +169,7 @@ def get_runtime_backend(built_with: str, version_compatible: bool = False) -> Ba
     elif built_with not in BACKENDS:
         raise BackendError(f"unknown backend {built_with!r}: choose one of {', '.join(BACKENDS)}")
     for candidate in candidates:
-        mod = _import(candidate)
+        mod = installed_module(candidate)
         if mod is not None:
             if candidate == "tensorrt-lean" and not version_compatible:
                 raise BackendError(

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from core import cuda
-from core.backend import BACKENDS, BUILDERS, INSTALL_HINT, _import, get_backend
+from core.backend import BACKENDS, BUILDERS, INSTALL_HINT, get_backend, installed_module
 from core.cli import guarded, hw_list, int_list, parser, positive_int
 from core.errors import EXIT_ENVIRONMENT, EXIT_FAILED, AnchorError, BadInput
 from core.progress import Spinner, format_bytes, format_seconds, print_table
@@ -267,7 +267,7 @@ def check_gpu() -> tuple[str, dict[str, Any]]:
 
 
 def check_tensorrt() -> tuple[str, dict[str, Any]]:
-    found = {name: (mod.__version__ if (mod := _import(name)) is not None else None) for name in BACKENDS}
+    found = {name: (mod.__version__ if (mod := installed_module(name)) is not None else None) for name in BACKENDS}
     parts = [f"{n} {v}" if v else f"{n} missing ({INSTALL_HINT[n]})" for n, v in found.items()]
     if not any(found[n] for n in BUILDERS):
         raise Skip("no TensorRT that builds: " + "; ".join(parts))
@@ -399,7 +399,7 @@ class Doctor:
     def version_compatible_options(self) -> list[str]:
         if self.backend is None or self.backend.name != "tensorrt":
             raise Skip(f"version-compatible plans need full TensorRT: {INSTALL_HINT['tensorrt']}")
-        if _import("tensorrt-lean") is None:
+        if installed_module("tensorrt-lean") is None:
             raise Skip(f"the lean runtime is not installed: {INSTALL_HINT['tensorrt-lean']}")
         return ["--version-compatible"]
 
@@ -505,7 +505,7 @@ class Doctor:
         full = self.engine_outputs(plan, inputs)[0]
         lean = lean_outputs(plan, *inputs[0], self.folder)
         detail, figures = compare_outputs(lean, full, GRAPH_TOLERANCE, "lean vs full TensorRT")
-        return detail, {**figures, "lean_version": _import("tensorrt-lean").__version__}
+        return detail, {**figures, "lean_version": installed_module("tensorrt-lean").__version__}
 
     def preprocess(self) -> tuple[str, dict[str, Any]]:
         if self.gpu is None:

@@ -760,9 +760,9 @@ def test_auto_selection_falls_back_to_rtx_when_full_tensorrt_cannot_build(backen
 
 
 def _import_rtx():
-    from core.backend import _import
+    from core.backend import installed_module
 
-    return _import("tensorrt-rtx")
+    return installed_module("tensorrt-rtx")
 
 
 # ---------------------------------------------------------------- Ctrl-C, NaN weights, raw outputs

@@ -297,7 +297,7 @@ def test_doctor_on_this_gpu(small_weights, tmp_path, capsys):
     optional = set()
     if get_backend("tensorrt").plugin_problem():
         optional |= {"build fp16 plugins", "enqueue + graphs fp16-plugins", "vs torch fp16-plugins", "plugins on vs off"}
-    if doctor._import("tensorrt-lean") is None:
+    if doctor.installed_module("tensorrt-lean") is None:
         optional |= {"build version-compatible", "lean runtime"}
     checked = [name for name in rows if name.startswith((*GPU_ROWS, "build", "interpreter")) and name not in optional]
     assert len(checked) + len(optional) == 17

@@ -60,8 +60,8 @@ def test_lean_runtime_cannot_build_and_is_not_offered_as_a_builder():
 
 
 def test_version_compatible_engine_runs_on_lean_when_full_tensorrt_is_absent(monkeypatch):
-    real_import = backend_mod._import
-    monkeypatch.setattr(backend_mod, "_import", lambda name: None if name == "tensorrt" else real_import(name))
+    real_import = backend_mod.installed_module
+    monkeypatch.setattr(backend_mod, "installed_module", lambda name: None if name == "tensorrt" else real_import(name))
     chosen = backend_mod.get_runtime_backend("tensorrt", version_compatible=True)
     assert chosen.name == "tensorrt-lean" and chosen.trt.__name__ == "tensorrt_lean"
     with pytest.raises(backend_mod.BackendError, match="--version-compatible"):
