@@ -178,11 +178,10 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
     results = {m.name: [] for m in models}
     seconds = {m.name: 0.0 for m in models}
     done, evaluated, skipped = 0, [], []
+    decoded = {"nvimagecodec": 0, "pillow": 0}
     if gpu_decode is False:
         answered = _shared_batches(models, paths, batch, workers, seconds)
-        decoded = None
     else:
-        decoded = {}
         answered = _gpu_path_batches(models[0], paths, batch, workers, gpu_decode, seconds, decoded)
     # closing: the pipeline's threads stop before the caller closes the models, even after an error
     with closing(answered), ProgressBar(len(image_ids), desc="COCO " + " + ".join(results)) as bar:
@@ -200,7 +199,9 @@ def run_models(models: Sequence, image_ids: Sequence[int], paths: Sequence[Path]
             bar.update(len(chunk), status=f"{done / max(bar.elapsed, 1e-9):.2f} img/s")
     if not evaluated:
         raise EvalError(f"none of the {len(image_ids)} images could be read (first: {skipped[0]}): check the files")
-    return results, seconds, evaluated, skipped, decoded or {"nvimagecodec": 0, "pillow": len(evaluated)}
+    if gpu_decode is False:  # the shared path decodes every image with Pillow
+        decoded["pillow"] = len(evaluated)
+    return results, seconds, evaluated, skipped, decoded
 
 
 def _shared_batches(models: Sequence, paths: Sequence[Path], batch: int, workers: int, seconds: dict):

@@ -175,7 +175,7 @@ def load_codec():
         from nvidia import nvimgcodec
     except ImportError:
         raise DecoderUnavailable(f"GPU decoding needs nvImageCodec: {GPU_DECODE_HINT}; or decode with Pillow "
-                          "(--decode cpu, gpu_decode=False)") from None
+                                 "(--decode cpu, gpu_decode=False)") from None
     return nvimgcodec
 
 
