@@ -283,6 +283,11 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
 
 # Batches whose files are being read ahead of the decode call (one read task each).
 READ_AHEAD = 4
+# Diagnostics of benchmarks.pipeline_capacity (--parse, --composition), to be settled on the H200: whether the
+# read threads make nvImageCodec's CodeStreams (`BatchDecoder.parse`) or the decode call does; and whether, with
+# GPU decoding, the decode call, the kernel and the engine's start run on one thread (fused) or each on its own.
+PARSE_ON_READ = True
+FUSED_GPU_DECODE = True
 
 
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
@@ -306,7 +311,9 @@ def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exi
 
 
 def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
-                    stats: PipelineStats, group: int) -> Iterator[Batch]:
+                    stats: PipelineStats, group: int, inline: bool = False) -> Iterator[Batch]:
+    """`device_decoded_batches`' batches, the decode calls on `decoder.lanes` threads of their own, or with
+    `inline` on the thread that takes the batches."""
     from runtime.decode import read_file
 
     def call(keys: list, read: Any) -> list:
@@ -314,26 +321,37 @@ def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool
             images = decoder.decode(read.result(), [str(k) for k in keys])
             return [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
 
-    lanes = getattr(decoder, "lanes", 1)
-    parse = getattr(decoder, "parse", lambda items: items)  # on the read threads: nvImageCodec's CodeStreams
+    lanes = 1 if inline else getattr(decoder, "lanes", 1)
+    parse = getattr(decoder, "parse", None) if PARSE_ON_READ else None  # nvImageCodec's CodeStreams
     with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool, \
             ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="anchortrt-decode") as decoding:
         reads: deque = deque()
         calls: deque = deque()
+
+        def read(keys: list) -> list:
+            items = [read_file(k) for k in keys]
+            return parse(items) if parse is not None else items
+
         try:
             while True:
                 while len(reads) < READ_AHEAD:
                     keys = list(itertools.islice(paths, batch * group))
                     if not keys:
                         break
-                    reads.append((keys, pool.submit(lambda keys: parse([read_file(k) for k in keys]), keys)))
-                while reads and len(calls) < lanes:
-                    keys, read = reads.popleft()
-                    calls.append((keys, decoding.submit(call, keys, read)))
-                if not calls:
-                    return
-                keys, decoded = calls.popleft()
-                images = decoded.result()
+                    reads.append((keys, pool.submit(read, keys)))
+                if inline:
+                    if not reads:
+                        return
+                    keys, files = reads.popleft()
+                    images = call(keys, files)
+                else:
+                    while reads and len(calls) < lanes:
+                        keys, files = reads.popleft()
+                        calls.append((keys, decoding.submit(call, keys, files)))
+                    if not calls:
+                        return
+                    keys, decoded = calls.popleft()
+                    images = decoded.result()
                 for start in range(0, len(keys), batch):
                     yield Batch(keys[start:start + batch], images[start:start + batch])
         finally:
@@ -342,17 +360,24 @@ def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool
 
 
 def batches_for(items: Iterable, batch: int, workers: int | None, exif: bool, stats: PipelineStats,
-                decoder: Any = None, group: int = 1) -> Iterator[Batch]:
-    """`device_decoded_batches` for file paths when there is a GPU `decoder`, else `decoded_batches`."""
+                decoder: Any = None, group: int = 1, started: Callable[[Batch], Batch] | None = None
+                ) -> Iterator[Batch]:
+    """`device_decoded_batches` for file paths when there is a GPU `decoder`, else `decoded_batches`. With
+    `started`, each batch goes through it on the thread that takes the batches, and the GPU decode calls are
+    made there too (no decode thread)."""
     items = iter(items)
     first = next(items, None)
     if first is None:
         return
     rest = itertools.chain([first], items)
     if decoder is not None and _is_path(first):
-        yield from device_decoded_batches(rest, batch, workers, exif, decoder, stats, group)
+        if started is not None:
+            yield from map(started, _device_decoded(rest, batch, workers, exif, decoder, stats, group, inline=True))
+            return
+        batches = device_decoded_batches(rest, batch, workers, exif, decoder, stats, group)
     else:
-        yield from decoded_batches(rest, batch, workers, exif, stats)
+        batches = decoded_batches(rest, batch, workers, exif, stats)
+    yield from batches if started is None else map(started, batches)
 
 
 def _record_gpu_time(stats: PipelineStats, ran: Any) -> None:
@@ -603,36 +628,62 @@ def detect_stream(
 
         load_codec()  # a missing nvImageCodec is said now, before any work
 
-    def batches(path: CpuPath | GpuPath) -> Iterator[Batch]:
-        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None), group=in_flight)
+    def batches(path: CpuPath | GpuPath, started: Callable[[Batch], Batch] | None) -> Iterator[Batch]:
+        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None), in_flight, started)
 
     return _detect_stream(detector, batches,
                           lambda: open_path(detector, gpu_preprocess, in_flight, stats, gpu_decode, exif, batch),
                           in_flight=in_flight, threshold=threshold, keep_images=keep_images, stats=stats)
 
 
-def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]], opener: Callable[[], CpuPath | GpuPath],
-                   *, in_flight: int, threshold: float, keep_images: bool, stats: PipelineStats) -> Iterator[Found]:
+def engine_stage(path: CpuPath | GpuPath) -> Callable[[Batch], Batch]:
+    """The stage that starts a prepared batch's run (`path.run`, which times its own steps)."""
+
+    def stage(chunk: Batch) -> Batch:
+        if chunk.work is not None:
+            chunk.outputs = path.run(chunk.work)
+            chunk.work = None  # the batch's arrays or buffers are not needed any more
+        return chunk
+
+    return stage
+
+
+def postprocess_stage(detector: Any, threshold: float, stats: PipelineStats) -> Callable[[Batch], Batch]:
+    """The stage that waits for a batch's outputs and turns them into detections (`detector.found`).
+
+    A stage of its own: on the H200 host the CPU path's post-processing took 1.5-1.7 busy ms per image among the
+    pool's threads, and in the engine stage it held back the next batch's engine step. The wait for the outputs is
+    here too, so the engine stage queues the next batch meanwhile."""
+
+    def stage(chunk: Batch) -> Batch:
+        if chunk.outputs is not None:
+            outputs, chunk.outputs = chunk.outputs(), None
+            with stats.timed("postprocess"):
+                chunk.results = detector.found(outputs, chunk.sizes, threshold)
+        return chunk
+
+    return stage
+
+
+def _detect_stream(detector: Any, batches: Callable[[Any, Any], Iterator[Batch]],
+                   opener: Callable[[], CpuPath | GpuPath], *, in_flight: int, threshold: float, keep_images: bool,
+                   stats: PipelineStats) -> Iterator[Found]:
     with _switch_interval.shortened(), stats.run():
         path = opener()
         try:
-            def engine(chunk: Batch) -> Batch:
-                if chunk.work is not None:
-                    chunk.outputs = path.run(chunk.work)  # it times its own steps (engine, and what it waits for)
-                    chunk.work = None  # the batch's arrays or buffers are not needed any more
-                return chunk
+            start = [preprocess_stage(path), engine_stage(path)]
+            finish = [postprocess_stage(detector, threshold, stats)]
+            if FUSED_GPU_DECODE and getattr(path, "decoder", None) is not None:
+                # GPU decoding: the decode call, the kernel and the engine's start on one thread, as the bare loop
+                # of benchmarks.gpu_decode_bench runs them; each stage thread more was a GIL hand-off per batch
+                def started(chunk: Batch) -> Batch:
+                    for stage in start:
+                        chunk = stage(chunk)
+                    return chunk
 
-            # A stage of its own: on the H200 host the CPU path's post-processing took 1.5-1.7 busy ms per image
-            # among the pool's threads, and in the engine stage it held back the next batch's engine step. The
-            # wait for a batch's outputs is here too, so the engine stage queues the next batch meanwhile.
-            def postprocess(chunk: Batch) -> Batch:
-                if chunk.outputs is not None:
-                    outputs, chunk.outputs = chunk.outputs(), None
-                    with stats.timed("postprocess"):
-                        chunk.results = detector.found(outputs, chunk.sizes, threshold)
-                return chunk
-
-            chunks = bounded(batches(path), [preprocess_stage(path), engine, postprocess], in_flight, stats)
+                chunks = bounded(batches(path, started), finish, in_flight, stats)
+            else:
+                chunks = bounded(batches(path, None), start + finish, in_flight, stats)
             with closing(chunks):  # its threads are done before the GPU path's runners close
                 for chunk in chunks:
                     stats.batches += 1

@@ -307,6 +307,58 @@ def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, 
     assert stats.summary()["decoded"] == {"nvimagecodec": 6, "pillow": 2}  # Pillow: the two readable PNGs
 
 
+@pytest.mark.parametrize("gpu_decode", [True, False])
+def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch(host_gpu, tmp_path, monkeypatch,
+                                                                               gpu_decode):
+    """With GPU decoding the decode call, the kernels and the engine's start run on one thread, the pipeline's
+    feeder (each stage thread more was a GIL hand-off per batch), and the outputs are waited for on another; no
+    decode thread is made. With Pillow decoding the kernels and the start each have a stage thread of their own.
+    The detections are the same either way."""
+    from helpers import FakeCodec, HostRunner, solid
+    from runtime import decode, pipeline
+
+    threads: dict = {"decode": set(), "kernels": set(), "start": set(), "outputs": set()}
+    here = lambda step: threads[step].add(threading.current_thread().name)  # noqa: E731
+    codec = FakeCodec()
+    real_decode = codec.Decoder.decode
+    monkeypatch.setattr(codec.Decoder, "decode", lambda self, *a, **k: here("decode") or real_decode(self, *a, **k))
+    real = decode.BatchDecoder
+    monkeypatch.setattr(decode, "load_codec", lambda: codec)
+    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
+    from runtime.gpu_preprocess import GpuPreprocessor
+
+    run = GpuPreprocessor.run
+    monkeypatch.setattr(GpuPreprocessor, "run", lambda self, *a: here("kernels") or run(self, *a))
+
+    class Traced(HostRunner):
+        def sibling(self):
+            return Traced(self.profile)
+
+        def start_on_device(self, shape, batch=None):
+            here("start")
+            finish = super().start_on_device(shape, batch)
+            return lambda: here("outputs") or finish()
+
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.jpg")
+        solid(50 + 11 * i, 40 + 5 * i, i % 3).save(paths[-1])
+    found = list(pipeline.detect_stream(Traced(), paths, threshold=0.3, batch=2, in_flight=2, gpu_preprocess=True,
+                                        gpu_decode=gpu_decode))
+    if gpu_decode:
+        assert threads["decode"] == threads["kernels"] == threads["start"] == {"pipeline-feed"}
+        assert threads["outputs"] == {"pipeline-0"}
+    else:
+        assert threads["decode"] == set()  # Pillow decoded the files
+        assert (threads["kernels"], threads["start"], threads["outputs"]) == ({"pipeline-0"}, {"pipeline-1"},
+                                                                             {"pipeline-2"})
+    expected = HostRunner().detect([Image.open(p) for p in paths], threshold=0.3, batch_size=2)
+    assert [f.key for f in found] == paths
+    for got, want in zip(found, expected):
+        for key in want:
+            np.testing.assert_array_equal(got.result[key], want[key])  # the stand-in codec decodes as Pillow
+
+
 def test_the_engine_stage_queues_the_next_batch_before_this_one_s_outputs_are_back(host_gpu, tmp_path):
     """On the GPU path the engine stage only queues a batch (`start_on_device`); its outputs are waited for in the
     post-processing stage. Here a batch's outputs are handed over only once the next batch has been queued: with
