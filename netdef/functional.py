@@ -168,6 +168,14 @@ class Net:
         a = np.asarray(a)
         return a.astype(np.float32) if a.dtype.kind == "f" else a
 
+    @staticmethod
+    def _wide(a) -> np.ndarray:
+        """A folded operand in float64. NumPy's float32 transcendentals, reductions and BLAS matmuls take other
+        code paths on AVX-512 than on AVX2 and differ in the last bit, so an engine's folded constants depended on
+        the building CPU; computed in float64 and rounded once to float32 (`_f32`), they are the same everywhere."""
+        a = np.asarray(a)
+        return a.astype(np.float64) if a.dtype.kind == "f" else a
+
     # ---------------------------------------------------------------- inputs and outputs
     def input(self, name: str, dtype, shape: Sequence[int], dim_names: dict[int, str] | None = None):
         t = self.network.add_input(name, dtype, self.trt.Dims(tuple(shape)))
@@ -213,7 +221,7 @@ class Net:
 
     def _unary(self, op: str, x, name: str, np_fn):
         if self._fold_all(x):
-            return self._f32(np_fn(np.asarray(self._lift(x))))
+            return self._f32(np_fn(self._wide(self._lift(x))))
         (t,) = self._operands(name, x)
         layer = self.network.add_unary(t, getattr(self.trt.UnaryOperation, op))
         return self._named(layer, name).get_output(0)
@@ -232,7 +240,7 @@ class Net:
 
     def _activation(self, kind: str, x, name: str, np_fn, alpha=None, beta=None):
         if self._fold_all(x):
-            return self._f32(np_fn(np.asarray(self._lift(x))))
+            return self._f32(np_fn(self._wide(self._lift(x))))
         (t,) = self._operands(name, x)
         layer = self.network.add_activation(t, getattr(self.trt.ActivationType, kind))
         bounds = {} if alpha is None else {"alpha": alpha, "beta": beta}
@@ -284,7 +292,7 @@ class Net:
     # ---------------------------------------------------------------- matmuls, convolutions
     def matmul(self, a, b, name: str, transpose_a: bool = False, transpose_b: bool = False):
         if self._fold_all(a, b):
-            a, b = np.asarray(a), np.asarray(b)
+            a, b = self._wide(a), self._wide(b)
             a = np.swapaxes(a, -1, -2) if transpose_a else a
             b = np.swapaxes(b, -1, -2) if transpose_b else b
             return self._f32(np.matmul(a, b))
@@ -300,8 +308,8 @@ class Net:
         """PyTorch Linear: ``x @ weight.T + bias``, weight (out, in) pre-transposed at build time."""
         wt = np.ascontiguousarray(np.asarray(weight, np.float32).T)
         if self._fold_all(x):
-            y = self._f32(np.asarray(x) @ wt)
-            return y if bias is None else self._f32(y + bias)
+            y = self._wide(x) @ wt
+            return self._f32(y if bias is None else y + bias)
         x = self.tensor(x, f"{name}.input")
         rank = len(x.shape)
         w = self.tensor(wt, f"{name}.weight", dtype=x.dtype, rank=rank)
@@ -348,10 +356,10 @@ class Net:
     def layer_norm(self, x, weight: np.ndarray, bias: np.ndarray, name: str, eps: float = 1e-5):
         """PyTorch LayerNorm over the last axis."""
         if self._fold_all(x):
-            a = np.asarray(x, np.float32)
+            a = self._wide(np.asarray(x, np.float32))
             mean = a.mean(-1, keepdims=True)
             var = ((a - mean) ** 2).mean(-1, keepdims=True)
-            return self._f32((a - mean) / np.sqrt(var + np.float32(eps)) * weight + bias)
+            return self._f32((a - mean) / np.sqrt(var + eps) * weight + bias)
         rank = self.rank(x)
         shape = (1,) * (rank - 1) + (-1,)
         return self._normalization(
@@ -375,7 +383,7 @@ class Net:
 
     def softmax(self, x, axis: int, name: str):
         if self._fold_all(x):
-            a = np.asarray(x, np.float32)
+            a = self._wide(np.asarray(x, np.float32))
             e = np.exp(a - a.max(axis, keepdims=True))
             return self._f32(e / e.sum(axis, keepdims=True))
         x = self.tensor(x, f"{name}.input")
@@ -386,7 +394,7 @@ class Net:
         axes = [a % self.rank(x) for a in axes]
         if self._fold_all(x):
             fn = {"AVG": np.mean, "SUM": np.sum, "MAX": np.max}[op]
-            return self._f32(fn(np.asarray(x), axis=tuple(axes), keepdims=keep_dims))
+            return self._f32(fn(self._wide(x), axis=tuple(axes), keepdims=keep_dims))
         (t,) = self._operands(name, x)
         mask = sum(1 << a for a in axes)
         layer = self.network.add_reduce(t, getattr(self.trt.ReduceOperation, op), mask, keep_dims)
@@ -400,7 +408,7 @@ class Net:
 
     def cumsum(self, x, axis: int, name: str):
         if self._fold_all(x):
-            return self._f32(np.cumsum(np.asarray(x), axis=axis))
+            return self._f32(np.cumsum(self._wide(x), axis=axis))
         (t,) = self._operands(name, x)
         ax = self.constant(np.array(axis % len(t.shape), np.int64), f"{name}.axis")
         layer = self.network.add_cumulative(t, ax, self.trt.CumulativeOperation.SUM, False, False)

@@ -159,7 +159,7 @@ def _sine(ctx: BuildContext, pos, num_feats: int, name: str):
     fp16's 11 bits: 2*pi*p reaches the top frequency's period)."""
     net = ctx.net
     dim_t = np.arange(num_feats, dtype=np.float32)
-    dim_t = (float(SINE_TEMPERATURE) ** (2 * (dim_t // 2) / num_feats)).astype(np.float32)
+    dim_t = (float(SINE_TEMPERATURE) ** (2 * (dim_t // 2) / num_feats).astype(np.float64)).astype(np.float32)
     pos = net.unsqueeze(pos, (net.rank(pos),), f"{name}.unsqueeze")
     # pos * 2pi / dim_t in the official order of operations.
     angle = net.div(net.mul(pos, np.float32(2 * math.pi), f"{name}.scale"), dim_t, f"{name}.angle")
@@ -291,7 +291,8 @@ def backbone(ctx: BuildContext, x):
 def _out_proj(ctx: BuildContext, a: str, x):
     """out_proj(attention + v_proj.bias): the value bias moved through the attention (rows sum to 1)."""
     weight, bias = ctx.w(f"{a}.out_proj.weight"), ctx.w(f"{a}.out_proj.bias")
-    return ctx.net.linear(x, weight, bias + weight @ ctx.w(f"{a}.v_proj.bias"), f"{a}.out_proj")
+    moved = bias + weight.astype(np.float64) @ ctx.w(f"{a}.v_proj.bias")  # float64: the same on every CPU's BLAS
+    return ctx.net.linear(x, weight, moved.astype(np.float32), f"{a}.out_proj")
 
 
 def _add_query_offset(ctx: BuildContext, heads, offset, name: str):

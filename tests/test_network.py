@@ -11,7 +11,9 @@ builds are marked slow.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,9 +452,9 @@ def test_verbs_that_combine_tensors_check_dtypes_and_ranks(rtx, verb):
 # unchanged. A deliberate change of the network updates them: `python tests/network_dump.py /tmp/after` prints and
 # writes every case's digest.
 PINNED = {
-    "r50_dc5-fp16-plugins-postprocess": "ca41631d33bc35db5f4fce494a52c135a4dd3dfec6df39b3de77d18de8e76f09",
-    "r50_dc5_mha-fp32-native": "c80cd95d022ff9dbc0db0d948f340d1e6e51c8c5acd6f345f3ffa561d8280c52",
-    "r50_c5_grid-fp32-native": "4f4719598b22e49badedb58f8d29c81fa77d6ec817a8d8b72eeeef3fa1f7bbe7",
+    "r50_dc5-fp16-plugins-postprocess": "6f217450e7b8f2dc862cd546b7b65da90c62afb39b4dec8ab1c083e3cca93e33",
+    "r50_dc5_mha-fp32-native": "1d71fb1284232a007d791d1eea1e918b44cbb5baf575bd2bd614f4ddf0bba7c1",
+    "r50_c5_grid-fp32-native": "84fd260dcd154ca0965369870afd8e4b099c7c1af5ba7964ba656ba0d646942a",
 }
 
 
@@ -462,6 +464,38 @@ def test_network_definition_is_pinned(rtx, case):
 
     (variant, options), = [(v, o) for name, v, o in network_dump.cases() if name == case]
     assert network_dump.digest(network_dump.dump_case(rtx.trt, variant, options)) == PINNED[case]
+
+
+def _avx512_features() -> list[str]:
+    """NumPy's names of this CPU's AVX-512 features (none without them)."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    if not __cpu_features__.get("AVX512F"):
+        return []
+    return [k for k in __cpu_features__ if k.startswith("AVX512") or k == "X86_V4"]
+
+
+@pytest.mark.skipif(not _avx512_features(), reason="needs a CPU with AVX-512 to compare with its AVX2 code paths")
+def test_folded_constants_are_the_same_on_avx2_and_avx512(rtx):
+    """NumPy's float32 transcendentals and OpenBLAS's matmuls take other code paths on AVX-512 than on AVX2; the
+    builder folds in float64, so a definition built with NumPy and OpenBLAS held to AVX2 (a subprocess) has this
+    machine's digest, folded constants included."""
+    import subprocess
+    import sys
+
+    import network_dump
+
+    case = "r50_c5_grid-fp32-native"
+    (variant, options), = [(v, o) for name, v, o in network_dump.cases() if name == case]
+    here = network_dump.digest(network_dump.dump_case(rtx.trt, variant, options))
+    script = (f"import network_dump; from core.backend import get_backend; "
+              f"(v, o), = [(v, o) for n, v, o in network_dump.cases() if n == {case!r}]; "
+              f"print(network_dump.digest(network_dump.dump_case(get_backend('tensorrt-rtx').trt, v, o)))")
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(_avx512_features()), "OPENBLAS_CORETYPE": "Haswell",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    avx2 = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert avx2.returncode == 0, avx2.stderr[-2000:]
+    assert avx2.stdout.split()[-1] == here
 
 
 # ---------------------------------------------------------------------------------------------- one error scheme
