@@ -6,14 +6,12 @@
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh layouts     its forward alone in NCHW and channels-last
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh all         the three, in one call of about 8 minutes
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh profile     where the pipelines hold the GIL
-#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store and block variants, decode
-#                                                                           lanes 1-4, Python's own switch interval
+#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh variants    kernel store and block variants, Python's
+#                                                                           own switch interval
 #   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh diagnose    the bare loop beside the pipeline, and a
 #                                                                           native py-spy profile of where it waits
-#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh compose     the GPU-decoding path fused on one thread
-#                                                                           or staged, CodeStreams made on the read
-#                                                                           threads or in the call, beside the bare
-#                                                                           loop; batches in flight; profiles
+#   device run, carry [".whl"]: bash benchmarks/h200_issue16.sh fused       the GPU-decoding path beside the bare
+#                                                                           loop, batches in flight, a profile
 # Several parts may be given, run in turn.
 # .whl holds nvidia-nvimgcodec-cu13 and nvidia-nvjpeg (the machine has no nvImageCodec), pycocotools for the
 # eval tests (the machine's Python is 3.12), and py-spy for `profile`, which writes $OUT/gil-*.txt (py-spy's raw
@@ -61,14 +59,6 @@ profile() {
 variants() {
     step 150 python3 -m benchmarks.preprocess_bench --kernel-variants PAIRED=0,STREAM_STORES=0 PAIRED=1 BLOCK_Y=4 \
         BLOCK_Y=16 MIN_BLOCKS=4 MIN_BLOCKS=16 --rounds 2
-    for lanes in 1 2 3 4; do
-        step 60 env ANCHORTRT_GPU_DECODE_LANES=$lanes $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 \
-            --outputs top100 --repeat 3
-    done
-    for lanes in 1 2; do  # larger calls: the batches in flight share one
-        step 60 env ANCHORTRT_GPU_DECODE_LANES=$lanes $cap --gpu --decode gpu --batch 8 --in-flight 6 --images 2048 \
-            --outputs top100 --repeat 3
-    done
     step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 --switch-interval 0.005
 }
 diagnose() {  # the bare loop beside the pipeline on the same machine, and where the decode thread waits
@@ -79,31 +69,23 @@ diagnose() {  # the bare loop beside the pipeline on the same machine, and where
     step 60 /tmp/site/bin/py-spy record --idle --native --threads -r 100 -f raw -o "${OUT:-/tmp}/idle-gpu.txt" \
         -- $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100
 }
-compose() {  # runtime.pipeline.FUSED_GPU_DECODE and PARSE_ON_READ, each way, on one machine
+fused() {  # the GPU-decoding path (one thread decodes, preprocesses and starts each batch) beside the bare loop
     tests
     step 80 python3 -m benchmarks.gpu_decode_bench --images 512
-    for composition in fused staged; do
-        for parse in read decode; do
-            step 45 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100 --repeat 3 \
-                --composition $composition --parse $parse
-        done
+    for n in 2 3 4; do
+        step 45 $cap --gpu --decode gpu --batch 8 --in-flight $n --images 4096 --outputs top100 --repeat 3
     done
-    for n in 2 4 6; do
-        step 45 $cap --gpu --decode gpu --batch 8 --in-flight $n --images 2048 --outputs top100 --repeat 3
-    done
-    step 45 $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs raw --repeat 3
-    step 45 $cap --gpu --decode gpu --batch 32 --in-flight 2 --images 2048 --outputs top100 --repeat 3
-    step 45 $cap --gpu --decode gpu --batch 1 --in-flight 1 --images 512 --outputs top100
+    step 45 $cap --gpu --decode gpu --batch 8 --in-flight 2 --images 4096 --outputs raw --repeat 3
+    step 45 $cap --gpu --decode gpu --batch 32 --in-flight 2 --images 4096 --outputs top100 --repeat 3
+    step 45 $cap --gpu --decode gpu --batch 1 --in-flight 1 --images 512 --outputs top100 --repeat 3
     step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3
-    step 60 /tmp/site/bin/py-spy record --idle --native --threads -r 100 -f raw -o "${OUT:-/tmp}/idle-fused.txt" \
-        -- $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100
-    step 60 /tmp/site/bin/py-spy record --gil --threads --nonblocking -r 400 -f raw -o "${OUT:-/tmp}/gil-fused.txt" \
-        -- $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 4096 --outputs top100
+    step 90 /tmp/site/bin/py-spy record --idle --native --threads -r 100 -f raw -o "${OUT:-/tmp}/idle-fused.txt" \
+        -- $cap --gpu --decode gpu --batch 8 --in-flight 2 --images 8192 --outputs top100
 }
 for part in "${@:-path}"; do
     case $part in
-    tests | path | profile | layouts | reference | variants | diagnose | compose) $part ;;
+    tests | path | profile | layouts | reference | variants | diagnose | fused) $part ;;
     all) path; layouts; reference ;;
-    *) echo "usage: bash benchmarks/h200_issue16.sh [tests|path|profile|layouts|reference|variants|diagnose|compose|all]..." >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/h200_issue16.sh [tests|path|profile|layouts|reference|variants|diagnose|fused|all]..." >&2; exit 2 ;;
     esac
 done

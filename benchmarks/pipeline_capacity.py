@@ -156,12 +156,6 @@ def main(argv=None) -> int:
                    help="the switch interval the pipeline runs with (runtime.pipeline.SWITCH_INTERVAL_S, default "
                    f"{pipeline.SWITCH_INTERVAL_S}; Python's own: 0.005): a diagnostic of how long its threads wait to "
                    "get the GIL back from one that computes")
-    p.add_argument("--composition", choices=("fused", "staged"), default="fused",
-                   help="--gpu --decode gpu: the decode call, the kernel and the engine's start on one thread "
-                   "(fused, runtime.pipeline.FUSED_GPU_DECODE) or each on a thread of its own (staged): a diagnostic")
-    p.add_argument("--parse", choices=("read", "decode"), default="read",
-                   help="--gpu --decode gpu: nvImageCodec's CodeStreams made on the read threads (read, "
-                   "runtime.pipeline.PARSE_ON_READ) or inside the decode call (decode): a diagnostic")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return guarded(p.prog, run, p.parse_args(argv), sys.argv[1:] if argv is None else argv)
 
@@ -172,25 +166,22 @@ def run(args: argparse.Namespace, argv) -> int:
     if args.out:
         check_output_path(args.out, "--out")
     detector = DeviceEngine(outputs=args.outputs) if args.gpu else NullEngine()
-    before = pipeline.SWITCH_INTERVAL_S, pipeline.FUSED_GPU_DECODE, pipeline.PARSE_ON_READ
-    interval = before[0]
+    interval = pipeline.SWITCH_INTERVAL_S
     pipeline.SWITCH_INTERVAL_S = args.switch_interval or interval
-    pipeline.FUSED_GPU_DECODE, pipeline.PARSE_ON_READ = args.composition == "fused", args.parse == "read"
     try:
         with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
             paths = synthetic_images(Path(folder), args.images)
             runs = [measure(detector, paths, args.batch, args.workers, args.in_flight, args.gpu, args.decode)
                     for _ in range(args.repeat)]
     finally:
-        pipeline.SWITCH_INTERVAL_S, pipeline.FUSED_GPU_DECODE, pipeline.PARSE_ON_READ = before
+        pipeline.SWITCH_INTERVAL_S = interval
         detector.close()
     median = sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
     stand_in = (f"GPU path, {args.decode} decoding, {args.outputs} outputs on the device" if args.gpu
                 else "CPU path, fixed raw outputs")
     report = {"command": "python -m benchmarks.pipeline_capacity " + " ".join(argv),
               "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable CPU cores",
-              "stand_in": stand_in, "switch_interval_s": args.switch_interval or interval,
-              "composition": args.composition, "parse": args.parse, **median}
+              "stand_in": stand_in, "switch_interval_s": args.switch_interval or interval, **median}
     if args.repeat > 1:
         report["runs_images_per_s"] = [round(r["images_per_s"], 1) for r in runs]
     emit(report, args.out, indent=1)

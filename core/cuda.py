@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -83,6 +84,10 @@ def _named(what: str) -> Iterator[None]:
 # ---------------------------------------------------------------- the GPU probe and the device
 
 
+# The device whose primary context each thread last made current through Device.activate.
+_activated = threading.local()
+
+
 @dataclass(frozen=True)
 class Device:
     index: int
@@ -100,9 +105,14 @@ class Device:
     def activate(self) -> None:
         """Make this device's primary context current on the calling thread. cuda.core keeps one Device object per
         thread, and only one whose `set_current` ran on that thread makes streams and events there: so this
-        thread's object, not the one `_find` kept (a pipeline thread creating an event failed with it)."""
+        thread's object, not the one `_find` kept (a pipeline thread creating an event failed with it). Once per
+        thread and device in a row: the GPU path calls this for every image it places, and each `set_current` cost
+        the pipeline's one busy thread about a tenth of its GIL time (py-spy on the H200)."""
+        if getattr(_activated, "index", None) == self.index:
+            return
         with _named("making the primary context current"):
             _core.Device(self.index).set_current()
+        _activated.index = self.index
 
 
 def _find(index: int) -> Device:

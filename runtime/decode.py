@@ -314,7 +314,7 @@ class BatchDecoder:
             if lane.stream is not None:
                 from core import cuda
 
-                self._gpu.activate()  # decode runs on the pipeline's decode threads, where no context is current
+                self._gpu.activate()  # decode runs on the pipeline's feeder thread, where no context may be current yet
                 ready = cuda.Event(timing=False)
                 ready.record(lane.stream)
             for i, image in zip(todo, decoded):

@@ -382,6 +382,14 @@ class GpuPreprocessor:
             self._waited = ready
         return self._set(slot, int(ptr), int(height), int(width), pitch, owner, 3)
 
+    def release(self) -> None:
+        """Let go of the placed images once the caller knows the last run's kernels are done (it waited for work
+        queued after them on `stream`, such as the engine's outputs), so that the next `place` does not wait for
+        them on the host. In the GPU-decoding pipeline that wait held its one thread for a decode call still
+        running on the hardware decoder (13% of its samples, py-spy on the H200)."""
+        self._owners = [None] * self.max_batch
+        self._ran_pending = False
+
     def _set(self, slot: int, ptr: int, height: int, width: int, pitch: int, owner: Any,
              pixel_bytes: int) -> tuple[int, int]:
         if self._owners[slot] is not None and self._ran_pending:

@@ -7,9 +7,10 @@ so memory stays bounded however long the input is (the stages' queues need no li
 
 `detect_stream` composes it for a detector (runtime.detector's contract, used here by its methods only, so this
 module imports neither it nor the runner): batches of decoded RGB images (`decode_many`'s thread pool, one thread
-per usable core by default, decoding up to 2 x workers images ahead; with GPU decoding, one nvImageCodec call per
-`in_flight` batches on a decode thread, a call ahead: `device_decoded_batches`), then the path's preprocessing, then its
-engine step, then post-processing, each on a stage thread of its own. The path is chosen once: `CpuPath`
+per usable core by default, decoding up to 2 x workers images ahead), then the path's preprocessing, then its
+engine step, then post-processing, each on a stage thread of its own; with GPU decoding (`device_decoded_batches`:
+one nvImageCodec call per `in_flight` batches) the feeder thread decodes, preprocesses and starts each batch, and
+one stage thread waits for its outputs and post-processes them. The path is chosen once: `CpuPath`
 (resize and normalisation on the host, one task per image on a pool sized to the machine, then the detector's
 `infer`) or `GpuPath` (the GPU kernel writing straight into the input buffers of a `DeviceRunner`, such as an
 EngineRunner, then `start_on_device`). On the GPU path the engine stage only queues a batch's run; the
@@ -281,103 +282,59 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
             close()
 
 
-# Batches whose files are being read ahead of the decode call (one read task each).
+# Calls whose files are being read ahead of the decode call (one read task each).
 READ_AHEAD = 4
-# Diagnostics of benchmarks.pipeline_capacity (--parse, --composition), to be settled on the H200: whether the
-# read threads make nvImageCodec's CodeStreams (`BatchDecoder.parse`) or the decode call does; and whether, with
-# GPU decoding, the decode call, the kernel and the engine's start run on one thread (fused) or each on its own.
-PARSE_ON_READ = True
-FUSED_GPU_DECODE = True
 
 
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
                            stats: PipelineStats, group: int = 1) -> Iterator[Batch]:
     """Batches of `batch` files, decoded `group` batches at a time in one `decoder.decode` call
-    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`), ahead of the
-    batches taken: `decoder.lanes` calls at once (1 where it does not say), each on a decode thread, in input order,
-    while a feeder thread (`bounded` with no stages) hands their batches over. Each call's files are read by one task
-    on `workers` threads (None: one per usable core), up to READ_AHEAD calls ahead: a task per file cost the decode
-    stage more in hand-offs than the reads themselves. The task also runs `decoder.parse` where the decoder has one
-    (nvImageCodec's CodeStreams, made off the decode thread).
+    (runtime.decode.BatchDecoder: JPEGs into device memory, the rest by Pillow, then `to_rgb`) on the thread that
+    takes the batches, when it needs the call's first batch. Each call's files are read by one task on `workers`
+    threads (None: one per usable core), up to READ_AHEAD calls ahead (a task per file cost more in hand-offs than
+    the reads themselves); the task also runs `decoder.parse` where the decoder has one (nvImageCodec's CodeStreams,
+    made there rather than inside the decode call, where each one waited for the GIL).
 
-    `group` batches share a call (the caller passes its batches in flight): nvImageCodec's hardware decoder gave
-    8,332 images/s in calls of 8 and 12,766 in calls of 32 on the H200. Ahead, because the pipeline's feeder
-    takes a batch only when one of its `in_flight` places is free: with the call on the feeder, the next call
-    waited for the first batch of this one to reach the caller, and the path ran about one call at a time."""
-    # group + 1 in flight: the next calls' batches are handed over as soon as this call's last one is, whether or
-    # not the caller has taken any of them yet
-    yield from bounded(_device_decoded(paths, batch, workers, exif, decoder, stats, group), [], group + 1,
-                       name="pipeline-decode")
-
-
-def _device_decoded(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
-                    stats: PipelineStats, group: int, inline: bool = False) -> Iterator[Batch]:
-    """`device_decoded_batches`' batches, the decode calls on `decoder.lanes` threads of their own, or with
-    `inline` on the thread that takes the batches."""
+    `group` batches share a call (the pipeline passes its batches in flight): nvImageCodec's hardware decoder gave
+    11,106 images/s in calls of 8 and 15,263 in calls of 32 on the H200 (docs/benchmarks.md)."""
     from runtime.decode import read_file
 
-    def call(keys: list, read: Any) -> list:
-        with stats.timed("decode"):
-            images = decoder.decode(read.result(), [str(k) for k in keys])
-            return [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
+    parse = getattr(decoder, "parse", None)
 
-    lanes = 1 if inline else getattr(decoder, "lanes", 1)
-    parse = getattr(decoder, "parse", None) if PARSE_ON_READ else None  # nvImageCodec's CodeStreams
-    with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool, \
-            ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="anchortrt-decode") as decoding:
+    def read(keys: list) -> list:
+        items = [read_file(k) for k in keys]
+        return parse(items) if parse is not None else items
+
+    with ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="anchortrt-read") as pool:
         reads: deque = deque()
-        calls: deque = deque()
-
-        def read(keys: list) -> list:
-            items = [read_file(k) for k in keys]
-            return parse(items) if parse is not None else items
-
-        try:
-            while True:
-                while len(reads) < READ_AHEAD:
-                    keys = list(itertools.islice(paths, batch * group))
-                    if not keys:
-                        break
-                    reads.append((keys, pool.submit(read, keys)))
-                if inline:
-                    if not reads:
-                        return
-                    keys, files = reads.popleft()
-                    images = call(keys, files)
-                else:
-                    while reads and len(calls) < lanes:
-                        keys, files = reads.popleft()
-                        calls.append((keys, decoding.submit(call, keys, files)))
-                    if not calls:
-                        return
-                    keys, decoded = calls.popleft()
-                    images = decoded.result()
-                for start in range(0, len(keys), batch):
-                    yield Batch(keys[start:start + batch], images[start:start + batch])
-        finally:
-            for _, decoded in calls:  # left early or failed: the calls still queued are not made
-                decoded.cancel()
+        while True:
+            while len(reads) < READ_AHEAD:
+                keys = list(itertools.islice(paths, batch * group))
+                if not keys:
+                    break
+                reads.append((keys, pool.submit(read, keys)))
+            if not reads:
+                return
+            keys, files = reads.popleft()
+            with stats.timed("decode"):
+                images = decoder.decode(files.result(), [str(k) for k in keys])
+                images = [to_rgb(image, exif=exif) if isinstance(image, Image.Image) else image for image in images]
+            for start in range(0, len(keys), batch):
+                yield Batch(keys[start:start + batch], images[start:start + batch])
 
 
 def batches_for(items: Iterable, batch: int, workers: int | None, exif: bool, stats: PipelineStats,
-                decoder: Any = None, group: int = 1, started: Callable[[Batch], Batch] | None = None
-                ) -> Iterator[Batch]:
-    """`device_decoded_batches` for file paths when there is a GPU `decoder`, else `decoded_batches`. With
-    `started`, each batch goes through it on the thread that takes the batches, and the GPU decode calls are
-    made there too (no decode thread)."""
+                decoder: Any = None, group: int = 1) -> Iterator[Batch]:
+    """`device_decoded_batches` for file paths when there is a GPU `decoder`, else `decoded_batches`."""
     items = iter(items)
     first = next(items, None)
     if first is None:
         return
     rest = itertools.chain([first], items)
     if decoder is not None and _is_path(first):
-        if started is not None:
-            yield from map(started, _device_decoded(rest, batch, workers, exif, decoder, stats, group, inline=True))
-            return
-        batches = device_decoded_batches(rest, batch, workers, exif, decoder, stats, group)
+        yield from device_decoded_batches(rest, batch, workers, exif, decoder, stats, group)
     else:
-        batches = decoded_batches(rest, batch, workers, exif, stats)
-    yield from batches if started is None else map(started, batches)
+        yield from decoded_batches(rest, batch, workers, exif, stats)
 
 
 def _record_gpu_time(stats: PipelineStats, ran: Any) -> None:
@@ -527,6 +484,7 @@ class GpuPath:
             try:
                 with self.stats.timed("engine"):  # the wait for the GPU
                     ran = finish()
+                self.pre[id(work.runner)].release()  # the run came after the kernels on the runner's stream
                 _record_gpu_time(self.stats, work.runner)
                 return ran
             finally:
@@ -628,8 +586,8 @@ def detect_stream(
 
         load_codec()  # a missing nvImageCodec is said now, before any work
 
-    def batches(path: CpuPath | GpuPath, started: Callable[[Batch], Batch] | None) -> Iterator[Batch]:
-        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None), in_flight, started)
+    def batches(path: CpuPath | GpuPath) -> Iterator[Batch]:
+        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None), group=in_flight)
 
     return _detect_stream(detector, batches,
                           lambda: open_path(detector, gpu_preprocess, in_flight, stats, gpu_decode, exif, batch),
@@ -665,7 +623,7 @@ def postprocess_stage(detector: Any, threshold: float, stats: PipelineStats) -> 
     return stage
 
 
-def _detect_stream(detector: Any, batches: Callable[[Any, Any], Iterator[Batch]],
+def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]],
                    opener: Callable[[], CpuPath | GpuPath], *, in_flight: int, threshold: float, keep_images: bool,
                    stats: PipelineStats) -> Iterator[Found]:
     with _switch_interval.shortened(), stats.run():
@@ -673,17 +631,19 @@ def _detect_stream(detector: Any, batches: Callable[[Any, Any], Iterator[Batch]]
         try:
             start = [preprocess_stage(path), engine_stage(path)]
             finish = [postprocess_stage(detector, threshold, stats)]
-            if FUSED_GPU_DECODE and getattr(path, "decoder", None) is not None:
-                # GPU decoding: the decode call, the kernel and the engine's start on one thread, as the bare loop
-                # of benchmarks.gpu_decode_bench runs them; each stage thread more was a GIL hand-off per batch
+            if getattr(path, "decoder", None) is not None:
+                # GPU decoding: the decode call, the kernels and the engine's start on the feeder thread, as the
+                # bare loop of benchmarks.gpu_decode_bench runs them. On a thread each, every hand-off of the GIL
+                # between them cost the decode call, which takes the GIL back for each image it makes: on the
+                # H200 2,748 images/s staged against 4,624 fused (docs/benchmarks.md).
                 def started(chunk: Batch) -> Batch:
                     for stage in start:
                         chunk = stage(chunk)
                     return chunk
 
-                chunks = bounded(batches(path, started), finish, in_flight, stats)
+                chunks = bounded(map(started, batches(path)), finish, in_flight, stats)
             else:
-                chunks = bounded(batches(path, None), start + finish, in_flight, stats)
+                chunks = bounded(batches(path), start + finish, in_flight, stats)
             with closing(chunks):  # its threads are done before the GPU path's runners close
                 for chunk in chunks:
                     stats.batches += 1

@@ -50,6 +50,32 @@ def test_device_arch_is_nvrtc_numbering():
     assert cuda.Device(0, "x", "12.0", 1, None).arch == 120
 
 
+def test_activate_makes_a_device_current_once_per_thread_and_again_after_another(monkeypatch):
+    """The GPU path activates its device for every image it places: the context is made current once per thread,
+    and again whenever that thread made another device current in between."""
+    import threading
+
+    made = []
+
+    class CoreDevice:
+        def __init__(self, index):
+            self.index = index
+
+        def set_current(self):
+            made.append((threading.current_thread().name, self.index))
+
+    monkeypatch.setattr(cuda._core, "Device", CoreDevice)
+    monkeypatch.setattr(cuda, "_activated", threading.local())
+    zero, one = fake_device(), cuda.Device(1, "Fake H100", "9.0", 80 << 30, None)
+    for device in (zero, zero, zero, one, one, zero):
+        device.activate()
+    thread = threading.Thread(target=lambda: [zero.activate(), zero.activate()], name="other")
+    thread.start()
+    thread.join()
+    me = threading.current_thread().name
+    assert made == [(me, 0), (me, 1), (me, 0), ("other", 0)]
+
+
 def test_one_checker_for_driver_and_nvrtc_results():
     from cuda.bindings import driver, nvrtc
 

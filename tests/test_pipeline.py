@@ -520,64 +520,36 @@ def test_bad_pipeline_arguments_are_refused_at_the_call(files):
 
 
 def _decode_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith(("pipeline-decode", "anchortrt-read", "anchortrt-decode"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith("anchortrt-read")]
 
 
-def test_gpu_decoding_runs_a_call_ahead_of_the_batches_taken_and_fails_in_place(files):
-    """The decode calls run on a thread of their own, ahead: the second call is made while the consumer holds
-    only the first batch. A failing call is raised at its batch's place, and no decode or read thread is left."""
+def test_gpu_decoding_calls_on_the_taking_thread_with_the_files_read_ahead_and_fails_in_place(files):
+    """Each decode call is made on the thread that takes the batches, when it needs the call's first batch (the
+    pipeline's feeder, which then preprocesses and starts them), with the files of the calls after it already being
+    read. A failing call is raised at its batch's place, and no read thread is left."""
     from runtime.pipeline import device_decoded_batches
 
-    second, calls = threading.Event(), []
+    calls, ahead, parsed = [], [], threading.Semaphore(0)
 
     class Decoder:
+        def parse(self, items):
+            parsed.release()
+            return items
+
         def decode(self, items, names):
-            calls.append(len(items))
-            second.set() if len(calls) == 2 else None
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:  # this call's files have been read, and so are the next two calls'
+                ahead.append(all(parsed.acquire(timeout=5) for _ in range(3)))
             if len(calls) == 3:
                 raise RuntimeError("the decoder failed on its third call")
             return [np.zeros((2, 2, 3), np.uint8) for _ in items]
 
     batches = device_decoded_batches(iter(files), 2, 2, False, Decoder(), PipelineStats(), group=1)
     first = next(batches)
-    assert second.wait(timeout=5), "the second decode call waited for the first batch to be taken"
-    assert [len(first.keys), len(next(batches).keys)] == [2, 2]
+    assert calls == ["MainThread"] and ahead == [True]
+    assert [len(first.keys), len(next(batches).keys)] == [2, 2] and calls == ["MainThread"] * 2
     with pytest.raises(RuntimeError, match="third call"):
         next(batches)
-    assert _decode_threads() == []
-
-
-def test_gpu_decoding_makes_as_many_calls_at_once_as_the_decoder_has_lanes_and_keeps_the_order(files):
-    """With two lanes a call is made while the one before it is still decoding (the first call waits for the
-    second to start), and the batches still come in input order; a decoder without `lanes` gets one call at a time."""
-    from runtime.pipeline import device_decoded_batches
-
-    class Decoder:
-        def __init__(self):
-            self.calls = self.inside = self.most = 0
-            self.lock, self.second = threading.Lock(), threading.Event()
-
-        def decode(self, items, names):
-            with self.lock:
-                self.calls, self.inside = self.calls + 1, self.inside + 1
-                self.most, first = max(self.most, self.inside), self.calls == 1
-            if first:  # wait for a second call to overlap this one
-                self.second.wait(timeout=0.5)
-            else:
-                self.second.set()
-            with self.lock:
-                self.inside -= 1
-            return [np.full((2, 2, 3), len(item) % 251, np.uint8) for item in items]
-
-    class TwoLanes(Decoder):
-        lanes = 2
-
-    sizes = [p.stat().st_size % 251 for p in files]
-    for decoder, lanes in ((TwoLanes(), 2), (Decoder(), 1)):
-        batches = list(device_decoded_batches(iter(files), 2, 2, False, decoder, PipelineStats(), group=1))
-        assert decoder.most == lanes
-        assert [k for b in batches for k in b.keys] == files
-        assert [int(image[0, 0, 0]) for b in batches for image in b.images] == sizes
     assert _decode_threads() == []
 
 

@@ -228,6 +228,19 @@ def test_decoded_images_are_waited_for_on_the_gpu_not_the_host(host_gpu, monkeyp
         sizes = [pre.load(slot, image) for slot, image in enumerate(first + second)]
         assert log == [("stream waits for", events[0]), ("stream waits for", events[1])]
         assert sizes == [plan(i.height, i.width, (1344, 1344))[2:4] for i in first + second]
+        # A slot placed again after a run waits on the host for that run's kernels (they may still read the image
+        # it held), unless the caller said they are done (`release`: it waited for the outputs queued after them).
+        h, w = max(z[0] for z in sizes), max(z[1] for z in sizes)
+        images, masks = HostMemory(3 * 3 * h * w, np.float32), HostMemory(3 * h * w, bool)
+        pre.run(images.ptr, masks.ptr, (3, h, w))
+        log.clear()
+        pre.load(0, second[0])
+        assert log == [("host waits for", pre._ran)]  # (the stream already waits for this image's decode call)
+        pre.run(images.ptr, masks.ptr, (3, h, w))
+        pre.release()
+        log.clear()
+        pre.load(0, first[0])
+        assert log == [("stream waits for", events[0])]
     log.clear()
     first[0].to_pil()
     assert log == [("host waits for", events[0])]
@@ -327,8 +340,10 @@ def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch
     monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
     from runtime.gpu_preprocess import GpuPreprocessor
 
-    run = GpuPreprocessor.run
+    run, release, released = GpuPreprocessor.run, GpuPreprocessor.release, []
     monkeypatch.setattr(GpuPreprocessor, "run", lambda self, *a: here("kernels") or run(self, *a))
+    # once a batch's outputs are back its kernels are done: the next `place` on its buffers need not wait for them
+    monkeypatch.setattr(GpuPreprocessor, "release", lambda self: released.append(self) or release(self))
 
     class Traced(HostRunner):
         def sibling(self):
@@ -352,6 +367,7 @@ def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch
         assert threads["decode"] == set()  # Pillow decoded the files
         assert (threads["kernels"], threads["start"], threads["outputs"]) == ({"pipeline-0"}, {"pipeline-1"},
                                                                              {"pipeline-2"})
+    assert len(released) == 4  # one per batch
     expected = HostRunner().detect([Image.open(p) for p in paths], threshold=0.3, batch_size=2)
     assert [f.key for f in found] == paths
     for got, want in zip(found, expected):
