@@ -72,15 +72,14 @@ diagnose() {  # the bare loop beside the pipeline on the same machine, and where
 fused() {  # the GPU-decoding path (one thread decodes, preprocesses and starts each batch) beside the bare loop
     tests
     step 80 python3 -m benchmarks.gpu_decode_bench --images 512
-    for n in 2 3 4; do
-        step 45 $cap --gpu --decode gpu --batch 8 --in-flight $n --images 4096 --outputs top100 --repeat 3
+    for n in 2 3; do
+        step 60 $cap --gpu --decode gpu --batch 8 --in-flight $n --images 4096 --outputs top100 --repeat 5
     done
-    step 45 $cap --gpu --decode gpu --batch 8 --in-flight 2 --images 4096 --outputs raw --repeat 3
-    step 45 $cap --gpu --decode gpu --batch 32 --in-flight 2 --images 4096 --outputs top100 --repeat 3
+    step 60 $cap --gpu --decode gpu --batch 8 --in-flight 2 --images 2048 --outputs raw --repeat 3
+    step 60 $cap --gpu --decode gpu --batch 32 --in-flight 2 --images 4096 --outputs top100 --repeat 3
     step 45 $cap --gpu --decode gpu --batch 1 --in-flight 1 --images 512 --outputs top100 --repeat 3
-    step 60 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3
     step 90 /tmp/site/bin/py-spy record --idle --native --threads -r 100 -f raw -o "${OUT:-/tmp}/idle-fused.txt" \
-        -- $cap --gpu --decode gpu --batch 8 --in-flight 2 --images 8192 --outputs top100
+        -- $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 4096 --outputs top100 --repeat 2
 }
 for part in "${@:-path}"; do
     case $part in

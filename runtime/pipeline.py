@@ -8,13 +8,14 @@ so memory stays bounded however long the input is (the stages' queues need no li
 `detect_stream` composes it for a detector (runtime.detector's contract, used here by its methods only, so this
 module imports neither it nor the runner): batches of decoded RGB images (`decode_many`'s thread pool, one thread
 per usable core by default, decoding up to 2 x workers images ahead), then the path's preprocessing, then its
-engine step, then post-processing, each on a stage thread of its own; with GPU decoding (`device_decoded_batches`:
-one nvImageCodec call per `in_flight` batches) the feeder thread decodes, preprocesses and starts each batch, and
-one stage thread waits for its outputs and post-processes them. The path is chosen once: `CpuPath`
+engine step, then post-processing, each on a stage thread of its own. The path is chosen once: `CpuPath`
 (resize and normalisation on the host, one task per image on a pool sized to the machine, then the detector's
 `infer`) or `GpuPath` (the GPU kernel writing straight into the input buffers of a `DeviceRunner`, such as an
 EngineRunner, then `start_on_device`). On the GPU path the engine stage only queues a batch's run; the
-post-processing stage waits for its outputs, so the next batch is queued while the GPU still runs this one.
+post-processing stage waits for its outputs, so the next batch is queued while the GPU still runs this one. With
+GPU decoding (`device_decoded_batches`: one nvImageCodec call per `in_flight` batches, at least DECODE_CALL_IMAGES
+images) the feeder thread decodes, preprocesses and starts each batch, and one stage thread waits for its outputs
+and post-processes them.
 An image that cannot be read becomes an `ImageError` entry of its own; the others go on. Per-stage busy time and
 the process's CPU time are collected in a `PipelineStats`.
 """
@@ -284,6 +285,10 @@ def decoded_batches(items: Iterable, batch: int, workers: int | None, exif: bool
 
 # Calls whose files are being read ahead of the decode call (one read task each).
 READ_AHEAD = 4
+# The fewest images a GPU decode call takes (more where the batches in flight hold more): nvImageCodec's hardware
+# decoder gave 7,624-11,106 images/s in calls of 8 and 10,960-15,263 in calls of 32 on the H200 host. At most this
+# many decoded images wait in device memory for their batches (~36 MB each for 12-megapixel photos).
+DECODE_CALL_IMAGES = 32
 
 
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
@@ -295,8 +300,7 @@ def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exi
     the reads themselves); the task also runs `decoder.parse` where the decoder has one (nvImageCodec's CodeStreams,
     made there rather than inside the decode call, where each one waited for the GIL).
 
-    `group` batches share a call (the pipeline passes its batches in flight): nvImageCodec's hardware decoder gave
-    11,106 images/s in calls of 8 and 15,263 in calls of 32 on the H200 (docs/benchmarks.md)."""
+    `group` batches share a call (the pipeline's: its batches in flight, and at least DECODE_CALL_IMAGES images)."""
     from runtime.decode import read_file
 
     parse = getattr(decoder, "parse", None)
@@ -587,7 +591,8 @@ def detect_stream(
         load_codec()  # a missing nvImageCodec is said now, before any work
 
     def batches(path: CpuPath | GpuPath) -> Iterator[Batch]:
-        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None), group=in_flight)
+        group = max(in_flight, -(-DECODE_CALL_IMAGES // batch))  # batches per decode call
+        return batches_for(items, batch, workers, exif, stats, getattr(path, "decoder", None), group=group)
 
     return _detect_stream(detector, batches,
                           lambda: open_path(detector, gpu_preprocess, in_flight, stats, gpu_decode, exif, batch),
