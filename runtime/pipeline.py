@@ -641,12 +641,14 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]],
                 # bare loop of benchmarks.gpu_decode_bench runs them. On a thread each, every hand-off of the GIL
                 # between them cost the decode call, which takes the GIL back for each image it makes: on the
                 # H200 2,748 images/s staged against 4,624 fused (docs/benchmarks.md).
-                def started(chunk: Batch) -> Batch:
-                    for stage in start:
-                        chunk = stage(chunk)
-                    return chunk
+                def started() -> Iterator[Batch]:
+                    with closing(batches(path)) as source:  # leaving early shuts its read threads down
+                        for chunk in source:
+                            for stage in start:
+                                chunk = stage(chunk)
+                            yield chunk
 
-                chunks = bounded(map(started, batches(path)), finish, in_flight, stats)
+                chunks = bounded(started(), finish, in_flight, stats)
             else:
                 chunks = bounded(batches(path), start + finish, in_flight, stats)
             with closing(chunks):  # its threads are done before the GPU path's runners close

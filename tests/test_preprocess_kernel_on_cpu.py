@@ -282,20 +282,29 @@ def test_plan_follows_the_cpu_paths_size_and_scratch_layout():
         assert tall.first_pass_hw == (3000, tall.out_w)
 
 
-def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
-    """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
-    pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
-    kernels (CPU build) writing into a DeviceRunner's input buffers. Detections equal the CPU path's, in order,
-    the corrupt file is its own error, and at most in_flight batches are ever alive."""
-    from helpers import FakeCodec, NumpyDetector, solid
-
+def fake_gpu_decoding(monkeypatch):
+    """GPU decoding by the stand-in nvImageCodec on its CPU backend (Pillow's pixels): its codec."""
+    from helpers import FakeCodec
     from runtime import decode
-    from runtime.pipeline import PipelineStats
 
     codec = FakeCodec()
     real = decode.BatchDecoder
     monkeypatch.setattr(decode, "load_codec", lambda: codec)
     monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
+    return codec
+
+
+def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
+    """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
+    pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
+    kernels (CPU build) writing into a DeviceRunner's input buffers. Detections equal the CPU path's, in order,
+    the corrupt file is its own error, and at most in_flight batches are ever alive."""
+    from helpers import NumpyDetector, solid
+
+    from runtime import decode
+    from runtime.pipeline import PipelineStats
+
+    codec = fake_gpu_decoding(monkeypatch)
     files = []
     for i in range(9):
         path = tmp_path / f"{i}.{'png' if i % 3 == 1 else 'jpg'}"
@@ -327,17 +336,14 @@ def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch
     feeder (each stage thread more was a GIL hand-off per batch), and the outputs are waited for on another; no
     decode thread is made. With Pillow decoding the kernels and the start each have a stage thread of their own.
     The detections are the same either way."""
-    from helpers import FakeCodec, HostRunner, solid
-    from runtime import decode, pipeline
+    from helpers import HostRunner, solid
+    from runtime import pipeline
 
     threads: dict = {"decode": set(), "kernels": set(), "start": set(), "outputs": set()}
     here = lambda step: threads[step].add(threading.current_thread().name)  # noqa: E731
-    codec = FakeCodec()
+    codec = fake_gpu_decoding(monkeypatch)
     real_decode = codec.Decoder.decode
     monkeypatch.setattr(codec.Decoder, "decode", lambda self, *a, **k: here("decode") or real_decode(self, *a, **k))
-    real = decode.BatchDecoder
-    monkeypatch.setattr(decode, "load_codec", lambda: codec)
-    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
     from runtime.gpu_preprocess import GpuPreprocessor
 
     run, release, released = GpuPreprocessor.run, GpuPreprocessor.release, []
@@ -373,6 +379,22 @@ def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch
     for got, want in zip(found, expected):
         for key in want:
             np.testing.assert_array_equal(got.result[key], want[key])  # the stand-in codec decodes as Pillow
+
+
+def test_leaving_a_gpu_decoding_stream_early_stops_its_threads(host_gpu, tmp_path, monkeypatch):
+    from helpers import HostRunner, solid
+    from runtime import pipeline
+
+    fake_gpu_decoding(monkeypatch)
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.jpg")
+        solid(50 + 3 * i, 40, i % 3).save(paths[-1])
+    found = pipeline.detect_stream(HostRunner(), paths, batch=2, in_flight=2, gpu_preprocess=True, gpu_decode=True)
+    assert next(found).key == paths[0]
+    found.close()
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("pipeline-", "anchortrt-read"))]
+    assert left == []
 
 
 def test_the_engine_stage_queues_the_next_batch_before_this_one_s_outputs_are_back(host_gpu, tmp_path):
