@@ -289,6 +289,9 @@ READ_AHEAD = 4
 # decoder gave 7,624-11,106 images/s in calls of 8 and 10,960-15,263 in calls of 32 on the H200 host. At most this
 # many decoded images wait in device memory for their batches (~36 MB each for 12-megapixel photos).
 DECODE_CALL_IMAGES = 32
+# A diagnostic of benchmarks.pipeline_capacity --fuse-pillow, to be settled on the H200: the GPU path with Pillow
+# decoding composed as with GPU decoding (the feeder prepares and starts each batch).
+FUSE_GPU_PATH = False
 
 
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
@@ -636,7 +639,7 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]],
         try:
             start = [preprocess_stage(path), engine_stage(path)]
             finish = [postprocess_stage(detector, threshold, stats)]
-            if getattr(path, "decoder", None) is not None:
+            if FUSE_GPU_PATH or getattr(path, "decoder", None) is not None:
                 # GPU decoding: the decode call, the kernels and the engine's start on the feeder thread, as the
                 # bare loop of benchmarks.gpu_decode_bench runs them. On a thread each, every hand-off of the GIL
                 # between them cost the decode call, which takes the GIL back for each image it makes: on the
