@@ -639,7 +639,7 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]],
         try:
             start = [preprocess_stage(path), engine_stage(path)]
             finish = [postprocess_stage(detector, threshold, stats)]
-            if FUSE_GPU_PATH or getattr(path, "decoder", None) is not None:
+            if isinstance(path, GpuPath) and (FUSE_GPU_PATH or path.decoder is not None):
                 # GPU decoding: the decode call, the kernels and the engine's start on the feeder thread, as the
                 # bare loop of benchmarks.gpu_decode_bench runs them. On a thread each, every hand-off of the GIL
                 # between them cost the decode call, which takes the GIL back for each image it makes: on the
