@@ -75,9 +75,7 @@ fused() {  # the GPU-decoding path (one thread decodes, preprocesses and starts 
     for n in 2 3; do
         step 60 $cap --gpu --decode gpu --batch 8 --in-flight $n --images 4096 --outputs top100 --repeat 5
     done
-    for fuse in "" --fuse-pillow "" --fuse-pillow; do
-        step 45 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3 $fuse
-    done
+    step 45 $cap --gpu --decode cpu --batch 8 --in-flight 3 --images 2048 --repeat 3
     step 60 $cap --gpu --decode gpu --batch 32 --in-flight 2 --images 4096 --outputs top100 --repeat 3
     step 60 /tmp/site/bin/py-spy record --idle --native --threads -r 100 -f raw -o "${OUT:-/tmp}/idle-fused.txt" \
         -- $cap --gpu --decode gpu --batch 8 --in-flight 3 --images 2048 --outputs top100 --repeat 3

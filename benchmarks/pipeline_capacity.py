@@ -156,9 +156,6 @@ def main(argv=None) -> int:
                    help="the switch interval the pipeline runs with (runtime.pipeline.SWITCH_INTERVAL_S, default "
                    f"{pipeline.SWITCH_INTERVAL_S}; Python's own: 0.005): a diagnostic of how long its threads wait to "
                    "get the GIL back from one that computes")
-    p.add_argument("--fuse-pillow", action="store_true",
-                   help="--gpu --decode cpu: the feeder prepares and starts each batch (runtime.pipeline.FUSE_GPU_PATH),"
-                   " as with GPU decoding: a diagnostic")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return guarded(p.prog, run, p.parse_args(argv), sys.argv[1:] if argv is None else argv)
 
@@ -171,14 +168,13 @@ def run(args: argparse.Namespace, argv) -> int:
     detector = DeviceEngine(outputs=args.outputs) if args.gpu else NullEngine()
     interval = pipeline.SWITCH_INTERVAL_S
     pipeline.SWITCH_INTERVAL_S = args.switch_interval or interval
-    pipeline.FUSE_GPU_PATH = args.fuse_pillow
     try:
         with tempfile.TemporaryDirectory(prefix="anchortrt-capacity-") as folder:
             paths = synthetic_images(Path(folder), args.images)
             runs = [measure(detector, paths, args.batch, args.workers, args.in_flight, args.gpu, args.decode)
                     for _ in range(args.repeat)]
     finally:
-        pipeline.SWITCH_INTERVAL_S, pipeline.FUSE_GPU_PATH = interval, False
+        pipeline.SWITCH_INTERVAL_S = interval
         detector.close()
     median = sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
     stand_in = (f"GPU path, {args.decode} decoding, {args.outputs} outputs on the device" if args.gpu

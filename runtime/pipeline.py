@@ -289,9 +289,6 @@ READ_AHEAD = 4
 # decoder gave 7,624-11,106 images/s in calls of 8 and 10,960-15,263 in calls of 32 on the H200 host. At most this
 # many decoded images wait in device memory for their batches (~36 MB each for 12-megapixel photos).
 DECODE_CALL_IMAGES = 32
-# A diagnostic of benchmarks.pipeline_capacity --fuse-pillow, to be settled on the H200: the GPU path with Pillow
-# decoding composed as with GPU decoding (the feeder prepares and starts each batch).
-FUSE_GPU_PATH = False
 
 
 def device_decoded_batches(paths: Iterator, batch: int, workers: int | None, exif: bool, decoder: Any,
@@ -639,11 +636,12 @@ def _detect_stream(detector: Any, batches: Callable[[Any], Iterator[Batch]],
         try:
             start = [preprocess_stage(path), engine_stage(path)]
             finish = [postprocess_stage(detector, threshold, stats)]
-            if isinstance(path, GpuPath) and (FUSE_GPU_PATH or path.decoder is not None):
+            if getattr(path, "decoder", None) is not None:
                 # GPU decoding: the decode call, the kernels and the engine's start on the feeder thread, as the
                 # bare loop of benchmarks.gpu_decode_bench runs them. On a thread each, every hand-off of the GIL
                 # between them cost the decode call, which takes the GIL back for each image it makes: on the
-                # H200 2,748 images/s staged against 4,624 fused (docs/benchmarks.md).
+                # H200 2,748 images/s staged against 4,624 fused (docs/benchmarks.md). With Pillow decoding the
+                # two compositions measured the same (824 and 951 staged, 796 and 988 fused, in turns).
                 def started() -> Iterator[Batch]:
                     with closing(batches(path)) as source:  # leaving early shuts its read threads down
                         for chunk in source:
