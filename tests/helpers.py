@@ -570,6 +570,24 @@ class FakeImage:
         return self.rows[:, : w * 3].reshape(h, w, 3)
 
 
+def fake_gpu_decoding(monkeypatch, refuse: set[bytes] = frozenset()) -> FakeCodec:
+    """GPU decoding by the stand-in nvImageCodec on its CPU backend (Pillow's pixels, refusing the files in
+    `refuse`): runtime.decode's `load_codec` and `BatchDecoder` replaced. Returns the codec; its `exif` lists the
+    EXIF setting of each BatchDecoder made."""
+    from runtime import decode
+
+    codec, real = FakeCodec(refuse), decode.BatchDecoder
+    codec.exif = []
+
+    def made(exif=True):
+        codec.exif.append(exif)
+        return real(exif=exif, device=False, codec=codec)
+
+    monkeypatch.setattr(decode, "load_codec", lambda: codec)
+    monkeypatch.setattr(decode, "BatchDecoder", made)
+    return codec
+
+
 def pixels_at(image) -> np.ndarray:
     """The RGB pixels a DeviceImage points to (host memory with the stand-in codec)."""
     raw = (ctypes.c_uint8 * (image.pitch * image.height)).from_address(image.ptr)

@@ -662,20 +662,9 @@ def test_gpu_decoding_runs_one_model_on_the_gpu_path_without_exif(host_gpu, tmp_
     the shared Pillow path's exactly, image for image. A JPEG with an EXIF rotation keeps its stored pixels
     (COCO boxes refer to them: the decoder is asked not to rotate), a PNG goes through Pillow and a corrupt file
     is skipped alone."""
-    from helpers import FakeCodec, NumpyDetector, host_runner, solid
+    from helpers import NumpyDetector, fake_gpu_decoding, host_runner, solid
 
-    from runtime import decode
-
-    codec = FakeCodec()
-    real = decode.BatchDecoder
-    made = []
-
-    def decoder(exif=True):
-        made.append(exif)
-        return real(exif=exif, device=False, codec=codec)
-
-    monkeypatch.setattr(decode, "load_codec", lambda: codec)
-    monkeypatch.setattr(decode, "BatchDecoder", decoder)
+    codec = fake_gpu_decoding(monkeypatch)
     paths = []
     for i in range(7):
         paths.append(tmp_path / f"{i}.{'png' if i == 2 else 'jpg'}")
@@ -690,7 +679,7 @@ def test_gpu_decoding_runs_one_model_on_the_gpu_path_without_exif(host_gpu, tmp_
     gpu_model.name = cpu_model.name = "engine"
     got = coco.run_models([gpu_model], ids, paths, 2, 1, gpu_decode=True)
     expected = coco.run_models([cpu_model], ids, paths, 2, 1, gpu_decode=False)
-    assert made == [False]  # one decoder, EXIF orientation off
+    assert codec.exif == [False]  # one decoder, EXIF orientation off
     assert sum(len(call) for call in codec.calls) == 5  # the five complete JPEGs, in one call per batch
     assert got[2] == expected[2] == [i for i in ids if i != 15] and got[3] == expected[3] == [str(paths[5])]
     # the report says what decoded the images: the PNG went to Pillow, on either path

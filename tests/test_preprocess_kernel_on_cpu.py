@@ -282,24 +282,12 @@ def test_plan_follows_the_cpu_paths_size_and_scratch_layout():
         assert tall.first_pass_hw == (3000, tall.out_w)
 
 
-def fake_gpu_decoding(monkeypatch):
-    """GPU decoding by the stand-in nvImageCodec on its CPU backend (Pillow's pixels): its codec."""
-    from helpers import FakeCodec
-    from runtime import decode
-
-    codec = FakeCodec()
-    real = decode.BatchDecoder
-    monkeypatch.setattr(decode, "load_codec", lambda: codec)
-    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
-    return codec
-
-
 def test_the_gpu_path_with_gpu_decoding_equals_the_cpu_path(host_gpu, tmp_path, monkeypatch):
     """The whole GPU path on this machine: files decoded in one call per batch by a stand-in nvImageCodec (Pillow's
     pixels in "device" memory, read in place through their row pitch), PNGs and a corrupt file through Pillow, the
     kernels (CPU build) writing into a DeviceRunner's input buffers. Detections equal the CPU path's, in order,
     the corrupt file is its own error, and at most in_flight batches are ever alive."""
-    from helpers import NumpyDetector, solid
+    from helpers import NumpyDetector, fake_gpu_decoding, solid
 
     from runtime import decode
     from runtime.pipeline import PipelineStats
@@ -336,7 +324,7 @@ def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch
     feeder (each stage thread more was a GIL hand-off per batch), and the outputs are waited for on another; no
     decode thread is made. With Pillow decoding the kernels and the start each have a stage thread of their own.
     The detections are the same either way."""
-    from helpers import HostRunner, solid
+    from helpers import HostRunner, fake_gpu_decoding, solid
     from runtime import pipeline
 
     threads: dict = {"decode": set(), "kernels": set(), "start": set(), "outputs": set()}
@@ -382,7 +370,7 @@ def test_with_gpu_decoding_one_thread_decodes_preprocesses_and_starts_each_batch
 
 
 def test_leaving_a_gpu_decoding_stream_early_stops_its_threads(host_gpu, tmp_path, monkeypatch):
-    from helpers import HostRunner, solid
+    from helpers import HostRunner, fake_gpu_decoding, solid
     from runtime import pipeline
 
     fake_gpu_decoding(monkeypatch)

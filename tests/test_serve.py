@@ -611,15 +611,10 @@ def test_gpu_decoding_decodes_the_batch_in_one_call_and_answers_each_request_alo
     the GPU kernel's CPU build writing a DeviceRunner's inputs. The good JPEGs go to the codec in one call per
     Triton batch, the PNG and the JPEG it refuses through Pillow; the answers equal the CPU path's (Pillow, the
     CPU transform), and empty, oversized and undecodable files are each their own request's error."""
-    from helpers import FakeCodec, NumpyDetector, host_runner
-
-    from runtime import decode
+    from helpers import NumpyDetector, fake_gpu_decoding, host_runner
 
     files, at = decode_requests()
-    codec = FakeCodec(refuse={files[at["refused"]]})
-    real = decode.BatchDecoder
-    monkeypatch.setattr(decode, "load_codec", lambda: codec)
-    monkeypatch.setattr(decode, "BatchDecoder", lambda exif=True: real(exif=exif, device=False, codec=codec))
+    codec = fake_gpu_decoding(monkeypatch, refuse={files[at["refused"]]})
     runner = host_runner()
     preps, close = serve.preprocessors([runner], MAX_PIXELS, True, "gpu", max_batch=2)
     assert isinstance(preps[0], serve.GpuPreprocess)
