@@ -519,7 +519,7 @@ def test_bad_pipeline_arguments_are_refused_at_the_call(files):
             NumpyDetector().iter_detect(files, **options)
 
 
-def _decode_threads():
+def _read_threads():
     return [t.name for t in threading.enumerate() if t.name.startswith("anchortrt-read")]
 
 
@@ -550,7 +550,7 @@ def test_gpu_decoding_calls_on_the_taking_thread_with_the_files_read_ahead_and_f
     assert [len(first.keys), len(next(batches).keys)] == [2, 2] and calls == ["MainThread"] * 2
     with pytest.raises(RuntimeError, match="third call"):
         next(batches)
-    assert _decode_threads() == []
+    assert _read_threads() == []
 
 
 def test_leaving_gpu_decoding_early_stops_its_threads(files):
@@ -563,7 +563,7 @@ def test_leaving_gpu_decoding_early_stops_its_threads(files):
     batches = device_decoded_batches(iter(files), 1, 2, False, Decoder(), PipelineStats(), group=1)
     assert next(batches).keys == files[:1]
     batches.close()
-    assert _decode_threads() == []
+    assert _read_threads() == []
 
 
 def test_gpu_decoding_decodes_group_batches_per_call_and_yields_them_in_order(files):
